@@ -1,0 +1,275 @@
+//! Admin HTTP API (axum): open health endpoints, bearer-protected `/api/v1`.
+//!
+//! Bound to loopback by default; the config refuses other addresses unless
+//! `admin.allow_remote` says so.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::{Config, Secret};
+use crate::model::{format_time, EmailActivity};
+use crate::scheduler::Runtime;
+use crate::store::{ActivityQuery, Store};
+
+/// Shared state of the admin API.
+#[derive(Clone)]
+pub struct AdminState {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub runtime: Arc<Runtime>,
+    pub prometheus: Option<PrometheusHandle>,
+}
+
+/// Builds the router.
+pub fn router(state: AdminState) -> Router {
+    let token = state.config.admin.token.clone();
+    let api = Router::new()
+        .route("/mailboxes", get(mailboxes))
+        .route("/mailboxes/{name}", get(mailbox))
+        .route("/profiles", get(profiles))
+        .route("/activities", get(activities))
+        .route("/activities/{id}", get(activity))
+        .route("/alerts", get(alerts))
+        .route("/quarantine", get(quarantine))
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let token = token.clone();
+            async move { require_bearer(token, req, next).await }
+        }));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .nest("/api/v1", api)
+        .with_state(state)
+}
+
+/// Compares in constant time so the token cannot be guessed byte by byte.
+fn token_matches(expected: &Secret, given: &str) -> bool {
+    let a = expected.expose().as_bytes();
+    let b = given.as_bytes();
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+    }
+    diff == 0
+}
+
+async fn require_bearer(token: Option<Secret>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match (token, given) {
+        (Some(t), Some(g)) if token_matches(&t, g) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"crm-mailsync\"")],
+            Json(json!({"error": "missing or wrong bearer token"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<AdminState>) -> Response {
+    let mut problems = Vec::new();
+    if !s
+        .runtime
+        .scheduler_running
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        problems.push("scheduler is not running".to_string());
+    }
+    if let Err(e) = s.store.count_activities(Some("\u{0}readiness-probe")) {
+        problems.push(format!("store is not readable: {e}"));
+    }
+    for m in s.runtime.stuck(s.config.daemon.stuck_after) {
+        problems.push(format!(
+            "mailbox {m:?} has been syncing for more than {}",
+            humantime::format_duration(s.config.daemon.stuck_after)
+        ));
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "problems": problems})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> Response {
+    match &s.prometheus {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed\n",
+        )
+            .into_response(),
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+async fn mailboxes(State(s): State<AdminState>) -> Response {
+    Json(json!({"mailboxes": s.runtime.snapshot()})).into_response()
+}
+
+async fn mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    match s.runtime.snapshot().into_iter().find(|m| m.name == name) {
+        Some(m) => Json(m).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no mailbox {name:?}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn profiles(State(s): State<AdminState>) -> Response {
+    let list: Vec<_> = s
+        .config
+        .profiles
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name, "type": p.kind, "host": p.host, "port": p.port,
+                "tls": p.tls, "poll_interval_secs": p.poll_interval.as_secs(),
+                "max_concurrent_connections": p.max_concurrent_connections,
+                "mailboxes": s.config.mailboxes.iter().filter(|m| m.profile == p.name).map(|m| m.name.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Json(json!({"profiles": list})).into_response()
+}
+
+/// `GET /api/v1/activities` parameters.
+#[derive(Debug, Deserialize)]
+pub struct ActivityParams {
+    pub mailbox: Option<String>,
+    pub limit: Option<usize>,
+    pub before: Option<u64>,
+}
+
+/// An activity as the API shows it: times as RFC 3339, regarding as `kind:id`.
+#[derive(Debug, Serialize)]
+pub struct ActivityView<'a> {
+    #[serde(flatten)]
+    pub activity: &'a EmailActivity,
+    pub received: String,
+    pub sent: Option<String>,
+}
+
+impl<'a> From<&'a EmailActivity> for ActivityView<'a> {
+    fn from(a: &'a EmailActivity) -> Self {
+        ActivityView {
+            activity: a,
+            received: format_time(a.received_at),
+            sent: a.sent_at.map(format_time),
+        }
+    }
+}
+
+async fn activities(State(s): State<AdminState>, Query(p): Query<ActivityParams>) -> Response {
+    let limit = p.limit.unwrap_or(100).clamp(1, 10_000);
+    let q = ActivityQuery {
+        mailbox: p.mailbox.clone(),
+        before: p.before,
+        limit,
+    };
+    let store = s.store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let list = store.activities(&q)?;
+        let total = store.count_activities(q.mailbox.as_deref())?;
+        Ok::<_, crate::store::StoreError>((list, total))
+    })
+    .await;
+    match result {
+        Ok(Ok((list, total))) => {
+            let views: Vec<ActivityView<'_>> = list.iter().map(ActivityView::from).collect();
+            let next = if list.len() == limit {
+                list.last().map(|a| a.id)
+            } else {
+                None
+            };
+            Json(json!({"total": total, "count": views.len(), "next_before": next, "activities": views})).into_response()
+        }
+        Ok(Err(e)) => store_error(e),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn activity(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
+    match s.store.activity(id) {
+        Ok(Some(a)) => Json(ActivityView::from(&a)).into_response(),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no activity {id}")})),
+        )
+            .into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `limit` parameter for list endpoints.
+#[derive(Debug, Deserialize)]
+pub struct LimitParams {
+    pub limit: Option<usize>,
+}
+
+async fn alerts(State(s): State<AdminState>, Query(p): Query<LimitParams>) -> Response {
+    match s.store.alerts(p.limit.unwrap_or(100).clamp(1, 10_000)) {
+        Ok(list) => Json(json!({"alerts": list})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn quarantine(State(s): State<AdminState>, Query(p): Query<LimitParams>) -> Response {
+    match s.store.quarantined(p.limit.unwrap_or(100).clamp(1, 10_000)) {
+        Ok(list) => Json(json!({"quarantine": list})).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        let t = Secret::new("0123456789abcdef");
+        assert!(token_matches(&t, "0123456789abcdef"));
+        assert!(!token_matches(&t, "0123456789abcdeF"));
+        assert!(!token_matches(&t, "0123456789abcde"));
+        assert!(!token_matches(&t, ""));
+    }
+}

@@ -1,0 +1,1363 @@
+//! Configuration: a TOML file plus `CRM_MAILSYNC__…` environment overrides, read
+//! into a raw tree, then validated into typed settings.
+//!
+//! Validation never stops at the first mistake: every problem is collected with
+//! its key path (`mailboxes[2].profile`) so an operator fixes them all in one go.
+//! `check-config` and the daemon share this code and exit with 64 (EX_USAGE).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::correlate::CorrelationSettings;
+use crate::model::{
+    ApprovalStatus, CorrelationMethod, Delivery, IncomingDelivery, OwnerKind, ProfileType,
+    RecordRef,
+};
+use crate::net::TlsMode;
+
+/// Exit status for configuration errors (sysexits EX_USAGE... EX_CONFIG is 78; the
+/// product contract says 64).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Environment variable prefix for overrides: `CRM_MAILSYNC__ADMIN__LISTEN=…`.
+pub const ENV_PREFIX: &str = "CRM_MAILSYNC";
+
+/// One configuration problem, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration error(s):", self.0.len())?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A secret value (password, token). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Pretty on a terminal, JSON otherwise.
+    Auto,
+    Pretty,
+    Json,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    /// Where the store, quarantine and other state live.
+    pub state_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// How long SIGTERM waits for in-flight work.
+    pub shutdown_grace: Duration,
+    /// A mailbox whose sync cycle runs longer than this is "stuck" for `/readyz`.
+    pub stuck_after: Duration,
+}
+
+/// Admin HTTP API settings.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+/// How a mailbox authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    Password,
+    OAuth2,
+}
+
+/// A validated email server profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub kind: ProfileType,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub tls: TlsMode,
+    pub allow_insecure: bool,
+    pub ca_file: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
+    pub auth: AuthKind,
+    /// Profile-level credentials, used by mailboxes that have none of their own.
+    pub username: Option<String>,
+    pub secret: Option<Secret>,
+    pub poll_interval: Duration,
+    pub max_concurrent_connections: u16,
+    pub connect_timeout: Duration,
+    pub io_timeout: Duration,
+    /// Mail older than this date (UTC midnight) is not processed.
+    pub process_email_from: Option<chrono::NaiveDate>,
+    pub move_failed_to: Option<String>,
+    /// Messages fetched and committed per batch.
+    pub batch_size: usize,
+    pub max_message_size: u64,
+    /// Keyword set on processed messages where the server allows it.
+    pub processed_keyword: Option<String>,
+    pub idle: bool,
+    /// Transient failures in a row before a mailbox is treated as permanently failing.
+    pub max_transient_failures: u32,
+}
+
+/// Folder-level tracking: mail in `folder` is regarding `regarding`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FolderRule {
+    pub folder: String,
+    pub regarding: RecordRef,
+}
+
+/// Which incoming emails are tracked (the user's "Track" option).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackFilter {
+    /// All email messages.
+    All,
+    /// Only responses to tracked email (the message must correlate).
+    ResponsesOnly,
+}
+
+/// A validated mailbox.
+#[derive(Debug, Clone)]
+pub struct Mailbox {
+    pub name: String,
+    pub profile: String,
+    pub email: String,
+    pub owner_kind: OwnerKind,
+    pub owner_id: String,
+    /// User number for tracking tokens.
+    pub user_number: u32,
+    pub incoming: IncomingDelivery,
+    pub outgoing: Delivery,
+    pub act: Delivery,
+    pub approval: ApprovalStatus,
+    pub enabled: bool,
+    /// Maildir root, for `maildir` profiles.
+    pub path: Option<PathBuf>,
+    pub username: Option<String>,
+    pub secret: Option<Secret>,
+    pub tracked_folders: Vec<FolderRule>,
+    /// Folders synced besides INBOX and the tracked folders.
+    pub extra_folders: Vec<String>,
+    pub delete_after_processing: bool,
+    pub track: TrackFilter,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: Option<PathBuf>,
+    pub daemon: DaemonSettings,
+    pub admin: AdminSettings,
+    pub correlation: CorrelationSettings,
+    /// Only approved mailboxes process mail (Dynamics default: on).
+    pub process_only_approved: bool,
+    pub profiles: Vec<Profile>,
+    pub mailboxes: Vec<Mailbox>,
+}
+
+impl Config {
+    /// The profile a mailbox uses. Validation guarantees it exists.
+    pub fn profile_of(&self, mailbox: &Mailbox) -> Option<&Profile> {
+        self.profiles.iter().find(|p| p.name == mailbox.profile)
+    }
+
+    /// Path of the embedded store.
+    pub fn store_path(&self) -> PathBuf {
+        self.daemon.state_dir.join("store")
+    }
+
+    /// Where raw bytes of quarantined messages are kept.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.daemon.state_dir.join("quarantine")
+    }
+}
+
+/// Loads, merges environment overrides into, and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_env(path, std::env::vars())
+}
+
+/// As [`load`], with the environment given explicitly (for tests).
+pub fn load_with_env(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut cfg = from_toml_str(&text, env, &base_dir)?;
+    cfg.source = Some(path.to_path_buf());
+    Ok(cfg)
+}
+
+/// Parses and validates TOML text. Relative paths in the file are taken relative
+/// to the current directory (how operators and the README run it); `base_dir`
+/// is only used to find `*_file` secrets that do not exist relative to it.
+pub fn from_toml_str(
+    text: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+    base_dir: &Path,
+) -> Result<Config, ConfigErrors> {
+    let mut root: Value = toml_to_json(text)?;
+    apply_env_overrides(&mut root, env);
+    validate(&root, base_dir)
+}
+
+fn toml_to_json(text: &str) -> Result<Value, ConfigErrors> {
+    let built = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .build()
+        .and_then(|c| c.try_deserialize::<Value>());
+    built.map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("TOML syntax error: {e}"),
+        }])
+    })
+}
+
+/// Applies `CRM_MAILSYNC__SECTION__KEY=value` overrides. Array entries are addressed
+/// by index (`CRM_MAILSYNC__MAILBOXES__0__PASSWORD_FILE`). Values that look like
+/// numbers or booleans are typed as such, as the `config` crate does.
+fn apply_env_overrides(root: &mut Value, env: impl IntoIterator<Item = (String, String)>) {
+    let prefix = format!("{ENV_PREFIX}__");
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .collect();
+    vars.sort();
+    for (key, raw) in vars {
+        let parts: Vec<String> = key[prefix.len()..]
+            .split("__")
+            .map(|p| p.to_ascii_lowercase())
+            .collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            continue;
+        }
+        let value = if let Ok(b) = raw.parse::<bool>() {
+            Value::Bool(b)
+        } else if let Ok(i) = raw.parse::<i64>() {
+            Value::from(i)
+        } else {
+            Value::String(raw)
+        };
+        set_path(root, &parts, value);
+    }
+}
+
+fn set_path(node: &mut Value, parts: &[String], value: Value) {
+    let Some((first, rest)) = parts.split_first() else {
+        *node = value;
+        return;
+    };
+    if let Value::Array(items) = node {
+        if let Ok(i) = first.parse::<usize>() {
+            if let Some(item) = items.get_mut(i) {
+                set_path(item, rest, value);
+            }
+        }
+        return;
+    }
+    if !node.is_object() {
+        *node = Value::Object(Map::new());
+    }
+    if let Value::Object(map) = node {
+        let child = map.entry(first.clone()).or_insert(Value::Null);
+        set_path(child, rest, value);
+    }
+}
+
+/// Collects errors while reading one table; reports unknown keys at `finish`.
+struct Table<'a> {
+    path: String,
+    map: Option<&'a Map<String, Value>>,
+    used: HashSet<&'static str>,
+}
+
+/// Errors collected across the whole validation.
+#[derive(Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+impl<'a> Table<'a> {
+    fn new(path: String, value: Option<&'a Value>, errs: &mut Errors) -> Self {
+        let map = match value {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(m)) => Some(m),
+            Some(_) => {
+                errs.push(path.clone(), "expected a table");
+                None
+            }
+        };
+        Table {
+            path,
+            map,
+            used: HashSet::new(),
+        }
+    }
+
+    fn raw(&mut self, key: &'static str) -> Option<&'a Value> {
+        self.used.insert(key);
+        self.map.and_then(|m| m.get(key)).filter(|v| !v.is_null())
+    }
+
+    fn key(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    fn string(&mut self, key: &'static str, errs: &mut Errors) -> Option<String> {
+        match self.raw(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            other => {
+                errs.push(
+                    self.key(key),
+                    format!("expected a string, found {}", kind_of(other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn nonempty_string(&mut self, key: &'static str, errs: &mut Errors) -> Option<String> {
+        let s = self.string(key, errs)?;
+        if s.trim().is_empty() {
+            errs.push(self.key(key), "must not be empty");
+            return None;
+        }
+        Some(s)
+    }
+
+    fn required_string(&mut self, key: &'static str, errs: &mut Errors) -> Option<String> {
+        if self.raw(key).is_none() {
+            errs.push(self.key(key), "is required");
+            return None;
+        }
+        self.nonempty_string(key, errs)
+    }
+
+    fn bool(&mut self, key: &'static str, default: bool, errs: &mut Errors) -> bool {
+        match self.raw(key) {
+            None => default,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s)) if s == "true" || s == "false" => s == "true",
+            Some(other) => {
+                errs.push(
+                    self.key(key),
+                    format!("expected true or false, found {}", kind_of(other)),
+                );
+                default
+            }
+        }
+    }
+
+    fn int(
+        &mut self,
+        key: &'static str,
+        default: i64,
+        min: i64,
+        max: i64,
+        errs: &mut Errors,
+    ) -> i64 {
+        let v = match self.raw(key) {
+            None => return default,
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(Value::String(s)) => s.trim().parse::<i64>().ok(),
+            Some(_) => None,
+        };
+        match v {
+            Some(i) if (min..=max).contains(&i) => i,
+            Some(i) => {
+                errs.push(self.key(key), format!("{i} is out of range {min}..={max}"));
+                default
+            }
+            None => {
+                errs.push(self.key(key), "expected a whole number");
+                default
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        key: &'static str,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+        errs: &mut Errors,
+    ) -> Duration {
+        let parsed = match self.raw(key) {
+            None => return default,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map(Duration::from_secs)
+                .ok_or_else(|| "expected a positive number of seconds".to_string()),
+            Some(Value::String(s)) => humantime::parse_duration(s.trim())
+                .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"30s\", \"5m\"")),
+            Some(other) => Err(format!(
+                "expected a duration like \"5m\", found {}",
+                kind_of(other)
+            )),
+        };
+        match parsed {
+            Ok(d) if d >= min && d <= max => d,
+            Ok(d) => {
+                errs.push(
+                    self.key(key),
+                    format!(
+                        "{} is out of range {}..={}",
+                        humantime::format_duration(d),
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                );
+                default
+            }
+            Err(m) => {
+                errs.push(self.key(key), m);
+                default
+            }
+        }
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        options: &[(&str, T)],
+        errs: &mut Errors,
+    ) -> T {
+        let Some(s) = self.string(key, errs) else {
+            return default;
+        };
+        match options.iter().find(|(name, _)| *name == s) {
+            Some((_, v)) => *v,
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                errs.push(
+                    self.key(key),
+                    format!("unknown value {s:?}; expected one of {}", names.join(", ")),
+                );
+                default
+            }
+        }
+    }
+
+    fn array(&mut self, key: &'static str, errs: &mut Errors) -> Vec<&'a Value> {
+        match self.raw(key) {
+            None => Vec::new(),
+            Some(Value::Array(a)) => a.iter().collect(),
+            Some(other) => {
+                errs.push(
+                    self.key(key),
+                    format!("expected an array, found {}", kind_of(other)),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn string_list(&mut self, key: &'static str, errs: &mut Errors) -> Vec<String> {
+        let path = self.key(key);
+        let mut out = Vec::new();
+        for (i, v) in self.array(key, errs).into_iter().enumerate() {
+            match v {
+                Value::String(s) => out.push(s.clone()),
+                other => errs.push(
+                    format!("{path}[{i}]"),
+                    format!("expected a string, found {}", kind_of(other)),
+                ),
+            }
+        }
+        out
+    }
+
+    fn sub(&mut self, key: &'static str, errs: &mut Errors) -> Table<'a> {
+        let v = self.raw(key);
+        Table::new(self.key(key), v, errs)
+    }
+
+    /// Reports keys nobody asked for: typos must not pass silently.
+    fn finish(self, errs: &mut Errors) {
+        if let Some(map) = self.map {
+            let mut unknown: Vec<&String> = map
+                .keys()
+                .filter(|k| !self.used.contains(k.as_str()))
+                .collect();
+            unknown.sort();
+            for k in unknown {
+                errs.push(join(&self.path, k), "unknown key");
+            }
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "a table",
+    }
+}
+
+/// Reads a secret given inline (`key`), from a file (`key_file`) or from an
+/// environment variable (`key_env`); at most one of the three.
+fn secret(
+    t: &mut Table<'_>,
+    key: &'static str,
+    file_key: &'static str,
+    env_key: &'static str,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> Option<Secret> {
+    let inline = t.string(key, errs);
+    let file = t.string(file_key, errs);
+    let env = t.string(env_key, errs);
+    let given = [inline.is_some(), file.is_some(), env.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if given > 1 {
+        errs.push(
+            t.key(key),
+            format!("give only one of {key}, {file_key}, {env_key}"),
+        );
+        return None;
+    }
+    if let Some(s) = inline {
+        return Some(Secret::new(s));
+    }
+    if let Some(f) = file {
+        let mut p = PathBuf::from(&f);
+        if p.is_relative() && !p.exists() {
+            p = base_dir.join(&f);
+        }
+        return match std::fs::read_to_string(&p) {
+            Ok(s) if !s.trim().is_empty() => {
+                Some(Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            Ok(_) => {
+                errs.push(t.key(file_key), format!("{} is empty", p.display()));
+                None
+            }
+            Err(e) => {
+                errs.push(t.key(file_key), format!("cannot read {}: {e}", p.display()));
+                None
+            }
+        };
+    }
+    if let Some(var) = env {
+        return match std::env::var(&var) {
+            Ok(s) if !s.is_empty() => Some(Secret::new(s)),
+            _ => {
+                errs.push(
+                    t.key(env_key),
+                    format!("environment variable {var} is not set or empty"),
+                );
+                None
+            }
+        };
+    }
+    None
+}
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    let mut errs = Errors::default();
+    let mut top = Table::new(String::new(), Some(root), &mut errs);
+
+    // [daemon]
+    let mut d = top.sub("daemon", &mut errs);
+    let state_dir = PathBuf::from(
+        d.string("state_dir", &mut errs)
+            .unwrap_or_else(|| "./data".into()),
+    );
+    let log_format = d.choice(
+        "log_format",
+        LogFormat::Auto,
+        &[
+            ("auto", LogFormat::Auto),
+            ("pretty", LogFormat::Pretty),
+            ("json", LogFormat::Json),
+        ],
+        &mut errs,
+    );
+    let log_level = d
+        .string("log_level", &mut errs)
+        .unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        errs.push(
+            "daemon.log_level",
+            format!("invalid log filter {log_level:?}"),
+        );
+    }
+    let shutdown_grace = d.duration("shutdown_grace", SECS(30), SECS(1), SECS(600), &mut errs);
+    let stuck_after = d.duration("stuck_after", SECS(900), SECS(10), SECS(86_400), &mut errs);
+    d.finish(&mut errs);
+    let daemon = DaemonSettings {
+        state_dir,
+        log_format,
+        log_level,
+        shutdown_grace,
+        stuck_after,
+    };
+
+    // [admin]
+    let mut a = top.sub("admin", &mut errs);
+    let enabled = a.bool("enabled", true, &mut errs);
+    let listen_s = a
+        .string("listen", &mut errs)
+        .unwrap_or_else(|| "127.0.0.1:8025".into());
+    let listen = match listen_s.parse::<SocketAddr>() {
+        Ok(l) => l,
+        Err(_) => {
+            errs.push(
+                "admin.listen",
+                format!("{listen_s:?} is not an address like 127.0.0.1:8025"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8025))
+        }
+    };
+    let allow_remote = a.bool("allow_remote", false, &mut errs);
+    if !listen.ip().is_loopback() && !allow_remote {
+        errs.push("admin.listen", format!("{listen} is not a loopback address; set admin.allow_remote = true to expose the admin API"));
+    }
+    let token = secret(
+        &mut a,
+        "token",
+        "token_file",
+        "token_env",
+        base_dir,
+        &mut errs,
+    );
+    if enabled && token.is_none() {
+        errs.push(
+            "admin.token",
+            "is required when the admin API is enabled (token, token_file or token_env)",
+        );
+    }
+    if let Some(t) = &token {
+        if t.expose().len() < 12 {
+            errs.push("admin.token", "must be at least 12 characters");
+        }
+    }
+    a.finish(&mut errs);
+    let admin = AdminSettings {
+        enabled,
+        listen,
+        token,
+    };
+
+    // [correlation]
+    let correlation = correlation_settings(top.sub("correlation", &mut errs), &mut errs);
+
+    let process_only_approved = top.bool("process_only_approved", true, &mut errs);
+
+    // [[profiles]]
+    let mut profiles = Vec::new();
+    let mut profile_names: HashMap<String, usize> = HashMap::new();
+    for (i, v) in top.array("profiles", &mut errs).into_iter().enumerate() {
+        let path = format!("profiles[{i}]");
+        if let Some(p) = profile(
+            Table::new(path.clone(), Some(v), &mut errs),
+            base_dir,
+            &mut errs,
+        ) {
+            if profile_names.insert(p.name.clone(), i).is_some() {
+                errs.push(
+                    format!("{path}.name"),
+                    format!("duplicate profile name {:?}", p.name),
+                );
+            }
+            profiles.push(p);
+        }
+    }
+
+    // [[mailboxes]]
+    let mut mailboxes = Vec::new();
+    let mut mailbox_names = HashSet::new();
+    let raw_mailboxes = top.array("mailboxes", &mut errs);
+    if raw_mailboxes.is_empty() {
+        errs.push("mailboxes", "at least one mailbox is required");
+    }
+    for (i, v) in raw_mailboxes.into_iter().enumerate() {
+        let path = format!("mailboxes[{i}]");
+        if let Some(m) = mailbox(
+            Table::new(path.clone(), Some(v), &mut errs),
+            &profiles,
+            &correlation,
+            base_dir,
+            &mut errs,
+        ) {
+            if !mailbox_names.insert(m.name.clone()) {
+                errs.push(
+                    format!("{path}.name"),
+                    format!("duplicate mailbox name {:?}", m.name),
+                );
+            }
+            mailboxes.push(m);
+        }
+    }
+    top.finish(&mut errs);
+
+    if errs.0.is_empty() {
+        Ok(Config {
+            source: None,
+            daemon,
+            admin,
+            correlation,
+            process_only_approved,
+            profiles,
+            mailboxes,
+        })
+    } else {
+        Err(ConfigErrors(errs.0))
+    }
+}
+
+fn correlation_settings(mut c: Table<'_>, errs: &mut Errors) -> CorrelationSettings {
+    let mut s = CorrelationSettings::default();
+    let names: Vec<(&str, CorrelationMethod)> = [
+        CorrelationMethod::Folder,
+        CorrelationMethod::InReplyTo,
+        CorrelationMethod::TrackingToken,
+        CorrelationMethod::ConversationIndex,
+        CorrelationMethod::SmartMatching,
+    ]
+    .iter()
+    .map(|m| (m.as_str(), *m))
+    .collect();
+    let path = c.key("order");
+    let order = c.string_list("order", errs);
+    if !order.is_empty() {
+        let mut seen = HashSet::new();
+        let mut parsed = Vec::new();
+        for (i, name) in order.iter().enumerate() {
+            match names.iter().find(|(n, _)| n == name) {
+                Some((_, m)) if seen.insert(*m) => parsed.push(*m),
+                Some(_) => errs.push(format!("{path}[{i}]"), format!("{name:?} is listed twice")),
+                None => {
+                    let all: Vec<&str> = names.iter().map(|(n, _)| *n).collect();
+                    errs.push(
+                        format!("{path}[{i}]"),
+                        format!(
+                            "unknown method {name:?}; expected one of {}",
+                            all.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        s.order = parsed;
+    }
+    s.smart_matching = c.bool("smart_matching", s.smart_matching, errs);
+    s.max_tracked_folders = c.int(
+        "max_tracked_folders",
+        s.max_tracked_folders as i64,
+        1,
+        1000,
+        errs,
+    ) as usize;
+    c.finish(errs);
+    s
+}
+
+fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profile> {
+    let _ = base_dir;
+    let name = t.required_string("name", errs);
+    let kind_s = t.required_string("type", errs);
+    let kind = kind_s.as_deref().and_then(|k| {
+        let parsed = ProfileType::parse(k);
+        if parsed.is_none() {
+            errs.push(t.key("type"), format!("unknown profile type {k:?}; expected one of exchange_online, exchange_server, imap_smtp, pop3_smtp, maildir"));
+        }
+        parsed
+    });
+    let host = t.nonempty_string("host", errs);
+    let port_i = t.int("port", 0, 0, 65_535, errs);
+    let tls = t.choice(
+        "tls",
+        TlsMode::StartTls,
+        &[
+            ("implicit", TlsMode::Implicit),
+            ("starttls", TlsMode::StartTls),
+            ("plain", TlsMode::Plain),
+        ],
+        errs,
+    );
+    let allow_insecure = t.bool("allow_insecure", false, errs);
+    if tls == TlsMode::Plain && !allow_insecure {
+        errs.push(
+            t.key("tls"),
+            "\"plain\" sends passwords unencrypted; set allow_insecure = true to allow it",
+        );
+    }
+    let ca_file = t.string("ca_file", errs).map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        if !ca.exists() {
+            errs.push(t.key("ca_file"), format!("{} does not exist", ca.display()));
+        }
+    }
+    let tls_server_name = t.nonempty_string("tls_server_name", errs);
+    let auth = t.choice(
+        "auth",
+        AuthKind::Password,
+        &[
+            ("password", AuthKind::Password),
+            ("oauth2", AuthKind::OAuth2),
+        ],
+        errs,
+    );
+    let username = t.nonempty_string("username", errs);
+    let secret = secret(
+        &mut t,
+        "password",
+        "password_file",
+        "password_env",
+        base_dir,
+        errs,
+    );
+    let poll_interval = t.duration("poll_interval", SECS(60), SECS(1), SECS(1440 * 60), errs);
+    let max_conn = t.int("max_concurrent_connections", 10, 1, 300, errs) as u16;
+    let connect_timeout = t.duration("connect_timeout", SECS(30), SECS(1), SECS(100), errs);
+    let io_timeout = t.duration("io_timeout", SECS(120), SECS(1), SECS(3600), errs);
+    let process_email_from = t.string("process_email_from", errs).and_then(|s| {
+        let date_part = s.get(..10).unwrap_or(&s);
+        match chrono::NaiveDate::parse_from_str(date_part, "%Y-%m-%d") {
+            Ok(d) => Some(d),
+            Err(_) => {
+                errs.push(
+                    t.key("process_email_from"),
+                    format!("{s:?} is not a date like 2026-01-31"),
+                );
+                None
+            }
+        }
+    });
+    let move_failed_to = t.nonempty_string("move_failed_to", errs);
+    let batch_size = t.int("batch_size", 200, 1, 10_000, errs) as usize;
+    let max_message_size = t.int("max_message_size", 50 * 1024 * 1024, 1024, 1 << 34, errs) as u64;
+    let processed_keyword = t.nonempty_string("processed_keyword", errs);
+    if let Some(k) = &processed_keyword {
+        if k.chars()
+            .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c))
+        {
+            errs.push(
+                t.key("processed_keyword"),
+                format!("{k:?} is not a valid IMAP keyword"),
+            );
+        }
+    }
+    let idle = t.bool("idle", true, errs);
+    let max_transient_failures = t.int("max_transient_failures", 10, 1, 1000, errs) as u32;
+
+    if let Some(kind) = kind {
+        let needs_server = !matches!(kind, ProfileType::Maildir);
+        if needs_server && host.is_none() {
+            errs.push(
+                t.key("host"),
+                format!(
+                    "is required for a {} profile",
+                    kind_s.as_deref().unwrap_or("")
+                ),
+            );
+        }
+        if !needs_server && host.is_some() {
+            errs.push(
+                t.key("host"),
+                "a maildir profile has no server; remove host",
+            );
+        }
+        if matches!(
+            kind,
+            ProfileType::ExchangeOnline | ProfileType::ExchangeServer
+        ) {
+            errs.push(t.key("type"), "Exchange connectors are not available in this version; use imap_smtp with XOAUTH2 for Exchange Online");
+        }
+        if kind == ProfileType::Pop3Smtp && processed_keyword.is_some() {
+            errs.push(
+                t.key("processed_keyword"),
+                "POP3 has no keywords; remove processed_keyword",
+            );
+        }
+        if kind == ProfileType::Pop3Smtp && move_failed_to.is_some() {
+            errs.push(
+                t.key("move_failed_to"),
+                "POP3 is email-only with no folders; remove move_failed_to",
+            );
+        }
+    }
+    let port = match (port_i, kind) {
+        (0, Some(ProfileType::ImapSmtp)) => Some(if tls == TlsMode::Implicit { 993 } else { 143 }),
+        (0, Some(ProfileType::Pop3Smtp)) => Some(if tls == TlsMode::Implicit { 995 } else { 110 }),
+        (0, _) => None,
+        (p, _) => Some(p as u16),
+    };
+    t.finish(errs);
+    Some(Profile {
+        name: name?,
+        kind: kind?,
+        host,
+        port,
+        tls,
+        allow_insecure,
+        ca_file,
+        tls_server_name,
+        auth,
+        username,
+        secret,
+        poll_interval,
+        max_concurrent_connections: max_conn,
+        connect_timeout,
+        io_timeout,
+        process_email_from,
+        move_failed_to,
+        batch_size,
+        max_message_size,
+        processed_keyword,
+        idle,
+        max_transient_failures,
+    })
+}
+
+fn mailbox(
+    mut t: Table<'_>,
+    profiles: &[Profile],
+    corr: &CorrelationSettings,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> Option<Mailbox> {
+    let name = t.required_string("name", errs);
+    let profile_name = t.required_string("profile", errs);
+    let profile = profile_name.as_ref().and_then(|n| {
+        let p = profiles.iter().find(|p| &p.name == n);
+        if p.is_none() {
+            let known: Vec<&str> = profiles.iter().map(|p| p.name.as_str()).collect();
+            errs.push(
+                t.key("profile"),
+                format!(
+                    "no profile named {n:?} (known: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        p
+    });
+    let email = t.required_string("email", errs);
+    if let Some(e) = &email {
+        if !looks_like_email(e) {
+            errs.push(t.key("email"), format!("{e:?} is not an email address"));
+        }
+    }
+    let owner_kind = t.choice(
+        "owner_kind",
+        OwnerKind::User,
+        &[("user", OwnerKind::User), ("queue", OwnerKind::Queue)],
+        errs,
+    );
+    let owner_id = t
+        .string("owner_id", errs)
+        .or_else(|| name.clone())
+        .unwrap_or_default();
+    let user_number = t.int("user_number", 0, 0, i64::from(u32::MAX), errs) as u32;
+    let incoming = t.choice(
+        "incoming",
+        IncomingDelivery::ServerSideSync,
+        &[
+            ("none", IncomingDelivery::None),
+            ("server_side_sync", IncomingDelivery::ServerSideSync),
+            ("forward_mailbox", IncomingDelivery::ForwardMailbox),
+        ],
+        errs,
+    );
+    let deliveries = [
+        ("none", Delivery::None),
+        ("server_side_sync", Delivery::ServerSideSync),
+    ];
+    let outgoing = t.choice("outgoing", Delivery::None, &deliveries, errs);
+    let act = t.choice("act", Delivery::None, &deliveries, errs);
+    let approval = t.choice(
+        "approval",
+        ApprovalStatus::Empty,
+        &[
+            ("empty", ApprovalStatus::Empty),
+            ("approved", ApprovalStatus::Approved),
+            ("pending", ApprovalStatus::Pending),
+            ("rejected", ApprovalStatus::Rejected),
+        ],
+        errs,
+    );
+    let enabled = t.bool("enabled", true, errs);
+    let path = t.string("path", errs).map(PathBuf::from);
+    let username = t.nonempty_string("username", errs);
+    let secret = secret(
+        &mut t,
+        "password",
+        "password_file",
+        "password_env",
+        base_dir,
+        errs,
+    );
+    let delete_after_processing = t.bool(
+        "delete_after_processing",
+        incoming == IncomingDelivery::ForwardMailbox,
+        errs,
+    );
+    let track = t.choice(
+        "track",
+        TrackFilter::All,
+        &[
+            ("all", TrackFilter::All),
+            ("responses_only", TrackFilter::ResponsesOnly),
+        ],
+        errs,
+    );
+    let extra_folders = t.string_list("folders", errs);
+
+    let mut tracked_folders = Vec::new();
+    let tf_path = t.key("tracked_folders");
+    for (i, v) in t.array("tracked_folders", errs).into_iter().enumerate() {
+        let mut ft = Table::new(format!("{tf_path}[{i}]"), Some(v), errs);
+        let folder = ft.required_string("folder", errs);
+        let regarding =
+            ft.required_string("regarding", errs)
+                .and_then(|r| match r.parse::<RecordRef>() {
+                    Ok(r) => Some(r),
+                    Err(m) => {
+                        errs.push(ft.key("regarding"), m);
+                        None
+                    }
+                });
+        ft.finish(errs);
+        if let (Some(folder), Some(regarding)) = (folder, regarding) {
+            if tracked_folders
+                .iter()
+                .any(|r: &FolderRule| r.folder == folder)
+            {
+                errs.push(
+                    format!("{tf_path}[{i}].folder"),
+                    format!("folder {folder:?} is tracked twice"),
+                );
+            }
+            tracked_folders.push(FolderRule { folder, regarding });
+        }
+    }
+    if tracked_folders.len() > corr.max_tracked_folders {
+        errs.push(
+            tf_path.clone(),
+            format!(
+                "{} tracked folders exceed the limit of {} (correlation.max_tracked_folders)",
+                tracked_folders.len(),
+                corr.max_tracked_folders
+            ),
+        );
+    }
+
+    if let Some(p) = profile {
+        match p.kind {
+            ProfileType::Maildir => {
+                if path.is_none() {
+                    errs.push(
+                        t.key("path"),
+                        "is required for a mailbox on a maildir profile",
+                    );
+                }
+            }
+            _ => {
+                if path.is_some() {
+                    errs.push(t.key("path"), "only maildir mailboxes have a path");
+                }
+                if username.is_none() && p.username.is_none() {
+                    errs.push(
+                        t.key("username"),
+                        format!("is required (or set it on profile {:?})", p.name),
+                    );
+                }
+                if secret.is_none() && p.secret.is_none() {
+                    let what = if p.auth == AuthKind::OAuth2 {
+                        "an OAuth2 access token"
+                    } else {
+                        "a password"
+                    };
+                    errs.push(t.key("password"), format!("{what} is required: password, password_file or password_env (here or on profile {:?})", p.name));
+                }
+            }
+        }
+        if !p.kind.has_folders() {
+            if !tracked_folders.is_empty() {
+                errs.push(
+                    tf_path.clone(),
+                    "POP3 is email-only: folder tracking needs an IMAP or Exchange profile",
+                );
+            }
+            if !extra_folders.is_empty() {
+                errs.push(t.key("folders"), "POP3 has only the inbox: remove folders");
+            }
+        }
+        if !p.kind.supports_act() && act != Delivery::None {
+            errs.push(
+                t.key("act"),
+                format!(
+                    "appointments, contacts and tasks need an Exchange profile; {:?} is email-only",
+                    p.name
+                ),
+            );
+        }
+    }
+    if owner_kind == OwnerKind::Queue && !tracked_folders.is_empty() {
+        errs.push(tf_path, "folder tracking is for user mailboxes, not queues");
+    }
+    t.finish(errs);
+    Some(Mailbox {
+        name: name?,
+        profile: profile_name?,
+        email: email?,
+        owner_kind,
+        owner_id,
+        user_number,
+        incoming,
+        outgoing,
+        act,
+        approval,
+        enabled,
+        path,
+        username,
+        secret,
+        tracked_folders,
+        extra_folders,
+        delete_after_processing,
+        track,
+    })
+}
+
+fn looks_like_email(s: &str) -> bool {
+    match s.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty() && domain.contains('.') && !s.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+/// Summary of a valid configuration, for `check-config`.
+pub fn summary(cfg: &Config) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    m.insert("profiles", cfg.profiles.len().to_string());
+    m.insert("mailboxes", cfg.mailboxes.len().to_string());
+    m.insert("state_dir", cfg.daemon.state_dir.display().to_string());
+    m.insert(
+        "admin",
+        if cfg.admin.enabled {
+            cfg.admin.listen.to_string()
+        } else {
+            "disabled".into()
+        },
+    );
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        from_toml_str(text, Vec::new(), Path::new("."))
+    }
+
+    const MINIMAL: &str = r#"
+        [admin]
+        token = "0123456789abcdef"
+        [[profiles]]
+        name = "local"
+        type = "maildir"
+        [[mailboxes]]
+        name = "support"
+        profile = "local"
+        email = "support@example.test"
+        path = "fixtures/demo-maildir"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:8025");
+        assert_eq!(cfg.profiles[0].max_concurrent_connections, 10);
+        assert_eq!(cfg.profiles[0].poll_interval, Duration::from_secs(60));
+        assert_eq!(cfg.mailboxes[0].approval, ApprovalStatus::Empty);
+        assert!(cfg.process_only_approved);
+        assert_eq!(cfg.daemon.state_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn reports_every_error_with_its_key_path() {
+        let text = r#"
+            [admin]
+            token = "0123456789abcdef"
+            listen = "0.0.0.0:8025"
+            [[profiles]]
+            name = "imap"
+            type = "imap_smtp"
+            host = "mail.example.test"
+            max_concurrent_connections = 500
+            [[mailboxes]]
+            name = "a"
+            profile = "nope"
+            email = "a@example.test"
+            pasword = "typo"
+        "#;
+        let errs = parse(text).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"admin.listen"), "{errs:?}");
+        assert!(
+            paths.contains(&"profiles[0].max_concurrent_connections"),
+            "{errs:?}"
+        );
+        assert!(paths.contains(&"mailboxes[0].profile"), "{errs:?}");
+        assert!(paths.contains(&"mailboxes[0].pasword"), "{errs:?}");
+        assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+
+    #[test]
+    fn toml_syntax_error_is_a_config_error() {
+        let errs = parse("[admin\ntoken = 1").unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.contains("TOML"), "{errs:?}");
+    }
+
+    #[test]
+    fn environment_overrides_file_values() {
+        let env = vec![
+            (
+                "CRM_MAILSYNC__ADMIN__LISTEN".to_string(),
+                "127.0.0.1:9999".to_string(),
+            ),
+            (
+                "CRM_MAILSYNC__MAILBOXES__0__APPROVAL".to_string(),
+                "approved".to_string(),
+            ),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let cfg = from_toml_str(MINIMAL, env, Path::new(".")).unwrap();
+        assert_eq!(cfg.admin.listen.port(), 9999);
+        assert_eq!(cfg.mailboxes[0].approval, ApprovalStatus::Approved);
+    }
+
+    #[test]
+    fn pop3_rejects_folder_tracking_and_act() {
+        let text = r#"
+            [admin]
+            token = "0123456789abcdef"
+            [[profiles]]
+            name = "pop"
+            type = "pop3_smtp"
+            host = "pop.example.test"
+            username = "u"
+            password = "p"
+            [[mailboxes]]
+            name = "a"
+            profile = "pop"
+            email = "a@example.test"
+            act = "server_side_sync"
+            tracked_folders = [{ folder = "INBOX/Customers", regarding = "account:1" }]
+        "#;
+        let errs = parse(text).unwrap_err().0;
+        assert!(
+            errs.iter()
+                .any(|e| e.path == "mailboxes[0].tracked_folders" && e.message.contains("POP3")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.path == "mailboxes[0].act"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn plaintext_needs_explicit_opt_in_and_secrets_are_not_printed() {
+        let text = MINIMAL.replace("type = \"maildir\"", "type = \"imap_smtp\"\nhost = \"h.example\"\ntls = \"plain\"\npassword = \"hunter2-secret\"\nusername = \"u\"").replace("path = \"fixtures/demo-maildir\"", "");
+        let errs = parse(&text).unwrap_err();
+        assert!(
+            errs.0.iter().any(|e| e.path == "profiles[0].tls"),
+            "{errs:?}"
+        );
+        assert!(!format!("{errs} {errs:?}").contains("hunter2"));
+    }
+}

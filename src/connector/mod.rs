@@ -1,0 +1,115 @@
+//! Connectors: where mail comes from. One module per protocol, one trait over them.
+//!
+//! A connector only moves bytes and positions; parsing, correlation and
+//! persistence are the pipeline's. The cycle is:
+//! [`Connector::fetch`] a bounded batch (skipping sources the store has seen) →
+//! the pipeline commits activities and the batch's positions together →
+//! [`Connector::acknowledge`] (delete, flag, move) only after that commit is durable.
+
+pub mod maildir;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Classify, Disposition};
+use crate::model::{AlertLevel, FolderPosition, SourceKey, UnixTime};
+use crate::net::NetError;
+use crate::store::StoreError;
+
+/// One fetched message.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub source: SourceKey,
+    pub raw: Vec<u8>,
+    /// Server receive time (IMAP INTERNALDATE, file mtime) if known.
+    pub received_at: Option<UnixTime>,
+}
+
+/// A bounded group of new messages and the positions to commit with them.
+#[derive(Debug, Default)]
+pub struct FetchBatch {
+    pub messages: Vec<RawMessage>,
+    /// (folder, position) reached once this batch is committed.
+    pub positions: Vec<(String, FolderPosition)>,
+    /// More messages are waiting: fetch again without sleeping.
+    pub more: bool,
+    /// Messages known to be waiting after this batch.
+    pub backlog: u64,
+    /// Things the operator should know (e.g. a UIDVALIDITY change).
+    pub notices: Vec<(AlertLevel, String)>,
+}
+
+/// What the pipeline did with a message, for the connector's follow-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckKind {
+    /// Recorded (activity, duplicate or skipped): flag or delete as configured.
+    Recorded,
+    /// Quarantined: move to the failed-mail folder if configured.
+    Failed,
+}
+
+/// Follow-up for one message.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub source: SourceKey,
+    pub kind: AckKind,
+}
+
+/// Connector failure; the disposition decides retry or disable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("maildir {path}: {detail}")]
+    Maildir {
+        path: String,
+        detail: String,
+        disposition: Disposition,
+    },
+}
+
+impl Classify for ConnectorError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            ConnectorError::Net(e) => e.disposition(),
+            ConnectorError::Store(e) => e.disposition(),
+            ConnectorError::Maildir { disposition, .. } => *disposition,
+        }
+    }
+}
+
+/// A mail source for one mailbox.
+///
+/// Methods return `Send` futures so each mailbox can run as its own task.
+pub trait Connector: Send {
+    /// Short protocol name for logs and metrics.
+    fn protocol(&self) -> &'static str;
+
+    /// Fetches the next batch of unseen messages (empty when there is nothing new).
+    fn fetch(&mut self) -> impl Future<Output = Result<FetchBatch, ConnectorError>> + Send;
+
+    /// Follows up on committed messages. Called only after the commit is durable.
+    fn acknowledge(
+        &mut self,
+        acks: Vec<Ack>,
+    ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
+
+    /// Waits until new mail may be there: push (IMAP IDLE) where possible, else
+    /// `max`. Returns early when `cancel` fires.
+    fn wait_for_changes(
+        &mut self,
+        max: Duration,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
+
+    /// Test & Enable for the incoming direction: connect, authenticate, look;
+    /// returns a human-readable success line.
+    fn test(&mut self) -> impl Future<Output = Result<String, ConnectorError>> + Send;
+
+    /// Closes connections politely (logout/quit).
+    fn close(&mut self) -> impl Future<Output = ()> + Send;
+}

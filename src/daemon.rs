@@ -1,0 +1,235 @@
+//! The long-running service: opens the store, starts the admin API and one task
+//! per mailbox, tells systemd it is ready, and drains in-flight work on
+//! SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState};
+use crate::alerts::Alerts;
+use crate::config::Config;
+use crate::connector::maildir::MaildirConnector;
+use crate::model::{self, AlertLevel, ProfileType};
+use crate::scheduler::{Backoff, MailboxTask, Runtime};
+use crate::store::{SledStore, Store};
+use crate::telemetry;
+
+/// Startup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs until a shutdown signal; returns after in-flight work drained (or the
+/// grace period ran out).
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.store_path())?);
+    let prometheus = telemetry::prometheus();
+    telemetry::describe(
+        &config
+            .mailboxes
+            .iter()
+            .map(|m| m.name.clone())
+            .collect::<Vec<_>>(),
+    );
+    let runtime = Arc::new(Runtime::default());
+    let mut members: HashMap<String, Vec<String>> = HashMap::new();
+    for m in &config.mailboxes {
+        members
+            .entry(m.profile.clone())
+            .or_default()
+            .push(m.name.clone());
+    }
+    let alerts = Arc::new(Alerts::new(store.clone(), members));
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    if config.admin.enabled {
+        let listener = tokio::net::TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| DaemonError::Listen {
+                addr: config.admin.listen.to_string(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        tracing::info!(%addr, "admin API listening");
+        let app = admin::router(AdminState {
+            config: config.clone(),
+            store: store.clone(),
+            runtime: runtime.clone(),
+            prometheus,
+        });
+        let stop = cancel.clone();
+        tracker.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+    }
+
+    let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
+    for p in &config.profiles {
+        semaphores.insert(
+            p.name.clone(),
+            Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
+        );
+    }
+    for mailbox in &config.mailboxes {
+        let Some(profile) = config.profile_of(mailbox).cloned() else {
+            continue;
+        };
+        let Some(connections) = semaphores.get(&profile.name).cloned() else {
+            continue;
+        };
+        let task = MailboxTask {
+            config: config.clone(),
+            mailbox: mailbox.clone(),
+            profile: profile.clone(),
+            store: store.clone(),
+            runtime: runtime.clone(),
+            alerts: alerts.clone(),
+            connections,
+            cancel: cancel.clone(),
+            backoff: Backoff::default(),
+        };
+        match profile.kind {
+            ProfileType::Maildir => {
+                let mut folders: Vec<String> = mailbox
+                    .tracked_folders
+                    .iter()
+                    .map(|r| r.folder.clone())
+                    .collect();
+                folders.extend(mailbox.extra_folders.iter().cloned());
+                let root = mailbox.path.clone().unwrap_or_default();
+                let connector = MaildirConnector::new(
+                    &mailbox.name,
+                    &root,
+                    folders,
+                    profile.batch_size,
+                    mailbox.delete_after_processing,
+                    profile.move_failed_to.clone(),
+                    store.clone(),
+                );
+                task.register(connector_protocol(&connector));
+                tracker.spawn(task.run(connector));
+            }
+            other => {
+                task.register("unavailable");
+                alerts.raise(
+                    AlertLevel::Error,
+                    Some(&mailbox.name),
+                    Some(&profile.name),
+                    &format!("no connector for profile type {other:?} in this build"),
+                    model::now(),
+                );
+            }
+        }
+    }
+    runtime.scheduler_running.store(true, Ordering::SeqCst);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    spawn_watchdog(
+        &tracker,
+        cancel.clone(),
+        runtime.clone(),
+        config.daemon.stuck_after,
+    );
+    tracing::info!(
+        mailboxes = config.mailboxes.len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "crm-mailsync running"
+    );
+
+    wait_for_shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight work");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    runtime.scheduler_running.store(false, Ordering::SeqCst);
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.daemon.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?config.daemon.shutdown_grace, "grace period over; stopping with work in flight (it is re-done on restart)");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn connector_protocol<C: crate::connector::Connector>(c: &C) -> &'static str {
+    c.protocol()
+}
+
+/// Pings the systemd watchdog while no mailbox is stuck, so a wedged daemon is
+/// restarted instead of silently not syncing.
+fn spawn_watchdog(
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+    runtime: Arc<Runtime>,
+    stuck_after: Duration,
+) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    if interval.is_zero() {
+        return;
+    }
+    let every = interval / 2;
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
+            let stuck = runtime.stuck(stuck_after);
+            if stuck.is_empty() {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::error!(?stuck, "mailboxes stuck; withholding watchdog ping");
+            }
+        }
+    });
+}
+
+async fn wait_for_shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,22 @@
+//! crm-mailsync: server-side email synchronization for CRM systems.
+//!
+//! The mail flows through the modules in this order:
+//! [`config`] → [`scheduler`] → [`connector`] → [`parse`] → [`filter`] →
+//! [`correlate`] → [`store`] → [`alerts`]; [`pipeline`] strings the middle
+//! stages together and [`admin`] shows it all over HTTP.
+
+pub mod admin;
+pub mod alerts;
+pub mod config;
+pub mod connector;
+pub mod correlate;
+pub mod daemon;
+pub mod error;
+pub mod filter;
+pub mod model;
+pub mod net;
+pub mod parse;
+pub mod pipeline;
+pub mod scheduler;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,360 @@
+//! Domain types, named as CRM admins know them from Dynamics 365 server-side
+//! synchronization: server profiles, mailboxes, email activities, alerts.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch (UTC). The store and the API speak this; the
+/// CLI and API render it as RFC 3339.
+pub type UnixTime = i64;
+
+/// Kind of email server profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProfileType {
+    ExchangeOnline,
+    ExchangeServer,
+    ImapSmtp,
+    Pop3Smtp,
+    /// A local Maildir: the embedded default and a handy import source.
+    Maildir,
+}
+
+impl ProfileType {
+    /// Parses the configuration spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "exchange_online" => Self::ExchangeOnline,
+            "exchange_server" => Self::ExchangeServer,
+            "imap_smtp" => Self::ImapSmtp,
+            "pop3_smtp" => Self::Pop3Smtp,
+            "maildir" => Self::Maildir,
+            _ => return None,
+        })
+    }
+    /// Profiles that have folders (folder tracking) and can sync appointments,
+    /// contacts and tasks. POP3 is email-only, as in Dynamics.
+    pub fn has_folders(self) -> bool {
+        !matches!(self, ProfileType::Pop3Smtp)
+    }
+    /// Whether appointments, contacts and tasks can be synchronized.
+    pub fn supports_act(self) -> bool {
+        matches!(
+            self,
+            ProfileType::ExchangeOnline | ProfileType::ExchangeServer
+        )
+    }
+}
+
+/// Who owns a mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerKind {
+    User,
+    Queue,
+}
+
+/// Incoming email delivery method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingDelivery {
+    None,
+    ServerSideSync,
+    /// A shared mailbox receiving mail forwarded by users' server-side rules.
+    ForwardMailbox,
+}
+
+/// Outgoing email (and ACT) delivery method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    None,
+    ServerSideSync,
+}
+
+/// Email address approval status; by default only approved mailboxes process mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalStatus {
+    Empty,
+    Approved,
+    Pending,
+    Rejected,
+}
+
+/// Test & Enable status for one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestStatus {
+    #[default]
+    NotRun,
+    Success,
+    Failure,
+}
+
+/// Last Test & Enable result for one direction (incoming, outgoing, ACT).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TestResult {
+    pub status: TestStatus,
+    pub completed_on: Option<UnixTime>,
+    pub detail: Option<String>,
+}
+
+/// A reference to a CRM record, written `kind:id` (e.g. `case:42`, `account:contoso`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordRef {
+    pub kind: String,
+    pub id: String,
+}
+
+impl fmt::Display for RecordRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind, self.id)
+    }
+}
+
+impl FromStr for RecordRef {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, id) = s
+            .split_once(':')
+            .ok_or_else(|| format!("record reference {s:?} is not of the form kind:id"))?;
+        let valid_kind =
+            !kind.is_empty() && kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid_kind || id.trim().is_empty() {
+            return Err(format!("record reference {s:?} is not of the form kind:id"));
+        }
+        Ok(RecordRef {
+            kind: kind.to_ascii_lowercase(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Serialize for RecordRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Direction of an email activity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Incoming,
+    Outgoing,
+}
+
+/// How an activity was tied to its regarding record (Dynamics `correlationmethod`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrelationMethod {
+    None,
+    Skipped,
+    InReplyTo,
+    TrackingToken,
+    ConversationIndex,
+    SmartMatching,
+    Folder,
+    Custom,
+}
+
+impl CorrelationMethod {
+    /// All methods, for metrics that must show zero counts too.
+    pub const ALL: [CorrelationMethod; 8] = [
+        CorrelationMethod::None,
+        CorrelationMethod::Skipped,
+        CorrelationMethod::InReplyTo,
+        CorrelationMethod::TrackingToken,
+        CorrelationMethod::ConversationIndex,
+        CorrelationMethod::SmartMatching,
+        CorrelationMethod::Folder,
+        CorrelationMethod::Custom,
+    ];
+
+    /// The snake_case name used in config, JSON and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CorrelationMethod::None => "none",
+            CorrelationMethod::Skipped => "skipped",
+            CorrelationMethod::InReplyTo => "in_reply_to",
+            CorrelationMethod::TrackingToken => "tracking_token",
+            CorrelationMethod::ConversationIndex => "conversation_index",
+            CorrelationMethod::SmartMatching => "smart_matching",
+            CorrelationMethod::Folder => "folder",
+            CorrelationMethod::Custom => "custom",
+        }
+    }
+}
+
+impl fmt::Display for CorrelationMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a message came from: unique per (mailbox, folder, UIDVALIDITY, UID).
+///
+/// `uid` is a string so that POP3 UIDLs and Maildir unique names fit as well as
+/// IMAP UIDs; `uidvalidity` is 0 for sources without one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SourceKey {
+    pub mailbox: String,
+    pub folder: String,
+    pub uidvalidity: u64,
+    pub uid: String,
+}
+
+impl fmt::Display for SourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{};{}/{}",
+            self.mailbox, self.folder, self.uidvalidity, self.uid
+        )
+    }
+}
+
+/// Store-assigned activity id.
+pub type ActivityId = u64;
+
+/// A tracked email, as stored and shown to admins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmailActivity {
+    pub id: ActivityId,
+    pub mailbox: String,
+    pub source: SourceKey,
+    /// Every Message-ID this email is known under (the one we generated, the one a
+    /// provider rewrote it to, `X-Microsoft-Original-Message-Id`).
+    pub message_ids: Vec<String>,
+    pub in_reply_to: Vec<String>,
+    pub references: Vec<String>,
+    pub direction: Direction,
+    pub subject: String,
+    pub from: Vec<String>,
+    pub to: Vec<String>,
+    pub cc: Vec<String>,
+    pub sent_at: Option<UnixTime>,
+    pub received_at: UnixTime,
+    pub regarding: Option<RecordRef>,
+    pub method: CorrelationMethod,
+    pub score: f32,
+    pub reasons: Vec<String>,
+    /// Activity this one was correlated through (parent reply, token owner…).
+    pub correlated_with: Option<ActivityId>,
+    pub content_hash: String,
+    pub size: u64,
+    /// Extra sources the same email was seen under (another folder, a new UIDVALIDITY).
+    #[serde(default)]
+    pub also_seen_as: Vec<SourceKey>,
+}
+
+/// A message that could not be turned into an activity; its bytes are kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    pub id: u64,
+    pub source: SourceKey,
+    pub reason: String,
+    /// Where the raw bytes were saved.
+    pub saved_as: String,
+    pub size: u64,
+    pub at: UnixTime,
+}
+
+/// Alert severity, as in Dynamics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertLevel {
+    Error,
+    Warning,
+    Information,
+}
+
+/// A mailbox or profile alert; repeated alerts aggregate into one with a count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub id: u64,
+    pub level: AlertLevel,
+    pub mailbox: Option<String>,
+    pub profile: Option<String>,
+    pub text: String,
+    pub first_seen: UnixTime,
+    pub last_seen: UnixTime,
+    pub count: u64,
+}
+
+/// Persistent per-mailbox state (what Dynamics keeps on the mailbox record).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MailboxState {
+    pub name: String,
+    /// False once a permanent error disabled the mailbox.
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub incoming_test: TestResult,
+    pub outgoing_test: TestResult,
+    pub act_test: TestResult,
+    pub last_sync_at: Option<UnixTime>,
+    pub last_success_at: Option<UnixTime>,
+    pub last_sync_error: Option<String>,
+    pub last_sync_error_at: Option<UnixTime>,
+    pub items_processed: u64,
+    pub items_failed: u64,
+    pub transient_failures: u32,
+    pub postponed_until: Option<UnixTime>,
+    /// Consecutive cycles that found no mail; idle mailboxes back off.
+    pub no_email_cycles: u32,
+}
+
+/// Sync position of one folder; committed in the same batch as its activities.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FolderPosition {
+    pub uidvalidity: u64,
+    /// Next UID to fetch (IMAP), or 0 where the source has no order.
+    pub next_uid: u64,
+    pub highest_modseq: Option<u64>,
+    /// Messages seen in the folder at the last completed scan.
+    pub seen_count: u64,
+}
+
+/// Renders a Unix time as RFC 3339 for humans.
+pub fn format_time(t: UnixTime) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// Current wall-clock time; the only place the crate reads the clock for timestamps.
+pub fn now() -> UnixTime {
+    chrono::Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_ref_round_trips_and_rejects_garbage() {
+        let r: RecordRef = "Case:42".parse().unwrap();
+        assert_eq!(r.to_string(), "case:42");
+        assert!("case".parse::<RecordRef>().is_err());
+        assert!(":42".parse::<RecordRef>().is_err());
+        assert!("ca se:42".parse::<RecordRef>().is_err());
+        assert!("case: ".parse::<RecordRef>().is_err());
+    }
+
+    #[test]
+    fn pop3_profiles_have_no_folders_or_act() {
+        assert!(!ProfileType::Pop3Smtp.has_folders());
+        assert!(!ProfileType::Pop3Smtp.supports_act());
+        assert!(ProfileType::ImapSmtp.has_folders());
+    }
+}

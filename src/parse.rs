@@ -1,0 +1,367 @@
+//! Parse: raw bytes → [`ParsedMessage`] (mail-parser underneath).
+//!
+//! mail-parser accepts almost anything, so this stage also decides what is too
+//! broken to be an email at all. Such input is not an error of the mailbox: it is
+//! a [`Malformed`] verdict with a reason, and the pipeline quarantines it.
+
+use std::borrow::Cow;
+
+use mail_parser::{Address, HeaderValue, MessageParser};
+
+use crate::correlate::MessageFeatures;
+
+/// Why a message cannot be processed; the bytes are quarantined with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("empty message")]
+    Empty,
+    #[error("message of {size} bytes exceeds the {cap}-byte limit")]
+    TooLarge { size: u64, cap: u64 },
+    #[error("no header section: the message does not start with a header field (first line {first_line:?})")]
+    NoHeaders { first_line: String },
+    #[error("NUL byte in the header section at offset {offset}")]
+    NulInHeaders { offset: usize },
+    #[error("not an email: none of From, Date or Message-ID is present")]
+    NotAnEmail,
+    #[error("the MIME parser rejected the message")]
+    Unparseable,
+}
+
+/// Markers of automatically generated mail, used by the loop filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoMarkers {
+    /// `Auto-Submitted` other than `no` (RFC 3834).
+    pub auto_submitted: Option<String>,
+    /// `Precedence: bulk | junk | list | auto_reply`.
+    pub precedence: Option<String>,
+    /// `X-Autoreply`, `X-Autorespond`, `X-Auto-Response-Suppress: All|OOF|AutoReply`.
+    pub vendor_auto_reply: bool,
+    /// `List-Id` present: mailing-list traffic.
+    pub list_id: Option<String>,
+}
+
+/// Everything later stages need from one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedMessage {
+    pub features: MessageFeatures,
+    /// Stable hash of the message's identity (see [`content_hash`]).
+    pub content_hash: String,
+    pub size: u64,
+    pub auto: AutoMarkers,
+    /// First text body, decoded; used by smart matching's quoted-text fingerprint.
+    pub body_text: String,
+}
+
+/// Parses raw bytes. `folder` is where the message was found.
+pub fn parse(raw: &[u8], folder: &str, max_size: u64) -> Result<ParsedMessage, Malformed> {
+    let raw = strip_mbox_from_line(raw);
+    if raw.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(Malformed::Empty);
+    }
+    if raw.len() as u64 > max_size {
+        return Err(Malformed::TooLarge {
+            size: raw.len() as u64,
+            cap: max_size,
+        });
+    }
+    if !starts_with_header_field(raw) {
+        let first = raw.split(|b| *b == b'\n').next().unwrap_or_default();
+        let first_line = String::from_utf8_lossy(&first[..first.len().min(60)])
+            .trim_end()
+            .to_string();
+        return Err(Malformed::NoHeaders { first_line });
+    }
+    let header_end = header_section_end(raw);
+    if let Some(offset) = raw[..header_end].iter().position(|b| *b == 0) {
+        return Err(Malformed::NulInHeaders { offset });
+    }
+    let msg = MessageParser::default()
+        .parse(raw)
+        .ok_or(Malformed::Unparseable)?;
+
+    let mut message_ids = Vec::new();
+    if let Some(id) = msg.message_id() {
+        push_id(&mut message_ids, id);
+    }
+    for name in [
+        "X-Microsoft-Original-Message-Id",
+        "X-MS-Exchange-Organization-Original-Message-Id",
+    ] {
+        if let Some(v) = msg.header_raw(name) {
+            for id in split_msg_ids(v) {
+                push_id(&mut message_ids, &id);
+            }
+        }
+    }
+    let from = addresses(msg.from());
+    let date = msg.date().map(|d| d.to_timestamp());
+    if message_ids.is_empty() && from.is_empty() && date.is_none() {
+        return Err(Malformed::NotAnEmail);
+    }
+
+    let features = MessageFeatures {
+        message_ids,
+        in_reply_to: text_list(msg.in_reply_to()),
+        references: text_list(msg.references()),
+        subject: msg.subject().unwrap_or_default().to_string(),
+        from,
+        to: addresses(msg.to()),
+        cc: addresses(msg.cc()),
+        sent_at: date,
+        thread_index: msg
+            .header_raw("Thread-Index")
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty()),
+        folder: folder.to_string(),
+    };
+    let auto = auto_markers(&msg);
+    let body_text = msg.body_text(0).map(Cow::into_owned).unwrap_or_default();
+    let content_hash = content_hash(raw, header_end, &features);
+    Ok(ParsedMessage {
+        features,
+        content_hash,
+        size: raw.len() as u64,
+        auto,
+        body_text,
+    })
+}
+
+/// A message saved from an mbox may start with a `From ` separator line.
+fn strip_mbox_from_line(raw: &[u8]) -> &[u8] {
+    if raw.starts_with(b"From ") {
+        if let Some(nl) = raw.iter().position(|b| *b == b'\n') {
+            return &raw[nl + 1..];
+        }
+    }
+    raw
+}
+
+/// Offset of the blank line that ends the header section (or the end of input).
+fn header_section_end(raw: &[u8]) -> usize {
+    let mut i = 0;
+    while i < raw.len() {
+        let line_end = raw[i..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|p| i + p + 1)
+            .unwrap_or(raw.len());
+        let line = &raw[i..line_end];
+        if line == b"\n" || line == b"\r\n" {
+            return i;
+        }
+        i = line_end;
+    }
+    raw.len()
+}
+
+/// RFC 5322 field name: printable ASCII except colon, then a colon.
+fn starts_with_header_field(raw: &[u8]) -> bool {
+    let name_len = raw
+        .iter()
+        .take_while(|b| (33..=126).contains(*b) && **b != b':')
+        .count();
+    if name_len == 0 {
+        return false;
+    }
+    // Tolerate "Name : value" (obsolete syntax) by skipping blanks before the colon.
+    let rest = &raw[name_len..];
+    let blanks = rest
+        .iter()
+        .take_while(|b| **b == b' ' || **b == b'\t')
+        .count();
+    rest.get(blanks) == Some(&b':')
+}
+
+fn push_id(ids: &mut Vec<String>, id: &str) {
+    let id = id
+        .trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim();
+    if !id.is_empty() && !ids.iter().any(|x| x.eq_ignore_ascii_case(id)) {
+        ids.push(id.to_string());
+    }
+}
+
+/// Splits a raw header value holding `<id>` tokens (possibly folded, possibly bare).
+fn split_msg_ids(v: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = v;
+    while let Some(start) = rest.find('<') {
+        match rest[start..].find('>') {
+            Some(end) => {
+                out.push(rest[start + 1..start + end].trim().to_string());
+                rest = &rest[start + end + 1..];
+            }
+            None => break,
+        }
+    }
+    if out.is_empty() {
+        out.extend(v.split_whitespace().map(str::to_string));
+    }
+    out
+}
+
+fn text_list(v: &HeaderValue<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    match v {
+        HeaderValue::Text(t) => push_id(&mut out, t),
+        HeaderValue::TextList(list) => {
+            for t in list {
+                push_id(&mut out, t);
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn addresses(a: Option<&Address<'_>>) -> Vec<String> {
+    a.map(|a| {
+        a.iter()
+            .filter_map(|addr| addr.address())
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn auto_markers(msg: &mail_parser::Message<'_>) -> AutoMarkers {
+    let raw = |name: &str| msg.header_raw(name).map(|s| s.trim().to_ascii_lowercase());
+    let auto_submitted = raw("Auto-Submitted").filter(|v| !v.starts_with("no"));
+    let precedence = raw("Precedence").filter(|v| {
+        ["bulk", "junk", "list", "auto_reply"]
+            .iter()
+            .any(|p| v.starts_with(p))
+    });
+    let suppress = raw("X-Auto-Response-Suppress").unwrap_or_default();
+    let vendor_auto_reply = raw("X-Autoreply").is_some()
+        || raw("X-Autorespond").is_some()
+        || ["all", "oof", "autoreply"]
+            .iter()
+            .any(|k| suppress.split(',').any(|p| p.trim() == *k));
+    let list_id = raw("List-Id");
+    AutoMarkers {
+        auto_submitted,
+        precedence,
+        vendor_auto_reply,
+        list_id,
+    }
+}
+
+/// Hash of what makes two copies "the same email": Message-ID(s), Date, From,
+/// Subject and the body bytes with line endings normalised. Transport headers
+/// (Received, Delivered-To, Return-Path) are left out so a copy delivered to two
+/// mailboxes, or re-numbered after a UIDVALIDITY reset, hashes the same.
+pub fn content_hash(raw: &[u8], header_end: usize, f: &MessageFeatures) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for id in &f.message_ids {
+        ctx.update(id.to_ascii_lowercase().as_bytes());
+        ctx.update(b"\n");
+    }
+    ctx.update(format!("{:?}\n{:?}\n{}\n", f.sent_at, f.from, f.subject).as_bytes());
+    let body = &raw[header_end.min(raw.len())..];
+    // Normalise CRLF → LF and ignore trailing white space, which servers add or drop.
+    let mut last = 0;
+    for (i, b) in body.iter().enumerate() {
+        if *b == b'\r' && body.get(i + 1) == Some(&b'\n') {
+            ctx.update(&body[last..i]);
+            last = i + 1;
+        }
+    }
+    let tail = &body[last..];
+    let trimmed_len = tail
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map(|p| p + 1)
+        .unwrap_or(0);
+    ctx.update(&tail[..trimmed_len]);
+    let digest = ctx.finish();
+    digest
+        .as_ref()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSG: &[u8] = b"Message-ID: <abc@example.test>\r\nFrom: Ann <Ann@Example.test>\r\nTo: b@example.test, c@example.test\r\nSubject: Hello\r\nDate: Mon, 5 Jan 2026 10:00:00 +0000\r\nIn-Reply-To: <p@x>\r\nReferences: <r1@x> <p@x>\r\nAuto-Submitted: auto-replied\r\n\r\nBody\r\n";
+
+    #[test]
+    fn extracts_features() {
+        let p = parse(MSG, "INBOX", 1 << 20).unwrap();
+        assert_eq!(p.features.message_ids, vec!["abc@example.test"]);
+        assert_eq!(p.features.from, vec!["ann@example.test"]);
+        assert_eq!(p.features.to.len(), 2);
+        assert_eq!(p.features.in_reply_to, vec!["p@x"]);
+        assert_eq!(p.features.references, vec!["r1@x", "p@x"]);
+        assert_eq!(p.features.sent_at, Some(1_767_607_200));
+        assert_eq!(p.auto.auto_submitted.as_deref(), Some("auto-replied"));
+        assert_eq!(p.body_text.trim(), "Body");
+    }
+
+    #[test]
+    fn same_email_with_other_transport_headers_and_line_endings_hashes_the_same() {
+        let lf: Vec<u8> = MSG.iter().copied().filter(|b| *b != b'\r').collect();
+        let mut delivered = b"Delivered-To: other@example.test\nReceived: from x by y\n".to_vec();
+        delivered.extend_from_slice(&lf);
+        let a = parse(MSG, "INBOX", 1 << 20).unwrap();
+        let b = parse(&delivered, "INBOX", 1 << 20).unwrap();
+        assert_eq!(a.content_hash, b.content_hash);
+        let changed = String::from_utf8_lossy(MSG).replace("Body", "Other body");
+        assert_ne!(
+            a.content_hash,
+            parse(changed.as_bytes(), "INBOX", 1 << 20)
+                .unwrap()
+                .content_hash
+        );
+    }
+
+    #[test]
+    fn malformed_inputs_get_reasons_not_panics() {
+        assert_eq!(parse(b"", "INBOX", 100), Err(Malformed::Empty));
+        assert_eq!(parse(b" \r\n\r\n", "INBOX", 100), Err(Malformed::Empty));
+        assert!(matches!(
+            parse(b"this is not an email\n\nat all", "INBOX", 1000),
+            Err(Malformed::NoHeaders { .. })
+        ));
+        assert!(matches!(
+            parse(b"\x00\x01\x02binary", "INBOX", 1000),
+            Err(Malformed::NoHeaders { .. })
+        ));
+        assert!(matches!(
+            parse(b"X-Foo: a\0b\n\nbody", "INBOX", 1000),
+            Err(Malformed::NulInHeaders { .. })
+        ));
+        assert_eq!(
+            parse(b"X-Foo: bar\n\nbody", "INBOX", 1000),
+            Err(Malformed::NotAnEmail)
+        );
+        assert!(matches!(
+            parse(MSG, "INBOX", 10),
+            Err(Malformed::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn mbox_separator_line_is_tolerated() {
+        let mut m = b"From someone@example.test Mon Jan  5 10:00:00 2026\n".to_vec();
+        m.extend_from_slice(MSG);
+        assert_eq!(
+            parse(&m, "INBOX", 1 << 20).unwrap().features.message_ids,
+            vec!["abc@example.test"]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2000)) {
+            let _ = parse(&bytes, "INBOX", 1 << 20);
+        }
+    }
+}

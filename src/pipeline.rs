@@ -1,0 +1,230 @@
+//! The incoming pipeline for one fetched batch: parse → filter → correlate →
+//! a [`CommitBatch`] for persist. Shared by the daemon and `replay`.
+//!
+//! Messages of one batch are handled in order and see each other: a reply
+//! committed in the same batch as its parent still correlates to it.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::{FolderRule, TrackFilter};
+use crate::connector::RawMessage;
+use crate::correlate::{self, CorrelationSettings, Decision, Indexes, TrackedEmail};
+use crate::filter::{self, FilterPolicy, Verdict};
+use crate::model::{CorrelationMethod, Direction, EmailActivity, QuarantineEntry, SourceKey};
+use crate::parse;
+use crate::store::{CommitBatch, PendingItem, Store, StoreError};
+
+/// Per-mailbox inputs of the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineContext {
+    pub mailbox: String,
+    pub own_addresses: Vec<String>,
+    pub folder_rules: Vec<FolderRule>,
+    pub settings: CorrelationSettings,
+    pub policy: FilterPolicy,
+    pub max_message_size: u64,
+    /// Raw bytes of quarantined messages are written here before the commit.
+    pub quarantine_dir: PathBuf,
+}
+
+impl PipelineContext {
+    /// Builds the context for a configured mailbox.
+    pub fn for_mailbox(cfg: &crate::config::Config, mailbox: &crate::config::Mailbox) -> Self {
+        let max = cfg
+            .profile_of(mailbox)
+            .map(|p| p.max_message_size)
+            .unwrap_or(50 << 20);
+        let own = vec![mailbox.email.to_ascii_lowercase()];
+        PipelineContext {
+            mailbox: mailbox.name.clone(),
+            own_addresses: own.clone(),
+            folder_rules: mailbox.tracked_folders.clone(),
+            settings: cfg.correlation.clone(),
+            policy: FilterPolicy {
+                own_addresses: own,
+                skip_auto_generated: true,
+                track: mailbox.track,
+            },
+            max_message_size: max,
+            quarantine_dir: cfg.quarantine_dir(),
+        }
+    }
+}
+
+/// What happened to one message, for logs, metrics and `replay` output.
+#[derive(Debug, Clone)]
+pub enum ItemResult {
+    /// Processed before (crash replay); nothing to do.
+    AlreadySeen,
+    Correlated {
+        activity: u64,
+        decision: Decision,
+    },
+    Quarantined {
+        reason: String,
+    },
+}
+
+/// Failure of the pipeline itself (not of a message: those are quarantined).
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot save quarantined message to {path}: {source}")]
+    Quarantine {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl crate::error::Classify for PipelineError {
+    fn disposition(&self) -> crate::error::Disposition {
+        match self {
+            PipelineError::Store(e) => e.disposition(),
+            PipelineError::Quarantine { .. } => crate::error::Disposition::Transient,
+        }
+    }
+}
+
+/// Turns a batch of raw messages into one commit batch.
+pub fn process(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    messages: &[RawMessage],
+    now: i64,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    let mut batch = CommitBatch::default();
+    let mut results = Vec::with_capacity(messages.len());
+    // Message-IDs of activities staged in this batch, so replies see parents.
+    let mut staged: HashMap<String, TrackedEmail> = HashMap::new();
+    for m in messages {
+        if store.is_seen(&m.source)? {
+            results.push((m.source.clone(), ItemResult::AlreadySeen));
+            continue;
+        }
+        let parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
+            Ok(p) => p,
+            Err(why) => {
+                let reason = why.to_string();
+                let saved = save_quarantined(&ctx.quarantine_dir, &m.source, &m.raw)?;
+                batch.items.push(PendingItem::Quarantine(QuarantineEntry {
+                    id: 0,
+                    source: m.source.clone(),
+                    reason: reason.clone(),
+                    saved_as: saved.display().to_string(),
+                    size: m.raw.len() as u64,
+                    at: now,
+                }));
+                results.push((m.source.clone(), ItemResult::Quarantined { reason }));
+                continue;
+            }
+        };
+        let decision = match filter::before_correlation(&parsed, &ctx.policy) {
+            Verdict::Skip(reason) => skipped(reason),
+            Verdict::Correlate => {
+                let keys = correlate::lookup_keys(&parsed.features);
+                let mut by_message_id = store.tracked_by_message_ids(&keys.message_ids)?;
+                for k in &keys.message_ids {
+                    if let Some(t) = staged.get(k) {
+                        by_message_id.entry(k.clone()).or_insert_with(|| t.clone());
+                    }
+                }
+                let idx = Indexes {
+                    by_message_id,
+                    folder_rules: &ctx.folder_rules,
+                };
+                let d = correlate::correlate(&parsed.features, &idx, &ctx.settings);
+                match filter::after_correlation(&d, &ctx.policy) {
+                    Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
+                        skipped(reason)
+                    }
+                    _ => d,
+                }
+            }
+        };
+        let id = store.allocate_id()?;
+        let f = parsed.features;
+        let direction = if f.from.iter().any(|a| ctx.own_addresses.contains(a)) {
+            Direction::Outgoing
+        } else {
+            Direction::Incoming
+        };
+        for mid in &f.message_ids {
+            staged
+                .entry(correlate::normalize_message_id(mid))
+                .or_insert_with(|| TrackedEmail {
+                    activity: id,
+                    regarding: decision.regarding.clone(),
+                });
+        }
+        let activity = EmailActivity {
+            id,
+            mailbox: ctx.mailbox.clone(),
+            source: m.source.clone(),
+            message_ids: f.message_ids,
+            in_reply_to: f.in_reply_to,
+            references: f.references,
+            direction,
+            subject: f.subject,
+            from: f.from,
+            to: f.to,
+            cc: f.cc,
+            sent_at: f.sent_at,
+            received_at: m.received_at.unwrap_or(now),
+            regarding: decision.regarding.clone(),
+            method: decision.method,
+            score: decision.score,
+            reasons: decision.reasons.clone(),
+            correlated_with: decision.correlated_with,
+            content_hash: parsed.content_hash,
+            size: parsed.size,
+            also_seen_as: Vec::new(),
+        };
+        batch.items.push(PendingItem::Activity(Box::new(activity)));
+        results.push((
+            m.source.clone(),
+            ItemResult::Correlated {
+                activity: id,
+                decision,
+            },
+        ));
+    }
+    Ok((batch, results))
+}
+
+fn skipped(reason: String) -> Decision {
+    Decision {
+        method: CorrelationMethod::Skipped,
+        regarding: None,
+        score: 0.0,
+        reasons: vec![reason],
+        correlated_with: None,
+    }
+}
+
+/// Writes a quarantined message's bytes durably; the file name derives from the
+/// source so a replay after a crash overwrites instead of piling up copies.
+fn save_quarantined(dir: &Path, source: &SourceKey, raw: &[u8]) -> Result<PathBuf, PipelineError> {
+    let err = |path: &Path, source: std::io::Error| PipelineError::Quarantine {
+        path: path.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, source.to_string().as_bytes());
+    let name: String = digest
+        .as_ref()
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = dir.join(format!("{name}.eml"));
+    let tmp = dir.join(format!("{name}.eml.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
+    f.write_all(raw)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| err(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
+    Ok(path)
+}

@@ -1,0 +1,523 @@
+//! Scheduler: one task per mailbox, each running sync cycles, waiting (poll or
+//! push), and backing off on transient errors according to [`Backoff`].
+//!
+//! The lifecycle rules are Dynamics': a permanent error disables the mailbox at
+//! once with an Error alert; transient errors are retried with back-off and
+//! become permanent after `max_transient_failures` in a row.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::Alerts;
+use crate::config::{Config, Mailbox, Profile};
+use crate::connector::{Ack, AckKind, Connector, ConnectorError};
+use crate::error::{Classify, Disposition};
+use crate::model::{
+    self, AlertLevel, ApprovalStatus, IncomingDelivery, MailboxState, TestResult, TestStatus,
+};
+use crate::pipeline::{self, ItemResult, PipelineContext, PipelineError};
+use crate::store::{CommitOutcome, Store, StoreError};
+use crate::telemetry;
+
+/// Retry policy for transient failures: exponential with jitter, capped.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    /// Fraction of the delay added or removed at random (0–1), so mailboxes of
+    /// one failing server do not retry in lockstep.
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        // Dynamics retries roughly every 5 minutes; start faster, end there.
+        Backoff {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay before retry number `attempt` (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(20);
+        let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
+        let spread = (fastrand::f64() * 2.0 - 1.0) * self.jitter;
+        raw.mul_f64((1.0 + spread).max(0.0)).min(self.max)
+    }
+}
+
+/// What a mailbox task is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Starting,
+    Syncing,
+    Waiting,
+    BackingOff,
+    Disabled,
+    NotApproved,
+    Stopped,
+}
+
+/// Live view of one mailbox for the admin API and readiness.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveMailbox {
+    pub name: String,
+    pub profile: String,
+    pub email: String,
+    pub protocol: String,
+    pub phase: Phase,
+    pub backlog: u64,
+    pub state: MailboxState,
+    #[serde(skip)]
+    pub cycle_started: Option<Instant>,
+}
+
+/// Shared runtime state.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    pub mailboxes: RwLock<BTreeMap<String, LiveMailbox>>,
+    pub scheduler_running: AtomicBool,
+}
+
+impl Runtime {
+    fn update(&self, name: &str, f: impl FnOnce(&mut LiveMailbox)) {
+        let mut map = self.mailboxes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = map.get_mut(name) {
+            f(m);
+        }
+    }
+
+    /// Mailboxes whose current sync cycle has run longer than `after`.
+    pub fn stuck(&self, after: Duration) -> Vec<String> {
+        let map = self.mailboxes.read().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .filter(|m| {
+                m.phase == Phase::Syncing && m.cycle_started.is_some_and(|t| t.elapsed() > after)
+            })
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    /// A snapshot of every mailbox.
+    pub fn snapshot(&self) -> Vec<LiveMailbox> {
+        self.mailboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Everything a mailbox task needs.
+pub struct MailboxTask {
+    pub config: Arc<Config>,
+    pub mailbox: Mailbox,
+    pub profile: Profile,
+    pub store: Arc<dyn Store>,
+    pub runtime: Arc<Runtime>,
+    pub alerts: Arc<Alerts>,
+    pub connections: Arc<Semaphore>,
+    pub cancel: CancellationToken,
+    pub backoff: Backoff,
+}
+
+/// Why a cycle failed.
+#[derive(Debug, thiserror::Error)]
+enum CycleError {
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal task failure: {0}")]
+    Join(String),
+}
+
+impl Classify for CycleError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            CycleError::Connector(e) => e.disposition(),
+            CycleError::Pipeline(e) => e.disposition(),
+            CycleError::Store(e) => e.disposition(),
+            CycleError::Join(_) => Disposition::Transient,
+        }
+    }
+}
+
+impl MailboxTask {
+    /// Registers the mailbox in the runtime view before its task starts.
+    pub fn register(&self, protocol: &str) {
+        let state = self.load_state();
+        let live = LiveMailbox {
+            name: self.mailbox.name.clone(),
+            profile: self.profile.name.clone(),
+            email: self.mailbox.email.clone(),
+            protocol: protocol.to_string(),
+            phase: Phase::Starting,
+            backlog: 0,
+            state,
+            cycle_started: None,
+        };
+        let mut map = self
+            .runtime
+            .mailboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        map.insert(self.mailbox.name.clone(), live);
+    }
+
+    fn load_state(&self) -> MailboxState {
+        match self.store.mailbox_state(&self.mailbox.name) {
+            Ok(Some(s)) => s,
+            Ok(None) => MailboxState {
+                name: self.mailbox.name.clone(),
+                enabled: true,
+                ..Default::default()
+            },
+            Err(e) => {
+                tracing::error!(mailbox = %self.mailbox.name, error = %e, "cannot read mailbox state; starting fresh");
+                MailboxState {
+                    name: self.mailbox.name.clone(),
+                    enabled: true,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    fn set_phase(&self, phase: Phase, state: &MailboxState) {
+        let started = (phase == Phase::Syncing).then(Instant::now);
+        self.runtime.update(&self.mailbox.name, |m| {
+            m.phase = phase;
+            m.state = state.clone();
+            m.cycle_started = started;
+        });
+        let up = if matches!(phase, Phase::Disabled | Phase::NotApproved | Phase::Stopped) {
+            0.0
+        } else {
+            1.0
+        };
+        metrics::gauge!(telemetry::MAILBOX_UP, "mailbox" => self.mailbox.name.clone()).set(up);
+    }
+
+    fn alert(&self, level: AlertLevel, text: &str) {
+        self.alerts.raise(
+            level,
+            Some(&self.mailbox.name),
+            Some(&self.profile.name),
+            text,
+            model::now(),
+        );
+    }
+
+    /// Runs the mailbox until cancelled or disabled.
+    pub async fn run<C: Connector>(self, mut connector: C) {
+        let name = self.mailbox.name.clone();
+        let mut state = self.load_state();
+        // A restart is a fresh Test & Enable: an operator who fixed the cause and
+        // restarted should not have to re-enable by hand.
+        state.enabled = true;
+        state.disabled_reason = None;
+
+        if !self.mailbox.enabled || self.mailbox.incoming == IncomingDelivery::None {
+            self.set_phase(Phase::Disabled, &state);
+            return;
+        }
+        if self.config.process_only_approved && self.mailbox.approval != ApprovalStatus::Approved {
+            self.alert(
+                AlertLevel::Warning,
+                &format!(
+                    "email address {} is not approved ({:?}); mail is not processed while \"process emails only for approved users/queues\" is on",
+                    self.mailbox.email, self.mailbox.approval
+                ),
+            );
+            self.set_phase(Phase::NotApproved, &state);
+            return;
+        }
+
+        // Test & Enable (incoming).
+        let test = {
+            let _permit = self.connections.acquire().await;
+            connector.test().await
+        };
+        match &test {
+            Ok(detail) => {
+                state.incoming_test = TestResult {
+                    status: TestStatus::Success,
+                    completed_on: Some(model::now()),
+                    detail: Some(detail.clone()),
+                };
+                tracing::info!(mailbox = %name, protocol = connector.protocol(), "{detail}");
+            }
+            Err(e) => {
+                state.incoming_test = TestResult {
+                    status: TestStatus::Failure,
+                    completed_on: Some(model::now()),
+                    detail: Some(e.to_string()),
+                };
+            }
+        }
+        if let Err(e) = test {
+            if e.disposition() == Disposition::Permanent {
+                self.disable(&mut state, &e.to_string());
+                connector.close().await;
+                return;
+            }
+        }
+        self.save_state(&state);
+
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            self.set_phase(Phase::Syncing, &state);
+            let result = {
+                let _permit = self.connections.acquire().await;
+                self.cycle(&mut connector, &mut state).await
+            };
+            let now = model::now();
+            state.last_sync_at = Some(now);
+            match result {
+                Ok(found) => {
+                    state.transient_failures = 0;
+                    state.last_success_at = Some(now);
+                    state.postponed_until = None;
+                    state.no_email_cycles = if found == 0 {
+                        state.no_email_cycles.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    metrics::gauge!(telemetry::LAST_SUCCESS, "mailbox" => name.clone())
+                        .set(now as f64);
+                    self.alerts.mailbox_recovered(&self.profile.name, &name);
+                    self.save_state(&state);
+                    self.set_phase(Phase::Waiting, &state);
+                    let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
+                    if let Err(e) = connector.wait_for_changes(wait, &self.cancel).await {
+                        tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
+                    }
+                }
+                Err(e) => {
+                    let disposition = e.disposition();
+                    metrics::counter!(telemetry::SYNC_ERRORS, "mailbox" => name.clone(), "disposition" => disposition.to_string()).increment(1);
+                    state.last_sync_error = Some(e.to_string());
+                    state.last_sync_error_at = Some(now);
+                    self.alerts.mailbox_failed(&self.profile.name, &name, now);
+                    state.transient_failures = state.transient_failures.saturating_add(1);
+                    let exhausted = state.transient_failures >= self.profile.max_transient_failures;
+                    if disposition == Disposition::Permanent || exhausted {
+                        let why = if exhausted && disposition == Disposition::Transient {
+                            format!(
+                                "{e} (gave up after {} transient failures in a row)",
+                                state.transient_failures
+                            )
+                        } else {
+                            e.to_string()
+                        };
+                        self.disable(&mut state, &why);
+                        break;
+                    }
+                    let delay = self.backoff.delay(state.transient_failures);
+                    state.postponed_until = Some(now + delay.as_secs() as i64);
+                    self.alert(
+                        AlertLevel::Warning,
+                        &format!("transient error, retrying with back-off: {e}"),
+                    );
+                    self.save_state(&state);
+                    self.set_phase(Phase::BackingOff, &state);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => {}
+                    }
+                }
+            }
+        }
+        connector.close().await;
+        if state.enabled {
+            self.set_phase(Phase::Stopped, &state);
+        }
+    }
+
+    fn disable(&self, state: &mut MailboxState, why: &str) {
+        state.enabled = false;
+        state.disabled_reason = Some(why.to_string());
+        state.last_sync_error = Some(why.to_string());
+        state.last_sync_error_at = Some(model::now());
+        self.alert(AlertLevel::Error, &format!("mailbox disabled: {why}"));
+        self.save_state(state);
+        self.set_phase(Phase::Disabled, state);
+    }
+
+    fn save_state(&self, state: &MailboxState) {
+        if let Err(e) = self.store.put_mailbox_state(state) {
+            tracing::error!(mailbox = %self.mailbox.name, error = %e, "cannot save mailbox state");
+        }
+    }
+
+    /// One sync cycle: batches until the source has nothing more (or shutdown).
+    /// Returns how many new messages were recorded.
+    async fn cycle<C: Connector>(
+        &self,
+        connector: &mut C,
+        state: &mut MailboxState,
+    ) -> Result<u64, CycleError> {
+        let ctx = Arc::new(PipelineContext::for_mailbox(&self.config, &self.mailbox));
+        let mut found = 0u64;
+        loop {
+            let batch = connector.fetch().await?;
+            for (level, text) in &batch.notices {
+                self.alert(*level, text);
+            }
+            let backlog = batch.backlog;
+            self.runtime
+                .update(&self.mailbox.name, |m| m.backlog = backlog);
+            metrics::gauge!(telemetry::BACKLOG, "mailbox" => self.mailbox.name.clone())
+                .set(backlog as f64);
+            if batch.messages.is_empty() && batch.positions.is_empty() {
+                return Ok(found);
+            }
+            let more = batch.more;
+            let messages = batch.messages;
+            let store = self.store.clone();
+            let ctx2 = ctx.clone();
+            let (mut commit, results) = tokio::task::spawn_blocking(move || {
+                pipeline::process(store.as_ref(), &ctx2, &messages, model::now())
+            })
+            .await
+            .map_err(|e| CycleError::Join(e.to_string()))??;
+            commit.positions = batch
+                .positions
+                .into_iter()
+                .map(|(f, p)| (self.mailbox.name.clone(), f, p))
+                .collect();
+
+            let mut recorded = 0u64;
+            let mut quarantined = 0u64;
+            for (_, r) in &results {
+                match r {
+                    ItemResult::Correlated { .. } => recorded += 1,
+                    ItemResult::Quarantined { .. } => quarantined += 1,
+                    ItemResult::AlreadySeen => {}
+                }
+            }
+            let mut next_state = state.clone();
+            next_state.items_processed += recorded;
+            next_state.items_failed += quarantined;
+            commit.mailbox_state = Some(next_state.clone());
+            let store = self.store.clone();
+            let outcomes = tokio::task::spawn_blocking(move || store.commit(commit))
+                .await
+                .map_err(|e| CycleError::Join(e.to_string()))??;
+            *state = next_state;
+            found += recorded;
+            self.record_metrics(&results, &outcomes);
+
+            let acks: Vec<Ack> = results
+                .iter()
+                .map(|(source, r)| Ack {
+                    source: source.clone(),
+                    kind: if matches!(r, ItemResult::Quarantined { .. }) {
+                        AckKind::Failed
+                    } else {
+                        AckKind::Recorded
+                    },
+                })
+                .collect();
+            connector.acknowledge(acks).await?;
+            for (source, r) in &results {
+                if let ItemResult::Quarantined { reason } = r {
+                    self.alert(
+                        AlertLevel::Warning,
+                        &format!("message {} quarantined: {reason}", source),
+                    );
+                }
+            }
+            if !more || self.cancel.is_cancelled() {
+                return Ok(found);
+            }
+        }
+    }
+
+    fn record_metrics(
+        &self,
+        results: &[(model::SourceKey, ItemResult)],
+        outcomes: &[CommitOutcome],
+    ) {
+        let m = self.mailbox.name.clone();
+        let mut outcome_iter = outcomes.iter();
+        for (_, r) in results {
+            match r {
+                ItemResult::AlreadySeen => {}
+                ItemResult::Quarantined { .. } => {
+                    outcome_iter.next();
+                    metrics::counter!(telemetry::FAILED, "mailbox" => m.clone()).increment(1);
+                }
+                ItemResult::Correlated { decision, .. } => match outcome_iter.next() {
+                    Some(CommitOutcome::Inserted(_)) => {
+                        metrics::counter!(telemetry::PROCESSED, "mailbox" => m.clone())
+                            .increment(1);
+                        metrics::counter!(telemetry::CORRELATIONS, "method" => decision.method.as_str()).increment(1);
+                    }
+                    Some(CommitOutcome::Duplicate(_)) => {
+                        metrics::counter!(telemetry::DUPLICATES, "mailbox" => m.clone())
+                            .increment(1);
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+}
+
+/// Poll interval, stretched for mailboxes that keep finding nothing (up to 4×).
+fn idle_interval(base: Duration, empty_cycles: u32) -> Duration {
+    let factor = 1 + (empty_cycles / 10).min(3);
+    base * factor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let b = Backoff {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(300),
+            jitter: 0.0,
+        };
+        assert_eq!(b.delay(1), Duration::from_secs(5));
+        assert_eq!(b.delay(2), Duration::from_secs(10));
+        assert_eq!(b.delay(4), Duration::from_secs(40));
+        assert_eq!(b.delay(30), Duration::from_secs(300));
+        let j = Backoff { jitter: 0.2, ..b };
+        for _ in 0..100 {
+            let d = j.delay(3);
+            assert!(
+                d >= Duration::from_secs(16) && d <= Duration::from_secs(24),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn idle_mailboxes_back_off_up_to_four_times() {
+        let base = Duration::from_secs(60);
+        assert_eq!(idle_interval(base, 0), base);
+        assert_eq!(idle_interval(base, 10), base * 2);
+        assert_eq!(idle_interval(base, 1000), base * 4);
+    }
+}

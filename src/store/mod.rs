@@ -1,0 +1,134 @@
+//! Persistence behind one trait, so a PostgreSQL backend can join the embedded
+//! sled one without the rest of the crate noticing.
+//!
+//! The contract that keeps "nothing lost, nothing duplicated":
+//! * [`Store::commit`] applies a whole [`CommitBatch`] (activities, quarantine
+//!   entries, folder positions, mailbox state) atomically and makes it durable
+//!   before returning; connectors acknowledge (delete, flag, move) only after.
+//! * Deduplication happens inside `commit`, under the store's own lock, by source
+//!   key, then Message-ID + content hash; concurrent mailboxes cannot race it.
+
+pub mod sled_store;
+
+use std::collections::HashMap;
+
+use crate::correlate::TrackedEmail;
+use crate::error::{Classify, Disposition};
+use crate::model::{
+    ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, MailboxState, QuarantineEntry,
+    SourceKey, UnixTime,
+};
+
+pub use sled_store::SledStore;
+
+/// Store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store is in use by another process (is the daemon running?): {0}")]
+    Locked(String),
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl Classify for StoreError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            // A full disk or a flaky volume may recover; corrupt data will not.
+            StoreError::Io(_) | StoreError::Locked(_) => Disposition::Transient,
+            StoreError::Corrupt(_) => Disposition::Permanent,
+        }
+    }
+}
+
+/// One item of a commit batch.
+#[derive(Debug, Clone)]
+pub enum PendingItem {
+    /// A new email; `id` comes from [`Store::allocate_id`] (0: the store assigns one).
+    Activity(Box<EmailActivity>),
+    /// A message that could not be processed; `id` is assigned by the store.
+    Quarantine(QuarantineEntry),
+}
+
+/// Everything one processed message group changes, committed at once.
+#[derive(Debug, Clone, Default)]
+pub struct CommitBatch {
+    pub items: Vec<PendingItem>,
+    /// (mailbox, folder, position) to record.
+    pub positions: Vec<(String, String, FolderPosition)>,
+    pub mailbox_state: Option<MailboxState>,
+}
+
+/// What happened to one item of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Inserted(ActivityId),
+    /// The same email was already recorded; this source was added to it.
+    Duplicate(ActivityId),
+    /// This exact source was processed before (a replay after a crash).
+    AlreadySeen(ActivityId),
+    Quarantined(u64),
+}
+
+/// Query for listing activities.
+#[derive(Debug, Clone, Default)]
+pub struct ActivityQuery {
+    pub mailbox: Option<String>,
+    /// Only ids strictly below this (pagination, newest first).
+    pub before: Option<ActivityId>,
+    pub limit: usize,
+}
+
+/// The persistence interface. Methods are blocking; async callers use
+/// `spawn_blocking` for [`Store::commit`], which waits for the disk.
+pub trait Store: Send + Sync + 'static {
+    /// Applies a batch atomically and durably (see the module docs).
+    fn commit(&self, batch: CommitBatch) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    /// A fresh activity id, so a batch can link replies to parents committed in
+    /// the same batch. Unused ids (duplicates) leave harmless gaps.
+    fn allocate_id(&self) -> Result<ActivityId, StoreError>;
+
+    /// Whether a source was processed (as an activity or quarantined).
+    fn is_seen(&self, source: &SourceKey) -> Result<bool, StoreError>;
+
+    /// Tracked emails known under these normalised Message-IDs.
+    fn tracked_by_message_ids(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, TrackedEmail>, StoreError>;
+
+    fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError>;
+
+    /// Activities newest first.
+    fn activities(&self, q: &ActivityQuery) -> Result<Vec<EmailActivity>, StoreError>;
+
+    fn count_activities(&self, mailbox: Option<&str>) -> Result<u64, StoreError>;
+
+    fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError>;
+
+    fn folder_positions(
+        &self,
+        mailbox: &str,
+    ) -> Result<HashMap<String, FolderPosition>, StoreError>;
+
+    fn mailbox_state(&self, mailbox: &str) -> Result<Option<MailboxState>, StoreError>;
+
+    /// Writes mailbox state outside a commit (errors, back-off), durably.
+    fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError>;
+
+    /// Raises an alert; an identical open alert (level, mailbox, profile, text) is
+    /// aggregated: its count and last-seen time go up.
+    fn raise_alert(
+        &self,
+        level: AlertLevel,
+        mailbox: Option<&str>,
+        profile: Option<&str>,
+        text: &str,
+        at: UnixTime,
+    ) -> Result<Alert, StoreError>;
+
+    /// Alerts, most recent first.
+    fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError>;
+}

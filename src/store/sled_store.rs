@@ -1,0 +1,638 @@
+//! The embedded default backend on sled: one tree, prefixed keys, one
+//! `apply_batch` + `flush` per commit.
+//!
+//! Key layout (ids are big-endian u64 so prefix scans run in id order):
+//! `a/<id>` activity JSON · `am/<mailbox>\0<id>` per-mailbox listing ·
+//! `s/<source>` source → id · `m/<message-id>` → id · `h/<hash>` → id ·
+//! `q/<id>` quarantine JSON · `qs/<source>` → id · `p/<mailbox>\0<folder>` position ·
+//! `b/<mailbox>` mailbox state · `l/<id>` alert · `lk/<identity>` → alert id.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError};
+use crate::correlate::TrackedEmail;
+use crate::model::{
+    ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, MailboxState, QuarantineEntry,
+    SourceKey, UnixTime,
+};
+
+/// sled-backed [`Store`].
+pub struct SledStore {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Serialises writers so deduplication reads and the batch they produce are
+    /// one critical section. Never held across an await (the trait is blocking).
+    write_lock: Mutex<()>,
+}
+
+fn io(e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(ioe)
+            if ioe.kind() == std::io::ErrorKind::WouldBlock || ioe.to_string().contains("lock") =>
+        {
+            StoreError::Locked(ioe.to_string())
+        }
+        sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+        other => StoreError::Io(other.to_string()),
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| {
+        StoreError::Corrupt(format!("value at {:?}: {e}", String::from_utf8_lossy(key)))
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Corrupt(format!("cannot encode: {e}")))
+}
+
+fn key(prefix: &str, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = prefix.as_bytes().to_vec();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn source_bytes(s: &SourceKey) -> Vec<u8> {
+    key(
+        "",
+        &[
+            s.mailbox.as_bytes(),
+            s.folder.as_bytes(),
+            s.uidvalidity.to_string().as_bytes(),
+            s.uid.as_bytes(),
+        ],
+    )
+}
+
+fn id_key(prefix: &str, id: u64) -> Vec<u8> {
+    let mut k = prefix.as_bytes().to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn read_id(v: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = v
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("bad id of {} bytes", v.len())))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn mid_key(id: &str) -> Vec<u8> {
+    key(
+        "m/",
+        &[crate::correlate::normalize_message_id(id).as_bytes()],
+    )
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", path.display())))?;
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(io)?;
+        let tree = db.open_tree("crm-mailsync").map_err(io)?;
+        Ok(SledStore {
+            db,
+            tree,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    fn get_id(&self, k: &[u8]) -> Result<Option<u64>, StoreError> {
+        self.tree
+            .get(k)
+            .map_err(io)?
+            .map(|v| read_id(&v))
+            .transpose()
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StoreError> {
+        self.tree
+            .get(k)
+            .map_err(io)?
+            .map(|v| decode(k, &v))
+            .transpose()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        // A panic while holding the lock cannot leave sled half-written (the batch
+        // is applied atomically or not at all), so a poisoned lock is safe to reuse.
+        self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ids start at 1: 0 means "not assigned yet" in a [`PendingItem`].
+    fn next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id().map_err(io)? + 1)
+    }
+
+    fn durable(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(io)?;
+        Ok(())
+    }
+}
+
+/// Pending view of a batch under construction, so later items see earlier ones.
+#[derive(Default)]
+struct Overlay {
+    sources: HashMap<Vec<u8>, u64>,
+    quarantine_sources: HashMap<Vec<u8>, u64>,
+    message_ids: HashMap<Vec<u8>, u64>,
+    hashes: HashMap<Vec<u8>, u64>,
+    activities: HashMap<u64, EmailActivity>,
+    quarantine_rows: Vec<(u64, Vec<u8>)>,
+}
+
+impl Store for SledStore {
+    fn commit(&self, batch: CommitBatch) -> Result<Vec<CommitOutcome>, StoreError> {
+        let _guard = self.lock();
+        let mut ov = Overlay::default();
+        let mut outcomes = Vec::with_capacity(batch.items.len());
+        for item in batch.items {
+            match item {
+                PendingItem::Activity(a) => outcomes.push(self.stage_activity(*a, &mut ov)?),
+                PendingItem::Quarantine(mut q) => {
+                    let sk = key("qs/", &[&source_bytes(&q.source)]);
+                    if let Some(id) = ov
+                        .quarantine_sources
+                        .get(&sk)
+                        .copied()
+                        .map_or_else(|| self.get_id(&sk), |i| Ok(Some(i)))?
+                    {
+                        outcomes.push(CommitOutcome::Quarantined(id));
+                        continue;
+                    }
+                    q.id = self.next_id()?;
+                    ov.quarantine_sources.insert(sk, q.id);
+                    outcomes.push(CommitOutcome::Quarantined(q.id));
+                    ov.quarantine_rows.push((q.id, encode(&q)?));
+                }
+            }
+        }
+        let mut b = sled::Batch::default();
+        let ov = ov;
+        for (k, id) in &ov.sources {
+            b.insert(k.clone(), id.to_be_bytes().to_vec());
+        }
+        for (k, id) in &ov.quarantine_sources {
+            b.insert(k.clone(), id.to_be_bytes().to_vec());
+        }
+        for (k, id) in &ov.message_ids {
+            b.insert(k.clone(), id.to_be_bytes().to_vec());
+        }
+        for (k, id) in &ov.hashes {
+            b.insert(k.clone(), id.to_be_bytes().to_vec());
+        }
+        for (id, a) in &ov.activities {
+            b.insert(id_key("a/", *id), encode(a)?);
+            let mut am = key("am/", &[a.mailbox.as_bytes(), b""]);
+            am.extend_from_slice(&id.to_be_bytes());
+            b.insert(am, Vec::new());
+        }
+        for (id, row) in ov.quarantine_rows {
+            b.insert(id_key("q/", id), row);
+        }
+        for (mailbox, folder, pos) in &batch.positions {
+            b.insert(
+                key("p/", &[mailbox.as_bytes(), folder.as_bytes()]),
+                encode(pos)?,
+            );
+        }
+        if let Some(state) = &batch.mailbox_state {
+            b.insert(key("b/", &[state.name.as_bytes()]), encode(state)?);
+        }
+        self.tree.apply_batch(b).map_err(io)?;
+        self.durable()?;
+        Ok(outcomes)
+    }
+
+    fn allocate_id(&self) -> Result<ActivityId, StoreError> {
+        self.next_id()
+    }
+
+    fn is_seen(&self, source: &SourceKey) -> Result<bool, StoreError> {
+        let sb = source_bytes(source);
+        Ok(self.tree.contains_key(key("s/", &[&sb])).map_err(io)?
+            || self.tree.contains_key(key("qs/", &[&sb])).map_err(io)?)
+    }
+
+    fn tracked_by_message_ids(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, TrackedEmail>, StoreError> {
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(aid) = self.get_id(&mid_key(id))? {
+                if let Some(a) = self.activity(aid)? {
+                    out.insert(
+                        crate::correlate::normalize_message_id(id),
+                        TrackedEmail {
+                            activity: aid,
+                            regarding: a.regarding,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError> {
+        self.get_json(&id_key("a/", id))
+    }
+
+    fn activities(&self, q: &ActivityQuery) -> Result<Vec<EmailActivity>, StoreError> {
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut out = Vec::new();
+        match &q.mailbox {
+            Some(m) => {
+                let prefix = key("am/", &[m.as_bytes(), b""]);
+                for kv in self.tree.scan_prefix(&prefix).rev() {
+                    let (k, _) = kv.map_err(io)?;
+                    let id = read_id(&k[prefix.len()..])?;
+                    if q.before.is_some_and(|b| id >= b) {
+                        continue;
+                    }
+                    if let Some(a) = self.activity(id)? {
+                        out.push(a);
+                    }
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            None => {
+                let end = id_key("a/", q.before.unwrap_or(u64::MAX));
+                for kv in self.tree.range(b"a/".to_vec()..end).rev() {
+                    let (k, v) = kv.map_err(io)?;
+                    out.push(decode(&k, &v)?);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn count_activities(&self, mailbox: Option<&str>) -> Result<u64, StoreError> {
+        let prefix = match mailbox {
+            Some(m) => key("am/", &[m.as_bytes(), b""]),
+            None => b"a/".to_vec(),
+        };
+        let mut n = 0;
+        for kv in self.tree.scan_prefix(prefix).keys() {
+            kv.map_err(io)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(b"q/").rev().take(limit.max(1)) {
+            let (k, v) = kv.map_err(io)?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn folder_positions(
+        &self,
+        mailbox: &str,
+    ) -> Result<HashMap<String, FolderPosition>, StoreError> {
+        let prefix = key("p/", &[mailbox.as_bytes(), b""]);
+        let mut out = HashMap::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(io)?;
+            let folder = String::from_utf8_lossy(&k[prefix.len()..]).to_string();
+            out.insert(folder, decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn mailbox_state(&self, mailbox: &str) -> Result<Option<MailboxState>, StoreError> {
+        self.get_json(&key("b/", &[mailbox.as_bytes()]))
+    }
+
+    fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        self.tree
+            .insert(key("b/", &[state.name.as_bytes()]), encode(state)?)
+            .map_err(io)?;
+        self.durable()
+    }
+
+    fn raise_alert(
+        &self,
+        level: AlertLevel,
+        mailbox: Option<&str>,
+        profile: Option<&str>,
+        text: &str,
+        at: UnixTime,
+    ) -> Result<Alert, StoreError> {
+        let _guard = self.lock();
+        let level_s = format!("{level:?}");
+        let ident = key(
+            "lk/",
+            &[
+                level_s.as_bytes(),
+                mailbox.unwrap_or("").as_bytes(),
+                profile.unwrap_or("").as_bytes(),
+                text.as_bytes(),
+            ],
+        );
+        let alert = match self.get_id(&ident)? {
+            Some(id) => match self.get_json::<Alert>(&id_key("l/", id))? {
+                Some(mut a) => {
+                    a.count += 1;
+                    a.last_seen = at;
+                    a
+                }
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "alert {id} is indexed but missing"
+                    )))
+                }
+            },
+            None => Alert {
+                id: self.next_id()?,
+                level,
+                mailbox: mailbox.map(str::to_string),
+                profile: profile.map(str::to_string),
+                text: text.to_string(),
+                first_seen: at,
+                last_seen: at,
+                count: 1,
+            },
+        };
+        let mut b = sled::Batch::default();
+        b.insert(ident, alert.id.to_be_bytes().to_vec());
+        b.insert(id_key("l/", alert.id), encode(&alert)?);
+        self.tree.apply_batch(b).map_err(io)?;
+        self.durable()?;
+        Ok(alert)
+    }
+
+    fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        let mut all = Vec::new();
+        for kv in self.tree.scan_prefix(b"l/") {
+            let (k, v) = kv.map_err(io)?;
+            all.push(decode::<Alert>(&k, &v)?);
+        }
+        all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(b.id.cmp(&a.id)));
+        all.truncate(limit.max(1));
+        Ok(all)
+    }
+}
+
+impl SledStore {
+    /// Decides insert / duplicate / already-seen for one activity and records the
+    /// result in the overlay (written by the caller in one batch).
+    fn stage_activity(
+        &self,
+        mut a: EmailActivity,
+        ov: &mut Overlay,
+    ) -> Result<CommitOutcome, StoreError> {
+        let sk = key("s/", &[&source_bytes(&a.source)]);
+        if let Some(id) = ov
+            .sources
+            .get(&sk)
+            .copied()
+            .map_or_else(|| self.get_id(&sk), |i| Ok(Some(i)))?
+        {
+            return Ok(CommitOutcome::AlreadySeen(id));
+        }
+        let lookup = |ov: &Overlay,
+                      k: &[u8],
+                      m: &HashMap<Vec<u8>, u64>|
+         -> Result<Option<u64>, StoreError> {
+            let _ = ov;
+            match m.get(k) {
+                Some(id) => Ok(Some(*id)),
+                None => self.get_id(k),
+            }
+        };
+        let mut duplicate_of = None;
+        for mid in &a.message_ids {
+            if let Some(id) = lookup(ov, &mid_key(mid), &ov.message_ids)? {
+                let existing_hash = match ov.activities.get(&id) {
+                    Some(e) => Some(e.content_hash.clone()),
+                    None => self.activity(id)?.map(|e| e.content_hash),
+                };
+                if existing_hash.as_deref() == Some(a.content_hash.as_str()) {
+                    duplicate_of = Some(id);
+                    break;
+                }
+            }
+        }
+        let hk = key("h/", &[a.content_hash.as_bytes()]);
+        if duplicate_of.is_none() && a.message_ids.is_empty() {
+            duplicate_of = lookup(ov, &hk, &ov.hashes)?;
+        }
+        if let Some(id) = duplicate_of {
+            let mut existing = match ov.activities.remove(&id) {
+                Some(e) => e,
+                None => self.activity(id)?.ok_or_else(|| {
+                    StoreError::Corrupt(format!("activity {id} is indexed but missing"))
+                })?,
+            };
+            existing.also_seen_as.push(a.source.clone());
+            ov.activities.insert(id, existing);
+            ov.sources.insert(sk, id);
+            return Ok(CommitOutcome::Duplicate(id));
+        }
+        if a.id == 0 {
+            a.id = self.next_id()?;
+        }
+        let id = a.id;
+        for mid in &a.message_ids {
+            let k = mid_key(mid);
+            // First writer keeps a Message-ID: a later, different message reusing it
+            // must not steal the thread.
+            if lookup(ov, &k, &ov.message_ids)?.is_none() {
+                ov.message_ids.insert(k, id);
+            }
+        }
+        if lookup(ov, &hk, &ov.hashes)?.is_none() {
+            ov.hashes.insert(hk, id);
+        }
+        ov.sources.insert(sk, id);
+        ov.activities.insert(id, a);
+        Ok(CommitOutcome::Inserted(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{CorrelationMethod, Direction};
+
+    pub(crate) fn activity(
+        mailbox: &str,
+        uid: &str,
+        mid: Option<&str>,
+        hash: &str,
+    ) -> EmailActivity {
+        EmailActivity {
+            id: 0,
+            mailbox: mailbox.into(),
+            source: SourceKey {
+                mailbox: mailbox.into(),
+                folder: "INBOX".into(),
+                uidvalidity: 1,
+                uid: uid.into(),
+            },
+            message_ids: mid.map(|m| vec![m.to_string()]).unwrap_or_default(),
+            in_reply_to: vec![],
+            references: vec![],
+            direction: Direction::Incoming,
+            subject: "s".into(),
+            from: vec![],
+            to: vec![],
+            cc: vec![],
+            sent_at: None,
+            received_at: 0,
+            regarding: Some("case:1".parse().unwrap()),
+            method: CorrelationMethod::None,
+            score: 0.0,
+            reasons: vec![],
+            correlated_with: None,
+            content_hash: hash.into(),
+            size: 1,
+            also_seen_as: vec![],
+        }
+    }
+
+    fn batch(items: Vec<EmailActivity>) -> CommitBatch {
+        CommitBatch {
+            items: items
+                .into_iter()
+                .map(|a| PendingItem::Activity(Box::new(a)))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dedupes_by_source_then_message_id_and_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let out = s
+            .commit(batch(vec![
+                activity("m", "1", Some("a@x"), "h1"),
+                activity("m", "2", Some("b@x"), "h2"),
+            ]))
+            .unwrap();
+        assert!(matches!(
+            out[..],
+            [CommitOutcome::Inserted(_), CommitOutcome::Inserted(_)]
+        ));
+        let first = match out[0] {
+            CommitOutcome::Inserted(i) => i,
+            _ => unreachable!(),
+        };
+        // Same source again: a replay after a crash.
+        let again = s
+            .commit(batch(vec![activity("m", "1", Some("a@x"), "h1")]))
+            .unwrap();
+        assert_eq!(again, vec![CommitOutcome::AlreadySeen(first)]);
+        // Same email under a new UID (UIDVALIDITY reset) and within one batch twice.
+        let moved = s
+            .commit(batch(vec![
+                activity("m", "9", Some("<A@X>"), "h1"),
+                activity("m", "10", Some("a@x"), "h1"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            moved,
+            vec![
+                CommitOutcome::Duplicate(first),
+                CommitOutcome::Duplicate(first)
+            ]
+        );
+        assert_eq!(s.activity(first).unwrap().unwrap().also_seen_as.len(), 2);
+        // Same Message-ID, different content: a different email.
+        let other = s
+            .commit(batch(vec![activity("m", "11", Some("a@x"), "zz")]))
+            .unwrap();
+        assert!(matches!(other[0], CommitOutcome::Inserted(_)));
+        assert_eq!(s.count_activities(None).unwrap(), 3);
+        assert_eq!(s.count_activities(Some("m")).unwrap(), 3);
+        assert!(s.is_seen(&activity("m", "10", None, "").source).unwrap());
+        let t = s
+            .tracked_by_message_ids(&["a@x".into(), "nope@x".into()])
+            .unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(t["a@x"].activity, first);
+    }
+
+    #[test]
+    fn positions_and_state_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let mut b = batch(vec![activity("m", "1", None, "h")]);
+            b.positions.push((
+                "m".into(),
+                "INBOX".into(),
+                FolderPosition {
+                    uidvalidity: 7,
+                    next_uid: 2,
+                    highest_modseq: None,
+                    seen_count: 1,
+                },
+            ));
+            b.mailbox_state = Some(MailboxState {
+                name: "m".into(),
+                items_processed: 1,
+                ..Default::default()
+            });
+            s.commit(b).unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.folder_positions("m").unwrap()["INBOX"].next_uid, 2);
+        assert_eq!(s.mailbox_state("m").unwrap().unwrap().items_processed, 1);
+        assert_eq!(
+            s.activities(&ActivityQuery {
+                mailbox: Some("m".into()),
+                limit: 10,
+                before: None
+            })
+            .unwrap()
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn alerts_aggregate() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        s.raise_alert(AlertLevel::Error, Some("m"), None, "auth failed", 10)
+            .unwrap();
+        let a = s
+            .raise_alert(AlertLevel::Error, Some("m"), None, "auth failed", 20)
+            .unwrap();
+        assert_eq!((a.count, a.first_seen, a.last_seen), (2, 10, 20));
+        s.raise_alert(AlertLevel::Warning, Some("m"), None, "slow", 30)
+            .unwrap();
+        let all = s.alerts(10).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].text, "slow");
+    }
+}

@@ -1,0 +1,82 @@
+//! Logs and metrics setup, and the metric names in one place.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Messages turned into activities, per mailbox.
+pub const PROCESSED: &str = "crm_mailsync_messages_processed_total";
+/// Messages quarantined, per mailbox.
+pub const FAILED: &str = "crm_mailsync_messages_failed_total";
+/// Messages recognised as duplicates of an existing activity, per mailbox.
+pub const DUPLICATES: &str = "crm_mailsync_messages_duplicate_total";
+/// Correlation decisions, per method.
+pub const CORRELATIONS: &str = "crm_mailsync_correlations_total";
+/// Unix time of the last successful sync cycle, per mailbox.
+pub const LAST_SUCCESS: &str = "crm_mailsync_last_successful_sync_timestamp_seconds";
+/// Messages waiting to be fetched, per mailbox.
+pub const BACKLOG: &str = "crm_mailsync_backlog_messages";
+/// Failed sync cycles, per mailbox and disposition.
+pub const SYNC_ERRORS: &str = "crm_mailsync_sync_errors_total";
+/// 1 when the mailbox is enabled and syncing, per mailbox.
+pub const MAILBOX_UP: &str = "crm_mailsync_mailbox_up";
+
+/// Installs the tracing subscriber. `RUST_LOG` overrides the configured level.
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Another subscriber may already be installed (tests); keep it.
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.compact().try_init()
+    };
+}
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+pub fn prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|_| handle)
+        })
+        .clone()
+}
+
+/// Registers every metric with a zero value so dashboards see them from the start.
+pub fn describe(mailboxes: &[String]) {
+    metrics::describe_counter!(PROCESSED, "Messages turned into email activities");
+    metrics::describe_counter!(FAILED, "Messages quarantined as unprocessable");
+    metrics::describe_counter!(
+        DUPLICATES,
+        "Messages recognised as duplicates of an existing activity"
+    );
+    metrics::describe_counter!(CORRELATIONS, "Correlation decisions by method");
+    metrics::describe_gauge!(LAST_SUCCESS, "Unix time of the last successful sync cycle");
+    metrics::describe_gauge!(BACKLOG, "Messages waiting to be fetched");
+    metrics::describe_counter!(SYNC_ERRORS, "Failed sync cycles");
+    metrics::describe_gauge!(MAILBOX_UP, "1 while the mailbox is enabled and syncing");
+    for m in mailboxes {
+        metrics::counter!(PROCESSED, "mailbox" => m.clone()).increment(0);
+        metrics::counter!(FAILED, "mailbox" => m.clone()).increment(0);
+    }
+    for method in crate::model::CorrelationMethod::ALL {
+        metrics::counter!(CORRELATIONS, "method" => method.as_str()).increment(0);
+    }
+}
