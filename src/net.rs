@@ -249,7 +249,14 @@ fn classify_tls_io_error(server: String, e: io::Error) -> NetError {
                     detail: "server presented no certificate".into(),
                 }
             }
-            other => return NetError::TlsSetup(format!("{server}: {other}")),
+            // Alerts and garbled records are usually a flaky network or middlebox:
+            // worth a retry, unlike a certificate the operator must fix.
+            other => {
+                return NetError::Handshake {
+                    server,
+                    source: io::Error::other(other.to_string()),
+                }
+            }
         }
     }
     NetError::Handshake { server, source: e }

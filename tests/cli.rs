@@ -8,7 +8,11 @@ fn check_config(text: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(common::bin()).arg("check-config").arg(&path).output().unwrap();
+    let out = Command::new(common::bin())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -40,10 +44,22 @@ approval = "maybe"
     );
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("3 configuration error(s)"), "{err}");
-    assert!(err.contains("profiles[0].poll_interval: invalid duration"), "{err}");
-    assert!(err.contains("mailboxes[0].email: \"sales-at-example.test\" is not an email address"), "{err}");
-    assert!(err.contains("mailboxes[0].approval: unknown value \"maybe\""), "{err}");
-    assert!(!err.contains("secret"), "secrets must not be printed: {err}");
+    assert!(
+        err.contains("profiles[0].poll_interval: invalid duration"),
+        "{err}"
+    );
+    assert!(
+        err.contains("mailboxes[0].email: \"sales-at-example.test\" is not an email address"),
+        "{err}"
+    );
+    assert!(
+        err.contains("mailboxes[0].approval: unknown value \"maybe\""),
+        "{err}"
+    );
+    assert!(
+        !err.contains("secret"),
+        "secrets must not be printed: {err}"
+    );
 }
 
 #[test]
@@ -58,7 +74,11 @@ fn daemon_refuses_to_start_on_config_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[[mailboxes]]\nname = \"x\"\n").unwrap();
-    let out = Command::new(common::bin()).args(["run", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(common::bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mailboxes[0].profile: is required"), "{err}");
@@ -68,14 +88,26 @@ fn daemon_refuses_to_start_on_config_errors() {
 #[test]
 fn bundled_configs_are_valid() {
     for file in ["config/demo.toml", "config/example.toml"] {
-        let out = Command::new(common::bin()).arg("check-config").arg(file).env("EXAMPLE_IMAP_PASSWORD", "x").output().unwrap();
-        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(common::bin())
+            .arg("check-config")
+            .arg(file)
+            .env("EXAMPLE_IMAP_PASSWORD", "x")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 #[test]
 fn version_and_help() {
-    let out = Command::new(common::bin()).arg("--version").output().unwrap();
+    let out = Command::new(common::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("crm-mailsync "));
     let out = Command::new(common::bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);

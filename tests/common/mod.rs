@@ -22,7 +22,13 @@ pub fn free_port() -> u16 {
 }
 
 /// Writes a config for one Maildir mailbox.
-pub fn maildir_config(dir: &Path, maildir: &Path, port: u16, batch_size: usize, extra_mailbox: &str) -> PathBuf {
+pub fn maildir_config(
+    dir: &Path,
+    maildir: &Path,
+    port: u16,
+    batch_size: usize,
+    extra_mailbox: &str,
+) -> PathBuf {
     let cfg = format!(
         r#"
 [daemon]
@@ -70,14 +76,19 @@ pub fn start(config: &Path) -> Child {
 
 /// Sends SIGTERM and waits for a clean exit.
 pub fn stop(mut child: Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert!(status.success(), "daemon exited with {status}");
             return;
         }
-        assert!(Instant::now() < deadline, "daemon did not stop within 20 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not stop within 20 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -86,13 +97,22 @@ pub fn stop(mut child: Child) {
 pub fn get(port: u16, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n").ok()?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     // The admin API answers small bodies; undo chunked encoding if used.
     Some((status, dechunk(&body)))
 }
@@ -101,8 +121,12 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     loop {
-        let Some((size_line, after)) = rest.split_once("\r\n") else { return body.to_string() };
-        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else { return body.to_string() };
+        let Some((size_line, after)) = rest.split_once("\r\n") else {
+            return body.to_string();
+        };
+        let Ok(size) = usize::from_str_radix(size_line.trim(), 16) else {
+            return body.to_string();
+        };
         if size == 0 {
             return out;
         }
@@ -116,7 +140,8 @@ fn dechunk(body: &str) -> String {
 
 /// GET returning parsed JSON (panics on non-200).
 pub fn get_json(port: u16, path: &str) -> serde_json::Value {
-    let (status, body) = get(port, path, Some(TOKEN)).unwrap_or_else(|| panic!("no answer for {path}"));
+    let (status, body) =
+        get(port, path, Some(TOKEN)).unwrap_or_else(|| panic!("no answer for {path}"));
     assert_eq!(status, 200, "{path}: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
@@ -164,8 +189,13 @@ pub fn generate_messages(root: &Path, n: usize) {
         );
         if pos > 0 {
             let parent = i - 1;
-            let refs: Vec<String> = (i - pos..i).map(|k| format!("<gen-{k}@example.test>")).collect();
-            headers.push_str(&format!("In-Reply-To: <gen-{parent}@example.test>\nReferences: {}\n", refs.join(" ")));
+            let refs: Vec<String> = (i - pos..i)
+                .map(|k| format!("<gen-{k}@example.test>"))
+                .collect();
+            headers.push_str(&format!(
+                "In-Reply-To: <gen-{parent}@example.test>\nReferences: {}\n",
+                refs.join(" ")
+            ));
         }
         let body = format!("Hello,\n\nthis is message {i} of thread {thread}.\nLorem ipsum dolor sit amet, consectetur adipiscing elit.\n\n> quoted text of message {}\n", i.saturating_sub(1));
         let name = format!("{}.M{:06}P1.gen", 1_767_000_000 + i, i);
@@ -175,7 +205,18 @@ pub fn generate_messages(root: &Path, n: usize) {
 
 /// Runs `crm-mailsync activities list --json` and returns the parsed lines.
 pub fn offline_activities(config: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(bin()).args(["activities", "list", "--json", "--config"]).arg(config).output().unwrap();
-    assert!(out.status.success(), "activities list failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let out = Command::new(bin())
+        .args(["activities", "list", "--json", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "activities list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
