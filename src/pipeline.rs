@@ -4,13 +4,12 @@
 //! Messages of one batch are handled in order and see each other: a reply
 //! committed in the same batch as its parent still correlates to it.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::config::{FolderRule, TrackFilter};
 use crate::connector::RawMessage;
-use crate::correlate::{self, CorrelationSettings, Decision, Indexes, TrackedEmail};
+use crate::correlate::{self, CorrelationSettings, Decision, MemIndex};
 use crate::filter::{self, FilterPolicy, Verdict};
 use crate::model::{CorrelationMethod, Direction, EmailActivity, QuarantineEntry, SourceKey};
 use crate::parse;
@@ -97,14 +96,14 @@ pub fn process(
 ) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
     let mut batch = CommitBatch::default();
     let mut results = Vec::with_capacity(messages.len());
-    // Message-IDs of activities staged in this batch, so replies see parents.
-    let mut staged: HashMap<String, TrackedEmail> = HashMap::new();
+    // Index entries of activities staged in this batch, so replies see parents.
+    let mut staged = MemIndex::default();
     for m in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
         }
-        let parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
+        let mut parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
             Ok(p) => p,
             Err(why) => {
                 let reason = why.to_string();
@@ -121,20 +120,27 @@ pub fn process(
                 continue;
             }
         };
+        let direction = if parsed
+            .features
+            .from
+            .iter()
+            .any(|a| ctx.own_addresses.contains(a))
+        {
+            Direction::Outgoing
+        } else {
+            Direction::Incoming
+        };
+        parsed.features.outgoing = direction == Direction::Outgoing;
+        if ctx.settings.wants_body_features() {
+            parsed.features.add_body_features(&parsed.body_text);
+        }
         let decision = match filter::before_correlation(&parsed, &ctx.policy) {
             Verdict::Skip(reason) => skipped(reason),
             Verdict::Correlate => {
-                let keys = correlate::lookup_keys(&parsed.features);
-                let mut by_message_id = store.tracked_by_message_ids(&keys.message_ids)?;
-                for k in &keys.message_ids {
-                    if let Some(t) = staged.get(k) {
-                        by_message_id.entry(k.clone()).or_insert_with(|| t.clone());
-                    }
-                }
-                let idx = Indexes {
-                    by_message_id,
-                    folder_rules: &ctx.folder_rules,
-                };
+                let keys = correlate::lookup_keys(&parsed.features, &ctx.settings);
+                let mut idx = store.lookup(&keys)?;
+                staged.fill(&keys, &mut idx);
+                idx.folder_rules = &ctx.folder_rules;
                 let d = correlate::correlate(&parsed.features, &idx, &ctx.settings);
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
@@ -146,18 +152,13 @@ pub fn process(
         };
         let id = store.allocate_id()?;
         let f = parsed.features;
-        let direction = if f.from.iter().any(|a| ctx.own_addresses.contains(a)) {
-            Direction::Outgoing
-        } else {
-            Direction::Incoming
-        };
-        for mid in &f.message_ids {
-            staged
-                .entry(correlate::normalize_message_id(mid))
-                .or_insert_with(|| TrackedEmail {
-                    activity: id,
-                    regarding: decision.regarding.clone(),
-                });
+        staged.insert_message_ids(&f.message_ids, id, decision.regarding.clone());
+        // Only tracked email (a record, or linked to a tracked thread) feeds
+        // the token, conversation and smart-matching indexes.
+        if decision.regarding.is_some() || decision.correlated_with.is_some() {
+            let entry = correlate::index_entry(&f, id, &ctx.settings);
+            staged.insert_entry(&entry, decision.regarding.clone());
+            batch.index.push(entry);
         }
         let activity = EmailActivity {
             id,
@@ -227,4 +228,113 @@ fn save_quarantined(dir: &Path, source: &SourceKey, raw: &[u8]) -> Result<PathBu
         .map_err(|e| err(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SourceKey;
+    use crate::store::SledStore;
+
+    fn ctx(dir: &Path) -> PipelineContext {
+        PipelineContext {
+            mailbox: "m".into(),
+            own_addresses: vec!["me@us.test".into()],
+            folder_rules: vec![
+                FolderRule {
+                    folder: "INBOX/A".into(),
+                    regarding: "account:a".parse().unwrap(),
+                },
+                FolderRule {
+                    folder: "INBOX/B".into(),
+                    regarding: "account:b".parse().unwrap(),
+                },
+            ],
+            settings: CorrelationSettings::default(),
+            policy: FilterPolicy {
+                own_addresses: vec!["me@us.test".into()],
+                skip_auto_generated: true,
+                track: TrackFilter::All,
+            },
+            max_message_size: 1 << 20,
+            quarantine_dir: dir.join("q"),
+        }
+    }
+
+    fn raw(folder: &str, uid: &str, headers: &str) -> RawMessage {
+        RawMessage {
+            source: SourceKey {
+                mailbox: "m".into(),
+                folder: folder.into(),
+                uidvalidity: 1,
+                uid: uid.into(),
+            },
+            raw: format!("From: c@them.test\r\nTo: me@us.test\r\nDate: Mon, 5 Jan 2026 10:00:00 +0000\r\n{headers}\r\nbody\r\n").into_bytes(),
+            received_at: None,
+        }
+    }
+
+    fn run(store: &SledStore, c: &PipelineContext, msgs: &[RawMessage]) -> Vec<Decision> {
+        let (batch, results) = process(store, c, msgs, 0).unwrap();
+        store.commit(batch).unwrap();
+        results
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ItemResult::Correlated { decision, .. } => Some(decision),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn token_chain_in_one_batch_and_folder_move_re_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let c = ctx(dir.path());
+        let d = run(
+            &store,
+            &c,
+            &[
+                raw(
+                    "INBOX/A",
+                    "1",
+                    "Message-ID: <p@x>\r\nSubject: Offer CRM:0001001\r\n",
+                ),
+                raw(
+                    "INBOX",
+                    "2",
+                    "Message-ID: <r@x>\r\nSubject: RE: [EXTERNAL] Offer [CRM:0001001]\r\n",
+                ),
+            ],
+        );
+        assert_eq!(d[0].method, CorrelationMethod::Folder);
+        assert_eq!(d[1].method, CorrelationMethod::TrackingToken);
+        assert_eq!(d[1].regarding.as_ref().unwrap().to_string(), "account:a");
+        // The user moves the first message to folder B: it follows.
+        run(
+            &store,
+            &c,
+            &[raw(
+                "INBOX/B",
+                "9",
+                "Message-ID: <p@x>\r\nSubject: Offer CRM:0001001\r\n",
+            )],
+        );
+        let a = store.tracked_by_message_ids(&["p@x".into()]).unwrap();
+        assert_eq!(
+            a["p@x"].regarding.as_ref().unwrap().to_string(),
+            "account:b"
+        );
+        // ... and a later reply to it follows the record too.
+        let d = run(
+            &store,
+            &c,
+            &[raw(
+                "INBOX",
+                "3",
+                "Message-ID: <s@x>\r\nIn-Reply-To: <p@x>\r\nSubject: Re: Offer\r\n",
+            )],
+        );
+        assert_eq!(d[0].regarding.as_ref().unwrap().to_string(), "account:b");
+    }
 }
