@@ -4,6 +4,7 @@
 //! Messages of one batch are handled in order and see each other: a reply
 //! committed in the same batch as its parent still correlates to it.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,9 @@ use crate::config::{FolderRule, TrackFilter};
 use crate::connector::RawMessage;
 use crate::correlate::{self, CorrelationSettings, Decision, MemIndex};
 use crate::filter::{self, FilterPolicy, Verdict};
-use crate::model::{CorrelationMethod, Direction, EmailActivity, QuarantineEntry, SourceKey};
+use crate::model::{
+    CorrelationMethod, Direction, EmailActivity, QuarantineEntry, RecordRef, SourceKey,
+};
 use crate::parse;
 use crate::store::{CommitBatch, PendingItem, Store, StoreError};
 
@@ -59,6 +62,8 @@ pub enum ItemResult {
     AlreadySeen,
     Correlated {
         activity: u64,
+        /// The message's own Message-ID, if it has one.
+        message_id: Option<String>,
         decision: Decision,
     },
     Quarantined {
@@ -94,11 +99,27 @@ pub fn process(
     messages: &[RawMessage],
     now: i64,
 ) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    let pairs: Vec<(&RawMessage, Option<&RecordRef>)> =
+        messages.iter().map(|m| (m, None)).collect();
+    process_seeded(store, ctx, &pairs, now)
+}
+
+/// Like [`process`], but a message paired with a record is tracked to it
+/// without correlation (method `custom`): seeds for `replay` and tests.
+pub fn process_seeded(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    messages: &[(&RawMessage, Option<&RecordRef>)],
+    now: i64,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
     let mut batch = CommitBatch::default();
     let mut results = Vec::with_capacity(messages.len());
     // Index entries of activities staged in this batch, so replies see parents.
     let mut staged = MemIndex::default();
-    for m in messages {
+    // (Message-ID, content hash) → activity staged in this batch, to mirror the
+    // store's folder-move re-point for later messages of the same batch.
+    let mut staged_copies: HashMap<(String, String), u64> = HashMap::new();
+    for (m, seed) in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
@@ -135,6 +156,13 @@ pub fn process(
             parsed.features.add_body_features(&parsed.body_text);
         }
         let decision = match filter::before_correlation(&parsed, &ctx.policy) {
+            _ if seed.is_some() => Decision {
+                method: CorrelationMethod::Custom,
+                regarding: seed.cloned(),
+                score: 1.0,
+                reasons: vec![format!("seeded as {}", show_record(*seed))],
+                correlated_with: None,
+            },
             Verdict::Skip(reason) => skipped(reason),
             Verdict::Correlate => {
                 let keys = correlate::lookup_keys(&parsed.features, &ctx.settings);
@@ -152,6 +180,22 @@ pub fn process(
         };
         let id = store.allocate_id()?;
         let f = parsed.features;
+        let message_id = f.message_ids.first().cloned();
+        if decision.method == CorrelationMethod::Folder {
+            if let Some(existing) =
+                existing_copy(store, &staged_copies, &f.message_ids, &parsed.content_hash)?
+            {
+                staged.set_regarding(existing, decision.regarding.clone());
+            }
+        }
+        for mid in &f.message_ids {
+            staged_copies
+                .entry((
+                    correlate::normalize_message_id(mid),
+                    parsed.content_hash.clone(),
+                ))
+                .or_insert(id);
+        }
         staged.insert_message_ids(&f.message_ids, id, decision.regarding.clone());
         // Only tracked email (a record, or linked to a tracked thread) feeds
         // the token, conversation and smart-matching indexes.
@@ -188,11 +232,44 @@ pub fn process(
             m.source.clone(),
             ItemResult::Correlated {
                 activity: id,
+                message_id,
                 decision,
             },
         ));
     }
     Ok((batch, results))
+}
+
+/// The activity this message duplicates (same Message-ID and content), staged
+/// in this batch or stored, which the store will re-point on commit.
+fn existing_copy(
+    store: &dyn Store,
+    staged: &HashMap<(String, String), u64>,
+    message_ids: &[String],
+    content_hash: &str,
+) -> Result<Option<u64>, PipelineError> {
+    for mid in message_ids {
+        let n = correlate::normalize_message_id(mid);
+        if let Some(id) = staged.get(&(n.clone(), content_hash.to_string())) {
+            return Ok(Some(*id));
+        }
+        if let Some(t) = store
+            .tracked_by_message_ids(std::slice::from_ref(&n))?
+            .get(&n)
+        {
+            if store
+                .activity(t.activity)?
+                .is_some_and(|a| a.content_hash == content_hash)
+            {
+                return Ok(Some(t.activity));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn show_record(r: Option<&RecordRef>) -> String {
+    r.map_or_else(|| "-".to_string(), |r| r.to_string())
 }
 
 fn skipped(reason: String) -> Decision {

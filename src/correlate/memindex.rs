@@ -105,6 +105,27 @@ impl MemIndex {
                 }
             }
         }
+        self.override_regarding(idx);
+    }
+
+    /// Applies regarding records known here (re-points staged in this batch)
+    /// over what the store returned.
+    fn override_regarding(&self, idx: &mut Indexes<'_>) {
+        let tracked = idx
+            .by_message_id
+            .values_mut()
+            .chain(idx.by_token.values_mut())
+            .chain(idx.by_thread_root.values_mut());
+        for t in tracked {
+            if let Some(r) = self.regarding.get(&t.activity) {
+                t.regarding = r.clone();
+            }
+        }
+        for c in &mut idx.candidates {
+            if let Some(r) = self.regarding.get(&c.activity) {
+                c.regarding = r.clone();
+            }
+        }
     }
 
     /// Resolves `keys` into a fresh [`Indexes`] (no folder rules).
