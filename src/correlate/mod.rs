@@ -723,13 +723,19 @@ struct Scored<'c> {
     rejected: Option<String>,
 }
 
-/// Score weights: the subject only gets a candidate into the bucket; what
-/// separates a reply from a new message with the same subject is who is on
-/// it, when, and above all whether it quotes the parent.
+/// Score weights: the same base subject only gets a candidate into the
+/// bucket; what separates a reply from a new message with the same subject is
+/// a reply prefix, who is on it, when, and above all whether it quotes the
+/// parent. Subject + reply prefix + one shared participant + recent is just
+/// enough; a stranger or a message without reply prefix needs quoted text.
 const W_SUBJECT: f32 = 0.3;
-const W_PARTICIPANTS: f32 = 0.2;
+const W_REPLY_PREFIX: f32 = 0.15;
+const W_PARTICIPANTS: f32 = 0.15;
 const W_TIME: f32 = 0.1;
 const W_QUOTED: f32 = 0.4;
+/// Quoting half of the parent's sampled text counts as full quoting (replies
+/// quote selectively).
+const FULL_QUOTE: f32 = 0.5;
 
 fn score_candidate<'c>(
     f: &MessageFeatures,
@@ -758,7 +764,17 @@ fn score_candidate<'c>(
         None => 0.5,
     };
     let overlap = fingerprint::quoted_overlap(&c.shingles, &f.quoted_shingles);
-    let score = W_SUBJECT * subject + W_PARTICIPANTS * p + W_TIME * time + W_QUOTED * overlap;
+    let reply = if subject::is_reply_or_forward(&f.subject) {
+        1.0
+    } else {
+        0.0
+    };
+    let score = W_SUBJECT * subject
+        + W_REPLY_PREFIX * reply
+        + W_PARTICIPANTS * p
+        + W_TIME * time
+        + W_QUOTED * (overlap / FULL_QUOTE).min(1.0);
+    let score = score.min(1.0);
     Scored {
         candidate: c,
         score: if rejected.is_some() { 0.0 } else { score },

@@ -150,6 +150,36 @@ pub fn base_subject(s: &str) -> String {
     lower
 }
 
+/// Whether the subject starts (after gateway tags and `[list]` blobs) with a
+/// reply or forward prefix in any supported language: the sender declares
+/// the message a response, which smart matching weighs.
+pub fn is_reply_or_forward(s: &str) -> bool {
+    let mut rest = s.trim_start();
+    // Every pass consumes at least one character or returns, so this ends.
+    loop {
+        if let Some(m) = find(&TAG, rest).filter(|m| m.start() == 0 && m.end() > 0) {
+            rest = rest[m.end()..].trim_start();
+            continue;
+        }
+        if let Some(m) = find(&BLOB, rest).filter(|m| m.end() > 0) {
+            rest = rest[m.end()..].trim_start();
+            continue;
+        }
+        match find(&LEADER, rest).filter(|m| m.end() > 0) {
+            Some(m) => {
+                let word = rest[..m.end()].to_lowercase();
+                if word.starts_with("ext") {
+                    // `EXT:` is a gateway tag, not a reply marker.
+                    rest = rest[m.end()..].trim_start();
+                    continue;
+                }
+                return true;
+            }
+            None => return false,
+        }
+    }
+}
+
 /// Removes every tracking token (current or previous prefix, with any
 /// brackets around it) from `s`, leaving the rest untouched.
 pub fn strip_tokens(s: &str, settings: &TokenSettings) -> String {
@@ -230,6 +260,24 @@ pub fn address_hashes(addrs: &[&str]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_and_forward_prefixes_are_recognised_behind_tags() {
+        for s in [
+            "Re: x",
+            "[EXTERNAL] AW: x",
+            "EXT: RE: x",
+            "[fedora-devel] Re: x",
+            "回复: x",
+            "Fwd: x",
+            "Re[2]: x",
+        ] {
+            assert!(is_reply_or_forward(s), "{s}");
+        }
+        for s in ["x", "[PATCH] x", "Meeting: x", "EXT: x", "", "Regarding: x"] {
+            assert!(!is_reply_or_forward(s), "{s}");
+        }
+    }
     use proptest::prelude::*;
 
     #[test]
