@@ -1174,7 +1174,9 @@ mod tests {
         assert!(
             d.reasons[0].starts_with("subject base 'invoice 7781' + 1 shared participant(s) + ")
         );
-        // Same subject, no quote, one shared participant: not enough.
+        // Same subject without reply prefix, no quote, one shared participant:
+        // a new message, not enough.
+        reply.subject = "Invoice 7781".into();
         reply.add_body_features("A new question about invoice 7781.");
         let d = run(&reply, &m, &s);
         assert_eq!(d.method, CorrelationMethod::None);
