@@ -1200,4 +1200,28 @@ mod tests {
         assert_eq!(d.method, CorrelationMethod::None);
         assert!(d.reasons[0].contains("ambiguous"), "{:?}", d.reasons);
     }
+
+    proptest::proptest! {
+        /// The in-tree twin of the cargo-fuzz target: arbitrary bytes through
+        /// parse, features, index and every method never panic.
+        #[test]
+        fn whole_path_never_panics(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1500),
+            dynamics in proptest::bool::ANY,
+        ) {
+            let mut text = b"Message-ID: <a@x>\nSubject: Re: x CRM:0001001\nThread-Index: AQHWABCDEFGHIJKLMNOPQRSTUVWXYZab\n".to_vec();
+            text.extend_from_slice(&bytes);
+            for raw in [&bytes[..], &text[..]] {
+                let Ok(p) = crate::parse::parse(raw, "INBOX", 1 << 20) else { continue };
+                let mut f = p.features;
+                f.add_body_features(&p.body_text);
+                let s = smart(if dynamics { SmartMode::Dynamics } else { SmartMode::Scored });
+                let m = index_of(&[(&f, 1, "case:1")], &s);
+                let mut reply = f.clone();
+                reply.quoted_shingles = f.body_shingles.clone();
+                let _ = run(&f, &m, &s);
+                let _ = run(&reply, &m, &s);
+            }
+        }
+    }
 }
