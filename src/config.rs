@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::correlate::CorrelationSettings;
+use crate::correlate::token::{self, TokenSettings};
+use crate::correlate::{CorrelationSettings, SmartMode, SmartSettings};
 use crate::model::{
     ApprovalStatus, CorrelationMethod, Delivery, IncomingDelivery, OwnerKind, ProfileType,
     RecordRef,
@@ -723,7 +724,7 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
     };
 
     // [correlation]
-    let correlation = correlation_settings(top.sub("correlation", &mut errs), &mut errs);
+    let correlation = correlation_settings(top.sub("correlation", &mut errs), base_dir, &mut errs);
 
     let process_only_approved = top.bool("process_only_approved", true, &mut errs);
 
@@ -789,7 +790,11 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
     }
 }
 
-fn correlation_settings(mut c: Table<'_>, errs: &mut Errors) -> CorrelationSettings {
+fn correlation_settings(
+    mut c: Table<'_>,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> CorrelationSettings {
     let mut s = CorrelationSettings::default();
     let names: Vec<(&str, CorrelationMethod)> = [
         CorrelationMethod::Folder,
@@ -824,7 +829,18 @@ fn correlation_settings(mut c: Table<'_>, errs: &mut Errors) -> CorrelationSetti
         }
         s.order = parsed;
     }
-    s.smart_matching = c.bool("smart_matching", s.smart_matching, errs);
+    // `smart_matching = true` (short form) or a `[correlation.smart_matching]` table.
+    if matches!(
+        c.map.and_then(|m| m.get("smart_matching")),
+        Some(Value::Bool(_))
+    ) {
+        s.smart_matching = c.bool("smart_matching", s.smart_matching, errs);
+    } else {
+        let mut sm = c.sub("smart_matching", errs);
+        s.smart_matching = sm.bool("enabled", s.smart_matching, errs);
+        s.smart = smart_settings(&mut sm, errs);
+        sm.finish(errs);
+    }
     s.max_tracked_folders = c.int(
         "max_tracked_folders",
         s.max_tracked_folders as i64,
@@ -832,8 +848,147 @@ fn correlation_settings(mut c: Table<'_>, errs: &mut Errors) -> CorrelationSetti
         1000,
         errs,
     ) as usize;
+    let mut tt = c.sub("tracking_token", errs);
+    tracking_token_settings(&mut tt, base_dir, &mut s, errs);
+    tt.finish(errs);
     c.finish(errs);
     s
+}
+
+fn smart_settings(t: &mut Table<'_>, errs: &mut Errors) -> SmartSettings {
+    let d = SmartSettings::default();
+    let mode = t.choice(
+        "mode",
+        d.mode,
+        &[
+            ("dynamics", SmartMode::Dynamics),
+            ("scored", SmartMode::Scored),
+        ],
+        errs,
+    );
+    let threshold = match t.raw("threshold") {
+        None => d.threshold,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(x) if (0.0..=1.0).contains(&x) => x as f32,
+            _ => {
+                errs.push(t.key("threshold"), format!("{n} is out of range 0..=1"));
+                d.threshold
+            }
+        },
+        Some(other) => {
+            errs.push(
+                t.key("threshold"),
+                format!(
+                    "expected a number between 0 and 1, found {}",
+                    kind_of(other)
+                ),
+            );
+            d.threshold
+        }
+    };
+    SmartSettings {
+        mode,
+        threshold,
+        window_days: t.int("window_days", i64::from(d.window_days), 1, 3650, errs) as u32,
+        hash_max_count: t.int("hash_max_count", d.hash_max_count as i64, 1, 100, errs) as usize,
+        hash_delta_subject_count: t.int(
+            "hash_delta_subject_count",
+            d.hash_delta_subject_count as i64,
+            0,
+            100,
+            errs,
+        ) as usize,
+        hash_min_address_count: t.int(
+            "hash_min_address_count",
+            d.hash_min_address_count as i64,
+            0,
+            100,
+            errs,
+        ) as usize,
+    }
+}
+
+fn tracking_token_settings(
+    t: &mut Table<'_>,
+    base_dir: &Path,
+    s: &mut CorrelationSettings,
+    errs: &mut Errors,
+) {
+    let d = TokenSettings::default();
+    let prefix = t.string("prefix", errs).unwrap_or(d.prefix);
+    let base_number = t.int(
+        "base_number",
+        i64::from(d.base_number),
+        0,
+        i64::from(token::MAX_BASE_NUMBER),
+        errs,
+    ) as u32;
+    let user_digits = t.int("user_digits", i64::from(d.user_digits), 1, 10, errs) as u8;
+    let counter_digits = t.int("counter_digits", i64::from(d.counter_digits), 1, 9, errs) as u8;
+    let previous_prefixes = t.string_list("previous_prefixes", errs);
+    let signing = t.string("signing_key_file", errs).and_then(|f| {
+        let mut p = PathBuf::from(&f);
+        if p.is_relative() && !p.exists() {
+            p = base_dir.join(&f);
+        }
+        match std::fs::read_to_string(&p) {
+            Ok(text) => {
+                // First line: the current key; further lines: retired keys still accepted.
+                let mut keys = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.as_bytes().to_vec());
+                let current = keys.next().unwrap_or_default();
+                if current.len() < token::MIN_KEY_LEN {
+                    errs.push(
+                        t.key("signing_key_file"),
+                        format!(
+                            "{}: the key must be at least {} bytes",
+                            p.display(),
+                            token::MIN_KEY_LEN
+                        ),
+                    );
+                    return None;
+                }
+                Some(token::SigningKey {
+                    current,
+                    previous: keys.collect(),
+                })
+            }
+            Err(e) => {
+                errs.push(
+                    t.key("signing_key_file"),
+                    format!("cannot read {}: {e}", p.display()),
+                );
+                None
+            }
+        }
+    });
+    s.require_signature = t.bool("require_signature", false, errs);
+    if s.require_signature && signing.is_none() {
+        errs.push(t.key("require_signature"), "needs signing_key_file");
+    }
+    s.token = TokenSettings {
+        prefix,
+        base_number,
+        user_digits,
+        counter_digits,
+        previous_prefixes,
+        signing,
+    };
+    // The token module names the field in each problem ("prefix: …").
+    for problem in s.token.validate() {
+        let (field, msg) = problem.split_once(": ").unwrap_or(("", problem.as_str()));
+        let path = if field.is_empty() {
+            t.path.clone()
+        } else if field.starts_with("signing") {
+            t.key("signing_key_file")
+        } else {
+            t.key(field)
+        };
+        errs.push(path, msg.to_string());
+    }
 }
 
 fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profile> {
@@ -1264,6 +1419,42 @@ mod tests {
         assert_eq!(cfg.mailboxes[0].approval, ApprovalStatus::Empty);
         assert!(cfg.process_only_approved);
         assert_eq!(cfg.daemon.state_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn correlation_tables_are_read_and_every_error_has_its_key_path() {
+        let ok = format!(
+            "{MINIMAL}\n[correlation.smart_matching]\nenabled = true\nmode = \"dynamics\"\nhash_min_address_count = 3\n[correlation.tracking_token]\nprefix = \"TKT-\"\nuser_digits = 4\nprevious_prefixes = [\"CRM:\"]\n"
+        );
+        let cfg = parse(&ok).unwrap();
+        assert!(cfg.correlation.smart_matching);
+        assert_eq!(cfg.correlation.smart.mode, SmartMode::Dynamics);
+        assert_eq!(cfg.correlation.smart.hash_min_address_count, 3);
+        assert_eq!(cfg.correlation.token.prefix, "TKT-");
+        assert_eq!(cfg.correlation.token.user_digits, 4);
+        // The short form still works.
+        let short = format!("{MINIMAL}\n[correlation]\nsmart_matching = true\n");
+        assert!(parse(&short).unwrap().correlation.smart_matching);
+
+        let bad = format!(
+            "{MINIMAL}\n[correlation.smart_matching]\nmode = \"fuzzy\"\nthreshold = 1.5\nwindow_days = 0\n[correlation.tracking_token]\nprefix = \"\"\ncounter_digits = 12\nbase_number = -1\nprevious_prefixes = [\"X1\"]\nrequire_signature = true\nsigning_key_file = \"/nonexistent/key\"\ntypo = 1\n"
+        );
+        let errs = parse(&bad).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "correlation.smart_matching.mode",
+            "correlation.smart_matching.threshold",
+            "correlation.smart_matching.window_days",
+            "correlation.tracking_token.prefix",
+            "correlation.tracking_token.counter_digits",
+            "correlation.tracking_token.base_number",
+            "correlation.tracking_token.previous_prefixes[0]",
+            "correlation.tracking_token.signing_key_file",
+            "correlation.tracking_token.require_signature",
+            "correlation.tracking_token.typo",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod model;
 pub mod net;
 pub mod parse;
 pub mod pipeline;
+pub mod replay;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;

@@ -38,6 +38,28 @@ enum Command {
         /// Configuration file (TOML).
         file: PathBuf,
     },
+    /// Dry-run: parse, filter, correlate and persist .eml files, Maildir folders
+    /// or mbox files against a scratch store; one JSON decision per line.
+    Replay {
+        /// Configuration file (TOML): correlation settings and the mailbox used.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON lines {"file": …, "regarding": "kind:id"} tracked before the inputs.
+        #[arg(long)]
+        seeds: Option<PathBuf>,
+        /// Output file (JSON lines); "-" for standard output.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Mailbox whose addresses and tracked folders apply (default: the first).
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// Use this store instead of a scratch one (it is written to!).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// .eml files, Maildir folders, mbox files or directories of them.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Inspect recorded email activities (offline: reads the store directly).
     Activities {
         #[command(subcommand)]
@@ -115,6 +137,26 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Replay {
+            config,
+            seeds,
+            output,
+            mailbox,
+            store,
+            inputs,
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match replay(&cfg, seeds, output, mailbox, store, inputs) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("crm-mailsync replay: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Activities {
             command:
                 ActivitiesCommand::List {
@@ -131,6 +173,67 @@ fn main() -> ExitCode {
             list_activities(&cfg, json, mailbox, limit)
         }
     }
+}
+
+fn replay(
+    cfg: &config::Config,
+    seeds: Option<PathBuf>,
+    output: PathBuf,
+    mailbox: Option<String>,
+    store_path: Option<PathBuf>,
+    inputs: Vec<PathBuf>,
+) -> Result<(), String> {
+    use crm_mailsync::pipeline::PipelineContext;
+    use crm_mailsync::replay::{self, ScratchDir};
+    use std::io::IsTerminal;
+
+    let mb = match &mailbox {
+        Some(name) => cfg.mailboxes.iter().find(|m| &m.name == name),
+        None => cfg.mailboxes.first(),
+    }
+    .ok_or_else(|| {
+        format!(
+            "no mailbox {:?} in the configuration",
+            mailbox.unwrap_or_default()
+        )
+    })?;
+    // Kept alive until the end of the run; removed on drop.
+    let scratch = match &store_path {
+        Some(_) => None,
+        None => Some(ScratchDir::new().map_err(|e| e.to_string())?),
+    };
+    let dir = match (&store_path, &scratch) {
+        (Some(p), _) => p.clone(),
+        (None, Some(s)) => s.0.clone(),
+        (None, None) => return Err("no store".into()),
+    };
+    let store = SledStore::open(&dir).map_err(|e| format!("store {}: {e}", dir.display()))?;
+    let mut ctx = PipelineContext::for_mailbox(cfg, mb);
+    ctx.quarantine_dir = dir.join("replay-quarantine");
+    let seeds = match seeds {
+        Some(p) => replay::read_seeds(&p).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let inputs = replay::collect_inputs(&inputs).map_err(|e| e.to_string())?;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(inputs.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut out: Box<dyn std::io::Write> = if output.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        let f = std::fs::File::create(&output)
+            .map_err(|e| format!("cannot create {}: {e}", output.display()))?;
+        Box::new(std::io::BufWriter::new(f))
+    };
+    let now = chrono::Utc::now().timestamp();
+    replay::run_to_writer(&store, &ctx, &seeds, &inputs, now, &mut out, &mut || {
+        bar.inc(1)
+    })
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    Ok(())
 }
 
 fn list_activities(

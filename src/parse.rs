@@ -113,6 +113,10 @@ pub fn parse(raw: &[u8], folder: &str, max_size: u64) -> Result<ParsedMessage, M
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty()),
         folder: folder.to_string(),
+        // Filled by the pipeline: they depend on the mailbox and the settings.
+        outgoing: false,
+        body_shingles: Vec::new(),
+        quoted_shingles: Vec::new(),
     };
     let auto = auto_markers(&msg);
     let body_text = msg.body_text(0).map(Cow::into_owned).unwrap_or_default();

@@ -10,9 +10,11 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{FolderRule, TrackFilter};
 use crate::connector::RawMessage;
-use crate::correlate::{self, CorrelationSettings, Decision, Indexes, TrackedEmail};
+use crate::correlate::{self, CorrelationSettings, Decision, MemIndex};
 use crate::filter::{self, FilterPolicy, Verdict};
-use crate::model::{CorrelationMethod, Direction, EmailActivity, QuarantineEntry, SourceKey};
+use crate::model::{
+    CorrelationMethod, Direction, EmailActivity, QuarantineEntry, RecordRef, SourceKey,
+};
 use crate::parse;
 use crate::store::{CommitBatch, PendingItem, Store, StoreError};
 
@@ -60,6 +62,8 @@ pub enum ItemResult {
     AlreadySeen,
     Correlated {
         activity: u64,
+        /// The message's own Message-ID, if it has one.
+        message_id: Option<String>,
         decision: Decision,
     },
     Quarantined {
@@ -95,16 +99,32 @@ pub fn process(
     messages: &[RawMessage],
     now: i64,
 ) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    let pairs: Vec<(&RawMessage, Option<&RecordRef>)> =
+        messages.iter().map(|m| (m, None)).collect();
+    process_seeded(store, ctx, &pairs, now)
+}
+
+/// Like [`process`], but a message paired with a record is tracked to it
+/// without correlation (method `custom`): seeds for `replay` and tests.
+pub fn process_seeded(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    messages: &[(&RawMessage, Option<&RecordRef>)],
+    now: i64,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
     let mut batch = CommitBatch::default();
     let mut results = Vec::with_capacity(messages.len());
-    // Message-IDs of activities staged in this batch, so replies see parents.
-    let mut staged: HashMap<String, TrackedEmail> = HashMap::new();
-    for m in messages {
+    // Index entries of activities staged in this batch, so replies see parents.
+    let mut staged = MemIndex::default();
+    // (Message-ID, content hash) → activity staged in this batch, to mirror the
+    // store's folder-move re-point for later messages of the same batch.
+    let mut staged_copies: HashMap<(String, String), u64> = HashMap::new();
+    for (m, seed) in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
         }
-        let parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
+        let mut parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
             Ok(p) => p,
             Err(why) => {
                 let reason = why.to_string();
@@ -121,20 +141,34 @@ pub fn process(
                 continue;
             }
         };
+        let direction = if parsed
+            .features
+            .from
+            .iter()
+            .any(|a| ctx.own_addresses.contains(a))
+        {
+            Direction::Outgoing
+        } else {
+            Direction::Incoming
+        };
+        parsed.features.outgoing = direction == Direction::Outgoing;
+        if ctx.settings.wants_body_features() {
+            parsed.features.add_body_features(&parsed.body_text);
+        }
         let decision = match filter::before_correlation(&parsed, &ctx.policy) {
+            _ if seed.is_some() => Decision {
+                method: CorrelationMethod::Custom,
+                regarding: seed.cloned(),
+                score: 1.0,
+                reasons: vec![format!("seeded as {}", show_record(*seed))],
+                correlated_with: None,
+            },
             Verdict::Skip(reason) => skipped(reason),
             Verdict::Correlate => {
-                let keys = correlate::lookup_keys(&parsed.features);
-                let mut by_message_id = store.tracked_by_message_ids(&keys.message_ids)?;
-                for k in &keys.message_ids {
-                    if let Some(t) = staged.get(k) {
-                        by_message_id.entry(k.clone()).or_insert_with(|| t.clone());
-                    }
-                }
-                let idx = Indexes {
-                    by_message_id,
-                    folder_rules: &ctx.folder_rules,
-                };
+                let keys = correlate::lookup_keys(&parsed.features, &ctx.settings);
+                let mut idx = store.lookup(&keys)?;
+                staged.fill(&keys, &mut idx);
+                idx.folder_rules = &ctx.folder_rules;
                 let d = correlate::correlate(&parsed.features, &idx, &ctx.settings);
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
@@ -146,18 +180,29 @@ pub fn process(
         };
         let id = store.allocate_id()?;
         let f = parsed.features;
-        let direction = if f.from.iter().any(|a| ctx.own_addresses.contains(a)) {
-            Direction::Outgoing
-        } else {
-            Direction::Incoming
-        };
+        let message_id = f.message_ids.first().cloned();
+        if decision.method == CorrelationMethod::Folder {
+            if let Some(existing) =
+                existing_copy(store, &staged_copies, &f.message_ids, &parsed.content_hash)?
+            {
+                staged.set_regarding(existing, decision.regarding.clone());
+            }
+        }
         for mid in &f.message_ids {
-            staged
-                .entry(correlate::normalize_message_id(mid))
-                .or_insert_with(|| TrackedEmail {
-                    activity: id,
-                    regarding: decision.regarding.clone(),
-                });
+            staged_copies
+                .entry((
+                    correlate::normalize_message_id(mid),
+                    parsed.content_hash.clone(),
+                ))
+                .or_insert(id);
+        }
+        staged.insert_message_ids(&f.message_ids, id, decision.regarding.clone());
+        // Only tracked email (a record, or linked to a tracked thread) feeds
+        // the token, conversation and smart-matching indexes.
+        if decision.regarding.is_some() || decision.correlated_with.is_some() {
+            let entry = correlate::index_entry(&f, id, &ctx.settings);
+            staged.insert_entry(&entry, decision.regarding.clone());
+            batch.index.push(entry);
         }
         let activity = EmailActivity {
             id,
@@ -187,11 +232,44 @@ pub fn process(
             m.source.clone(),
             ItemResult::Correlated {
                 activity: id,
+                message_id,
                 decision,
             },
         ));
     }
     Ok((batch, results))
+}
+
+/// The activity this message duplicates (same Message-ID and content), staged
+/// in this batch or stored, which the store will re-point on commit.
+fn existing_copy(
+    store: &dyn Store,
+    staged: &HashMap<(String, String), u64>,
+    message_ids: &[String],
+    content_hash: &str,
+) -> Result<Option<u64>, PipelineError> {
+    for mid in message_ids {
+        let n = correlate::normalize_message_id(mid);
+        if let Some(id) = staged.get(&(n.clone(), content_hash.to_string())) {
+            return Ok(Some(*id));
+        }
+        if let Some(t) = store
+            .tracked_by_message_ids(std::slice::from_ref(&n))?
+            .get(&n)
+        {
+            if store
+                .activity(t.activity)?
+                .is_some_and(|a| a.content_hash == content_hash)
+            {
+                return Ok(Some(t.activity));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn show_record(r: Option<&RecordRef>) -> String {
+    r.map_or_else(|| "-".to_string(), |r| r.to_string())
 }
 
 fn skipped(reason: String) -> Decision {
@@ -227,4 +305,113 @@ fn save_quarantined(dir: &Path, source: &SourceKey, raw: &[u8]) -> Result<PathBu
         .map_err(|e| err(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SourceKey;
+    use crate::store::SledStore;
+
+    fn ctx(dir: &Path) -> PipelineContext {
+        PipelineContext {
+            mailbox: "m".into(),
+            own_addresses: vec!["me@us.test".into()],
+            folder_rules: vec![
+                FolderRule {
+                    folder: "INBOX/A".into(),
+                    regarding: "account:a".parse().unwrap(),
+                },
+                FolderRule {
+                    folder: "INBOX/B".into(),
+                    regarding: "account:b".parse().unwrap(),
+                },
+            ],
+            settings: CorrelationSettings::default(),
+            policy: FilterPolicy {
+                own_addresses: vec!["me@us.test".into()],
+                skip_auto_generated: true,
+                track: TrackFilter::All,
+            },
+            max_message_size: 1 << 20,
+            quarantine_dir: dir.join("q"),
+        }
+    }
+
+    fn raw(folder: &str, uid: &str, headers: &str) -> RawMessage {
+        RawMessage {
+            source: SourceKey {
+                mailbox: "m".into(),
+                folder: folder.into(),
+                uidvalidity: 1,
+                uid: uid.into(),
+            },
+            raw: format!("From: c@them.test\r\nTo: me@us.test\r\nDate: Mon, 5 Jan 2026 10:00:00 +0000\r\n{headers}\r\nbody\r\n").into_bytes(),
+            received_at: None,
+        }
+    }
+
+    fn run(store: &SledStore, c: &PipelineContext, msgs: &[RawMessage]) -> Vec<Decision> {
+        let (batch, results) = process(store, c, msgs, 0).unwrap();
+        store.commit(batch).unwrap();
+        results
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ItemResult::Correlated { decision, .. } => Some(decision),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn token_chain_in_one_batch_and_folder_move_re_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let c = ctx(dir.path());
+        let d = run(
+            &store,
+            &c,
+            &[
+                raw(
+                    "INBOX/A",
+                    "1",
+                    "Message-ID: <p@x>\r\nSubject: Offer CRM:0001001\r\n",
+                ),
+                raw(
+                    "INBOX",
+                    "2",
+                    "Message-ID: <r@x>\r\nSubject: RE: [EXTERNAL] Offer [CRM:0001001]\r\n",
+                ),
+            ],
+        );
+        assert_eq!(d[0].method, CorrelationMethod::Folder);
+        assert_eq!(d[1].method, CorrelationMethod::TrackingToken);
+        assert_eq!(d[1].regarding.as_ref().unwrap().to_string(), "account:a");
+        // The user moves the first message to folder B: it follows.
+        run(
+            &store,
+            &c,
+            &[raw(
+                "INBOX/B",
+                "9",
+                "Message-ID: <p@x>\r\nSubject: Offer CRM:0001001\r\n",
+            )],
+        );
+        let a = store.tracked_by_message_ids(&["p@x".into()]).unwrap();
+        assert_eq!(
+            a["p@x"].regarding.as_ref().unwrap().to_string(),
+            "account:b"
+        );
+        // ... and a later reply to it follows the record too.
+        let d = run(
+            &store,
+            &c,
+            &[raw(
+                "INBOX",
+                "3",
+                "Message-ID: <s@x>\r\nIn-Reply-To: <p@x>\r\nSubject: Re: Offer\r\n",
+            )],
+        );
+        assert_eq!(d[0].regarding.as_ref().unwrap().to_string(), "account:b");
+    }
 }

@@ -4,6 +4,17 @@
 //! the caller resolved from the store for exactly the keys [`lookup_keys`] asked
 //! for, and the settings. No I/O, no clock, no store access, so every decision
 //! can be replayed and tested in isolation.
+//!
+//! Methods, tried in [`CorrelationSettings::order`]: folder tracking, headers
+//! (In-Reply-To, References), tracking token, conversation index
+//! (`Thread-Index`), smart matching (Dynamics-compatible or scored). The first
+//! confident match wins; conflicts and near-misses end up in the reasons.
+
+pub mod fingerprint;
+pub mod memindex;
+pub mod subject;
+pub mod thread_index;
+pub mod token;
 
 use std::collections::HashMap;
 
@@ -11,6 +22,51 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::FolderRule;
 use crate::model::{ActivityId, CorrelationMethod, RecordRef};
+
+pub use memindex::MemIndex;
+use token::{FoundToken, TokenRejection, TokenSettings};
+
+/// Seconds per day, for the smart-matching window.
+const DAY: i64 = 86_400;
+
+/// Smart-matching flavour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmartMode {
+    /// Dynamics-compatible: equal subject word hashes plus enough shared addresses.
+    Dynamics,
+    /// Base subject, participants, time and quoted text combined into one score.
+    Scored,
+}
+
+/// Smart-matching settings (Dynamics names where Dynamics has them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmartSettings {
+    pub mode: SmartMode,
+    /// Scored mode: minimum score (0–1) for a match.
+    pub threshold: f32,
+    /// Only tracked mail sent within this many days is a candidate.
+    pub window_days: u32,
+    /// Dynamics HashMaxCount: subject words hashed.
+    pub hash_max_count: usize,
+    /// Dynamics HashDeltaSubjectCount: subject hashes allowed to differ.
+    pub hash_delta_subject_count: usize,
+    /// Dynamics HashMinAddressCount: shared addresses required.
+    pub hash_min_address_count: usize,
+}
+
+impl Default for SmartSettings {
+    fn default() -> Self {
+        SmartSettings {
+            mode: SmartMode::Scored,
+            threshold: 0.6,
+            window_days: 90,
+            hash_max_count: 20,
+            hash_delta_subject_count: 0,
+            hash_min_address_count: 2,
+        }
+    }
+}
 
 /// Correlation settings (the organisation's email settings in Dynamics terms).
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +77,11 @@ pub struct CorrelationSettings {
     pub smart_matching: bool,
     /// Tracked folders allowed per user mailbox.
     pub max_tracked_folders: usize,
+    /// Tracking-token format, earlier prefixes and the optional signing key.
+    pub token: TokenSettings,
+    /// With a signing key: reject unsigned tokens too (otherwise only bad signatures).
+    pub require_signature: bool,
+    pub smart: SmartSettings,
 }
 
 impl Default for CorrelationSettings {
@@ -35,7 +96,18 @@ impl Default for CorrelationSettings {
             ],
             smart_matching: false,
             max_tracked_folders: 25,
+            token: TokenSettings::default(),
+            require_signature: false,
+            smart: SmartSettings::default(),
         }
+    }
+}
+
+impl CorrelationSettings {
+    /// Whether the quoted-text fingerprint is used, so the caller knows to
+    /// compute [`MessageFeatures::body_shingles`] (the costliest feature).
+    pub fn wants_body_features(&self) -> bool {
+        self.smart_matching && self.smart.mode == SmartMode::Scored
     }
 }
 
@@ -55,6 +127,47 @@ pub struct MessageFeatures {
     pub thread_index: Option<String>,
     /// Folder the message was found in.
     pub folder: String,
+    /// Sent by the mailbox owner: the counterpart is then a recipient.
+    #[serde(default)]
+    pub outgoing: bool,
+    /// Shingle sample of the whole body (indexed for replies to find it).
+    #[serde(default)]
+    pub body_shingles: Vec<u64>,
+    /// Shingle sample of the quoted part of the body.
+    #[serde(default)]
+    pub quoted_shingles: Vec<u64>,
+}
+
+impl MessageFeatures {
+    /// Fills the quoted-text fingerprint features from the decoded text body.
+    pub fn add_body_features(&mut self, body_text: &str) {
+        let (_own, quoted) = fingerprint::split_quoted(body_text);
+        self.body_shingles = fingerprint::body_shingles(body_text);
+        self.quoted_shingles = fingerprint::body_shingles(&quoted);
+    }
+
+    /// Domain of the other party: the sender of incoming mail, the first
+    /// recipient of outgoing mail.
+    fn counterpart_domain(&self) -> String {
+        let addr = if self.outgoing {
+            self.to.first().or(self.cc.first())
+        } else {
+            self.from.first()
+        };
+        addr.and_then(|a| a.rsplit_once('@').map(|(_, d)| d.to_string()))
+            .unwrap_or_default()
+    }
+
+    fn participants(&self) -> Vec<u64> {
+        let all: Vec<&str> = self
+            .from
+            .iter()
+            .chain(&self.to)
+            .chain(&self.cc)
+            .map(String::as_str)
+            .collect();
+        subject::address_hashes(&all)
+    }
 }
 
 /// A tracked email as correlation sees it.
@@ -64,11 +177,48 @@ pub struct TrackedEmail {
     pub regarding: Option<RecordRef>,
 }
 
+/// What smart matching knows about a tracked email (stored in its buckets).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SmartCandidate {
+    pub activity: ActivityId,
+    /// Filled in at lookup time from the activity (it can be re-pointed).
+    #[serde(default)]
+    pub regarding: Option<RecordRef>,
+    /// RFC 5256 base subject without tokens, for scored mode and reasons.
+    pub base_subject: String,
+    /// Dynamics subject word hashes, sorted.
+    pub subject_hashes: Vec<u64>,
+    /// Address hashes of From, To and Cc, sorted.
+    pub participants: Vec<u64>,
+    pub sent_at: Option<i64>,
+    /// Shingle sample of the whole body.
+    pub shingles: Vec<u64>,
+}
+
+/// Index entries written when an activity becomes tracked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub activity: ActivityId,
+    /// Digit runs of the tracking tokens in its subject.
+    pub token_digits: Vec<String>,
+    /// Hex root of its `Thread-Index`.
+    pub thread_root: Option<String>,
+    /// Smart-matching buckets (one per mode).
+    pub buckets: Vec<u64>,
+    pub candidate: SmartCandidate,
+}
+
 /// Keys whose tracked emails correlation wants to see.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LookupKeys {
     /// Normalised Message-IDs from In-Reply-To and References.
     pub message_ids: Vec<String>,
+    /// Digit runs of tracking tokens found in the subject.
+    pub token_digits: Vec<String>,
+    /// Hex root of the `Thread-Index`, if it decodes.
+    pub thread_root: Option<String>,
+    /// Smart-matching bucket of the configured mode (empty when off).
+    pub buckets: Vec<u64>,
 }
 
 /// The slice of the store's indexes relevant to one message.
@@ -76,6 +226,12 @@ pub struct LookupKeys {
 pub struct Indexes<'a> {
     /// Normalised Message-ID → tracked email.
     pub by_message_id: HashMap<String, TrackedEmail>,
+    /// Token digit run → tracked email that carried it.
+    pub by_token: HashMap<String, TrackedEmail>,
+    /// Thread-Index root → first tracked email of that conversation.
+    pub by_thread_root: HashMap<String, TrackedEmail>,
+    /// Smart-matching candidates from the requested buckets.
+    pub candidates: Vec<SmartCandidate>,
     /// The mailbox's folder-tracking rules.
     pub folder_rules: &'a [FolderRule],
 }
@@ -104,6 +260,16 @@ impl Decision {
             correlated_with: None,
         }
     }
+
+    fn matched(method: CorrelationMethod, t: &TrackedEmail, score: f32, reason: String) -> Self {
+        Decision {
+            method,
+            regarding: t.regarding.clone(),
+            score,
+            reasons: vec![reason],
+            correlated_with: Some(t.activity),
+        }
+    }
 }
 
 /// Normalises a Message-ID for index keys: angle brackets and surrounding
@@ -116,8 +282,44 @@ pub fn normalize_message_id(id: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Bucket of the Dynamics mode: the sorted subject word hashes (tokens removed).
+fn dynamics_bucket(sorted_hashes: &[u64]) -> Option<u64> {
+    if sorted_hashes.is_empty() {
+        return None;
+    }
+    let mut bytes = vec![b'd'];
+    for h in sorted_hashes {
+        bytes.extend_from_slice(&h.to_le_bytes());
+    }
+    Some(subject::fnv1a64(&bytes))
+}
+
+/// Bucket of the scored mode: the base subject.
+fn scored_bucket(base_subject: &str) -> Option<u64> {
+    if base_subject.is_empty() {
+        return None;
+    }
+    let mut bytes = b"s\0".to_vec();
+    bytes.extend_from_slice(base_subject.as_bytes());
+    Some(subject::fnv1a64(&bytes))
+}
+
+fn sorted_subject_hashes(f: &MessageFeatures, s: &CorrelationSettings) -> Vec<u64> {
+    let without_tokens = subject::strip_tokens(&f.subject, &s.token);
+    let mut h = subject::subject_word_hashes(&without_tokens, s.smart.hash_max_count);
+    h.sort_unstable();
+    h
+}
+
+fn thread_root(f: &MessageFeatures) -> Option<String> {
+    f.thread_index
+        .as_deref()
+        .and_then(|t| thread_index::decode(t).ok())
+        .map(|t| t.root_key())
+}
+
 /// The store keys a message needs resolved before [`correlate`] runs.
-pub fn lookup_keys(f: &MessageFeatures) -> LookupKeys {
+pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
     let mut ids: Vec<String> = Vec::new();
     for id in f.in_reply_to.iter().chain(f.references.iter().rev()) {
         let n = normalize_message_id(id);
@@ -125,7 +327,78 @@ pub fn lookup_keys(f: &MessageFeatures) -> LookupKeys {
             ids.push(n);
         }
     }
-    LookupKeys { message_ids: ids }
+    let mut token_digits: Vec<String> = Vec::new();
+    for t in token::find_tokens(&s.token, &f.subject) {
+        let d = t.token.digits();
+        if !token_digits.contains(&d) {
+            token_digits.push(d);
+        }
+    }
+    let buckets = if !s.smart_matching {
+        Vec::new()
+    } else {
+        match s.smart.mode {
+            SmartMode::Dynamics => dynamics_bucket(&sorted_subject_hashes(f, s)),
+            SmartMode::Scored => {
+                scored_bucket(&subject::base_subject_without_tokens(&f.subject, &s.token))
+            }
+        }
+        .into_iter()
+        .collect()
+    };
+    LookupKeys {
+        message_ids: ids,
+        token_digits,
+        thread_root: thread_root(f),
+        buckets,
+    }
+}
+
+/// What to index for a tracked email. Both smart-matching buckets are
+/// written, so switching modes later needs no re-index.
+pub fn index_entry(
+    f: &MessageFeatures,
+    activity: ActivityId,
+    s: &CorrelationSettings,
+) -> IndexEntry {
+    let mut token_digits: Vec<String> = Vec::new();
+    for t in token::find_tokens(&s.token, &f.subject) {
+        let d = t.token.digits();
+        if !token_digits.contains(&d) {
+            token_digits.push(d);
+        }
+    }
+    let subject_hashes = sorted_subject_hashes(f, s);
+    let base_subject = subject::base_subject_without_tokens(&f.subject, &s.token);
+    let buckets = dynamics_bucket(&subject_hashes)
+        .into_iter()
+        .chain(scored_bucket(&base_subject))
+        .collect();
+    IndexEntry {
+        activity,
+        token_digits,
+        thread_root: thread_root(f),
+        buckets,
+        candidate: SmartCandidate {
+            activity,
+            regarding: None,
+            base_subject,
+            subject_hashes,
+            participants: f.participants(),
+            sent_at: f.sent_at,
+            shingles: f.body_shingles.clone(),
+        },
+    }
+}
+
+/// What one method concluded.
+enum Step {
+    /// Confident match: done.
+    Match(Decision),
+    /// A conflict that must not be guessed past: unmatched, done.
+    Stop(Decision),
+    /// Nothing confident; try the next method.
+    Continue,
 }
 
 /// Decides what the message is regarding. Pure.
@@ -139,31 +412,42 @@ pub fn correlate(
     // email but lets later methods find the record.
     let mut linked: Option<(TrackedEmail, String)> = None;
     for method in &settings.order {
-        let found = match method {
+        let step = match method {
             CorrelationMethod::Folder => by_folder(f, idx),
             CorrelationMethod::InReplyTo => match by_headers(f, idx) {
                 Some((t, reason)) if t.regarding.is_none() => {
                     notes.push(format!("{reason} (no regarding record)"));
                     linked.get_or_insert((t, reason));
-                    None
+                    Step::Continue
                 }
-                other => other.map(|(t, reason)| {
-                    let regarding = t.regarding.clone();
-                    Decision {
-                        method: CorrelationMethod::InReplyTo,
-                        regarding,
-                        score: 1.0,
-                        reasons: vec![reason],
-                        correlated_with: Some(t.activity),
-                    }
-                }),
+                Some((t, reason)) => Step::Match(Decision::matched(
+                    CorrelationMethod::InReplyTo,
+                    &t,
+                    1.0,
+                    reason,
+                )),
+                None => Step::Continue,
             },
-            // The remaining methods live in their own submodules as they land.
-            _ => None,
+            CorrelationMethod::TrackingToken => by_token(f, idx, settings, &mut notes),
+            CorrelationMethod::ConversationIndex => by_thread_index(f, idx, &mut notes),
+            CorrelationMethod::SmartMatching if settings.smart_matching => {
+                match settings.smart.mode {
+                    SmartMode::Dynamics => by_dynamics_smart(f, idx, settings, &mut notes),
+                    SmartMode::Scored => by_scored_smart(f, idx, settings, &mut notes),
+                }
+            }
+            _ => Step::Continue,
         };
-        if let Some(mut d) = found {
-            d.reasons.extend(notes);
-            return d;
+        match step {
+            Step::Match(mut d) => {
+                d.reasons.extend(notes);
+                return d;
+            }
+            Step::Stop(mut d) => {
+                d.reasons.extend(notes);
+                return d;
+            }
+            Step::Continue => {}
         }
     }
     if let Some((t, reason)) = linked {
@@ -175,20 +459,23 @@ pub fn correlate(
             correlated_with: Some(t.activity),
         };
     }
-    notes.push(if f.in_reply_to.is_empty() && f.references.is_empty() {
-        "no In-Reply-To or References header".to_string()
+    if f.in_reply_to.is_empty() && f.references.is_empty() {
+        notes.push("no In-Reply-To or References header".to_string());
     } else {
-        "no referenced Message-ID is tracked".to_string()
-    });
+        notes.push("no referenced Message-ID is tracked".to_string());
+    }
     Decision::unmatched(notes)
 }
 
-fn by_folder(f: &MessageFeatures, idx: &Indexes<'_>) -> Option<Decision> {
-    let rule = idx
+fn by_folder(f: &MessageFeatures, idx: &Indexes<'_>) -> Step {
+    let Some(rule) = idx
         .folder_rules
         .iter()
-        .find(|r| r.folder.eq_ignore_ascii_case(&f.folder))?;
-    Some(Decision {
+        .find(|r| r.folder.eq_ignore_ascii_case(&f.folder))
+    else {
+        return Step::Continue;
+    };
+    Step::Match(Decision {
         method: CorrelationMethod::Folder,
         regarding: Some(rule.regarding.clone()),
         score: 1.0,
@@ -203,30 +490,377 @@ fn by_folder(f: &MessageFeatures, idx: &Indexes<'_>) -> Option<Decision> {
 /// In-Reply-To first, then References newest first.
 fn by_headers(f: &MessageFeatures, idx: &Indexes<'_>) -> Option<(TrackedEmail, String)> {
     for id in &f.in_reply_to {
-        if let Some(t) = idx.by_message_id.get(&normalize_message_id(id)) {
+        let n = normalize_message_id(id);
+        if let Some(t) = idx.by_message_id.get(&n) {
             return Some((
                 t.clone(),
-                format!(
-                    "In-Reply-To <{}> = activity {}",
-                    normalize_message_id(id),
-                    t.activity
-                ),
+                format!("In-Reply-To <{n}> = activity {}", t.activity),
             ));
         }
     }
     for id in f.references.iter().rev() {
-        if let Some(t) = idx.by_message_id.get(&normalize_message_id(id)) {
+        let n = normalize_message_id(id);
+        if let Some(t) = idx.by_message_id.get(&n) {
             return Some((
                 t.clone(),
-                format!(
-                    "References contains <{}> = activity {}",
-                    normalize_message_id(id),
-                    t.activity
-                ),
+                format!("References contains <{n}> = activity {}", t.activity),
             ));
         }
     }
     None
+}
+
+fn rejection_text(r: &TokenRejection) -> String {
+    match r {
+        TokenRejection::Unsigned => "unsigned, but signed tokens are required".to_string(),
+        TokenRejection::BadSignature => "signature invalid for the record it names".to_string(),
+        TokenRejection::WrongDomain { domain } => {
+            format!("signature bound to another domain (sender domain {domain})")
+        }
+    }
+}
+
+fn by_token(
+    f: &MessageFeatures,
+    idx: &Indexes<'_>,
+    s: &CorrelationSettings,
+    notes: &mut Vec<String>,
+) -> Step {
+    let found = token::find_tokens(&s.token, &f.subject);
+    let mut accepted: Vec<(FoundToken, TrackedEmail, RecordRef)> = Vec::new();
+    for ft in found {
+        let shown = ft.token.to_string();
+        let Some(t) = idx.by_token.get(&ft.token.digits()) else {
+            notes.push(format!("token {shown} is not known"));
+            continue;
+        };
+        let Some(record) = t.regarding.clone() else {
+            notes.push(format!(
+                "token {shown} = activity {} (no regarding record)",
+                t.activity
+            ));
+            continue;
+        };
+        let must_verify =
+            s.token.signing.is_some() && (ft.token.signature.is_some() || s.require_signature);
+        if must_verify {
+            if let Err(why) = token::verify(
+                &s.token,
+                &ft.token,
+                &record.to_string(),
+                &f.counterpart_domain(),
+            ) {
+                notes.push(format!("token {shown} rejected: {}", rejection_text(&why)));
+                continue;
+            }
+        }
+        accepted.push((ft, t.clone(), record));
+    }
+    let Some((first, t, record)) = accepted.first() else {
+        return Step::Continue;
+    };
+    if let Some((other, _, other_record)) = accepted.iter().find(|(_, _, r)| r != record) {
+        return Step::Stop(Decision::unmatched(vec![format!(
+            "tokens disagree: {} = {record}, {} = {other_record}",
+            first.token, other.token
+        )]));
+    }
+    let mut reason = format!(
+        "subject token {} = {record} (activity {})",
+        first.token, t.activity
+    );
+    if matches!(first.prefix, token::PrefixMatch::Previous(_)) {
+        reason.push_str(", earlier prefix");
+    }
+    if first.token.signature.is_some() && s.token.signing.is_some() {
+        reason.push_str(", signature valid");
+    }
+    if !first.mangled.is_empty() {
+        reason.push_str(&format!(", repaired: {}", first.mangled.join(" ")));
+    }
+    Step::Match(Decision::matched(
+        CorrelationMethod::TrackingToken,
+        t,
+        1.0,
+        reason,
+    ))
+}
+
+fn by_thread_index(f: &MessageFeatures, idx: &Indexes<'_>, notes: &mut Vec<String>) -> Step {
+    let Some(raw) = f.thread_index.as_deref() else {
+        return Step::Continue;
+    };
+    let ti = match thread_index::decode(raw) {
+        Ok(ti) => ti,
+        Err(e) => {
+            notes.push(format!("Thread-Index ignored: {e}"));
+            return Step::Continue;
+        }
+    };
+    let root = ti.root_key();
+    let Some(t) = idx.by_thread_root.get(&root) else {
+        return Step::Continue;
+    };
+    let reason = format!(
+        "Thread-Index root {}… = conversation of activity {} ({} child blocks)",
+        &root[..12.min(root.len())],
+        t.activity,
+        ti.children
+    );
+    if t.regarding.is_none() {
+        notes.push(format!("{reason} (no regarding record)"));
+        return Step::Continue;
+    }
+    Step::Match(Decision::matched(
+        CorrelationMethod::ConversationIndex,
+        t,
+        0.95,
+        reason,
+    ))
+}
+
+/// Size of the intersection of two sorted, deduplicated lists.
+fn shared_count(a: &[u64], b: &[u64]) -> usize {
+    let (mut i, mut j, mut n) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                n += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    n
+}
+
+/// Seconds between the candidate and the message when both dates are known.
+fn seconds_after(f: &MessageFeatures, c: &SmartCandidate) -> Option<i64> {
+    Some(f.sent_at?.saturating_sub(c.sent_at?))
+}
+
+fn by_dynamics_smart(
+    f: &MessageFeatures,
+    idx: &Indexes<'_>,
+    s: &CorrelationSettings,
+    notes: &mut Vec<String>,
+) -> Step {
+    let hashes = sorted_subject_hashes(f, s);
+    let participants = f.participants();
+    let window = i64::from(s.smart.window_days) * DAY;
+    let mut passing: Vec<&SmartCandidate> = Vec::new();
+    let mut near_miss: Option<String> = None;
+    for c in &idx.candidates {
+        if c.regarding.is_none() {
+            continue;
+        }
+        let longer = hashes.len().max(c.subject_hashes.len());
+        let common = shared_count(&hashes, &c.subject_hashes);
+        if common + s.smart.hash_delta_subject_count < longer {
+            continue;
+        }
+        let shared = shared_count(&participants, &c.participants);
+        if shared < s.smart.hash_min_address_count {
+            near_miss.get_or_insert(format!(
+                "smart match: activity {} has the subject but {shared} shared address(es) < {}",
+                c.activity, s.smart.hash_min_address_count
+            ));
+            continue;
+        }
+        if seconds_after(f, c).is_some_and(|dt| dt.abs() > window) {
+            near_miss.get_or_insert(format!(
+                "smart match: activity {} is outside the {}-day window",
+                c.activity, s.smart.window_days
+            ));
+            continue;
+        }
+        passing.push(c);
+    }
+    let Some(best) = passing.iter().max_by_key(|c| (c.sent_at, c.activity)) else {
+        notes.extend(near_miss);
+        return Step::Continue;
+    };
+    if let Some(other) = passing.iter().find(|c| c.regarding != best.regarding) {
+        notes.push(format!(
+            "smart match ambiguous: activity {} ({}) and activity {} ({})",
+            best.activity,
+            show(&best.regarding),
+            other.activity,
+            show(&other.regarding)
+        ));
+        return Step::Continue;
+    }
+    let t = TrackedEmail {
+        activity: best.activity,
+        regarding: best.regarding.clone(),
+    };
+    Step::Match(Decision::matched(
+        CorrelationMethod::SmartMatching,
+        &t,
+        0.9,
+        format!(
+            "dynamics smart match: {} subject hash(es) equal + {} shared addresses with activity {}",
+            hashes.len(),
+            shared_count(&participants, &best.participants),
+            best.activity
+        ),
+    ))
+}
+
+fn show(r: &Option<RecordRef>) -> String {
+    r.as_ref()
+        .map_or_else(|| "-".to_string(), |r| r.to_string())
+}
+
+/// One scored candidate and the parts of its score.
+struct Scored<'c> {
+    candidate: &'c SmartCandidate,
+    score: f32,
+    shared: usize,
+    overlap: f32,
+    rejected: Option<String>,
+}
+
+/// Score weights: the same base subject only gets a candidate into the
+/// bucket; what separates a reply from a new message with the same subject is
+/// a reply prefix, who is on it, when, and above all whether it quotes the
+/// parent. Subject + reply prefix + one shared participant + recent is just
+/// enough; a stranger or a message without reply prefix needs quoted text.
+const W_SUBJECT: f32 = 0.3;
+const W_REPLY_PREFIX: f32 = 0.15;
+const W_PARTICIPANTS: f32 = 0.15;
+const W_TIME: f32 = 0.1;
+const W_QUOTED: f32 = 0.4;
+/// Quoting half of the parent's sampled text counts as full quoting (replies
+/// quote selectively).
+const FULL_QUOTE: f32 = 0.5;
+
+fn score_candidate<'c>(
+    f: &MessageFeatures,
+    participants: &[u64],
+    base: &str,
+    c: &'c SmartCandidate,
+    s: &CorrelationSettings,
+) -> Scored<'c> {
+    let window = i64::from(s.smart.window_days) * DAY;
+    let subject = if c.base_subject == base { 1.0 } else { 0.0 };
+    let shared = shared_count(participants, &c.participants);
+    let p = (shared.min(2) as f32) / 2.0;
+    let dt = seconds_after(f, c);
+    let mut rejected = None;
+    let time = match dt {
+        // A reply is sent after its parent; an hour of clock skew is tolerated.
+        Some(d) if d < -3600 => {
+            rejected = Some("it was sent after this message".to_string());
+            0.0
+        }
+        Some(d) if d > window => {
+            rejected = Some(format!("it is older than {} days", s.smart.window_days));
+            0.0
+        }
+        Some(d) => 1.0 - (d.max(0) as f32 / window.max(1) as f32),
+        None => 0.5,
+    };
+    let overlap = fingerprint::quoted_overlap(&c.shingles, &f.quoted_shingles);
+    let reply = if subject::is_reply_or_forward(&f.subject) {
+        1.0
+    } else {
+        0.0
+    };
+    let score = W_SUBJECT * subject
+        + W_REPLY_PREFIX * reply
+        + W_PARTICIPANTS * p
+        + W_TIME * time
+        + W_QUOTED * (overlap / FULL_QUOTE).min(1.0);
+    let score = score.min(1.0);
+    Scored {
+        candidate: c,
+        score: if rejected.is_some() { 0.0 } else { score },
+        shared,
+        overlap,
+        rejected,
+    }
+}
+
+fn describe(base: &str, sc: &Scored<'_>) -> String {
+    format!(
+        "subject base '{base}' + {} shared participant(s) + {:.0}% quoted overlap with activity {} (score {:.2})",
+        sc.shared,
+        sc.overlap * 100.0,
+        sc.candidate.activity,
+        sc.score
+    )
+}
+
+fn by_scored_smart(
+    f: &MessageFeatures,
+    idx: &Indexes<'_>,
+    s: &CorrelationSettings,
+    notes: &mut Vec<String>,
+) -> Step {
+    let base = subject::base_subject_without_tokens(&f.subject, &s.token);
+    if base.is_empty() {
+        return Step::Continue;
+    }
+    let participants = f.participants();
+    let mut scored: Vec<Scored<'_>> = idx
+        .candidates
+        .iter()
+        .filter(|c| c.regarding.is_some() && c.base_subject == base)
+        .map(|c| score_candidate(f, &participants, &base, c, s))
+        .collect();
+    // Best first; on equal scores the newer candidate first (stable output).
+    scored.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then(b.candidate.activity.cmp(&a.candidate.activity))
+    });
+    let Some(best) = scored.first() else {
+        return Step::Continue;
+    };
+    if let Some(why) = &best.rejected {
+        notes.push(format!(
+            "smart match: best candidate activity {} rejected: {why}",
+            best.candidate.activity
+        ));
+        return Step::Continue;
+    }
+    if best.score < s.smart.threshold {
+        notes.push(format!(
+            "smart match below threshold {:.2}: {}",
+            s.smart.threshold,
+            describe(&base, best)
+        ));
+        return Step::Continue;
+    }
+    // Equal (within rounding) best scores for different records: do not guess.
+    if let Some(rival) = scored
+        .iter()
+        .skip(1)
+        .find(|o| o.candidate.regarding != best.candidate.regarding && best.score - o.score < 0.02)
+    {
+        notes.push(format!(
+            "smart match ambiguous: activity {} ({}) and activity {} ({}) both score {:.2}",
+            best.candidate.activity,
+            show(&best.candidate.regarding),
+            rival.candidate.activity,
+            show(&rival.candidate.regarding),
+            best.score
+        ));
+        return Step::Continue;
+    }
+    let t = TrackedEmail {
+        activity: best.candidate.activity,
+        regarding: best.candidate.regarding.clone(),
+    };
+    Step::Match(Decision::matched(
+        CorrelationMethod::SmartMatching,
+        &t,
+        best.score.clamp(0.0, 1.0),
+        describe(&base, best),
+    ))
 }
 
 #[cfg(test)]
@@ -238,6 +872,10 @@ mod tests {
             activity: id,
             regarding: r.map(|s| s.parse().unwrap()),
         }
+    }
+
+    fn defaults() -> CorrelationSettings {
+        CorrelationSettings::default()
     }
 
     #[test]
@@ -252,7 +890,7 @@ mod tests {
             .insert("a@x".into(), tracked(1, Some("case:1")));
         idx.by_message_id
             .insert("b@x".into(), tracked(2, Some("case:2")));
-        let d = correlate(&f, &idx, &CorrelationSettings::default());
+        let d = correlate(&f, &idx, &defaults());
         assert_eq!(d.method, CorrelationMethod::InReplyTo);
         assert_eq!(d.regarding.unwrap().to_string(), "case:2");
         assert_eq!(
@@ -272,9 +910,12 @@ mod tests {
             .insert("a@x".into(), tracked(1, Some("case:1")));
         idx.by_message_id
             .insert("b@x".into(), tracked(2, Some("case:2")));
-        let d = correlate(&f, &idx, &CorrelationSettings::default());
+        let d = correlate(&f, &idx, &defaults());
         assert_eq!(d.correlated_with, Some(2));
-        assert_eq!(lookup_keys(&f).message_ids, vec!["c@x", "b@x", "a@x"]);
+        assert_eq!(
+            lookup_keys(&f, &defaults()).message_ids,
+            vec!["c@x", "b@x", "a@x"]
+        );
     }
 
     #[test]
@@ -294,7 +935,7 @@ mod tests {
         };
         idx.by_message_id
             .insert("a@x".into(), tracked(1, Some("case:1")));
-        let d = correlate(&f, &idx, &CorrelationSettings::default());
+        let d = correlate(&f, &idx, &defaults());
         assert_eq!(d.method, CorrelationMethod::Folder);
         assert_eq!(d.regarding.unwrap().to_string(), "account:7");
     }
@@ -307,7 +948,7 @@ mod tests {
         };
         let mut idx = Indexes::default();
         idx.by_message_id.insert("a@x".into(), tracked(9, None));
-        let d = correlate(&f, &idx, &CorrelationSettings::default());
+        let d = correlate(&f, &idx, &defaults());
         assert_eq!(d.method, CorrelationMethod::InReplyTo);
         assert_eq!(d.regarding, None);
         assert_eq!(d.correlated_with, Some(9));
@@ -319,11 +960,268 @@ mod tests {
             in_reply_to: vec!["<zz@x>".into()],
             ..Default::default()
         };
-        let d = correlate(&f, &Indexes::default(), &CorrelationSettings::default());
+        let d = correlate(&f, &Indexes::default(), &defaults());
         assert_eq!(d.method, CorrelationMethod::None);
         assert_eq!(
             d.reasons,
             vec!["no referenced Message-ID is tracked".to_string()]
         );
+    }
+
+    fn index_of(
+        entries: &[(&MessageFeatures, ActivityId, &str)],
+        s: &CorrelationSettings,
+    ) -> MemIndex {
+        let mut m = MemIndex::default();
+        for (f, id, r) in entries {
+            let rec: RecordRef = r.parse().unwrap();
+            m.insert_message_ids(&f.message_ids, *id, Some(rec.clone()));
+            m.insert_entry(&index_entry(f, *id, s), Some(rec));
+        }
+        m
+    }
+
+    fn run(f: &MessageFeatures, m: &MemIndex, s: &CorrelationSettings) -> Decision {
+        correlate(f, &m.lookup(&lookup_keys(f, s)), s)
+    }
+
+    #[test]
+    fn mangled_token_resolves_to_the_record_of_its_carrier() {
+        let s = defaults();
+        let parent = MessageFeatures {
+            subject: "Invoice 7781 CRM:0001001".into(),
+            ..Default::default()
+        };
+        let m = index_of(&[(&parent, 42, "case:7")], &s);
+        let reply = MessageFeatures {
+            subject: "AW: [EXTERNAL] [crm : 0001001] Invoice 7781".into(),
+            ..Default::default()
+        };
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::TrackingToken);
+        assert_eq!(d.regarding.unwrap().to_string(), "case:7");
+        assert!(d.reasons[0].starts_with("subject token CRM:0001001 = case:7 (activity 42)"));
+    }
+
+    #[test]
+    fn two_tokens_for_two_records_are_a_tie_not_a_guess() {
+        let s = defaults();
+        let a = MessageFeatures {
+            subject: "A CRM:0001001".into(),
+            ..Default::default()
+        };
+        let b = MessageFeatures {
+            subject: "B CRM:0001002".into(),
+            ..Default::default()
+        };
+        let m = index_of(&[(&a, 1, "case:1"), (&b, 2, "case:2")], &s);
+        let both = MessageFeatures {
+            subject: "RE: A CRM:0001001 CRM:0001002".into(),
+            ..Default::default()
+        };
+        let d = run(&both, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::None);
+        assert!(d.reasons[0].contains("case:1") && d.reasons[0].contains("case:2"));
+    }
+
+    #[test]
+    fn signed_token_from_another_domain_is_rejected_with_a_reason() {
+        let mut s = defaults();
+        s.token.signing = Some(token::SigningKey {
+            current: b"0123456789abcdef0123".to_vec(),
+            previous: vec![],
+        });
+        let tok = token::generate_signed(&s.token, 1, 1, "case:7", "contoso.com");
+        let parent = MessageFeatures {
+            subject: format!("Offer {tok}"),
+            ..Default::default()
+        };
+        let m = index_of(&[(&parent, 5, "case:7")], &s);
+        let mut reply = MessageFeatures {
+            subject: format!("RE: Offer {tok}"),
+            from: vec!["buyer@contoso.com".into()],
+            ..Default::default()
+        };
+        assert_eq!(run(&reply, &m, &s).method, CorrelationMethod::TrackingToken);
+        reply.from = vec!["eve@fabrikam.com".into()];
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::None);
+        assert!(
+            d.reasons[0].contains("rejected: signature bound to another domain"),
+            "{:?}",
+            d.reasons
+        );
+        // Unsigned tokens pass unless signatures are required.
+        reply.subject = "RE: Offer CRM:0001001".into();
+        assert_eq!(run(&reply, &m, &s).method, CorrelationMethod::TrackingToken);
+        s.require_signature = true;
+        assert_eq!(run(&reply, &m, &s).method, CorrelationMethod::None);
+    }
+
+    #[test]
+    fn previous_prefix_tokens_still_resolve() {
+        let mut s = defaults();
+        let parent = MessageFeatures {
+            subject: "Quote TKT:0001003".into(),
+            ..Default::default()
+        };
+        s.token.prefix = "TKT:".into();
+        let m = index_of(&[(&parent, 3, "case:3")], &s);
+        s.token.prefix = "CRM:".into();
+        s.token.previous_prefixes = vec!["TKT:".into()];
+        let reply = MessageFeatures {
+            subject: "Re: Quote TKT:0001003".into(),
+            ..Default::default()
+        };
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.regarding.unwrap().to_string(), "case:3");
+        assert!(d.reasons[0].contains("earlier prefix"));
+    }
+
+    #[test]
+    fn thread_index_child_matches_the_root_conversation() {
+        let s = defaults();
+        let root = thread_index::encode_root(133_000_000_000_000_000, [7; 16]);
+        let child = thread_index::encode_child(&root, 10_000_000, 1).unwrap();
+        let parent = MessageFeatures {
+            thread_index: Some(root),
+            ..Default::default()
+        };
+        let m = index_of(&[(&parent, 11, "opportunity:9")], &s);
+        let reply = MessageFeatures {
+            thread_index: Some(child),
+            ..Default::default()
+        };
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::ConversationIndex);
+        assert_eq!(d.correlated_with, Some(11));
+        assert!(d.reasons[0].contains("1 child blocks"));
+    }
+
+    fn smart(mode: SmartMode) -> CorrelationSettings {
+        CorrelationSettings {
+            smart_matching: true,
+            smart: SmartSettings {
+                mode,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    const PARENT_BODY: &str = "Hello team, the invoice for the March delivery is attached. \
+        Please check the quantities on line four because the warehouse counted two \
+        pallets less than the order said, and let me know before Friday.";
+
+    fn parent_features() -> MessageFeatures {
+        let mut f = MessageFeatures {
+            subject: "Invoice 7781".into(),
+            from: vec!["ann@contoso.com".into()],
+            to: vec!["bob@fabrikam.com".into()],
+            sent_at: Some(1_000_000),
+            ..Default::default()
+        };
+        f.add_body_features(PARENT_BODY);
+        f
+    }
+
+    #[test]
+    fn dynamics_smart_matching_needs_equal_subject_hashes_and_two_addresses() {
+        let s = smart(SmartMode::Dynamics);
+        let m = index_of(&[(&parent_features(), 17, "case:1")], &s);
+        let mut reply = MessageFeatures {
+            subject: "RE: Invoice 7781".into(),
+            from: vec!["bob@fabrikam.com".into()],
+            to: vec!["ann@contoso.com".into()],
+            sent_at: Some(1_000_600),
+            ..Default::default()
+        };
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::SmartMatching);
+        assert_eq!(d.correlated_with, Some(17));
+        reply.to = vec!["carol@other.com".into()];
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::None);
+        assert!(d.reasons[0].contains("1 shared address(es) < 2"));
+        reply.to = vec!["ann@contoso.com".into()];
+        reply.sent_at = Some(1_000_000 + 91 * DAY);
+        assert_eq!(run(&reply, &m, &s).method, CorrelationMethod::None);
+    }
+
+    #[test]
+    fn scored_smart_matching_uses_quoted_text_and_explains_rejections() {
+        let s = smart(SmartMode::Scored);
+        let m = index_of(&[(&parent_features(), 17, "case:1")], &s);
+        let quoted: String = PARENT_BODY
+            .split(". ")
+            .map(|l| format!("> {l}\n"))
+            .collect();
+        let mut reply = MessageFeatures {
+            subject: "Re: [EXTERNAL] Invoice 7781".into(),
+            from: vec!["bob@fabrikam.com".into()],
+            to: vec!["dave@elsewhere.com".into()],
+            sent_at: Some(1_003_600),
+            ..Default::default()
+        };
+        reply.add_body_features(&format!("Checked, all fine.\n\n{quoted}"));
+        let d = run(&reply, &m, &s);
+        assert_eq!(
+            d.method,
+            CorrelationMethod::SmartMatching,
+            "{:?}",
+            d.reasons
+        );
+        assert!(
+            d.reasons[0].starts_with("subject base 'invoice 7781' + 1 shared participant(s) + ")
+        );
+        // Same subject without reply prefix, no quote, one shared participant:
+        // a new message, not enough.
+        reply.subject = "Invoice 7781".into();
+        reply.add_body_features("A new question about invoice 7781.");
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::None);
+        assert!(
+            d.reasons[0].starts_with("smart match below threshold 0.60"),
+            "{:?}",
+            d.reasons
+        );
+    }
+
+    #[test]
+    fn scored_tie_between_two_records_stays_unmatched() {
+        let s = smart(SmartMode::Scored);
+        let p = parent_features();
+        let m = index_of(&[(&p, 1, "case:1"), (&p, 2, "case:2")], &s);
+        let mut reply = p.clone();
+        reply.subject = "Re: Invoice 7781".into();
+        reply.sent_at = Some(1_000_100);
+        reply.add_body_features(&format!("Agreed.\n> {PARENT_BODY}"));
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::None);
+        assert!(d.reasons[0].contains("ambiguous"), "{:?}", d.reasons);
+    }
+
+    proptest::proptest! {
+        /// The in-tree twin of the cargo-fuzz target: arbitrary bytes through
+        /// parse, features, index and every method never panic.
+        #[test]
+        fn whole_path_never_panics(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..1500),
+            dynamics in proptest::bool::ANY,
+        ) {
+            let mut text = b"Message-ID: <a@x>\nSubject: Re: x CRM:0001001\nThread-Index: AQHWABCDEFGHIJKLMNOPQRSTUVWXYZab\n".to_vec();
+            text.extend_from_slice(&bytes);
+            for raw in [&bytes[..], &text[..]] {
+                let Ok(p) = crate::parse::parse(raw, "INBOX", 1 << 20) else { continue };
+                let mut f = p.features;
+                f.add_body_features(&p.body_text);
+                let s = smart(if dynamics { SmartMode::Dynamics } else { SmartMode::Scored });
+                let m = index_of(&[(&f, 1, "case:1")], &s);
+                let mut reply = f.clone();
+                reply.quoted_shingles = f.body_shingles.clone();
+                let _ = run(&f, &m, &s);
+                let _ = run(&reply, &m, &s);
+            }
+        }
     }
 }

@@ -5,6 +5,11 @@
 //! * [`Store::commit`] applies a whole [`CommitBatch`] (activities, quarantine
 //!   entries, folder positions, mailbox state) atomically and makes it durable
 //!   before returning; connectors acknowledge (delete, flag, move) only after.
+//! * Correlation indexes ([`CommitBatch::index`]) are written in the same batch
+//!   as their activity, so a crash never leaves an index without its activity.
+//! * A duplicate found in a tracked folder (decision method `folder`) re-points
+//!   the existing activity to that folder's record; other duplicates change
+//!   nothing but `also_seen_as`.
 //! * Deduplication happens inside `commit`, under the store's own lock, by source
 //!   key, then Message-ID + content hash; concurrent mailboxes cannot race it.
 
@@ -12,7 +17,7 @@ pub mod sled_store;
 
 use std::collections::HashMap;
 
-use crate::correlate::TrackedEmail;
+use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, MailboxState, QuarantineEntry,
@@ -58,6 +63,9 @@ pub struct CommitBatch {
     /// (mailbox, folder, position) to record.
     pub positions: Vec<(String, String, FolderPosition)>,
     pub mailbox_state: Option<MailboxState>,
+    /// Correlation index entries of tracked activities in `items`; written only
+    /// for activities that are inserted (not for duplicates), in the same batch.
+    pub index: Vec<IndexEntry>,
 }
 
 /// What happened to one item of a batch.
@@ -98,6 +106,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         ids: &[String],
     ) -> Result<HashMap<String, TrackedEmail>, StoreError>;
+
+    /// Resolves every key correlation asked for (Message-IDs, token digits,
+    /// Thread-Index root, smart-matching buckets) without scanning.
+    fn lookup(&self, keys: &LookupKeys) -> Result<Indexes<'static>, StoreError>;
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError>;
 

@@ -5,7 +5,13 @@
 //! `a/<id>` activity JSON · `am/<mailbox>\0<id>` per-mailbox listing ·
 //! `s/<source>` source → id · `m/<message-id>` → id · `h/<hash>` → id ·
 //! `q/<id>` quarantine JSON · `qs/<source>` → id · `p/<mailbox>\0<folder>` position ·
-//! `b/<mailbox>` mailbox state · `l/<id>` alert · `lk/<identity>` → alert id.
+//! `b/<mailbox>` mailbox state · `l/<id>` alert · `lk/<identity>` → alert id ·
+//! `r/<id>` regarding record (JSON, small, so lookups need not load activities) ·
+//! `t/<token digits>` → id · `x/<thread-index root>` → id ·
+//! `sb/<bucket><id>` smart-matching candidate JSON (newest last in a bucket).
+//!
+//! Regarding records are cached in memory: every correlation lookup needs
+//! them and they change only on commit (insert or re-point).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,11 +21,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError};
-use crate::correlate::TrackedEmail;
+use crate::correlate::memindex::MAX_CANDIDATES_PER_BUCKET;
+use crate::correlate::{Indexes, LookupKeys, SmartCandidate, TrackedEmail};
 use crate::model::{
-    ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, MailboxState, QuarantineEntry,
-    SourceKey, UnixTime,
+    ActivityId, Alert, AlertLevel, CorrelationMethod, EmailActivity, FolderPosition, MailboxState,
+    QuarantineEntry, RecordRef, SourceKey, UnixTime,
 };
+
+/// Cached regarding records beyond this count are dropped (and re-read).
+const REGARDING_CACHE_MAX: usize = 1 << 20;
 
 /// sled-backed [`Store`].
 pub struct SledStore {
@@ -28,6 +38,7 @@ pub struct SledStore {
     /// Serialises writers so deduplication reads and the batch they produce are
     /// one critical section. Never held across an await (the trait is blocking).
     write_lock: Mutex<()>,
+    regarding_cache: Mutex<HashMap<ActivityId, Option<RecordRef>>>,
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -110,6 +121,7 @@ impl SledStore {
             db,
             tree,
             write_lock: Mutex::new(()),
+            regarding_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -135,6 +147,46 @@ impl SledStore {
         self.write_lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The regarding record of an activity: cache, then `r/`, then the
+    /// activity itself (stores written before `r/` existed).
+    fn regarding_of(&self, id: ActivityId) -> Result<Option<Option<RecordRef>>, StoreError> {
+        if let Some(r) = self
+            .regarding_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            return Ok(Some(r.clone()));
+        }
+        let r = match self.get_json::<Option<RecordRef>>(&id_key("r/", id))? {
+            Some(r) => r,
+            None => match self.activity(id)? {
+                Some(a) => a.regarding,
+                None => return Ok(None),
+            },
+        };
+        self.cache_regarding(std::iter::once((id, r.clone())));
+        Ok(Some(r))
+    }
+
+    fn cache_regarding(&self, entries: impl Iterator<Item = (ActivityId, Option<RecordRef>)>) {
+        let mut cache = self
+            .regarding_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if cache.len() > REGARDING_CACHE_MAX {
+            cache.clear();
+        }
+        cache.extend(entries);
+    }
+
+    fn tracked(&self, id: ActivityId) -> Result<Option<TrackedEmail>, StoreError> {
+        Ok(self.regarding_of(id)?.map(|regarding| TrackedEmail {
+            activity: id,
+            regarding,
+        }))
+    }
+
     /// Ids start at 1: 0 means "not assigned yet" in a [`PendingItem`].
     fn next_id(&self) -> Result<u64, StoreError> {
         Ok(self.db.generate_id().map_err(io)? + 1)
@@ -155,6 +207,8 @@ struct Overlay {
     hashes: HashMap<Vec<u8>, u64>,
     activities: HashMap<u64, EmailActivity>,
     quarantine_rows: Vec<(u64, Vec<u8>)>,
+    /// Thread-Index root keys written by this batch (first writer wins).
+    thread_roots: Vec<Vec<u8>>,
 }
 
 impl Store for SledStore {
@@ -184,7 +238,6 @@ impl Store for SledStore {
             }
         }
         let mut b = sled::Batch::default();
-        let ov = ov;
         for (k, id) in &ov.sources {
             b.insert(k.clone(), id.to_be_bytes().to_vec());
         }
@@ -197,7 +250,42 @@ impl Store for SledStore {
         for (k, id) in &ov.hashes {
             b.insert(k.clone(), id.to_be_bytes().to_vec());
         }
+        let inserted: std::collections::HashSet<u64> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                CommitOutcome::Inserted(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for e in batch
+            .index
+            .iter()
+            .filter(|e| inserted.contains(&e.activity))
+        {
+            let id = e.activity.to_be_bytes().to_vec();
+            // Counters wrap, so the newest carrier of a token wins.
+            for d in &e.token_digits {
+                b.insert(key("t/", &[d.as_bytes()]), id.clone());
+            }
+            if let Some(root) = &e.thread_root {
+                let k = key("x/", &[root.as_bytes()]);
+                if self.tree.get(&k).map_err(io)?.is_none() && !ov.thread_roots.contains(&k) {
+                    ov.thread_roots.push(k.clone());
+                    b.insert(k, id.clone());
+                }
+            }
+            let mut c = e.candidate.clone();
+            c.regarding = None;
+            let c = encode(&c)?;
+            for bucket in &e.buckets {
+                let mut k = b"sb/".to_vec();
+                k.extend_from_slice(&bucket.to_be_bytes());
+                k.extend_from_slice(&id);
+                b.insert(k, c.clone());
+            }
+        }
         for (id, a) in &ov.activities {
+            b.insert(id_key("r/", *id), encode(&a.regarding)?);
             b.insert(id_key("a/", *id), encode(a)?);
             let mut am = key("am/", &[a.mailbox.as_bytes(), b""]);
             am.extend_from_slice(&id.to_be_bytes());
@@ -217,6 +305,7 @@ impl Store for SledStore {
         }
         self.tree.apply_batch(b).map_err(io)?;
         self.durable()?;
+        self.cache_regarding(ov.activities.into_iter().map(|(id, a)| (id, a.regarding)));
         Ok(outcomes)
     }
 
@@ -237,18 +326,53 @@ impl Store for SledStore {
         let mut out = HashMap::new();
         for id in ids {
             if let Some(aid) = self.get_id(&mid_key(id))? {
-                if let Some(a) = self.activity(aid)? {
-                    out.insert(
-                        crate::correlate::normalize_message_id(id),
-                        TrackedEmail {
-                            activity: aid,
-                            regarding: a.regarding,
-                        },
-                    );
+                if let Some(t) = self.tracked(aid)? {
+                    out.insert(crate::correlate::normalize_message_id(id), t);
                 }
             }
         }
         Ok(out)
+    }
+
+    fn lookup(&self, keys: &LookupKeys) -> Result<Indexes<'static>, StoreError> {
+        let mut idx = Indexes {
+            by_message_id: self.tracked_by_message_ids(&keys.message_ids)?,
+            ..Default::default()
+        };
+        for d in &keys.token_digits {
+            if let Some(aid) = self.get_id(&key("t/", &[d.as_bytes()]))? {
+                if let Some(t) = self.tracked(aid)? {
+                    idx.by_token.insert(d.clone(), t);
+                }
+            }
+        }
+        if let Some(root) = &keys.thread_root {
+            if let Some(aid) = self.get_id(&key("x/", &[root.as_bytes()]))? {
+                if let Some(t) = self.tracked(aid)? {
+                    idx.by_thread_root.insert(root.clone(), t);
+                }
+            }
+        }
+        for bucket in &keys.buckets {
+            let mut prefix = b"sb/".to_vec();
+            prefix.extend_from_slice(&bucket.to_be_bytes());
+            // Ids grow with time, so the newest candidates come last.
+            for kv in self
+                .tree
+                .scan_prefix(&prefix)
+                .rev()
+                .take(MAX_CANDIDATES_PER_BUCKET)
+            {
+                let (k, v) = kv.map_err(io)?;
+                let mut c: SmartCandidate = decode(&k, &v)?;
+                if idx.candidates.iter().any(|x| x.activity == c.activity) {
+                    continue;
+                }
+                c.regarding = self.regarding_of(c.activity)?.flatten();
+                idx.candidates.push(c);
+            }
+        }
+        Ok(idx)
     }
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError> {
@@ -452,6 +576,21 @@ impl SledStore {
                 })?,
             };
             existing.also_seen_as.push(a.source.clone());
+            // Moving a message into another tracked folder re-points it; leaving
+            // a tracked folder (any other decision) changes nothing.
+            if a.method == CorrelationMethod::Folder
+                && a.regarding.is_some()
+                && existing.regarding != a.regarding
+            {
+                existing.regarding = a.regarding.clone();
+                existing.method = CorrelationMethod::Folder;
+                existing.score = a.score;
+                existing.correlated_with = None;
+                existing
+                    .reasons
+                    .push(format!("moved to tracked folder {:?}", a.source.folder));
+                existing.reasons.extend(a.reasons.iter().cloned());
+            }
             ov.activities.insert(id, existing);
             ov.sources.insert(sk, id);
             return Ok(CommitOutcome::Duplicate(id));
@@ -579,6 +718,94 @@ mod tests {
             .unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t["a@x"].activity, first);
+    }
+
+    #[test]
+    fn correlation_indexes_are_written_with_their_activity_and_resolved() {
+        use crate::correlate::{index_entry, lookup_keys, CorrelationSettings, MessageFeatures};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let settings = CorrelationSettings {
+            smart_matching: true,
+            ..Default::default()
+        };
+        let f = MessageFeatures {
+            subject: "Invoice 7781 CRM:0001001".into(),
+            thread_index: Some(crate::correlate::thread_index::encode_root(
+                1 << 40,
+                [3; 16],
+            )),
+            ..Default::default()
+        };
+        let mut a = activity("m", "1", Some("p@x"), "h1");
+        a.id = s.allocate_id().unwrap();
+        let mut dup = activity("m", "2", Some("p@x"), "h1");
+        dup.id = s.allocate_id().unwrap();
+        let mut b = batch(vec![a.clone(), dup.clone()]);
+        b.index = vec![
+            index_entry(&f, a.id, &settings),
+            index_entry(&f, dup.id, &settings),
+        ];
+        s.commit(b).unwrap();
+        drop(s);
+        // Reopen: nothing comes from the cache.
+        let s = SledStore::open(dir.path()).unwrap();
+        let reply = MessageFeatures {
+            subject: "RE: Invoice 7781 CRM:0001001".into(),
+            thread_index: f.thread_index.clone(),
+            ..Default::default()
+        };
+        let idx = s.lookup(&lookup_keys(&reply, &settings)).unwrap();
+        assert_eq!(idx.by_token["0001001"].activity, a.id);
+        assert_eq!(idx.by_thread_root.values().next().unwrap().activity, a.id);
+        // The duplicate's entries were not written.
+        assert_eq!(idx.candidates.len(), 1);
+        assert_eq!(idx.candidates[0].activity, a.id);
+        assert_eq!(
+            idx.candidates[0].regarding.as_ref().unwrap().to_string(),
+            "case:1"
+        );
+    }
+
+    #[test]
+    fn moving_into_another_tracked_folder_re_points_leaving_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut a = activity("m", "1", Some("p@x"), "h1");
+        a.method = CorrelationMethod::Folder;
+        let id = match s.commit(batch(vec![a])).unwrap()[0] {
+            CommitOutcome::Inserted(i) => i,
+            o => panic!("{o:?}"),
+        };
+        let mut moved = activity("m", "7", Some("p@x"), "h1");
+        moved.source.folder = "INBOX/Contoso".into();
+        moved.method = CorrelationMethod::Folder;
+        moved.regarding = Some("account:contoso".parse().unwrap());
+        assert_eq!(
+            s.commit(batch(vec![moved])).unwrap(),
+            vec![CommitOutcome::Duplicate(id)]
+        );
+        let after = s.activity(id).unwrap().unwrap();
+        assert_eq!(after.regarding.unwrap().to_string(), "account:contoso");
+        assert!(after
+            .reasons
+            .contains(&"moved to tracked folder \"INBOX/Contoso\"".to_string()));
+        assert_eq!(
+            s.tracked_by_message_ids(&["p@x".into()]).unwrap()["p@x"]
+                .regarding
+                .as_ref()
+                .unwrap()
+                .to_string(),
+            "account:contoso"
+        );
+        // Out of the tracked folder into an untracked one: unchanged.
+        let mut left = activity("m", "8", Some("p@x"), "h1");
+        left.source.folder = "Archive".into();
+        left.regarding = None;
+        s.commit(batch(vec![left])).unwrap();
+        let after = s.activity(id).unwrap().unwrap();
+        assert_eq!(after.regarding.unwrap().to_string(), "account:contoso");
+        assert_eq!(after.method, CorrelationMethod::Folder);
     }
 
     #[test]

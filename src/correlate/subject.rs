@@ -1,0 +1,432 @@
+//! Subject normalisation for correlation.
+//!
+//! * [`base_subject`]: RFC 5256 §2.1 base subject, extended with localised
+//!   reply/forward prefixes and security-gateway tags, lower-cased.
+//! * [`base_subject_without_tokens`]: the same with tracking tokens removed,
+//!   the key for "same conversation" comparisons.
+//! * [`dynamics_strip_keywords`], [`subject_word_hashes`],
+//!   [`address_hashes`]: the pieces of Dynamics "smart matching".
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use super::token::{find_tokens, remove_spans, TokenSettings};
+
+/// Reply/forward abbreviations used by mail clients in many languages
+/// (English, German, Nordic, Dutch, French, Spanish, Portuguese, Italian,
+/// Polish, Turkish, Baltic, Croatian, Greek, Russian, Chinese, Japanese,
+/// Korean). Matched case-insensitively and only when followed by a colon.
+const REPLY_FORWARD_WORDS: &str =
+    "re|fwd?|aw|wg|sv|vs|vb|vl|tr|rép|antw|antwort|doorst|rv|enc|res|\
+rif|r|i|odp|pd|ynt|ilt|atb|ats|pārs|odg|fwd|απ|σχετ|πρθ|ответ|отв|пересл|\
+回复|回覆|答复|答覆|转发|轉寄|转寄|轉發|件名|返信|転送|회신|답장|전달|\
+external|extern|ext";
+
+/// Tags that security gateways put in subjects.
+const TAG_WORDS: &str = "external|ext|extern|externe|external email|external sender|\
+caution|warning|spam|suspicious|phish|phishing|suspected spam";
+
+/// One leading reply/forward prefix, optionally numbered (`Re[2]:`,
+/// `RE^2:`, `Re(2):`) or with an RFC 5256 blob before the colon, then an
+/// ASCII or full-width colon.
+static LEADER: LazyLock<Option<Regex>> = LazyLock::new(|| {
+    Regex::new(&format!(
+        r"(?i)^(?:{REPLY_FORWARD_WORDS})\s*(?:\[[^\[\]]*\]|\^\s*\d+|\(\d+\))?\s*[:：]\s*"
+    ))
+    .ok()
+});
+
+/// A leading RFC 5256 subj-blob: `[anything without brackets]`.
+static BLOB: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(r"^\[[^\[\]]*\]\s*").ok());
+
+/// Gateway tags anywhere: `[EXTERNAL]`, `*EXTERNAL*`, `(External)`.
+static TAG: LazyLock<Option<Regex>> = LazyLock::new(|| {
+    Regex::new(&format!(
+        r"(?i)(?:\[\s*(?:{TAG_WORDS})\s*\]|\*+\s*(?:{TAG_WORDS})\s*\*+|\(\s*(?:{TAG_WORDS})\s*\))"
+    ))
+    .ok()
+});
+
+/// RFC 5256 subj-fwd: `[fwd: ...]` wrapping the whole subject.
+static FWD_WRAP: LazyLock<Option<Regex>> =
+    LazyLock::new(|| Regex::new(r"(?is)^\[fwd:\s*(.*)\]$").ok());
+
+/// The documented Dynamics smart-matching keyword regex, verbatim.
+static DYNAMICS_KEYWORDS: LazyLock<Option<Regex>> =
+    LazyLock::new(|| Regex::new(r"^[\s]*([\w]+\s?:[\s]*)+").ok());
+
+/// Client placeholders for an empty subject; they carry no information.
+const NO_SUBJECT: &[&str] = &[
+    "(no subject)",
+    "(kein betreff)",
+    "(sans objet)",
+    "(sin asunto)",
+    "(senza oggetto)",
+    "(sem assunto)",
+    "(geen onderwerp)",
+    "(без темы)",
+    "(无主题)",
+    "(件名なし)",
+    "no subject",
+];
+
+/// Regexes are compiled once; a `None` (impossible for these constant
+/// patterns, and asserted by a test) degrades to "no match" instead of
+/// panicking.
+fn find<'a>(re: &LazyLock<Option<Regex>>, s: &'a str) -> Option<regex::Match<'a>> {
+    re.as_ref().and_then(|r| r.find(s))
+}
+
+/// Collapses every whitespace run to one space and trims.
+fn collapse_ws(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Strips one layer of leading/trailing noise; returns the new text.
+fn strip_once(s: &str) -> String {
+    let mut s = match TAG.as_ref() {
+        Some(tag) => collapse_ws(&tag.replace_all(s, " ")),
+        None => collapse_ws(s),
+    };
+    // subj-trailer: "(fwd)" at the end.
+    loop {
+        let lower = s.to_lowercase();
+        if lower.ends_with("(fwd)") {
+            // "(fwd)" is ASCII, so its lower-case form has the same byte length.
+            let cut = s.len().saturating_sub(5);
+            match s.get(..cut) {
+                Some(head) => s = head.trim_end().to_owned(),
+                None => break,
+            }
+        } else {
+            break;
+        }
+    }
+    // subj-leader: prefixes and blobs, as long as something remains.
+    loop {
+        if let Some(m) = find(&LEADER, &s) {
+            s = s[m.end()..].to_owned();
+            continue;
+        }
+        if let Some(m) = find(&BLOB, &s) {
+            if m.end() < s.len() {
+                s = s[m.end()..].to_owned();
+                continue;
+            }
+        }
+        break;
+    }
+    // subj-fwd: "[fwd: X]" → "X".
+    if let Some(c) = FWD_WRAP
+        .as_ref()
+        .and_then(|r| r.captures(&s))
+        .and_then(|c| c.get(1))
+    {
+        s = c.as_str().to_owned();
+    }
+    collapse_ws(&s)
+}
+
+/// RFC 5256 §2.1 base subject plus localised prefixes (`AW:`, `SV:`,
+/// `回复：`, `Ответ:`, numbered `Re[2]:`), gateway tags (`[EXTERNAL]`,
+/// `*EXT*`), lower-cased with whitespace collapsed. Empty-subject
+/// placeholders such as `(no subject)` give `""`. Tokens are NOT removed;
+/// see [`base_subject_without_tokens`].
+pub fn base_subject(s: &str) -> String {
+    let mut cur = collapse_ws(s);
+    // Every pass removes at least one character or stops, so this ends.
+    loop {
+        let next = strip_once(&cur);
+        if next == cur {
+            break;
+        }
+        cur = next;
+    }
+    let lower = cur.to_lowercase();
+    if NO_SUBJECT.contains(&lower.as_str()) {
+        return String::new();
+    }
+    lower
+}
+
+/// Whether the subject starts (after gateway tags and `[list]` blobs) with a
+/// reply or forward prefix in any supported language: the sender declares
+/// the message a response, which smart matching weighs.
+pub fn is_reply_or_forward(s: &str) -> bool {
+    let mut rest = s.trim_start();
+    // Every pass consumes at least one character or returns, so this ends.
+    loop {
+        if let Some(m) = find(&TAG, rest).filter(|m| m.start() == 0 && m.end() > 0) {
+            rest = rest[m.end()..].trim_start();
+            continue;
+        }
+        if let Some(m) = find(&BLOB, rest).filter(|m| m.end() > 0) {
+            rest = rest[m.end()..].trim_start();
+            continue;
+        }
+        match find(&LEADER, rest).filter(|m| m.end() > 0) {
+            Some(m) => {
+                let word = rest[..m.end()].to_lowercase();
+                if word.starts_with("ext") {
+                    // `EXT:` is a gateway tag, not a reply marker.
+                    rest = rest[m.end()..].trim_start();
+                    continue;
+                }
+                return true;
+            }
+            None => return false,
+        }
+    }
+}
+
+/// Removes every tracking token (current or previous prefix, with any
+/// brackets around it) from `s`, leaving the rest untouched.
+pub fn strip_tokens(s: &str, settings: &TokenSettings) -> String {
+    let spans: Vec<_> = find_tokens(settings, s)
+        .into_iter()
+        .map(|f| f.span)
+        .collect();
+    remove_spans(s, &spans)
+}
+
+/// [`base_subject`] after removing tracking tokens:
+/// `"RE: AW: [EXTERNAL] Invoice 7781 CRM:0001001"` → `"invoice 7781"`.
+pub fn base_subject_without_tokens(s: &str, settings: &TokenSettings) -> String {
+    base_subject(&strip_tokens(s, settings))
+}
+
+/// Applies exactly the documented Dynamics smart-matching regex
+/// `^[\s]*([\w]+\s?:[\s]*)+` and returns the rest. `\w` is Unicode-aware
+/// (as in .NET); note that a full-width colon `：` is not stripped, and that
+/// any leading `word:` is (e.g. `Meeting: Tuesday` → `Tuesday`), as in
+/// Dynamics.
+pub fn dynamics_strip_keywords(s: &str) -> &str {
+    match find(&DYNAMICS_KEYWORDS, s) {
+        Some(m) => &s[m.end()..],
+        None => s,
+    }
+}
+
+/// 64-bit FNV-1a: stable across runs, versions and platforms, unlike std's
+/// `RandomState`, so hashes can be stored in the index.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Dynamics-style subject word hashes: [`dynamics_strip_keywords`], then
+/// split on whitespace, lower-case each word, trim punctuation at the word's
+/// ends (dropping words that are only punctuation), and FNV-1a-hash the
+/// first `hash_max_count` words (Dynamics HashMaxCount, default 20). Order
+/// and duplicates are kept: Dynamics compares the count of hashes too.
+pub fn subject_word_hashes(s: &str, hash_max_count: usize) -> Vec<u64> {
+    dynamics_strip_keywords(s)
+        .split_whitespace()
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .take(hash_max_count)
+        .map(|w| fnv1a64(w.as_bytes()))
+        .collect()
+}
+
+/// Address hashes for smart matching: each address trimmed (also of `<>`),
+/// lower-cased and FNV-1a-hashed; empty ones skipped; sorted and deduped so
+/// callers can intersect two lists with a merge.
+pub fn address_hashes(addrs: &[&str]) -> Vec<u64> {
+    let mut out: Vec<u64> = addrs
+        .iter()
+        .map(|a| {
+            a.trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .trim()
+        })
+        .filter(|a| !a.is_empty())
+        .map(|a| fnv1a64(a.to_lowercase().as_bytes()))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_and_forward_prefixes_are_recognised_behind_tags() {
+        for s in [
+            "Re: x",
+            "[EXTERNAL] AW: x",
+            "EXT: RE: x",
+            "[fedora-devel] Re: x",
+            "回复: x",
+            "Fwd: x",
+            "Re[2]: x",
+        ] {
+            assert!(is_reply_or_forward(s), "{s}");
+        }
+        for s in ["x", "[PATCH] x", "Meeting: x", "EXT: x", "", "Regarding: x"] {
+            assert!(!is_reply_or_forward(s), "{s}");
+        }
+    }
+    use proptest::prelude::*;
+
+    #[test]
+    fn regexes_compile() {
+        for r in [&LEADER, &BLOB, &TAG, &FWD_WRAP, &DYNAMICS_KEYWORDS] {
+            assert!(r.is_some());
+        }
+    }
+
+    #[test]
+    fn rfc5256_basics() {
+        assert_eq!(base_subject("Re: Hello"), "hello");
+        assert_eq!(base_subject("Fwd: Re: Re[3]: Meeting"), "meeting");
+        assert_eq!(
+            base_subject("FW:  RE:   Quarterly\t report (fwd)"),
+            "quarterly report"
+        );
+        assert_eq!(base_subject("[fwd: Budget] (fwd)"), "budget");
+        assert_eq!(base_subject("Re: [list] Re: topic"), "topic");
+        assert_eq!(base_subject("re : spaced colon"), "spaced colon");
+        // A lone blob is the subject itself (RFC: only strip if text remains).
+        assert_eq!(base_subject("[alone]"), "[alone]");
+        // Words that merely start like a prefix stay.
+        assert_eq!(base_subject("Results: Q3"), "results: q3");
+        assert_eq!(base_subject("Reply needed"), "reply needed");
+    }
+
+    #[test]
+    fn localised_prefixes_and_tags() {
+        for (input, want) in [
+            ("AW: WG: Angebot", "angebot"),
+            ("SV: VS: Tilbud", "tilbud"),
+            ("Antw: Doorst: Offerte", "offerte"),
+            ("TR: RE: Devis", "devis"),
+            ("RV: ENC: Presupuesto", "presupuesto"),
+            ("Odp: Oferta", "oferta"),
+            ("回复：报价单", "报价单"),
+            ("回覆: 答复：转发：轉寄: 报价", "报价"),
+            ("件名: 見積", "見積"),
+            ("Ответ: Пересл: Счёт", "счёт"),
+            ("RE^2: Re(4): Status", "status"),
+            ("[EXTERNAL] RE: Order", "order"),
+            ("*EXTERNAL* Order", "order"),
+            ("RE: Order [EXT]", "order"),
+            ("(External) Order", "order"),
+        ] {
+            assert_eq!(base_subject(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn tokens_removed() {
+        let s = TokenSettings::default();
+        assert_eq!(
+            base_subject_without_tokens("RE: AW: [EXTERNAL] Invoice 7781 CRM:0001001", &s),
+            "invoice 7781"
+        );
+        assert_eq!(
+            base_subject("RE: AW: [EXTERNAL] Invoice 7781 CRM:0001001"),
+            "invoice 7781 crm:0001001"
+        );
+        assert_eq!(
+            base_subject_without_tokens("[CRM:0001001] RE: Invoice", &s),
+            "invoice"
+        );
+        assert_eq!(
+            base_subject_without_tokens("Fwd: A crm : 0001001 B CRM:0001002", &s),
+            "a b"
+        );
+        assert_eq!(
+            strip_tokens("Invoice  7781 CRM:0001001", &s),
+            "Invoice  7781"
+        );
+    }
+
+    #[test]
+    fn empty_and_placeholders() {
+        assert_eq!(base_subject(""), "");
+        assert_eq!(base_subject("   "), "");
+        assert_eq!(base_subject("(no subject)"), "");
+        assert_eq!(base_subject("RE: (No Subject)"), "");
+        assert_eq!(base_subject("Re:"), "");
+        assert_eq!(base_subject("(fwd)"), "");
+    }
+
+    #[test]
+    fn dynamics_keywords_exactly() {
+        assert_eq!(
+            dynamics_strip_keywords("RE: FW: Invoice 7781"),
+            "Invoice 7781"
+        );
+        assert_eq!(
+            dynamics_strip_keywords("  re :  Meeting: Tuesday"),
+            "Tuesday"
+        );
+        assert_eq!(dynamics_strip_keywords("Invoice 7781"), "Invoice 7781");
+        // `\s?` allows one space only before the colon.
+        assert_eq!(dynamics_strip_keywords("RE  : x"), "RE  : x");
+        // Full-width colon is not `:`.
+        assert_eq!(dynamics_strip_keywords("回复：报价单"), "回复：报价单");
+        // `[` is not `\w`: tags stop the stripping.
+        assert_eq!(dynamics_strip_keywords("RE: [EXT] x"), "[EXT] x");
+        assert_eq!(dynamics_strip_keywords(""), "");
+    }
+
+    #[test]
+    fn word_hashes() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        // Published FNV-1a 64 test vector.
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let a = subject_word_hashes("RE: Invoice 7781 overdue", 20);
+        let b = subject_word_hashes("invoice  7781, OVERDUE", 20);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a, b);
+        assert_eq!(a[0], fnv1a64(b"invoice"));
+        assert_ne!(a, subject_word_hashes("Invoice 7782 overdue", 20));
+        let long = "w ".repeat(50);
+        assert_eq!(subject_word_hashes(&long, 20).len(), 20);
+        assert!(subject_word_hashes("RE: - ", 20).is_empty());
+    }
+
+    #[test]
+    fn address_hashes_normalise() {
+        let a = address_hashes(&[" Bob@Example.com ", "<alice@x.org>", "", "bob@example.com"]);
+        assert_eq!(a.len(), 2);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert!(a.contains(&fnv1a64(b"bob@example.com")));
+        assert!(a.contains(&fnv1a64(b"alice@x.org")));
+    }
+
+    proptest! {
+        #[test]
+        fn base_subject_never_panics_and_is_idempotent(s in "\\PC{0,80}") {
+            let b = base_subject(&s);
+            prop_assert_eq!(base_subject(&b), b.clone());
+            let _ = base_subject_without_tokens(&s, &TokenSettings::default());
+            let _ = subject_word_hashes(&s, 20);
+            let _ = dynamics_strip_keywords(&s);
+        }
+
+        #[test]
+        fn prefixes_do_not_change_base(
+            core in "[a-z]{1,8}( [a-z0-9]{1,8}){0,3}",
+            prefixes in prop::collection::vec(
+                prop::sample::select(vec!["RE: ", "Fwd: ", "AW:", "SV: ", "回复：", "Ответ: ", "Re[2]: ", "[EXTERNAL] ", "*EXT* "]),
+                0..5),
+        ) {
+            let subject = format!("{}{core}", prefixes.concat());
+            prop_assert_eq!(base_subject(&subject), base_subject(&core));
+        }
+    }
+}
