@@ -6,6 +6,8 @@
 //! the pipeline commits activities and the batch's positions together →
 //! [`Connector::acknowledge`] (delete, flag, move) only after that commit is durable.
 
+pub mod forward;
+pub mod imap;
 pub mod maildir;
 
 use std::future::Future;
@@ -64,6 +66,8 @@ pub enum ConnectorError {
     Net(#[from] NetError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Imap(#[from] imap::ImapError),
     #[error("maildir {path}: {detail}")]
     Maildir {
         path: String,
@@ -77,6 +81,7 @@ impl Classify for ConnectorError {
         match self {
             ConnectorError::Net(e) => e.disposition(),
             ConnectorError::Store(e) => e.disposition(),
+            ConnectorError::Imap(e) => e.disposition(),
             ConnectorError::Maildir { disposition, .. } => *disposition,
         }
     }
