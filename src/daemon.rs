@@ -16,6 +16,8 @@ use crate::alerts::Alerts;
 use crate::config::{AuthKind, Config, Mailbox, Profile};
 use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
+use crate::connector::pop3::Credentials as Pop3Credentials;
+use crate::connector::pop3_sync::{Pop3Connector, Pop3Settings};
 use crate::model::{self, AlertLevel, IncomingDelivery, ProfileType};
 use crate::net::Endpoint;
 use crate::scheduler::{Backoff, MailboxTask, Runtime};
@@ -151,6 +153,23 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     );
                 }
             },
+            ProfileType::Pop3Smtp => match pop3_settings(&profile, mailbox) {
+                Ok(settings) => {
+                    let connector = Pop3Connector::new(settings, store.clone());
+                    task.register(connector_protocol(&connector));
+                    tracker.spawn(task.run(connector));
+                }
+                Err(why) => {
+                    task.register("pop3");
+                    alerts.raise(
+                        AlertLevel::Error,
+                        Some(&mailbox.name),
+                        Some(&profile.name),
+                        &why,
+                        model::now(),
+                    );
+                }
+            },
             other => {
                 task.register("unavailable");
                 alerts.raise(
@@ -257,6 +276,28 @@ pub fn imap_settings(profile: &Profile, mailbox: &Mailbox) -> Result<ImapSetting
         processed_keyword: profile.processed_keyword.clone(),
         delete_after_processing: mailbox.delete_after_processing,
         idle: profile.idle,
+        transform: forward.then_some(crate::connector::forward::unwrap_forwarded as fn(_) -> _),
+    })
+}
+
+/// The POP3 connector settings of a mailbox.
+pub fn pop3_settings(profile: &Profile, mailbox: &Mailbox) -> Result<Pop3Settings, String> {
+    let (user, secret) = login(profile, mailbox)?;
+    let credentials = match profile.auth {
+        AuthKind::Password => Pop3Credentials::Password { user, pass: secret },
+        AuthKind::OAuth2 => Pop3Credentials::OAuth2 {
+            user,
+            token: secret,
+        },
+    };
+    let forward = mailbox.incoming == IncomingDelivery::ForwardMailbox;
+    Ok(Pop3Settings {
+        mailbox: mailbox.name.clone(),
+        endpoint: endpoint(profile)?,
+        credentials,
+        batch_size: profile.batch_size,
+        max_message_size: profile.max_message_size,
+        delete_after_processing: mailbox.delete_after_processing,
         transform: forward.then_some(crate::connector::forward::unwrap_forwarded as fn(_) -> _),
     })
 }

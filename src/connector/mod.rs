@@ -9,6 +9,8 @@
 pub mod forward;
 pub mod imap;
 pub mod maildir;
+pub mod pop3;
+pub mod pop3_sync;
 
 use std::future::Future;
 use std::time::Duration;
@@ -68,6 +70,8 @@ pub enum ConnectorError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Imap(#[from] imap::ImapError),
+    #[error(transparent)]
+    Pop3(#[from] pop3::Pop3Error),
     #[error("maildir {path}: {detail}")]
     Maildir {
         path: String,
@@ -82,6 +86,7 @@ impl Classify for ConnectorError {
             ConnectorError::Net(e) => e.disposition(),
             ConnectorError::Store(e) => e.disposition(),
             ConnectorError::Imap(e) => e.disposition(),
+            ConnectorError::Pop3(e) => e.disposition(),
             ConnectorError::Maildir { disposition, .. } => *disposition,
         }
     }
