@@ -578,3 +578,55 @@ fn dovecot_restart_mid_fetch() {
     assert_exactly_once(&cfg, N as usize, "after Dovecot restarts");
     assert!(restarts >= 1, "no restart landed mid-sync");
 }
+
+/// A message the pipeline cannot parse is quarantined and moved to the
+/// configured failed-mail folder (created on demand); good mail gets the keyword.
+#[test]
+fn failed_message_is_moved_to_undeliverable() {
+    let env = env();
+    let user = "user00077";
+    reset_user(user);
+    deliver(user, "INBOX", b"garbage without any header section\r\n");
+    deliver(user, "INBOX", &message("good"));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile:
+                "move_failed_to = \"Undeliverable\"\nprocessed_keyword = \"$CRMTracked\"",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "moved to Undeliverable", || {
+        let n = doveadm_out(&format!("search -u {user} mailbox Undeliverable all"))
+            .lines()
+            .count();
+        (n == 1).then_some(())
+    });
+    stop(child);
+    assert_eq!(
+        doveadm_out(&format!("search -u {user} mailbox INBOX all"))
+            .lines()
+            .count(),
+        1
+    );
+    assert_eq!(
+        doveadm_out(&format!(
+            "search -u {user} mailbox INBOX keyword '$CRMTracked'"
+        ))
+        .lines()
+        .count(),
+        1
+    );
+    assert_eq!(offline_activities(&cfg).len(), 1);
+}
