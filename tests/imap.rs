@@ -630,3 +630,41 @@ fn failed_message_is_moved_to_undeliverable() {
     );
     assert_eq!(offline_activities(&cfg).len(), 1);
 }
+
+/// "Process email from": the first sync takes only mail received on or after
+/// the date (Dovecot's own SEARCH SINCE count is the reference).
+#[test]
+fn first_sync_honours_process_email_from() {
+    let env = env();
+    let user = "user00078";
+    reset_user(user);
+    bulk_generate(user, "INBOX", 400, 61);
+    let expected = doveadm_out(&format!("search -u {user} mailbox INBOX since 2025-12-01"))
+        .lines()
+        .count() as u64;
+    assert!(expected > 0 && expected < 400, "{expected}");
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "process_email_from = \"2025-12-01\"\nbatch_size = 50",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(60), "the recent mail", || {
+        activity_total(admin).filter(|n| *n >= expected)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    stop(child);
+    assert_eq!(offline_activities(&cfg).len() as u64, expected);
+}
