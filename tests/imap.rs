@@ -668,3 +668,52 @@ fn first_sync_honours_process_email_from() {
     stop(child);
     assert_eq!(offline_activities(&cfg).len() as u64, expected);
 }
+
+/// Three IDLE-capable mailboxes on a profile limited to one connection: the
+/// permit is shared in turn (no starvation), every message arrives.
+#[test]
+fn connection_limit_shared_by_idling_mailboxes() {
+    let env = env();
+    let users = ["user00079", "user00080", "user00097"];
+    for (i, u) in users.iter().enumerate() {
+        reset_user(u);
+        bulk_generate(u, "INBOX", 30, 70 + i as u32);
+    }
+    let extra: String = users[1..]
+        .iter()
+        .map(|u| {
+            format!(
+                "\n[[mailboxes]]\nname = \"{u}\"\nprofile = \"srv\"\nemail = \"{u}@example.test\"\napproval = \"approved\"\nusername = \"{u}\"\npassword = \"{PASSWORD}\"\n"
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user: users[0],
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "max_concurrent_connections = 1\nidle = true",
+            extra_mailbox: &extra,
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(60), "90 activities", || {
+        activity_total(admin).filter(|n| *n >= 90)
+    });
+    for u in users {
+        deliver(u, "INBOX", &message(&format!("limit-{u}")));
+    }
+    wait_for(Duration::from_secs(60), "93 activities", || {
+        activity_total(admin).filter(|n| *n >= 93)
+    });
+    stop(child);
+    assert_eq!(offline_activities(&cfg).len(), 93);
+}

@@ -109,10 +109,14 @@ pub trait Connector: Send {
     ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
 
     /// Waits until new mail may be there: push (IMAP IDLE) where possible, else
-    /// `max`. Returns early when `cancel` fires.
+    /// `max`. Returns early when `cancel` fires. Without `keep_connection` the
+    /// caller holds no connection permit for the wait: close any open
+    /// connection and do not push, so idle mailboxes stay within the
+    /// profile's connection limit.
     fn wait_for_changes(
         &mut self,
         max: Duration,
+        keep_connection: bool,
         cancel: &CancellationToken,
     ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
 

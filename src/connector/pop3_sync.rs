@@ -232,6 +232,7 @@ impl Connector for Pop3Connector {
     async fn wait_for_changes(
         &mut self,
         max: Duration,
+        _keep_connection: bool,
         cancel: &CancellationToken,
     ) -> Result<(), ConnectorError> {
         // POP3 has no push, and an open session would hide new mail.

@@ -370,9 +370,12 @@ impl Connector for ImapConnector {
     async fn wait_for_changes(
         &mut self,
         max: Duration,
+        keep_connection: bool,
         cancel: &CancellationToken,
     ) -> Result<(), ConnectorError> {
-        if self.settings.idle {
+        if !keep_connection {
+            self.close().await;
+        } else if self.settings.idle {
             let outcome = tokio::select! {
                 r = self.idle_inner(max) => Some(r),
                 _ = cancel.cancelled() => None,
