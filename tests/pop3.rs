@@ -230,3 +230,59 @@ async fn error_classification() {
     .unwrap();
     assert!(ok.contains("UIDL yes"), "{ok}");
 }
+
+/// SIGKILL at random points of a 2,000-message POP3 sync with
+/// delete_after_processing, 5 times: exactly 2,000 activities and, in the end,
+/// an empty maildrop (deletions lost to a kill before QUIT are redone).
+#[test]
+fn sigkill_with_delete_after_processing() {
+    const N: u64 = 2000;
+    let env = env();
+    let user = "user00098";
+    reset_user(user);
+    bulk_generate(user, "INBOX", N as usize, 53);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port: env.pop3,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 100",
+            extra_mailbox: "delete_after_processing = true",
+        },
+    );
+    let mut marks: Vec<u64> = (0..5).map(|_| fastrand::u64(1..N)).collect();
+    marks.sort();
+    for mark in marks {
+        let mut child = start(&cfg);
+        wait_for(Duration::from_secs(120), "progress mark", || {
+            activity_total(admin).filter(|n| *n >= mark)
+        });
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..100)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(120), "all activities", || {
+        activity_total(admin).filter(|n| *n >= N)
+    });
+    wait_for(Duration::from_secs(60), "empty maildrop", || {
+        (inbox_count(user) == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    stop(child);
+    let all = offline_activities(&cfg);
+    assert_eq!(all.len() as u64, N);
+    let ids: std::collections::HashSet<&str> = all
+        .iter()
+        .map(|a| a["message_ids"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len() as u64, N, "duplicate Message-IDs");
+}
