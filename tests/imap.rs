@@ -717,3 +717,60 @@ fn connection_limit_shared_by_idling_mailboxes() {
     stop(child);
     assert_eq!(offline_activities(&cfg).len(), 93);
 }
+
+/// New mail in several folders is processed in arrival order: a reply that
+/// lands in INBOX after its parent was filed in a tracked folder is linked to
+/// the parent (and inherits its regarding), although INBOX is scanned first.
+#[test]
+fn folders_are_merged_in_arrival_order() {
+    let env = env();
+    let user = "user00099";
+    reset_user(user);
+    let tag = format!("{}-{}", std::process::id(), fastrand::u32(..));
+    let parent = format!(
+        "From: Customer <c@customer.example>\r\nTo: {user}@example.test\r\nSubject: Contract {tag}\r\nDate: Thu, 01 Jan 2026 10:00:00 +0000\r\nMessage-ID: <parent-{tag}@customer.example>\r\n\r\nHere is the contract.\r\n"
+    );
+    let reply = format!(
+        "From: Customer <c@customer.example>\r\nTo: {user}@example.test\r\nSubject: Re: Contract {tag}\r\nDate: Thu, 01 Jan 2026 10:05:00 +0000\r\nMessage-ID: <reply-{tag}@customer.example>\r\nIn-Reply-To: <parent-{tag}@customer.example>\r\nReferences: <parent-{tag}@customer.example>\r\n\r\nSigned copy attached.\r\n"
+    );
+    deliver(user, "INBOX/T1", parent.as_bytes());
+    // INTERNALDATE has one-second resolution.
+    std::thread::sleep(Duration::from_millis(1100));
+    deliver(user, "INBOX", reply.as_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            // One message per batch: the merge must work across batches too.
+            extra_profile: "batch_size = 1",
+            extra_mailbox: r#"tracked_folders = [{ folder = "INBOX/T1", regarding = "account:t1" }]"#,
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    stop(child);
+    let all = offline_activities(&cfg);
+    let by_id = |id: &str| {
+        all.iter()
+            .find(|a| a["message_ids"][0].as_str() == Some(id))
+            .unwrap_or_else(|| panic!("no activity {id}: {all:?}"))
+            .clone()
+    };
+    let p = by_id(&format!("parent-{tag}@customer.example"));
+    let r = by_id(&format!("reply-{tag}@customer.example"));
+    assert_eq!(p["regarding"], "account:t1", "{p}");
+    assert_eq!(r["method"], "in_reply_to", "{r}");
+    assert_eq!(r["correlated_with"], p["id"], "{r}");
+    assert_eq!(r["regarding"], "account:t1", "{r}");
+}

@@ -55,6 +55,20 @@ pub struct ImapSettings {
     pub transform: Option<fn(RawMessage) -> RawMessage>,
 }
 
+/// What phase 1 of a fetch found in one folder.
+struct FolderScan {
+    folder: String,
+    state: super::FolderState,
+    prev: Option<FolderPosition>,
+    start: u32,
+    /// New UIDs, ascending.
+    candidates: Vec<u32>,
+    /// How many of the first candidates go into this batch.
+    take: usize,
+    /// INTERNALDATE of the first candidates (only when merging folders).
+    dates: Vec<i64>,
+}
+
 /// IMAP connector for one mailbox.
 pub struct ImapConnector {
     settings: ImapSettings,
@@ -123,18 +137,23 @@ impl ImapConnector {
             use chrono::Datelike;
             ImapDate::new(d.year(), d.month() as u8, d.day() as u8)
         });
+        let budget = self.settings.batch_size;
         let mut batch = FetchBatch::default();
-        let mut budget = self.settings.batch_size;
         let mut client = self.take_client().await?;
+
+        // Phase 1: what is new in each folder.
+        let mut scans: Vec<FolderScan> = Vec::with_capacity(self.settings.folders.len());
         for folder in self.settings.folders.clone() {
             let state = client.select(&folder).await?;
-            let prev = stored.get(&folder);
-            let same_validity = prev.is_some_and(|p| p.uidvalidity == u64::from(state.uidvalidity));
-            let start = match prev {
+            let prev = stored.get(&folder).cloned();
+            let same_validity = prev
+                .as_ref()
+                .is_some_and(|p| p.uidvalidity == u64::from(state.uidvalidity));
+            let start = match &prev {
                 Some(p) if same_validity => u32::try_from(p.next_uid).unwrap_or(u32::MAX).max(1),
                 _ => 1,
             };
-            if let Some(p) = prev.filter(|_| !same_validity) {
+            if let Some(p) = prev.as_ref().filter(|_| !same_validity) {
                 if self.announced.get(&folder) != Some(&state.uidvalidity) {
                     self.announced.insert(folder.clone(), state.uidvalidity);
                     batch.notices.push((
@@ -156,56 +175,104 @@ impl ImapConnector {
                     None => client.uids_from(start).await?,
                 }
             };
-            let take = candidates.len().min(budget);
-            let uids: Vec<u32> = candidates[..take].to_vec();
-            batch.backlog += (candidates.len() - take) as u64;
-            let mails = if uids.is_empty() {
-                Vec::new()
-            } else {
-                client.fetch_messages(&uids).await?
-            };
-            budget -= take;
-            let uidnext = state.uidnext.unwrap_or(0);
-            let next_uid = if take < candidates.len() {
+            scans.push(FolderScan {
+                folder,
+                state,
+                prev,
+                start,
+                candidates,
+                take: 0,
+                dates: Vec::new(),
+            });
+        }
+
+        // Phase 2: how many of each folder's first candidates go into this batch.
+        // With new mail in several folders, merge them in arrival order (a k-way
+        // merge on INTERNALDATE over per-folder prefixes, so positions stay
+        // "everything below next UID"): a reply filed in INBOX must not be
+        // processed before its parent filed in a tracked folder.
+        let busy = scans.iter().filter(|s| !s.candidates.is_empty()).count();
+        if busy <= 1 {
+            for s in &mut scans {
+                s.take = s.candidates.len().min(budget);
+            }
+        } else {
+            for s in scans.iter_mut().filter(|s| !s.candidates.is_empty()) {
+                let head = &s.candidates[..s.candidates.len().min(budget)];
+                client.select(&s.folder).await?;
+                let dates: HashMap<u32, Option<i64>> = client
+                    .fetch_internal_dates(head)
+                    .await?
+                    .into_iter()
+                    .collect();
+                // A message expunged meanwhile sorts first and is simply missing later.
+                s.dates = head
+                    .iter()
+                    .map(|u| dates.get(u).copied().flatten().unwrap_or(i64::MIN))
+                    .collect();
+            }
+            for _ in 0..budget {
+                let next = scans
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.take < s.dates.len())
+                    .min_by_key(|(i, s)| (s.dates[s.take], *i))
+                    .map(|(i, _)| i);
+                match next {
+                    Some(i) => scans[i].take += 1,
+                    None => break,
+                }
+            }
+        }
+
+        // Phase 3: fetch, positions, messages in merge (date) order.
+        let mut fetched: Vec<(i64, usize, RawMessage)> = Vec::new();
+        for (index, s) in scans.iter().enumerate() {
+            let uids = &s.candidates[..s.take];
+            batch.backlog += (s.candidates.len() - s.take) as u64;
+            if !uids.is_empty() {
+                if client.selected_folder() != Some(s.folder.as_str()) {
+                    client.select(&s.folder).await?;
+                }
+                for m in client.fetch_messages(uids).await? {
+                    let raw = RawMessage {
+                        source: self.source(&s.folder, s.state.uidvalidity, m.uid),
+                        raw: m.raw,
+                        received_at: m.internal_date,
+                    };
+                    let raw = match self.settings.transform {
+                        Some(f) => f(raw),
+                        None => raw,
+                    };
+                    fetched.push((m.internal_date.unwrap_or(i64::MIN), index, raw));
+                }
+            }
+            let uidnext = s.state.uidnext.unwrap_or(0);
+            let next_uid = if s.take < s.candidates.len() {
                 batch.more = true;
-                uids.last().map(|u| u + 1).unwrap_or(start)
+                uids.last().map(|u| u + 1).unwrap_or(s.start)
             } else {
                 // Everything up to UIDNEXT was considered (or is older than the
                 // process-from date): skip it for good.
-                let last = candidates.last().map(|u| u + 1).unwrap_or(start);
-                last.max(uidnext).max(start)
+                let last = s.candidates.last().map(|u| u + 1).unwrap_or(s.start);
+                last.max(uidnext).max(s.start)
             };
             self.fetched_next
-                .insert(folder.clone(), (state.uidvalidity, next_uid));
+                .insert(s.folder.clone(), (s.state.uidvalidity, next_uid));
             let position = FolderPosition {
-                uidvalidity: u64::from(state.uidvalidity),
+                uidvalidity: u64::from(s.state.uidvalidity),
                 next_uid: u64::from(next_uid),
-                highest_modseq: state.highest_modseq,
-                seen_count: u64::from(state.exists),
+                highest_modseq: s.state.highest_modseq,
+                seen_count: u64::from(s.state.exists),
             };
-            if prev != Some(&position) {
-                batch.positions.push((folder.clone(), position));
-            }
-            for m in mails {
-                let raw = RawMessage {
-                    source: self.source(&folder, state.uidvalidity, m.uid),
-                    raw: m.raw,
-                    received_at: m.internal_date,
-                };
-                let raw = match self.settings.transform {
-                    Some(f) => f(raw),
-                    None => raw,
-                };
-                batch.messages.push(raw);
-            }
-            if budget == 0 {
-                // Later folders are visited by the next batch (`more`).
-                if self.settings.folders.last() != Some(&folder) {
-                    batch.more = true;
-                }
-                break;
+            if s.prev.as_ref() != Some(&position) {
+                batch.positions.push((s.folder.clone(), position));
             }
         }
+        // Arrival order (INTERNALDATE); the sort is stable, so ties keep folder
+        // order and, within a folder, UID order.
+        fetched.sort_by_key(|(date, index, _)| (*date, *index));
+        batch.messages = fetched.into_iter().map(|(_, _, m)| m).collect();
         self.client = Some(client);
         Ok(batch)
     }

@@ -1204,6 +1204,48 @@ impl ImapClient {
         Ok(out)
     }
 
+    /// INTERNALDATE (Unix seconds) of each UID, sorted by UID; `None` where the
+    /// server sent none we could parse. Used to merge folders in arrival order.
+    pub async fn fetch_internal_dates(
+        &mut self,
+        uids: &[u32],
+    ) -> Result<Vec<(u32, Option<i64>)>, ImapError> {
+        self.selected()?;
+        let wanted = sorted_unique(uids);
+        let mut out = Vec::with_capacity(wanted.len());
+        for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
+            let line = format!("UID FETCH {set} (UID INTERNALDATE)");
+            self.exec("UID FETCH", &line, |r| {
+                let Response::Fetch(_, attrs) = r else {
+                    return false;
+                };
+                let mut uid = 0;
+                let mut date = None;
+                let mut has_date = false;
+                for a in attrs {
+                    match a {
+                        AttributeValue::Uid(u) => uid = *u,
+                        AttributeValue::InternalDate(d) => {
+                            has_date = true;
+                            date = codec::parse_internal_date(d);
+                        }
+                        _ => {}
+                    }
+                }
+                if has_date && uid != 0 && wanted.binary_search(&uid).is_ok() {
+                    out.push((uid, date));
+                    true
+                } else {
+                    false
+                }
+            })
+            .await?;
+        }
+        out.sort_by_key(|m| m.0);
+        out.dedup_by_key(|m| m.0);
+        Ok(out)
+    }
+
     /// True if PERMANENTFLAGS of the selected folder contains `\*` (new keywords can
     /// be stored). False without a selected folder.
     pub fn can_set_keywords(&self) -> bool {
