@@ -13,9 +13,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::Alerts;
-use crate::config::Config;
+use crate::config::{AuthKind, Config, Mailbox, Profile};
+use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
-use crate::model::{self, AlertLevel, ProfileType};
+use crate::connector::pop3::Credentials as Pop3Credentials;
+use crate::connector::pop3_sync::{Pop3Connector, Pop3Settings};
+use crate::model::{self, AlertLevel, IncomingDelivery, ProfileType};
+use crate::net::Endpoint;
 use crate::scheduler::{Backoff, MailboxTask, Runtime};
 use crate::store::{SledStore, Store};
 use crate::telemetry;
@@ -132,6 +136,40 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                 task.register(connector_protocol(&connector));
                 tracker.spawn(task.run(connector));
             }
+            ProfileType::ImapSmtp => match imap_settings(&profile, mailbox) {
+                Ok(settings) => {
+                    let connector = ImapConnector::new(settings, store.clone());
+                    task.register(connector_protocol(&connector));
+                    tracker.spawn(task.run(connector));
+                }
+                Err(why) => {
+                    task.register("imap");
+                    alerts.raise(
+                        AlertLevel::Error,
+                        Some(&mailbox.name),
+                        Some(&profile.name),
+                        &why,
+                        model::now(),
+                    );
+                }
+            },
+            ProfileType::Pop3Smtp => match pop3_settings(&profile, mailbox) {
+                Ok(settings) => {
+                    let connector = Pop3Connector::new(settings, store.clone());
+                    task.register(connector_protocol(&connector));
+                    tracker.spawn(task.run(connector));
+                }
+                Err(why) => {
+                    task.register("pop3");
+                    alerts.raise(
+                        AlertLevel::Error,
+                        Some(&mailbox.name),
+                        Some(&profile.name),
+                        &why,
+                        model::now(),
+                    );
+                }
+            },
             other => {
                 task.register("unavailable");
                 alerts.raise(
@@ -172,6 +210,96 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where and how to connect for a server profile.
+pub fn endpoint(profile: &Profile) -> Result<Endpoint, String> {
+    let host = profile
+        .host
+        .clone()
+        .ok_or_else(|| format!("profile {:?} has no host", profile.name))?;
+    let port = profile
+        .port
+        .ok_or_else(|| format!("profile {:?} has no port", profile.name))?;
+    Ok(Endpoint {
+        host,
+        port,
+        tls: profile.tls,
+        tls_server_name: profile.tls_server_name.clone(),
+        ca_file: profile.ca_file.clone(),
+        connect_timeout: profile.connect_timeout,
+        io_timeout: profile.io_timeout,
+    })
+}
+
+/// Login name and secret of a mailbox (its own, else the profile's).
+pub fn login(profile: &Profile, mailbox: &Mailbox) -> Result<(String, String), String> {
+    let user = mailbox
+        .username
+        .clone()
+        .or_else(|| profile.username.clone())
+        .ok_or_else(|| format!("mailbox {:?} has no username", mailbox.name))?;
+    let secret = mailbox
+        .secret
+        .as_ref()
+        .or(profile.secret.as_ref())
+        .map(|s| s.expose().to_string())
+        .ok_or_else(|| format!("mailbox {:?} has no password or token", mailbox.name))?;
+    Ok((user, secret))
+}
+
+/// The IMAP connector settings of a mailbox.
+pub fn imap_settings(profile: &Profile, mailbox: &Mailbox) -> Result<ImapSettings, String> {
+    let (user, secret) = login(profile, mailbox)?;
+    let credentials = match profile.auth {
+        AuthKind::Password => Credentials::Password { user, pass: secret },
+        AuthKind::OAuth2 => Credentials::OAuth2 {
+            user,
+            token: secret,
+        },
+    };
+    let mut folders: Vec<String> = mailbox
+        .tracked_folders
+        .iter()
+        .map(|r| r.folder.clone())
+        .collect();
+    folders.extend(mailbox.extra_folders.iter().cloned());
+    let forward = mailbox.incoming == IncomingDelivery::ForwardMailbox;
+    Ok(ImapSettings {
+        mailbox: mailbox.name.clone(),
+        endpoint: endpoint(profile)?,
+        credentials,
+        folders,
+        batch_size: profile.batch_size,
+        process_email_from: profile.process_email_from,
+        move_failed_to: profile.move_failed_to.clone(),
+        processed_keyword: profile.processed_keyword.clone(),
+        delete_after_processing: mailbox.delete_after_processing,
+        idle: profile.idle,
+        transform: forward.then_some(crate::connector::forward::unwrap_forwarded as fn(_) -> _),
+    })
+}
+
+/// The POP3 connector settings of a mailbox.
+pub fn pop3_settings(profile: &Profile, mailbox: &Mailbox) -> Result<Pop3Settings, String> {
+    let (user, secret) = login(profile, mailbox)?;
+    let credentials = match profile.auth {
+        AuthKind::Password => Pop3Credentials::Password { user, pass: secret },
+        AuthKind::OAuth2 => Pop3Credentials::OAuth2 {
+            user,
+            token: secret,
+        },
+    };
+    let forward = mailbox.incoming == IncomingDelivery::ForwardMailbox;
+    Ok(Pop3Settings {
+        mailbox: mailbox.name.clone(),
+        endpoint: endpoint(profile)?,
+        credentials,
+        batch_size: profile.batch_size,
+        max_message_size: profile.max_message_size,
+        delete_after_processing: mailbox.delete_after_processing,
+        transform: forward.then_some(crate::connector::forward::unwrap_forwarded as fn(_) -> _),
+    })
 }
 
 fn connector_protocol<C: crate::connector::Connector>(c: &C) -> &'static str {

@@ -306,7 +306,16 @@ impl MailboxTask {
                     self.save_state(&state);
                     self.set_phase(Phase::Waiting, &state);
                     let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
-                    if let Err(e) = connector.wait_for_changes(wait, &self.cancel).await {
+                    // A connection kept open between polls (reuse, IDLE) counts
+                    // against the profile's limit: keep it only with a permit.
+                    // The semaphore is FIFO, so mailboxes queued for a cycle get
+                    // their turn when an idling one comes back.
+                    let permit = self.connections.clone().try_acquire_owned().ok();
+                    let waited = connector
+                        .wait_for_changes(wait, permit.is_some(), &self.cancel)
+                        .await;
+                    drop(permit);
+                    if let Err(e) = waited {
                         tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
                     }
                 }

@@ -237,6 +237,7 @@ impl Connector for MaildirConnector {
     async fn wait_for_changes(
         &mut self,
         max: Duration,
+        _keep_connection: bool,
         cancel: &CancellationToken,
     ) -> Result<(), ConnectorError> {
         tokio::select! {

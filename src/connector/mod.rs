@@ -6,7 +6,11 @@
 //! the pipeline commits activities and the batch's positions together →
 //! [`Connector::acknowledge`] (delete, flag, move) only after that commit is durable.
 
+pub mod forward;
+pub mod imap;
 pub mod maildir;
+pub mod pop3;
+pub mod pop3_sync;
 
 use std::future::Future;
 use std::time::Duration;
@@ -64,6 +68,10 @@ pub enum ConnectorError {
     Net(#[from] NetError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Imap(#[from] imap::ImapError),
+    #[error(transparent)]
+    Pop3(#[from] pop3::Pop3Error),
     #[error("maildir {path}: {detail}")]
     Maildir {
         path: String,
@@ -77,6 +85,8 @@ impl Classify for ConnectorError {
         match self {
             ConnectorError::Net(e) => e.disposition(),
             ConnectorError::Store(e) => e.disposition(),
+            ConnectorError::Imap(e) => e.disposition(),
+            ConnectorError::Pop3(e) => e.disposition(),
             ConnectorError::Maildir { disposition, .. } => *disposition,
         }
     }
@@ -99,10 +109,14 @@ pub trait Connector: Send {
     ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
 
     /// Waits until new mail may be there: push (IMAP IDLE) where possible, else
-    /// `max`. Returns early when `cancel` fires.
+    /// `max`. Returns early when `cancel` fires. Without `keep_connection` the
+    /// caller holds no connection permit for the wait: close any open
+    /// connection and do not push, so idle mailboxes stay within the
+    /// profile's connection limit.
     fn wait_for_changes(
         &mut self,
         max: Duration,
+        keep_connection: bool,
         cancel: &CancellationToken,
     ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
 

@@ -1,0 +1,267 @@
+//! The POP3 [`Connector`]: UIDL-based incremental sync of the maildrop.
+//!
+//! POP3 shows a snapshot of the maildrop taken at login, so one session serves
+//! one sync cycle (its batches) and ends with `QUIT`, which is also what makes
+//! the server carry out `DELE`s. What was processed is known from the store by
+//! source key (mailbox, `INBOX`, 0, UIDL); a server without UIDL gets a
+//! SHA-256 of the message's header section (`TOP n 0`) as its id instead,
+//! which together with the pipeline's Message-ID + content-hash dedupe keeps
+//! it exactly-once. `DELE` is sent only after the commit (in
+//! [`Connector::acknowledge`]), and a processed message still present after a
+//! crash is deleted on the next cycle without being fetched again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::pop3::{Credentials, Pop3Client, Pop3Error};
+use super::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
+use crate::model::{AlertLevel, SourceKey};
+use crate::net::Endpoint;
+use crate::store::Store;
+
+/// What one POP3 mailbox syncs and how.
+#[derive(Debug, Clone)]
+pub struct Pop3Settings {
+    /// Mailbox name in the configuration.
+    pub mailbox: String,
+    /// Server and transport.
+    pub endpoint: Endpoint,
+    /// Login.
+    pub credentials: Credentials,
+    /// Messages fetched and committed per batch.
+    pub batch_size: usize,
+    /// Larger messages are skipped (with a warning) instead of downloaded.
+    pub max_message_size: u64,
+    /// `DELE` recorded messages (after their commit).
+    pub delete_after_processing: bool,
+    /// Applied to each fetched message (forward mailbox: unwrap the original).
+    pub transform: Option<fn(RawMessage) -> RawMessage>,
+}
+
+/// One open session and what it found.
+struct Session {
+    client: Pop3Client,
+    /// UIDL (or header hash) → message number, for this session.
+    numbers: HashMap<String, u32>,
+    /// Not yet processed: (number, id, size).
+    pending: VecDeque<(u32, String, u64)>,
+    /// DELE sent in this session (committed by QUIT).
+    deleted: usize,
+}
+
+/// POP3 connector for one mailbox.
+pub struct Pop3Connector {
+    settings: Pop3Settings,
+    store: Arc<dyn Store>,
+    session: Option<Session>,
+}
+
+impl Pop3Connector {
+    /// A connector; it connects when there is work.
+    pub fn new(mut settings: Pop3Settings, store: Arc<dyn Store>) -> Self {
+        settings.batch_size = settings.batch_size.max(1);
+        Pop3Connector {
+            settings,
+            store,
+            session: None,
+        }
+    }
+
+    fn source(&self, id: &str) -> SourceKey {
+        SourceKey {
+            mailbox: self.settings.mailbox.clone(),
+            folder: "INBOX".into(),
+            uidvalidity: 0,
+            uid: id.to_string(),
+        }
+    }
+
+    async fn login(&self) -> Result<Pop3Client, Pop3Error> {
+        let mut client = Pop3Client::connect(&self.settings.endpoint).await?;
+        client.authenticate(&self.settings.credentials).await?;
+        Ok(client)
+    }
+
+    /// Opens a session: lists the maildrop, deletes what was processed before
+    /// (a crash between commit and QUIT), queues the rest.
+    async fn open(&self) -> Result<Session, ConnectorError> {
+        let mut client = self.login().await?;
+        let sizes: HashMap<u32, u64> = client.list_all().await?.into_iter().collect();
+        let ids = match client.uidl_all().await? {
+            Some(ids) => ids,
+            None => {
+                // No UIDL: identify messages by a hash of their header section.
+                let mut ids = Vec::with_capacity(sizes.len());
+                let mut numbers: Vec<u32> = sizes.keys().copied().collect();
+                numbers.sort_unstable();
+                for n in numbers {
+                    let head = client.top(n, 0).await?;
+                    let digest = ring::digest::digest(&ring::digest::SHA256, &head);
+                    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+                    ids.push((n, format!("sha256:{hex}")));
+                }
+                ids
+            }
+        };
+        let mut session = Session {
+            client,
+            numbers: HashMap::new(),
+            pending: VecDeque::new(),
+            deleted: 0,
+        };
+        for (n, id) in ids {
+            session.numbers.insert(id.clone(), n);
+            if self.store.is_seen(&self.source(&id))? {
+                if self.settings.delete_after_processing {
+                    session.client.dele(n).await?;
+                    session.deleted += 1;
+                }
+            } else {
+                let size = sizes.get(&n).copied().unwrap_or(0);
+                session.pending.push_back((n, id, size));
+            }
+        }
+        Ok(session)
+    }
+
+    async fn fetch_inner(&mut self) -> Result<FetchBatch, ConnectorError> {
+        let mut session = match self.session.take() {
+            Some(s) => s,
+            None => self.open().await?,
+        };
+        let mut batch = FetchBatch::default();
+        while batch.messages.len() < self.settings.batch_size {
+            let Some((n, id, size)) = session.pending.pop_front() else {
+                break;
+            };
+            if size > self.settings.max_message_size {
+                batch.notices.push((
+                    AlertLevel::Warning,
+                    format!(
+                        "POP3 message {id} is {size} bytes, over max_message_size ({}); skipped",
+                        self.settings.max_message_size
+                    ),
+                ));
+                continue;
+            }
+            let raw = match session.client.retr(n, self.settings.max_message_size).await {
+                Ok(raw) => raw,
+                Err(e @ Pop3Error::TooLarge { .. }) => {
+                    batch
+                        .notices
+                        .push((AlertLevel::Warning, format!("{e}; skipped")));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let msg = RawMessage {
+                source: self.source(&id),
+                raw,
+                received_at: None,
+            };
+            batch.messages.push(match self.settings.transform {
+                Some(f) => f(msg),
+                None => msg,
+            });
+        }
+        batch.backlog = session.pending.len() as u64;
+        batch.more = !session.pending.is_empty();
+        self.session = Some(session);
+        if !batch.more && batch.messages.is_empty() {
+            // Nothing to acknowledge: end the session now (commits earlier DELEs).
+            self.quit().await?;
+        }
+        Ok(batch)
+    }
+
+    async fn quit(&mut self) -> Result<(), ConnectorError> {
+        if let Some(s) = self.session.take() {
+            s.client.quit().await?;
+        }
+        Ok(())
+    }
+
+    async fn acknowledge_inner(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
+        let delete = self.settings.delete_after_processing;
+        let mut done = false;
+        if let Some(s) = self.session.as_mut() {
+            if delete {
+                for a in acks.iter().filter(|a| a.kind == AckKind::Recorded) {
+                    if let Some(n) = s.numbers.get(&a.source.uid).copied() {
+                        s.client.dele(n).await?;
+                        s.deleted += 1;
+                    }
+                }
+            }
+            done = s.pending.is_empty();
+        }
+        if done {
+            // Last batch of the cycle: QUIT commits the deletions and lets the
+            // next cycle see new mail.
+            self.quit().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Connector for Pop3Connector {
+    fn protocol(&self) -> &'static str {
+        "pop3"
+    }
+
+    async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
+        let r = self.fetch_inner().await;
+        if r.is_err() {
+            // Unknown protocol state: drop without QUIT (no DELE takes effect).
+            self.session = None;
+        }
+        r
+    }
+
+    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
+        let r = self.acknowledge_inner(acks).await;
+        if r.is_err() {
+            self.session = None;
+        }
+        r
+    }
+
+    async fn wait_for_changes(
+        &mut self,
+        max: Duration,
+        _keep_connection: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), ConnectorError> {
+        // POP3 has no push, and an open session would hide new mail.
+        let quit = self.quit().await;
+        tokio::select! {
+            _ = tokio::time::sleep(max) => {}
+            _ = cancel.cancelled() => {}
+        }
+        quit
+    }
+
+    async fn test(&mut self) -> Result<String, ConnectorError> {
+        let mut client = self.login().await?;
+        let (count, bytes) = client.stat().await?;
+        let uidl = client.capabilities().has("UIDL");
+        let tls = client.is_tls();
+        client.quit().await?;
+        Ok(format!(
+            "POP3 {}:{} (TLS {}) logged in; {count} message(s), {bytes} bytes; UIDL {}",
+            self.settings.endpoint.host,
+            self.settings.endpoint.port,
+            if tls { "on" } else { "off" },
+            if uidl { "yes" } else { "no (header-hash ids)" }
+        ))
+    }
+
+    async fn close(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.client.quit()).await;
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The POP3 connector end to end against the real Dovecot. Each test owns one
+//! user (user00091 …) so tests run in parallel.
+#![cfg(feature = "real-servers")]
+
+mod common;
+mod servers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use crm_mailsync::connector::pop3::Credentials;
+use crm_mailsync::connector::pop3_sync::{Pop3Connector, Pop3Settings};
+use crm_mailsync::connector::Connector;
+use crm_mailsync::error::{Classify, Disposition};
+use crm_mailsync::net::{Endpoint, TlsMode};
+use crm_mailsync::store::SledStore;
+use servers::*;
+
+fn inbox_count(user: &str) -> usize {
+    doveadm_out(&format!("search -u {user} mailbox INBOX all"))
+        .lines()
+        .count()
+}
+
+/// 1,000 messages over POP3 (STLS or implicit TLS): each exactly once, and a
+/// restart with 5 new messages adds exactly 5.
+fn exactly_once(user: &str, tls: &str, port: u16) {
+    let env = env();
+    reset_user(user);
+    bulk_generate(user, "INBOX", 1000, 51);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port,
+            tls,
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 150",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(180), "1000 activities", || {
+        activity_total(admin).filter(|n| *n >= 1000)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(activity_total(admin), Some(1000));
+    stop(child);
+    for i in 0..5 {
+        deliver(user, "INBOX", &message(&format!("pop-late-{i}")));
+    }
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(60), "1005 activities", || {
+        activity_total(admin).filter(|n| *n >= 1005)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    stop(child);
+    let all = offline_activities(&cfg);
+    assert_eq!(all.len(), 1005);
+    let ids: std::collections::HashSet<&str> = all
+        .iter()
+        .map(|a| a["message_ids"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1005, "duplicate Message-IDs");
+    // Nothing was deleted: delete_after_processing is off by default.
+    assert_eq!(inbox_count(user), 1005);
+}
+
+#[test]
+fn exactly_once_over_pop3_stls() {
+    let env = env();
+    exactly_once("user00091", "starttls", env.pop3);
+}
+
+#[test]
+fn exactly_once_over_pop3s() {
+    let env = env();
+    exactly_once("user00092", "implicit", env.pop3s);
+}
+
+/// delete_after_processing: every message is recorded, then removed from the
+/// maildrop (DELE after the commit, QUIT commits the deletions).
+#[test]
+fn delete_after_processing_empties_the_maildrop() {
+    let env = env();
+    let user = "user00093";
+    reset_user(user);
+    bulk_generate(user, "INBOX", 120, 52);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port: env.pop3,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 50",
+            extra_mailbox: "delete_after_processing = true",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(60), "120 activities", || {
+        activity_total(admin).filter(|n| *n >= 120)
+    });
+    wait_for(Duration::from_secs(30), "empty maildrop", || {
+        (inbox_count(user) == 0).then_some(())
+    });
+    stop(child);
+    assert_eq!(offline_activities(&cfg).len(), 120);
+}
+
+/// XOAUTH2 with the static token, through the daemon.
+#[test]
+fn xoauth2_login_syncs() {
+    let env = env();
+    let user = "user00094";
+    reset_user(user);
+    for i in 0..3 {
+        deliver(user, "INBOX", &message(&format!("oauth-{i}")));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port: env.pop3s,
+            tls: "implicit",
+            user,
+            password: &env.token,
+            auth: "oauth2",
+            extra_profile: "",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "3 activities", || {
+        activity_total(admin).filter(|n| *n >= 3)
+    });
+    stop(child);
+}
+
+fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) -> Pop3Settings {
+    Pop3Settings {
+        mailbox: format!("t-{user}"),
+        endpoint: Endpoint {
+            host: env.host.clone(),
+            port,
+            tls,
+            tls_server_name: Some(env.server_name.clone()),
+            ca_file: Some(env.ca.clone()),
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+        },
+        credentials: creds,
+        batch_size: 100,
+        max_message_size: 1 << 20,
+        delete_after_processing: false,
+        transform: None,
+    }
+}
+
+async fn test_result(s: Pop3Settings) -> Result<String, crm_mailsync::connector::ConnectorError> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+    let mut c = Pop3Connector::new(s, store);
+    let r = c.test().await;
+    c.close().await;
+    r
+}
+
+#[tokio::test]
+async fn error_classification() {
+    let env = env();
+    let user = "user00095";
+    let pw = |p: &str| Credentials::Password {
+        user: user.into(),
+        pass: p.into(),
+    };
+    let e = test_result(settings(
+        &env,
+        user,
+        TlsMode::StartTls,
+        env.pop3,
+        pw("wrong"),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
+    let e = test_result(settings(
+        &env,
+        user,
+        TlsMode::StartTls,
+        free_port(),
+        pw(PASSWORD),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(e.disposition(), Disposition::Transient, "{e}");
+    let mut s = settings(&env, user, TlsMode::Implicit, env.pop3s, pw(PASSWORD));
+    s.endpoint.ca_file = None;
+    let e = test_result(s).await.unwrap_err();
+    assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    let ok = test_result(settings(
+        &env,
+        user,
+        TlsMode::StartTls,
+        env.pop3,
+        Credentials::OAuth2 {
+            user: user.into(),
+            token: env.token.clone(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert!(ok.contains("UIDL yes"), "{ok}");
+}
+
+/// SIGKILL at random points of a 2,000-message POP3 sync with
+/// delete_after_processing, 5 times: exactly 2,000 activities and, in the end,
+/// an empty maildrop (deletions lost to a kill before QUIT are redone).
+#[test]
+fn sigkill_with_delete_after_processing() {
+    const N: u64 = 2000;
+    let env = env();
+    let user = "user00098";
+    reset_user(user);
+    bulk_generate(user, "INBOX", N as usize, 53);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port: env.pop3,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 100",
+            extra_mailbox: "delete_after_processing = true",
+        },
+    );
+    let mut marks: Vec<u64> = (0..5).map(|_| fastrand::u64(1..N)).collect();
+    marks.sort();
+    for mark in marks {
+        let mut child = start(&cfg);
+        wait_for(Duration::from_secs(120), "progress mark", || {
+            activity_total(admin).filter(|n| *n >= mark)
+        });
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..100)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(120), "all activities", || {
+        activity_total(admin).filter(|n| *n >= N)
+    });
+    wait_for(Duration::from_secs(60), "empty maildrop", || {
+        (inbox_count(user) == 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    stop(child);
+    let all = offline_activities(&cfg);
+    assert_eq!(all.len() as u64, N);
+    let ids: std::collections::HashSet<&str> = all
+        .iter()
+        .map(|a| a["message_ids"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len() as u64, N, "duplicate Message-IDs");
+}
