@@ -774,3 +774,79 @@ fn folders_are_merged_in_arrival_order() {
     assert_eq!(r["correlated_with"], p["id"], "{r}");
     assert_eq!(r["regarding"], "account:t1", "{r}");
 }
+
+/// Folder tracking over IMAP: a message MOVEd from one tracked folder to
+/// another is re-pointed to the new folder's record; moving it on to an
+/// untracked folder does not untrack it. Still one activity throughout.
+#[test]
+fn message_moved_between_tracked_folders_is_re_pointed() {
+    let env = env();
+    let user = "user00120";
+    reset_user(user);
+    let msg = message("moving");
+    deliver(user, "INBOX/T1", &msg);
+    deliver(user, "INBOX/T2", &message("anchor-t2"));
+    deliver(user, "INBOX/T3", &message("anchor-t3"));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "idle = false",
+            extra_mailbox: TRACKED,
+        },
+    );
+    let child = start(&cfg);
+    let regarding_of_moving = || {
+        // The API may not be up yet right after start.
+        activity_total(admin)?;
+        let all = all_activities(admin);
+        let moving: Vec<_> = all
+            .iter()
+            .filter(|a| a["subject"] == "moving")
+            .cloned()
+            .collect();
+        assert!(moving.len() <= 1, "duplicate activity: {moving:?}");
+        moving
+            .first()
+            .and_then(|a| a["regarding"].as_str().map(str::to_string))
+    };
+    wait_for(Duration::from_secs(30), "first sync", || {
+        regarding_of_moving().filter(|r| r == "account:t1")
+    });
+    assert!(doveadm(&format!(
+        "move -u {user} INBOX/T2 mailbox INBOX/T1 all"
+    )));
+    wait_for(Duration::from_secs(30), "re-point to account:t2", || {
+        regarding_of_moving().filter(|r| r == "account:t2")
+    });
+    let moved = all_activities(admin)
+        .into_iter()
+        .find(|a| a["subject"] == "moving")
+        .unwrap();
+    assert_eq!(moved["method"], "folder");
+    assert!(
+        moved["reasons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r.as_str().unwrap().contains("INBOX/T2")),
+        "{moved}"
+    );
+    // Leaving tracked folders (to INBOX) keeps the record.
+    assert!(doveadm(&format!(
+        "move -u {user} INBOX mailbox INBOX/T2 subject moving"
+    )));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(regarding_of_moving().as_deref(), Some("account:t2"));
+    stop(child);
+    assert_eq!(offline_activities(&cfg).len(), 3);
+}
