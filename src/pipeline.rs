@@ -152,9 +152,9 @@ pub fn process_seeded(
             Direction::Incoming
         };
         parsed.features.outgoing = direction == Direction::Outgoing;
-        // The body fingerprint is the costliest feature: computed only when
-        // scored smart matching gets to run or a tracked email is indexed.
-        let mut body_done = false;
+        // The body fingerprint is the costliest feature: the quoted part's
+        // only when scored smart matching gets to run, the whole body's only
+        // when a tracked email is indexed.
         let decision = match filter::before_correlation(&parsed, &ctx.policy) {
             _ if seed.is_some() => Decision {
                 method: CorrelationMethod::Custom,
@@ -180,8 +180,7 @@ pub fn process_seeded(
                 ) {
                     Some(d) => d,
                     None => {
-                        parsed.features.add_body_features(&parsed.body_text);
-                        body_done = true;
+                        parsed.features.add_quoted_features(&parsed.body_text);
                         let idx = resolve(&parsed.features)?;
                         correlate::correlate(&parsed.features, &idx, &ctx.settings)
                     }
@@ -195,8 +194,8 @@ pub fn process_seeded(
             }
         };
         let tracked = decision.regarding.is_some() || decision.correlated_with.is_some();
-        if tracked && !body_done && ctx.settings.wants_body_features() {
-            parsed.features.add_body_features(&parsed.body_text);
+        if tracked && ctx.settings.wants_body_features() {
+            parsed.features.add_index_features(&parsed.body_text);
         }
         let id = store.allocate_id()?;
         let f = parsed.features;

@@ -175,15 +175,6 @@ pub fn split_quoted(text: &str) -> (String, String) {
     )
 }
 
-/// 64-bit FNV-1a step; stable across platforms (not std's RandomState).
-fn fnv1a_extend(mut h: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// splitmix64 finaliser: spreads the combined word hashes so the bottom-k
@@ -203,34 +194,50 @@ fn hash_shingle(word_hashes: &[u64]) -> u64 {
     mix(h)
 }
 
-/// FNV-1a hashes of the words of `text`, lower-cased, with punctuation
-/// (including `>` quote markers) as separators, so re-wrapping and
-/// re-quoting do not change them. Each word is hashed once (shingles combine
-/// word hashes), and ASCII is lower-cased on the fly: no per-word or
-/// per-text allocation beyond the result.
+/// Hashes of the words of `text`, lower-cased, with punctuation (including
+/// `>` quote markers) as separators, so re-wrapping and re-quoting do not
+/// change them. Each word is hashed once (shingles combine word hashes) with
+/// a rotate-xor per byte and one finalising mix per word; ASCII is handled
+/// byte by byte without decoding chars. No allocation beyond the result.
 fn word_hashes(text: &str) -> Vec<u64> {
-    let mut out = Vec::with_capacity(text.len() / 6);
-    let mut h = FNV_OFFSET;
-    let mut in_word = false;
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() / 6);
+    let (mut h, mut len) = (0u64, 0u64);
+    let mut i = 0;
     let mut buf = [0u8; 4];
-    for c in text.chars() {
-        if c.is_alphanumeric() {
-            in_word = true;
-            if c.is_ascii() {
-                h = fnv1a_extend(h, &[c.to_ascii_lowercase() as u8]);
+    while i < bytes.len() {
+        let b = bytes[i];
+        let alnum = if b < 0x80 {
+            i += 1;
+            if b.is_ascii_alphanumeric() {
+                h = h.rotate_left(7) ^ u64::from(b.to_ascii_lowercase());
+                len += 1;
+                true
             } else {
-                for l in c.to_lowercase() {
-                    h = fnv1a_extend(h, l.encode_utf8(&mut buf).as_bytes());
-                }
+                false
             }
-        } else if in_word {
-            out.push(h);
-            h = FNV_OFFSET;
-            in_word = false;
+        } else {
+            let c = text[i..].chars().next().unwrap_or(' ');
+            i += c.len_utf8().max(1);
+            if c.is_alphanumeric() {
+                for l in c.to_lowercase() {
+                    for lb in l.encode_utf8(&mut buf).bytes() {
+                        h = h.rotate_left(7) ^ u64::from(lb);
+                        len += 1;
+                    }
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if !alnum && len > 0 {
+            out.push(mix(h ^ len.wrapping_mul(FNV_OFFSET)));
+            (h, len) = (0, 0);
         }
     }
-    if in_word {
-        out.push(h);
+    if len > 0 {
+        out.push(mix(h ^ len.wrapping_mul(FNV_OFFSET)));
     }
     out
 }
@@ -241,13 +248,33 @@ fn word_hashes(text: &str) -> Vec<u64> {
 /// yields nothing.
 pub fn body_shingles(text: &str) -> Vec<u64> {
     let words = word_hashes(text);
-    let mut hashes: Vec<u64> = if words.is_empty() {
+    let hashes: Vec<u64> = if words.is_empty() {
         Vec::new()
     } else if words.len() < SHINGLE_WORDS {
         vec![hash_shingle(&words)]
     } else {
         words.windows(SHINGLE_WORDS).map(hash_shingle).collect()
     };
+    bottom_k(hashes)
+}
+
+/// The [`SAMPLE_SIZE`] smallest distinct values, sorted. Long texts have
+/// thousands of shingles: partition off a slack of the smallest first and
+/// sort only those (the full sort was most of the fingerprint's cost);
+/// fall back to the full sort when duplicates ate the slack.
+fn bottom_k(mut hashes: Vec<u64>) -> Vec<u64> {
+    const SLACK: usize = 2 * SAMPLE_SIZE;
+    if hashes.len() > SLACK {
+        // Partitioning only permutes: the fallback still sees every value.
+        hashes.select_nth_unstable(SLACK);
+        let mut head = hashes[..SLACK].to_vec();
+        head.sort_unstable();
+        head.dedup();
+        if head.len() >= SAMPLE_SIZE {
+            head.truncate(SAMPLE_SIZE);
+            return head;
+        }
+    }
     hashes.sort_unstable();
     hashes.dedup();
     hashes.truncate(SAMPLE_SIZE);

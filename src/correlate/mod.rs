@@ -156,11 +156,22 @@ pub struct MessageFeatures {
 }
 
 impl MessageFeatures {
-    /// Fills the quoted-text fingerprint features from the decoded text body.
+    /// Fills both fingerprint features from the decoded text body.
     pub fn add_body_features(&mut self, body_text: &str) {
+        self.add_quoted_features(body_text);
+        self.add_index_features(body_text);
+    }
+
+    /// Fills [`Self::quoted_shingles`]: what scored smart matching compares
+    /// (staged correlation computes only this).
+    pub fn add_quoted_features(&mut self, body_text: &str) {
         let (_own, quoted) = fingerprint::split_quoted(body_text);
-        self.body_shingles = fingerprint::body_shingles(body_text);
         self.quoted_shingles = fingerprint::body_shingles(&quoted);
+    }
+
+    /// Fills [`Self::body_shingles`]: what indexing a tracked email stores.
+    pub fn add_index_features(&mut self, body_text: &str) {
+        self.body_shingles = fingerprint::body_shingles(body_text);
     }
 
     /// Domain of the other party: the sender of incoming mail, the first
@@ -495,7 +506,7 @@ pub fn correlate(
 /// Thread-Index, Dynamics smart matching). Returns the final decision when
 /// one of them decides, or when scored smart matching is not configured;
 /// `None` when scored smart matching would have to run: the caller then
-/// fills the body features ([`MessageFeatures::add_body_features`]), asks
+/// fills the quoted fingerprint ([`MessageFeatures::add_quoted_features`]), asks
 /// [`lookup_keys`] again (the fingerprint adds shingle keys) and calls
 /// [`correlate`]. The result is always what [`correlate`] would return with
 /// the body features filled; a reply whose In-Reply-To is tracked never pays
