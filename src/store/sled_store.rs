@@ -809,6 +809,45 @@ mod tests {
     }
 
     #[test]
+    fn fingerprint_shingles_find_a_quoted_parent_under_another_subject() {
+        use crate::correlate::{index_entry, lookup_keys, CorrelationSettings, MessageFeatures};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let settings = CorrelationSettings {
+            smart_matching: true,
+            ..Default::default()
+        };
+        let text = "the pallets for the Rotterdam warehouse arrive on Friday and \
+            the customs papers for both destinations are ready to sign today";
+        let mut f = MessageFeatures {
+            subject: "Delivery plan".into(),
+            ..Default::default()
+        };
+        f.add_body_features(text);
+        let mut a = activity("m", "1", Some("p@x"), "h1");
+        a.id = s.allocate_id().unwrap();
+        let mut b = batch(vec![a.clone()]);
+        b.index = vec![index_entry(&f, a.id, &settings)];
+        assert!(!b.index[0].shingle_keys.is_empty());
+        s.commit(b).unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut reply = MessageFeatures {
+            subject: "Something else entirely".into(),
+            ..Default::default()
+        };
+        reply.add_body_features(&format!("Fine.\n\nOn Monday, Ann wrote:\n> {text}"));
+        let idx = s.lookup(&lookup_keys(&reply, &settings)).unwrap();
+        assert!(!idx.by_shingle.is_empty());
+        assert_eq!(idx.candidates.len(), 1);
+        assert_eq!(idx.candidates[0].activity, a.id);
+        assert_eq!(
+            idx.candidates[0].regarding.as_ref().unwrap().to_string(),
+            "case:1"
+        );
+    }
+
+    #[test]
     fn moving_into_another_tracked_folder_re_points_leaving_one_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
