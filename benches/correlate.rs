@@ -2,12 +2,27 @@
 //! against 10k and 1M tracked emails.
 //!
 //! A generator builds realistic synthetic threads: bodies are sentences
-//! re-combined from the words of the repository's fixtures, replies quote
-//! their parent, a third keep In-Reply-To/References, a third lose them but
-//! carry a tracking token (mangled), a third lose both and rely on scored
-//! smart matching. The tracked emails are indexed in memory ([`MemIndex`],
-//! the same structure the pipeline overlays on the store) once, outside the
-//! timed loop.
+//! re-combined from the words of the repository's fixtures, sized like the
+//! shared corpus generator (`testservers/mailgen.py`: median ~2–3 KB raw,
+//! 3 % long bodies, 10 % multipart/alternative with quoted-printable HTML,
+//! 3 % base64 attachments, Received/Return-Path headers); replies quote the
+//! start of their parent; a third keep In-Reply-To/References, a third lose
+//! them but carry a tracking token (mangled), a third lose both and rely on
+//! scored smart matching. The tracked emails are indexed in memory
+//! ([`MemIndex`], the same structure the pipeline overlays on the store)
+//! once, outside the timed loop.
+//!
+//! Lines: `parse_only` is mail-parser alone; `parse_correlate` is what
+//! correlation costs in the pipeline (our parse without the content hash,
+//! staged keys and methods, the body fingerprint only when scored smart
+//! matching must run); `parse_correlate_smart_off` the Dynamics default;
+//! `parse_correlate_eager_body` the pre-staging behaviour (fingerprint for
+//! every message). `dedupe_content_hash` is the SHA-256 content hash that
+//! deduplication (filter stage, not correlation) computes per message; it is
+//! measured alone and belongs to the per-message cost of the pipeline too.
+//! Indexing a tracked email (fingerprint of its full body when scored smart
+//! matching is on) is persist work and not in these lines;
+//! `index_body_fingerprint` measures it alone.
 //!
 //! Run: `cargo bench --bench correlate` (add `-- --quick` for a short run).
 
@@ -16,7 +31,8 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crm_mailsync::correlate::{
-    correlate, index_entry, lookup_keys, CorrelationSettings, MemIndex, MessageFeatures,
+    correlate, correlate_without_body, index_entry, lookup_keys, CorrelationSettings, MemIndex,
+    MessageFeatures,
 };
 use crm_mailsync::model::RecordRef;
 
@@ -57,6 +73,53 @@ struct Gen {
     words: Vec<String>,
 }
 
+/// Standard normal variate (Box–Muller), for log-normal body sizes.
+fn normal(rng: &mut fastrand::Rng) -> f64 {
+    let (u, v) = (rng.f64().max(1e-12), rng.f64());
+    (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+}
+
+/// Wraps a paragraph at 72 columns, as mail clients do.
+fn wrap(text: &str) -> String {
+    let mut out = String::new();
+    let mut col = 0;
+    for w in text.split(' ') {
+        if col > 0 && col + 1 + w.len() > 72 {
+            out.push('\n');
+            col = 0;
+        } else if col > 0 {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(w);
+        col += w.len();
+    }
+    out
+}
+
+/// Minimal quoted-printable encoder (soft breaks at 76 columns).
+fn qp(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.split('\n') {
+        let mut col = 0;
+        for b in line.bytes() {
+            let enc = if b == b'=' || !(32..127).contains(&b) {
+                format!("={b:02X}")
+            } else {
+                (b as char).to_string()
+            };
+            if col + enc.len() > 75 {
+                out.push_str("=\n");
+                col = 0;
+            }
+            col += enc.len();
+            out.push_str(&enc);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 impl Gen {
     fn sentence(&self, rng: &mut fastrand::Rng, n: usize) -> String {
         let mut s: Vec<&str> = (0..n)
@@ -66,15 +129,38 @@ impl Gen {
         s.join(" ")
     }
 
-    /// Deterministic body of tracked email `i`.
-    fn body(&self, i: usize) -> String {
+    /// Paragraphs of message `i`'s own text, shaped like the shared corpus
+    /// generator (`testservers/mailgen.py`): log-normal size around 1.75 KB
+    /// (150 B – 19 KB), 3 % long ones of 20–100 KB, greeting and closing.
+    fn own_paragraphs(&self, i: usize) -> Vec<String> {
         let mut rng = fastrand::Rng::with_seed(i as u64);
-        (0..4)
-            .map(|_| self.sentence(&mut rng, 12))
-            .collect::<Vec<_>>()
-            .join("\n")
+        let target = if rng.f64() < 0.03 {
+            20_000 + rng.usize(..80_000)
+        } else {
+            ((1750f64.ln() + 0.75 * normal(&mut rng)).exp() as usize).clamp(150, 19_000)
+        };
+        let mut pars = vec![format!("Hi customer{},", i % 5000)];
+        let mut size = 0;
+        while size < target {
+            let n = 1 + rng.usize(..5);
+            let par: Vec<String> = (0..n)
+                .map(|_| {
+                    let k = 6 + rng.usize(..10);
+                    self.sentence(&mut rng, k)
+                })
+                .collect();
+            let par = wrap(&par.join(" "));
+            size += par.len() + 2;
+            pars.push(par);
+        }
+        pars.push(format!("Best regards,\nAgent {}", i % 40));
+        pars
     }
 
+    /// Deterministic body of tracked email `i`.
+    fn body(&self, i: usize) -> String {
+        self.own_paragraphs(i).join("\n\n") + "\n"
+    }
     /// Subject of tracked email `i`: a tenth share generic subjects (big
     /// smart-matching buckets), the rest are specific; a third carry a token.
     fn subject(&self, i: usize) -> String {
@@ -108,37 +194,84 @@ impl Gen {
         f
     }
 
-    /// Raw incoming reply to tracked email `parent`.
-    fn reply(&self, k: usize, parent: usize, n: usize) -> Vec<u8> {
-        let quoted: String = self
-            .body(parent)
-            .lines()
-            .map(|l| format!("> {l}\r\n"))
+    /// Raw incoming reply to tracked email `parent`: own text, then (65 %,
+    /// top-posting) or inside it the parent's first paragraphs quoted with an
+    /// attribution line; 10 % multipart/alternative with a quoted-printable
+    /// HTML part, 3 % multipart/mixed with a base64 attachment of 0.5–24 KB.
+    fn reply(&self, k: usize, parent: usize) -> Vec<u8> {
+        let mut rng = fastrand::Rng::with_seed(k as u64 ^ 0xa11ce);
+        let parent_pars = self.own_paragraphs(parent);
+        let quote_n = (2 + rng.usize(..3)).min(parent_pars.len());
+        let quoted: Vec<String> = parent_pars[..quote_n]
+            .iter()
+            .map(|p| {
+                p.lines()
+                    .map(|l| format!("> {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
             .collect();
-        let mut rng = fastrand::Rng::with_seed(k as u64);
+        let quote = format!(
+            "On Mon, 1 Mar 2026 at 09:{:02}, Agent {} <support@us.example> wrote:\n{}",
+            k % 60,
+            parent % 40,
+            quoted.join("\n>\n")
+        );
+        let own = self.own_paragraphs(1_000_000_000 + k);
+        let text = if rng.f64() < 0.65 {
+            format!("{}\n\n{quote}\n", own.join("\n\n"))
+        } else {
+            format!("{}\n\n{quote}\n\n{}\n", own[0], own[1..].join("\n\n"))
+        };
         let mut h = format!(
-            "Message-ID: <r{k}@c.example>\r\nFrom: Customer <customer{}@c{}.example>\r\nTo: support@us.example\r\nDate: Tue, 2 Mar 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n",
-            parent % 5000,
-            parent % 700
+            "Return-Path: <customer{c}@c{d}.example>\nReceived: from mail.c{d}.example (mail.c{d}.example [198.51.100.{r}])\n\tby mx.us.example (Postfix) with ESMTPS id {k:010X}\n\tfor <support@us.example>; Tue, 2 Mar 2026 10:00:03 +0000\nMessage-ID: <r{k}@c.example>\nFrom: Customer <customer{c}@c{d}.example>\nTo: support@us.example\nDate: Tue, 2 Mar 2026 10:00:00 +0000\nMIME-Version: 1.0\n",
+            c = parent % 5000,
+            d = parent % 700,
+            r = 1 + k % 254,
         );
         let subject = self.subject(parent);
         match k % 3 {
             0 => h.push_str(&format!(
-                "Subject: RE: {subject}\r\nIn-Reply-To: <t{parent}@crm.example>\r\nReferences: <x{k}@elsewhere.example> <t{parent}@crm.example>\r\n"
+                "Subject: RE: {subject}\nIn-Reply-To: <t{parent}@crm.example>\nReferences: <x{k}@elsewhere.example> <t{parent}@crm.example>\n"
             )),
             // Headers stripped; the token (if any) survives, mangled.
             1 => h.push_str(&format!(
-                "Subject: AW: [EXTERNAL] {}\r\n",
+                "Subject: AW: [EXTERNAL] {}\n",
                 subject.replace("CRM:", "crm : ")
             )),
-            _ => h.push_str(&format!("Subject: Re: {subject}\r\n")),
+            _ => h.push_str(&format!("Subject: Re: {subject}\n")),
         }
-        let _ = n;
-        format!(
-            "{h}\r\n{}\r\n\r\nOn Mon, 1 Mar 2026, Support wrote:\r\n{quoted}",
-            self.sentence(&mut rng, 20)
-        )
-        .into_bytes()
+        let plain = format!("Content-Type: text/plain; charset=\"utf-8\"\nContent-Transfer-Encoding: 7bit\n\n{text}");
+        let kind = rng.f64();
+        let body = if kind < 0.10 {
+            let html: String = text
+                .split("\n\n")
+                .map(|p| format!("<p>{}</p>\n", p.replace('\n', "<br>\n")))
+                .collect();
+            format!(
+                "Content-Type: multipart/alternative; boundary=\"=_alt_{k}\"\n\n--=_alt_{k}\n{plain}\n--=_alt_{k}\nContent-Type: text/html; charset=\"utf-8\"\nContent-Transfer-Encoding: quoted-printable\n\n{}\n--=_alt_{k}--\n",
+                qp(&format!("<html><body style=\"font-family: sans-serif\">\n{html}</body></html>"))
+            )
+        } else if kind < 0.13 {
+            {
+                let size = (500.0 * (rng.f64() * 48f64.ln()).exp()) as usize;
+                let data: Vec<u8> = (0..size).map(|_| rng.u8(..)).collect();
+                use base64::Engine;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+                let lines: Vec<&str> = b64
+                    .as_bytes()
+                    .chunks(76)
+                    .map(|c| std::str::from_utf8(c).unwrap_or_default())
+                    .collect();
+                format!(
+                    "Content-Type: multipart/mixed; boundary=\"=_{k}\"\n\nThis is a multi-part message in MIME format.\n\n--=_{k}\n{plain}\n--=_{k}\nContent-Type: application/pdf; name=\"doc{k}.pdf\"\nContent-Transfer-Encoding: base64\nContent-Disposition: attachment; filename=\"doc{k}.pdf\"\n\n{}\n--=_{k}--\n",
+                    lines.join("\n")
+                )
+            }
+        } else {
+            plain
+        };
+        format!("{h}{body}").into_bytes()
     }
 }
 
@@ -160,16 +293,40 @@ fn build_index(g: &Gen, n: usize, s: &CorrelationSettings) -> MemIndex {
     idx
 }
 
+/// What the pipeline does per message for correlation: parse (without the
+/// dedupe content hash, measured on its own line), cheap keys and methods,
+/// and only when those do not decide (scored smart matching on and no
+/// header, token or Thread-Index match) the body fingerprint, its keys and
+/// the full method run.
 fn parse_and_correlate(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> bool {
-    let Ok(mut p) = crm_mailsync::parse::parse(raw, "INBOX", 50 << 20) else {
+    let Ok(mut p) = crm_mailsync::parse::parse_without_hash(raw, "INBOX", 50 << 20) else {
+        return false;
+    };
+    let keys = lookup_keys(&p.features, s);
+    let d = match correlate_without_body(&p.features, &idx.lookup(&keys), s) {
+        Some(d) => d,
+        None => {
+            p.features.add_quoted_features(&p.body_text);
+            let keys = lookup_keys(&p.features, s);
+            correlate(&p.features, &idx.lookup(&keys), s)
+        }
+    };
+    d.regarding.is_some()
+}
+
+/// The same without staging: body fingerprint for every message (the
+/// behaviour before staged correlation), for comparison.
+fn parse_and_correlate_eager(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> bool {
+    let Ok(mut p) = crm_mailsync::parse::parse_without_hash(raw, "INBOX", 50 << 20) else {
         return false;
     };
     if s.wants_body_features() {
         p.features.add_body_features(&p.body_text);
     }
     let keys = lookup_keys(&p.features, s);
-    let d = correlate(&p.features, &idx.lookup(&keys), s);
-    d.regarding.is_some()
+    correlate(&p.features, &idx.lookup(&keys), s)
+        .regarding
+        .is_some()
 }
 
 /// Cumulative stages, to see where parse + correlate spends its time.
@@ -186,7 +343,10 @@ fn stages(
     group.bench_function("stage_crate_parse", |b| {
         b.iter(|| {
             for r in raws {
-                black_box(crm_mailsync::parse::parse(black_box(r), "INBOX", 50 << 20).is_ok());
+                black_box(
+                    crm_mailsync::parse::parse_without_hash(black_box(r), "INBOX", 50 << 20)
+                        .is_ok(),
+                );
             }
         })
     });
@@ -247,14 +407,19 @@ fn bench(c: &mut Criterion) {
     for n in sizes {
         let idx = build_index(&g, n, &s);
         let mut rng = fastrand::Rng::with_seed(7);
-        let raws: Vec<Vec<u8>> = (0..MEASURED)
-            .map(|k| g.reply(k, rng.usize(..n), n))
-            .collect();
+        let raws: Vec<Vec<u8>> = (0..MEASURED).map(|k| g.reply(k, rng.usize(..n))).collect();
         let matched = raws
             .iter()
             .filter(|r| parse_and_correlate(r, &idx, &s))
             .count();
-        println!("{n} tracked: {matched}/{MEASURED} generated replies correlate");
+        let bytes: usize = raws.iter().map(Vec::len).sum();
+        let mut sizes: Vec<usize> = raws.iter().map(Vec::len).collect();
+        sizes.sort_unstable();
+        println!(
+            "{n} tracked: {matched}/{MEASURED} generated replies correlate; raw size mean {} B, median {} B",
+            bytes / MEASURED,
+            sizes[MEASURED / 2]
+        );
         let mut group = c.benchmark_group(format!("tracked_{n}"));
         group.throughput(Throughput::Elements(MEASURED as u64));
         group.bench_function("parse_only", |b| {
@@ -267,6 +432,41 @@ fn bench(c: &mut Criterion) {
         if std::env::var_os("CORRELATE_BENCH_STAGES").is_some() {
             stages(&mut group, &raws, &idx, &s);
         }
+        // Deduplication, not correlation: the pipeline hashes every message
+        // to find copies of the same email (filter/dedupe stage).
+        let features: Vec<MessageFeatures> = raws
+            .iter()
+            .filter_map(|r| crm_mailsync::parse::parse_without_hash(r, "INBOX", 50 << 20).ok())
+            .map(|p| p.features)
+            .collect();
+        group.bench_function("dedupe_content_hash", |b| {
+            b.iter(|| {
+                for (r, f) in raws.iter().zip(&features) {
+                    black_box(crm_mailsync::parse::dedupe_hash(black_box(r), f));
+                }
+            })
+        });
+        let bodies: Vec<String> = raws
+            .iter()
+            .filter_map(|r| crm_mailsync::parse::parse_without_hash(r, "INBOX", 50 << 20).ok())
+            .map(|p| p.body_text)
+            .collect();
+        group.bench_function("index_body_fingerprint", |b| {
+            b.iter(|| {
+                for t in &bodies {
+                    black_box(crm_mailsync::correlate::fingerprint::body_shingles(
+                        black_box(t),
+                    ));
+                }
+            })
+        });
+        group.bench_function("parse_correlate_eager_body", |b| {
+            b.iter(|| {
+                for r in &raws {
+                    black_box(parse_and_correlate_eager(black_box(r), &idx, &s));
+                }
+            })
+        });
         group.bench_function("parse_correlate", |b| {
             b.iter(|| {
                 for r in &raws {

@@ -152,9 +152,9 @@ pub fn process_seeded(
             Direction::Incoming
         };
         parsed.features.outgoing = direction == Direction::Outgoing;
-        if ctx.settings.wants_body_features() {
-            parsed.features.add_body_features(&parsed.body_text);
-        }
+        // The body fingerprint is the costliest feature: the quoted part's
+        // only when scored smart matching gets to run, the whole body's only
+        // when a tracked email is indexed.
         let decision = match filter::before_correlation(&parsed, &ctx.policy) {
             _ if seed.is_some() => Decision {
                 method: CorrelationMethod::Custom,
@@ -165,11 +165,26 @@ pub fn process_seeded(
             },
             Verdict::Skip(reason) => skipped(reason),
             Verdict::Correlate => {
-                let keys = correlate::lookup_keys(&parsed.features, &ctx.settings);
-                let mut idx = store.lookup(&keys)?;
-                staged.fill(&keys, &mut idx);
-                idx.folder_rules = &ctx.folder_rules;
-                let d = correlate::correlate(&parsed.features, &idx, &ctx.settings);
+                let resolve = |f: &correlate::MessageFeatures| {
+                    let keys = correlate::lookup_keys(f, &ctx.settings);
+                    let mut idx = store.lookup(&keys)?;
+                    staged.fill(&keys, &mut idx);
+                    idx.folder_rules = &ctx.folder_rules;
+                    Ok::<_, StoreError>(idx)
+                };
+                let idx = resolve(&parsed.features)?;
+                let d = match correlate::correlate_without_body(
+                    &parsed.features,
+                    &idx,
+                    &ctx.settings,
+                ) {
+                    Some(d) => d,
+                    None => {
+                        parsed.features.add_quoted_features(&parsed.body_text);
+                        let idx = resolve(&parsed.features)?;
+                        correlate::correlate(&parsed.features, &idx, &ctx.settings)
+                    }
+                };
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
                         skipped(reason)
@@ -178,6 +193,10 @@ pub fn process_seeded(
                 }
             }
         };
+        let tracked = decision.regarding.is_some() || decision.correlated_with.is_some();
+        if tracked && ctx.settings.wants_body_features() {
+            parsed.features.add_index_features(&parsed.body_text);
+        }
         let id = store.allocate_id()?;
         let f = parsed.features;
         let message_id = f.message_ids.first().cloned();
@@ -199,7 +218,7 @@ pub fn process_seeded(
         staged.insert_message_ids(&f.message_ids, id, decision.regarding.clone());
         // Only tracked email (a record, or linked to a tracked thread) feeds
         // the token, conversation and smart-matching indexes.
-        if decision.regarding.is_some() || decision.correlated_with.is_some() {
+        if tracked {
             let entry = correlate::index_entry(&f, id, &ctx.settings);
             staged.insert_entry(&entry, decision.regarding.clone());
             batch.index.push(entry);

@@ -79,9 +79,18 @@ const ATTRIBUTION_OPENERS: &[&str] = &[
 /// Longest line we treat as an attribution; longer ones are prose.
 const MAX_ATTRIBUTION_CHARS: usize = 300;
 
+/// Cheap test every attribution passes (the regex ends in a colon), so most
+/// lines never reach the regex.
+fn ends_with_colon(t: &str) -> bool {
+    t.ends_with(':') || t.ends_with('：')
+}
+
 fn is_attribution(line: &str) -> bool {
     let t = line.trim();
-    t.chars().count() <= MAX_ATTRIBUTION_CHARS && !t.starts_with('>') && matches(&ATTRIBUTION, t)
+    ends_with_colon(t)
+        && t.chars().count() <= MAX_ATTRIBUTION_CHARS
+        && !t.starts_with('>')
+        && matches(&ATTRIBUTION, t)
 }
 
 /// Number of lines (1 or 2) of an attribution starting at `i`, if any.
@@ -92,7 +101,8 @@ fn attribution_len(lines: &[&str], i: usize) -> Option<usize> {
     }
     let next = lines.get(i + 1)?;
     let t = line.trim_start();
-    if ATTRIBUTION_OPENERS.iter().any(|o| t.starts_with(o))
+    if ends_with_colon(next.trim_end())
+        && ATTRIBUTION_OPENERS.iter().any(|o| t.starts_with(o))
         && is_attribution(&format!("{} {}", t.trim_end(), next.trim()))
     {
         return Some(2);
@@ -106,6 +116,11 @@ fn is_hard_boundary(lines: &[&str], i: usize) -> bool {
         return false;
     };
     let t = line.trim();
+    // Every boundary pattern starts with `-` or `_` or contains a colon;
+    // skipping the regexes for other lines is most of split_quoted's speed.
+    if !(t.starts_with('-') || t.starts_with('_') || t.contains(':') || t.contains('：')) {
+        return false;
+    }
     if matches(&ORIGINAL_MESSAGE, t) || matches(&UNDERSCORES, t) || matches(&FLAT_HEADER, t) {
         return true;
     }
@@ -160,52 +175,106 @@ pub fn split_quoted(text: &str) -> (String, String) {
     )
 }
 
-/// 64-bit FNV-1a step; stable across platforms (not std's RandomState).
-fn fnv1a_extend(mut h: u64, bytes: &[u8]) -> u64 {
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
-
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// Hash of words joined by single spaces, without allocating.
-fn hash_words(words: &[String]) -> u64 {
+/// splitmix64 finaliser: spreads the combined word hashes so the bottom-k
+/// sample is uniform.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Hash of a run of word hashes (order matters).
+fn hash_shingle(word_hashes: &[u64]) -> u64 {
     let mut h = FNV_OFFSET;
-    for (i, w) in words.iter().enumerate() {
-        if i > 0 {
-            h = fnv1a_extend(h, b" ");
-        }
-        h = fnv1a_extend(h, w.as_bytes());
+    for w in word_hashes {
+        h = (h.rotate_left(23) ^ w).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    h
+    mix(h)
 }
 
-/// Lower-cased words with punctuation (including `>` quote markers)
-/// removed, so re-wrapping and re-quoting do not change them.
-fn normalized_words(text: &str) -> Vec<String> {
-    text.to_lowercase()
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// Hashes of the words of `text`, lower-cased, with punctuation (including
+/// `>` quote markers) as separators, so re-wrapping and re-quoting do not
+/// change them. Each word is hashed once (shingles combine word hashes) with
+/// a rotate-xor per byte and one finalising mix per word; ASCII is handled
+/// byte by byte without decoding chars. No allocation beyond the result.
+fn word_hashes(text: &str) -> Vec<u64> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() / 6);
+    let (mut h, mut len) = (0u64, 0u64);
+    let mut i = 0;
+    let mut buf = [0u8; 4];
+    while i < bytes.len() {
+        let b = bytes[i];
+        let alnum = if b < 0x80 {
+            i += 1;
+            if b.is_ascii_alphanumeric() {
+                h = h.rotate_left(7) ^ u64::from(b.to_ascii_lowercase());
+                len += 1;
+                true
+            } else {
+                false
+            }
+        } else {
+            let c = text[i..].chars().next().unwrap_or(' ');
+            i += c.len_utf8().max(1);
+            if c.is_alphanumeric() {
+                for l in c.to_lowercase() {
+                    for lb in l.encode_utf8(&mut buf).bytes() {
+                        h = h.rotate_left(7) ^ u64::from(lb);
+                        len += 1;
+                    }
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if !alnum && len > 0 {
+            out.push(mix(h ^ len.wrapping_mul(FNV_OFFSET)));
+            (h, len) = (0, 0);
+        }
+    }
+    if len > 0 {
+        out.push(mix(h ^ len.wrapping_mul(FNV_OFFSET)));
+    }
+    out
 }
 
-/// Sorted, deduped sample of the FNV-1a hashes of the text's
+/// Sorted, deduped sample of the hashes of the text's
 /// [`SHINGLE_WORDS`]-word shingles: the [`SAMPLE_SIZE`] smallest. A text
 /// shorter than one shingle yields one hash of all its words; an empty text
 /// yields nothing.
 pub fn body_shingles(text: &str) -> Vec<u64> {
-    let words = normalized_words(text);
-    let mut hashes: Vec<u64> = if words.is_empty() {
+    let words = word_hashes(text);
+    let hashes: Vec<u64> = if words.is_empty() {
         Vec::new()
     } else if words.len() < SHINGLE_WORDS {
-        vec![hash_words(&words)]
+        vec![hash_shingle(&words)]
     } else {
-        words.windows(SHINGLE_WORDS).map(hash_words).collect()
+        words.windows(SHINGLE_WORDS).map(hash_shingle).collect()
     };
+    bottom_k(hashes)
+}
+
+/// The [`SAMPLE_SIZE`] smallest distinct values, sorted. Long texts have
+/// thousands of shingles: partition off a slack of the smallest first and
+/// sort only those (the full sort was most of the fingerprint's cost);
+/// fall back to the full sort when duplicates ate the slack.
+fn bottom_k(mut hashes: Vec<u64>) -> Vec<u64> {
+    const SLACK: usize = 2 * SAMPLE_SIZE;
+    if hashes.len() > SLACK {
+        // Partitioning only permutes: the fallback still sees every value.
+        hashes.select_nth_unstable(SLACK);
+        let mut head = hashes[..SLACK].to_vec();
+        head.sort_unstable();
+        head.dedup();
+        if head.len() >= SAMPLE_SIZE {
+            head.truncate(SAMPLE_SIZE);
+            return head;
+        }
+    }
     hashes.sort_unstable();
     hashes.dedup();
     hashes.truncate(SAMPLE_SIZE);

@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 
-use super::{normalize_message_id, IndexEntry, Indexes, LookupKeys, SmartCandidate, TrackedEmail};
+use super::{
+    normalize_message_id, shingle_candidate_ids, IndexEntry, Indexes, LookupKeys, SmartCandidate,
+    TrackedEmail, MAX_SHINGLE_POSTINGS,
+};
 use crate::model::{ActivityId, RecordRef};
 
 /// Newest candidates returned per smart-matching bucket: keeps a lookup
@@ -19,8 +22,12 @@ pub struct MemIndex {
     by_message_id: HashMap<String, ActivityId>,
     by_token: HashMap<String, ActivityId>,
     by_thread_root: HashMap<String, ActivityId>,
+    /// Candidate data, once per activity (buckets and shingles hold ids).
+    candidates: HashMap<ActivityId, SmartCandidate>,
     /// Oldest first.
-    buckets: HashMap<u64, Vec<SmartCandidate>>,
+    buckets: HashMap<u64, Vec<ActivityId>>,
+    /// Fingerprint shingle → activities, oldest first.
+    by_shingle: HashMap<u64, Vec<ActivityId>>,
 }
 
 impl MemIndex {
@@ -51,10 +58,25 @@ impl MemIndex {
                 .entry(root.clone())
                 .or_insert(e.activity);
         }
+        let mut c = e.candidate.clone();
+        c.regarding = None;
+        self.candidates.insert(e.activity, c);
         for b in &e.buckets {
-            let mut c = e.candidate.clone();
-            c.regarding = None;
-            self.buckets.entry(*b).or_default().push(c);
+            self.buckets.entry(*b).or_default().push(e.activity);
+        }
+        for h in &e.shingle_keys {
+            self.by_shingle.entry(*h).or_default().push(e.activity);
+        }
+    }
+
+    fn push_candidate(&self, activity: ActivityId, idx: &mut Indexes<'_>) {
+        if idx.candidates.iter().any(|x| x.activity == activity) {
+            return;
+        }
+        if let Some(c) = self.candidates.get(&activity) {
+            let mut c = c.clone();
+            c.regarding = self.regarding.get(&activity).cloned().flatten();
+            idx.candidates.push(c);
         }
     }
 
@@ -95,17 +117,27 @@ impl MemIndex {
         }
         for b in &keys.buckets {
             if let Some(list) = self.buckets.get(b) {
-                for c in list.iter().rev().take(MAX_CANDIDATES_PER_BUCKET) {
-                    if idx.candidates.iter().any(|x| x.activity == c.activity) {
-                        continue;
+                for a in list.iter().rev().take(MAX_CANDIDATES_PER_BUCKET) {
+                    self.push_candidate(*a, idx);
+                }
+            }
+        }
+        for h in &keys.shingles {
+            if let Some(list) = self.by_shingle.get(h) {
+                let postings = idx.by_shingle.entry(*h).or_default();
+                for a in list.iter().take(MAX_SHINGLE_POSTINGS) {
+                    if postings.len() < MAX_SHINGLE_POSTINGS
+                        && !postings.iter().any(|t| t.activity == *a)
+                    {
+                        postings.push(self.tracked(*a));
                     }
-                    let mut c = c.clone();
-                    c.regarding = self.regarding.get(&c.activity).cloned().flatten();
-                    idx.candidates.push(c);
                 }
             }
         }
         self.override_regarding(idx);
+        for (a, _) in shingle_candidate_ids(&idx.by_shingle) {
+            self.push_candidate(a, idx);
+        }
     }
 
     /// Applies regarding records known here (re-points staged in this batch)
@@ -115,7 +147,8 @@ impl MemIndex {
             .by_message_id
             .values_mut()
             .chain(idx.by_token.values_mut())
-            .chain(idx.by_thread_root.values_mut());
+            .chain(idx.by_thread_root.values_mut())
+            .chain(idx.by_shingle.values_mut().flatten());
         for t in tracked {
             if let Some(r) = self.regarding.get(&t.activity) {
                 t.regarding = r.clone();

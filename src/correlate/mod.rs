@@ -29,6 +29,23 @@ use token::{FoundToken, TokenRejection, TokenSettings};
 /// Seconds per day, for the smart-matching window.
 const DAY: i64 = 86_400;
 
+/// Fingerprint shingle index (scored smart matching): a tracked email is
+/// indexed under its body's smallest sampled shingle hashes, so a reply that
+/// quotes it is found even when the subject changed.
+pub const SHINGLE_INDEX_KEYS: usize = 8;
+/// Quoted-part shingles a message probes the index with (its smallest).
+pub const SHINGLE_PROBES: usize = 64;
+/// Postings read per shingle; bounds a lookup however common a shingle is.
+pub const MAX_SHINGLE_POSTINGS: usize = 32;
+/// Document-frequency cut-off: a shingle seen in tracked mail of more than
+/// this many records is boilerplate (signature, list footer, disclaimer),
+/// not evidence; a thread quoting itself stays within one record.
+pub const MAX_SHINGLE_RECORDS: usize = 2;
+/// Hits on distinct (non-boilerplate) shingles that make a candidate.
+pub const MIN_SHINGLE_HITS: usize = 2;
+/// Candidates taken from the shingle index per message (most hits first).
+pub const MAX_SHINGLE_CANDIDATES: usize = 8;
+
 /// Smart-matching flavour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -139,11 +156,22 @@ pub struct MessageFeatures {
 }
 
 impl MessageFeatures {
-    /// Fills the quoted-text fingerprint features from the decoded text body.
+    /// Fills both fingerprint features from the decoded text body.
     pub fn add_body_features(&mut self, body_text: &str) {
+        self.add_quoted_features(body_text);
+        self.add_index_features(body_text);
+    }
+
+    /// Fills [`Self::quoted_shingles`]: what scored smart matching compares
+    /// (staged correlation computes only this).
+    pub fn add_quoted_features(&mut self, body_text: &str) {
         let (_own, quoted) = fingerprint::split_quoted(body_text);
-        self.body_shingles = fingerprint::body_shingles(body_text);
         self.quoted_shingles = fingerprint::body_shingles(&quoted);
+    }
+
+    /// Fills [`Self::body_shingles`]: what indexing a tracked email stores.
+    pub fn add_index_features(&mut self, body_text: &str) {
+        self.body_shingles = fingerprint::body_shingles(body_text);
     }
 
     /// Domain of the other party: the sender of incoming mail, the first
@@ -205,6 +233,9 @@ pub struct IndexEntry {
     pub thread_root: Option<String>,
     /// Smart-matching buckets (one per mode).
     pub buckets: Vec<u64>,
+    /// Sampled body shingles for the fingerprint index (scored mode).
+    #[serde(default)]
+    pub shingle_keys: Vec<u64>,
     pub candidate: SmartCandidate,
 }
 
@@ -219,6 +250,9 @@ pub struct LookupKeys {
     pub thread_root: Option<String>,
     /// Smart-matching bucket of the configured mode (empty when off).
     pub buckets: Vec<u64>,
+    /// Quoted-part shingles to probe the fingerprint index with (scored
+    /// mode, once the body features are filled).
+    pub shingles: Vec<u64>,
 }
 
 /// The slice of the store's indexes relevant to one message.
@@ -230,7 +264,11 @@ pub struct Indexes<'a> {
     pub by_token: HashMap<String, TrackedEmail>,
     /// Thread-Index root → first tracked email of that conversation.
     pub by_thread_root: HashMap<String, TrackedEmail>,
-    /// Smart-matching candidates from the requested buckets.
+    /// Fingerprint index postings of the probed shingles (at most
+    /// [`MAX_SHINGLE_POSTINGS`] each; absent: no tracked email has it).
+    pub by_shingle: HashMap<u64, Vec<TrackedEmail>>,
+    /// Smart-matching candidates from the requested buckets, and those
+    /// [`shingle_candidate_ids`] picked from `by_shingle`.
     pub candidates: Vec<SmartCandidate>,
     /// The mailbox's folder-tracking rules.
     pub folder_rules: &'a [FolderRule],
@@ -346,12 +384,54 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
         .into_iter()
         .collect()
     };
+    let shingles = if s.wants_body_features() {
+        f.quoted_shingles
+            .iter()
+            .take(SHINGLE_PROBES)
+            .copied()
+            .collect()
+    } else {
+        Vec::new()
+    };
     LookupKeys {
         message_ids: ids,
         token_digits,
         thread_root: thread_root(f),
         buckets,
+        shingles,
     }
+}
+
+/// Activities the fingerprint index links to, with their number of shingle
+/// hits, most hits first: shingles whose postings span more than
+/// [`MAX_SHINGLE_RECORDS`] records are ignored as boilerplate; an activity
+/// needs [`MIN_SHINGLE_HITS`]. Pure; stores call it to know which candidates
+/// to load.
+pub fn shingle_candidate_ids(
+    by_shingle: &HashMap<u64, Vec<TrackedEmail>>,
+) -> Vec<(ActivityId, usize)> {
+    let mut hits: HashMap<ActivityId, usize> = HashMap::new();
+    for postings in by_shingle.values() {
+        let mut records: Vec<&Option<RecordRef>> = Vec::new();
+        for t in postings {
+            if !records.contains(&&t.regarding) {
+                records.push(&t.regarding);
+            }
+        }
+        if records.len() > MAX_SHINGLE_RECORDS {
+            continue;
+        }
+        for t in postings {
+            *hits.entry(t.activity).or_default() += 1;
+        }
+    }
+    let mut out: Vec<(ActivityId, usize)> = hits
+        .into_iter()
+        .filter(|(_, n)| *n >= MIN_SHINGLE_HITS)
+        .collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    out.truncate(MAX_SHINGLE_CANDIDATES);
+    out
 }
 
 /// What to index for a tracked email. Both smart-matching buckets are
@@ -379,6 +459,12 @@ pub fn index_entry(
         token_digits,
         thread_root: thread_root(f),
         buckets,
+        shingle_keys: f
+            .body_shingles
+            .iter()
+            .take(SHINGLE_INDEX_KEYS)
+            .copied()
+            .collect(),
         candidate: SmartCandidate {
             activity,
             regarding: None,
@@ -402,11 +488,45 @@ enum Step {
 }
 
 /// Decides what the message is regarding. Pure.
+///
+/// Expects the body features filled when
+/// [`CorrelationSettings::wants_body_features`]; callers that want to skip
+/// that cost when cheaper methods decide use [`correlate_without_body`] first.
 pub fn correlate(
     f: &MessageFeatures,
     idx: &Indexes<'_>,
     settings: &CorrelationSettings,
 ) -> Decision {
+    run_methods(f, idx, settings, false).unwrap_or_else(|| Decision::unmatched(Vec::new()))
+}
+
+/// The cheap first stage of staged correlation. Pure.
+///
+/// Runs the methods that need no body fingerprint (folder, headers, token,
+/// Thread-Index, Dynamics smart matching). Returns the final decision when
+/// one of them decides, or when scored smart matching is not configured;
+/// `None` when scored smart matching would have to run: the caller then
+/// fills the quoted fingerprint ([`MessageFeatures::add_quoted_features`]), asks
+/// [`lookup_keys`] again (the fingerprint adds shingle keys) and calls
+/// [`correlate`]. The result is always what [`correlate`] would return with
+/// the body features filled; a reply whose In-Reply-To is tracked never pays
+/// for the fingerprint.
+pub fn correlate_without_body(
+    f: &MessageFeatures,
+    idx: &Indexes<'_>,
+    settings: &CorrelationSettings,
+) -> Option<Decision> {
+    run_methods(f, idx, settings, true)
+}
+
+/// The method loop; with `stop_before_scored` it returns `None` on reaching
+/// scored smart matching.
+fn run_methods(
+    f: &MessageFeatures,
+    idx: &Indexes<'_>,
+    settings: &CorrelationSettings,
+    stop_before_scored: bool,
+) -> Option<Decision> {
     let mut notes = Vec::new();
     // A header match on a tracked email without a regarding record links the
     // email but lets later methods find the record.
@@ -430,6 +550,11 @@ pub fn correlate(
             },
             CorrelationMethod::TrackingToken => by_token(f, idx, settings, &mut notes),
             CorrelationMethod::ConversationIndex => by_thread_index(f, idx, &mut notes),
+            CorrelationMethod::SmartMatching
+                if stop_before_scored && settings.wants_body_features() =>
+            {
+                return None;
+            }
             CorrelationMethod::SmartMatching if settings.smart_matching => {
                 match settings.smart.mode {
                     SmartMode::Dynamics => by_dynamics_smart(f, idx, settings, &mut notes),
@@ -441,30 +566,30 @@ pub fn correlate(
         match step {
             Step::Match(mut d) => {
                 d.reasons.extend(notes);
-                return d;
+                return Some(d);
             }
             Step::Stop(mut d) => {
                 d.reasons.extend(notes);
-                return d;
+                return Some(d);
             }
             Step::Continue => {}
         }
     }
     if let Some((t, reason)) = linked {
-        return Decision {
+        return Some(Decision {
             method: CorrelationMethod::InReplyTo,
             regarding: None,
             score: 1.0,
             reasons: vec![reason],
             correlated_with: Some(t.activity),
-        };
+        });
     }
     if f.in_reply_to.is_empty() && f.references.is_empty() {
         notes.push("no In-Reply-To or References header".to_string());
     } else {
         notes.push("no referenced Message-ID is tracked".to_string());
     }
-    Decision::unmatched(notes)
+    Some(Decision::unmatched(notes))
 }
 
 fn by_folder(f: &MessageFeatures, idx: &Indexes<'_>) -> Step {
@@ -721,6 +846,8 @@ struct Scored<'c> {
     shared: usize,
     overlap: f32,
     rejected: Option<String>,
+    /// Fingerprint-index hits (sampled shingles of its body in the quote).
+    shingle_hits: usize,
 }
 
 /// Score weights: the same base subject only gets a candidate into the
@@ -781,10 +908,22 @@ fn score_candidate<'c>(
         shared,
         overlap,
         rejected,
+        shingle_hits: 0,
     }
 }
 
 fn describe(base: &str, sc: &Scored<'_>) -> String {
+    if sc.candidate.base_subject != base {
+        return format!(
+            "quoted text: {} indexed shingle(s) and {:.0}% of the sampled text of activity {} (subject '{}', here '{base}') + {} shared participant(s) (score {:.2})",
+            sc.shingle_hits,
+            sc.overlap * 100.0,
+            sc.candidate.activity,
+            sc.candidate.base_subject,
+            sc.shared,
+            sc.score
+        );
+    }
     format!(
         "subject base '{base}' + {} shared participant(s) + {:.0}% quoted overlap with activity {} (score {:.2})",
         sc.shared,
@@ -801,15 +940,27 @@ fn by_scored_smart(
     notes: &mut Vec<String>,
 ) -> Step {
     let base = subject::base_subject_without_tokens(&f.subject, &s.token);
-    if base.is_empty() {
+    // Quote-linked candidates (fingerprint index) compete even when the
+    // subject changed; the subject term then simply adds nothing.
+    let quoted_hits: HashMap<ActivityId, usize> =
+        shingle_candidate_ids(&idx.by_shingle).into_iter().collect();
+    if base.is_empty() && quoted_hits.is_empty() {
         return Step::Continue;
     }
     let participants = f.participants();
     let mut scored: Vec<Scored<'_>> = idx
         .candidates
         .iter()
-        .filter(|c| c.regarding.is_some() && c.base_subject == base)
-        .map(|c| score_candidate(f, &participants, &base, c, s))
+        .filter(|c| {
+            c.regarding.is_some()
+                && ((!base.is_empty() && c.base_subject == base)
+                    || quoted_hits.contains_key(&c.activity))
+        })
+        .map(|c| {
+            let mut sc = score_candidate(f, &participants, &base, c, s);
+            sc.shingle_hits = quoted_hits.get(&c.activity).copied().unwrap_or(0);
+            sc
+        })
         .collect();
     // Best first; on equal scores the newer candidate first (stable output).
     scored.sort_by(|a, b| {

@@ -8,7 +8,9 @@
 //! `b/<mailbox>` mailbox state · `l/<id>` alert · `lk/<identity>` → alert id ·
 //! `r/<id>` regarding record (JSON, small, so lookups need not load activities) ·
 //! `t/<token digits>` → id · `x/<thread-index root>` → id ·
-//! `sb/<bucket><id>` smart-matching candidate JSON (newest last in a bucket).
+//! `sb/<bucket><id>` smart-matching candidate JSON (newest last in a bucket) ·
+//! `sh/<shingle><id>` fingerprint index posting (empty value) ·
+//! `sc/<id>` smart-matching candidate JSON of activities with postings.
 //!
 //! Regarding records are cached in memory: every correlation lookup needs
 //! them and they change only on commit (insert or re-point).
@@ -22,7 +24,9 @@ use serde::Serialize;
 
 use super::{ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError};
 use crate::correlate::memindex::MAX_CANDIDATES_PER_BUCKET;
-use crate::correlate::{Indexes, LookupKeys, SmartCandidate, TrackedEmail};
+use crate::correlate::{
+    shingle_candidate_ids, Indexes, LookupKeys, SmartCandidate, TrackedEmail, MAX_SHINGLE_POSTINGS,
+};
 use crate::model::{
     ActivityId, Alert, AlertLevel, CorrelationMethod, EmailActivity, FolderPosition, MailboxState,
     QuarantineEntry, RecordRef, SourceKey, UnixTime,
@@ -283,6 +287,15 @@ impl Store for SledStore {
                 k.extend_from_slice(&id);
                 b.insert(k, c.clone());
             }
+            for h in &e.shingle_keys {
+                let mut k = b"sh/".to_vec();
+                k.extend_from_slice(&h.to_be_bytes());
+                k.extend_from_slice(&id);
+                b.insert(k, Vec::new());
+            }
+            if !e.shingle_keys.is_empty() {
+                b.insert(id_key("sc/", e.activity), c);
+            }
         }
         for (id, a) in &ov.activities {
             b.insert(id_key("r/", *id), encode(&a.regarding)?);
@@ -369,6 +382,34 @@ impl Store for SledStore {
                     continue;
                 }
                 c.regarding = self.regarding_of(c.activity)?.flatten();
+                idx.candidates.push(c);
+            }
+        }
+        for h in &keys.shingles {
+            let mut prefix = b"sh/".to_vec();
+            prefix.extend_from_slice(&h.to_be_bytes());
+            let mut postings = Vec::new();
+            for kv in self.tree.scan_prefix(&prefix).take(MAX_SHINGLE_POSTINGS) {
+                let (k, _) = kv.map_err(io)?;
+                let aid = k
+                    .get(prefix.len()..)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt("bad shingle posting key".into()))?;
+                if let Some(t) = self.tracked(aid)? {
+                    postings.push(t);
+                }
+            }
+            if !postings.is_empty() {
+                idx.by_shingle.insert(*h, postings);
+            }
+        }
+        for (aid, _) in shingle_candidate_ids(&idx.by_shingle) {
+            if idx.candidates.iter().any(|x| x.activity == aid) {
+                continue;
+            }
+            if let Some(mut c) = self.get_json::<SmartCandidate>(&id_key("sc/", aid))? {
+                c.regarding = self.regarding_of(aid)?.flatten();
                 idx.candidates.push(c);
             }
         }
@@ -759,6 +800,45 @@ mod tests {
         assert_eq!(idx.by_token["0001001"].activity, a.id);
         assert_eq!(idx.by_thread_root.values().next().unwrap().activity, a.id);
         // The duplicate's entries were not written.
+        assert_eq!(idx.candidates.len(), 1);
+        assert_eq!(idx.candidates[0].activity, a.id);
+        assert_eq!(
+            idx.candidates[0].regarding.as_ref().unwrap().to_string(),
+            "case:1"
+        );
+    }
+
+    #[test]
+    fn fingerprint_shingles_find_a_quoted_parent_under_another_subject() {
+        use crate::correlate::{index_entry, lookup_keys, CorrelationSettings, MessageFeatures};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let settings = CorrelationSettings {
+            smart_matching: true,
+            ..Default::default()
+        };
+        let text = "the pallets for the Rotterdam warehouse arrive on Friday and \
+            the customs papers for both destinations are ready to sign today";
+        let mut f = MessageFeatures {
+            subject: "Delivery plan".into(),
+            ..Default::default()
+        };
+        f.add_body_features(text);
+        let mut a = activity("m", "1", Some("p@x"), "h1");
+        a.id = s.allocate_id().unwrap();
+        let mut b = batch(vec![a.clone()]);
+        b.index = vec![index_entry(&f, a.id, &settings)];
+        assert!(!b.index[0].shingle_keys.is_empty());
+        s.commit(b).unwrap();
+        drop(s);
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut reply = MessageFeatures {
+            subject: "Something else entirely".into(),
+            ..Default::default()
+        };
+        reply.add_body_features(&format!("Fine.\n\nOn Monday, Ann wrote:\n> {text}"));
+        let idx = s.lookup(&lookup_keys(&reply, &settings)).unwrap();
+        assert!(!idx.by_shingle.is_empty());
         assert_eq!(idx.candidates.len(), 1);
         assert_eq!(idx.candidates[0].activity, a.id);
         assert_eq!(
