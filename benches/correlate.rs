@@ -403,7 +403,15 @@ fn bench(c: &mut Criterion) {
     let sizes: Vec<usize> = std::env::var("CORRELATE_BENCH_SIZES")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![10_000, 1_000_000]);
+        .unwrap_or_else(|| {
+            // `cargo test --all-targets` runs benches once as smoke tests: keep
+            // that quick; the 1M index (≈2.6 GB, minutes) is for `cargo bench`.
+            if std::env::args().any(|a| a == "--bench") {
+                vec![10_000, 1_000_000]
+            } else {
+                vec![2_000]
+            }
+        });
     for n in sizes {
         let idx = build_index(&g, n, &s);
         let mut rng = fastrand::Rng::with_seed(7);

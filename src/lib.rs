@@ -5,6 +5,9 @@
 //! [`correlate`] → [`store`] → [`alerts`]; [`pipeline`] strings the middle
 //! stages together and [`admin`] shows it all over HTTP.
 
+// Non-negotiable: no unwrap/expect outside tests and provably infallible spots.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod alerts;
 pub mod config;

@@ -256,6 +256,9 @@ pub struct EmailActivity {
     /// Extra sources the same email was seen under (another folder, a new UIDVALIDITY).
     #[serde(default)]
     pub also_seen_as: Vec<SourceKey>,
+    /// For a forward mailbox: the user whose server-side rule forwarded it.
+    #[serde(default)]
+    pub forwarded_by: Option<String>,
 }
 
 /// A message that could not be turned into an activity; its bytes are kept.

@@ -50,6 +50,9 @@ pub struct ParsedMessage {
     pub auto: AutoMarkers,
     /// First text body, decoded; used by smart matching's quoted-text fingerprint.
     pub body_text: String,
+    /// `X-CRM-Forwarded-By`, as the forward-mailbox connector prepends it.
+    /// Only trusted by the pipeline for forward mailboxes.
+    pub forwarded_by: Option<String>,
 }
 
 /// Parses raw bytes. `folder` is where the message was found.
@@ -145,6 +148,10 @@ pub fn parse_without_hash(
         size: raw.len() as u64,
         auto,
         body_text,
+        forwarded_by: msg
+            .header_raw(crate::connector::forward::FORWARDED_BY_HEADER)
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty()),
     })
 }
 

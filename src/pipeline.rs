@@ -29,6 +29,8 @@ pub struct PipelineContext {
     pub max_message_size: u64,
     /// Raw bytes of quarantined messages are written here before the commit.
     pub quarantine_dir: PathBuf,
+    /// A forward mailbox: activities are attributed to the forwarding user.
+    pub forward_mailbox: bool,
 }
 
 impl PipelineContext {
@@ -51,6 +53,7 @@ impl PipelineContext {
             },
             max_message_size: max,
             quarantine_dir: cfg.quarantine_dir(),
+            forward_mailbox: mailbox.incoming == crate::model::IncomingDelivery::ForwardMailbox,
         }
     }
 }
@@ -245,6 +248,13 @@ pub fn process_seeded(
             content_hash: parsed.content_hash,
             size: parsed.size,
             also_seen_as: Vec::new(),
+            // Anyone can write this header into a mail; only the forward-mailbox
+            // connector's own (prepended, first) one counts, and only there.
+            forwarded_by: if ctx.forward_mailbox {
+                parsed.forwarded_by.clone()
+            } else {
+                None
+            },
         };
         batch.items.push(PendingItem::Activity(Box::new(activity)));
         results.push((
@@ -354,6 +364,7 @@ mod tests {
             },
             max_message_size: 1 << 20,
             quarantine_dir: dir.join("q"),
+            forward_mailbox: false,
         }
     }
 

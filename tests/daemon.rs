@@ -82,8 +82,16 @@ fn demo_fixtures_are_processed_and_listed_with_regarding_and_method() {
     // Health, readiness, metrics; the API needs the token.
     assert_eq!(get(port, "/healthz", None).unwrap().0, 200);
     assert_eq!(get(port, "/readyz", None).unwrap().0, 200);
-    let (status, metrics) = get(port, "/metrics", None).unwrap();
-    assert_eq!(status, 200);
+    // Counters are bumped right after the commit the API already shows: wait
+    // for them instead of racing them.
+    let metrics = wait_for(Duration::from_secs(10), "metrics after commit", || {
+        get(port, "/metrics", None)
+            .filter(|(status, m)| {
+                *status == 200
+                    && m.contains("crm_mailsync_correlations_total{method=\"in_reply_to\"} 3")
+            })
+            .map(|(_, m)| m)
+    });
     assert!(
         metrics.contains("crm_mailsync_messages_processed_total{mailbox=\"support\"} 7"),
         "{metrics}"

@@ -695,6 +695,7 @@ mod tests {
             content_hash: hash.into(),
             size: 1,
             also_seen_as: vec![],
+            forwarded_by: None,
         }
     }
 
