@@ -148,11 +148,23 @@ pub fn parse_without_hash(
         size: raw.len() as u64,
         auto,
         body_text,
-        forwarded_by: msg
-            .header_raw(crate::connector::forward::FORWARDED_BY_HEADER)
+        forwarded_by: first_header_raw(&msg, crate::connector::forward::FORWARDED_BY_HEADER)
             .map(|v| v.trim().to_ascii_lowercase())
             .filter(|v| !v.is_empty()),
     })
+}
+
+/// The FIRST occurrence of a header (mail-parser's `header_raw` returns the
+/// last). The forward-mailbox connector prepends its attribution header, so
+/// the first one is ours and a copy forged further down is ignored.
+fn first_header_raw<'m>(msg: &'m mail_parser::Message<'_>, name: &str) -> Option<&'m str> {
+    let h = msg
+        .headers()
+        .iter()
+        .find(|h| h.name.as_str().eq_ignore_ascii_case(name))?;
+    let raw = msg.raw_message();
+    let bytes = raw.get(h.offset_start as usize..h.offset_end as usize)?;
+    std::str::from_utf8(bytes).ok()
 }
 
 /// A message saved from an mbox may start with a `From ` separator line.
@@ -375,6 +387,13 @@ mod tests {
             parse(MSG, "INBOX", 10),
             Err(Malformed::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn forwarded_by_is_the_first_header_not_a_forged_later_one() {
+        let m = b"X-CRM-Forwarded-By: Alice@example.test\r\nFrom: a@x.test\r\nX-CRM-Forwarded-By: mallory@evil.example\r\n\r\nbody";
+        let p = parse(m, "INBOX", 1 << 20).unwrap();
+        assert_eq!(p.forwarded_by.as_deref(), Some("alice@example.test"));
     }
 
     #[test]
