@@ -315,6 +315,9 @@ pub struct MailboxState {
     pub postponed_until: Option<UnixTime>,
     /// Consecutive cycles that found no mail; idle mailboxes back off.
     pub no_email_cycles: u32,
+    /// Expiry of the OAuth access token used at the last login, if known.
+    #[serde(default)]
+    pub token_expires_at: Option<UnixTime>,
 }
 
 /// Sync position of one folder; committed in the same batch as its activities.

@@ -255,6 +255,8 @@ fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) 
             io_timeout: Duration::from_secs(10),
         },
         credentials: creds,
+        token_provider: None,
+        max_message_size: 1 << 20,
         folders: vec![],
         batch_size: 100,
         process_email_from: None,
@@ -849,4 +851,84 @@ fn message_moved_between_tracked_folders_is_re_pointed() {
     assert_eq!(regarding_of_moving().as_deref(), Some("account:t2"));
     stop(child);
     assert_eq!(offline_activities(&cfg).len(), 3);
+}
+
+/// An OAuth2 mailbox reading its token from `token_file`: a rejected, expired
+/// token gives an Error alert that says so, is retried (a file can be
+/// rotated), and writing the right token makes the mailbox recover without a
+/// restart; the new token's expiry shows in the API with a Warning ahead of it.
+#[test]
+fn rotated_token_file_recovers_without_restart() {
+    let env = env();
+    let user = "user00121";
+    reset_user(user);
+    deliver(user, "INBOX", &message("oauth-rotation"));
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token.json");
+    std::fs::write(
+        &token_file,
+        r#"{"access_token":"wrong-token","expires_at":"2020-01-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    let admin = free_port();
+    let extra = format!("token_file = \"{}\"", token_file.display());
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imaps,
+            tls: "implicit",
+            user,
+            password: "",
+            auth: "oauth2",
+            extra_profile: "",
+            extra_mailbox: &extra,
+        },
+    );
+    let child = start(&cfg);
+    let alerts = |level: &str, needle: &str| -> Option<String> {
+        // None while the daemon is still starting.
+        let (_, body) = get(admin, "/api/v1/alerts", Some(TOKEN))?;
+        let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+        list["alerts"].as_array()?.iter().find_map(|a| {
+            let text = a["text"].as_str()?;
+            (a["level"].as_str()? == level && text.contains(needle)).then(|| text.to_string())
+        })
+    };
+    let expired = wait_for(Duration::from_secs(30), "expired-token alert", || {
+        alerts("error", "expired at 2020-01-01T00:00:00Z")
+    });
+    assert!(
+        expired.contains(&token_file.display().to_string()),
+        "{expired}"
+    );
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    assert_eq!(mb["state"]["token_expires_at"], 1_577_836_800, "{mb}");
+    assert_eq!(activity_total(admin), Some(0));
+
+    // Rotate: the right token, expiring in three days.
+    let expires = chrono::Utc::now().timestamp() + 3 * 86_400;
+    let expires_s = chrono::DateTime::from_timestamp(expires, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    std::fs::write(
+        &token_file,
+        format!(
+            r#"{{"access_token":"{}","expires_at":"{expires_s}"}}"#,
+            env.token
+        ),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(90), "activity after rotation", || {
+        activity_total(admin).filter(|n| *n >= 1)
+    });
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["token_expires_at"], expires, "{mb}");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    let warning = alerts("warning", "OAuth access token expires at").expect("expiry warning");
+    assert!(warning.contains(&expires_s), "{warning}");
+    stop(child);
 }

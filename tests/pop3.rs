@@ -167,6 +167,7 @@ fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) 
             io_timeout: Duration::from_secs(10),
         },
         credentials: creds,
+        token_provider: None,
         batch_size: 100,
         max_message_size: 1 << 20,
         delete_after_processing: false,
