@@ -267,7 +267,8 @@ pub struct QuarantineEntry {
     pub id: u64,
     pub source: SourceKey,
     pub reason: String,
-    /// Where the raw bytes were saved.
+    /// Where the raw bytes were saved; empty when they were never downloaded
+    /// (over `max_message_size`: the message stays on the server).
     pub saved_as: String,
     pub size: u64,
     pub at: UnixTime,

@@ -932,3 +932,84 @@ fn rotated_token_file_recovers_without_restart() {
     assert!(warning.contains(&expires_s), "{warning}");
     stop(child);
 }
+
+/// A message with a body of `n` bytes, to go over a small max_message_size.
+fn big_message(tag: &str, n: usize) -> Vec<u8> {
+    let mut m = message(tag);
+    let line = "x".repeat(76) + "\r\n";
+    while m.len() < n {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m
+}
+
+/// The quarantine list via the API.
+fn quarantine(admin: u16) -> Vec<serde_json::Value> {
+    get_json(admin, "/api/v1/quarantine")["quarantine"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A message over max_message_size is not downloaded: it becomes a quarantine
+/// record without bytes that says why and where it is, is moved to
+/// move_failed_to, and the folder position moves past it.
+#[test]
+fn oversized_message_is_recorded_not_downloaded() {
+    let env = env();
+    let user = "user00122";
+    reset_user(user);
+    deliver(user, "INBOX", &message("small-1"));
+    deliver(user, "INBOX", &big_message("big", 20_000));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imaps,
+            tls: "implicit",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "max_message_size = 4096\nmove_failed_to = \"Undeliverable\"",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    let q = wait_for(Duration::from_secs(30), "quarantine record", || {
+        let q = get(admin, "/api/v1/quarantine", Some(TOKEN))
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())?;
+        let list = q["quarantine"].as_array()?.clone();
+        (!list.is_empty()).then_some(list)
+    });
+    assert_eq!(q.len(), 1, "{q:?}");
+    let reason = q[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("exceeds the 4096-byte limit")
+            && reason.contains("left on the server in INBOX"),
+        "{reason}"
+    );
+    assert!(q[0]["size"].as_u64().unwrap() > 20_000, "{q:?}");
+    assert_eq!(q[0]["saved_as"], "", "{q:?}");
+    // Never downloaded: nothing saved in the quarantine directory.
+    let saved = std::fs::read_dir(dir.path().join("state/quarantine"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(saved, 0);
+    wait_for(Duration::from_secs(30), "moved to Undeliverable", || {
+        let n = doveadm_out(&format!("search -u {user} mailbox Undeliverable all"))
+            .lines()
+            .count();
+        (n == 1).then_some(())
+    });
+    // The position moved on: new mail is processed, the big one is not retried.
+    deliver(user, "INBOX", &message("small-2"));
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    assert_eq!(quarantine(admin).len(), 1);
+    stop(child);
+}

@@ -30,6 +30,10 @@ pub struct RawMessage {
     pub raw: Vec<u8>,
     /// Server receive time (IMAP INTERNALDATE, file mtime) if known.
     pub received_at: Option<UnixTime>,
+    /// Size of a message that was not downloaded because it exceeds
+    /// `max_message_size` (`raw` is empty): the pipeline records it in the
+    /// quarantine, so the position advances and the operator sees it once.
+    pub too_large: Option<u64>,
 }
 
 /// A bounded group of new messages and the positions to commit with them.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::oauth::{self, TokenProvider};
 use super::pop3::{Credentials, Pop3Client, Pop3Error};
 use super::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
-use crate::model::{now, AlertLevel, SourceKey, UnixTime};
+use crate::model::{now, SourceKey, UnixTime};
 use crate::net::Endpoint;
 use crate::store::Store;
 
@@ -37,7 +37,7 @@ pub struct Pop3Settings {
     pub token_provider: Option<Arc<dyn TokenProvider>>,
     /// Messages fetched and committed per batch.
     pub batch_size: usize,
-    /// Larger messages are skipped (with a warning) instead of downloaded.
+    /// Larger messages are not downloaded: they become quarantine records.
     pub max_message_size: u64,
     /// `DELE` recorded messages (after their commit).
     pub delete_after_processing: bool,
@@ -140,13 +140,15 @@ impl Pop3Connector {
         };
         for (n, id) in ids {
             session.numbers.insert(id.clone(), n);
+            let size = sizes.get(&n).copied().unwrap_or(0);
             if self.store.is_seen(&self.source(&id))? {
-                if self.settings.delete_after_processing {
+                // A message over the cap was recorded without its bytes: it
+                // must stay on the server, whatever delete_after_processing says.
+                if self.settings.delete_after_processing && size <= self.settings.max_message_size {
                     session.client.dele(n).await?;
                     session.deleted += 1;
                 }
             } else {
-                let size = sizes.get(&n).copied().unwrap_or(0);
                 session.pending.push_back((n, id, size));
             }
         }
@@ -163,22 +165,23 @@ impl Pop3Connector {
             let Some((n, id, size)) = session.pending.pop_front() else {
                 break;
             };
+            // Over the cap: not downloaded but recorded (quarantine, no bytes),
+            // so it is reported once instead of skipped again every cycle.
+            let too_large = |size: u64| RawMessage {
+                source: self.source(&id),
+                raw: Vec::new(),
+                received_at: None,
+                too_large: Some(size),
+            };
             if size > self.settings.max_message_size {
-                batch.notices.push((
-                    AlertLevel::Warning,
-                    format!(
-                        "POP3 message {id} is {size} bytes, over max_message_size ({}); skipped",
-                        self.settings.max_message_size
-                    ),
-                ));
+                batch.messages.push(too_large(size));
                 continue;
             }
             let raw = match session.client.retr(n, self.settings.max_message_size).await {
                 Ok(raw) => raw,
-                Err(e @ Pop3Error::TooLarge { .. }) => {
-                    batch
-                        .notices
-                        .push((AlertLevel::Warning, format!("{e}; skipped")));
+                // LIST under-reported the size; the response was drained.
+                Err(Pop3Error::TooLarge { size, .. }) => {
+                    batch.messages.push(too_large(size));
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -187,6 +190,7 @@ impl Pop3Connector {
                 source: self.source(&id),
                 raw,
                 received_at: None,
+                too_large: None,
             };
             batch.messages.push(match self.settings.transform {
                 Some(f) => f(msg),

@@ -254,11 +254,31 @@ impl ImapConnector {
                 if client.selected_folder() != Some(s.folder.as_str()) {
                     client.select(&s.folder).await?;
                 }
-                for m in client.fetch_messages(uids).await? {
+                // Sizes first: a message over the cap is recorded, not downloaded.
+                let limit = self.settings.max_message_size;
+                let mut small = Vec::with_capacity(uids.len());
+                for (uid, size) in client.fetch_sizes(uids).await? {
+                    if u64::from(size) > limit {
+                        fetched.push((
+                            i64::MIN,
+                            index,
+                            RawMessage {
+                                source: self.source(&s.folder, s.state.uidvalidity, uid),
+                                raw: Vec::new(),
+                                received_at: None,
+                                too_large: Some(u64::from(size)),
+                            },
+                        ));
+                    } else {
+                        small.push(uid);
+                    }
+                }
+                for m in client.fetch_messages(&small).await? {
                     let raw = RawMessage {
                         source: self.source(&s.folder, s.state.uidvalidity, m.uid),
                         raw: m.raw,
                         received_at: m.internal_date,
+                        too_large: None,
                     };
                     let raw = match self.settings.transform {
                         Some(f) => f(raw),
