@@ -925,8 +925,11 @@ fn rotated_token_file_recovers_without_restart() {
     wait_for(Duration::from_secs(90), "activity after rotation", || {
         activity_total(admin).filter(|n| *n >= 1)
     });
-    let mb = get_json(admin, "/api/v1/mailboxes/mb");
-    assert_eq!(mb["state"]["token_expires_at"], expires, "{mb}");
+    // The API's state is refreshed when the cycle ends, after the commit.
+    let mb = wait_for(Duration::from_secs(30), "new expiry in the API", || {
+        let mb = get_json(admin, "/api/v1/mailboxes/mb");
+        (mb["state"]["token_expires_at"] == expires).then_some(mb)
+    });
     assert_eq!(mb["state"]["enabled"], true, "{mb}");
     let warning = alerts("warning", "OAuth access token expires at").expect("expiry warning");
     assert!(warning.contains(&expires_s), "{warning}");
