@@ -134,6 +134,12 @@ pub struct Profile {
     /// Profile-level credentials, used by mailboxes that have none of their own.
     pub username: Option<String>,
     pub secret: Option<Secret>,
+    /// OAuth2 access token file, re-read before every login (`auth = "oauth2"`).
+    pub token_file: Option<PathBuf>,
+    /// Expiry of a static or bare-file token, when the operator knows it.
+    pub token_expires_at: Option<crate::model::UnixTime>,
+    /// Warn this long before a known token expiry.
+    pub token_expiry_warning: Duration,
     pub poll_interval: Duration,
     pub max_concurrent_connections: u16,
     pub connect_timeout: Duration,
@@ -186,6 +192,10 @@ pub struct Mailbox {
     pub path: Option<PathBuf>,
     pub username: Option<String>,
     pub secret: Option<Secret>,
+    /// OAuth2 access token file (overrides the profile's credentials).
+    pub token_file: Option<PathBuf>,
+    /// Expiry of this mailbox's static or bare-file token.
+    pub token_expires_at: Option<crate::model::UnixTime>,
     pub tracked_folders: Vec<FolderRule>,
     /// Folders synced besides INBOX and the tracked folders.
     pub extra_folders: Vec<String>,
@@ -635,6 +645,48 @@ fn secret(
     None
 }
 
+/// Reads `token_file` (an OAuth2 token re-read before every login; checked
+/// here so a typo fails at startup) and `token_expires_at` (RFC 3339).
+fn token_source(
+    t: &mut Table<'_>,
+    has_secret: bool,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> (Option<PathBuf>, Option<crate::model::UnixTime>) {
+    let file = t.string("token_file", errs).map(|f| {
+        let p = PathBuf::from(&f);
+        if p.is_relative() && !p.exists() && base_dir.join(&f).exists() {
+            base_dir.join(&f)
+        } else {
+            p
+        }
+    });
+    if let Some(p) = &file {
+        if has_secret {
+            errs.push(
+                t.key("token_file"),
+                "give either token_file or password/password_file/password_env",
+            );
+        } else if let Err(e) = crate::connector::oauth::TokenFile::new(p, None).read() {
+            errs.push(t.key("token_file"), e.detail);
+        }
+    }
+    let expires =
+        t.string("token_expires_at", errs).and_then(
+            |s| match chrono::DateTime::parse_from_rfc3339(&s) {
+                Ok(d) => Some(d.timestamp()),
+                Err(_) => {
+                    errs.push(
+                        t.key("token_expires_at"),
+                        format!("{s:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z"),
+                    );
+                    None
+                }
+            },
+        );
+    (file, expires)
+}
+
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
@@ -1046,6 +1098,24 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         base_dir,
         errs,
     );
+    let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
+    if auth != AuthKind::OAuth2 && (token_file.is_some() || token_expires_at.is_some()) {
+        errs.push(
+            t.key(if token_file.is_some() {
+                "token_file"
+            } else {
+                "token_expires_at"
+            }),
+            "is for OAuth2 tokens; set auth = \"oauth2\" or remove it",
+        );
+    }
+    let token_expiry_warning = t.duration(
+        "token_expiry_warning",
+        SECS(7 * 86_400),
+        SECS(0),
+        SECS(365 * 86_400),
+        errs,
+    );
     let poll_interval = t.duration("poll_interval", SECS(60), SECS(1), SECS(1440 * 60), errs);
     let max_conn = t.int("max_concurrent_connections", 10, 1, 300, errs) as u16;
     let connect_timeout = t.duration("connect_timeout", SECS(30), SECS(1), SECS(100), errs);
@@ -1135,6 +1205,9 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         auth,
         username,
         secret,
+        token_file,
+        token_expires_at,
+        token_expiry_warning,
         poll_interval,
         max_concurrent_connections: max_conn,
         connect_timeout,
@@ -1231,6 +1304,22 @@ fn mailbox(
         base_dir,
         errs,
     );
+    let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
+    if let Some(p) = profile.filter(|p| p.auth != AuthKind::OAuth2) {
+        if token_file.is_some() || token_expires_at.is_some() {
+            errs.push(
+                t.key(if token_file.is_some() {
+                    "token_file"
+                } else {
+                    "token_expires_at"
+                }),
+                format!(
+                    "is for OAuth2 tokens; profile {:?} has auth = \"password\"",
+                    p.name
+                ),
+            );
+        }
+    }
     let delete_after_processing = t.bool(
         "delete_after_processing",
         incoming == IncomingDelivery::ForwardMailbox,
@@ -1306,13 +1395,28 @@ fn mailbox(
                         format!("is required (or set it on profile {:?})", p.name),
                     );
                 }
-                if secret.is_none() && p.secret.is_none() {
+                if secret.is_none()
+                    && p.secret.is_none()
+                    && token_file.is_none()
+                    && p.token_file.is_none()
+                {
                     let what = if p.auth == AuthKind::OAuth2 {
                         "an OAuth2 access token"
                     } else {
                         "a password"
                     };
-                    errs.push(t.key("password"), format!("{what} is required: password, password_file or password_env (here or on profile {:?})", p.name));
+                    let keys = if p.auth == AuthKind::OAuth2 {
+                        "token_file, password, password_file or password_env"
+                    } else {
+                        "password, password_file or password_env"
+                    };
+                    errs.push(
+                        t.key("password"),
+                        format!(
+                            "{what} is required: {keys} (here or on profile {:?})",
+                            p.name
+                        ),
+                    );
                 }
             }
         }
@@ -1356,6 +1460,8 @@ fn mailbox(
         path,
         username,
         secret,
+        token_file,
+        token_expires_at,
         tracked_folders,
         extra_folders,
         delete_after_processing,
@@ -1539,6 +1645,77 @@ mod tests {
             errs.iter().any(|e| e.path == "mailboxes[0].act"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn oauth_token_file_and_expiry_are_checked_with_their_key_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = dir.path().join("tok.json");
+        std::fs::write(&tok, r#"{"access_token":"t","expires_in":60}"#).unwrap();
+        let base = |auth: &str, mailbox_extra: &str| {
+            format!(
+                r#"
+                [admin]
+                token = "0123456789abcdef"
+                [[profiles]]
+                name = "imap"
+                type = "imap_smtp"
+                host = "imap.example.test"
+                auth = "{auth}"
+                username = "u"
+                token_expiry_warning = "3d"
+                [[mailboxes]]
+                name = "a"
+                profile = "imap"
+                email = "a@example.test"
+                {mailbox_extra}
+                "#
+            )
+        };
+        let ok = base(
+            "oauth2",
+            &format!(
+                "token_file = \"{}\"\ntoken_expires_at = \"2030-01-01T00:00:00Z\"",
+                tok.display()
+            ),
+        );
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.mailboxes[0].token_file.as_deref(), Some(tok.as_path()));
+        assert_eq!(cfg.mailboxes[0].token_expires_at, Some(1_893_456_000));
+        assert_eq!(
+            cfg.profiles[0].token_expiry_warning,
+            Duration::from_secs(3 * 86_400)
+        );
+
+        let cases = [
+            (
+                base(
+                    "password",
+                    &format!("token_file = \"{}\"\npassword = \"p\"", tok.display()),
+                ),
+                "mailboxes[0].token_file",
+            ),
+            (
+                base("oauth2", "token_file = \"/nonexistent/tok\""),
+                "mailboxes[0].token_file",
+            ),
+            (
+                base(
+                    "oauth2",
+                    &format!("token_file = \"{}\"\npassword = \"p\"", tok.display()),
+                ),
+                "mailboxes[0].token_file",
+            ),
+            (
+                base("oauth2", "password = \"p\"\ntoken_expires_at = \"soon\""),
+                "mailboxes[0].token_expires_at",
+            ),
+            (base("oauth2", ""), "mailboxes[0].password"),
+        ];
+        for (text, path) in cases {
+            let errs = parse(&text).unwrap_err().0;
+            assert!(errs.iter().any(|e| e.path == path), "{path}: {errs:?}");
+        }
     }
 
     #[test]

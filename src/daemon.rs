@@ -16,6 +16,7 @@ use crate::alerts::Alerts;
 use crate::config::{AuthKind, Config, Mailbox, Profile};
 use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
+use crate::connector::oauth::{StaticToken, TokenFile, TokenProvider};
 use crate::connector::pop3::Credentials as Pop3Credentials;
 use crate::connector::pop3_sync::{Pop3Connector, Pop3Settings};
 use crate::model::{self, AlertLevel, IncomingDelivery, ProfileType};
@@ -243,9 +244,43 @@ pub fn login(profile: &Profile, mailbox: &Mailbox) -> Result<(String, String), S
         .secret
         .as_ref()
         .or(profile.secret.as_ref())
-        .map(|s| s.expose().to_string())
-        .ok_or_else(|| format!("mailbox {:?} has no password or token", mailbox.name))?;
-    Ok((user, secret))
+        .map(|s| s.expose().to_string());
+    match secret {
+        Some(s) => Ok((user, s)),
+        // The token comes from the provider at every login.
+        None if token_provider(profile, mailbox).is_some() => Ok((user, String::new())),
+        None => Err(format!(
+            "mailbox {:?} has no password or token",
+            mailbox.name
+        )),
+    }
+}
+
+/// Where an OAuth2 mailbox gets its access token: the mailbox's own token
+/// (file or static) before the profile's. `None` for password logins.
+pub fn token_provider(profile: &Profile, mailbox: &Mailbox) -> Option<Arc<dyn TokenProvider>> {
+    if profile.auth != AuthKind::OAuth2 {
+        return None;
+    }
+    let own = (
+        &mailbox.token_file,
+        &mailbox.secret,
+        mailbox.token_expires_at,
+    );
+    let shared = (
+        &profile.token_file,
+        &profile.secret,
+        profile.token_expires_at,
+    );
+    for (file, secret, expiry) in [own, shared] {
+        if let Some(f) = file {
+            return Some(Arc::new(TokenFile::new(f, expiry)));
+        }
+        if let Some(s) = secret {
+            return Some(Arc::new(StaticToken::new(s.clone(), expiry)));
+        }
+    }
+    None
 }
 
 /// The IMAP connector settings of a mailbox.
@@ -269,6 +304,8 @@ pub fn imap_settings(profile: &Profile, mailbox: &Mailbox) -> Result<ImapSetting
         mailbox: mailbox.name.clone(),
         endpoint: endpoint(profile)?,
         credentials,
+        token_provider: token_provider(profile, mailbox),
+        max_message_size: profile.max_message_size,
         folders,
         batch_size: profile.batch_size,
         process_email_from: profile.process_email_from,
@@ -295,6 +332,7 @@ pub fn pop3_settings(profile: &Profile, mailbox: &Mailbox) -> Result<Pop3Setting
         mailbox: mailbox.name.clone(),
         endpoint: endpoint(profile)?,
         credentials,
+        token_provider: token_provider(profile, mailbox),
         batch_size: profile.batch_size,
         max_message_size: profile.max_message_size,
         delete_after_processing: mailbox.delete_after_processing,

@@ -267,7 +267,8 @@ pub struct QuarantineEntry {
     pub id: u64,
     pub source: SourceKey,
     pub reason: String,
-    /// Where the raw bytes were saved.
+    /// Where the raw bytes were saved; empty when they were never downloaded
+    /// (over `max_message_size`: the message stays on the server).
     pub saved_as: String,
     pub size: u64,
     pub at: UnixTime,
@@ -315,6 +316,9 @@ pub struct MailboxState {
     pub postponed_until: Option<UnixTime>,
     /// Consecutive cycles that found no mail; idle mailboxes back off.
     pub no_email_cycles: u32,
+    /// Expiry of the OAuth access token used at the last login, if known.
+    #[serde(default)]
+    pub token_expires_at: Option<UnixTime>,
 }
 
 /// Sync position of one folder; committed in the same batch as its activities.

@@ -95,6 +95,11 @@ impl crate::error::Classify for PipelineError {
     }
 }
 
+/// Why a message was left on the server undownloaded.
+pub fn too_large_reason(size: u64, limit: u64, folder: &str) -> String {
+    format!("message of {size} bytes exceeds the {limit}-byte limit (max_message_size); left on the server in {folder}")
+}
+
 /// Turns a batch of raw messages into one commit batch.
 pub fn process(
     store: &dyn Store,
@@ -125,6 +130,21 @@ pub fn process_seeded(
     for (m, seed) in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
+            continue;
+        }
+        if let Some(size) = m.too_large {
+            // Not downloaded: a record without bytes, so the operator sees it
+            // once and the source is not fetched again.
+            let reason = too_large_reason(size, ctx.max_message_size, &m.source.folder);
+            batch.items.push(PendingItem::Quarantine(QuarantineEntry {
+                id: 0,
+                source: m.source.clone(),
+                reason: reason.clone(),
+                saved_as: String::new(),
+                size,
+                at: now,
+            }));
+            results.push((m.source.clone(), ItemResult::Quarantined { reason }));
             continue;
         }
         let mut parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
@@ -378,6 +398,7 @@ mod tests {
             },
             raw: format!("From: c@them.test\r\nTo: me@us.test\r\nDate: Mon, 5 Jan 2026 10:00:00 +0000\r\n{headers}\r\nbody\r\n").into_bytes(),
             received_at: None,
+            too_large: None,
         }
     }
 

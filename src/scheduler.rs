@@ -270,6 +270,10 @@ impl MailboxTask {
                 };
             }
         }
+        self.note_token_expiry(&connector, &mut state);
+        if let Err(e) = &test {
+            self.token_alert(e);
+        }
         if let Err(e) = test {
             if e.disposition() == Disposition::Permanent {
                 self.disable(&mut state, &e.to_string());
@@ -290,6 +294,7 @@ impl MailboxTask {
             };
             let now = model::now();
             state.last_sync_at = Some(now);
+            self.note_token_expiry(&connector, &mut state);
             match result {
                 Ok(found) => {
                     state.transient_failures = 0;
@@ -321,6 +326,9 @@ impl MailboxTask {
                 }
                 Err(e) => {
                     let disposition = e.disposition();
+                    if let CycleError::Connector(c) = &e {
+                        self.token_alert(c);
+                    }
                     metrics::counter!(telemetry::SYNC_ERRORS, "mailbox" => name.clone(), "disposition" => disposition.to_string()).increment(1);
                     state.last_sync_error = Some(e.to_string());
                     state.last_sync_error_at = Some(now);
@@ -357,6 +365,36 @@ impl MailboxTask {
         connector.close().await;
         if state.enabled {
             self.set_phase(Phase::Stopped, &state);
+        }
+    }
+
+    /// Records the OAuth token expiry the connector last logged in with, and
+    /// warns ahead of it: an expiring token is the classic "mailbox silently
+    /// stopped". The alert text names the expiry, so it is raised once per
+    /// token (the store counts repeats) rather than once per cycle.
+    fn note_token_expiry<C: Connector>(&self, connector: &C, state: &mut MailboxState) {
+        let expiry = connector.token_expires_at();
+        state.token_expires_at = expiry;
+        let Some(at) = expiry else { return };
+        let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
+        let now = model::now();
+        if now >= warn_from && now < at {
+            self.alert(
+                AlertLevel::Warning,
+                &format!(
+                    "the OAuth access token expires at {}: renew it before then, or the mailbox stops syncing",
+                    model::format_time(at)
+                ),
+            );
+        }
+    }
+
+    /// An Error alert for a rejected OAuth token, saying what to do; the
+    /// generic retry/disable alerts do not tell an expired token apart from a
+    /// wrong password.
+    fn token_alert(&self, e: &ConnectorError) {
+        if matches!(e, ConnectorError::TokenRejected { .. }) {
+            self.alert(AlertLevel::Error, &e.to_string());
         }
     }
 

@@ -255,6 +255,8 @@ fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) 
             io_timeout: Duration::from_secs(10),
         },
         credentials: creds,
+        token_provider: None,
+        max_message_size: 1 << 20,
         folders: vec![],
         batch_size: 100,
         process_email_from: None,
@@ -849,4 +851,168 @@ fn message_moved_between_tracked_folders_is_re_pointed() {
     assert_eq!(regarding_of_moving().as_deref(), Some("account:t2"));
     stop(child);
     assert_eq!(offline_activities(&cfg).len(), 3);
+}
+
+/// An OAuth2 mailbox reading its token from `token_file`: a rejected, expired
+/// token gives an Error alert that says so, is retried (a file can be
+/// rotated), and writing the right token makes the mailbox recover without a
+/// restart; the new token's expiry shows in the API with a Warning ahead of it.
+#[test]
+fn rotated_token_file_recovers_without_restart() {
+    let env = env();
+    let user = "user00121";
+    reset_user(user);
+    deliver(user, "INBOX", &message("oauth-rotation"));
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token.json");
+    std::fs::write(
+        &token_file,
+        r#"{"access_token":"wrong-token","expires_at":"2020-01-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    let admin = free_port();
+    let extra = format!("token_file = \"{}\"", token_file.display());
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imaps,
+            tls: "implicit",
+            user,
+            password: "",
+            auth: "oauth2",
+            extra_profile: "",
+            extra_mailbox: &extra,
+        },
+    );
+    let child = start(&cfg);
+    let alerts = |level: &str, needle: &str| -> Option<String> {
+        // None while the daemon is still starting.
+        let (_, body) = get(admin, "/api/v1/alerts", Some(TOKEN))?;
+        let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+        list["alerts"].as_array()?.iter().find_map(|a| {
+            let text = a["text"].as_str()?;
+            (a["level"].as_str()? == level && text.contains(needle)).then(|| text.to_string())
+        })
+    };
+    let expired = wait_for(Duration::from_secs(30), "expired-token alert", || {
+        alerts("error", "expired at 2020-01-01T00:00:00Z")
+    });
+    assert!(
+        expired.contains(&token_file.display().to_string()),
+        "{expired}"
+    );
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    assert_eq!(mb["state"]["token_expires_at"], 1_577_836_800, "{mb}");
+    assert_eq!(activity_total(admin), Some(0));
+
+    // Rotate: the right token, expiring in three days.
+    let expires = chrono::Utc::now().timestamp() + 3 * 86_400;
+    let expires_s = chrono::DateTime::from_timestamp(expires, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    std::fs::write(
+        &token_file,
+        format!(
+            r#"{{"access_token":"{}","expires_at":"{expires_s}"}}"#,
+            env.token
+        ),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(90), "activity after rotation", || {
+        activity_total(admin).filter(|n| *n >= 1)
+    });
+    // The API's state is refreshed when the cycle ends, after the commit.
+    let mb = wait_for(Duration::from_secs(30), "new expiry in the API", || {
+        let mb = get_json(admin, "/api/v1/mailboxes/mb");
+        (mb["state"]["token_expires_at"] == expires).then_some(mb)
+    });
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    let warning = alerts("warning", "OAuth access token expires at").expect("expiry warning");
+    assert!(warning.contains(&expires_s), "{warning}");
+    stop(child);
+}
+
+/// A message with a body of `n` bytes, to go over a small max_message_size.
+fn big_message(tag: &str, n: usize) -> Vec<u8> {
+    let mut m = message(tag);
+    let line = "x".repeat(76) + "\r\n";
+    while m.len() < n {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m
+}
+
+/// The quarantine list via the API.
+fn quarantine(admin: u16) -> Vec<serde_json::Value> {
+    get_json(admin, "/api/v1/quarantine")["quarantine"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// A message over max_message_size is not downloaded: it becomes a quarantine
+/// record without bytes that says why and where it is, is moved to
+/// move_failed_to, and the folder position moves past it.
+#[test]
+fn oversized_message_is_recorded_not_downloaded() {
+    let env = env();
+    let user = "user00122";
+    reset_user(user);
+    deliver(user, "INBOX", &message("small-1"));
+    deliver(user, "INBOX", &big_message("big", 20_000));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imaps,
+            tls: "implicit",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "max_message_size = 4096\nmove_failed_to = \"Undeliverable\"",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    let q = wait_for(Duration::from_secs(30), "quarantine record", || {
+        let q = get(admin, "/api/v1/quarantine", Some(TOKEN))
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())?;
+        let list = q["quarantine"].as_array()?.clone();
+        (!list.is_empty()).then_some(list)
+    });
+    assert_eq!(q.len(), 1, "{q:?}");
+    let reason = q[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("exceeds the 4096-byte limit")
+            && reason.contains("left on the server in INBOX"),
+        "{reason}"
+    );
+    assert!(q[0]["size"].as_u64().unwrap() > 20_000, "{q:?}");
+    assert_eq!(q[0]["saved_as"], "", "{q:?}");
+    // Never downloaded: nothing saved in the quarantine directory.
+    let saved = std::fs::read_dir(dir.path().join("state/quarantine"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(saved, 0);
+    wait_for(Duration::from_secs(30), "moved to Undeliverable", || {
+        let n = doveadm_out(&format!("search -u {user} mailbox Undeliverable all"))
+            .lines()
+            .count();
+        (n == 1).then_some(())
+    });
+    // The position moved on: new mail is processed, the big one is not retried.
+    deliver(user, "INBOX", &message("small-2"));
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    assert_eq!(quarantine(admin).len(), 1);
+    stop(child);
 }

@@ -167,6 +167,7 @@ fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) 
             io_timeout: Duration::from_secs(10),
         },
         credentials: creds,
+        token_provider: None,
         batch_size: 100,
         max_message_size: 1 << 20,
         delete_after_processing: false,
@@ -285,4 +286,86 @@ fn sigkill_with_delete_after_processing() {
         .map(|a| a["message_ids"][0].as_str().unwrap())
         .collect();
     assert_eq!(ids.len() as u64, N, "duplicate Message-IDs");
+}
+
+/// A message with a body of `n` bytes, to go over a small max_message_size.
+fn big_message(tag: &str, n: usize) -> Vec<u8> {
+    let mut m = message(tag);
+    let line = "x".repeat(76) + "\r\n";
+    while m.len() < n {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m
+}
+
+/// The quarantine list via the API.
+fn quarantine(admin: u16) -> Vec<serde_json::Value> {
+    get_json(admin, "/api/v1/quarantine")["quarantine"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// POP3: a message over max_message_size (known from LIST) becomes one
+/// quarantine record and one alert, not a warning every cycle, and stays on
+/// the server even with delete_after_processing.
+#[test]
+fn oversized_message_is_recorded_once_and_left_on_the_server() {
+    let env = env();
+    let user = "user00123";
+    reset_user(user);
+    deliver(user, "INBOX", &message("small-1"));
+    deliver(user, "INBOX", &big_message("big", 20_000));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port: env.pop3s,
+            tls: "implicit",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "max_message_size = 4096",
+            extra_mailbox: "delete_after_processing = true",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "1 activity", || {
+        activity_total(admin).filter(|n| *n >= 1)
+    });
+    let q = quarantine(admin);
+    assert_eq!(q.len(), 1, "{q:?}");
+    let reason = q[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("exceeds the 4096-byte limit")
+            && reason.contains("left on the server in INBOX"),
+        "{reason}"
+    );
+    assert_eq!(q[0]["saved_as"], "", "{q:?}");
+    // Several more 1-second poll cycles (the small message's deletion is one).
+    wait_for(Duration::from_secs(30), "small message deleted", || {
+        (inbox_count(user) == 1).then_some(())
+    });
+    let cycles_before = get_json(admin, "/api/v1/mailboxes/mb")["state"]["last_sync_at"].as_i64();
+    wait_for(Duration::from_secs(30), "more cycles", || {
+        let now = get_json(admin, "/api/v1/mailboxes/mb")["state"]["last_sync_at"].as_i64();
+        (now > cycles_before.map(|t| t + 2)).then_some(())
+    });
+    assert_eq!(quarantine(admin).len(), 1);
+    let alerts = get_json(admin, "/api/v1/alerts");
+    let about_big: Vec<_> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["text"].as_str().unwrap_or("").contains("4096"))
+        .collect();
+    assert_eq!(about_big.len(), 1, "{alerts}");
+    assert_eq!(about_big[0]["count"], 1, "{alerts}");
+    // The big message is still on the server.
+    assert_eq!(inbox_count(user), 1);
+    stop(child);
 }

@@ -190,6 +190,7 @@ impl Connector for MaildirConnector {
                         source: self.source(&folder, &e.unique),
                         raw,
                         received_at,
+                        too_large: None,
                     });
                 }
                 // Renamed (new/→cur/) or removed between listing and reading:

@@ -9,6 +9,7 @@
 pub mod forward;
 pub mod imap;
 pub mod maildir;
+pub mod oauth;
 pub mod pop3;
 pub mod pop3_sync;
 
@@ -29,6 +30,10 @@ pub struct RawMessage {
     pub raw: Vec<u8>,
     /// Server receive time (IMAP INTERNALDATE, file mtime) if known.
     pub received_at: Option<UnixTime>,
+    /// Size of a message that was not downloaded because it exceeds
+    /// `max_message_size` (`raw` is empty): the pipeline records it in the
+    /// quarantine, so the position advances and the operator sees it once.
+    pub too_large: Option<u64>,
 }
 
 /// A bounded group of new messages and the positions to commit with them.
@@ -72,6 +77,21 @@ pub enum ConnectorError {
     Imap(#[from] imap::ImapError),
     #[error(transparent)]
     Pop3(#[from] pop3::Pop3Error),
+    /// No OAuth token could be had (token file missing or unreadable).
+    #[error(transparent)]
+    Token(#[from] oauth::TokenError),
+    /// The server refused an OAuth access token.
+    #[error("{}", token_rejected_text(error, provider, *expired_at, *rotates))]
+    TokenRejected {
+        /// The authentication failure as the protocol reported it.
+        error: Box<ConnectorError>,
+        /// Where the token came from ([`oauth::TokenProvider::describe`]).
+        provider: String,
+        /// The token's expiry if it is known and has passed.
+        expired_at: Option<UnixTime>,
+        /// A rotated token is picked up on the next attempt (token file).
+        rotates: bool,
+    },
     #[error("maildir {path}: {detail}")]
     Maildir {
         path: String,
@@ -88,7 +108,61 @@ impl Classify for ConnectorError {
             ConnectorError::Imap(e) => e.disposition(),
             ConnectorError::Pop3(e) => e.disposition(),
             ConnectorError::Maildir { disposition, .. } => *disposition,
+            // A token source that can change (a file someone rotates) gets
+            // retried with back-off, so the mailbox recovers by itself once a
+            // fresh token is written; `max_transient_failures` still disables
+            // it if nobody does. A static token cannot change without a
+            // restart: retrying it is pointless.
+            ConnectorError::Token(_) => Disposition::Transient,
+            ConnectorError::TokenRejected { rotates, error, .. } => {
+                if *rotates {
+                    Disposition::Transient
+                } else {
+                    error.disposition()
+                }
+            }
         }
+    }
+}
+
+impl ConnectorError {
+    /// True when the server rejected the login (password or token), as opposed to
+    /// a network or server problem.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            ConnectorError::Imap(imap::ImapError::AuthFailed { .. })
+                | ConnectorError::Pop3(pop3::Pop3Error::Auth { .. })
+                | ConnectorError::TokenRejected { .. }
+        )
+    }
+
+    /// The expiry of the OAuth token the server rejected, if it had passed.
+    pub fn expired_token(&self) -> Option<UnixTime> {
+        match self {
+            ConnectorError::TokenRejected { expired_at, .. } => *expired_at,
+            _ => None,
+        }
+    }
+}
+
+fn token_rejected_text(
+    error: &ConnectorError,
+    provider: &str,
+    expired_at: Option<UnixTime>,
+    rotates: bool,
+) -> String {
+    let todo = if rotates {
+        format!("write a fresh access token to {provider}; it is read again on the next retry, no restart needed")
+    } else {
+        format!("renew the token in {provider} and restart, or switch to token_file so renewals are picked up without a restart")
+    };
+    match expired_at {
+        Some(t) => format!(
+            "the OAuth access token expired at {} and the server rejected it: {todo} ({error})",
+            crate::model::format_time(t)
+        ),
+        None => format!("the server rejected the OAuth access token: {todo} ({error})"),
     }
 }
 
@@ -126,4 +200,9 @@ pub trait Connector: Send {
 
     /// Closes connections politely (logout/quit).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Expiry of the OAuth token used at the last login, if known.
+    fn token_expires_at(&self) -> Option<UnixTime> {
+        None
+    }
 }

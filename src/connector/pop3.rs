@@ -128,13 +128,39 @@ fn is_temporary_code(code: Option<&str>) -> bool {
     matches!(code, Some("SYS/TEMP" | "IN-USE" | "LOGIN-DELAY"))
 }
 
+/// Words of a refusal that will pass. POP3 has no code for "account
+/// temporarily unavailable": Dovecot answers a `nologin` account (maintenance,
+/// a mailbox rebuild; IMAP says `[CONTACTADMIN]` there) with `-ERR [AUTH]` and
+/// the operator's reason text, the same code as a wrong password
+/// ("Authentication failed."). Disabling the mailbox for a one-second
+/// maintenance window is the "mailbox silently stopped" complaint, so a reason
+/// that says it is temporary is retried; anything else under `[AUTH]` stays a
+/// wrong credential.
+const TEMPORARY_WORDS: &[&str] = &[
+    "retry",
+    "try again",
+    "temporar",
+    "in progress",
+    "in-progress",
+    "maintenance",
+    "later",
+    "contactadmin",
+];
+
+fn says_temporary(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    !d.contains("authentication failed") && TEMPORARY_WORDS.iter().any(|w| d.contains(w))
+}
+
 impl Classify for Pop3Error {
     fn disposition(&self) -> Disposition {
         match self {
             Pop3Error::Net(e) => e.disposition(),
             Pop3Error::Io(_) | Pop3Error::Protocol(_) => Disposition::Transient,
-            Pop3Error::Auth { code, .. } => {
-                if is_temporary_code(code.as_deref()) {
+            Pop3Error::Auth { code, detail } => {
+                if is_temporary_code(code.as_deref())
+                    || (code.as_deref() == Some("AUTH") && says_temporary(detail))
+                {
                     Disposition::Transient
                 } else {
                     Disposition::Permanent
@@ -1070,6 +1096,33 @@ mod tests {
         assert_eq!(auth(Some("SYS/TEMP")).disposition(), Transient);
         assert_eq!(auth(Some("IN-USE")).disposition(), Transient);
         assert_eq!(auth(Some("LOGIN-DELAY")).disposition(), Transient);
+        let auth_text = |text: &str| Pop3Error::Auth {
+            detail: format!("PASS: {text}"),
+            code: Some("AUTH".into()),
+        };
+        // Dovecot's wrong password stays permanent, even if a site adds advice.
+        assert_eq!(auth_text("Authentication failed.").disposition(), Permanent);
+        assert_eq!(
+            auth_text("Authentication failed. Try again with the right password").disposition(),
+            Permanent
+        );
+        assert_eq!(auth_text("Account disabled").disposition(), Permanent);
+        // A nologin account with a reason that says it passes: transient.
+        assert_eq!(
+            auth_text("reset-uidvalidity.sh:mailbox-rebuild-in-progress,retry-in-a-second")
+                .disposition(),
+            Transient
+        );
+        assert_eq!(
+            auth_text("Mailbox under maintenance, try again later").disposition(),
+            Transient
+        );
+        // Without [AUTH] the text is not trusted to mean "temporary".
+        let plain = Pop3Error::Auth {
+            detail: "PASS: retry later".into(),
+            code: None,
+        };
+        assert_eq!(plain.disposition(), Permanent);
         let server = |code: Option<&str>| Pop3Error::Server {
             command: "STAT".into(),
             message: "x".into(),

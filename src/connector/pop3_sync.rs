@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::oauth::{self, TokenProvider};
 use super::pop3::{Credentials, Pop3Client, Pop3Error};
 use super::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
-use crate::model::{AlertLevel, SourceKey};
+use crate::model::{now, SourceKey, UnixTime};
 use crate::net::Endpoint;
 use crate::store::Store;
 
@@ -29,11 +30,14 @@ pub struct Pop3Settings {
     pub mailbox: String,
     /// Server and transport.
     pub endpoint: Endpoint,
-    /// Login.
+    /// Login. With a `token_provider`, the token of `Credentials::OAuth2` is
+    /// replaced by a fresh one before every login.
     pub credentials: Credentials,
+    /// Source of OAuth2 access tokens, asked before every login.
+    pub token_provider: Option<Arc<dyn TokenProvider>>,
     /// Messages fetched and committed per batch.
     pub batch_size: usize,
-    /// Larger messages are skipped (with a warning) instead of downloaded.
+    /// Larger messages are not downloaded: they become quarantine records.
     pub max_message_size: u64,
     /// `DELE` recorded messages (after their commit).
     pub delete_after_processing: bool,
@@ -57,6 +61,8 @@ pub struct Pop3Connector {
     settings: Pop3Settings,
     store: Arc<dyn Store>,
     session: Option<Session>,
+    /// Expiry of the OAuth token used at the last login.
+    token_expiry: Option<UnixTime>,
 }
 
 impl Pop3Connector {
@@ -67,6 +73,7 @@ impl Pop3Connector {
             settings,
             store,
             session: None,
+            token_expiry: None,
         }
     }
 
@@ -79,15 +86,34 @@ impl Pop3Connector {
         }
     }
 
-    async fn login(&self) -> Result<Pop3Client, Pop3Error> {
+    async fn login(&mut self) -> Result<Pop3Client, ConnectorError> {
         let mut client = Pop3Client::connect(&self.settings.endpoint).await?;
-        client.authenticate(&self.settings.credentials).await?;
-        Ok(client)
+        let (Some(provider), Credentials::OAuth2 { user, .. }) =
+            (&self.settings.token_provider, &self.settings.credentials)
+        else {
+            client.authenticate(&self.settings.credentials).await?;
+            return Ok(client);
+        };
+        let token = provider.token().await?;
+        self.token_expiry = token.expires_at;
+        let creds = Credentials::OAuth2 {
+            user: user.clone(),
+            token: token.token.expose().to_string(),
+        };
+        match client.authenticate(&creds).await {
+            Ok(()) => Ok(client),
+            Err(e) => Err(oauth::label_auth_error(
+                provider.as_ref(),
+                &token,
+                e.into(),
+                now(),
+            )),
+        }
     }
 
     /// Opens a session: lists the maildrop, deletes what was processed before
     /// (a crash between commit and QUIT), queues the rest.
-    async fn open(&self) -> Result<Session, ConnectorError> {
+    async fn open(&mut self) -> Result<Session, ConnectorError> {
         let mut client = self.login().await?;
         let sizes: HashMap<u32, u64> = client.list_all().await?.into_iter().collect();
         let ids = match client.uidl_all().await? {
@@ -114,13 +140,15 @@ impl Pop3Connector {
         };
         for (n, id) in ids {
             session.numbers.insert(id.clone(), n);
+            let size = sizes.get(&n).copied().unwrap_or(0);
             if self.store.is_seen(&self.source(&id))? {
-                if self.settings.delete_after_processing {
+                // A message over the cap was recorded without its bytes: it
+                // must stay on the server, whatever delete_after_processing says.
+                if self.settings.delete_after_processing && size <= self.settings.max_message_size {
                     session.client.dele(n).await?;
                     session.deleted += 1;
                 }
             } else {
-                let size = sizes.get(&n).copied().unwrap_or(0);
                 session.pending.push_back((n, id, size));
             }
         }
@@ -137,22 +165,23 @@ impl Pop3Connector {
             let Some((n, id, size)) = session.pending.pop_front() else {
                 break;
             };
+            // Over the cap: not downloaded but recorded (quarantine, no bytes),
+            // so it is reported once instead of skipped again every cycle.
+            let too_large = |size: u64| RawMessage {
+                source: self.source(&id),
+                raw: Vec::new(),
+                received_at: None,
+                too_large: Some(size),
+            };
             if size > self.settings.max_message_size {
-                batch.notices.push((
-                    AlertLevel::Warning,
-                    format!(
-                        "POP3 message {id} is {size} bytes, over max_message_size ({}); skipped",
-                        self.settings.max_message_size
-                    ),
-                ));
+                batch.messages.push(too_large(size));
                 continue;
             }
             let raw = match session.client.retr(n, self.settings.max_message_size).await {
                 Ok(raw) => raw,
-                Err(e @ Pop3Error::TooLarge { .. }) => {
-                    batch
-                        .notices
-                        .push((AlertLevel::Warning, format!("{e}; skipped")));
+                // LIST under-reported the size; the response was drained.
+                Err(Pop3Error::TooLarge { size, .. }) => {
+                    batch.messages.push(too_large(size));
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -161,6 +190,7 @@ impl Pop3Connector {
                 source: self.source(&id),
                 raw,
                 received_at: None,
+                too_large: None,
             };
             batch.messages.push(match self.settings.transform {
                 Some(f) => f(msg),
@@ -263,5 +293,9 @@ impl Connector for Pop3Connector {
         if let Some(s) = self.session.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.client.quit()).await;
         }
+    }
+
+    fn token_expires_at(&self) -> Option<UnixTime> {
+        self.token_expiry
     }
 }

@@ -193,7 +193,7 @@ profile = "srv"
 email = "{user}@example.test"
 approval = "approved"
 username = "{user}"
-password = "{password}"
+{password}
 {extra_mailbox}
 "#,
         state = dir.join("state").display(),
@@ -205,7 +205,12 @@ password = "{password}"
         sn = env.server_name,
         auth = m.auth,
         user = m.user,
-        password = m.password,
+        // Empty: the mailbox brings its own credential (token_file) in extra_mailbox.
+        password = if m.password.is_empty() {
+            String::new()
+        } else {
+            format!("password = \"{}\"", m.password)
+        },
         extra_profile = m.extra_profile,
         extra_mailbox = m.extra_mailbox,
     );

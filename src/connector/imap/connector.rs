@@ -18,9 +18,10 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Credentials, IdleOutcome, ImapClient, ImapDate, ImapError};
+use crate::connector::oauth::{self, TokenProvider};
 use crate::connector::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
 use crate::error::{Classify, Disposition};
-use crate::model::{AlertLevel, FolderPosition, SourceKey};
+use crate::model::{now, AlertLevel, FolderPosition, SourceKey, UnixTime};
 use crate::net::Endpoint;
 use crate::store::Store;
 
@@ -35,8 +36,13 @@ pub struct ImapSettings {
     pub mailbox: String,
     /// Server and transport.
     pub endpoint: Endpoint,
-    /// Login.
+    /// Login. With a `token_provider`, the token of `Credentials::OAuth2` is
+    /// replaced by a fresh one before every login.
     pub credentials: Credentials,
+    /// Source of OAuth2 access tokens, asked before every login.
+    pub token_provider: Option<Arc<dyn TokenProvider>>,
+    /// Larger messages are not downloaded: they become quarantine records.
+    pub max_message_size: u64,
     /// Folders besides INBOX (tracked folders, then extra folders).
     pub folders: Vec<String>,
     /// Messages fetched and committed per batch.
@@ -79,6 +85,8 @@ pub struct ImapConnector {
     fetched_next: HashMap<String, (u32, u32)>,
     /// UIDVALIDITY announced once per folder, so a notice is not repeated per batch.
     announced: HashMap<String, u32>,
+    /// Expiry of the OAuth token used at the last login.
+    token_expiry: Option<UnixTime>,
 }
 
 impl ImapConnector {
@@ -98,22 +106,34 @@ impl ImapConnector {
             client: None,
             fetched_next: HashMap::new(),
             announced: HashMap::new(),
+            token_expiry: None,
         }
     }
 
     /// Takes the connection out (connecting if needed); callers put it back
     /// only on success, so an error always leaves no half-used connection.
-    async fn take_client(&mut self) -> Result<ImapClient, ImapError> {
-        match self.client.take() {
-            Some(c) => Ok(c),
-            None => {
-                ImapClient::connect_and_authenticate(
-                    &self.settings.endpoint,
-                    &self.settings.credentials,
-                )
-                .await
-            }
+    async fn take_client(&mut self) -> Result<ImapClient, ConnectorError> {
+        if let Some(c) = self.client.take() {
+            return Ok(c);
         }
+        let (Some(provider), Credentials::OAuth2 { user, .. }) =
+            (&self.settings.token_provider, &self.settings.credentials)
+        else {
+            return Ok(ImapClient::connect_and_authenticate(
+                &self.settings.endpoint,
+                &self.settings.credentials,
+            )
+            .await?);
+        };
+        let token = provider.token().await?;
+        self.token_expiry = token.expires_at;
+        let creds = Credentials::OAuth2 {
+            user: user.clone(),
+            token: token.token.expose().to_string(),
+        };
+        ImapClient::connect_and_authenticate(&self.settings.endpoint, &creds)
+            .await
+            .map_err(|e| oauth::label_auth_error(provider.as_ref(), &token, e.into(), now()))
     }
 
     /// Drops the connection after an error (its state is unknown).
@@ -234,11 +254,31 @@ impl ImapConnector {
                 if client.selected_folder() != Some(s.folder.as_str()) {
                     client.select(&s.folder).await?;
                 }
-                for m in client.fetch_messages(uids).await? {
+                // Sizes first: a message over the cap is recorded, not downloaded.
+                let limit = self.settings.max_message_size;
+                let mut small = Vec::with_capacity(uids.len());
+                for (uid, size) in client.fetch_sizes(uids).await? {
+                    if u64::from(size) > limit {
+                        fetched.push((
+                            i64::MIN,
+                            index,
+                            RawMessage {
+                                source: self.source(&s.folder, s.state.uidvalidity, uid),
+                                raw: Vec::new(),
+                                received_at: None,
+                                too_large: Some(u64::from(size)),
+                            },
+                        ));
+                    } else {
+                        small.push(uid);
+                    }
+                }
+                for m in client.fetch_messages(&small).await? {
                     let raw = RawMessage {
                         source: self.source(&s.folder, s.state.uidvalidity, m.uid),
                         raw: m.raw,
                         received_at: m.internal_date,
+                        too_large: None,
                     };
                     let raw = match self.settings.transform {
                         Some(f) => f(raw),
@@ -277,7 +317,7 @@ impl ImapConnector {
         Ok(batch)
     }
 
-    async fn acknowledge_inner(&mut self, acks: Vec<Ack>) -> Result<(), ImapError> {
+    async fn acknowledge_inner(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
         let keyword = self.settings.processed_keyword.clone();
         let delete = self.settings.delete_after_processing;
         let failed_to = self.settings.move_failed_to.clone();
@@ -333,7 +373,7 @@ impl ImapConnector {
         Ok(())
     }
 
-    async fn test_inner(&mut self) -> Result<String, ImapError> {
+    async fn test_inner(&mut self) -> Result<String, ConnectorError> {
         let folders = self.settings.folders.clone();
         let mut client = self.take_client().await?;
         let listed = client.list_folders().await?;
@@ -343,7 +383,8 @@ impl ImapConnector {
                     folder: f.clone(),
                     code: None,
                     text: "not in the server's folder list".into(),
-                });
+                }
+                .into());
             }
         }
         let inbox = client.examine("INBOX").await?;
@@ -365,7 +406,7 @@ impl ImapConnector {
     }
 
     /// IDLE on INBOX until news or `max`. Ok(false) = IDLE unavailable.
-    async fn idle_inner(&mut self, max: Duration) -> Result<bool, ImapError> {
+    async fn idle_inner(&mut self, max: Duration) -> Result<bool, ConnectorError> {
         let known = self.fetched_next.get("INBOX").copied();
         let mut client = self.take_client().await?;
         let state = client.select("INBOX").await?;
@@ -373,7 +414,7 @@ impl ImapConnector {
         if result.is_ok() {
             self.client = Some(client);
         }
-        result
+        Ok(result?)
     }
 
     async fn idle_on(
@@ -477,5 +518,9 @@ impl Connector for ImapConnector {
         if let Some(c) = self.client.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), c.logout()).await;
         }
+    }
+
+    fn token_expires_at(&self) -> Option<UnixTime> {
+        self.token_expiry
     }
 }

@@ -1246,6 +1246,42 @@ impl ImapClient {
         Ok(out)
     }
 
+    /// RFC822.SIZE of each UID, sorted by UID: checked before downloading, so a
+    /// message over the size cap is never transferred.
+    pub async fn fetch_sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u32)>, ImapError> {
+        self.selected()?;
+        let wanted = sorted_unique(uids);
+        let mut out = Vec::with_capacity(wanted.len());
+        for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
+            let line = format!("UID FETCH {set} (UID RFC822.SIZE)");
+            self.exec("UID FETCH", &line, |r| {
+                let Response::Fetch(_, attrs) = r else {
+                    return false;
+                };
+                let mut uid = 0;
+                let mut size = None;
+                for a in attrs {
+                    match a {
+                        AttributeValue::Uid(u) => uid = *u,
+                        AttributeValue::Rfc822Size(s) => size = Some(*s),
+                        _ => {}
+                    }
+                }
+                match size {
+                    Some(size) if uid != 0 && wanted.binary_search(&uid).is_ok() => {
+                        out.push((uid, size));
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .await?;
+        }
+        out.sort_by_key(|m| m.0);
+        out.dedup_by_key(|m| m.0);
+        Ok(out)
+    }
+
     /// True if PERMANENTFLAGS of the selected folder contains `\*` (new keywords can
     /// be stored). False without a selected folder.
     pub fn can_set_keywords(&self) -> bool {
