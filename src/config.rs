@@ -1090,6 +1090,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         errs,
     );
     let username = t.nonempty_string("username", errs);
+    let errors_before_secret = errs.0.len();
     let secret = secret(
         &mut t,
         "password",
@@ -1098,6 +1099,9 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         base_dir,
         errs,
     );
+    // A secret that was given but could not be read is already reported;
+    // "a password is required" on top of it would only be noise.
+    let secret_reported = errs.0.len() > errors_before_secret;
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if auth != AuthKind::OAuth2 && (token_file.is_some() || token_expires_at.is_some()) {
         errs.push(
@@ -1296,6 +1300,7 @@ fn mailbox(
     let enabled = t.bool("enabled", true, errs);
     let path = t.string("path", errs).map(PathBuf::from);
     let username = t.nonempty_string("username", errs);
+    let errors_before_secret = errs.0.len();
     let secret = secret(
         &mut t,
         "password",
@@ -1304,6 +1309,9 @@ fn mailbox(
         base_dir,
         errs,
     );
+    // A secret that was given but could not be read is already reported;
+    // "a password is required" on top of it would only be noise.
+    let secret_reported = errs.0.len() > errors_before_secret;
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if let Some(p) = profile.filter(|p| p.auth != AuthKind::OAuth2) {
         if token_file.is_some() || token_expires_at.is_some() {
@@ -1396,6 +1404,7 @@ fn mailbox(
                     );
                 }
                 if secret.is_none()
+                    && !secret_reported
                     && p.secret.is_none()
                     && token_file.is_none()
                     && p.token_file.is_none()
@@ -1590,6 +1599,22 @@ mod tests {
         assert!(paths.contains(&"mailboxes[0].profile"), "{errs:?}");
         assert!(paths.contains(&"mailboxes[0].pasword"), "{errs:?}");
         assert_eq!(errs.len(), 4, "{errs:?}");
+    }
+
+    #[test]
+    fn unreadable_secret_is_reported_once() {
+        let text = MINIMAL
+            .replace(
+                "type = \"maildir\"",
+                "type = \"imap_smtp\"\nhost = \"h.example\"",
+            )
+            .replace(
+                "path = \"fixtures/demo-maildir\"",
+                "username = \"u\"\npassword_env = \"CRM_MAILSYNC_TEST_SURELY_UNSET\"",
+            );
+        let errs = parse(&text).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "mailboxes[0].password_env");
     }
 
     #[test]
