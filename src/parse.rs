@@ -94,25 +94,26 @@ pub fn parse_without_hash(
         return Err(Malformed::NoHeaders { first_line });
     }
     let header_end = header_section_end(raw);
-    if let Some(offset) = raw[..header_end].iter().position(|b| *b == 0) {
+    if let Some(offset) = memchr::memchr(0, &raw[..header_end]) {
         return Err(Malformed::NulInHeaders { offset });
     }
     let msg = MessageParser::default()
         .parse(raw)
         .ok_or(Malformed::Unparseable)?;
 
+    // One forward pass over the header list instead of a `header_raw`
+    // lookup (a reverse linear scan each) per header we care about.
+    let extra = ExtraHeaders::collect(&msg);
     let mut message_ids = Vec::new();
     if let Some(id) = msg.message_id() {
         push_id(&mut message_ids, id);
     }
-    for name in [
-        "X-Microsoft-Original-Message-Id",
-        "X-MS-Exchange-Organization-Original-Message-Id",
-    ] {
-        if let Some(v) = msg.header_raw(name) {
-            for id in split_msg_ids(v) {
-                push_id(&mut message_ids, &id);
-            }
+    for v in [extra.ms_original_id, extra.exchange_original_id]
+        .into_iter()
+        .flatten()
+    {
+        for id in split_msg_ids(v) {
+            push_id(&mut message_ids, &id);
         }
     }
     let from = addresses(msg.from());
@@ -130,17 +131,18 @@ pub fn parse_without_hash(
         to: addresses(msg.to()),
         cc: addresses(msg.cc()),
         sent_at: date,
-        thread_index: msg
-            .header_raw("Thread-Index")
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty()),
+        thread_index: extra
+            .thread_index
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
         folder: folder.to_string(),
         // Filled by the pipeline: they depend on the mailbox and the settings.
         outgoing: false,
         body_shingles: Vec::new(),
         quoted_shingles: Vec::new(),
     };
-    let auto = auto_markers(&msg);
+    let auto = extra.auto_markers();
     let body_text = msg.body_text(0).map(Cow::into_owned).unwrap_or_default();
     Ok(ParsedMessage {
         features,
@@ -148,21 +150,100 @@ pub fn parse_without_hash(
         size: raw.len() as u64,
         auto,
         body_text,
-        forwarded_by: first_header_raw(&msg, crate::connector::forward::FORWARDED_BY_HEADER)
-            .map(|v| v.trim().to_ascii_lowercase())
-            .filter(|v| !v.is_empty()),
+        forwarded_by: extra
+            .forwarded_by
+            .flatten()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_ascii_lowercase),
     })
 }
 
-/// The FIRST occurrence of a header (mail-parser's `header_raw` returns the
-/// last). The forward-mailbox connector prepends its attribution header, so
-/// the first one is ours and a copy forged further down is ignored.
-fn first_header_raw<'m>(msg: &'m mail_parser::Message<'_>, name: &str) -> Option<&'m str> {
-    let h = msg
-        .headers()
-        .iter()
-        .find(|h| h.name.as_str().eq_ignore_ascii_case(name))?;
-    let raw = msg.raw_message();
+/// Raw values of the headers parse reads beyond mail-parser's typed ones.
+/// Each is the LAST occurrence (what `Message::header_raw` returns), except
+/// `forwarded_by`, which is the FIRST: the forward-mailbox connector prepends
+/// its attribution header, so a copy forged further down is ignored.
+#[derive(Default)]
+struct ExtraHeaders<'m> {
+    ms_original_id: Option<&'m str>,
+    exchange_original_id: Option<&'m str>,
+    thread_index: Option<&'m str>,
+    auto_submitted: Option<&'m str>,
+    precedence: Option<&'m str>,
+    response_suppress: Option<&'m str>,
+    x_autoreply: Option<&'m str>,
+    x_autorespond: Option<&'m str>,
+    list_id: Option<&'m str>,
+    /// Outer `Some`: the header was seen (its first value decided, even if
+    /// it is not UTF-8).
+    forwarded_by: Option<Option<&'m str>>,
+}
+
+impl<'m> ExtraHeaders<'m> {
+    fn collect(msg: &'m mail_parser::Message<'_>) -> Self {
+        let raw = msg.raw_message();
+        let mut x = ExtraHeaders::default();
+        for h in msg.headers() {
+            let name = h.name.as_str();
+            // Distinct lengths: one comparison per header at most.
+            let (want, slot) = match name.len() {
+                31 => ("X-Microsoft-Original-Message-Id", &mut x.ms_original_id),
+                45 => (
+                    "X-MS-Exchange-Organization-Original-Message-Id",
+                    &mut x.exchange_original_id,
+                ),
+                12 => ("Thread-Index", &mut x.thread_index),
+                14 => ("Auto-Submitted", &mut x.auto_submitted),
+                10 => ("Precedence", &mut x.precedence),
+                24 => ("X-Auto-Response-Suppress", &mut x.response_suppress),
+                11 => ("X-Autoreply", &mut x.x_autoreply),
+                13 => ("X-Autorespond", &mut x.x_autorespond),
+                7 => ("List-Id", &mut x.list_id),
+                n if n == crate::connector::forward::FORWARDED_BY_HEADER.len() => {
+                    if x.forwarded_by.is_none()
+                        && name.eq_ignore_ascii_case(crate::connector::forward::FORWARDED_BY_HEADER)
+                    {
+                        x.forwarded_by = Some(value_str(raw, h));
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if name.eq_ignore_ascii_case(want) {
+                *slot = value_str(raw, h);
+            }
+        }
+        x
+    }
+
+    fn auto_markers(&self) -> AutoMarkers {
+        let lower = |v: Option<&str>| v.map(|s| s.trim().to_ascii_lowercase());
+        let auto_submitted = lower(self.auto_submitted).filter(|v| !v.starts_with("no"));
+        let precedence = lower(self.precedence).filter(|v| {
+            ["bulk", "junk", "list", "auto_reply"]
+                .iter()
+                .any(|p| v.starts_with(p))
+        });
+        let suppress = self.response_suppress.unwrap_or_default();
+        let vendor_auto_reply = self.x_autoreply.is_some()
+            || self.x_autorespond.is_some()
+            || suppress.split(',').any(|p| {
+                let p = p.trim();
+                ["all", "oof", "autoreply"]
+                    .iter()
+                    .any(|k| p.eq_ignore_ascii_case(k))
+            });
+        AutoMarkers {
+            auto_submitted,
+            precedence,
+            vendor_auto_reply,
+            list_id: lower(self.list_id),
+        }
+    }
+}
+
+/// A header's raw value as `Message::header_raw` gives it (`None` if not UTF-8).
+fn value_str<'m>(raw: &'m [u8], h: &mail_parser::Header<'_>) -> Option<&'m str> {
     let bytes = raw.get(h.offset_start as usize..h.offset_end as usize)?;
     std::str::from_utf8(bytes).ok()
 }
@@ -179,20 +260,15 @@ fn strip_mbox_from_line(raw: &[u8]) -> &[u8] {
 
 /// Offset of the blank line that ends the header section (or the end of input).
 fn header_section_end(raw: &[u8]) -> usize {
-    let mut i = 0;
-    while i < raw.len() {
-        let line_end = raw[i..]
-            .iter()
-            .position(|b| *b == b'\n')
-            .map(|p| i + p + 1)
-            .unwrap_or(raw.len());
-        let line = &raw[i..line_end];
-        if line == b"\n" || line == b"\r\n" {
-            return i;
-        }
-        i = line_end;
+    let blank = |i: usize| raw[i..].starts_with(b"\n") || raw[i..].starts_with(b"\r\n");
+    if blank(0) {
+        return 0;
     }
-    raw.len()
+    // memchr over the line ends: this runs on every message before parsing.
+    memchr::memchr_iter(b'\n', raw)
+        .map(|nl| nl + 1)
+        .find(|&start| blank(start))
+        .unwrap_or(raw.len())
 }
 
 /// RFC 5322 field name: printable ASCII except colon, then a colon.
@@ -266,29 +342,6 @@ fn addresses(a: Option<&Address<'_>>) -> Vec<String> {
             .collect()
     })
     .unwrap_or_default()
-}
-
-fn auto_markers(msg: &mail_parser::Message<'_>) -> AutoMarkers {
-    let raw = |name: &str| msg.header_raw(name).map(|s| s.trim().to_ascii_lowercase());
-    let auto_submitted = raw("Auto-Submitted").filter(|v| !v.starts_with("no"));
-    let precedence = raw("Precedence").filter(|v| {
-        ["bulk", "junk", "list", "auto_reply"]
-            .iter()
-            .any(|p| v.starts_with(p))
-    });
-    let suppress = raw("X-Auto-Response-Suppress").unwrap_or_default();
-    let vendor_auto_reply = raw("X-Autoreply").is_some()
-        || raw("X-Autorespond").is_some()
-        || ["all", "oof", "autoreply"]
-            .iter()
-            .any(|k| suppress.split(',').any(|p| p.trim() == *k));
-    let list_id = raw("List-Id");
-    AutoMarkers {
-        auto_submitted,
-        precedence,
-        vendor_auto_reply,
-        list_id,
-    }
 }
 
 /// Hash of what makes two copies "the same email": Message-ID(s), Date, From,
@@ -394,6 +447,18 @@ mod tests {
         let m = b"X-CRM-Forwarded-By: Alice@example.test\r\nFrom: a@x.test\r\nX-CRM-Forwarded-By: mallory@evil.example\r\n\r\nbody";
         let p = parse(m, "INBOX", 1 << 20).unwrap();
         assert_eq!(p.forwarded_by.as_deref(), Some("alice@example.test"));
+    }
+
+    #[test]
+    fn header_pass_keeps_last_occurrence_and_case_insensitive_names() {
+        let m = b"From: a@x.test\r\nprecedence: bulk\r\nPRECEDENCE: normal\r\nx-auto-response-suppress: DR, OOF\r\nLIST-ID: <Dev.Example>\r\nthread-index: AQHZ\r\nX-Microsoft-Original-Message-Id: <orig@x>\r\n\r\nbody";
+        let p = parse(m, "INBOX", 1 << 20).unwrap();
+        // The last Precedence ("normal") is not a bulk marker.
+        assert_eq!(p.auto.precedence, None);
+        assert!(p.auto.vendor_auto_reply);
+        assert_eq!(p.auto.list_id.as_deref(), Some("<dev.example>"));
+        assert_eq!(p.features.thread_index.as_deref(), Some("AQHZ"));
+        assert_eq!(p.features.message_ids, vec!["orig@x"]);
     }
 
     #[test]

@@ -290,13 +290,23 @@ fn precision_and_recall_on_real_threads() {
     // fedora's truth precision is 1.0. Stripped recall misses mostly by
     // patch-series mails (a 44-patch series, two 2- and 6-patch ones) that
     // neither share a subject nor quote anything: no subject bucket or
-    // fingerprint shingle can link them.
-    assert!(intact.precision() >= 0.995, "{intact:?}");
+    // fingerprint shingle can link them. The series rule (scored smart
+    // matching: same sender, same `[PATCH vX k/N]` series, a shared
+    // recipient, within two hours) links those: stripped recall 0.841 →
+    // 0.961. It costs precision, openly: the lkml cifs series
+    // "[RFC][PATCH k/10]" was sent with `In-Reply-To: <yes>` (a git
+    // send-email prompt answered wrongly), so the header-derived truth makes
+    // every part its own thread, and the rule links two parts (02/10 to
+    // 01/10, 03/10 to the cover letter) to their series: two "false
+    // attachments of non-replies" that are right by the series, wrong by
+    // the truth. Floors below were lowered by exactly that (precision
+    // intact 0.995 → 0.99, stripped 0.99 → 0.985, page truth 0.999 → 0.995).
+    assert!(intact.precision() >= 0.99, "{intact:?}");
     assert!(intact.recall() >= 0.995, "{intact:?}");
-    assert!(stripped.precision() >= 0.99, "{stripped:?}");
-    assert!(stripped.recall() >= 0.84, "{stripped:?}");
-    assert!(page_intact.precision() >= 0.999, "{page_intact:?}");
+    assert!(stripped.precision() >= 0.985, "{stripped:?}");
+    assert!(stripped.recall() >= 0.95, "{stripped:?}");
+    assert!(page_intact.precision() >= 0.995, "{page_intact:?}");
     assert!(page_intact.recall() >= 0.995, "{page_intact:?}");
-    assert!(page_stripped.precision() >= 0.999, "{page_stripped:?}");
-    assert!(page_stripped.recall() >= 0.84, "{page_stripped:?}");
+    assert!(page_stripped.precision() >= 0.995, "{page_stripped:?}");
+    assert!(page_stripped.recall() >= 0.95, "{page_stripped:?}");
 }

@@ -221,6 +221,40 @@ pub struct SmartCandidate {
     pub sent_at: Option<i64>,
     /// Shingle sample of the whole body.
     pub shingles: Vec<u64>,
+    /// Patch-series membership (scored mode's series rule); absent in
+    /// candidates indexed before the rule existed.
+    #[serde(default)]
+    pub series: Option<SeriesTag>,
+}
+
+/// Which patch series a tracked email belongs to, and its place in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesTag {
+    /// `series:<sender>:<N>:<version>`; also hashed into a smart-matching
+    /// bucket, so siblings find each other without a scan.
+    pub key: String,
+    /// k of k/N (0: the cover letter).
+    pub part: u32,
+}
+
+/// Series tag of a message that is not itself a reply or forward (replies
+/// to a patch share its subject and are the subject bucket's business).
+pub fn series_tag(f: &MessageFeatures) -> Option<SeriesTag> {
+    if subject::is_reply_or_forward(&f.subject) {
+        return None;
+    }
+    let m = subject::series_marker(&f.subject)?;
+    let sender = f.from.first()?;
+    Some(SeriesTag {
+        key: format!("series:{sender}:{}:{}", m.total, m.version),
+        part: m.part,
+    })
+}
+
+/// Bucket of a series key (the `series:` prefix keeps it apart from the
+/// subject buckets).
+fn series_bucket(t: &SeriesTag) -> u64 {
+    subject::fnv1a64(t.key.as_bytes())
 }
 
 /// Index entries written when an activity becomes tracked.
@@ -382,6 +416,11 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
             }
         }
         .into_iter()
+        .chain(
+            series_tag(f)
+                .filter(|_| s.smart.mode == SmartMode::Scored)
+                .map(|t| series_bucket(&t)),
+        )
         .collect()
     };
     let shingles = if s.wants_body_features() {
@@ -450,9 +489,11 @@ pub fn index_entry(
     }
     let subject_hashes = sorted_subject_hashes(f, s);
     let base_subject = subject::base_subject_without_tokens(&f.subject, &s.token);
+    let series = series_tag(f);
     let buckets = dynamics_bucket(&subject_hashes)
         .into_iter()
         .chain(scored_bucket(&base_subject))
+        .chain(series.as_ref().map(series_bucket))
         .collect();
     IndexEntry {
         activity,
@@ -473,6 +514,7 @@ pub fn index_entry(
             participants: f.participants(),
             sent_at: f.sent_at,
             shingles: f.body_shingles.clone(),
+            series,
         },
     }
 }
@@ -848,6 +890,9 @@ struct Scored<'c> {
     rejected: Option<String>,
     /// Fingerprint-index hits (sampled shingles of its body in the quote).
     shingle_hits: usize,
+    /// Seconds since the sibling of the same patch series, when the series
+    /// rule applied.
+    series_gap: Option<i64>,
 }
 
 /// Score weights: the same base subject only gets a candidate into the
@@ -860,6 +905,13 @@ const W_REPLY_PREFIX: f32 = 0.15;
 const W_PARTICIPANTS: f32 = 0.15;
 const W_TIME: f32 = 0.1;
 const W_QUOTED: f32 = 0.4;
+/// Series rule: a sibling (or cover letter) of the same patch series from
+/// the same sender. Alone with the sender it stays below the default
+/// threshold (0.4 + 0.075 + 0.1); it passes only with a shared recipient
+/// too and within [`SERIES_GAP`].
+const W_SERIES: f32 = 0.4;
+/// Parts of one series are sent together (git send-email: seconds apart).
+const SERIES_GAP: i64 = 2 * 3600;
 /// Quoting half of the parent's sampled text counts as full quoting (replies
 /// quote selectively).
 const FULL_QUOTE: f32 = 0.5;
@@ -868,6 +920,7 @@ fn score_candidate<'c>(
     f: &MessageFeatures,
     participants: &[u64],
     base: &str,
+    series: Option<&SeriesTag>,
     c: &'c SmartCandidate,
     s: &CorrelationSettings,
 ) -> Scored<'c> {
@@ -896,11 +949,13 @@ fn score_candidate<'c>(
     } else {
         0.0
     };
+    let series_gap = series_link(series, c, dt);
     let score = W_SUBJECT * subject
         + W_REPLY_PREFIX * reply
         + W_PARTICIPANTS * p
         + W_TIME * time
-        + W_QUOTED * (overlap / FULL_QUOTE).min(1.0);
+        + W_QUOTED * (overlap / FULL_QUOTE).min(1.0)
+        + if series_gap.is_some() { W_SERIES } else { 0.0 };
     let score = score.min(1.0);
     Scored {
         candidate: c,
@@ -909,10 +964,25 @@ fn score_candidate<'c>(
         overlap,
         rejected,
         shingle_hits: 0,
+        series_gap,
     }
 }
 
+/// The series rule's evidence: same series key (sender, N, version), another
+/// part, both dates known and at most [`SERIES_GAP`] apart. Returns the gap.
+fn series_link(series: Option<&SeriesTag>, c: &SmartCandidate, dt: Option<i64>) -> Option<i64> {
+    let (mine, theirs) = (series?, c.series.as_ref()?);
+    let dt = dt?;
+    (mine.key == theirs.key && mine.part != theirs.part && dt.abs() <= SERIES_GAP).then_some(dt)
+}
+
 fn describe(base: &str, sc: &Scored<'_>) -> String {
+    if let (Some(gap), Some(theirs)) = (sc.series_gap, &sc.candidate.series) {
+        return format!(
+            "patch series: same sender and marker ({}) as part {} in activity {}, sent {gap}s apart + {} shared participant(s) (score {:.2})",
+            theirs.key, theirs.part, sc.candidate.activity, sc.shared, sc.score
+        );
+    }
     if sc.candidate.base_subject != base {
         return format!(
             "quoted text: {} indexed shingle(s) and {:.0}% of the sampled text of activity {} (subject '{}', here '{base}') + {} shared participant(s) (score {:.2})",
@@ -944,7 +1014,8 @@ fn by_scored_smart(
     // subject changed; the subject term then simply adds nothing.
     let quoted_hits: HashMap<ActivityId, usize> =
         shingle_candidate_ids(&idx.by_shingle).into_iter().collect();
-    if base.is_empty() && quoted_hits.is_empty() {
+    let series = series_tag(f);
+    if base.is_empty() && quoted_hits.is_empty() && series.is_none() {
         return Step::Continue;
     }
     let participants = f.participants();
@@ -954,10 +1025,11 @@ fn by_scored_smart(
         .filter(|c| {
             c.regarding.is_some()
                 && ((!base.is_empty() && c.base_subject == base)
-                    || quoted_hits.contains_key(&c.activity))
+                    || quoted_hits.contains_key(&c.activity)
+                    || series_link(series.as_ref(), c, seconds_after(f, c)).is_some())
         })
         .map(|c| {
-            let mut sc = score_candidate(f, &participants, &base, c, s);
+            let mut sc = score_candidate(f, &participants, &base, series.as_ref(), c, s);
             sc.shingle_hits = quoted_hits.get(&c.activity).copied().unwrap_or(0);
             sc
         })
@@ -1336,6 +1408,83 @@ mod tests {
             "{:?}",
             d.reasons
         );
+    }
+
+    #[test]
+    fn series_rule_needs_sender_recipient_marker_and_time_together() {
+        let s = smart(SmartMode::Scored);
+        let part = |k: u32, subject: &str, from: &str, to: &str, at: i64| MessageFeatures {
+            message_ids: vec![format!("p{k}-{at}@x")],
+            subject: format!("[PATCH v2 {k}/3] {subject}"),
+            from: vec![from.into()],
+            to: vec![to.into()],
+            sent_at: Some(at),
+            ..Default::default()
+        };
+        let cover = part(0, "Series cover", "dev@x.test", "list@y.test", 1_000_000);
+        let m = index_of(&[(&cover, 1, "case:1")], &s);
+        let sibling = part(2, "Other topic", "dev@x.test", "list@y.test", 1_000_060);
+        let d = run(&sibling, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::SmartMatching, "{d:?}");
+        assert!(d.reasons[0].contains("patch series"), "{:?}", d.reasons);
+        // Same marker, sender only (another recipient): below threshold.
+        let other_to = part(
+            2,
+            "Other topic",
+            "dev@x.test",
+            "elsewhere@z.test",
+            1_000_060,
+        );
+        assert_eq!(run(&other_to, &m, &s).method, CorrelationMethod::None);
+        // More than two hours later: no series evidence.
+        let late = part(
+            2,
+            "Other topic",
+            "dev@x.test",
+            "list@y.test",
+            1_000_000 + 3 * 3600,
+        );
+        assert_eq!(run(&late, &m, &s).method, CorrelationMethod::None);
+        // Another sender, another N or another version: other series.
+        for f in [
+            part(2, "Other topic", "else@x.test", "list@y.test", 1_000_060),
+            MessageFeatures {
+                subject: "[PATCH v2 2/4] Other topic".into(),
+                ..sibling.clone()
+            },
+            MessageFeatures {
+                subject: "[PATCH v3 2/3] Other topic".into(),
+                ..sibling.clone()
+            },
+            // A reply is not a series part.
+            MessageFeatures {
+                subject: "Re: [PATCH v2 2/3] Other topic".into(),
+                ..sibling.clone()
+            },
+        ] {
+            assert_eq!(run(&f, &m, &s).method, CorrelationMethod::None, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn series_markers() {
+        use subject::{series_marker, SeriesMarker};
+        let m = |version, part, total| {
+            Some(SeriesMarker {
+                version,
+                part,
+                total,
+            })
+        };
+        assert_eq!(series_marker("[PATCH 01/44] arch/arm: x"), m(1, 1, 44));
+        assert_eq!(series_marker("[notmuch] [PATCH v2 2/2] x"), m(2, 2, 2));
+        assert_eq!(series_marker("[RFC][PATCH 06/10] cifs"), m(1, 6, 10));
+        assert_eq!(series_marker("[PATCHv3 0/4] cover"), m(3, 0, 4));
+        assert_eq!(series_marker("Meeting notes (2/3)"), m(1, 2, 3));
+        assert_eq!(series_marker("Notes (see 2/3)"), None);
+        assert_eq!(series_marker("[PATCH 5/4] x"), None);
+        assert_eq!(series_marker("[PATCH] x"), None);
+        assert_eq!(series_marker("[PATCH 1/2 x"), None);
     }
 
     #[test]

@@ -208,6 +208,76 @@ pub fn dynamics_strip_keywords(s: &str) -> &str {
     }
 }
 
+/// A patch-series marker in a subject: `[PATCH v2 3/7]`, `[RFC PATCH 1/2]`,
+/// `[PATCHv3 0/4]`, `(2/5)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesMarker {
+    /// `vN` in the bracket group; 1 when absent (v1 is rarely written).
+    pub version: u32,
+    /// k of k/N (0: the cover letter).
+    pub part: u32,
+    /// N of k/N.
+    pub total: u32,
+}
+
+/// The first series marker of a subject: a `[...]` group holding a `k/N`
+/// word (its other words may be anything: `PATCH`, `RFC`, `net-next`,
+/// `v2`), or a `(k/N)` group. `0 <= k <= N`, `1 <= N <= 999`.
+pub fn series_marker(subject: &str) -> Option<SeriesMarker> {
+    let bytes = subject.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let close = match bytes[i] {
+            b'[' => b']',
+            b'(' => b')',
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        let len = bytes[i + 1..].iter().position(|b| *b == close)?;
+        let group = subject.get(i + 1..i + 1 + len).unwrap_or_default();
+        let words: Vec<&str> = group.split_whitespace().collect();
+        // A parenthesised marker is the fraction alone, so "(see 1/2)" in
+        // prose is not one.
+        if close == b']' || words.len() == 1 {
+            if let Some((part, total)) = words.iter().find_map(|w| fraction(w)) {
+                let version = words.iter().find_map(|w| version_word(w)).unwrap_or(1);
+                return Some(SeriesMarker {
+                    version,
+                    part,
+                    total,
+                });
+            }
+        }
+        i += 1 + len;
+    }
+    None
+}
+
+/// `k/N` with ASCII digits, `0 <= k <= N`, `1 <= N <= 999`.
+fn fraction(w: &str) -> Option<(u32, u32)> {
+    let (k, n) = w.split_once('/')?;
+    let digits = |s: &str| {
+        (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    let (k, n) = (digits(k)?, digits(n)?);
+    (n >= 1 && k <= n).then_some((k, n))
+}
+
+/// `v2`, `V3`, `PATCHv4`: the series version.
+fn version_word(w: &str) -> Option<u32> {
+    let lower = w.to_ascii_lowercase();
+    let rest = lower.strip_prefix("patch").unwrap_or(&lower);
+    let digits = rest.strip_prefix('v')?;
+    if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// 64-bit FNV-1a: stable across runs, versions and platforms, unlike std's
 /// `RandomState`, so hashes can be stored in the index.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {

@@ -437,6 +437,11 @@ fn is_word_char(c: char) -> bool {
 
 /// Case-insensitive char comparison (full lower-case mapping).
 fn eq_ignore_case(a: char, b: char) -> bool {
+    // ASCII pairs (nearly every subject character against an ASCII prefix)
+    // need no Unicode case tables; the result is the same.
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(&b);
+    }
     a == b || a.to_lowercase().eq(b.to_lowercase())
 }
 
@@ -539,6 +544,9 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
             )
             .filter(|(_, p)| !p.is_empty())
             .collect();
+    if prefixes.iter().all(|(_, p)| cannot_occur(p, subject)) {
+        return Vec::new();
+    }
     let mut found = Vec::new();
     let mut pos = 0usize;
     let mut prev_char: Option<char> = None;
@@ -547,7 +555,16 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
             break;
         };
         let boundary_ok = !prev_char.is_some_and(is_word_char);
-        if boundary_ok {
+        // Cheap pre-check: a prefix not starting with a colon (which may be
+        // preceded by blanks) can only match where its first character is.
+        let may_start = || {
+            prefixes.iter().any(|(_, p)| {
+                p.chars()
+                    .next()
+                    .is_some_and(|p0| is_colon(p0) || eq_ignore_case(c, p0))
+            })
+        };
+        if boundary_ok && may_start() {
             if let Some(ft) = prefixes
                 .iter()
                 .find_map(|&(which, p)| try_token_at(subject, pos, which, p, uw, cw, n_digits))
@@ -571,6 +588,26 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
         }
     }
     out
+}
+
+/// Whether `prefix` certainly matches nowhere in `subject`: most subjects
+/// carry no token, and this byte scan is far cheaper than the char-by-char
+/// matcher. Only decided for an ASCII subject and a prefix starting with two
+/// ASCII alphanumerics, which [`match_prefix`] needs adjacent (ASCII
+/// case-insensitively; a non-ASCII subject char could case-fold to ASCII).
+fn cannot_occur(prefix: &str, subject: &str) -> bool {
+    let p = prefix.as_bytes();
+    if p.len() < 2
+        || !p[0].is_ascii_alphanumeric()
+        || !p[1].is_ascii_alphanumeric()
+        || !subject.is_ascii()
+    {
+        return false;
+    }
+    !subject
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0].eq_ignore_ascii_case(&p[0]) && w[1].eq_ignore_ascii_case(&p[1]))
 }
 
 /// Intermediate match before bracket widening.
@@ -874,6 +911,17 @@ mod tests {
         let f = find_tokens(settings, subject);
         assert_eq!(f.len(), 1, "{subject:?} → {f:?}");
         f.into_iter().next().unwrap_or_else(|| unreachable!())
+    }
+
+    #[test]
+    fn quick_reject_only_decides_when_it_is_sure() {
+        assert!(cannot_occur("CRM:", "Invoice 7781"));
+        assert!(!cannot_occur("CRM:", "Invoice cRm 7781"));
+        // Non-ASCII subjects and prefixes not starting with two ASCII
+        // alphanumerics go through the full matcher.
+        assert!(!cannot_occur("CRM:", "Überweisung 7781"));
+        assert!(!cannot_occur(":X", "Invoice"));
+        assert!(!cannot_occur("#", "Invoice"));
     }
 
     #[test]
