@@ -1090,7 +1090,6 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         errs,
     );
     let username = t.nonempty_string("username", errs);
-    let errors_before_secret = errs.0.len();
     let secret = secret(
         &mut t,
         "password",
@@ -1099,9 +1098,6 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         base_dir,
         errs,
     );
-    // A secret that was given but could not be read is already reported;
-    // "a password is required" on top of it would only be noise.
-    let secret_reported = errs.0.len() > errors_before_secret;
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if auth != AuthKind::OAuth2 && (token_file.is_some() || token_expires_at.is_some()) {
         errs.push(

@@ -299,13 +299,16 @@ fn precision_and_recall_on_real_threads() {
     // every part its own thread, and the rule links two parts (02/10 to
     // 01/10, 03/10 to the cover letter) to their series: two "false
     // attachments of non-replies" that are right by the series, wrong by
-    // the truth. Floors below were lowered by exactly that (precision
-    // intact 0.995 → 0.99, stripped 0.99 → 0.985, page truth 0.999 → 0.995).
-    assert!(intact.precision() >= 0.99, "{intact:?}");
+    // the truth. With headers intact the rule stays out of the way: it only
+    // looks for siblings of a message that carries no In-Reply-To/References
+    // at all, so intact precision is back to 0.995 (header truth) and 1.0
+    // (page truth). Stripped, the cifs pair costs precision: the floor there
+    // is 0.985 (header truth) and 0.995 (page truth).
+    assert!(intact.precision() >= 0.995, "{intact:?}");
     assert!(intact.recall() >= 0.995, "{intact:?}");
     assert!(stripped.precision() >= 0.985, "{stripped:?}");
     assert!(stripped.recall() >= 0.95, "{stripped:?}");
-    assert!(page_intact.precision() >= 0.995, "{page_intact:?}");
+    assert!(page_intact.precision() >= 0.999, "{page_intact:?}");
     assert!(page_intact.recall() >= 0.995, "{page_intact:?}");
     assert!(page_stripped.precision() >= 0.995, "{page_stripped:?}");
     assert!(page_stripped.recall() >= 0.95, "{page_stripped:?}");

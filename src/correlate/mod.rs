@@ -251,6 +251,18 @@ pub fn series_tag(f: &MessageFeatures) -> Option<SeriesTag> {
     })
 }
 
+/// Series tag used to look for siblings of an incoming message: only when it
+/// carries no In-Reply-To/References at all. A message whose headers name a
+/// parent we do not track told us where it belongs; guessing a sibling would
+/// attach it where its own client said it does not (a wrong attachment is
+/// worse than none).
+fn series_tag_to_match(f: &MessageFeatures) -> Option<SeriesTag> {
+    if !f.in_reply_to.is_empty() || !f.references.is_empty() {
+        return None;
+    }
+    series_tag(f)
+}
+
 /// Bucket of a series key (the `series:` prefix keeps it apart from the
 /// subject buckets).
 fn series_bucket(t: &SeriesTag) -> u64 {
@@ -417,7 +429,7 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
         }
         .into_iter()
         .chain(
-            series_tag(f)
+            series_tag_to_match(f)
                 .filter(|_| s.smart.mode == SmartMode::Scored)
                 .map(|t| series_bucket(&t)),
         )
@@ -1014,7 +1026,7 @@ fn by_scored_smart(
     // subject changed; the subject term then simply adds nothing.
     let quoted_hits: HashMap<ActivityId, usize> =
         shingle_candidate_ids(&idx.by_shingle).into_iter().collect();
-    let series = series_tag(f);
+    let series = series_tag_to_match(f);
     if base.is_empty() && quoted_hits.is_empty() && series.is_none() {
         return Step::Continue;
     }
@@ -1426,6 +1438,11 @@ mod tests {
         let sibling = part(2, "Other topic", "dev@x.test", "list@y.test", 1_000_060);
         let d = run(&sibling, &m, &s);
         assert_eq!(d.method, CorrelationMethod::SmartMatching, "{d:?}");
+        // Headers that name an untracked parent: the client said where the
+        // message belongs; no sibling guessing.
+        let mut told = sibling.clone();
+        told.in_reply_to = vec!["yes".into()];
+        assert_eq!(run(&told, &m, &s).method, CorrelationMethod::None);
         assert!(d.reasons[0].contains("patch series"), "{:?}", d.reasons);
         // Same marker, sender only (another recipient): below threshold.
         let other_to = part(
