@@ -299,7 +299,9 @@ fn build_index(g: &Gen, n: usize, s: &CorrelationSettings) -> MemIndex {
 /// header, token or Thread-Index match) the body fingerprint, its keys and
 /// the full method run.
 fn parse_and_correlate(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> bool {
-    let Ok(mut p) = crm_mailsync::parse::parse_without_hash(raw, "INBOX", 50 << 20) else {
+    // As the pipeline: the text body is decoded only for scored smart matching.
+    let parsed = crm_mailsync::parse::parse_for(raw, "INBOX", 50 << 20, s.wants_body_features());
+    let Ok(mut p) = parsed else {
         return false;
     };
     let keys = lookup_keys(&p.features, s);

@@ -76,6 +76,18 @@ pub fn parse_without_hash(
     folder: &str,
     max_size: u64,
 ) -> Result<ParsedMessage, Malformed> {
+    parse_for(raw, folder, max_size, true)
+}
+
+/// [`parse_without_hash`], decoding the text body only when `with_body`:
+/// only scored smart matching reads it, and decoding (quoted-printable,
+/// base64, charsets) is a good part of the cost per message.
+pub fn parse_for(
+    raw: &[u8],
+    folder: &str,
+    max_size: u64,
+    with_body: bool,
+) -> Result<ParsedMessage, Malformed> {
     let raw = strip_mbox_from_line(raw);
     if raw.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Malformed::Empty);
@@ -143,7 +155,11 @@ pub fn parse_without_hash(
         quoted_shingles: Vec::new(),
     };
     let auto = extra.auto_markers();
-    let body_text = msg.body_text(0).map(Cow::into_owned).unwrap_or_default();
+    let body_text = if with_body {
+        msg.body_text(0).map(Cow::into_owned).unwrap_or_default()
+    } else {
+        String::new()
+    };
     Ok(ParsedMessage {
         features,
         content_hash: String::new(),
@@ -440,6 +456,23 @@ mod tests {
             parse(MSG, "INBOX", 10),
             Err(Malformed::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn body_is_decoded_only_when_asked() {
+        assert_eq!(
+            parse_for(MSG, "INBOX", 1 << 20, true)
+                .unwrap()
+                .body_text
+                .trim(),
+            "Body"
+        );
+        let headers_only = parse_for(MSG, "INBOX", 1 << 20, false).unwrap();
+        assert!(headers_only.body_text.is_empty());
+        assert_eq!(
+            headers_only.features,
+            parse(MSG, "INBOX", 1 << 20).unwrap().features
+        );
     }
 
     #[test]

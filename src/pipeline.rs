@@ -147,8 +147,17 @@ pub fn process_seeded(
             results.push((m.source.clone(), ItemResult::Quarantined { reason }));
             continue;
         }
-        let mut parsed = match parse::parse(&m.raw, &m.source.folder, ctx.max_message_size) {
-            Ok(p) => p,
+        let parsed = parse::parse_for(
+            &m.raw,
+            &m.source.folder,
+            ctx.max_message_size,
+            ctx.settings.wants_body_features(),
+        );
+        let mut parsed = match parsed {
+            Ok(mut p) => {
+                p.content_hash = parse::dedupe_hash(&m.raw, &p.features);
+                p
+            }
             Err(why) => {
                 let reason = why.to_string();
                 let saved = save_quarantined(&ctx.quarantine_dir, &m.source, &m.raw)?;
