@@ -134,52 +134,21 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                     profile.move_failed_to.clone(),
                     store.clone(),
                 );
-                task.register(connector_protocol(&connector));
-                tracker.spawn(task.run(connector));
+                start_mailbox(&tracker, &alerts, task, "maildir", Ok(connector));
             }
-            ProfileType::ImapSmtp => match imap_settings(&profile, mailbox) {
-                Ok(settings) => {
-                    let connector = ImapConnector::new(settings, store.clone());
-                    task.register(connector_protocol(&connector));
-                    tracker.spawn(task.run(connector));
-                }
-                Err(why) => {
-                    task.register("imap");
-                    alerts.raise(
-                        AlertLevel::Error,
-                        Some(&mailbox.name),
-                        Some(&profile.name),
-                        &why,
-                        model::now(),
-                    );
-                }
-            },
-            ProfileType::Pop3Smtp => match pop3_settings(&profile, mailbox) {
-                Ok(settings) => {
-                    let connector = Pop3Connector::new(settings, store.clone());
-                    task.register(connector_protocol(&connector));
-                    tracker.spawn(task.run(connector));
-                }
-                Err(why) => {
-                    task.register("pop3");
-                    alerts.raise(
-                        AlertLevel::Error,
-                        Some(&mailbox.name),
-                        Some(&profile.name),
-                        &why,
-                        model::now(),
-                    );
-                }
-            },
+            ProfileType::ImapSmtp => {
+                let built = imap_settings(&profile, mailbox)
+                    .map(|settings| ImapConnector::new(settings, store.clone()));
+                start_mailbox(&tracker, &alerts, task, "imap", built);
+            }
+            ProfileType::Pop3Smtp => {
+                let built = pop3_settings(&profile, mailbox)
+                    .map(|settings| Pop3Connector::new(settings, store.clone()));
+                start_mailbox(&tracker, &alerts, task, "pop3", built);
+            }
             other => {
-                task.register("unavailable");
-                alerts.raise(
-                    AlertLevel::Error,
-                    Some(&mailbox.name),
-                    Some(&profile.name),
-                    &format!("no connector for profile type {other:?} in this build"),
-                    model::now(),
-                );
+                let why = format!("no connector for profile type {other:?} in this build");
+                start_mailbox::<MaildirConnector>(&tracker, &alerts, task, "unavailable", Err(why));
             }
         }
     }
@@ -340,8 +309,31 @@ pub fn pop3_settings(profile: &Profile, mailbox: &Mailbox) -> Result<Pop3Setting
     })
 }
 
-fn connector_protocol<C: crate::connector::Connector>(c: &C) -> &'static str {
-    c.protocol()
+/// Starts a mailbox's task on its connector, or, when the connector could not
+/// be built from the settings, registers the mailbox and says why in an alert.
+fn start_mailbox<C: crate::connector::Connector + 'static>(
+    tracker: &TaskTracker,
+    alerts: &Alerts,
+    task: MailboxTask,
+    protocol: &'static str,
+    built: Result<C, String>,
+) {
+    match built {
+        Ok(connector) => {
+            task.register(connector.protocol());
+            tracker.spawn(task.run(connector));
+        }
+        Err(why) => {
+            task.register(protocol);
+            alerts.raise(
+                AlertLevel::Error,
+                Some(&task.mailbox.name),
+                Some(&task.profile.name),
+                &why,
+                model::now(),
+            );
+        }
+    }
 }
 
 /// Pings the systemd watchdog while no mailbox is stuck, so a wedged daemon is

@@ -23,6 +23,45 @@ use crate::model::{AlertLevel, FolderPosition, SourceKey, UnixTime};
 use crate::net::NetError;
 use crate::store::StoreError;
 
+/// Login credentials, shared by the protocols. `Debug` never shows the
+/// password or token.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// User name and password (IMAP `AUTHENTICATE PLAIN`/`LOGIN`, POP3 SASL
+    /// PLAIN or USER/PASS).
+    Password {
+        /// Login name.
+        user: String,
+        /// Password.
+        pass: String,
+    },
+    /// User name and OAuth 2.0 access token (`XOAUTH2`, else `OAUTHBEARER`).
+    OAuth2 {
+        /// Login name (the mailbox address).
+        user: String,
+        /// Bearer access token.
+        token: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    // Hand-written so a `{:?}` of a config never prints a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Password { user, .. } => f
+                .debug_struct("Password")
+                .field("user", user)
+                .field("pass", &"<redacted>")
+                .finish(),
+            Credentials::OAuth2 { user, .. } => f
+                .debug_struct("OAuth2")
+                .field("user", user)
+                .field("token", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
 /// One fetched message.
 #[derive(Debug, Clone)]
 pub struct RawMessage {

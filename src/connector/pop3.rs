@@ -177,41 +177,7 @@ impl Classify for Pop3Error {
     }
 }
 
-/// Login credentials. `Debug` never shows the password or token.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Credentials {
-    /// User name and password (SASL PLAIN or USER/PASS).
-    Password {
-        /// Login name.
-        user: String,
-        /// Password.
-        pass: String,
-    },
-    /// OAuth 2.0 bearer token (SASL XOAUTH2).
-    OAuth2 {
-        /// Login name (the mailbox address).
-        user: String,
-        /// Access token.
-        token: String,
-    },
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Credentials::Password { user, .. } => f
-                .debug_struct("Password")
-                .field("user", user)
-                .field("pass", &"<redacted>")
-                .finish(),
-            Credentials::OAuth2 { user, .. } => f
-                .debug_struct("OAuth2")
-                .field("user", user)
-                .field("token", &"<redacted>")
-                .finish(),
-        }
-    }
-}
+pub use crate::connector::Credentials;
 
 /// Capabilities from the last `CAPA` (RFC 2449).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -83,42 +83,7 @@ impl Capabilities {
     }
 }
 
-/// Account credentials.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Credentials {
-    /// User name and password (`AUTHENTICATE PLAIN`, else `LOGIN`).
-    Password {
-        /// Login name.
-        user: String,
-        /// Password.
-        pass: String,
-    },
-    /// User name and OAuth 2.0 access token (`XOAUTH2`, else `OAUTHBEARER`).
-    OAuth2 {
-        /// Login name.
-        user: String,
-        /// Bearer access token.
-        token: String,
-    },
-}
-
-impl fmt::Debug for Credentials {
-    // Hand-written so a `{:?}` of a config never prints a secret.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Credentials::Password { user, .. } => f
-                .debug_struct("Password")
-                .field("user", user)
-                .field("pass", &"<redacted>")
-                .finish(),
-            Credentials::OAuth2 { user, .. } => f
-                .debug_struct("OAuth2")
-                .field("user", user)
-                .field("token", &"<redacted>")
-                .finish(),
-        }
-    }
-}
+pub use crate::connector::Credentials;
 
 /// Special-use role of a folder (RFC 6154).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
