@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use mail_parser::{Address, HeaderValue, MessageParser};
+use mail_parser::{Address, HeaderName, HeaderValue, MessageParser};
 
 use crate::correlate::MessageFeatures;
 
@@ -117,7 +117,7 @@ pub fn parse_for(
     // lookup (a reverse linear scan each) per header we care about.
     let extra = ExtraHeaders::collect(&msg);
     let mut message_ids = Vec::new();
-    if let Some(id) = msg.message_id() {
+    if let Some(id) = extra.message_id.and_then(HeaderValue::as_text) {
         push_id(&mut message_ids, id);
     }
     for v in [extra.ms_original_id, extra.exchange_original_id]
@@ -128,20 +128,27 @@ pub fn parse_for(
             push_id(&mut message_ids, &id);
         }
     }
-    let from = addresses(msg.from());
-    let date = msg.date().map(|d| d.to_timestamp());
+    let from = addresses(extra.from.and_then(HeaderValue::as_address));
+    let date = extra
+        .date
+        .and_then(HeaderValue::as_datetime)
+        .map(|d| d.to_timestamp());
     if message_ids.is_empty() && from.is_empty() && date.is_none() {
         return Err(Malformed::NotAnEmail);
     }
 
     let features = MessageFeatures {
         message_ids,
-        in_reply_to: text_list(msg.in_reply_to()),
-        references: text_list(msg.references()),
-        subject: msg.subject().unwrap_or_default().to_string(),
+        in_reply_to: extra.in_reply_to.map(text_list).unwrap_or_default(),
+        references: extra.references.map(text_list).unwrap_or_default(),
+        subject: extra
+            .subject
+            .and_then(HeaderValue::as_text)
+            .unwrap_or_default()
+            .to_string(),
         from,
-        to: addresses(msg.to()),
-        cc: addresses(msg.cc()),
+        to: addresses(extra.to.and_then(HeaderValue::as_address)),
+        cc: addresses(extra.cc.and_then(HeaderValue::as_address)),
         sent_at: date,
         thread_index: extra
             .thread_index
@@ -193,6 +200,17 @@ struct ExtraHeaders<'m> {
     /// Outer `Some`: the header was seen (its first value decided, even if
     /// it is not UTF-8).
     forwarded_by: Option<Option<&'m str>>,
+    /// Parsed values of the typed headers features read, last occurrence
+    /// each: what `Message::from()`, `to()`, … return, taken in this same
+    /// pass instead of one reverse scan of the header list per accessor.
+    message_id: Option<&'m HeaderValue<'m>>,
+    in_reply_to: Option<&'m HeaderValue<'m>>,
+    references: Option<&'m HeaderValue<'m>>,
+    subject: Option<&'m HeaderValue<'m>>,
+    from: Option<&'m HeaderValue<'m>>,
+    to: Option<&'m HeaderValue<'m>>,
+    cc: Option<&'m HeaderValue<'m>>,
+    date: Option<&'m HeaderValue<'m>>,
 }
 
 impl<'m> ExtraHeaders<'m> {
@@ -200,6 +218,23 @@ impl<'m> ExtraHeaders<'m> {
         let raw = msg.raw_message();
         let mut x = ExtraHeaders::default();
         for h in msg.headers() {
+            let typed = match h.name {
+                HeaderName::MessageId => Some(&mut x.message_id),
+                HeaderName::InReplyTo => Some(&mut x.in_reply_to),
+                HeaderName::References => Some(&mut x.references),
+                HeaderName::Subject => Some(&mut x.subject),
+                HeaderName::From => Some(&mut x.from),
+                HeaderName::To => Some(&mut x.to),
+                HeaderName::Cc => Some(&mut x.cc),
+                HeaderName::Date => Some(&mut x.date),
+                _ => None,
+            };
+            if let Some(slot) = typed {
+                // Later occurrences overwrite: the last one wins, as in
+                // mail-parser's accessors.
+                *slot = Some(&h.value);
+                continue;
+            }
             let name = h.name.as_str();
             // Distinct lengths: one comparison per header at most.
             let (want, slot) = match name.len() {

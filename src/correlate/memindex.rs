@@ -3,7 +3,11 @@
 //! (replies see parents staged in the same batch), the sled backend as its
 //! cache, and benches and tests as a store-free index.
 
-use std::collections::HashMap;
+// foldhash instead of the std SipHash: every message probes these maps
+// with short keys (Message-IDs, token digits, u64 buckets) and SipHash was a
+// measurable share of correlation; foldhash is still seeded per map, so
+// crafted Message-IDs cannot pick their buckets in advance.
+use foldhash::HashMap;
 
 use super::{
     normalize_message_id, shingle_candidate_ids, IndexEntry, Indexes, LookupKeys, SmartCandidate,
@@ -95,6 +99,9 @@ impl MemIndex {
     /// Resolves `keys`, adding only what `idx` does not have yet, so it can
     /// layer over a store lookup.
     pub fn fill(&self, keys: &LookupKeys, idx: &mut Indexes<'_>) {
+        if idx.subject_tokens.is_none() {
+            idx.subject_tokens = Some(keys.subject_tokens.clone());
+        }
         for k in &keys.message_ids {
             if let Some(a) = self.by_message_id.get(k) {
                 idx.by_message_id

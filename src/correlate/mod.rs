@@ -299,6 +299,10 @@ pub struct LookupKeys {
     /// Quoted-part shingles to probe the fingerprint index with (scored
     /// mode, once the body features are filled).
     pub shingles: Vec<u64>,
+    /// The subject's tokens as found for `token_digits`, handed on through
+    /// [`Indexes::subject_tokens`] so the token method does not scan the
+    /// subject again.
+    pub subject_tokens: Vec<FoundToken>,
 }
 
 /// The slice of the store's indexes relevant to one message.
@@ -318,6 +322,10 @@ pub struct Indexes<'a> {
     pub candidates: Vec<SmartCandidate>,
     /// The mailbox's folder-tracking rules.
     pub folder_rules: &'a [FolderRule],
+    /// [`LookupKeys::subject_tokens`] of the keys this slice was resolved
+    /// for (same message, same settings); `None`: the token method finds
+    /// them itself.
+    pub subject_tokens: Option<Vec<FoundToken>>,
 }
 
 /// The outcome of correlation for one message.
@@ -411,8 +419,9 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
             ids.push(n);
         }
     }
+    let subject_tokens = token::find_tokens(&s.token, &f.subject);
     let mut token_digits: Vec<String> = Vec::new();
-    for t in token::find_tokens(&s.token, &f.subject) {
+    for t in &subject_tokens {
         let d = t.token.digits();
         if !token_digits.contains(&d) {
             token_digits.push(d);
@@ -450,6 +459,7 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
         thread_root: thread_root(f),
         buckets,
         shingles,
+        subject_tokens,
     }
 }
 
@@ -705,10 +715,19 @@ fn by_token(
     s: &CorrelationSettings,
     notes: &mut Vec<String>,
 ) -> Step {
-    let found = token::find_tokens(&s.token, &f.subject);
-    let mut accepted: Vec<(FoundToken, TrackedEmail, RecordRef)> = Vec::new();
+    let scanned;
+    let found: &[FoundToken] = match &idx.subject_tokens {
+        Some(found) => found,
+        None => {
+            scanned = token::find_tokens(&s.token, &f.subject);
+            &scanned
+        }
+    };
+    let mut accepted: Vec<(&FoundToken, TrackedEmail, RecordRef)> = Vec::new();
     for ft in found {
-        let shown = ft.token.to_string();
+        // The token is shown only in notes: displayed where one is written,
+        // not for every token that matches cleanly.
+        let shown = &ft.token;
         let Some(t) = idx.by_token.get(&ft.token.digits()) else {
             notes.push(format!("token {shown} is not known"));
             continue;

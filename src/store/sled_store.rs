@@ -350,6 +350,8 @@ impl Store for SledStore {
     fn lookup(&self, keys: &LookupKeys) -> Result<Indexes<'static>, StoreError> {
         let mut idx = Indexes {
             by_message_id: self.tracked_by_message_ids(&keys.message_ids)?,
+            // Found by `lookup_keys` already; the token method reuses them.
+            subject_tokens: Some(keys.subject_tokens.clone()),
             ..Default::default()
         };
         for d in &keys.token_digits {
