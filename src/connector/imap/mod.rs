@@ -1134,39 +1134,13 @@ impl ImapClient {
         &mut self,
         uids: &[u32],
     ) -> Result<Vec<(u32, Option<String>)>, ImapError> {
-        self.selected()?;
-        let wanted = sorted_unique(uids);
-        let mut out = Vec::with_capacity(wanted.len());
-        for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
-            let line = format!("UID FETCH {set} (UID BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])");
-            self.exec("UID FETCH", &line, |r| {
-                let Response::Fetch(_, attrs) = r else {
-                    return false;
-                };
-                let mut uid = 0;
-                let mut header = None;
-                for a in attrs {
-                    match a {
-                        AttributeValue::Uid(u) => uid = *u,
-                        AttributeValue::BodySection { data, .. } => {
-                            header = Some(data.as_deref().and_then(codec::extract_message_id))
-                        }
-                        _ => {}
-                    }
-                }
-                match header {
-                    Some(id) if uid != 0 && wanted.binary_search(&uid).is_ok() => {
-                        out.push((uid, id));
-                        true
-                    }
-                    _ => false,
-                }
-            })
-            .await?;
-        }
-        out.sort_by_key(|m| m.0);
-        out.dedup_by_key(|m| m.0);
-        Ok(out)
+        self.fetch_attribute(uids, "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]", |a| match a {
+            AttributeValue::BodySection { data, .. } => {
+                Some(data.as_deref().and_then(codec::extract_message_id))
+            }
+            _ => None,
+        })
+        .await
     }
 
     /// INTERNALDATE (Unix seconds) of each UID, sorted by UID; `None` where the
@@ -1175,66 +1149,57 @@ impl ImapClient {
         &mut self,
         uids: &[u32],
     ) -> Result<Vec<(u32, Option<i64>)>, ImapError> {
-        self.selected()?;
-        let wanted = sorted_unique(uids);
-        let mut out = Vec::with_capacity(wanted.len());
-        for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
-            let line = format!("UID FETCH {set} (UID INTERNALDATE)");
-            self.exec("UID FETCH", &line, |r| {
-                let Response::Fetch(_, attrs) = r else {
-                    return false;
-                };
-                let mut uid = 0;
-                let mut date = None;
-                let mut has_date = false;
-                for a in attrs {
-                    match a {
-                        AttributeValue::Uid(u) => uid = *u,
-                        AttributeValue::InternalDate(d) => {
-                            has_date = true;
-                            date = codec::parse_internal_date(d);
-                        }
-                        _ => {}
-                    }
-                }
-                if has_date && uid != 0 && wanted.binary_search(&uid).is_ok() {
-                    out.push((uid, date));
-                    true
-                } else {
-                    false
-                }
-            })
-            .await?;
-        }
-        out.sort_by_key(|m| m.0);
-        out.dedup_by_key(|m| m.0);
-        Ok(out)
+        self.fetch_attribute(uids, "INTERNALDATE", |a| match a {
+            AttributeValue::InternalDate(d) => Some(codec::parse_internal_date(d)),
+            _ => None,
+        })
+        .await
     }
 
     /// RFC822.SIZE of each UID, sorted by UID: checked before downloading, so a
     /// message over the size cap is never transferred.
     pub async fn fetch_sizes(&mut self, uids: &[u32]) -> Result<Vec<(u32, u32)>, ImapError> {
+        self.fetch_attribute(uids, "RFC822.SIZE", |a| match a {
+            AttributeValue::Rfc822Size(s) => Some(*s),
+            _ => None,
+        })
+        .await
+    }
+
+    /// `UID FETCH set (UID item)` in bounded UID sets: one value per requested
+    /// UID, picked from the response by `pick`, sorted by UID and deduplicated.
+    /// Responses for UIDs not asked for (unsolicited FETCH) or without the item
+    /// are left to the unsolicited-response handling.
+    async fn fetch_attribute<T>(
+        &mut self,
+        uids: &[u32],
+        item: &str,
+        mut pick: impl FnMut(&AttributeValue<'_>) -> Option<T>,
+    ) -> Result<Vec<(u32, T)>, ImapError> {
         self.selected()?;
         let wanted = sorted_unique(uids);
         let mut out = Vec::with_capacity(wanted.len());
         for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
-            let line = format!("UID FETCH {set} (UID RFC822.SIZE)");
+            let line = format!("UID FETCH {set} (UID {item})");
             self.exec("UID FETCH", &line, |r| {
                 let Response::Fetch(_, attrs) = r else {
                     return false;
                 };
                 let mut uid = 0;
-                let mut size = None;
+                let mut value = None;
                 for a in attrs {
                     match a {
                         AttributeValue::Uid(u) => uid = *u,
-                        AttributeValue::Rfc822Size(s) => size = Some(*s),
-                        _ => {}
+                        other => {
+                            if let Some(v) = pick(other) {
+                                value = Some(v);
+                            }
+                        }
                     }
                 }
-                match size {
-                    Some(size) if uid != 0 && wanted.binary_search(&uid).is_ok() => {
-                        out.push((uid, size));
+                match value {
+                    Some(v) if uid != 0 && wanted.binary_search(&uid).is_ok() => {
+                        out.push((uid, v));
                         true
                     }
                     _ => false,
