@@ -17,8 +17,9 @@ use crm_mailsync::connector::imap::{
 use crm_mailsync::error::{Classify, Disposition};
 use crm_mailsync::net::{Endpoint, NetError, TlsMode};
 
-const SCRIPTS: &str = "/work/shared/testservers";
-const PASSWORD: &str = "secret";
+mod servers;
+// The helper scripts and their output format are the shared ones of tests/servers.
+use servers::{deliver, doveadm, field, PASSWORD, SCRIPTS};
 
 struct Env {
     host: String,
@@ -85,12 +86,6 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Field `key=value` from a helper script's output line.
-fn field(out: &str, key: &str) -> Option<String> {
-    out.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
-}
-
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A small unique message; returns (bytes, Message-ID).
@@ -106,34 +101,6 @@ fn message(subject: &str) -> (Vec<u8>, String) {
          Date: Thu, 01 Jan 2026 10:00:00 +0000\r\nMessage-ID: {id}\r\n\r\nHello {subject}.\r\n"
     );
     (body.into_bytes(), id)
-}
-
-/// deliver.sh; returns the new UID.
-fn deliver(user: &str, folder: &str, msg: &[u8]) -> u32 {
-    use std::io::Write;
-    let mut child = Command::new(format!("{SCRIPTS}/deliver.sh"))
-        .args(["-f", folder, user, "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("deliver.sh");
-    child.stdin.take().unwrap().write_all(msg).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "deliver.sh failed");
-    let out = String::from_utf8_lossy(&out.stdout);
-    field(&out, "uid").expect("uid=").parse().unwrap()
-}
-
-fn doveadm(args: &str) -> bool {
-    Command::new("bash")
-        .arg("-c")
-        .arg(format!("source {SCRIPTS}/lib.sh && ts_doveadm {args}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Empties a folder (ignores a missing one).
