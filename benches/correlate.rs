@@ -31,8 +31,8 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crm_mailsync::correlate::{
-    correlate, correlate_without_body, index_entry, lookup_keys, CorrelationSettings, MemIndex,
-    MessageFeatures,
+    add_quoted_keys, correlate, correlate_without_body, index_entry, lookup_keys,
+    CorrelationSettings, MemIndex, MessageFeatures,
 };
 use crm_mailsync::model::RecordRef;
 
@@ -304,12 +304,12 @@ fn parse_and_correlate(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> b
     let Ok(mut p) = parsed else {
         return false;
     };
-    let keys = lookup_keys(&p.features, s);
+    let mut keys = lookup_keys(&p.features, s);
     let d = match correlate_without_body(&p.features, &idx.lookup(&keys), s) {
         Some(d) => d,
         None => {
             p.features.add_quoted_features(&p.body_text);
-            let keys = lookup_keys(&p.features, s);
+            add_quoted_keys(&mut keys, &p.features, s);
             correlate(&p.features, &idx.lookup(&keys), s)
         }
     };

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -103,15 +104,60 @@ pub struct TestResult {
 }
 
 /// A reference to a CRM record, written `kind:id` (e.g. `case:42`, `account:contoso`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// Held as one shared string: correlation clones record references for
+/// every index posting and candidate it looks at, so a clone is a reference
+/// count, not two allocations.
+#[derive(Debug, Clone)]
 pub struct RecordRef {
-    pub kind: String,
-    pub id: String,
+    /// `kind:id`, kind lower-cased.
+    text: Arc<str>,
+    /// Byte offset of the `:` between kind and id.
+    colon: usize,
+}
+
+impl RecordRef {
+    /// The record type (`case`, `account`, …), lower case.
+    pub fn kind(&self) -> &str {
+        &self.text[..self.colon]
+    }
+
+    /// The record's id within its kind.
+    pub fn id(&self) -> &str {
+        &self.text[self.colon + 1..]
+    }
+}
+
+impl PartialEq for RecordRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for RecordRef {}
+
+impl std::hash::Hash for RecordRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for RecordRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// By kind, then id (not by the joined text: `:` sorts between digits and letters).
+impl Ord for RecordRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.kind(), self.id()).cmp(&(other.kind(), other.id()))
+    }
 }
 
 impl fmt::Display for RecordRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind, self.id)
+        f.write_str(&self.text)
     }
 }
 
@@ -127,8 +173,8 @@ impl FromStr for RecordRef {
             return Err(format!("record reference {s:?} is not of the form kind:id"));
         }
         Ok(RecordRef {
-            kind: kind.to_ascii_lowercase(),
-            id: id.to_string(),
+            text: format!("{}:{id}", kind.to_ascii_lowercase()).into(),
+            colon: kind.len(),
         })
     }
 }

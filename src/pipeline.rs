@@ -197,14 +197,14 @@ pub fn process_seeded(
             },
             Verdict::Skip(reason) => skipped(reason),
             Verdict::Correlate => {
-                let resolve = |f: &correlate::MessageFeatures| {
-                    let keys = correlate::lookup_keys(f, &ctx.settings);
-                    let mut idx = store.lookup(&keys)?;
-                    staged.fill(&keys, &mut idx);
+                let resolve = |keys: &correlate::LookupKeys| {
+                    let mut idx = store.lookup(keys)?;
+                    staged.fill(keys, &mut idx);
                     idx.folder_rules = &ctx.folder_rules;
                     Ok::<_, StoreError>(idx)
                 };
-                let idx = resolve(&parsed.features)?;
+                let mut keys = correlate::lookup_keys(&parsed.features, &ctx.settings);
+                let idx = resolve(&keys)?;
                 let d = match correlate::correlate_without_body(
                     &parsed.features,
                     &idx,
@@ -213,7 +213,8 @@ pub fn process_seeded(
                     Some(d) => d,
                     None => {
                         parsed.features.add_quoted_features(&parsed.body_text);
-                        let idx = resolve(&parsed.features)?;
+                        correlate::add_quoted_keys(&mut keys, &parsed.features, &ctx.settings);
+                        let idx = resolve(&keys)?;
                         correlate::correlate(&parsed.features, &idx, &ctx.settings)
                     }
                 };

@@ -99,8 +99,8 @@ impl MemIndex {
     /// Resolves `keys`, adding only what `idx` does not have yet, so it can
     /// layer over a store lookup.
     pub fn fill(&self, keys: &LookupKeys, idx: &mut Indexes<'_>) {
-        if idx.subject_tokens.is_none() {
-            idx.subject_tokens = Some(keys.subject_tokens.clone());
+        if idx.derived.is_none() {
+            idx.derived = Some(keys.derived.clone());
         }
         for k in &keys.message_ids {
             if let Some(a) = self.by_message_id.get(k) {

@@ -17,6 +17,7 @@ pub mod thread_index;
 pub mod token;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -206,12 +207,24 @@ pub struct TrackedEmail {
 }
 
 /// What smart matching knows about a tracked email (stored in its buckets).
+///
+/// The record it is regarding is per lookup (it can be re-pointed); the
+/// rest is shared: a lookup hands out a copy of a candidate for every
+/// bucket and shingle that names it, and a copy is one reference count.
+/// Field access goes through [`Deref`](std::ops::Deref) to
+/// [`CandidateData`]. Stored as one flat object.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "CandidateWire", into = "CandidateWire")]
 pub struct SmartCandidate {
     pub activity: ActivityId,
     /// Filled in at lookup time from the activity (it can be re-pointed).
-    #[serde(default)]
     pub regarding: Option<RecordRef>,
+    pub data: Arc<CandidateData>,
+}
+
+/// The immutable part of a [`SmartCandidate`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CandidateData {
     /// RFC 5256 base subject without tokens, for scored mode and reasons.
     pub base_subject: String,
     /// Dynamics subject word hashes, sorted.
@@ -223,8 +236,63 @@ pub struct SmartCandidate {
     pub shingles: Vec<u64>,
     /// Patch-series membership (scored mode's series rule); absent in
     /// candidates indexed before the rule existed.
-    #[serde(default)]
     pub series: Option<SeriesTag>,
+}
+
+impl std::ops::Deref for SmartCandidate {
+    type Target = CandidateData;
+    fn deref(&self) -> &CandidateData {
+        &self.data
+    }
+}
+
+/// How a [`SmartCandidate`] is stored (one flat object, as before the
+/// shared part was split off).
+#[derive(Serialize, Deserialize)]
+struct CandidateWire {
+    activity: ActivityId,
+    #[serde(default)]
+    regarding: Option<RecordRef>,
+    base_subject: String,
+    subject_hashes: Vec<u64>,
+    participants: Vec<u64>,
+    sent_at: Option<i64>,
+    shingles: Vec<u64>,
+    #[serde(default)]
+    series: Option<SeriesTag>,
+}
+
+impl From<CandidateWire> for SmartCandidate {
+    fn from(w: CandidateWire) -> Self {
+        SmartCandidate {
+            activity: w.activity,
+            regarding: w.regarding,
+            data: Arc::new(CandidateData {
+                base_subject: w.base_subject,
+                subject_hashes: w.subject_hashes,
+                participants: w.participants,
+                sent_at: w.sent_at,
+                shingles: w.shingles,
+                series: w.series,
+            }),
+        }
+    }
+}
+
+impl From<SmartCandidate> for CandidateWire {
+    fn from(c: SmartCandidate) -> Self {
+        let d = Arc::unwrap_or_clone(c.data);
+        CandidateWire {
+            activity: c.activity,
+            regarding: c.regarding,
+            base_subject: d.base_subject,
+            subject_hashes: d.subject_hashes,
+            participants: d.participants,
+            sent_at: d.sent_at,
+            shingles: d.shingles,
+            series: d.series,
+        }
+    }
 }
 
 /// Which patch series a tracked email belongs to, and its place in it.
@@ -299,10 +367,50 @@ pub struct LookupKeys {
     /// Quoted-part shingles to probe the fingerprint index with (scored
     /// mode, once the body features are filled).
     pub shingles: Vec<u64>,
-    /// The subject's tokens as found for `token_digits`, handed on through
-    /// [`Indexes::subject_tokens`] so the token method does not scan the
-    /// subject again.
+    /// What was derived from the subject and addresses on the way, handed
+    /// on through [`Indexes::derived`] so the methods do not derive it again.
+    pub derived: Arc<Derived>,
+}
+
+/// What correlation derives from a message's subject and addresses: found
+/// once by [`lookup_keys`] and handed on to the methods through the index
+/// slice (subject parsing is a measurable share of correlation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Derived {
+    /// The subject's tracking tokens (as [`token::find_tokens`] finds them).
     pub subject_tokens: Vec<FoundToken>,
+    /// Scored mode: the base subject without tokens.
+    pub base_subject: Option<String>,
+    /// Scored mode: the subject starts with a reply or forward prefix.
+    pub is_reply: bool,
+    /// Smart matching: address hashes of From, To and Cc, sorted.
+    pub participants: Vec<u64>,
+    /// Scored mode: the patch series whose siblings to look for.
+    pub series: Option<SeriesTag>,
+}
+
+impl Derived {
+    /// Derives everything from `f` under `s`.
+    pub fn of(f: &MessageFeatures, s: &CorrelationSettings) -> Derived {
+        let subject_tokens = token::find_tokens(&s.token, &f.subject);
+        let scored = s.smart_matching && s.smart.mode == SmartMode::Scored;
+        let base_subject = scored.then(|| {
+            let spans: Vec<_> = subject_tokens.iter().map(|t| t.span.clone()).collect();
+            subject::base_subject(&token::remove_spans(&f.subject, &spans))
+        });
+        // Only smart matching looks at participants and prefixes.
+        Derived {
+            subject_tokens,
+            base_subject,
+            is_reply: scored && subject::is_reply_or_forward(&f.subject),
+            participants: if s.smart_matching {
+                f.participants()
+            } else {
+                Vec::new()
+            },
+            series: scored.then(|| series_tag_to_match(f)).flatten(),
+        }
+    }
 }
 
 /// The slice of the store's indexes relevant to one message.
@@ -322,10 +430,9 @@ pub struct Indexes<'a> {
     pub candidates: Vec<SmartCandidate>,
     /// The mailbox's folder-tracking rules.
     pub folder_rules: &'a [FolderRule],
-    /// [`LookupKeys::subject_tokens`] of the keys this slice was resolved
-    /// for (same message, same settings); `None`: the token method finds
-    /// them itself.
-    pub subject_tokens: Option<Vec<FoundToken>>,
+    /// [`LookupKeys::derived`] of the keys this slice was resolved for
+    /// (same message, same settings); `None`: the methods derive it.
+    pub derived: Option<Arc<Derived>>,
 }
 
 /// The outcome of correlation for one message.
@@ -419,9 +526,9 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
             ids.push(n);
         }
     }
-    let subject_tokens = token::find_tokens(&s.token, &f.subject);
+    let derived = Derived::of(f, s);
     let mut token_digits: Vec<String> = Vec::new();
-    for t in &subject_tokens {
+    for t in &derived.subject_tokens {
         let d = t.token.digits();
         if !token_digits.contains(&d) {
             token_digits.push(d);
@@ -432,19 +539,29 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
     } else {
         match s.smart.mode {
             SmartMode::Dynamics => dynamics_bucket(&sorted_subject_hashes(f, s)),
-            SmartMode::Scored => {
-                scored_bucket(&subject::base_subject_without_tokens(&f.subject, &s.token))
-            }
+            SmartMode::Scored => derived.base_subject.as_deref().and_then(scored_bucket),
         }
         .into_iter()
-        .chain(
-            series_tag_to_match(f)
-                .filter(|_| s.smart.mode == SmartMode::Scored)
-                .map(|t| series_bucket(&t)),
-        )
+        .chain(derived.series.as_ref().map(series_bucket))
         .collect()
     };
-    let shingles = if s.wants_body_features() {
+    let mut keys = LookupKeys {
+        message_ids: ids,
+        token_digits,
+        thread_root: thread_root(f),
+        buckets,
+        shingles: Vec::new(),
+        derived: Arc::new(derived),
+    };
+    add_quoted_keys(&mut keys, f, s);
+    keys
+}
+
+/// Sets the fingerprint probes of `keys` from `f`'s quoted shingles (scored
+/// mode): the second stage of staged correlation, after
+/// [`MessageFeatures::add_quoted_features`], without recomputing the rest.
+pub fn add_quoted_keys(keys: &mut LookupKeys, f: &MessageFeatures, s: &CorrelationSettings) {
+    keys.shingles = if s.wants_body_features() {
         f.quoted_shingles
             .iter()
             .take(SHINGLE_PROBES)
@@ -453,14 +570,6 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
     } else {
         Vec::new()
     };
-    LookupKeys {
-        message_ids: ids,
-        token_digits,
-        thread_root: thread_root(f),
-        buckets,
-        shingles,
-        subject_tokens,
-    }
 }
 
 /// Activities the fingerprint index links to, with their number of shingle
@@ -531,12 +640,14 @@ pub fn index_entry(
         candidate: SmartCandidate {
             activity,
             regarding: None,
-            base_subject,
-            subject_hashes,
-            participants: f.participants(),
-            sent_at: f.sent_at,
-            shingles: f.body_shingles.clone(),
-            series,
+            data: Arc::new(CandidateData {
+                base_subject,
+                subject_hashes,
+                participants: f.participants(),
+                sent_at: f.sent_at,
+                shingles: f.body_shingles.clone(),
+                series,
+            }),
         },
     }
 }
@@ -591,6 +702,14 @@ fn run_methods(
     settings: &CorrelationSettings,
     stop_before_scored: bool,
 ) -> Option<Decision> {
+    let derived_here;
+    let d: &Derived = match &idx.derived {
+        Some(d) => d,
+        None => {
+            derived_here = Derived::of(f, settings);
+            &derived_here
+        }
+    };
     let mut notes = Vec::new();
     // A header match on a tracked email without a regarding record links the
     // email but lets later methods find the record.
@@ -612,17 +731,20 @@ fn run_methods(
                 )),
                 None => Step::Continue,
             },
-            CorrelationMethod::TrackingToken => by_token(f, idx, settings, &mut notes),
+            CorrelationMethod::TrackingToken => by_token(f, idx, settings, d, &mut notes),
             CorrelationMethod::ConversationIndex => by_thread_index(f, idx, &mut notes),
             CorrelationMethod::SmartMatching
                 if stop_before_scored && settings.wants_body_features() =>
             {
-                return None;
+                match by_subject_alone(f, idx, settings, d) {
+                    Some(d) => Step::Match(d),
+                    None => return None,
+                }
             }
             CorrelationMethod::SmartMatching if settings.smart_matching => {
                 match settings.smart.mode {
-                    SmartMode::Dynamics => by_dynamics_smart(f, idx, settings, &mut notes),
-                    SmartMode::Scored => by_scored_smart(f, idx, settings, &mut notes),
+                    SmartMode::Dynamics => by_dynamics_smart(f, idx, settings, d, &mut notes),
+                    SmartMode::Scored => by_scored_smart(f, idx, settings, d, &mut notes),
                 }
             }
             _ => Step::Continue,
@@ -713,16 +835,10 @@ fn by_token(
     f: &MessageFeatures,
     idx: &Indexes<'_>,
     s: &CorrelationSettings,
+    d: &Derived,
     notes: &mut Vec<String>,
 ) -> Step {
-    let scanned;
-    let found: &[FoundToken] = match &idx.subject_tokens {
-        Some(found) => found,
-        None => {
-            scanned = token::find_tokens(&s.token, &f.subject);
-            &scanned
-        }
-    };
+    let found: &[FoundToken] = &d.subject_tokens;
     let mut accepted: Vec<(&FoundToken, TrackedEmail, RecordRef)> = Vec::new();
     for ft in found {
         // The token is shown only in notes: displayed where one is written,
@@ -843,10 +959,11 @@ fn by_dynamics_smart(
     f: &MessageFeatures,
     idx: &Indexes<'_>,
     s: &CorrelationSettings,
+    d: &Derived,
     notes: &mut Vec<String>,
 ) -> Step {
     let hashes = sorted_subject_hashes(f, s);
-    let participants = f.participants();
+    let participants = &d.participants;
     let window = i64::from(s.smart.window_days) * DAY;
     let mut passing: Vec<&SmartCandidate> = Vec::new();
     let mut near_miss: Option<String> = None;
@@ -859,7 +976,7 @@ fn by_dynamics_smart(
         if common + s.smart.hash_delta_subject_count < longer {
             continue;
         }
-        let shared = shared_count(&participants, &c.participants);
+        let shared = shared_count(participants, &c.participants);
         if shared < s.smart.hash_min_address_count {
             near_miss.get_or_insert(format!(
                 "smart match: activity {} has the subject but {shared} shared address(es) < {}",
@@ -901,7 +1018,7 @@ fn by_dynamics_smart(
         format!(
             "dynamics smart match: {} subject hash(es) equal + {} shared addresses with activity {}",
             hashes.len(),
-            shared_count(&participants, &best.participants),
+            shared_count(participants, &best.participants),
             best.activity
         ),
     ))
@@ -943,6 +1060,10 @@ const W_QUOTED: f32 = 0.4;
 const W_SERIES: f32 = 0.4;
 /// Parts of one series are sent together (git send-email: seconds apart).
 const SERIES_GAP: i64 = 2 * 3600;
+/// Bonus of a specific base subject that names exactly one record (see
+/// [`by_subject_alone`]): with a reply prefix and a shared participant it
+/// reaches the default threshold without quoted text.
+const W_SPECIFIC_SUBJECT: f32 = 0.1;
 /// Quoting half of the parent's sampled text counts as full quoting (replies
 /// quote selectively).
 const FULL_QUOTE: f32 = 0.5;
@@ -951,12 +1072,13 @@ fn score_candidate<'c>(
     f: &MessageFeatures,
     participants: &[u64],
     base: &str,
+    is_reply: bool,
     series: Option<&SeriesTag>,
     c: &'c SmartCandidate,
     s: &CorrelationSettings,
 ) -> Scored<'c> {
     let window = i64::from(s.smart.window_days) * DAY;
-    let subject = if c.base_subject == base { 1.0 } else { 0.0 };
+    let subject = if *c.base_subject == *base { 1.0 } else { 0.0 };
     let shared = shared_count(participants, &c.participants);
     let p = (shared.min(2) as f32) / 2.0;
     let dt = seconds_after(f, c);
@@ -975,11 +1097,7 @@ fn score_candidate<'c>(
         None => 0.5,
     };
     let overlap = fingerprint::quoted_overlap(&c.shingles, &f.quoted_shingles);
-    let reply = if subject::is_reply_or_forward(&f.subject) {
-        1.0
-    } else {
-        0.0
-    };
+    let reply = if is_reply { 1.0 } else { 0.0 };
     let series_gap = series_link(series, c, dt);
     let score = W_SUBJECT * subject
         + W_REPLY_PREFIX * reply
@@ -1014,7 +1132,7 @@ fn describe(base: &str, sc: &Scored<'_>) -> String {
             theirs.key, theirs.part, sc.candidate.activity, sc.shared, sc.score
         );
     }
-    if sc.candidate.base_subject != base {
+    if *sc.candidate.base_subject != *base {
         return format!(
             "quoted text: {} indexed shingle(s) and {:.0}% of the sampled text of activity {} (subject '{}', here '{base}') + {} shared participant(s) (score {:.2})",
             sc.shingle_hits,
@@ -1034,33 +1152,115 @@ fn describe(base: &str, sc: &Scored<'_>) -> String {
     )
 }
 
+/// A base subject specific enough to name a conversation on its own: three
+/// words and 15 characters, or two words one of which carries a digit
+/// (`invoice 7781`). `question`, `hello`, `order status` are not.
+fn is_specific_subject(base: &str) -> bool {
+    let words = base.split(' ').filter(|w| !w.is_empty()).count();
+    let has_digit = base.bytes().any(|b| b.is_ascii_digit());
+    (words >= 3 && base.chars().count() >= 15) || (words >= 2 && has_digit)
+}
+
+/// The first stage of scored smart matching, which needs no body: a reply
+/// (reply/forward prefix) whose specific base subject names exactly one
+/// record among the tracked emails in the window, sharing a participant
+/// with it, is regarding that record when subject, prefix, participants
+/// and time alone reach the threshold. Quoted text could only add to that
+/// score, so the costly fingerprint is left for the ambiguous cases:
+/// generic subjects, subjects shared by several records, no prefix, no
+/// shared participant. `None`: not decided here.
+fn by_subject_alone(
+    f: &MessageFeatures,
+    idx: &Indexes<'_>,
+    s: &CorrelationSettings,
+    d: &Derived,
+) -> Option<Decision> {
+    let base = d.base_subject.as_deref().unwrap_or_default();
+    if !d.is_reply || !is_specific_subject(base) {
+        return None;
+    }
+    let participants = &d.participants;
+    let mut best: Option<Scored<'_>> = None;
+    let mut record: Option<&RecordRef> = None;
+    for c in &idx.candidates {
+        let Some(r) = c.regarding.as_ref() else {
+            continue;
+        };
+        if *c.base_subject != *base {
+            continue;
+        }
+        let sc = score_candidate(f, participants, base, d.is_reply, None, c, s);
+        if sc.rejected.is_some() {
+            continue;
+        }
+        match record {
+            Some(known) if known != r => return None,
+            _ => record = Some(r),
+        }
+        let better = best
+            .as_ref()
+            .is_none_or(|b| (sc.score, sc.candidate.activity) > (b.score, b.candidate.activity));
+        if sc.shared > 0 && better {
+            best = Some(sc);
+        }
+    }
+    let best = best?;
+    // Without quoted text the score is what subject, prefix, participants
+    // and time earned (overlap contributed nothing: no fingerprint yet).
+    let no_quote = best.score - W_QUOTED * (best.overlap / FULL_QUOTE).min(1.0);
+    let score = (no_quote + W_SPECIFIC_SUBJECT).min(1.0);
+    if score < s.smart.threshold {
+        return None;
+    }
+    let t = TrackedEmail {
+        activity: best.candidate.activity,
+        regarding: best.candidate.regarding.clone(),
+    };
+    Some(Decision::matched(
+        CorrelationMethod::SmartMatching,
+        &t,
+        score,
+        format!(
+            "reply to subject base '{base}', which names only {} (activity {}) + {} shared participant(s); quoted text not needed (score {score:.2})",
+            show(&t.regarding),
+            t.activity,
+            best.shared
+        ),
+    ))
+}
+
 fn by_scored_smart(
     f: &MessageFeatures,
     idx: &Indexes<'_>,
     s: &CorrelationSettings,
+    d: &Derived,
     notes: &mut Vec<String>,
 ) -> Step {
-    let base = subject::base_subject_without_tokens(&f.subject, &s.token);
+    if let Some(decision) = by_subject_alone(f, idx, s, d) {
+        return Step::Match(decision);
+    }
+    let base = d.base_subject.as_deref().unwrap_or_default();
+    let is_reply = d.is_reply;
     // Quote-linked candidates (fingerprint index) compete even when the
     // subject changed; the subject term then simply adds nothing.
     let quoted_hits: HashMap<ActivityId, usize> =
         shingle_candidate_ids(&idx.by_shingle).into_iter().collect();
-    let series = series_tag_to_match(f);
+    let series = d.series.as_ref();
     if base.is_empty() && quoted_hits.is_empty() && series.is_none() {
         return Step::Continue;
     }
-    let participants = f.participants();
+    let participants = &d.participants;
     let mut scored: Vec<Scored<'_>> = idx
         .candidates
         .iter()
         .filter(|c| {
             c.regarding.is_some()
-                && ((!base.is_empty() && c.base_subject == base)
+                && ((!base.is_empty() && *c.base_subject == *base)
                     || quoted_hits.contains_key(&c.activity)
-                    || series_link(series.as_ref(), c, seconds_after(f, c)).is_some())
+                    || series_link(series, c, seconds_after(f, c)).is_some())
         })
         .map(|c| {
-            let mut sc = score_candidate(f, &participants, &base, series.as_ref(), c, s);
+            let mut sc = score_candidate(f, participants, base, is_reply, series, c, s);
             sc.shingle_hits = quoted_hits.get(&c.activity).copied().unwrap_or(0);
             sc
         })
@@ -1085,7 +1285,7 @@ fn by_scored_smart(
         notes.push(format!(
             "smart match below threshold {:.2}: {}",
             s.smart.threshold,
-            describe(&base, best)
+            describe(base, best)
         ));
         return Step::Continue;
     }
@@ -1113,7 +1313,7 @@ fn by_scored_smart(
         CorrelationMethod::SmartMatching,
         &t,
         best.score.clamp(0.0, 1.0),
-        describe(&base, best),
+        describe(base, best),
     ))
 }
 
@@ -1418,15 +1618,34 @@ mod tests {
             ..Default::default()
         };
         reply.add_body_features(&format!("Checked, all fine.\n\n{quoted}"));
+        // A specific subject naming one record, a reply prefix and a shared
+        // participant decide without the quoted text.
         let d = run(&reply, &m, &s);
-        assert_eq!(
-            d.method,
-            CorrelationMethod::SmartMatching,
+        assert_eq!(d.method, CorrelationMethod::SmartMatching, "{d:?}");
+        assert!(
+            d.reasons[0].starts_with(
+                "reply to subject base 'invoice 7781', which names only case:1 (activity 17) + 1 shared participant(s); quoted text not needed"
+            ),
             "{:?}",
             d.reasons
         );
+        assert_eq!(
+            correlate_without_body(&reply, &m.lookup(&lookup_keys(&reply, &s)), &s),
+            Some(d)
+        );
+        // Forwarded to a colleague who answers: nobody shared, so the quote
+        // has to show it.
+        reply.from = vec!["zed@fabrikam.com".into()];
+        let d = run(&reply, &m, &s);
+        assert_eq!(d.method, CorrelationMethod::SmartMatching, "{d:?}");
         assert!(
-            d.reasons[0].starts_with("subject base 'invoice 7781' + 1 shared participant(s) + ")
+            d.reasons[0].starts_with("subject base 'invoice 7781' + 0 shared participant(s) + "),
+            "{:?}",
+            d.reasons
+        );
+        assert_eq!(
+            correlate_without_body(&reply, &m.lookup(&lookup_keys(&reply, &s)), &s),
+            None
         );
         // Same subject without reply prefix, no quote, one shared participant:
         // a new message, not enough.

@@ -78,19 +78,55 @@ fn find<'a>(re: &LazyLock<Option<Regex>>, s: &'a str) -> Option<regex::Match<'a>
     re.as_ref().and_then(|r| r.find(s))
 }
 
+/// [`find`] only when the cheap precondition `worth_it` holds.
+fn find_if<'a>(
+    worth_it: bool,
+    re: &LazyLock<Option<Regex>>,
+    s: &'a str,
+) -> Option<regex::Match<'a>> {
+    if worth_it {
+        find(re, s)
+    } else {
+        None
+    }
+}
+
 /// Collapses every whitespace run to one space and trims.
 fn collapse_ws(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    // Most subjects are already collapsed ASCII: copy them as they are
+    // (non-ASCII may hide Unicode white space, so it takes the long way).
+    let b = s.as_bytes();
+    let collapsed = b.first().is_some_and(|&c| c != b' ')
+        && b.last().is_some_and(|&c| c != b' ')
+        && b.iter()
+            .all(|&c| c.is_ascii() && (c == b' ' || !c.is_ascii_whitespace()))
+        && !b.windows(2).any(|w| w == b"  ");
+    if collapsed {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len());
+    for w in s.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(w);
+    }
+    out
 }
 
 /// Strips one layer of leading/trailing noise; returns the new text.
+///
+/// Every pattern needs a character most subjects lack (`[`, `(`, `*` for
+/// tags, `)` at the end for the trailer, a colon for leaders, `[` first for
+/// blobs); the regexes run only when it is there (every message's subject
+/// goes through here).
 fn strip_once(s: &str) -> String {
     let mut s = match TAG.as_ref() {
-        Some(tag) => collapse_ws(&tag.replace_all(s, " ")),
-        None => collapse_ws(s),
+        Some(tag) if s.contains(['[', '(', '*']) => collapse_ws(&tag.replace_all(s, " ")),
+        _ => collapse_ws(s),
     };
     // subj-trailer: "(fwd)" at the end.
-    loop {
+    while s.ends_with(')') {
         let lower = s.to_lowercase();
         if lower.ends_with("(fwd)") {
             // "(fwd)" is ASCII, so its lower-case form has the same byte length.
@@ -105,11 +141,11 @@ fn strip_once(s: &str) -> String {
     }
     // subj-leader: prefixes and blobs, as long as something remains.
     loop {
-        if let Some(m) = find(&LEADER, &s) {
+        if let Some(m) = find_if(s.contains([':', '：']), &LEADER, &s) {
             s = s[m.end()..].to_owned();
             continue;
         }
-        if let Some(m) = find(&BLOB, &s) {
+        if let Some(m) = find_if(s.starts_with('['), &BLOB, &s) {
             if m.end() < s.len() {
                 s = s[m.end()..].to_owned();
                 continue;
@@ -120,6 +156,7 @@ fn strip_once(s: &str) -> String {
     // subj-fwd: "[fwd: X]" → "X".
     if let Some(c) = FWD_WRAP
         .as_ref()
+        .filter(|_| s.starts_with('['))
         .and_then(|r| r.captures(&s))
         .and_then(|c| c.get(1))
     {
@@ -134,6 +171,11 @@ fn strip_once(s: &str) -> String {
 /// placeholders such as `(no subject)` give `""`. Tokens are NOT removed;
 /// see [`base_subject_without_tokens`].
 pub fn base_subject(s: &str) -> String {
+    simple_base_subject(s).unwrap_or_else(|| regex_base_subject(s))
+}
+
+/// [`base_subject`] the general way (any subject).
+fn regex_base_subject(s: &str) -> String {
     let mut cur = collapse_ws(s);
     // Every pass removes at least one character or stops, so this ends.
     loop {
@@ -150,10 +192,77 @@ pub fn base_subject(s: &str) -> String {
     lower
 }
 
+/// The ASCII words of [`REPLY_FORWARD_WORDS`] (the rest only occur in
+/// non-ASCII subjects, which take the regex way).
+const ASCII_REPLY_FORWARD_WORDS: &[&str] = &[
+    "re", "fw", "fwd", "aw", "wg", "sv", "vs", "vb", "vl", "tr", "antw", "antwort", "doorst", "rv",
+    "enc", "res", "rif", "r", "i", "odp", "pd", "ynt", "ilt", "atb", "ats", "odg", "external",
+    "extern", "ext",
+];
+
+/// Subjects the regexes are not needed for: ASCII, without the characters
+/// tags, blobs, numbered prefixes and the `(fwd)` trailer need.
+fn is_simple_subject(s: &str) -> bool {
+    s.bytes().all(|b| {
+        (b == b' ' || b.is_ascii_graphic()) && !matches!(b, b'[' | b']' | b'(' | b')' | b'*' | b'^')
+    })
+}
+
+/// A leading `word:` prefix of a simple subject (`Re:`, `AW :`, `fwd:`),
+/// and the text after it; `None` when the subject does not start with one.
+fn simple_leader(s: &str) -> Option<(&str, &str)> {
+    let word_len = s.bytes().take_while(u8::is_ascii_alphabetic).count();
+    let (word, rest) = s.split_at(word_len);
+    let rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let rest = rest.strip_prefix(':')?;
+    ASCII_REPLY_FORWARD_WORDS
+        .iter()
+        .any(|w| w.eq_ignore_ascii_case(word))
+        .then_some((word, rest))
+}
+
+/// [`base_subject`] of a simple subject without the regexes (every message's
+/// subject comes through here); `None` for the others.
+fn simple_base_subject(s: &str) -> Option<String> {
+    if !is_simple_subject(s) {
+        return None;
+    }
+    let mut rest = s.trim_matches(|c: char| c.is_ascii_whitespace());
+    while let Some((_, after)) = simple_leader(rest) {
+        rest = after.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    }
+    let mut out = String::with_capacity(rest.len());
+    for w in rest.split_ascii_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(w.bytes().map(|b| char::from(b.to_ascii_lowercase())));
+    }
+    if NO_SUBJECT.contains(&out.as_str()) {
+        out.clear();
+    }
+    Some(out)
+}
+
 /// Whether the subject starts (after gateway tags and `[list]` blobs) with a
 /// reply or forward prefix in any supported language: the sender declares
 /// the message a response, which smart matching weighs.
 pub fn is_reply_or_forward(s: &str) -> bool {
+    // Every prefix ends in a colon.
+    if !s.contains([':', '：']) {
+        return false;
+    }
+    if is_simple_subject(s) {
+        let mut rest = s.trim_start();
+        // `EXT:` is a gateway tag, not a reply marker: look past it.
+        while let Some((word, after)) = simple_leader(rest) {
+            if !word.to_ascii_lowercase().starts_with("ext") {
+                return true;
+            }
+            rest = after.trim_start();
+        }
+        return false;
+    }
     let mut rest = s.trim_start();
     // Every pass consumes at least one character or returns, so this ends.
     loop {
@@ -329,6 +438,61 @@ pub fn address_hashes(addrs: &[&str]) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn simple_subjects_take_the_fast_way_to_the_same_base() {
+        use proptest::prelude::*;
+        let piece = prop::sample::select(vec![
+            "Re",
+            "RE",
+            "re",
+            "Fwd",
+            "AW",
+            "aw",
+            "Ext",
+            "EXTERNAL",
+            "Rex",
+            "r",
+            "i",
+            "Invoice",
+            "7781",
+            ":",
+            " :",
+            ": ",
+            "  ",
+            " ",
+            "\t",
+            "No subject",
+            "no",
+            "subject",
+            "Re2",
+            "x:y",
+            "é",
+            "[",
+            "(fwd)",
+        ]);
+        proptest!(|(parts in prop::collection::vec(piece, 0..8))| {
+            let s: String = parts.concat();
+            if let Some(fast) = simple_base_subject(&s) {
+                prop_assert_eq!(&fast, &regex_base_subject(&s), "{:?}", s);
+            }
+            if is_simple_subject(&s) {
+                let fast = is_reply_or_forward(&s);
+                // The regex way, as for non-simple subjects.
+                let mut rest = s.trim_start();
+                let slow = loop {
+                    match find(&LEADER, rest).filter(|m| m.end() > 0) {
+                        Some(m) if rest[..m.end()].to_lowercase().starts_with("ext") => {
+                            rest = rest[m.end()..].trim_start();
+                        }
+                        Some(_) => break true,
+                        None => break false,
+                    }
+                };
+                prop_assert_eq!(fast, slow, "{:?}", s);
+            }
+        });
+    }
+
     use super::*;
 
     #[test]

@@ -351,7 +351,7 @@ impl Store for SledStore {
         let mut idx = Indexes {
             by_message_id: self.tracked_by_message_ids(&keys.message_ids)?,
             // Found by `lookup_keys` already; the token method reuses them.
-            subject_tokens: Some(keys.subject_tokens.clone()),
+            derived: Some(keys.derived.clone()),
             ..Default::default()
         };
         for d in &keys.token_digits {
