@@ -31,8 +31,8 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crm_mailsync::correlate::{
-    add_quoted_keys, correlate, correlate_without_body, index_entry, lookup_keys,
-    CorrelationSettings, MemIndex, MessageFeatures,
+    correlate, correlate_staged, index_entry, lookup_keys, CorrelationSettings, MemIndex,
+    MessageFeatures,
 };
 use crm_mailsync::model::RecordRef;
 
@@ -304,16 +304,10 @@ fn parse_and_correlate(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> b
     let Ok(mut p) = parsed else {
         return false;
     };
-    let mut keys = lookup_keys(&p.features, s);
-    let d = match correlate_without_body(&p.features, &idx.lookup(&keys), s) {
-        Some(d) => d,
-        None => {
-            p.features.add_quoted_features(&p.body_text);
-            add_quoted_keys(&mut keys, &p.features, s);
-            correlate(&p.features, &idx.lookup(&keys), s)
-        }
-    };
-    d.regarding.is_some()
+    let d = correlate_staged(&mut p.features, &p.body_text, s, |k| {
+        Ok::<_, std::convert::Infallible>(idx.lookup(k))
+    });
+    d.is_ok_and(|d| d.regarding.is_some())
 }
 
 /// The same without staging: body fingerprint for every message (the
@@ -348,6 +342,15 @@ fn stages(
                 black_box(
                     crm_mailsync::parse::parse_without_hash(black_box(r), "INBOX", 50 << 20)
                         .is_ok(),
+                );
+            }
+        })
+    });
+    group.bench_function("stage_crate_parse_no_body", |b| {
+        b.iter(|| {
+            for r in raws {
+                black_box(
+                    crm_mailsync::parse::parse_for(black_box(r), "INBOX", 50 << 20, false).is_ok(),
                 );
             }
         })
@@ -417,11 +420,35 @@ fn bench(c: &mut Criterion) {
     for n in sizes {
         let idx = build_index(&g, n, &s);
         let mut rng = fastrand::Rng::with_seed(7);
-        let raws: Vec<Vec<u8>> = (0..MEASURED).map(|k| g.reply(k, rng.usize(..n))).collect();
+        // CORRELATE_BENCH_KIND=0|1|2 keeps only one kind of reply (headers
+        // kept | token only | neither), to see what each costs.
+        let kind: Option<usize> = std::env::var("CORRELATE_BENCH_KIND")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let raws: Vec<Vec<u8>> = (0..)
+            .map(|k| (k, rng.usize(..n)))
+            .filter(|(k, _)| kind.is_none_or(|want| k % 3 == want))
+            .take(MEASURED)
+            .map(|(k, parent)| g.reply(k, parent))
+            .collect();
         let matched = raws
             .iter()
             .filter(|r| parse_and_correlate(r, &idx, &s))
             .count();
+        // How far staged correlation had to go for these replies.
+        let mut fingerprinted = 0;
+        let mut by_method: std::collections::BTreeMap<String, usize> = Default::default();
+        for r in &raws {
+            let Ok(mut p) = crm_mailsync::parse::parse_for(r, "INBOX", 50 << 20, true) else {
+                continue;
+            };
+            let Ok(d) = correlate_staged(&mut p.features, &p.body_text, &s, |k| {
+                Ok::<_, std::convert::Infallible>(idx.lookup(k))
+            });
+            fingerprinted += usize::from(!p.features.quoted_shingles.is_empty());
+            *by_method.entry(format!("{:?}", d.method)).or_default() += 1;
+        }
+        println!("{n} tracked: decided by {by_method:?}; {fingerprinted} needed the quoted-text fingerprint");
         let bytes: usize = raws.iter().map(Vec::len).sum();
         let mut sizes: Vec<usize> = raws.iter().map(Vec::len).collect();
         sizes.sort_unstable();

@@ -203,21 +203,12 @@ pub fn process_seeded(
                     idx.folder_rules = &ctx.folder_rules;
                     Ok::<_, StoreError>(idx)
                 };
-                let mut keys = correlate::lookup_keys(&parsed.features, &ctx.settings);
-                let idx = resolve(&keys)?;
-                let d = match correlate::correlate_without_body(
-                    &parsed.features,
-                    &idx,
+                let d = correlate::correlate_staged(
+                    &mut parsed.features,
+                    &parsed.body_text,
                     &ctx.settings,
-                ) {
-                    Some(d) => d,
-                    None => {
-                        parsed.features.add_quoted_features(&parsed.body_text);
-                        correlate::add_quoted_keys(&mut keys, &parsed.features, &ctx.settings);
-                        let idx = resolve(&keys)?;
-                        correlate::correlate(&parsed.features, &idx, &ctx.settings)
-                    }
-                };
+                    resolve,
+                )?;
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
                         skipped(reason)

@@ -141,7 +141,44 @@ fn is_hard_boundary(lines: &[&str], i: usize) -> bool {
 /// quoting without markers). Own text between `>` blocks (bottom-posting,
 /// inline replies) stays own. Both parts are trimmed; lines keep their text.
 pub fn split_quoted(text: &str) -> (String, String) {
-    let lines: Vec<&str> = text.lines().collect();
+    let (own, quoted) = split_lines(text);
+    (
+        own.join("\n").trim().to_owned(),
+        quoted.join("\n").trim().to_owned(),
+    )
+}
+
+/// [`body_shingles`] of the quoted part ([`split_quoted`]) without building
+/// the quoted text: words never span lines, so the lines are hashed in turn.
+pub fn quoted_shingles(text: &str) -> Vec<u64> {
+    let (_, quoted) = split_lines(text);
+    let mut words = Vec::with_capacity(text.len() / 6);
+    for line in quoted {
+        push_word_hashes(line, &mut words);
+    }
+    shingles_of_words(&words)
+}
+
+/// The lines of `text` as [`str::lines`] gives them, found with the SIMD
+/// `memchr` (this runs over every fingerprinted body).
+fn lines_of(text: &str) -> Vec<&str> {
+    let mut lines = Vec::with_capacity(text.len() / 40 + 1);
+    let mut start = 0;
+    for nl in memchr::memchr_iter(b'\n', text.as_bytes()) {
+        let line = &text[start..nl];
+        // `\r\n` ends a line; a lone `\r` does not.
+        lines.push(line.strip_suffix('\r').unwrap_or(line));
+        start = nl + 1;
+    }
+    if start < text.len() {
+        lines.push(&text[start..]);
+    }
+    lines
+}
+
+/// [`split_quoted`] by lines: (own lines, quoted lines).
+fn split_lines(text: &str) -> (Vec<&str>, Vec<&str>) {
+    let lines = lines_of(text);
     let mut own: Vec<&str> = Vec::new();
     let mut quoted: Vec<&str> = Vec::new();
     let mut i = 0;
@@ -169,10 +206,7 @@ pub fn split_quoted(text: &str) -> (String, String) {
         }
         i += 1;
     }
-    (
-        own.join("\n").trim().to_owned(),
-        quoted.join("\n").trim().to_owned(),
-    )
+    (own, quoted)
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -200,8 +234,14 @@ fn hash_shingle(word_hashes: &[u64]) -> u64 {
 /// a rotate-xor per byte and one finalising mix per word; ASCII is handled
 /// byte by byte without decoding chars. No allocation beyond the result.
 fn word_hashes(text: &str) -> Vec<u64> {
+    let mut out = Vec::with_capacity(text.len() / 6);
+    push_word_hashes(text, &mut out);
+    out
+}
+
+/// [`word_hashes`], appended to `out`.
+fn push_word_hashes(text: &str, out: &mut Vec<u64>) {
     let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() / 6);
     let (mut h, mut len) = (0u64, 0u64);
     let mut i = 0;
     let mut buf = [0u8; 4];
@@ -239,7 +279,6 @@ fn word_hashes(text: &str) -> Vec<u64> {
     if len > 0 {
         out.push(mix(h ^ len.wrapping_mul(FNV_OFFSET)));
     }
-    out
 }
 
 /// Sorted, deduped sample of the hashes of the text's
@@ -247,11 +286,15 @@ fn word_hashes(text: &str) -> Vec<u64> {
 /// shorter than one shingle yields one hash of all its words; an empty text
 /// yields nothing.
 pub fn body_shingles(text: &str) -> Vec<u64> {
-    let words = word_hashes(text);
+    shingles_of_words(&word_hashes(text))
+}
+
+/// The sample of the shingles of a run of word hashes.
+fn shingles_of_words(words: &[u64]) -> Vec<u64> {
     let hashes: Vec<u64> = if words.is_empty() {
         Vec::new()
     } else if words.len() < SHINGLE_WORDS {
-        vec![hash_shingle(&words)]
+        vec![hash_shingle(words)]
     } else {
         words.windows(SHINGLE_WORDS).map(hash_shingle).collect()
     };
@@ -359,6 +402,22 @@ mod tests {
     fn overlap_of(reply: &str) -> f32 {
         let (_, quoted) = split_quoted(reply);
         quoted_overlap(&body_shingles(&parent()), &body_shingles(&quoted))
+    }
+
+    proptest! {
+        /// The line-wise quoted fingerprint equals the one of the joined
+        /// quoted text, and the lines are those of `str::lines`.
+        #[test]
+        fn quoted_shingles_match_the_joined_quote(
+            parts in prop::collection::vec(prop::sample::select(vec![
+                "> ", ">", "\n", "\r\n", "On Mon, 3 Mar 2025, Ann wrote:", "-----Original Message-----",
+                "From: Ann", "Sent: Monday", "the invoice", " 7781 ", "é", "\r", "  ", "wrote:", "Thanks.",
+            ]), 0..40)
+        ) {
+            let text: String = parts.concat();
+            prop_assert_eq!(lines_of(&text), text.lines().collect::<Vec<_>>());
+            prop_assert_eq!(quoted_shingles(&text), body_shingles(&split_quoted(&text).1));
+        }
     }
 
     #[test]

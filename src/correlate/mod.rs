@@ -166,8 +166,7 @@ impl MessageFeatures {
     /// Fills [`Self::quoted_shingles`]: what scored smart matching compares
     /// (staged correlation computes only this).
     pub fn add_quoted_features(&mut self, body_text: &str) {
-        let (_own, quoted) = fingerprint::split_quoted(body_text);
-        self.quoted_shingles = fingerprint::body_shingles(&quoted);
+        self.quoted_shingles = fingerprint::quoted_shingles(body_text);
     }
 
     /// Fills [`Self::body_shingles`]: what indexing a tracked email stores.
@@ -387,28 +386,42 @@ pub struct Derived {
     pub participants: Vec<u64>,
     /// Scored mode: the patch series whose siblings to look for.
     pub series: Option<SeriesTag>,
+    /// Whether the smart-matching parts (everything but the tokens) are
+    /// filled: staged correlation derives them only when smart matching
+    /// gets to run.
+    pub for_smart: bool,
 }
 
 impl Derived {
     /// Derives everything from `f` under `s`.
     pub fn of(f: &MessageFeatures, s: &CorrelationSettings) -> Derived {
-        let subject_tokens = token::find_tokens(&s.token, &f.subject);
-        let scored = s.smart_matching && s.smart.mode == SmartMode::Scored;
-        let base_subject = scored.then(|| {
-            let spans: Vec<_> = subject_tokens.iter().map(|t| t.span.clone()).collect();
-            subject::base_subject(&token::remove_spans(&f.subject, &spans))
-        });
-        // Only smart matching looks at participants and prefixes.
+        let mut d = Derived::tokens_of(f, s);
+        d.add_smart(f, s);
+        d
+    }
+
+    /// Only what the methods before smart matching need: the tokens.
+    fn tokens_of(f: &MessageFeatures, s: &CorrelationSettings) -> Derived {
         Derived {
-            subject_tokens,
-            base_subject,
-            is_reply: scored && subject::is_reply_or_forward(&f.subject),
-            participants: if s.smart_matching {
-                f.participants()
-            } else {
-                Vec::new()
-            },
-            series: scored.then(|| series_tag_to_match(f)).flatten(),
+            subject_tokens: token::find_tokens(&s.token, &f.subject),
+            ..Derived::default()
+        }
+    }
+
+    /// Adds the smart-matching parts (nothing when smart matching is off).
+    fn add_smart(&mut self, f: &MessageFeatures, s: &CorrelationSettings) {
+        self.for_smart = true;
+        if !s.smart_matching {
+            return;
+        }
+        self.participants = f.participants();
+        if s.smart.mode == SmartMode::Scored {
+            let spans: Vec<_> = self.subject_tokens.iter().map(|t| t.span.clone()).collect();
+            self.base_subject = Some(subject::base_subject(&token::remove_spans(
+                &f.subject, &spans,
+            )));
+            self.is_reply = subject::is_reply_or_forward(&f.subject);
+            self.series = series_tag_to_match(f);
         }
     }
 }
@@ -517,8 +530,19 @@ fn thread_root(f: &MessageFeatures) -> Option<String> {
         .map(|t| t.root_key())
 }
 
-/// The store keys a message needs resolved before [`correlate`] runs.
+/// The store keys a message needs resolved before [`correlate`] runs: all
+/// of them (staged correlation asks for them bit by bit instead, see
+/// [`correlate_staged`]).
 pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
+    let mut keys = direct_lookup_keys(f, s);
+    add_candidate_keys(&mut keys, f, s);
+    add_quoted_keys(&mut keys, f, s);
+    keys
+}
+
+/// The keys of the methods before smart matching: Message-IDs, token
+/// digits, the Thread-Index root.
+pub fn direct_lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
     let mut ids: Vec<String> = Vec::new();
     for id in f.in_reply_to.iter().chain(f.references.iter().rev()) {
         let n = normalize_message_id(id);
@@ -526,7 +550,7 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
             ids.push(n);
         }
     }
-    let derived = Derived::of(f, s);
+    let derived = Derived::tokens_of(f, s);
     let mut token_digits: Vec<String> = Vec::new();
     for t in &derived.subject_tokens {
         let d = t.token.digits();
@@ -534,6 +558,21 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
             token_digits.push(d);
         }
     }
+    LookupKeys {
+        message_ids: ids,
+        token_digits,
+        thread_root: thread_root(f),
+        buckets: Vec::new(),
+        shingles: Vec::new(),
+        derived: Arc::new(derived),
+    }
+}
+
+/// Adds the smart-matching buckets (and the smart-matching parts of
+/// [`LookupKeys::derived`]) to `keys`; nothing when smart matching is off.
+pub fn add_candidate_keys(keys: &mut LookupKeys, f: &MessageFeatures, s: &CorrelationSettings) {
+    let mut derived = (*keys.derived).clone();
+    derived.add_smart(f, s);
     let buckets = if !s.smart_matching {
         Vec::new()
     } else {
@@ -545,16 +584,8 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
         .chain(derived.series.as_ref().map(series_bucket))
         .collect()
     };
-    let mut keys = LookupKeys {
-        message_ids: ids,
-        token_digits,
-        thread_root: thread_root(f),
-        buckets,
-        shingles: Vec::new(),
-        derived: Arc::new(derived),
-    };
-    add_quoted_keys(&mut keys, f, s);
-    keys
+    keys.buckets = buckets;
+    keys.derived = Arc::new(derived);
 }
 
 /// Sets the fingerprint probes of `keys` from `f`'s quoted shingles (scored
@@ -672,7 +703,46 @@ pub fn correlate(
     idx: &Indexes<'_>,
     settings: &CorrelationSettings,
 ) -> Decision {
-    run_methods(f, idx, settings, false).unwrap_or_else(|| Decision::unmatched(Vec::new()))
+    run_methods(f, idx, settings, StopAt::Never).unwrap_or_else(|| Decision::unmatched(Vec::new()))
+}
+
+/// Where the method loop of a stage of staged correlation stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopAt {
+    /// At smart matching (its candidates are not resolved yet).
+    Smart,
+    /// At the quoted-text part of scored smart matching (no fingerprint yet).
+    Quote,
+    Never,
+}
+
+/// Staged correlation: resolves keys and derives features bit by bit, as
+/// far as the decision needs. Stage 1 resolves Message-IDs, tokens and the
+/// Thread-Index root and runs the methods before smart matching (a reply
+/// whose In-Reply-To is tracked stops here); stage 2 adds the smart-matching
+/// buckets and, in scored mode, lets a specific subject decide alone; stage
+/// 3 decodes the quoted-text fingerprint from `body` (scored mode only) and
+/// runs everything. `resolve` turns keys into an index slice (the store
+/// lookup; the only I/O, injected). The decision is the one [`correlate`]
+/// gives with every key resolved, except that a subject decided in stage 2
+/// is not second-guessed by quote-linked candidates of other records.
+pub fn correlate_staged<'a, E>(
+    f: &mut MessageFeatures,
+    body: &str,
+    s: &CorrelationSettings,
+    mut resolve: impl FnMut(&LookupKeys) -> Result<Indexes<'a>, E>,
+) -> Result<Decision, E> {
+    let mut keys = direct_lookup_keys(f, s);
+    if let Some(d) = run_methods(f, &resolve(&keys)?, s, StopAt::Smart) {
+        return Ok(d);
+    }
+    add_candidate_keys(&mut keys, f, s);
+    if let Some(d) = run_methods(f, &resolve(&keys)?, s, StopAt::Quote) {
+        return Ok(d);
+    }
+    f.add_quoted_features(body);
+    add_quoted_keys(&mut keys, f, s);
+    Ok(correlate(f, &resolve(&keys)?, s))
 }
 
 /// The cheap first stage of staged correlation. Pure.
@@ -691,21 +761,20 @@ pub fn correlate_without_body(
     idx: &Indexes<'_>,
     settings: &CorrelationSettings,
 ) -> Option<Decision> {
-    run_methods(f, idx, settings, true)
+    run_methods(f, idx, settings, StopAt::Quote)
 }
 
-/// The method loop; with `stop_before_scored` it returns `None` on reaching
-/// scored smart matching.
+/// The method loop; `None` when it reached the stage's stop.
 fn run_methods(
     f: &MessageFeatures,
     idx: &Indexes<'_>,
     settings: &CorrelationSettings,
-    stop_before_scored: bool,
+    stop: StopAt,
 ) -> Option<Decision> {
     let derived_here;
     let d: &Derived = match &idx.derived {
-        Some(d) => d,
-        None => {
+        Some(d) if d.for_smart || stop == StopAt::Smart => d,
+        _ => {
             derived_here = Derived::of(f, settings);
             &derived_here
         }
@@ -734,7 +803,12 @@ fn run_methods(
             CorrelationMethod::TrackingToken => by_token(f, idx, settings, d, &mut notes),
             CorrelationMethod::ConversationIndex => by_thread_index(f, idx, &mut notes),
             CorrelationMethod::SmartMatching
-                if stop_before_scored && settings.wants_body_features() =>
+                if stop == StopAt::Smart && settings.smart_matching =>
+            {
+                return None;
+            }
+            CorrelationMethod::SmartMatching
+                if stop == StopAt::Quote && settings.wants_body_features() =>
             {
                 match by_subject_alone(f, idx, settings, d) {
                     Some(d) => Step::Match(d),
@@ -1060,6 +1134,9 @@ const W_QUOTED: f32 = 0.4;
 const W_SERIES: f32 = 0.4;
 /// Parts of one series are sent together (git send-email: seconds apart).
 const SERIES_GAP: i64 = 2 * 3600;
+/// Tracked emails with one base subject beyond which the subject counts as
+/// generic (`Question`, `Invoice`) in scored smart matching.
+const GENERIC_SUBJECT: usize = 8;
 /// Bonus of a specific base subject that names exactly one record (see
 /// [`by_subject_alone`]): with a reply prefix and a shared participant it
 /// reaches the default threshold without quoted text.
@@ -1250,12 +1327,19 @@ fn by_scored_smart(
         return Step::Continue;
     }
     let participants = &d.participants;
+    let same_subject = |c: &SmartCandidate| !base.is_empty() && *c.base_subject == *base;
+    // A subject shared by many tracked emails (`Question`, `Invoice`) is no
+    // evidence on its own, as a shingle shared by many records is not: then
+    // only candidates the quoted text links compete (the mailbox's own
+    // address is on all of them, so shared participants do not tell them
+    // apart either).
+    let generic = idx.candidates.iter().filter(|c| same_subject(c)).count() > GENERIC_SUBJECT;
     let mut scored: Vec<Scored<'_>> = idx
         .candidates
         .iter()
         .filter(|c| {
             c.regarding.is_some()
-                && ((!base.is_empty() && *c.base_subject == *base)
+                && ((same_subject(c) && !generic)
                     || quoted_hits.contains_key(&c.activity)
                     || series_link(series, c, seconds_after(f, c)).is_some())
         })
