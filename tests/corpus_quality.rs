@@ -281,32 +281,30 @@ fn precision_and_recall_on_real_threads() {
             f.non_replies
         );
     }
-    // Floors actually reached. The issue's targets are precision 0.999 /
-    // recall 0.995 intact and 0.99 / 0.90 stripped. With header-derived
-    // truth, intact precision misses by two messages of David A. Wheeler
-    // that quote the "Common Lisp apps in Fedora" thread while their
-    // In-Reply-To names a digest; the archive's own thread page (independent
-    // of our header reading) files both under that thread, and with it as
-    // fedora's truth precision is 1.0. Stripped recall misses mostly by
-    // patch-series mails (a 44-patch series, two 2- and 6-patch ones) that
-    // neither share a subject nor quote anything: no subject bucket or
-    // fingerprint shingle can link them. The series rule (scored smart
-    // matching: same sender, same `[PATCH vX k/N]` series, a shared
-    // recipient, within two hours) links those: stripped recall 0.841 →
-    // 0.961. It costs precision, openly: the lkml cifs series
-    // "[RFC][PATCH k/10]" was sent with `In-Reply-To: <yes>` (a git
-    // send-email prompt answered wrongly), so the header-derived truth makes
-    // every part its own thread, and the rule links two parts (02/10 to
-    // 01/10, 03/10 to the cover letter) to their series: two "false
-    // attachments of non-replies" that are right by the series, wrong by
-    // the truth. With headers intact the rule stays out of the way: it only
-    // looks for siblings of a message that carries no In-Reply-To/References
-    // at all, so intact precision is back to 0.995 (header truth) and 1.0
-    // (page truth). Stripped, the cifs pair costs precision: the floor there
-    // is 0.985 (header truth) and 0.995 (page truth).
+    // Floors actually reached. The issue's aims are precision 0.999 /
+    // recall 0.995 intact and 0.99 / 0.90 stripped.
+    //
+    // Stripped: header truth 0.990 / 0.961, fedora page truth 0.995 / 0.964;
+    // both meet the aim. The four wrong attachments under header truth are
+    // two mails of David A. Wheeler (below) and two parts of the lkml cifs
+    // series "[RFC][PATCH k/10]", sent with `In-Reply-To: <yes>` (a git
+    // send-email prompt answered wrongly): the header truth makes every part
+    // its own thread, the series rule (same sender, same `[PATCH vX k/N]`
+    // marker, a shared recipient, within two hours) links two of them to
+    // their series. Recall: patch-series mails that neither share a subject
+    // nor quote anything are what the series rule is for (0.841 → 0.961).
+    //
+    // Intact: the fedora archive's own thread page (independent of our
+    // header reading) gives 1.0 / 1.0. Header truth misses the 0.999 aim by
+    // the two Wheeler mails: they quote the "Common Lisp apps in Fedora"
+    // thread (one 75 % of a thread message) while their In-Reply-To names a
+    // digest that is not in the set, so header truth calls them new
+    // threads; the thread page files both under that thread, as we do. The
+    // series rule stays out of the way with headers intact: it only looks
+    // for siblings of a message that carries no In-Reply-To/References.
     assert!(intact.precision() >= 0.995, "{intact:?}");
     assert!(intact.recall() >= 0.995, "{intact:?}");
-    assert!(stripped.precision() >= 0.985, "{stripped:?}");
+    assert!(stripped.precision() >= 0.99, "{stripped:?}");
     assert!(stripped.recall() >= 0.95, "{stripped:?}");
     assert!(page_intact.precision() >= 0.999, "{page_intact:?}");
     assert!(page_intact.recall() >= 0.995, "{page_intact:?}");
