@@ -1,15 +1,32 @@
 //! The whole correlate path on arbitrary bytes: parse → features (with the
 //! body fingerprint) → lookup keys → a small in-memory index (the input is
 //! also indexed as a tracked email, so the next run of every method sees
-//! candidates) → correlate, in both smart-matching modes. Must never panic.
+//! candidates) → correlate, and staged correlation as the pipeline runs it,
+//! in both smart-matching modes. Must never panic.
 #![no_main]
 
 use crm_mailsync::correlate::{
-    correlate, index_entry, lookup_keys, CorrelationSettings, MemIndex, SmartMode,
+    correlate, correlate_staged, index_entry, lookup_keys, CorrelationSettings, MemIndex,
+    SmartMode,
 };
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(
+    init: {
+        // libfuzzer-sys aborts on every panic, even a caught one. The parse
+        // stage catches mail-parser's own debug assertions (they become a
+        // quarantine reason); every other panic still aborts.
+        let abort_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_mail_parser = info
+                .location()
+                .is_some_and(|l| l.file().contains("mail-parser"));
+            if !in_mail_parser {
+                abort_hook(info);
+            }
+        }));
+    },
+    |data: &[u8]| {
     let Ok(p) = crm_mailsync::parse::parse(data, "INBOX", 1 << 20) else {
         return;
     };
@@ -33,6 +50,12 @@ fuzz_target!(|data: &[u8]| {
         for m in [&f, &reply] {
             let keys = lookup_keys(m, &s);
             let _ = correlate(m, &idx.lookup(&keys), &s);
+            // The pipeline's way: keys and features stage by stage.
+            let mut staged = m.clone();
+            staged.quoted_shingles.clear();
+            let _ = correlate_staged(&mut staged, &p.body_text, &s, |k| {
+                Ok::<_, std::convert::Infallible>(idx.lookup(k))
+            });
         }
     }
 });

@@ -18,7 +18,7 @@ pub const FORWARDED_BY_HEADER: &str = "X-CRM-Forwarded-By";
 /// The user a forwarded message is attributed to, from the envelope-like
 /// headers a server-side rule leaves behind, most specific first.
 pub fn forwarding_user(raw: &[u8]) -> Option<String> {
-    let msg = MessageParser::default().parse_headers(raw)?;
+    let msg = crate::parse::guarded(|| MessageParser::default().parse_headers(raw)).ok()??;
     for name in [
         "X-Original-To",
         "Resent-From",
@@ -43,7 +43,7 @@ pub fn forwarding_user(raw: &[u8]) -> Option<String> {
 
 /// The original message of a forward-as-attachment, if there is one.
 fn attached_original(raw: &[u8]) -> Option<(Vec<u8>, Option<String>)> {
-    let msg = MessageParser::default().parse(raw)?;
+    let msg = crate::parse::guarded(|| MessageParser::default().parse(raw)).ok()??;
     let sender = msg
         .from()
         .and_then(|f| f.first())
