@@ -55,13 +55,29 @@ struct Msg {
     fedora_pos: Option<usize>,
 }
 
-fn load(corpora: &Path) -> Vec<Msg> {
+/// The messages of notmuch `default/` and `lkml/` and fedora-devel; with
+/// `with_perl` also the Perl Mail-Box and Mail-Thread mboxes (the latter
+/// are awkward threading cases collected for a threading library's tests).
+fn load(corpora: &Path, with_perl: bool) -> Vec<Msg> {
     let mut raws: Vec<(Vec<u8>, Option<usize>)> = Vec::new();
     for sub in ["notmuch/default", "notmuch/lkml"] {
         let mut files = Vec::new();
         files_under(&corpora.join(sub), &mut files);
         for f in files {
             raws.push((std::fs::read(f).unwrap(), None));
+        }
+    }
+    if with_perl {
+        let mut boxes = vec![corpora.join("perl-mail-box/mbox.src")];
+        for e in std::fs::read_dir(corpora.join("perl-mail-thread")).unwrap() {
+            let p = e.unwrap().path();
+            if p.file_name().unwrap().to_string_lossy().starts_with("testbox") {
+                boxes.push(p);
+            }
+        }
+        boxes.sort();
+        for b in boxes {
+            raws.extend(split_mbox(&std::fs::read(b).unwrap()).into_iter().map(|r| (r, None)));
         }
     }
     let mbox = std::fs::read(corpora.join("fedora-devel-2010-01/2010-January.txt")).unwrap();
@@ -246,7 +262,7 @@ fn precision_and_recall_on_real_threads() {
         println!("corpus_quality: skipped, {} is absent", corpora.display());
         return;
     }
-    let msgs = load(&corpora);
+    let msgs = load(&corpora, false);
     let thread = threads(&msgs);
     assert!(msgs.len() > 450, "only {} messages loaded", msgs.len());
     let intact = evaluate(&msgs, &thread, false);
@@ -257,21 +273,38 @@ fn precision_and_recall_on_real_threads() {
     let page_thread = threads_by_fedora_page(&msgs, &thread, &page);
     let page_intact = evaluate(&msgs, &page_thread, false);
     let page_stripped = evaluate(&msgs, &page_thread, true);
-    for (name, f) in [
-        ("headers intact", &intact),
-        ("headers stripped", &stripped),
+    // Every real-list set of the corpora README (Perl's sets added): shown,
+    // not asserted (see the comment below the floors).
+    let all = load(&corpora, true);
+    let all_page = threads_by_fedora_page(&all, &threads(&all), &page);
+    let all_intact = evaluate(&all, &all_page, false);
+    let all_stripped = evaluate(&all, &all_page, true);
+    for (name, f, n) in [
+        ("headers intact", &intact, msgs.len()),
+        ("headers stripped", &stripped, msgs.len()),
         (
             "headers intact, fedora truth from its thread page",
             &page_intact,
+            msgs.len(),
         ),
         (
             "headers stripped, fedora truth from its thread page",
             &page_stripped,
+            msgs.len(),
+        ),
+        (
+            "all real-list sets with Perl's, headers intact, fedora page truth",
+            &all_intact,
+            all.len(),
+        ),
+        (
+            "all real-list sets with Perl's, headers stripped, fedora page truth",
+            &all_stripped,
+            all.len(),
         ),
     ] {
         println!(
-            "corpus_quality {name}: {} messages, {} should attach, {} attached, {} correct; precision {:.4}, recall {:.4}; false attachments of non-replies {}/{}",
-            msgs.len(),
+            "corpus_quality {name}: {n} messages, {} should attach, {} attached, {} correct; precision {:.4}, recall {:.4}; false attachments of non-replies {}/{}",
             f.should_attach,
             f.attached,
             f.correct,
@@ -310,4 +343,11 @@ fn precision_and_recall_on_real_threads() {
     assert!(page_intact.recall() >= 0.995, "{page_intact:?}");
     assert!(page_stripped.precision() >= 0.995, "{page_stripped:?}");
     assert!(page_stripped.recall() >= 0.95, "{page_stripped:?}");
+    // With Perl's sets (87 more messages) precision drops to about 0.989
+    // intact and 0.984 stripped: Mail-Thread's boxes are awkward cases on
+    // purpose, and most misses there are short generic subjects ("Re: your
+    // mail" between the same two people, several threads) that subject +
+    // prefix + participants + recency attach without quoted text. Not
+    // asserted: shown so that a change to the scoring sees its effect.
+    assert!(all.len() > msgs.len());
 }
