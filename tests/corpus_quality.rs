@@ -71,13 +71,21 @@ fn load(corpora: &Path, with_perl: bool) -> Vec<Msg> {
         let mut boxes = vec![corpora.join("perl-mail-box/mbox.src")];
         for e in std::fs::read_dir(corpora.join("perl-mail-thread")).unwrap() {
             let p = e.unwrap().path();
-            if p.file_name().unwrap().to_string_lossy().starts_with("testbox") {
+            if p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("testbox")
+            {
                 boxes.push(p);
             }
         }
         boxes.sort();
         for b in boxes {
-            raws.extend(split_mbox(&std::fs::read(b).unwrap()).into_iter().map(|r| (r, None)));
+            raws.extend(
+                split_mbox(&std::fs::read(b).unwrap())
+                    .into_iter()
+                    .map(|r| (r, None)),
+            );
         }
     }
     let mbox = std::fs::read(corpora.join("fedora-devel-2010-01/2010-January.txt")).unwrap();
