@@ -706,7 +706,7 @@ enum Step {
 ///
 /// Expects the body features filled when
 /// [`CorrelationSettings::wants_body_features`]; callers that want to skip
-/// that cost when cheaper methods decide use [`correlate_without_body`] first.
+/// that cost when cheaper methods decide use [`correlate_staged`].
 pub fn correlate(
     f: &MessageFeatures,
     idx: &Indexes<'_>,
@@ -752,25 +752,6 @@ pub fn correlate_staged<'a, E>(
     f.add_quoted_features(body);
     add_quoted_keys(&mut keys, f, s);
     Ok(correlate(f, &resolve(&keys)?, s))
-}
-
-/// The cheap first stage of staged correlation. Pure.
-///
-/// Runs the methods that need no body fingerprint (folder, headers, token,
-/// Thread-Index, Dynamics smart matching). Returns the final decision when
-/// one of them decides, or when scored smart matching is not configured;
-/// `None` when scored smart matching would have to run: the caller then
-/// fills the quoted fingerprint ([`MessageFeatures::add_quoted_features`]), asks
-/// [`lookup_keys`] again (the fingerprint adds shingle keys) and calls
-/// [`correlate`]. The result is always what [`correlate`] would return with
-/// the body features filled; a reply whose In-Reply-To is tracked never pays
-/// for the fingerprint.
-pub fn correlate_without_body(
-    f: &MessageFeatures,
-    idx: &Indexes<'_>,
-    settings: &CorrelationSettings,
-) -> Option<Decision> {
-    run_methods(f, idx, settings, StopAt::Quote)
 }
 
 /// The method loop; `None` when it reached the stage's stop.
@@ -1154,8 +1135,11 @@ const W_SPECIFIC_SUBJECT: f32 = 0.1;
 /// quote selectively).
 const FULL_QUOTE: f32 = 0.5;
 
+/// `quoted` is the message's quoted-text sample (empty: score without it).
+#[allow(clippy::too_many_arguments)]
 fn score_candidate<'c>(
     f: &MessageFeatures,
+    quoted: &[u64],
     participants: &[u64],
     base: &str,
     is_reply: bool,
@@ -1182,7 +1166,7 @@ fn score_candidate<'c>(
         Some(d) => 1.0 - (d.max(0) as f32 / window.max(1) as f32),
         None => 0.5,
     };
-    let overlap = fingerprint::quoted_overlap(&c.shingles, &f.quoted_shingles);
+    let overlap = fingerprint::quoted_overlap(&c.shingles, quoted);
     let reply = if is_reply { 1.0 } else { 0.0 };
     let series_gap = series_link(series, c, dt);
     let score = W_SUBJECT * subject
@@ -1275,7 +1259,9 @@ fn by_subject_alone(
         if *c.base_subject != *base {
             continue;
         }
-        let sc = score_candidate(f, participants, base, d.is_reply, None, c, s);
+        // Without the quoted text, whether it is filled or not: the staged
+        // and the full run must agree.
+        let sc = score_candidate(f, &[], participants, base, d.is_reply, None, c, s);
         if sc.rejected.is_some() {
             continue;
         }
@@ -1291,10 +1277,7 @@ fn by_subject_alone(
         }
     }
     let best = best?;
-    // Without quoted text the score is what subject, prefix, participants
-    // and time earned (overlap contributed nothing: no fingerprint yet).
-    let no_quote = best.score - W_QUOTED * (best.overlap / FULL_QUOTE).min(1.0);
-    let score = (no_quote + W_SPECIFIC_SUBJECT).min(1.0);
+    let score = (best.score + W_SPECIFIC_SUBJECT).min(1.0);
     if score < s.smart.threshold {
         return None;
     }
@@ -1353,7 +1336,16 @@ fn by_scored_smart(
                     || series_link(series, c, seconds_after(f, c)).is_some())
         })
         .map(|c| {
-            let mut sc = score_candidate(f, participants, base, is_reply, series, c, s);
+            let mut sc = score_candidate(
+                f,
+                &f.quoted_shingles,
+                participants,
+                base,
+                is_reply,
+                series,
+                c,
+                s,
+            );
             sc.shingle_hits = quoted_hits.get(&c.activity).copied().unwrap_or(0);
             sc
         })
@@ -1530,6 +1522,23 @@ mod tests {
 
     fn run(f: &MessageFeatures, m: &MemIndex, s: &CorrelationSettings) -> Decision {
         correlate(f, &m.lookup(&lookup_keys(f, s)), s)
+    }
+
+    /// [`correlate_staged`] from scratch; also whether it had to decode the
+    /// quoted-text fingerprint.
+    fn run_staged(
+        f: &MessageFeatures,
+        body: &str,
+        m: &MemIndex,
+        s: &CorrelationSettings,
+    ) -> (Decision, bool) {
+        let mut g = f.clone();
+        g.quoted_shingles.clear();
+        let d = correlate_staged(&mut g, body, s, |k| {
+            Ok::<_, std::convert::Infallible>(m.lookup(k))
+        })
+        .unwrap_or_else(|never| match never {});
+        (d, !g.quoted_shingles.is_empty())
     }
 
     #[test]
@@ -1710,7 +1719,8 @@ mod tests {
             sent_at: Some(1_003_600),
             ..Default::default()
         };
-        reply.add_body_features(&format!("Checked, all fine.\n\n{quoted}"));
+        let body = format!("Checked, all fine.\n\n{quoted}");
+        reply.add_body_features(&body);
         // A specific subject naming one record, a reply prefix and a shared
         // participant decide without the quoted text.
         let d = run(&reply, &m, &s);
@@ -1722,10 +1732,7 @@ mod tests {
             "{:?}",
             d.reasons
         );
-        assert_eq!(
-            correlate_without_body(&reply, &m.lookup(&lookup_keys(&reply, &s)), &s),
-            Some(d)
-        );
+        assert_eq!(run_staged(&reply, &body, &m, &s), (d, false));
         // Forwarded to a colleague who answers: nobody shared, so the quote
         // has to show it.
         reply.from = vec!["zed@fabrikam.com".into()];
@@ -1736,10 +1743,7 @@ mod tests {
             "{:?}",
             d.reasons
         );
-        assert_eq!(
-            correlate_without_body(&reply, &m.lookup(&lookup_keys(&reply, &s)), &s),
-            None
-        );
+        assert_eq!(run_staged(&reply, &body, &m, &s), (d, true));
         // Same subject without reply prefix, no quote, one shared participant:
         // a new message, not enough.
         reply.subject = "Invoice 7781".into();
