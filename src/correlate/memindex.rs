@@ -23,11 +23,13 @@ pub const MAX_CANDIDATES_PER_BUCKET: usize = 32;
 #[derive(Debug, Clone, Default)]
 pub struct MemIndex {
     regarding: HashMap<ActivityId, Option<RecordRef>>,
+    /// Candidate data, once per activity (buckets and shingles hold ids),
+    /// its `regarding` kept equal to the entry of `regarding`, so loading a
+    /// candidate takes one lookup.
+    candidates: HashMap<ActivityId, SmartCandidate>,
     by_message_id: HashMap<String, ActivityId>,
     by_token: HashMap<String, ActivityId>,
     by_thread_root: HashMap<String, ActivityId>,
-    /// Candidate data, once per activity (buckets and shingles hold ids).
-    candidates: HashMap<ActivityId, SmartCandidate>,
     /// Oldest first.
     buckets: HashMap<u64, Vec<ActivityId>>,
     /// Fingerprint shingle → activities, oldest first.
@@ -42,7 +44,7 @@ impl MemIndex {
         activity: ActivityId,
         regarding: Option<RecordRef>,
     ) {
-        self.regarding.insert(activity, regarding);
+        self.set_regarding(activity, regarding);
         for id in ids {
             self.by_message_id
                 .entry(normalize_message_id(id))
@@ -52,7 +54,6 @@ impl MemIndex {
 
     /// Records a tracked activity's token, conversation and smart-matching entries.
     pub fn insert_entry(&mut self, e: &IndexEntry, regarding: Option<RecordRef>) {
-        self.regarding.insert(e.activity, regarding);
         // Counters wrap: the newest carrier of a digit run wins.
         for d in &e.token_digits {
             self.by_token.insert(d.clone(), e.activity);
@@ -62,9 +63,8 @@ impl MemIndex {
                 .entry(root.clone())
                 .or_insert(e.activity);
         }
-        let mut c = e.candidate.clone();
-        c.regarding = None;
-        self.candidates.insert(e.activity, c);
+        self.candidates.insert(e.activity, e.candidate.clone());
+        self.set_regarding(e.activity, regarding);
         for b in &e.buckets {
             self.buckets.entry(*b).or_default().push(e.activity);
         }
@@ -78,14 +78,15 @@ impl MemIndex {
             return;
         }
         if let Some(c) = self.candidates.get(&activity) {
-            let mut c = c.clone();
-            c.regarding = self.regarding.get(&activity).cloned().flatten();
-            idx.candidates.push(c);
+            idx.candidates.push(c.clone());
         }
     }
 
     /// Re-points an activity (a message moved to another tracked folder).
     pub fn set_regarding(&mut self, activity: ActivityId, regarding: Option<RecordRef>) {
+        if let Some(c) = self.candidates.get_mut(&activity) {
+            c.regarding.clone_from(&regarding);
+        }
         self.regarding.insert(activity, regarding);
     }
 
@@ -97,11 +98,13 @@ impl MemIndex {
     }
 
     /// Resolves `keys`, adding only what `idx` does not have yet, so it can
-    /// layer over a store lookup.
+    /// layer over a store lookup (and staged correlation can resolve its
+    /// keys stage by stage into one slice).
     pub fn fill(&self, keys: &LookupKeys, idx: &mut Indexes<'_>) {
-        if idx.derived.is_none() {
-            idx.derived = Some(keys.derived.clone());
-        }
+        idx.derived = Some(keys.derived.clone());
+        // First, on what `idx` holds already (the store's answer, earlier
+        // stages): everything added below is current.
+        self.override_regarding(idx);
         for k in &keys.message_ids {
             if let Some(a) = self.by_message_id.get(k) {
                 idx.by_message_id
@@ -141,7 +144,6 @@ impl MemIndex {
                 }
             }
         }
-        self.override_regarding(idx);
         for (a, _) in shingle_candidate_ids(&idx.by_shingle) {
             self.push_candidate(a, idx);
         }
