@@ -197,17 +197,16 @@ pub fn process_seeded(
             },
             Verdict::Skip(reason) => skipped(reason),
             Verdict::Correlate => {
-                let resolve = |keys: &correlate::LookupKeys| {
-                    let mut idx = store.lookup(keys)?;
-                    staged.fill(keys, &mut idx);
-                    idx.folder_rules = &ctx.folder_rules;
-                    Ok::<_, StoreError>(idx)
-                };
                 let d = correlate::correlate_staged(
                     &mut parsed.features,
                     &parsed.body_text,
                     &ctx.settings,
-                    resolve,
+                    |keys, idx| {
+                        store.lookup_into(keys, idx)?;
+                        staged.fill(keys, idx);
+                        idx.folder_rules = &ctx.folder_rules;
+                        Ok::<_, StoreError>(())
+                    },
                 )?;
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {

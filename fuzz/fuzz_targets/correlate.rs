@@ -53,8 +53,9 @@ fuzz_target!(
             // The pipeline's way: keys and features stage by stage.
             let mut staged = m.clone();
             staged.quoted_shingles.clear();
-            let _ = correlate_staged(&mut staged, &p.body_text, &s, |k| {
-                Ok::<_, std::convert::Infallible>(idx.lookup(k))
+            let _ = correlate_staged(&mut staged, &p.body_text, &s, |k, slice| {
+                idx.fill(k, slice);
+                Ok::<_, std::convert::Infallible>(())
             });
         }
     }

@@ -16,7 +16,8 @@ pub mod subject;
 pub mod thread_index;
 pub mod token;
 
-use std::collections::HashMap;
+// foldhash: these maps are built per message (see `memindex`).
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -380,6 +381,13 @@ pub struct LookupKeys {
     pub derived: Arc<Derived>,
 }
 
+impl LookupKeys {
+    /// Whether any key of the methods before smart matching is present.
+    pub fn has_direct_keys(&self) -> bool {
+        !self.message_ids.is_empty() || !self.token_digits.is_empty() || self.thread_root.is_some()
+    }
+}
+
 /// What correlation derives from a message's subject and addresses: found
 /// once by [`lookup_keys`] and handed on to the methods through the index
 /// slice (subject parsing is a measurable share of correlation).
@@ -580,21 +588,23 @@ pub fn direct_lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> Looku
 /// Adds the smart-matching buckets (and the smart-matching parts of
 /// [`LookupKeys::derived`]) to `keys`; nothing when smart matching is off.
 pub fn add_candidate_keys(keys: &mut LookupKeys, f: &MessageFeatures, s: &CorrelationSettings) {
-    let mut derived = (*keys.derived).clone();
-    derived.add_smart(f, s);
-    let buckets = if !s.smart_matching {
-        Vec::new()
-    } else {
-        match s.smart.mode {
-            SmartMode::Dynamics => dynamics_bucket(&sorted_subject_hashes(f, s)),
-            SmartMode::Scored => derived.base_subject.as_deref().and_then(scored_bucket),
-        }
-        .into_iter()
-        .chain(derived.series.as_ref().map(series_bucket))
-        .collect()
-    };
-    keys.buckets = buckets;
-    keys.derived = Arc::new(derived);
+    Arc::make_mut(&mut keys.derived).add_smart(f, s);
+    keys.buckets = candidate_buckets(&keys.derived, f, s);
+}
+
+/// The smart-matching buckets of a message whose smart-matching features
+/// are derived (`derived.for_smart`); empty when smart matching is off.
+fn candidate_buckets(derived: &Derived, f: &MessageFeatures, s: &CorrelationSettings) -> Vec<u64> {
+    if !s.smart_matching {
+        return Vec::new();
+    }
+    match s.smart.mode {
+        SmartMode::Dynamics => dynamics_bucket(&sorted_subject_hashes(f, s)),
+        SmartMode::Scored => derived.base_subject.as_deref().and_then(scored_bucket),
+    }
+    .into_iter()
+    .chain(derived.series.as_ref().map(series_bucket))
+    .collect()
 }
 
 /// Sets the fingerprint probes of `keys` from `f`'s quoted shingles (scored
@@ -620,7 +630,7 @@ pub fn add_quoted_keys(keys: &mut LookupKeys, f: &MessageFeatures, s: &Correlati
 pub fn shingle_candidate_ids(
     by_shingle: &HashMap<u64, Vec<TrackedEmail>>,
 ) -> Vec<(ActivityId, usize)> {
-    let mut hits: HashMap<ActivityId, usize> = HashMap::new();
+    let mut hits: HashMap<ActivityId, usize> = HashMap::default();
     for postings in by_shingle.values() {
         let mut records: Vec<&Option<RecordRef>> = Vec::new();
         for t in postings {
@@ -728,30 +738,58 @@ enum StopAt {
 /// Staged correlation: resolves keys and derives features bit by bit, as
 /// far as the decision needs. Stage 1 resolves Message-IDs, tokens and the
 /// Thread-Index root and runs the methods before smart matching (a reply
-/// whose In-Reply-To is tracked stops here); stage 2 adds the smart-matching
-/// buckets and, in scored mode, lets a specific subject decide alone; stage
-/// 3 decodes the quoted-text fingerprint from `body` (scored mode only) and
-/// runs everything. `resolve` turns keys into an index slice (the store
-/// lookup; the only I/O, injected). The decision is the one [`correlate`]
-/// gives with every key resolved, except that a subject decided in stage 2
-/// is not second-guessed by quote-linked candidates of other records.
+/// whose In-Reply-To is tracked stops here; a message without any of those
+/// keys skips it); stage 2 adds the smart-matching buckets and, in scored
+/// mode, lets a specific subject decide alone (only tried when the subject
+/// could: a reply prefix and a specific base subject); stage 3 decodes the
+/// quoted-text fingerprint from `body` (scored mode only) and runs
+/// everything. `resolve` adds what a set of keys names to the index slice
+/// (the store lookup; the only I/O, injected); each stage passes only its
+/// new keys, so nothing is looked up twice. The decision is the one
+/// [`correlate`] gives with every key resolved, except that a subject
+/// decided in stage 2 is not second-guessed by quote-linked candidates of
+/// other records.
 pub fn correlate_staged<'a, E>(
     f: &mut MessageFeatures,
     body: &str,
     s: &CorrelationSettings,
-    mut resolve: impl FnMut(&LookupKeys) -> Result<Indexes<'a>, E>,
+    mut resolve: impl FnMut(&LookupKeys, &mut Indexes<'a>) -> Result<(), E>,
 ) -> Result<Decision, E> {
-    let mut keys = direct_lookup_keys(f, s);
-    if let Some(d) = run_methods(f, &resolve(&keys)?, s, StopAt::Smart) {
-        return Ok(d);
+    let mut idx = Indexes::default();
+    let direct = direct_lookup_keys(f, s);
+    // Without smart matching stage 1 decides; without direct keys it cannot
+    // match anything that stage 2 (which runs every method before smart
+    // matching again, folder rules included) would not.
+    if !s.smart_matching || direct.has_direct_keys() {
+        resolve(&direct, &mut idx)?;
+        if let Some(d) = run_methods(f, &idx, s, StopAt::Smart) {
+            return Ok(d);
+        }
     }
-    add_candidate_keys(&mut keys, f, s);
-    if let Some(d) = run_methods(f, &resolve(&keys)?, s, StopAt::Quote) {
-        return Ok(d);
+    // Only the new keys from here on; the derived features move along.
+    idx.derived = None;
+    let mut derived = direct.derived;
+    Arc::make_mut(&mut derived).add_smart(f, s);
+    let mut keys = LookupKeys {
+        buckets: candidate_buckets(&derived, f, s),
+        derived,
+        ..LookupKeys::default()
+    };
+    if !s.wants_body_features() {
+        resolve(&keys, &mut idx)?;
+        return Ok(correlate(f, &idx, s));
+    }
+    if subject_alone_may_decide(&keys.derived) {
+        resolve(&keys, &mut idx)?;
+        if let Some(d) = run_methods(f, &idx, s, StopAt::Quote) {
+            return Ok(d);
+        }
+        keys.buckets.clear();
     }
     f.add_quoted_features(body);
     add_quoted_keys(&mut keys, f, s);
-    Ok(correlate(f, &resolve(&keys)?, s))
+    resolve(&keys, &mut idx)?;
+    Ok(correlate(f, &idx, s))
 }
 
 /// The method loop; `None` when it reached the stage's stop.
@@ -1231,6 +1269,12 @@ fn is_specific_subject(base: &str) -> bool {
     (words >= 3 && base.chars().count() >= 15) || (words >= 2 && has_digit)
 }
 
+/// Whether [`by_subject_alone`] can decide for a message with these
+/// derived features: a reply prefix and a specific base subject.
+fn subject_alone_may_decide(d: &Derived) -> bool {
+    d.is_reply && is_specific_subject(d.base_subject.as_deref().unwrap_or_default())
+}
+
 /// The first stage of scored smart matching, which needs no body: a reply
 /// (reply/forward prefix) whose specific base subject names exactly one
 /// record among the tracked emails in the window, sharing a participant
@@ -1245,10 +1289,10 @@ fn by_subject_alone(
     s: &CorrelationSettings,
     d: &Derived,
 ) -> Option<Decision> {
-    let base = d.base_subject.as_deref().unwrap_or_default();
-    if !d.is_reply || !is_specific_subject(base) {
+    if !subject_alone_may_decide(d) {
         return None;
     }
+    let base = d.base_subject.as_deref().unwrap_or_default();
     let participants = &d.participants;
     let mut best: Option<Scored<'_>> = None;
     let mut record: Option<&RecordRef> = None;
@@ -1534,8 +1578,9 @@ mod tests {
     ) -> (Decision, bool) {
         let mut g = f.clone();
         g.quoted_shingles.clear();
-        let d = correlate_staged(&mut g, body, s, |k| {
-            Ok::<_, std::convert::Infallible>(m.lookup(k))
+        let d = correlate_staged(&mut g, body, s, |k, slice| {
+            m.fill(k, slice);
+            Ok::<_, std::convert::Infallible>(())
         })
         .unwrap_or_else(|never| match never {});
         (d, !g.quoted_shingles.is_empty())

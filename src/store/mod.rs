@@ -108,8 +108,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<HashMap<String, TrackedEmail>, StoreError>;
 
     /// Resolves every key correlation asked for (Message-IDs, token digits,
-    /// Thread-Index root, smart-matching buckets) without scanning.
-    fn lookup(&self, keys: &LookupKeys) -> Result<Indexes<'static>, StoreError>;
+    /// Thread-Index root, smart-matching buckets, fingerprint shingles)
+    /// without scanning, adding to `idx` what it does not hold yet: staged
+    /// correlation resolves its keys stage by stage into one slice.
+    fn lookup_into(&self, keys: &LookupKeys, idx: &mut Indexes<'_>) -> Result<(), StoreError>;
+
+    /// [`Store::lookup_into`] a fresh slice.
+    fn lookup(&self, keys: &LookupKeys) -> Result<Indexes<'static>, StoreError> {
+        let mut idx = Indexes::default();
+        self.lookup_into(keys, &mut idx)?;
+        Ok(idx)
+    }
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError>;
 

@@ -347,13 +347,12 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn lookup(&self, keys: &LookupKeys) -> Result<Indexes<'static>, StoreError> {
-        let mut idx = Indexes {
-            by_message_id: self.tracked_by_message_ids(&keys.message_ids)?,
-            // Found by `lookup_keys` already; the token method reuses them.
-            derived: Some(keys.derived.clone()),
-            ..Default::default()
-        };
+    fn lookup_into(&self, keys: &LookupKeys, idx: &mut Indexes<'_>) -> Result<(), StoreError> {
+        // Found by `lookup_keys` already; the token method reuses them.
+        idx.derived = Some(keys.derived.clone());
+        for (id, t) in self.tracked_by_message_ids(&keys.message_ids)? {
+            idx.by_message_id.entry(id).or_insert(t);
+        }
         for d in &keys.token_digits {
             if let Some(aid) = self.get_id(&key("t/", &[d.as_bytes()]))? {
                 if let Some(t) = self.tracked(aid)? {
@@ -415,7 +414,7 @@ impl Store for SledStore {
                 idx.candidates.push(c);
             }
         }
-        Ok(idx)
+        Ok(())
     }
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError> {
