@@ -488,7 +488,7 @@ fn bench(c: &mut Criterion) {
         let bodies: Vec<String> = raws
             .iter()
             .filter_map(|r| crm_mailsync::parse::parse_without_hash(r, "INBOX", 50 << 20).ok())
-            .map(|p| p.body_text)
+            .map(|p| p.body_text.into_owned())
             .collect();
         group.bench_function("index_body_fingerprint", |b| {
             b.iter(|| {

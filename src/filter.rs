@@ -28,7 +28,7 @@ pub enum Verdict {
 }
 
 /// Decides whether a message goes through correlation.
-pub fn before_correlation(p: &ParsedMessage, policy: &FilterPolicy) -> Verdict {
+pub fn before_correlation(p: &ParsedMessage<'_>, policy: &FilterPolicy) -> Verdict {
     let from_self = p
         .features
         .from
@@ -60,7 +60,7 @@ pub fn after_correlation(d: &Decision, policy: &FilterPolicy) -> Option<String> 
 }
 
 /// Why a message looks automatic, if it does.
-pub fn auto_reason(p: &ParsedMessage) -> Option<String> {
+pub fn auto_reason(p: &ParsedMessage<'_>) -> Option<String> {
     if let Some(v) = &p.auto.auto_submitted {
         return Some(format!("Auto-Submitted: {v}"));
     }

@@ -6,7 +6,8 @@
 
 use std::borrow::Cow;
 
-use mail_parser::{Address, HeaderName, HeaderValue, MessageParser};
+use mail_parser::decoders::html::html_to_text;
+use mail_parser::{Address, HeaderName, HeaderValue, MessageParser, PartType};
 
 use crate::correlate::MessageFeatures;
 
@@ -79,23 +80,30 @@ pub struct AutoMarkers {
     pub list_id: Option<String>,
 }
 
-/// Everything later stages need from one message.
+/// Everything later stages need from one message; it may borrow the body
+/// text from the raw bytes it was parsed from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ParsedMessage {
+pub struct ParsedMessage<'r> {
     pub features: MessageFeatures,
     /// Stable hash of the message's identity (see [`content_hash`]).
     pub content_hash: String,
     pub size: u64,
     pub auto: AutoMarkers,
-    /// First text body, decoded; used by smart matching's quoted-text fingerprint.
-    pub body_text: String,
+    /// First text body, decoded; used by smart matching's quoted-text
+    /// fingerprint. Borrowed from the raw bytes when no decoding changed it
+    /// (7/8-bit UTF-8 text, most mail), so it is not copied per message.
+    pub body_text: Cow<'r, str>,
     /// `X-CRM-Forwarded-By`, as the forward-mailbox connector prepends it.
     /// Only trusted by the pipeline for forward mailboxes.
     pub forwarded_by: Option<String>,
 }
 
 /// Parses raw bytes. `folder` is where the message was found.
-pub fn parse(raw: &[u8], folder: &str, max_size: u64) -> Result<ParsedMessage, Malformed> {
+pub fn parse<'r>(
+    raw: &'r [u8],
+    folder: &str,
+    max_size: u64,
+) -> Result<ParsedMessage<'r>, Malformed> {
     let mut p = parse_without_hash(raw, folder, max_size)?;
     p.content_hash = dedupe_hash(raw, &p.features);
     Ok(p)
@@ -110,23 +118,23 @@ pub fn dedupe_hash(raw: &[u8], f: &MessageFeatures) -> String {
 
 /// [`parse`] without the content hash (left empty): the hash serves
 /// deduplication, not correlation, and the bench measures it on its own.
-pub fn parse_without_hash(
-    raw: &[u8],
+pub fn parse_without_hash<'r>(
+    raw: &'r [u8],
     folder: &str,
     max_size: u64,
-) -> Result<ParsedMessage, Malformed> {
+) -> Result<ParsedMessage<'r>, Malformed> {
     parse_for(raw, folder, max_size, true)
 }
 
 /// [`parse_without_hash`], decoding the text body only when `with_body`:
 /// only scored smart matching reads it, and decoding (quoted-printable,
 /// base64, charsets) is a good part of the cost per message.
-pub fn parse_for(
-    raw: &[u8],
+pub fn parse_for<'r>(
+    raw: &'r [u8],
     folder: &str,
     max_size: u64,
     with_body: bool,
-) -> Result<ParsedMessage, Malformed> {
+) -> Result<ParsedMessage<'r>, Malformed> {
     let raw = strip_mbox_from_line(raw);
     if raw.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Malformed::Empty);
@@ -144,7 +152,7 @@ pub fn parse_for(
             .to_string();
         return Err(Malformed::NoHeaders { first_line });
     }
-    let msg = guarded(|| LEAN_PARSER.parse(raw))?.ok_or(Malformed::Unparseable)?;
+    let mut msg = guarded(|| LEAN_PARSER.parse(raw))?.ok_or(Malformed::Unparseable)?;
     // mail-parser found where the header section ends (its body offset):
     // one SIMD scan over the headers, no line-by-line search.
     let header_end = msg
@@ -205,10 +213,16 @@ pub fn parse_for(
         quoted_shingles: Vec::new(),
     };
     let auto = extra.auto_markers();
+    let forwarded_by = extra
+        .forwarded_by
+        .flatten()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_ascii_lowercase);
     let body_text = if with_body {
-        msg.body_text(0).map(Cow::into_owned).unwrap_or_default()
+        take_body_text(&mut msg)
     } else {
-        String::new()
+        Cow::Borrowed("")
     };
     Ok(ParsedMessage {
         features,
@@ -216,13 +230,24 @@ pub fn parse_for(
         size: raw.len() as u64,
         auto,
         body_text,
-        forwarded_by: extra
-            .forwarded_by
-            .flatten()
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_ascii_lowercase),
+        forwarded_by,
     })
+}
+
+/// What mail-parser's `body_text(0)` gives (the first text body part, an
+/// HTML one converted to text), taken out of the message with the raw
+/// bytes' lifetime: a part mail-parser did not have to decode stays a
+/// slice of them.
+fn take_body_text<'x>(msg: &mut mail_parser::Message<'x>) -> Cow<'x, str> {
+    let part = msg
+        .text_body
+        .first()
+        .and_then(|&i| msg.parts.get_mut(i as usize));
+    match part.map(|p| &mut p.body) {
+        Some(PartType::Text(text)) => std::mem::take(text),
+        Some(PartType::Html(html)) => Cow::Owned(html_to_text(html)),
+        _ => Cow::Borrowed(""),
+    }
 }
 
 /// Raw values of the headers parse reads beyond mail-parser's typed ones.

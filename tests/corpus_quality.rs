@@ -110,7 +110,7 @@ fn load(corpora: &Path, with_perl: bool) -> Vec<Msg> {
         }
         out.push(Msg {
             features: p.features,
-            body: p.body_text,
+            body: p.body_text.into_owned(),
             fedora_pos,
         });
     }
