@@ -1265,8 +1265,13 @@ fn describe(base: &str, sc: &Scored<'_>) -> String {
 /// (`invoice 7781`). `question`, `hello`, `order status` are not.
 fn is_specific_subject(base: &str) -> bool {
     let words = base.split(' ').filter(|w| !w.is_empty()).count();
-    let has_digit = base.bytes().any(|b| b.is_ascii_digit());
-    (words >= 3 && base.chars().count() >= 15) || (words >= 2 && has_digit)
+    if words < 2 {
+        return false;
+    }
+    // Fewer than 15 bytes is fewer than 15 characters; only longer
+    // non-ASCII subjects need the characters counted.
+    let long = base.len() >= 15 && (base.is_ascii() || base.chars().count() >= 15);
+    (words >= 3 && long) || base.bytes().any(|b| b.is_ascii_digit())
 }
 
 /// Whether [`by_subject_alone`] can decide for a message with these
@@ -1459,6 +1464,30 @@ mod tests {
 
     fn defaults() -> CorrelationSettings {
         CorrelationSettings::default()
+    }
+
+    #[test]
+    fn specific_subjects_name_a_conversation_generic_ones_do_not() {
+        for specific in [
+            "invoice 7781",
+            "quarterly report for acme",
+            "ref 12 a",
+            "счёт за услуги связи",
+        ] {
+            assert!(is_specific_subject(specific), "{specific}");
+        }
+        for generic in [
+            "question",
+            "hello",
+            "order status",
+            "7781",
+            "a b c",
+            "short one two",
+            "счёт за газ",
+            "",
+        ] {
+            assert!(!is_specific_subject(generic), "{generic}");
+        }
     }
 
     #[test]

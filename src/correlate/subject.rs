@@ -204,10 +204,15 @@ const ASCII_REPLY_FORWARD_WORDS: &[&str] = &[
 /// characters tags, blobs, numbered prefixes and the `(fwd)` trailer need,
 /// except `[…]` groups that are exactly a gateway tag (`[EXTERNAL]`).
 fn is_simple_subject(s: &str) -> bool {
-    let ok = s
-        .bytes()
-        .all(|b| (b == b' ' || b.is_ascii_graphic()) && !matches!(b, b'(' | b')' | b'*' | b'^'));
-    ok && (!s.contains(['[', ']']) || tag_groups(s).is_some())
+    // One pass over the bytes (every message's subject comes through here).
+    let mut brackets = false;
+    for b in s.bytes() {
+        if !(b == b' ' || b.is_ascii_graphic()) || matches!(b, b'(' | b')' | b'*' | b'^') {
+            return false;
+        }
+        brackets |= matches!(b, b'[' | b']');
+    }
+    !brackets || tag_groups(s).is_some()
 }
 
 /// The byte ranges of the `[…]` groups of `s` when every one of them is a
@@ -216,11 +221,12 @@ fn is_simple_subject(s: &str) -> bool {
 fn tag_groups(s: &str) -> Option<Vec<std::ops::Range<usize>>> {
     let mut groups = Vec::new();
     let mut rest = 0;
-    while let Some(open) = s[rest..].find(['[', ']']).map(|i| rest + i) {
+    let bracket = |from: usize| memchr::memchr2(b'[', b']', &s.as_bytes()[from..]).map(|i| from + i);
+    while let Some(open) = bracket(rest) {
         if s.as_bytes()[open] == b']' {
             return None;
         }
-        let close = open + 1 + s[open + 1..].find(['[', ']'])?;
+        let close = bracket(open + 1)?;
         if s.as_bytes()[close] == b'[' {
             return None;
         }
