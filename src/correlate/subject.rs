@@ -221,7 +221,8 @@ fn is_simple_subject(s: &str) -> bool {
 fn tag_groups(s: &str) -> Option<Vec<std::ops::Range<usize>>> {
     let mut groups = Vec::new();
     let mut rest = 0;
-    let bracket = |from: usize| memchr::memchr2(b'[', b']', &s.as_bytes()[from..]).map(|i| from + i);
+    let bracket =
+        |from: usize| memchr::memchr2(b'[', b']', &s.as_bytes()[from..]).map(|i| from + i);
     while let Some(open) = bracket(rest) {
         if s.as_bytes()[open] == b']' {
             return None;
