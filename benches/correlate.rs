@@ -461,13 +461,14 @@ fn bench(c: &mut Criterion) {
         );
         let mut group = c.benchmark_group(format!("tracked_{n}"));
         group.throughput(Throughput::Elements(MEASURED as u64));
-        group.bench_function("parse_only", |b| {
+        let mail_parser_only = |b: &mut criterion::Bencher<'_>| {
             b.iter(|| {
                 for r in &raws {
                     black_box(mail_parser::MessageParser::default().parse(black_box(r)));
                 }
             })
-        });
+        };
+        group.bench_function("parse_only", mail_parser_only);
         if std::env::var_os("CORRELATE_BENCH_STAGES").is_some() {
             stages(&mut group, &raws, &idx, &s);
         }
@@ -525,13 +526,7 @@ fn bench(c: &mut Criterion) {
         // mail-parser alone once more, last: its time moves with what ran
         // before it (heap state after building the index), so both the
         // first and the last measurement are shown.
-        group.bench_function("parse_only_last", |b| {
-            b.iter(|| {
-                for r in &raws {
-                    black_box(mail_parser::MessageParser::default().parse(black_box(r)));
-                }
-            })
-        });
+        group.bench_function("parse_only_last", mail_parser_only);
         group.finish();
     }
 }

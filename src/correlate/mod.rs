@@ -766,15 +766,14 @@ pub fn correlate_staged<'a, E>(
             return Ok(d);
         }
     }
-    // Only the new keys from here on; the derived features move along.
+    // Only the new keys from here on; the derived features move along
+    // (the slice lets go of them, so they are extended, not copied).
     idx.derived = None;
-    let mut derived = direct.derived;
-    Arc::make_mut(&mut derived).add_smart(f, s);
     let mut keys = LookupKeys {
-        buckets: candidate_buckets(&derived, f, s),
-        derived,
+        derived: direct.derived,
         ..LookupKeys::default()
     };
+    add_candidate_keys(&mut keys, f, s);
     if !s.wants_body_features() {
         resolve(&keys, &mut idx)?;
         return Ok(correlate(f, &idx, s));

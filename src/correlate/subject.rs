@@ -204,15 +204,25 @@ const ASCII_REPLY_FORWARD_WORDS: &[&str] = &[
 /// characters tags, blobs, numbered prefixes and the `(fwd)` trailer need,
 /// except `[…]` groups that are exactly a gateway tag (`[EXTERNAL]`).
 fn is_simple_subject(s: &str) -> bool {
+    simple_tag_groups(s).is_some()
+}
+
+/// For a subject [`is_simple_subject`] accepts, its tag groups
+/// ([`tag_groups`]; empty without brackets); `None` for the others.
+fn simple_tag_groups(s: &str) -> Option<Vec<std::ops::Range<usize>>> {
     // One pass over the bytes (every message's subject comes through here).
     let mut brackets = false;
     for b in s.bytes() {
         if !(b == b' ' || b.is_ascii_graphic()) || matches!(b, b'(' | b')' | b'*' | b'^') {
-            return false;
+            return None;
         }
         brackets |= matches!(b, b'[' | b']');
     }
-    !brackets || tag_groups(s).is_some()
+    if brackets {
+        tag_groups(s)
+    } else {
+        Some(Vec::new())
+    }
 }
 
 /// The byte ranges of the `[…]` groups of `s` when every one of them is a
@@ -261,26 +271,23 @@ fn simple_leader(s: &str) -> Option<(&str, &str)> {
 /// [`base_subject`] of a simple subject without the regexes (every message's
 /// subject comes through here); `None` for the others.
 fn simple_base_subject(s: &str) -> Option<String> {
-    if !is_simple_subject(s) {
-        return None;
-    }
+    let groups = simple_tag_groups(s)?;
     // Tags go first, wherever they are, each leaving a space (as the regex
     // way's `replace_all`).
     let untagged;
-    let s = match tag_groups(s) {
-        Some(groups) if !groups.is_empty() => {
-            let mut out = String::with_capacity(s.len());
-            let mut last = 0;
-            for g in groups {
-                out.push_str(&s[last..g.start]);
-                out.push(' ');
-                last = g.end;
-            }
-            out.push_str(&s[last..]);
-            untagged = out;
-            untagged.as_str()
+    let s = if groups.is_empty() {
+        s
+    } else {
+        let mut out = String::with_capacity(s.len());
+        let mut last = 0;
+        for g in groups {
+            out.push_str(&s[last..g.start]);
+            out.push(' ');
+            last = g.end;
         }
-        _ => s,
+        out.push_str(&s[last..]);
+        untagged = out;
+        untagged.as_str()
     };
     let mut rest = s.trim_matches(|c: char| c.is_ascii_whitespace());
     while let Some((_, after)) = simple_leader(rest) {
