@@ -18,6 +18,7 @@ pub mod token;
 
 // foldhash: these maps are built per message (see `memindex`).
 use foldhash::HashMap;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -192,14 +193,13 @@ impl MessageFeatures {
     }
 
     fn participants(&self) -> Vec<u64> {
-        let all: Vec<&str> = self
-            .from
-            .iter()
-            .chain(&self.to)
-            .chain(&self.cc)
-            .map(String::as_str)
-            .collect();
-        subject::address_hashes(&all)
+        subject::address_hashes_of(
+            self.from
+                .iter()
+                .chain(&self.to)
+                .chain(&self.cc)
+                .map(String::as_str),
+        )
     }
 }
 
@@ -433,10 +433,12 @@ impl Derived {
         }
         self.participants = f.participants();
         if s.smart.mode == SmartMode::Scored {
-            let spans: Vec<_> = self.subject_tokens.iter().map(|t| t.span.clone()).collect();
-            self.base_subject = Some(subject::base_subject(&token::remove_spans(
-                &f.subject, &spans,
-            )));
+            self.base_subject = Some(if self.subject_tokens.is_empty() {
+                subject::base_subject(&f.subject)
+            } else {
+                let spans: Vec<_> = self.subject_tokens.iter().map(|t| t.span.clone()).collect();
+                subject::base_subject(&token::remove_spans(&f.subject, &spans))
+            });
             self.is_reply = subject::is_reply_or_forward(&f.subject);
             self.series = series_tag_to_match(f, self.is_reply);
         }
@@ -504,11 +506,23 @@ impl Decision {
 /// Normalises a Message-ID for index keys: angle brackets and surrounding
 /// white space removed, lower-cased (providers change case of the domain part).
 pub fn normalize_message_id(id: &str) -> String {
-    id.trim()
+    normalized_message_id(id).into_owned()
+}
+
+/// [`normalize_message_id`], borrowing `id` when it is normalised already
+/// (parse stores ids without brackets, so only upper case forces a copy):
+/// the methods look every referenced id up again, without allocating.
+fn normalized_message_id(id: &str) -> Cow<'_, str> {
+    let t = id
+        .trim()
         .trim_start_matches('<')
         .trim_end_matches('>')
-        .trim()
-        .to_ascii_lowercase()
+        .trim();
+    if t.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(t.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(t)
+    }
 }
 
 /// Bucket of the Dynamics mode: the sorted subject word hashes (tokens removed).
@@ -528,9 +542,9 @@ fn scored_bucket(base_subject: &str) -> Option<u64> {
     if base_subject.is_empty() {
         return None;
     }
-    let mut bytes = b"s\0".to_vec();
-    bytes.extend_from_slice(base_subject.as_bytes());
-    Some(subject::fnv1a64(&bytes))
+    Some(subject::fnv1a64_bytes(
+        b"s\0".iter().copied().chain(base_subject.bytes()),
+    ))
 }
 
 fn sorted_subject_hashes(f: &MessageFeatures, s: &CorrelationSettings) -> Vec<u64> {
@@ -562,9 +576,9 @@ pub fn lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
 pub fn direct_lookup_keys(f: &MessageFeatures, s: &CorrelationSettings) -> LookupKeys {
     let mut ids: Vec<String> = Vec::new();
     for id in f.in_reply_to.iter().chain(f.references.iter().rev()) {
-        let n = normalize_message_id(id);
-        if !n.is_empty() && !ids.contains(&n) {
-            ids.push(n);
+        let n = normalized_message_id(id);
+        if !n.is_empty() && !ids.iter().any(|x| *x == n) {
+            ids.push(n.into_owned());
         }
     }
     let derived = Derived::tokens_of(f, s);
@@ -902,8 +916,8 @@ fn by_folder(f: &MessageFeatures, idx: &Indexes<'_>) -> Step {
 /// In-Reply-To first, then References newest first.
 fn by_headers(f: &MessageFeatures, idx: &Indexes<'_>) -> Option<(TrackedEmail, String)> {
     for id in &f.in_reply_to {
-        let n = normalize_message_id(id);
-        if let Some(t) = idx.by_message_id.get(&n) {
+        let n = normalized_message_id(id);
+        if let Some(t) = idx.by_message_id.get(n.as_ref()) {
             return Some((
                 t.clone(),
                 format!("In-Reply-To <{n}> = activity {}", t.activity),
@@ -911,8 +925,8 @@ fn by_headers(f: &MessageFeatures, idx: &Indexes<'_>) -> Option<(TrackedEmail, S
         }
     }
     for id in f.references.iter().rev() {
-        let n = normalize_message_id(id);
-        if let Some(t) = idx.by_message_id.get(&n) {
+        let n = normalized_message_id(id);
+        if let Some(t) = idx.by_message_id.get(n.as_ref()) {
             return Some((
                 t.clone(),
                 format!("References contains <{n}> = activity {}", t.activity),
@@ -945,7 +959,12 @@ fn by_token(
         // The token is shown only in notes: displayed where one is written,
         // not for every token that matches cleanly.
         let shown = &ft.token;
-        let Some(t) = idx.by_token.get(&ft.token.digits()) else {
+        let mut buf = [0u8; token::MAX_DIGITS];
+        let digits = match ft.token.digits_in(&mut buf) {
+            Some(d) => Cow::Borrowed(d),
+            None => Cow::Owned(ft.token.digits()),
+        };
+        let Some(t) = idx.by_token.get(digits.as_ref()) else {
             notes.push(format!("token {shown} is not known"));
             continue;
         };
@@ -1125,9 +1144,19 @@ fn by_dynamics_smart(
     ))
 }
 
-fn show(r: &Option<RecordRef>) -> String {
-    r.as_ref()
-        .map_or_else(|| "-".to_string(), |r| r.to_string())
+/// A regarding record for reasons, `-` for none (written straight into
+/// the reason, not built as a string first).
+fn show(r: &Option<RecordRef>) -> impl std::fmt::Display + '_ {
+    struct Show<'r>(&'r Option<RecordRef>);
+    impl std::fmt::Display for Show<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self.0 {
+                Some(r) => r.fmt(f),
+                None => f.write_str("-"),
+            }
+        }
+    }
+    Show(r)
 }
 
 /// One scored candidate and the parts of its score.

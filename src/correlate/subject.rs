@@ -329,7 +329,9 @@ pub fn is_reply_or_forward(s: &str) -> bool {
             }
             match simple_leader(rest) {
                 // `EXT:` is a gateway tag, not a reply marker: look past it.
-                Some((word, after)) if word.to_ascii_lowercase().starts_with("ext") => {
+                Some((word, after))
+                    if word.len() >= 3 && word.as_bytes()[..3].eq_ignore_ascii_case(b"ext") =>
+                {
                     rest = after.trim_start();
                 }
                 Some(_) => return true,
@@ -472,7 +474,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     fnv1a64_bytes(bytes.iter().copied())
 }
 
-fn fnv1a64_bytes(bytes: impl Iterator<Item = u8>) -> u64 {
+pub(crate) fn fnv1a64_bytes(bytes: impl Iterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(b);
@@ -503,8 +505,12 @@ pub fn subject_word_hashes(s: &str, hash_max_count: usize) -> Vec<u64> {
 /// lower-cased and FNV-1a-hashed; empty ones skipped; sorted and deduped so
 /// callers can intersect two lists with a merge.
 pub fn address_hashes(addrs: &[&str]) -> Vec<u64> {
+    address_hashes_of(addrs.iter().copied())
+}
+
+/// [`address_hashes`] of addresses as they come, without collecting them.
+pub fn address_hashes_of<'a>(addrs: impl Iterator<Item = &'a str>) -> Vec<u64> {
     let mut out: Vec<u64> = addrs
-        .iter()
         .map(|a| {
             a.trim()
                 .trim_start_matches('<')

@@ -203,39 +203,84 @@ impl TrackingToken {
     /// The digit run, e.g. `0001001` (designator, user, counter); this, not
     /// the prefix, is what a signature covers and what tokens are indexed by.
     pub fn digits(&self) -> String {
-        // Built by hand rather than with `format!`: correlation asks for it
-        // per token per message and the formatting machinery dominated.
-        // Same text as `{designator}{user:0uw$}{counter:0cw$}`.
-        let mut out = String::with_capacity(
-            1 + usize::from(self.user_digits) + usize::from(self.counter_digits),
-        );
-        out.push(if self.offline { '1' } else { '0' });
-        push_padded(&mut out, self.user_number, usize::from(self.user_digits));
-        push_padded(&mut out, self.counter, usize::from(self.counter_digits));
-        out
+        let mut buf = [0u8; MAX_DIGITS];
+        match self.digits_in(&mut buf) {
+            Some(d) => d.to_owned(),
+            // Widths beyond any valid setting (hand-built tokens).
+            None => {
+                let mut out = String::new();
+                out.push(if self.offline { '1' } else { '0' });
+                push_padded(&mut out, self.user_number, usize::from(self.user_digits));
+                push_padded(&mut out, self.counter, usize::from(self.counter_digits));
+                out
+            }
+        }
+    }
+
+    /// [`Self::digits`] written into `buf`, without allocating: correlation
+    /// asks for it per token per message (built by hand rather than with
+    /// `format!`, whose machinery dominated). Same text as
+    /// `{designator}{user:0uw$}{counter:0cw$}`. `None` when the widths are
+    /// wider than any valid setting and the run might not fit.
+    pub fn digits_in<'b>(&self, buf: &'b mut [u8; MAX_DIGITS]) -> Option<&'b str> {
+        if self.user_digits > 20 || self.counter_digits > 20 {
+            return None;
+        }
+        buf[0] = if self.offline { b'1' } else { b'0' };
+        let len = write_padded(buf, 1, self.user_number, usize::from(self.user_digits))?;
+        let len = write_padded(buf, len, self.counter, usize::from(self.counter_digits))?;
+        std::str::from_utf8(buf.get(..len)?).ok()
     }
 }
 
-/// Appends `n` in decimal, zero-padded on the left to `width` (never
-/// truncated, as `{:0width$}`).
-fn push_padded(out: &mut String, n: u64, width: usize) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
+/// Longest digit run [`TrackingToken::digits_in`] writes: the designator and
+/// two numbers of at most 20 digits each (a `u64` has at most 20, and the
+/// widths it accepts are at most 20).
+pub const MAX_DIGITS: usize = 41;
+
+/// Writes `n` in decimal at `buf[at..]`, zero-padded on the left to `width`
+/// (never truncated, as `{:0width$}`); returns the end, `None` if it does not fit.
+fn write_padded(buf: &mut [u8; MAX_DIGITS], at: usize, n: u64, width: usize) -> Option<usize> {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
     let mut v = n;
     loop {
         i -= 1;
         // `v % 10` < 10, so the cast cannot truncate.
-        buf[i] = b'0' + (v % 10) as u8;
+        tmp[i] = b'0' + (v % 10) as u8;
         v /= 10;
         if v == 0 {
             break;
         }
     }
-    let len = buf.len() - i;
-    for _ in len..width {
+    let digits = &tmp[i..];
+    let pad = width.saturating_sub(digits.len());
+    let end = at + pad + digits.len();
+    let out = buf.get_mut(at..end)?;
+    out[..pad].fill(b'0');
+    out[pad..].copy_from_slice(digits);
+    Some(end)
+}
+
+/// Appends `n` in decimal, zero-padded on the left to `width` (never
+/// truncated, as `{:0width$}`).
+fn push_padded(out: &mut String, n: u64, width: usize) {
+    let mut tmp = [0u8; 20];
+    let mut i = tmp.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        // `v % 10` < 10, so the cast cannot truncate.
+        tmp[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for _ in tmp.len() - i..width {
         out.push('0');
     }
-    out.extend(buf[i..].iter().map(|b| char::from(*b)));
+    out.extend(tmp[i..].iter().map(|b| char::from(*b)));
 }
 
 impl fmt::Display for TrackingToken {
@@ -557,7 +602,9 @@ fn closing_for(c: char) -> Option<char> {
 pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
     let (uw, cw) = settings.widths();
     let n_digits = 1 + usize::from(uw) + usize::from(cw);
-    let prefixes: Vec<(PrefixMatch, &str)> =
+    // The prefixes to try, current first; an iterator, not a list: this
+    // runs for every message's subject and must not allocate.
+    let prefixes = || {
         std::iter::once((PrefixMatch::Current, settings.prefix.as_str()))
             .chain(
                 settings
@@ -567,28 +614,20 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
                     .map(|(i, p)| (PrefixMatch::Previous(i), p.as_str())),
             )
             .filter(|(_, p)| !p.is_empty())
-            .collect();
+    };
     // ASCII subject and prefixes starting with an ASCII non-colon: a match
     // can only start on a byte equal (ASCII case-insensitively) to a first
     // prefix character, so the loop jumps from one such byte to the next
     // instead of stepping char by char (the same positions are tried, with
     // the same preceding char, so the result is unchanged).
-    let first_bytes: Option<Vec<u8>> = if subject.is_ascii() {
-        prefixes
-            .iter()
-            .map(|(_, p)| {
-                p.chars()
-                    .next()
-                    .filter(|c| c.is_ascii() && !is_colon(*c))
-                    .map(|c| c.to_ascii_lowercase() as u8)
-            })
-            .collect()
+    let first_bytes = if subject.is_ascii() {
+        FirstBytes::of(prefixes().map(|(_, p)| p))
     } else {
         None
     };
     // Without the jump above, rule out most subjects with a byte scan first
     // (with it, the jump already skips a token-free subject in one scan).
-    if first_bytes.is_none() && prefixes.iter().all(|(_, p)| cannot_occur(p, subject)) {
+    if first_bytes.is_none() && prefixes().all(|(_, p)| cannot_occur(p, subject)) {
         return Vec::new();
     }
     let mut found = Vec::new();
@@ -598,13 +637,7 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
         if let Some(firsts) = &first_bytes {
             let bytes = subject.as_bytes();
             let rest = &bytes[pos..];
-            let at = match firsts.as_slice() {
-                // One prefix (the usual case): a SIMD scan for either case.
-                [b] => memchr::memchr2(*b, b.to_ascii_uppercase(), rest),
-                _ => rest
-                    .iter()
-                    .position(|b| firsts.contains(&b.to_ascii_lowercase())),
-            };
+            let at = firsts.find_in(rest);
             let Some(next) = at.map(|i| pos + i) else {
                 break;
             };
@@ -620,16 +653,15 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
         // Cheap pre-check: a prefix not starting with a colon (which may be
         // preceded by blanks) can only match where its first character is.
         let may_start = || {
-            prefixes.iter().any(|(_, p)| {
+            prefixes().any(|(_, p)| {
                 p.chars()
                     .next()
                     .is_some_and(|p0| is_colon(p0) || eq_ignore_case(c, p0))
             })
         };
         if boundary_ok && may_start() {
-            if let Some(ft) = prefixes
-                .iter()
-                .find_map(|&(which, p)| try_token_at(subject, pos, which, p, uw, cw, n_digits))
+            if let Some(ft) = prefixes()
+                .find_map(|(which, p)| try_token_at(subject, pos, which, p, uw, cw, n_digits))
             {
                 pos = ft.match_end;
                 prev_char = subject.get(..pos).and_then(|s| s.chars().next_back());
@@ -650,6 +682,49 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
         }
     }
     out
+}
+
+/// The bytes a token can start on in an ASCII subject: the prefixes'
+/// first characters, lower-cased (set membership for the byte loop, and the
+/// one byte for a SIMD scan when there is only one, the usual case).
+struct FirstBytes {
+    set: [bool; 128],
+    count: usize,
+    one: u8,
+}
+
+impl FirstBytes {
+    /// `None` when a prefix starts with a non-ASCII character or a colon
+    /// (which may follow blanks): then the jump is not exact.
+    fn of<'p>(prefixes: impl Iterator<Item = &'p str>) -> Option<FirstBytes> {
+        let mut fb = FirstBytes {
+            set: [false; 128],
+            count: 0,
+            one: 0,
+        };
+        for p in prefixes {
+            let c = p.chars().next().filter(|c| c.is_ascii() && !is_colon(*c))?;
+            let b = c.to_ascii_lowercase() as u8;
+            let seen = &mut fb.set[usize::from(b & 0x7f)];
+            if !*seen {
+                *seen = true;
+                fb.count += 1;
+                fb.one = b;
+            }
+        }
+        Some(fb)
+    }
+
+    /// Offset of the first byte of `rest` (ASCII) a token may start on.
+    fn find_in(&self, rest: &[u8]) -> Option<usize> {
+        match self.count {
+            0 => None,
+            1 => memchr::memchr2(self.one, self.one.to_ascii_uppercase(), rest),
+            _ => rest
+                .iter()
+                .position(|b| self.set[usize::from(b.to_ascii_lowercase() & 0x7f)]),
+        }
+    }
 }
 
 /// Whether `prefix` certainly matches nowhere in `subject`: most subjects
