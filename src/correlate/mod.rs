@@ -1519,6 +1519,24 @@ mod tests {
     }
 
     #[test]
+    fn message_ids_are_normalised_and_borrowed_when_already_normal() {
+        assert_eq!(
+            normalize_message_id(" <AbC@Example.COM> "),
+            "abc@example.com"
+        );
+        assert!(matches!(
+            normalized_message_id("abc@example.com"),
+            Cow::Borrowed("abc@example.com")
+        ));
+        assert!(matches!(
+            normalized_message_id("<abc@example.com>"),
+            Cow::Borrowed("abc@example.com")
+        ));
+        assert!(matches!(normalized_message_id("Abc@x"), Cow::Owned(ref o) if o == "abc@x"));
+        assert_eq!(normalize_message_id("<>"), "");
+    }
+
+    #[test]
     fn in_reply_to_wins_over_references_and_explains_itself() {
         let f = MessageFeatures {
             in_reply_to: vec!["<B@x>".into()],
