@@ -238,10 +238,8 @@ impl TrackingToken {
 /// widths it accepts are at most 20).
 pub const MAX_DIGITS: usize = 41;
 
-/// Writes `n` in decimal at `buf[at..]`, zero-padded on the left to `width`
-/// (never truncated, as `{:0width$}`); returns the end, `None` if it does not fit.
-fn write_padded(buf: &mut [u8; MAX_DIGITS], at: usize, n: u64, width: usize) -> Option<usize> {
-    let mut tmp = [0u8; 20];
+/// The decimal digits of `n`, written at the end of `tmp`.
+fn decimal(n: u64, tmp: &mut [u8; 20]) -> &[u8] {
     let mut i = tmp.len();
     let mut v = n;
     loop {
@@ -253,7 +251,14 @@ fn write_padded(buf: &mut [u8; MAX_DIGITS], at: usize, n: u64, width: usize) -> 
             break;
         }
     }
-    let digits = &tmp[i..];
+    &tmp[i..]
+}
+
+/// Writes `n` in decimal at `buf[at..]`, zero-padded on the left to `width`
+/// (never truncated, as `{:0width$}`); returns the end, `None` if it does not fit.
+fn write_padded(buf: &mut [u8; MAX_DIGITS], at: usize, n: u64, width: usize) -> Option<usize> {
+    let mut tmp = [0u8; 20];
+    let digits = decimal(n, &mut tmp);
     let pad = width.saturating_sub(digits.len());
     let end = at + pad + digits.len();
     let out = buf.get_mut(at..end)?;
@@ -266,21 +271,11 @@ fn write_padded(buf: &mut [u8; MAX_DIGITS], at: usize, n: u64, width: usize) -> 
 /// truncated, as `{:0width$}`).
 fn push_padded(out: &mut String, n: u64, width: usize) {
     let mut tmp = [0u8; 20];
-    let mut i = tmp.len();
-    let mut v = n;
-    loop {
-        i -= 1;
-        // `v % 10` < 10, so the cast cannot truncate.
-        tmp[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    for _ in tmp.len() - i..width {
+    let digits = decimal(n, &mut tmp);
+    for _ in digits.len()..width {
         out.push('0');
     }
-    out.extend(tmp[i..].iter().map(|b| char::from(*b)));
+    out.extend(digits.iter().map(|b| char::from(*b)));
 }
 
 impl fmt::Display for TrackingToken {
