@@ -459,25 +459,17 @@ mod tests {
 
     // The line classifier as it was before each line was trimmed once up
     // front and label-less lines skipped the colon search: the reference
-    // the fast one must agree with.
-    fn ref_is_attribution(line: &str) -> bool {
-        let t = line.trim();
-        ends_with_colon(t)
-            && t.chars().count() <= MAX_ATTRIBUTION_CHARS
-            && !t.starts_with('>')
-            && matches(&ATTRIBUTION, t)
-    }
-
+    // the fast one must agree with (`is_attribution` is unchanged and shared).
     fn ref_attribution_len(lines: &[&str], i: usize) -> Option<usize> {
         let line = lines.get(i)?;
-        if ref_is_attribution(line) {
+        if is_attribution(line) {
             return Some(1);
         }
         let next = lines.get(i + 1)?;
         let t = line.trim_start();
         if ends_with_colon(next.trim_end())
             && ATTRIBUTION_OPENERS.iter().any(|o| t.starts_with(o))
-            && ref_is_attribution(&format!("{} {}", t.trim_end(), next.trim()))
+            && is_attribution(&format!("{} {}", t.trim_end(), next.trim()))
         {
             return Some(2);
         }

@@ -193,7 +193,7 @@ impl MessageFeatures {
     }
 
     fn participants(&self) -> Vec<u64> {
-        subject::address_hashes_of(
+        subject::address_hashes(
             self.from
                 .iter()
                 .chain(&self.to)
@@ -530,11 +530,9 @@ fn dynamics_bucket(sorted_hashes: &[u64]) -> Option<u64> {
     if sorted_hashes.is_empty() {
         return None;
     }
-    let mut bytes = vec![b'd'];
-    for h in sorted_hashes {
-        bytes.extend_from_slice(&h.to_le_bytes());
-    }
-    Some(subject::fnv1a64(&bytes))
+    Some(subject::fnv1a64_bytes(
+        std::iter::once(b'd').chain(sorted_hashes.iter().flat_map(|h| h.to_le_bytes())),
+    ))
 }
 
 /// Bucket of the scored mode: the base subject.
@@ -1516,6 +1514,24 @@ mod tests {
         ] {
             assert!(!is_specific_subject(generic), "{generic}");
         }
+    }
+
+    /// Buckets are stored: their hashes must not change with the code that
+    /// computes them (`d` + little-endian word hashes; `s\0` + base subject).
+    #[test]
+    fn bucket_hashes_keep_their_stored_form() {
+        let words = [3u64, 0x0102_0304_0506_0708];
+        let mut bytes = vec![b'd'];
+        for h in words {
+            bytes.extend_from_slice(&h.to_le_bytes());
+        }
+        assert_eq!(dynamics_bucket(&words), Some(subject::fnv1a64(&bytes)));
+        assert_eq!(dynamics_bucket(&[]), None);
+        assert_eq!(
+            scored_bucket("invoice 7781"),
+            Some(subject::fnv1a64(b"s\0invoice 7781"))
+        );
+        assert_eq!(scored_bucket(""), None);
     }
 
     #[test]

@@ -504,13 +504,9 @@ pub fn subject_word_hashes(s: &str, hash_max_count: usize) -> Vec<u64> {
 /// Address hashes for smart matching: each address trimmed (also of `<>`),
 /// lower-cased and FNV-1a-hashed; empty ones skipped; sorted and deduped so
 /// callers can intersect two lists with a merge.
-pub fn address_hashes(addrs: &[&str]) -> Vec<u64> {
-    address_hashes_of(addrs.iter().copied())
-}
-
-/// [`address_hashes`] of addresses as they come, without collecting them.
-pub fn address_hashes_of<'a>(addrs: impl Iterator<Item = &'a str>) -> Vec<u64> {
+pub fn address_hashes<'a>(addrs: impl IntoIterator<Item = &'a str>) -> Vec<u64> {
     let mut out: Vec<u64> = addrs
+        .into_iter()
         .map(|a| {
             a.trim()
                 .trim_start_matches('<')
@@ -723,7 +719,7 @@ mod tests {
 
     #[test]
     fn address_hashes_normalise() {
-        let a = address_hashes(&[" Bob@Example.com ", "<alice@x.org>", "", "bob@example.com"]);
+        let a = address_hashes([" Bob@Example.com ", "<alice@x.org>", "", "bob@example.com"]);
         assert_eq!(a.len(), 2);
         assert!(a.windows(2).all(|w| w[0] < w[1]));
         assert!(a.contains(&fnv1a64(b"bob@example.com")));
