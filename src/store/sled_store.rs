@@ -700,6 +700,23 @@ mod tests {
         }
     }
 
+    /// Opens a store this process has just dropped. sled's background
+    /// flusher thread holds the file lock a moment past the drop, so an
+    /// immediate reopen can fail with `Locked` (seen in CI); wait for it,
+    /// but not forever.
+    fn reopen(path: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(path) {
+                Ok(s) => return s,
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen {}: {e}", path.display()),
+            }
+        }
+    }
+
     fn batch(items: Vec<EmailActivity>) -> CommitBatch {
         CommitBatch {
             items: items
@@ -792,7 +809,7 @@ mod tests {
         s.commit(b).unwrap();
         drop(s);
         // Reopen: nothing comes from the cache.
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let reply = MessageFeatures {
             subject: "RE: Invoice 7781 CRM:0001001".into(),
             thread_index: f.thread_index.clone(),
@@ -833,7 +850,7 @@ mod tests {
         assert!(!b.index[0].shingle_keys.is_empty());
         s.commit(b).unwrap();
         drop(s);
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         let mut reply = MessageFeatures {
             subject: "Something else entirely".into(),
             ..Default::default()
@@ -913,7 +930,7 @@ mod tests {
             });
             s.commit(b).unwrap();
         }
-        let s = SledStore::open(dir.path()).unwrap();
+        let s = reopen(dir.path());
         assert_eq!(s.folder_positions("m").unwrap()["INBOX"].next_uid, 2);
         assert_eq!(s.mailbox_state("m").unwrap().unwrap().items_processed, 1);
         assert_eq!(
