@@ -22,7 +22,11 @@
 //! measured alone and belongs to the per-message cost of the pipeline too.
 //! Indexing a tracked email (fingerprint of its full body when scored smart
 //! matching is on) is persist work and not in these lines;
-//! `index_body_fingerprint` measures it alone.
+//! `index_body_fingerprint` measures it alone. `parse_correlate_sled`
+//! (10k only) is `parse_correlate` with the keys resolved in a real
+//! [`SledStore`] holding the same tracked emails, as the daemon does; its
+//! caches are warm after the first iteration, as a running daemon's are for
+//! replies to recent mail.
 //!
 //! Run: `cargo bench --bench correlate` (add `-- --quick` for a short run).
 
@@ -34,7 +38,8 @@ use crm_mailsync::correlate::{
     correlate, correlate_staged, index_entry, lookup_keys, CorrelationSettings, MemIndex,
     MessageFeatures,
 };
-use crm_mailsync::model::RecordRef;
+use crm_mailsync::model::{CorrelationMethod, Direction, EmailActivity, RecordRef, SourceKey};
+use crm_mailsync::store::{CommitBatch, PendingItem, SledStore, Store};
 
 const MEASURED: usize = 200;
 const BASE_TIME: i64 = 1_767_000_000;
@@ -293,6 +298,72 @@ fn build_index(g: &Gen, n: usize, s: &CorrelationSettings) -> MemIndex {
     idx
 }
 
+/// The same tracked emails committed to a real [`SledStore`] (activity,
+/// regarding record and index entries, as the pipeline writes them), in
+/// batches of 1,000.
+fn build_sled(g: &Gen, n: usize, s: &CorrelationSettings, dir: &Path) -> SledStore {
+    let store = SledStore::open(dir).unwrap_or_else(|e| panic!("open sled store: {e}"));
+    let mut batch = CommitBatch::default();
+    for i in 0..n {
+        let f = g.tracked(i, n);
+        let r: RecordRef = format!("case:{}", i / 4)
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let id = i as u64 + 1;
+        batch.index.push(index_entry(&f, id, s));
+        batch
+            .items
+            .push(PendingItem::Activity(Box::new(EmailActivity {
+                id,
+                mailbox: "bench".into(),
+                source: SourceKey {
+                    mailbox: "bench".into(),
+                    folder: "Sent".into(),
+                    uidvalidity: 1,
+                    uid: id.to_string(),
+                },
+                message_ids: f.message_ids,
+                in_reply_to: f.in_reply_to,
+                references: f.references,
+                direction: Direction::Outgoing,
+                subject: f.subject,
+                from: f.from,
+                to: f.to,
+                cc: f.cc,
+                sent_at: f.sent_at,
+                received_at: f.sent_at.unwrap_or(BASE_TIME),
+                regarding: Some(r),
+                method: CorrelationMethod::Custom,
+                score: 1.0,
+                reasons: Vec::new(),
+                correlated_with: None,
+                content_hash: format!("h{id}"),
+                size: 1,
+                also_seen_as: Vec::new(),
+                forwarded_by: None,
+            })));
+        if batch.items.len() == 1_000 || i + 1 == n {
+            store
+                .commit(std::mem::take(&mut batch))
+                .unwrap_or_else(|e| panic!("commit: {e}"));
+        }
+    }
+    store
+}
+
+/// [`parse_and_correlate`] resolving its keys in the sled store, as the
+/// pipeline does (the staged overlay of a batch is empty here).
+fn parse_and_correlate_store(raw: &[u8], store: &SledStore, s: &CorrelationSettings) -> bool {
+    let parsed = crm_mailsync::parse::parse_for(raw, "INBOX", 50 << 20, s.wants_body_features());
+    let Ok(mut p) = parsed else {
+        return false;
+    };
+    let d = correlate_staged(&mut p.features, &p.body_text, s, |k, slice| {
+        store.lookup_into(k, slice)
+    });
+    d.is_ok_and(|d| d.regarding.is_some())
+}
+
 /// What the pipeline does per message for correlation: parse (without the
 /// dedupe content hash, measured on its own line), cheap keys and methods,
 /// and only when those do not decide (scored smart matching on and no
@@ -523,6 +594,28 @@ fn bench(c: &mut Criterion) {
                 }
             })
         });
+        // The production path: the same replies, keys resolved in a real
+        // sled store holding the same tracked emails (10k only: building it
+        // writes every activity to disk).
+        if n <= 10_000 {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+            let store = build_sled(&g, n, &s, dir.path());
+            let matched_store = raws
+                .iter()
+                .filter(|r| parse_and_correlate_store(r, &store, &s))
+                .count();
+            assert_eq!(
+                matched_store, matched,
+                "sled and in-memory index decide alike"
+            );
+            group.bench_function("parse_correlate_sled", |b| {
+                b.iter(|| {
+                    for r in &raws {
+                        black_box(parse_and_correlate_store(black_box(r), &store, &s));
+                    }
+                })
+            });
+        }
         // mail-parser alone once more, last: its time moves with what ran
         // before it (heap state after building the index), so both the
         // first and the last measurement are shown.

@@ -1,7 +1,8 @@
 //! An in-memory correlation index: the same keys the store keeps, in hash
 //! maps. The pipeline uses it as the overlay for a batch under construction
-//! (replies see parents staged in the same batch), the sled backend as its
-//! cache, and benches and tests as a store-free index.
+//! (replies see parents staged in the same batch), benches and tests as a
+//! store-free index. (The sled backend keeps its own caches of what it
+//! read: regarding records, smart-matching candidates, posting lists.)
 
 // foldhash instead of the std SipHash: every message probes these maps
 // with short keys (Message-IDs, token digits, u64 buckets) and SipHash was a

@@ -13,11 +13,15 @@
 //! `sc/<id>` smart-matching candidate JSON of activities with postings.
 //!
 //! Regarding records are cached in memory: every correlation lookup needs
-//! them and they change only on commit (insert or re-point).
+//! them and they change only on commit (insert or re-point). So are
+//! smart-matching buckets and candidates ([`CandidateCache`]): nearly every
+//! incoming reply probes a bucket, and scanning its keys and decoding its
+//! candidates' JSON (each carries its body's shingle sample) was about
+//! three quarters of a correlation against this store.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,7 +29,8 @@ use serde::Serialize;
 use super::{ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError};
 use crate::correlate::memindex::MAX_CANDIDATES_PER_BUCKET;
 use crate::correlate::{
-    shingle_candidate_ids, Indexes, LookupKeys, SmartCandidate, TrackedEmail, MAX_SHINGLE_POSTINGS,
+    shingle_candidate_ids, CandidateData, IndexEntry, Indexes, LookupKeys, SmartCandidate,
+    TrackedEmail, MAX_SHINGLE_POSTINGS,
 };
 use crate::model::{
     ActivityId, Alert, AlertLevel, CorrelationMethod, EmailActivity, FolderPosition, MailboxState,
@@ -35,6 +40,116 @@ use crate::model::{
 /// Cached regarding records beyond this count are dropped (and re-read).
 const REGARDING_CACHE_MAX: usize = 1 << 20;
 
+/// Cached smart-matching candidates beyond this count are dropped (and
+/// re-read): one holds a body's shingle sample, about 1.2 KB, so the cache
+/// stays under about 80 MB.
+const CANDIDATE_CACHE_MAX: usize = 1 << 16;
+
+/// Cached posting lists beyond this count are dropped (and re-read); one
+/// holds at most 32 ids.
+const POSTINGS_CACHE_MAX: usize = 1 << 18;
+
+/// The two kinds of posting list correlation reads: a key per member,
+/// `<prefix><list><id>`, ids ascending in key order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Postings {
+    /// `sb/<bucket><id>`, valued with the candidate's JSON; a lookup takes
+    /// the newest [`MAX_CANDIDATES_PER_BUCKET`].
+    Bucket,
+    /// `sh/<shingle><id>`, empty values; a lookup takes the oldest
+    /// [`MAX_SHINGLE_POSTINGS`], as the in-memory index does.
+    Shingle,
+}
+
+impl Postings {
+    fn key(self, list: u64, id: ActivityId) -> Vec<u8> {
+        let mut k = match self {
+            Postings::Bucket => b"sb/".to_vec(),
+            Postings::Shingle => b"sh/".to_vec(),
+        };
+        k.extend_from_slice(&list.to_be_bytes());
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    fn limit(self) -> usize {
+        match self {
+            Postings::Bucket => MAX_CANDIDATES_PER_BUCKET,
+            Postings::Shingle => MAX_SHINGLE_POSTINGS,
+        }
+    }
+
+    /// Adds `id` to a list as read (ascending, at most [`Self::limit`]).
+    fn add(self, ids: &mut Vec<ActivityId>, id: ActivityId) {
+        // A lookup may have cached the list after the commit's write
+        // already, and ids are allocated before commits, so they need not
+        // arrive in order.
+        let Err(at) = ids.binary_search(&id) else {
+            return;
+        };
+        ids.insert(at, id);
+        if ids.len() > self.limit() {
+            match self {
+                Postings::Bucket => {
+                    ids.remove(0);
+                }
+                Postings::Shingle => {
+                    ids.pop();
+                }
+            }
+        }
+    }
+}
+
+/// Smart-matching data read from the tree, kept for the next lookups.
+///
+/// A candidate's data never changes once written (its regarding record,
+/// which can, comes from the regarding cache), and posting lists only gain
+/// members, each on commit: [`Store::commit`] adds them to the cached lists
+/// itself. A lookup that read the tree while a commit ran cannot know
+/// whether it saw that commit, so it caches what it read only when
+/// `generation` (bumped by every commit) did not move meanwhile.
+#[derive(Default)]
+struct CandidateCache {
+    generation: u64,
+    data: HashMap<ActivityId, Arc<CandidateData>>,
+    /// What a lookup reads of a posting list (empty: no member).
+    postings: HashMap<(Postings, u64), Vec<ActivityId>>,
+}
+
+impl CandidateCache {
+    fn put_data(&mut self, id: ActivityId, data: Arc<CandidateData>) {
+        if self.data.len() >= CANDIDATE_CACHE_MAX {
+            self.data.clear();
+        }
+        self.data.insert(id, data);
+    }
+
+    /// Caches a posting list as read at generation `read_at`.
+    fn put_postings(&mut self, list: (Postings, u64), ids: Vec<ActivityId>, read_at: u64) {
+        if read_at != self.generation {
+            return;
+        }
+        if self.postings.len() >= POSTINGS_CACHE_MAX {
+            self.postings.clear();
+        }
+        self.postings.insert(list, ids);
+    }
+
+    /// What a commit wrote for `e`: its data, and its id in the cached
+    /// lists it joins (a list not cached is read whole when asked for).
+    fn committed(&mut self, e: &IndexEntry) {
+        self.put_data(e.activity, e.candidate.data.clone());
+        let lists = (e.buckets.iter().map(|b| (Postings::Bucket, *b)))
+            .chain(e.shingle_keys.iter().map(|h| (Postings::Shingle, *h)));
+        for list in lists {
+            if let Some(ids) = self.postings.get_mut(&list) {
+                list.0.add(ids, e.activity);
+            }
+        }
+    }
+}
+
 /// sled-backed [`Store`].
 pub struct SledStore {
     db: sled::Db,
@@ -43,6 +158,7 @@ pub struct SledStore {
     /// one critical section. Never held across an await (the trait is blocking).
     write_lock: Mutex<()>,
     regarding_cache: Mutex<HashMap<ActivityId, Option<RecordRef>>>,
+    candidate_cache: Mutex<CandidateCache>,
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -126,6 +242,7 @@ impl SledStore {
             tree,
             write_lock: Mutex::new(()),
             regarding_cache: Mutex::new(HashMap::new()),
+            candidate_cache: Mutex::new(CandidateCache::default()),
         })
     }
 
@@ -182,6 +299,65 @@ impl SledStore {
             cache.clear();
         }
         cache.extend(entries);
+    }
+
+    fn candidates(&self) -> MutexGuard<'_, CandidateCache> {
+        // Entries are inserted whole, so a poisoned cache is still consistent.
+        self.candidate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What a lookup reads of a posting list ([`Postings`]): cached, or
+    /// read from its keys (values unread) and cached.
+    fn posting_ids(&self, kind: Postings, list: u64) -> Result<Vec<ActivityId>, StoreError> {
+        let read_at = {
+            let cache = self.candidates();
+            if let Some(ids) = cache.postings.get(&(kind, list)) {
+                return Ok(ids.clone());
+            }
+            cache.generation
+        };
+        let first = kind.key(list, 0);
+        let prefix = &first[..first.len() - 8];
+        let keys = self.tree.scan_prefix(prefix).keys();
+        let read = |k: Result<sled::IVec, sled::Error>| read_id(&k.map_err(io)?[prefix.len()..]);
+        let ids = match kind {
+            Postings::Bucket => {
+                let mut ids = keys
+                    .rev()
+                    .take(kind.limit())
+                    .map(read)
+                    .collect::<Result<Vec<_>, _>>()?;
+                ids.reverse();
+                ids
+            }
+            Postings::Shingle => keys
+                .take(kind.limit())
+                .map(read)
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        self.candidates()
+            .put_postings((kind, list), ids.clone(), read_at);
+        Ok(ids)
+    }
+
+    /// A candidate's data: cached, or decoded from the entry at `key` (its
+    /// `sb/` or `sc/` one) and cached. Data never changes once written, so
+    /// what was read is right whenever it is cached.
+    fn candidate_data(
+        &self,
+        id: ActivityId,
+        key: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<Arc<CandidateData>>, StoreError> {
+        if let Some(d) = self.candidates().data.get(&id) {
+            return Ok(Some(d.clone()));
+        }
+        let Some(c) = self.get_json::<SmartCandidate>(&key())? else {
+            return Ok(None);
+        };
+        self.candidates().put_data(id, c.data.clone());
+        Ok(Some(c.data))
     }
 
     fn tracked(&self, id: ActivityId) -> Result<Option<TrackedEmail>, StoreError> {
@@ -282,16 +458,10 @@ impl Store for SledStore {
             c.regarding = None;
             let c = encode(&c)?;
             for bucket in &e.buckets {
-                let mut k = b"sb/".to_vec();
-                k.extend_from_slice(&bucket.to_be_bytes());
-                k.extend_from_slice(&id);
-                b.insert(k, c.clone());
+                b.insert(Postings::Bucket.key(*bucket, e.activity), c.clone());
             }
             for h in &e.shingle_keys {
-                let mut k = b"sh/".to_vec();
-                k.extend_from_slice(&h.to_be_bytes());
-                k.extend_from_slice(&id);
-                b.insert(k, Vec::new());
+                b.insert(Postings::Shingle.key(*h, e.activity), Vec::new());
             }
             if !e.shingle_keys.is_empty() {
                 b.insert(id_key("sc/", e.activity), c);
@@ -319,6 +489,15 @@ impl Store for SledStore {
         self.tree.apply_batch(b).map_err(io)?;
         self.durable()?;
         self.cache_regarding(ov.activities.into_iter().map(|(id, a)| (id, a.regarding)));
+        let mut cache = self.candidates();
+        cache.generation += 1;
+        for e in batch
+            .index
+            .iter()
+            .filter(|e| inserted.contains(&e.activity))
+        {
+            cache.committed(e);
+        }
         Ok(outcomes)
     }
 
@@ -368,35 +547,26 @@ impl Store for SledStore {
             }
         }
         for bucket in &keys.buckets {
-            let mut prefix = b"sb/".to_vec();
-            prefix.extend_from_slice(&bucket.to_be_bytes());
-            // Ids grow with time, so the newest candidates come last.
-            for kv in self
-                .tree
-                .scan_prefix(&prefix)
-                .rev()
-                .take(MAX_CANDIDATES_PER_BUCKET)
-            {
-                let (k, v) = kv.map_err(io)?;
-                let mut c: SmartCandidate = decode(&k, &v)?;
-                if idx.candidates.iter().any(|x| x.activity == c.activity) {
+            let ids = self.posting_ids(Postings::Bucket, *bucket)?;
+            // Ids grow with time: newest first, as the tree scan gave them.
+            for aid in ids.into_iter().rev() {
+                if idx.candidates.iter().any(|x| x.activity == aid) {
                     continue;
                 }
-                c.regarding = self.regarding_of(c.activity)?.flatten();
-                idx.candidates.push(c);
+                let Some(data) = self.candidate_data(aid, || Postings::Bucket.key(*bucket, aid))?
+                else {
+                    continue;
+                };
+                idx.candidates.push(SmartCandidate {
+                    activity: aid,
+                    regarding: self.regarding_of(aid)?.flatten(),
+                    data,
+                });
             }
         }
         for h in &keys.shingles {
-            let mut prefix = b"sh/".to_vec();
-            prefix.extend_from_slice(&h.to_be_bytes());
             let mut postings = Vec::new();
-            for kv in self.tree.scan_prefix(&prefix).take(MAX_SHINGLE_POSTINGS) {
-                let (k, _) = kv.map_err(io)?;
-                let aid = k
-                    .get(prefix.len()..)
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| StoreError::Corrupt("bad shingle posting key".into()))?;
+            for aid in self.posting_ids(Postings::Shingle, *h)? {
                 if let Some(t) = self.tracked(aid)? {
                     postings.push(t);
                 }
@@ -409,9 +579,12 @@ impl Store for SledStore {
             if idx.candidates.iter().any(|x| x.activity == aid) {
                 continue;
             }
-            if let Some(mut c) = self.get_json::<SmartCandidate>(&id_key("sc/", aid))? {
-                c.regarding = self.regarding_of(aid)?.flatten();
-                idx.candidates.push(c);
+            if let Some(data) = self.candidate_data(aid, || id_key("sc/", aid))? {
+                idx.candidates.push(SmartCandidate {
+                    activity: aid,
+                    regarding: self.regarding_of(aid)?.flatten(),
+                    data,
+                });
             }
         }
         Ok(())
@@ -825,6 +998,101 @@ mod tests {
             idx.candidates[0].regarding.as_ref().unwrap().to_string(),
             "case:1"
         );
+    }
+
+    /// The in-memory bucket and posting lists must read exactly as the
+    /// tree does, however commits (ids out of order, more members than a
+    /// lookup takes) and lookups interleave.
+    #[test]
+    fn cached_smart_matching_lists_read_as_a_fresh_store_does() {
+        use crate::correlate::{index_entry, lookup_keys, CorrelationSettings, MessageFeatures};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let settings = CorrelationSettings {
+            smart_matching: true,
+            ..Default::default()
+        };
+        let text = "the pallets for the Rotterdam warehouse arrive on Friday and \
+            the customs papers for both destinations are ready to sign today";
+        let features = |i: i64| {
+            let mut f = MessageFeatures {
+                subject: "Delivery plan".into(),
+                to: vec!["ann@customer.example".into()],
+                sent_at: Some(1_767_000_000 + i),
+                ..Default::default()
+            };
+            f.add_body_features(text);
+            f
+        };
+        let mut reply = features(1_000);
+        reply.subject = "Re: Delivery plan".into();
+        reply.add_body_features(&format!("Fine.\n\nOn Monday, Ann wrote:\n> {text}"));
+        let keys = lookup_keys(&reply, &settings);
+        assert!(!keys.buckets.is_empty() && !keys.shingles.is_empty());
+        // More members than a lookup takes, committed newest batch first.
+        let ids: Vec<u64> = (0..45).map(|_| s.allocate_id().unwrap()).collect();
+        let empty = s.lookup(&keys).unwrap();
+        assert!(empty.candidates.is_empty() && empty.by_shingle.is_empty());
+        for chunk in ids.chunks(9).rev() {
+            let mut b = batch(
+                chunk
+                    .iter()
+                    .map(|id| {
+                        let mut a = activity("m", &id.to_string(), None, &format!("h{id}"));
+                        a.id = *id;
+                        a
+                    })
+                    .collect(),
+            );
+            b.index = chunk
+                .iter()
+                .map(|id| index_entry(&features(*id as i64), *id, &settings))
+                .collect();
+            s.commit(b).unwrap();
+            // Caches the lists as they are now.
+            s.lookup(&keys).unwrap();
+        }
+        let cached = s.lookup(&keys).unwrap();
+        drop(s);
+        let fresh = reopen(dir.path()).lookup(&keys).unwrap();
+        assert_eq!(cached.candidates, fresh.candidates);
+        assert_eq!(cached.by_shingle, fresh.by_shingle);
+        // Newest candidates of the bucket, oldest postings of a shingle.
+        assert_eq!(
+            fresh.candidates.first().map(|c| c.activity),
+            ids.last().copied()
+        );
+        let postings = fresh.by_shingle.values().next().unwrap();
+        assert_eq!(postings.len(), MAX_SHINGLE_POSTINGS);
+        assert_eq!(postings[0].activity, ids[0]);
+    }
+
+    #[test]
+    fn a_list_read_while_a_commit_ran_is_not_cached() {
+        let mut cache = CandidateCache::default();
+        let read_at = cache.generation;
+        cache.generation += 1;
+        cache.put_postings((Postings::Bucket, 7), vec![1], read_at);
+        assert!(cache.postings.is_empty());
+        cache.put_postings((Postings::Bucket, 7), vec![1, 2], cache.generation);
+        assert_eq!(cache.postings[&(Postings::Bucket, 7)], vec![1, 2]);
+    }
+
+    #[test]
+    fn posting_lists_keep_what_a_lookup_reads() {
+        let mut newest: Vec<u64> = (1..=MAX_CANDIDATES_PER_BUCKET as u64)
+            .map(|i| i * 2)
+            .collect();
+        Postings::Bucket.add(&mut newest, 5);
+        assert_eq!(newest.len(), MAX_CANDIDATES_PER_BUCKET);
+        assert_eq!(newest[..3], [4, 5, 6]);
+        Postings::Bucket.add(&mut newest, 5);
+        assert_eq!(newest.len(), MAX_CANDIDATES_PER_BUCKET);
+        let mut oldest: Vec<u64> = (1..=MAX_SHINGLE_POSTINGS as u64).map(|i| i * 2).collect();
+        Postings::Shingle.add(&mut oldest, 5);
+        assert_eq!(oldest.len(), MAX_SHINGLE_POSTINGS);
+        assert_eq!(oldest[..4], [2, 4, 5, 6]);
+        assert_eq!(oldest.last(), Some(&(2 * MAX_SHINGLE_POSTINGS as u64 - 2)));
     }
 
     #[test]
