@@ -284,14 +284,18 @@ fn token(i: usize) -> String {
     format!("CRM:0{:03}{:03}", (i / 1000) % 1000, i % 1000)
 }
 
+/// Tracked emails come four to a case.
+fn record_of(i: usize) -> RecordRef {
+    format!("case:{}", i / 4)
+        .parse()
+        .unwrap_or_else(|_| unreachable!())
+}
+
 fn build_index(g: &Gen, n: usize, s: &CorrelationSettings) -> MemIndex {
     let mut idx = MemIndex::default();
     for i in 0..n {
         let f = g.tracked(i, n);
-        let r: RecordRef = format!("case:{}", i / 4)
-            .parse()
-            .unwrap_or_else(|_| unreachable!());
-        let id = i as u64 + 1;
+        let (id, r) = (i as u64 + 1, record_of(i));
         idx.insert_message_ids(&f.message_ids, id, Some(r.clone()));
         idx.insert_entry(&index_entry(&f, id, s), Some(r));
     }
@@ -306,10 +310,7 @@ fn build_sled(g: &Gen, n: usize, s: &CorrelationSettings, dir: &Path) -> SledSto
     let mut batch = CommitBatch::default();
     for i in 0..n {
         let f = g.tracked(i, n);
-        let r: RecordRef = format!("case:{}", i / 4)
-            .parse()
-            .unwrap_or_else(|_| unreachable!());
-        let id = i as u64 + 1;
+        let (id, r) = (i as u64 + 1, record_of(i));
         batch.index.push(index_entry(&f, id, s));
         batch
             .items
@@ -353,6 +354,7 @@ fn build_sled(g: &Gen, n: usize, s: &CorrelationSettings, dir: &Path) -> SledSto
 
 /// [`parse_and_correlate`] resolving its keys in the sled store, as the
 /// pipeline does (the staged overlay of a batch is empty here).
+#[inline(never)]
 fn parse_and_correlate_store(raw: &[u8], store: &SledStore, s: &CorrelationSettings) -> bool {
     let parsed = crm_mailsync::parse::parse_for(raw, "INBOX", 50 << 20, s.wants_body_features());
     let Ok(mut p) = parsed else {
@@ -364,11 +366,22 @@ fn parse_and_correlate_store(raw: &[u8], store: &SledStore, s: &CorrelationSetti
     d.is_ok_and(|d| d.regarding.is_some())
 }
 
+/// The baseline: mail-parser alone, as an application would call it.
+///
+/// Every measured path is a named function that is never inlined, so a
+/// profiler, and `benches/instructions.sh` (callgrind's `--toggle-collect`),
+/// can count each one alone.
+#[inline(never)]
+fn mail_parser_parse(raw: &[u8]) -> Option<mail_parser::Message<'_>> {
+    mail_parser::MessageParser::default().parse(raw)
+}
+
 /// What the pipeline does per message for correlation: parse (without the
 /// dedupe content hash, measured on its own line), cheap keys and methods,
 /// and only when those do not decide (scored smart matching on and no
 /// header, token or Thread-Index match) the body fingerprint, its keys and
 /// the full method run.
+#[inline(never)]
 fn parse_and_correlate(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> bool {
     // As the pipeline: the text body is decoded only for scored smart matching.
     let parsed = crm_mailsync::parse::parse_for(raw, "INBOX", 50 << 20, s.wants_body_features());
@@ -384,6 +397,7 @@ fn parse_and_correlate(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> b
 
 /// The same without staging: body fingerprint for every message (the
 /// behaviour before staged correlation), for comparison.
+#[inline(never)]
 fn parse_and_correlate_eager(raw: &[u8], idx: &MemIndex, s: &CorrelationSettings) -> bool {
     let Ok(mut p) = crm_mailsync::parse::parse_without_hash(raw, "INBOX", 50 << 20) else {
         return false;
@@ -535,7 +549,7 @@ fn bench(c: &mut Criterion) {
         let mail_parser_only = |b: &mut criterion::Bencher<'_>| {
             b.iter(|| {
                 for r in &raws {
-                    black_box(mail_parser::MessageParser::default().parse(black_box(r)));
+                    black_box(mail_parser_parse(black_box(r)));
                 }
             })
         };

@@ -1000,20 +1000,33 @@ mod tests {
         );
     }
 
+    /// A parent body with enough words for a fingerprint.
+    const PARENT_TEXT: &str = "the pallets for the Rotterdam warehouse arrive on Friday and \
+        the customs papers for both destinations are ready to sign today";
+
+    /// A fresh store and scored smart-matching settings.
+    fn scored_store() -> (
+        tempfile::TempDir,
+        SledStore,
+        crate::correlate::CorrelationSettings,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let settings = crate::correlate::CorrelationSettings {
+            smart_matching: true,
+            ..Default::default()
+        };
+        (dir, s, settings)
+    }
+
     /// The in-memory bucket and posting lists must read exactly as the
     /// tree does, however commits (ids out of order, more members than a
     /// lookup takes) and lookups interleave.
     #[test]
     fn cached_smart_matching_lists_read_as_a_fresh_store_does() {
-        use crate::correlate::{index_entry, lookup_keys, CorrelationSettings, MessageFeatures};
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        let settings = CorrelationSettings {
-            smart_matching: true,
-            ..Default::default()
-        };
-        let text = "the pallets for the Rotterdam warehouse arrive on Friday and \
-            the customs papers for both destinations are ready to sign today";
+        use crate::correlate::{index_entry, lookup_keys, MessageFeatures};
+        let (dir, s, settings) = scored_store();
+        let text = PARENT_TEXT;
         let features = |i: i64| {
             let mut f = MessageFeatures {
                 subject: "Delivery plan".into(),
@@ -1097,15 +1110,9 @@ mod tests {
 
     #[test]
     fn fingerprint_shingles_find_a_quoted_parent_under_another_subject() {
-        use crate::correlate::{index_entry, lookup_keys, CorrelationSettings, MessageFeatures};
-        let dir = tempfile::tempdir().unwrap();
-        let s = SledStore::open(dir.path()).unwrap();
-        let settings = CorrelationSettings {
-            smart_matching: true,
-            ..Default::default()
-        };
-        let text = "the pallets for the Rotterdam warehouse arrive on Friday and \
-            the customs papers for both destinations are ready to sign today";
+        use crate::correlate::{index_entry, lookup_keys, MessageFeatures};
+        let (dir, s, settings) = scored_store();
+        let text = PARENT_TEXT;
         let mut f = MessageFeatures {
             subject: "Delivery plan".into(),
             ..Default::default()
