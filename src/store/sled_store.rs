@@ -487,17 +487,22 @@ impl Store for SledStore {
             b.insert(key("b/", &[state.name.as_bytes()]), encode(state)?);
         }
         self.tree.apply_batch(b).map_err(io)?;
-        self.durable()?;
-        self.cache_regarding(ov.activities.into_iter().map(|(id, a)| (id, a.regarding)));
-        let mut cache = self.candidates();
-        cache.generation += 1;
-        for e in batch
-            .index
-            .iter()
-            .filter(|e| inserted.contains(&e.activity))
+        // Reads see the batch from here on, durable or not, so the caches
+        // must too (a failed flush below must not leave a cached list
+        // without what the tree now holds).
         {
-            cache.committed(e);
+            let mut cache = self.candidates();
+            cache.generation += 1;
+            for e in batch
+                .index
+                .iter()
+                .filter(|e| inserted.contains(&e.activity))
+            {
+                cache.committed(e);
+            }
         }
+        self.cache_regarding(ov.activities.into_iter().map(|(id, a)| (id, a.regarding)));
+        self.durable()?;
         Ok(outcomes)
     }
 
