@@ -1142,13 +1142,11 @@ fn by_dynamics_smart(
     ))
 }
 
-/// A regarding record for reasons, `-` for none (written straight into
-/// the reason, not built as a string first).
-/// `{:.2}` of a score without the float formatter, which was about a third
-/// of building a match's reason: for an `f32` in [0, 1], x·100 is exact in
-/// `f64`, so rounding it half to even is what `{:.2}` prints (checked for
-/// every `f32` in [0, 1] once, and by a test). Anything else goes to the
-/// formatter.
+/// `{:.2}` of a score without the float formatter's exact decimal
+/// expansion (every match writes its score into a reason): for an `f32` in
+/// [0, 1], x·100 is exact in `f64`, so rounding it half to even gives the
+/// digits `{:.2}` prints (checked for every `f32` in [0, 1] once, and by a
+/// test); integers format cheaply. Anything else goes to the formatter.
 struct Fixed2(f32);
 
 impl std::fmt::Display for Fixed2 {
@@ -1158,9 +1156,7 @@ impl std::fmt::Display for Fixed2 {
         }
         // In 0..=100 by the range test.
         let n = (f64::from(self.0) * 100.0).round_ties_even() as u8;
-        let text = [b'0' + n / 100, b'.', b'0' + n / 10 % 10, b'0' + n % 10];
-        // ASCII digits: always UTF-8.
-        f.write_str(std::str::from_utf8(&text).unwrap_or_default())
+        write!(f, "{}.{:02}", n / 100, n % 100)
     }
 }
 
@@ -1173,17 +1169,12 @@ impl std::fmt::Display for Percent0 {
         if !(0.0..=100.0).contains(&self.0) {
             return write!(f, "{:.0}", self.0);
         }
-        let n = f64::from(self.0).round_ties_even() as u8;
-        let text = [b'0' + n / 100, b'0' + n / 10 % 10, b'0' + n % 10];
-        let from = match n {
-            100.. => 0,
-            10..=99 => 1,
-            0..=9 => 2,
-        };
-        f.write_str(std::str::from_utf8(&text[from..]).unwrap_or_default())
+        write!(f, "{}", f64::from(self.0).round_ties_even() as u8)
     }
 }
 
+/// A regarding record for reasons, `-` for none (written straight into
+/// the reason, not built as a string first).
 fn show(r: &Option<RecordRef>) -> impl std::fmt::Display + '_ {
     struct Show<'r>(&'r Option<RecordRef>);
     impl std::fmt::Display for Show<'_> {

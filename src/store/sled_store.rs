@@ -62,12 +62,18 @@ enum Postings {
 }
 
 impl Postings {
-    fn key(self, list: u64, id: ActivityId) -> Vec<u8> {
+    /// `<prefix><list>`: the keys of a list's members start with it.
+    fn list_prefix(self, list: u64) -> Vec<u8> {
         let mut k = match self {
             Postings::Bucket => b"sb/".to_vec(),
             Postings::Shingle => b"sh/".to_vec(),
         };
         k.extend_from_slice(&list.to_be_bytes());
+        k
+    }
+
+    fn key(self, list: u64, id: ActivityId) -> Vec<u8> {
+        let mut k = self.list_prefix(list);
         k.extend_from_slice(&id.to_be_bytes());
         k
     }
@@ -318,9 +324,8 @@ impl SledStore {
             }
             cache.generation
         };
-        let first = kind.key(list, 0);
-        let prefix = &first[..first.len() - 8];
-        let keys = self.tree.scan_prefix(prefix).keys();
+        let prefix = kind.list_prefix(list);
+        let keys = self.tree.scan_prefix(&prefix).keys();
         let read = |k: Result<sled::IVec, sled::Error>| read_id(&k.map_err(io)?[prefix.len()..]);
         let ids = match kind {
             Postings::Bucket => {
