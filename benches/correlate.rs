@@ -629,6 +629,14 @@ fn bench(c: &mut Criterion) {
                     }
                 })
             });
+            // The daemon with the Dynamics defaults (smart matching off).
+            group.bench_function("parse_correlate_sled_smart_off", |b| {
+                b.iter(|| {
+                    for r in &raws {
+                        black_box(parse_and_correlate_store(black_box(r), &store, &defaults));
+                    }
+                })
+            });
         }
         // mail-parser alone once more, last: its time moves with what ran
         // before it (heap state after building the index), so both the

@@ -26,6 +26,7 @@ lines=(
   "parse_correlate|parse_and_correlate|parse_for"
   "parse_correlate_smart_off|parse_and_correlate|parse_for"
   "parse_correlate_sled|parse_and_correlate_store|parse_for"
+  "parse_correlate_sled_smart_off|parse_and_correlate_store|parse_for"
 )
 base=""
 for l in "${lines[@]}"; do

@@ -126,9 +126,10 @@ pub fn parse_without_hash<'r>(
     parse_for(raw, folder, max_size, true)
 }
 
-/// [`parse_without_hash`], decoding the text body only when `with_body`:
-/// only scored smart matching reads it, and decoding (quoted-printable,
-/// base64, charsets) is a good part of the cost per message.
+/// [`parse_without_hash`], parsing the body only when `with_body`: only
+/// scored smart matching reads it. Otherwise only the top-level header
+/// section is parsed (MIME parts, transfer decoding and charsets are most of
+/// the cost per message); everything else read is the same either way.
 pub fn parse_for<'r>(
     raw: &'r [u8],
     folder: &str,
@@ -152,13 +153,25 @@ pub fn parse_for<'r>(
             .to_string();
         return Err(Malformed::NoHeaders { first_line });
     }
-    let mut msg = guarded(|| LEAN_PARSER.parse(raw))?.ok_or(Malformed::Unparseable)?;
-    // mail-parser found where the header section ends (its body offset):
-    // one SIMD scan over the headers, no line-by-line search.
+    // Without the body, only the top-level header section is parsed: MIME
+    // parts, transfer decoding and charset conversion are most of a
+    // message's parse, and nothing but the body fingerprint reads them.
+    let msg = guarded(|| {
+        if with_body {
+            LEAN_PARSER.parse(raw)
+        } else {
+            LEAN_PARSER.parse_headers(raw)
+        }
+    })?;
+    let mut msg = msg.ok_or(Malformed::Unparseable)?;
+    // Where the last header field mail-parser read ends, the same whether
+    // or not the body was parsed (a headers-only parse reports no body
+    // offset); one SIMD scan up to there, no line-by-line search.
     let header_end = msg
         .parts
         .first()
-        .map_or(raw.len(), |p| p.offset_body as usize)
+        .and_then(|p| p.headers.iter().map(|h| h.offset_end as usize).max())
+        .unwrap_or(0)
         .min(raw.len());
     if let Some(offset) = memchr::memchr(0, &raw[..header_end]) {
         return Err(Malformed::NulInHeaders { offset });
@@ -639,10 +652,94 @@ mod tests {
         );
     }
 
+    /// `parse_for` without the body parses the header section alone; what
+    /// it returns must be what a full parse returns, body aside. A full
+    /// parse that panics inside mail-parser's body code (see the fuzz case
+    /// above, debug builds) is the one allowed difference.
+    fn headers_only_agrees(raw: &[u8]) -> Result<(), String> {
+        let full = parse_for(raw, "INBOX", 1 << 20, true);
+        let headers_only = parse_for(raw, "INBOX", 1 << 20, false);
+        if matches!(full, Err(Malformed::ParserFailed(_))) {
+            return Ok(());
+        }
+        let full = full.map(|p| ParsedMessage {
+            body_text: Cow::Borrowed(""),
+            ..p
+        });
+        if full == headers_only {
+            Ok(())
+        } else {
+            Err(format!("full {full:?}\nheaders only {headers_only:?}"))
+        }
+    }
+
+    #[test]
+    fn headers_only_parse_reads_what_a_full_parse_reads() {
+        let mut inputs: Vec<Vec<u8>> = vec![
+            MSG.to_vec(),
+            b"X-Foo: a\0b\n\nbody".to_vec(),
+            b"From: a@b.test\nX-Foo: a\0b\nSubject: s\n\nbody\0".to_vec(),
+            b"From: a@b.test\nSubject: s\n\nbo\0dy".to_vec(),
+            b"From: a@b.test\nSubject: s\n".to_vec(),
+            b"From: a@b.test\nSubject: s".to_vec(),
+            b"X-Foo: bar\n\nbody".to_vec(),
+            // A NUL after a line mail-parser does not read as a header field.
+            b"From: a@b.test\nnot a header\nX-Foo: a\0b\n\nbody".to_vec(),
+            b"From: a@b.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\nSubject: inner\r\n\r\ntext\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: x@y.test\r\nSubject: nested\r\n\r\nhi\r\n--b--\r\n".to_vec(),
+        ];
+        for dir in ["fixtures/correlation", "fixtures/demo-maildir"] {
+            let mut stack = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if p.extension().is_none_or(|x| x == "eml") {
+                        inputs.push(std::fs::read(&p).unwrap());
+                    }
+                }
+            }
+        }
+        assert!(inputs.len() > 50, "fixtures found: {}", inputs.len());
+        for raw in &inputs {
+            if let Err(why) = headers_only_agrees(raw) {
+                panic!("{}\n{why}", String::from_utf8_lossy(raw));
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2000)) {
             let _ = parse(&bytes, "INBOX", 1 << 20);
+        }
+
+        #[test]
+        fn headers_only_agrees_on_arbitrary_bytes(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)
+        ) {
+            headers_only_agrees(&bytes).map_err(proptest::test_runner::TestCaseError::fail)?;
+        }
+
+        /// Arbitrary bytes rarely look like a header section; these do,
+        /// with NULs, folds, bare LFs and MIME fields mixed in.
+        #[test]
+        fn headers_only_agrees_on_header_like_input(
+            lines in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "From: a@b.test", "To: c@d.test, e@f.test", "Subject: re: x",
+                    "Message-ID: <m@x>", "In-Reply-To: <p@x>", "References: <r@x> <p@x>",
+                    "Date: Mon, 5 Jan 2026 10:00:00 +0000", "X-Foo: a\0b", " folded",
+                    "\tfolded", "no colon here", "", "\r", "Content-Type: multipart/mixed; boundary=b",
+                    "--b", "--b--", "Content-Type: message/rfc822", "Content-Transfer-Encoding: base64",
+                    "Thread-Index: AQHZ", "Auto-Submitted: auto-replied", "body \0 text", ":",
+                ]),
+                0..24,
+            ),
+            crlf in proptest::bool::ANY,
+        ) {
+            let raw = lines.join(if crlf { "\r\n" } else { "\n" });
+            headers_only_agrees(raw.as_bytes()).map_err(proptest::test_runner::TestCaseError::fail)?;
         }
     }
 }

@@ -359,3 +359,45 @@ fn precision_and_recall_on_real_threads() {
     // asserted: shown so that a change to the scoring sees its effect.
     assert!(all.len() > msgs.len());
 }
+
+/// Without scored smart matching the pipeline parses only the header
+/// section (`parse_for(.., false)`). On every message of every corpus —
+/// the malformed-MIME sets of CPython, mail-parser and mime4j included —
+/// that must read what a full parse reads, body aside. The one allowed
+/// difference: a full parse that panicked inside mail-parser's body code
+/// (debug assertions) and was caught as `ParserFailed`.
+#[test]
+fn headers_only_parse_reads_what_a_full_parse_reads_on_every_corpus_message() {
+    let corpora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpora");
+    if !corpora.is_dir() {
+        println!("corpus_quality: skipped, {} is absent", corpora.display());
+        return;
+    }
+    let mut files = Vec::new();
+    files_under(&corpora, &mut files);
+    let (mut compared, mut parsed, mut parser_failed) = (0, 0, 0);
+    for f in files {
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
+        for raw in split_mbox(&bytes) {
+            let full = parse::parse_for(&raw, "INBOX", 50 << 20, true);
+            if matches!(full, Err(parse::Malformed::ParserFailed(_))) {
+                parser_failed += 1;
+                continue;
+            }
+            let full = full.map(|p| parse::ParsedMessage {
+                body_text: "".into(),
+                ..p
+            });
+            let headers_only = parse::parse_for(&raw, "INBOX", 50 << 20, false);
+            assert_eq!(full, headers_only, "{}", f.display());
+            compared += 1;
+            parsed += usize::from(full.is_ok());
+        }
+    }
+    println!(
+        "corpus_quality: headers-only parse agreed on {compared} messages ({parsed} parsed; the rest, non-mail files of the corpora among them, rejected alike); {parser_failed} full parses panicked"
+    );
+    assert!(compared > 1000, "only {compared} messages compared");
+}
