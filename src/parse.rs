@@ -6,8 +6,10 @@
 
 use std::borrow::Cow;
 
+use mail_parser::decoders::charsets::map::charset_decoder;
 use mail_parser::decoders::html::html_to_text;
-use mail_parser::{Address, HeaderName, HeaderValue, MessageParser, PartType};
+use mail_parser::parsers::MessageStream;
+use mail_parser::{Address, Header, HeaderName, HeaderValue, MessageParser, PartType};
 
 use crate::correlate::MessageFeatures;
 
@@ -153,24 +155,25 @@ pub fn parse_for<'r>(
             .to_string();
         return Err(Malformed::NoHeaders { first_line });
     }
-    // Without the body, only the top-level header section is parsed: MIME
-    // parts, transfer decoding and charset conversion are most of a
-    // message's parse, and nothing but the body fingerprint reads them.
-    let msg = guarded(|| {
-        if with_body {
-            LEAN_PARSER.parse(raw)
-        } else {
-            LEAN_PARSER.parse_headers(raw)
-        }
-    })?;
-    let mut msg = msg.ok_or(Malformed::Unparseable)?;
-    // Where the last header field mail-parser read ends, the same whether
-    // or not the body was parsed (a headers-only parse reports no body
-    // offset); one SIMD scan up to there, no line-by-line search.
-    let header_end = msg
-        .parts
-        .first()
-        .and_then(|p| p.headers.iter().map(|h| h.offset_end as usize).max())
+    // The top-level header section first, as mail-parser's own parse
+    // starts. MIME parts, transfer decoding and charsets are most of a
+    // message's parse, and only the first text body is ever read: that one
+    // part is decoded alone when the structure allows (see
+    // [`first_text_body`]), else the whole message is parsed.
+    let (headers, body) = guarded(|| read_message(raw, with_body))?;
+    if headers.is_empty() {
+        return Err(Malformed::Unparseable);
+    }
+    let body_text = match body {
+        Some(text) => text,
+        None => body_by_full_parse(raw)?,
+    };
+    // Where the last header field mail-parser read ends; one SIMD scan up
+    // to there, no line-by-line search.
+    let header_end = headers
+        .iter()
+        .map(|h| h.offset_end as usize)
+        .max()
         .unwrap_or(0)
         .min(raw.len());
     if let Some(offset) = memchr::memchr(0, &raw[..header_end]) {
@@ -179,7 +182,7 @@ pub fn parse_for<'r>(
 
     // One forward pass over the header list instead of a `header_raw`
     // lookup (a reverse linear scan each) per header we care about.
-    let extra = ExtraHeaders::collect(&msg);
+    let extra = ExtraHeaders::collect(&headers, raw);
     let mut message_ids = Vec::new();
     if let Some(id) = extra.message_id.and_then(HeaderValue::as_text) {
         push_id(&mut message_ids, id);
@@ -232,11 +235,6 @@ pub fn parse_for<'r>(
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .map(str::to_ascii_lowercase);
-    let body_text = if with_body {
-        take_body_text(&mut msg)
-    } else {
-        Cow::Borrowed("")
-    };
     Ok(ParsedMessage {
         features,
         content_hash: String::new(),
@@ -244,6 +242,159 @@ pub fn parse_for<'r>(
         auto,
         body_text,
         forwarded_by,
+    })
+}
+
+/// The first text body as a full parse of `raw` (mbox `From ` line removed)
+/// reads it.
+fn body_by_full_parse(raw: &[u8]) -> Result<Cow<'_, str>, Malformed> {
+    let msg = guarded(|| LEAN_PARSER.parse(raw))?;
+    Ok(take_body_text(&mut msg.ok_or(Malformed::Unparseable)?))
+}
+
+/// The first text body as mail-parser's full parse reads it (what
+/// [`parse_for`] falls back to), for tests and benches to compare with.
+#[doc(hidden)]
+pub fn first_text_body_by_full_parse(raw: &[u8]) -> Result<String, Malformed> {
+    body_by_full_parse(strip_mbox_from_line(raw)).map(Cow::into_owned)
+}
+
+/// The first text body by [`first_text_body`] alone: `None` where it
+/// leaves the message to a full parse. For tests and benches.
+#[doc(hidden)]
+pub fn first_text_body_without_full_parse(raw: &[u8]) -> Option<String> {
+    let raw = strip_mbox_from_line(raw);
+    let (headers, body) = guarded(|| read_message(raw, true)).ok()?;
+    // Without a header field parse_for rejects the input.
+    body.filter(|_| !headers.is_empty()).map(Cow::into_owned)
+}
+
+/// The top-level header fields, parsed as mail-parser's `parse` starts, and
+/// (when `with_body`) the first text body: `Some("")` without a body,
+/// `None` when [`first_text_body`] leaves it to a full parse.
+fn read_message(raw: &[u8], with_body: bool) -> (Vec<Header<'_>>, Option<Cow<'_, str>>) {
+    let mut stream = MessageStream::new(raw);
+    let mut headers = Vec::new();
+    // `false`: the header section runs to the end, there is no body.
+    if !stream.parse_headers(&LEAN_PARSER, &mut headers) || !with_body {
+        return (headers, Some(Cow::Borrowed("")));
+    }
+    let body = first_text_body(&mut stream, &headers, Container::Message, None, 0);
+    (headers, body)
+}
+
+/// How many nested multiparts [`first_text_body`] follows (it recurses;
+/// real mail nests two or three).
+const MAX_FOLLOWED_DEPTH: usize = 8;
+
+/// What holds a MIME part, as far as [`first_text_body`] follows it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Container {
+    /// The message itself (its only part).
+    Message,
+    MultipartMixed,
+    MultipartAlternative,
+}
+
+/// The first text body of a message whose `stream` stands at the body of a
+/// part with these `headers`, decoded exactly as mail-parser's full parse
+/// decodes it for `body_text(0)`, with mail-parser's own primitives, but
+/// without parsing or decoding any other part (an HTML alternative, the
+/// attachments). Only the shapes where mail-parser's choice of that part is
+/// plain are followed: a single text part; the first part of a
+/// `multipart/mixed` when it is inline text or itself a mixed or alternative
+/// multipart; the first part of a `multipart/alternative` when it is
+/// `text/plain`. Anything else (a digest, an HTML-first alternative, an
+/// attachment first, a part whose encoding mail-parser has to recover) gives
+/// `None`: the caller parses the whole message.
+fn first_text_body<'x>(
+    stream: &mut MessageStream<'x>,
+    headers: &[Header<'x>],
+    container: Container,
+    boundary: Option<&[u8]>,
+    depth: usize,
+) -> Option<Cow<'x, str>> {
+    // mail-parser reads the last occurrence of a field.
+    let last = |name: HeaderName<'static>| {
+        headers
+            .iter()
+            .rev()
+            .find(|h| h.name == name)
+            .map(|h| &h.value)
+    };
+    let content_type = last(HeaderName::ContentType).and_then(HeaderValue::as_content_type);
+    let (ctype, subtype) =
+        content_type.map_or(("text", Some("plain")), |c| (c.ctype(), c.subtype()));
+    let html = match (ctype, subtype) {
+        ("multipart", sub) => {
+            // Nested multiparts are followed inside a mixed one only, where
+            // mail-parser's alternative bookkeeping has not started.
+            let inner = match sub {
+                Some("mixed") => Container::MultipartMixed,
+                Some("alternative") => Container::MultipartAlternative,
+                _ => return None,
+            };
+            if container == Container::MultipartAlternative || depth >= MAX_FOLLOWED_DEPTH {
+                return None;
+            }
+            let inner_boundary = content_type?.attribute("boundary")?.as_bytes();
+            if !stream.seek_next_part(inner_boundary) {
+                return None;
+            }
+            stream.skip_crlf();
+            let mut part_headers = Vec::new();
+            if !stream.parse_headers(&LEAN_PARSER, &mut part_headers) {
+                return None;
+            }
+            return first_text_body(
+                stream,
+                &part_headers,
+                inner,
+                Some(inner_boundary),
+                depth + 1,
+            );
+        }
+        ("text", Some("plain")) => false,
+        ("text", Some("html")) if container != Container::MultipartAlternative => true,
+        _ => return None,
+    };
+    let attachment = last(HeaderName::ContentDisposition)
+        .and_then(HeaderValue::as_content_type)
+        .is_some_and(|d| d.is_attachment());
+    // In an alternative, text/plain is the text body whatever its
+    // disposition; elsewhere only an inline part is.
+    if attachment && container != Container::MultipartAlternative {
+        return None;
+    }
+    let boundary = boundary.unwrap_or_default();
+    let (offset_end, bytes) = match last(HeaderName::ContentTransferEncoding) {
+        Some(HeaderValue::Text(e)) if e.eq_ignore_ascii_case("base64") => {
+            stream.decode_base64_mime(boundary)
+        }
+        Some(HeaderValue::Text(e)) if e.eq_ignore_ascii_case("quoted-printable") => {
+            stream.decode_quoted_printable_mime(boundary)
+        }
+        _ => stream.mime_part(boundary),
+    };
+    // mail-parser recovers such a part differently: leave it to it.
+    if offset_end == usize::MAX {
+        return None;
+    }
+    let decoder = content_type
+        .and_then(|c| c.attribute("charset"))
+        .and_then(|c| charset_decoder(c.as_bytes()));
+    let text: Cow<'x, str> = match (bytes, decoder) {
+        (Cow::Owned(vec), Some(decode)) => decode(&vec).into(),
+        (Cow::Owned(vec), None) => String::from_utf8(vec)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+            .into(),
+        (Cow::Borrowed(bytes), Some(decode)) => decode(bytes).into(),
+        (Cow::Borrowed(bytes), None) => String::from_utf8_lossy(bytes),
+    };
+    Some(if html {
+        Cow::Owned(html_to_text(&text))
+    } else {
+        text
     })
 }
 
@@ -295,10 +446,9 @@ struct ExtraHeaders<'m> {
 }
 
 impl<'m> ExtraHeaders<'m> {
-    fn collect(msg: &'m mail_parser::Message<'_>) -> Self {
-        let raw = msg.raw_message();
+    fn collect(headers: &'m [Header<'m>], raw: &'m [u8]) -> Self {
         let mut x = ExtraHeaders::default();
-        for h in msg.headers() {
+        for h in headers {
             let typed = match h.name {
                 HeaderName::MessageId => Some(&mut x.message_id),
                 HeaderName::InReplyTo => Some(&mut x.in_reply_to),
@@ -705,6 +855,187 @@ mod tests {
             if let Err(why) = headers_only_agrees(raw) {
                 panic!("{}\n{why}", String::from_utf8_lossy(raw));
             }
+        }
+    }
+
+    /// Where [`first_text_body`] decodes the body on its own it must give
+    /// what a full parse gives; returns whether it applied.
+    fn fast_body_agrees(raw: &[u8]) -> Result<bool, String> {
+        let Some(fast) = first_text_body_without_full_parse(raw) else {
+            return Ok(false);
+        };
+        match first_text_body_by_full_parse(raw) {
+            Ok(full) if full == fast => Ok(true),
+            // A full parse that panics in mail-parser (debug assertions).
+            Err(Malformed::ParserFailed(_)) => Ok(true),
+            other => Err(format!("fast {fast:?}\nfull {other:?}")),
+        }
+    }
+
+    fn mime(parts: &[&str]) -> Vec<u8> {
+        parts.concat().into_bytes()
+    }
+
+    #[test]
+    fn first_text_body_alone_reads_what_a_full_parse_reads() {
+        let head = "From: a@b.test\nSubject: s\nMIME-Version: 1.0\n";
+        let pdf = "--b\nContent-Type: application/pdf; name=x.pdf\nContent-Transfer-Encoding: base64\nContent-Disposition: attachment; filename=x.pdf\n\nJVBERi0xLjQK\n";
+        // (message, whether the body is decoded alone)
+        let cases: Vec<(Vec<u8>, bool)> = vec![
+            (mime(&[head, "\nplain body\n"]), true),
+            (mime(&[head, "Content-Type: text/plain; charset=iso-8859-1\nContent-Transfer-Encoding: quoted-printable\n\ncaf=E9 soft=\nbreak  \nlast=\n"]), true),
+            (mime(&[head, "Content-Type: text/html\n\n<p>Hello <b>there</b></p>"]), true),
+            (mime(&[head, "Content-Type: text/plain\nContent-Transfer-Encoding: base64\n\naGVsbG8gd29ybGQ=\n"]), true),
+            (mime(&[head, "Content-Type: multipart/alternative; boundary=b\n\npreamble\n--b\nContent-Type: text/plain; charset=utf-8\n\nplain \u{e9}\n--b\nContent-Type: text/html\n\n<p>html</p>\n--b--\n"]), true),
+            // Quoted-printable up to the boundary: trailing blanks, a soft
+            // break right before it, CRLF.
+            (mime(&[head, "Content-Type: multipart/alternative; boundary=b\n\n--b\nContent-Type: text/plain\nContent-Transfer-Encoding: quoted-printable\n\nline=20\ntrailing   \nsoft=\n--b\nContent-Type: text/html\n\n<p>x</p>\n--b--\n"]), true),
+            (mime(&[head, "Content-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\na=3Db  \r\nend\r\n--b--\r\n"]), true),
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=m\n\n--m\nContent-Type: multipart/alternative; boundary=b\n\n--b\nContent-Type: text/plain\nContent-Transfer-Encoding: base64\n\ncGxhaW4gdGV4dA==\n--b\nContent-Type: text/html\n\n<p>x</p>\n--b--\n--m\nContent-Type: application/pdf\n\n%PDF\n--m--\n"]), true),
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/html; charset=windows-1252\n\n<p>caf\u{e9}</p>\n", pdf, "--b--\n"]), true),
+            // No headers in the first part: text/plain by default.
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=b\n\n--b\n\ndefault typed\n--b--\n"]), true),
+            // The boundary found mid-line and as the prefix of a longer one,
+            // as mail-parser finds it.
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=b\n\nx--b\nContent-Type: text/plain\n\nbody--b0 tail\n--b--\n"]), true),
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\n--b--\n"]), true),
+            // In an alternative text/plain is the text body whatever its
+            // disposition.
+            (mime(&[head, "Content-Type: multipart/alternative; boundary=b\n\n--b\nContent-Type: text/plain\nContent-Disposition: attachment\n\nstill the body\n--b--\n"]), true),
+            // Left to a full parse: HTML first in an alternative, an
+            // attachment first, a digest, an unterminated part, a related
+            // multipart, a missing boundary, text/calendar.
+            (mime(&[head, "Content-Type: multipart/alternative; boundary=b\n\n--b\nContent-Type: text/html\n\n<p>x</p>\n--b\nContent-Type: text/plain\n\nplain\n--b--\n"]), false),
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=b\n\n", pdf, "--b\nContent-Type: text/plain\n\nplain\n--b--\n"]), false),
+            (mime(&[head, "Content-Type: multipart/digest; boundary=b\n\n--b\n\nFrom: x@y.test\n\nhi\n--b--\n"]), false),
+            (mime(&[head, "Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/plain\n\nno end"]), false),
+            (mime(&[head, "Content-Type: multipart/related; boundary=b\n\n--b\nContent-Type: text/html\n\n<p>x</p>\n--b--\n"]), false),
+            (mime(&[head, "Content-Type: multipart/mixed\n\n--b\nContent-Type: text/plain\n\nplain\n--b--\n"]), false),
+            (mime(&[head, "Content-Type: text/calendar\n\nBEGIN:VCALENDAR\n"]), false),
+            // A multipart inside an alternative: there an inline HTML part
+            // first is not the text body (mail-parser's alternative
+            // bookkeeping), so none is followed.
+            (mime(&[head, "Content-Type: multipart/alternative; boundary=a\n\n--a\nContent-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: text/html\n\n<p>html</p>\n--b\nContent-Type: text/plain\n\nplain\n--b--\n--a--\n"]), false),
+            (mime(&[head, "Content-Type: text/plain\nContent-Disposition: attachment; filename=a.txt\n\nnot the body\n"]), false),
+            // A header section without a body.
+            (mime(&[head]), true),
+        ];
+        for (raw, alone) in &cases {
+            let text = String::from_utf8_lossy(raw);
+            match fast_body_agrees(raw) {
+                Ok(applied) => assert_eq!(applied, *alone, "{text}"),
+                Err(why) => panic!("{text}\n{why}"),
+            }
+        }
+        // And through parse_for: the same body either way.
+        for (raw, _) in &cases {
+            let parsed = parse_for(raw, "INBOX", 1 << 20, true).unwrap();
+            assert_eq!(
+                parsed.body_text,
+                first_text_body_by_full_parse(raw).unwrap(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+    }
+
+    #[test]
+    fn deeply_nested_mixed_multiparts_are_left_to_a_full_parse() {
+        let mut raw = String::from("From: a@b.test\n");
+        for level in 0..40 {
+            raw.push_str(&format!(
+                "Content-Type: multipart/mixed; boundary=b{level}\n\n--b{level}\n"
+            ));
+        }
+        raw.push_str("Content-Type: text/plain\n\ndeep\n");
+        assert_eq!(first_text_body_without_full_parse(raw.as_bytes()), None);
+        assert!(parse_for(raw.as_bytes(), "INBOX", 1 << 20, true).is_ok());
+    }
+
+    /// A MIME part for the proptest below: leaves of varied types,
+    /// encodings, charsets and dispositions, multiparts of varied kinds.
+    fn mime_part() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let text = proptest::sample::select(vec![
+            "plain words",
+            "caf=C3=A9 =\nsoft",
+            "trailing  ",
+            "=",
+            "--",
+            "a=3Db",
+            "aGVsbG8=",
+            "<p>html <b>x</b></p>",
+            "",
+            "caf\u{e9}",
+            "=E9",
+            "line\nline",
+            "\r",
+        ]);
+        let leaf = (
+            proptest::sample::select(vec![
+                // The shapes followed most, weighted up.
+                "",
+                "",
+                "Content-Type: text/plain\n",
+                "Content-Type: text/plain\n",
+                "Content-Type: text/plain\n",
+                "Content-Type: text/plain; charset=iso-8859-1\n",
+                "Content-Type: text/plain; charset=utf-8\n",
+                "Content-Type: text/html\n",
+                "Content-Type: text/html; charset=windows-1252\n",
+                "Content-Type: application/pdf\n",
+                "Content-Type: text/calendar\n",
+                "Content-Type: message/rfc822\n",
+                "Content-Type: text\n",
+            ]),
+            proptest::sample::select(vec![
+                "",
+                "Content-Transfer-Encoding: quoted-printable\n",
+                "Content-Transfer-Encoding: base64\n",
+                "Content-Transfer-Encoding: 8bit\n",
+            ]),
+            proptest::sample::select(vec![
+                "",
+                "Content-Disposition: attachment\n",
+                "Content-Disposition: inline\n",
+            ]),
+            proptest::collection::vec(text, 0..4),
+        )
+            .prop_map(|(ct, cte, cd, body)| format!("{ct}{cte}{cd}\n{}", body.join("\n")));
+        leaf.prop_recursive(3, 12, 4, |inner| {
+            (
+                proptest::sample::select(vec!["mixed", "alternative", "related", "digest"]),
+                proptest::sample::select(vec!["b", "b1", "=_x"]),
+                proptest::collection::vec(inner, 1..4),
+                proptest::bool::ANY,
+            )
+                .prop_map(|(kind, boundary, parts, close)| {
+                    let mut out = format!(
+                        "Content-Type: multipart/{kind}; boundary=\"{boundary}\"\n\npreamble\n"
+                    );
+                    for p in parts {
+                        out.push_str(&format!("--{boundary}\n{p}\n"));
+                    }
+                    if close {
+                        out.push_str(&format!("--{boundary}--\n"));
+                    }
+                    out
+                })
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+        #[test]
+        fn first_text_body_alone_agrees_on_generated_mime(
+            part in mime_part(),
+            crlf in proptest::bool::ANY,
+        ) {
+            let mut raw = format!("From: a@b.test\nSubject: s\n{part}");
+            if crlf {
+                raw = raw.replace('\n', "\r\n");
+            }
+            fast_body_agrees(raw.as_bytes()).map_err(proptest::test_runner::TestCaseError::fail)?;
         }
     }
 
