@@ -858,6 +858,65 @@ mod tests {
         }
     }
 
+    /// The header fields `read_message` reads are those of a full
+    /// mail-parser parse's first part (it starts the same way).
+    fn top_headers_agree(raw: &[u8]) -> Result<(), String> {
+        let raw = strip_mbox_from_line(raw);
+        let Ok(full) = guarded(|| LEAN_PARSER.parse(raw)) else {
+            return Ok(());
+        };
+        let (headers, _) = read_message(raw, false);
+        let full_headers = full
+            .as_ref()
+            .and_then(|m| m.parts.first())
+            .map(|p| &p.headers);
+        match full_headers {
+            Some(h) if *h == headers => Ok(()),
+            None if headers.is_empty() => Ok(()),
+            other => Err(format!("full {other:?}\nread {headers:?}")),
+        }
+    }
+
+    /// Every fixture, every corpus message (when `../shared/corpora` is
+    /// there) and the malformed cases above.
+    #[test]
+    fn top_level_headers_are_what_a_full_parse_reads() {
+        let mut files = Vec::new();
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut stack = vec![root.join("fixtures"), root.join("../shared/corpora")];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        let mut checked = 0;
+        for f in &files {
+            let bytes = std::fs::read(f).unwrap();
+            for raw in crate::replay::split_mbox(&bytes) {
+                if let Err(why) = top_headers_agree(&raw) {
+                    panic!("{}\n{why}", f.display());
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "{checked}");
+        for raw in [
+            &b"X-Foo: a\0b\n\nbody"[..],
+            b"From: a@b.test\nnot a header\nX-Foo: a\0b\n\nbody",
+            b"From: a",
+        ] {
+            top_headers_agree(raw).unwrap();
+        }
+    }
+
     /// Where [`first_text_body`] decodes the body on its own it must give
     /// what a full parse gives; returns whether it applied.
     fn fast_body_agrees(raw: &[u8]) -> Result<bool, String> {
@@ -1050,6 +1109,7 @@ mod tests {
             bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)
         ) {
             headers_only_agrees(&bytes).map_err(proptest::test_runner::TestCaseError::fail)?;
+            top_headers_agree(&bytes).map_err(proptest::test_runner::TestCaseError::fail)?;
         }
 
         /// Arbitrary bytes rarely look like a header section; these do,
@@ -1071,6 +1131,7 @@ mod tests {
         ) {
             let raw = lines.join(if crlf { "\r\n" } else { "\n" });
             headers_only_agrees(raw.as_bytes()).map_err(proptest::test_runner::TestCaseError::fail)?;
+            top_headers_agree(raw.as_bytes()).map_err(proptest::test_runner::TestCaseError::fail)?;
         }
     }
 }

@@ -106,12 +106,15 @@ impl MemIndex {
         // First, on what `idx` holds already (the store's answer, earlier
         // stages): everything added below is current.
         self.override_regarding(idx);
-        for k in &keys.message_ids {
-            if let Some(a) = self.by_message_id.get(k) {
-                idx.by_message_id
-                    .entry(k.clone())
-                    .or_insert_with(|| self.tracked(*a));
-            }
+        // Up to the first hit, as the store (see `LookupKeys`).
+        if let Some((k, a)) = keys
+            .message_ids
+            .iter()
+            .find_map(|k| self.by_message_id.get(k).map(|a| (k, a)))
+        {
+            idx.by_message_id
+                .entry(k.clone())
+                .or_insert_with(|| self.tracked(*a));
         }
         for k in &keys.token_digits {
             if let Some(a) = self.by_token.get(k) {

@@ -365,7 +365,10 @@ pub struct IndexEntry {
 /// Keys whose tracked emails correlation wants to see.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LookupKeys {
-    /// Normalised Message-IDs from In-Reply-To and References.
+    /// Normalised Message-IDs from In-Reply-To, then References newest
+    /// first. The header method takes the first that names a tracked email,
+    /// so a lookup may stop at its first hit: whatever it holds, the first
+    /// hit of all sources layered into one [`Indexes`] is among them.
     pub message_ids: Vec<String>,
     /// Digit runs of tracking tokens found in the subject.
     pub token_digits: Vec<String>,

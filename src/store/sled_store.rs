@@ -539,8 +539,18 @@ impl Store for SledStore {
     fn lookup_into(&self, keys: &LookupKeys, idx: &mut Indexes<'_>) -> Result<(), StoreError> {
         // Found by `lookup_keys` already; the token method reuses them.
         idx.derived = Some(keys.derived.clone());
-        for (id, t) in self.tracked_by_message_ids(&keys.message_ids)? {
-            idx.by_message_id.entry(id).or_insert(t);
+        // In order, up to the first tracked one (see `LookupKeys`): a long
+        // References chain costs one read when In-Reply-To is tracked.
+        for id in &keys.message_ids {
+            if let Some(t) = self
+                .get_id(&mid_key(id))?
+                .map(|aid| self.tracked(aid))
+                .transpose()?
+                .flatten()
+            {
+                idx.by_message_id.entry(id.clone()).or_insert(t);
+                break;
+            }
         }
         for d in &keys.token_digits {
             if let Some(aid) = self.get_id(&key("t/", &[d.as_bytes()]))? {
@@ -961,6 +971,56 @@ mod tests {
             .unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(t["a@x"].activity, first);
+    }
+
+    /// The header method takes the first tracked id of In-Reply-To, then
+    /// References newest first; the store reads up to that one only, and a
+    /// batch's staged overlay layered over it still gives the method the
+    /// first hit of both.
+    #[test]
+    fn message_ids_resolve_up_to_the_first_tracked_one() {
+        use crate::correlate::{
+            correlate, lookup_keys, CorrelationSettings, MemIndex, MessageFeatures,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut stored = Vec::new();
+        for (n, mid) in ["root@x", "mid@x", "newest@x"].iter().enumerate() {
+            let mut a = activity("m", &n.to_string(), Some(mid), &format!("h{n}"));
+            a.regarding = Some(format!("case:{n}").parse().unwrap());
+            stored.push(a);
+        }
+        s.commit(batch(stored)).unwrap();
+        let settings = CorrelationSettings::default();
+        let reply = MessageFeatures {
+            in_reply_to: vec!["unknown@x".into()],
+            references: vec!["root@x".into(), "mid@x".into(), "newest@x".into()],
+            ..Default::default()
+        };
+        let keys = lookup_keys(&reply, &settings);
+        let mut idx = Indexes::default();
+        s.lookup_into(&keys, &mut idx).unwrap();
+        assert_eq!(
+            idx.by_message_id.keys().collect::<Vec<_>>(),
+            vec!["newest@x"],
+            "one read past the first hit"
+        );
+        let d = correlate(&reply, &idx, &settings);
+        assert_eq!(d.method, CorrelationMethod::InReplyTo);
+        assert_eq!(d.regarding, Some("case:2".parse().unwrap()));
+        assert!(
+            d.reasons[0].contains("References contains <newest@x>"),
+            "{:?}",
+            d.reasons
+        );
+        // The parent staged in the same batch (not in the store yet) comes
+        // first in the order, so it wins over the store's hit.
+        let mut staged = MemIndex::default();
+        staged.insert_message_ids(&["unknown@x".into()], 99, Some("case:9".parse().unwrap()));
+        staged.fill(&keys, &mut idx);
+        let d = correlate(&reply, &idx, &settings);
+        assert_eq!(d.method, CorrelationMethod::InReplyTo);
+        assert_eq!(d.regarding, Some("case:9".parse().unwrap()));
     }
 
     #[test]
