@@ -3,6 +3,13 @@
 //! mail-parser accepts almost anything, so this stage also decides what is too
 //! broken to be an email at all. Such input is not an error of the mailbox: it is
 //! a [`Malformed`] verdict with a reason, and the pipeline quarantines it.
+//!
+//! Nothing past the header section is read except the first text body (the
+//! quoted-text fingerprint's input), so only that is parsed: with
+//! mail-parser's own stream, header parser and decoders where the MIME
+//! structure makes its choice of that part plain, with mail-parser's full
+//! parse otherwise. Attachments and HTML alternatives, most of a full
+//! parse's work, are never decoded.
 
 use std::borrow::Cow;
 
