@@ -3,6 +3,10 @@
 //! also indexed as a tracked email, so the next run of every method sees
 //! candidates) → correlate, and staged correlation as the pipeline runs it,
 //! in both smart-matching modes. Must never panic.
+//!
+//! Also differential: where parse decodes the first text body alone (no
+//! full mail-parser parse), it must be what a full parse decodes, and the
+//! header-only parse must read what the parse with the body reads.
 #![no_main]
 
 use crm_mailsync::correlate::{
@@ -27,9 +31,21 @@ fuzz_target!(
         }));
     },
     |data: &[u8]| {
+    if let Some(alone) = crm_mailsync::parse::first_text_body_without_full_parse(data) {
+        if let Ok(full) = crm_mailsync::parse::first_text_body_by_full_parse(data) {
+            assert_eq!(alone, full, "first text body decoded alone");
+        }
+    }
     let Ok(p) = crm_mailsync::parse::parse(data, "INBOX", 1 << 20) else {
         return;
     };
+    match crm_mailsync::parse::parse_for(data, "INBOX", 1 << 20, false) {
+        Ok(headers_only) => {
+            assert_eq!(headers_only.features, p.features, "header-only parse");
+            assert_eq!(headers_only.auto, p.auto, "header-only parse");
+        }
+        Err(e) => panic!("header-only parse rejects what parse accepts: {e}"),
+    }
     let mut f = p.features;
     f.add_body_features(&p.body_text);
     for mode in [SmartMode::Scored, SmartMode::Dynamics] {
