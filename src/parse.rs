@@ -281,7 +281,9 @@ pub fn first_text_body_without_full_parse(raw: &[u8]) -> Option<String> {
 /// `None` when [`first_text_body`] leaves it to a full parse.
 fn read_message(raw: &[u8], with_body: bool) -> (Vec<Header<'_>>, Option<Cow<'_, str>>) {
     let mut stream = MessageStream::new(raw);
-    let mut headers = Vec::new();
+    // Real mail has 10 to 40 fields: start where most end instead of
+    // growing 4 → 8 → 16 (each step a copy of 120-byte headers).
+    let mut headers = Vec::with_capacity(16);
     // `false`: the header section runs to the end, there is no body.
     if !stream.parse_headers(&LEAN_PARSER, &mut headers) || !with_body {
         return (headers, Some(Cow::Borrowed("")));
