@@ -637,21 +637,19 @@ fn bench(c: &mut Criterion) {
                 matched_store, matched,
                 "sled and in-memory index decide alike"
             );
-            group.bench_function("parse_correlate_sled", |b| {
-                b.iter(|| {
-                    for r in &raws {
-                        black_box(parse_and_correlate_store(black_box(r), &store, &s));
-                    }
-                })
-            });
-            // The daemon with the Dynamics defaults (smart matching off).
-            group.bench_function("parse_correlate_sled_smart_off", |b| {
-                b.iter(|| {
-                    for r in &raws {
-                        black_box(parse_and_correlate_store(black_box(r), &store, &defaults));
-                    }
-                })
-            });
+            // Scored smart matching, then the Dynamics defaults (off).
+            for (name, settings) in [
+                ("parse_correlate_sled", &s),
+                ("parse_correlate_sled_smart_off", &defaults),
+            ] {
+                group.bench_function(name, |b| {
+                    b.iter(|| {
+                        for r in &raws {
+                            black_box(parse_and_correlate_store(black_box(r), &store, settings));
+                        }
+                    })
+                });
+            }
         }
         // mail-parser alone once more, last: its time moves with what ran
         // before it (heap state after building the index), so both the

@@ -1003,7 +1003,7 @@ mod tests {
         assert_eq!(
             idx.by_message_id.keys().collect::<Vec<_>>(),
             vec!["newest@x"],
-            "one read past the first hit"
+            "nothing read past the first hit"
         );
         let d = correlate(&reply, &idx, &settings);
         assert_eq!(d.method, CorrelationMethod::InReplyTo);
