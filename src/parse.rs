@@ -811,6 +811,28 @@ mod tests {
         );
     }
 
+    /// Every file below these directories (relative to the crate; a
+    /// missing one is skipped).
+    fn files_under(dirs: &[&str]) -> Vec<std::path::PathBuf> {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let mut stack: Vec<_> = dirs.iter().map(|d| root.join(d)).collect();
+        let mut files = Vec::new();
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        files
+    }
+
     /// `parse_for` without the body parses the header section alone; what
     /// it returns must be what a full parse returns, body aside. A full
     /// parse that panics inside mail-parser's body code (see the fuzz case
@@ -846,17 +868,9 @@ mod tests {
             b"From: a@b.test\nnot a header\nX-Foo: a\0b\n\nbody".to_vec(),
             b"From: a@b.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\nSubject: inner\r\n\r\ntext\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: x@y.test\r\nSubject: nested\r\n\r\nhi\r\n--b--\r\n".to_vec(),
         ];
-        for dir in ["fixtures/correlation", "fixtures/demo-maildir"] {
-            let mut stack = vec![std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(dir)];
-            while let Some(d) = stack.pop() {
-                for e in std::fs::read_dir(&d).unwrap() {
-                    let p = e.unwrap().path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else if p.extension().is_none_or(|x| x == "eml") {
-                        inputs.push(std::fs::read(&p).unwrap());
-                    }
-                }
+        for p in files_under(&["fixtures/correlation", "fixtures/demo-maildir"]) {
+            if p.extension().is_none_or(|x| x == "eml") {
+                inputs.push(std::fs::read(&p).unwrap());
             }
         }
         assert!(inputs.len() > 50, "fixtures found: {}", inputs.len());
@@ -890,22 +904,7 @@ mod tests {
     /// there) and the malformed cases above.
     #[test]
     fn top_level_headers_are_what_a_full_parse_reads() {
-        let mut files = Vec::new();
-        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let mut stack = vec![root.join("fixtures"), root.join("../shared/corpora")];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    files.push(p);
-                }
-            }
-        }
+        let files = files_under(&["fixtures", "../shared/corpora"]);
         let mut checked = 0;
         for f in &files {
             let bytes = std::fs::read(f).unwrap();

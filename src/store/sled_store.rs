@@ -365,6 +365,14 @@ impl SledStore {
         Ok(Some(c.data))
     }
 
+    /// The tracked email known under a Message-ID.
+    fn tracked_by_message_id(&self, id: &str) -> Result<Option<TrackedEmail>, StoreError> {
+        match self.get_id(&mid_key(id))? {
+            Some(aid) => self.tracked(aid),
+            None => Ok(None),
+        }
+    }
+
     fn tracked(&self, id: ActivityId) -> Result<Option<TrackedEmail>, StoreError> {
         Ok(self.regarding_of(id)?.map(|regarding| TrackedEmail {
             activity: id,
@@ -527,10 +535,8 @@ impl Store for SledStore {
     ) -> Result<HashMap<String, TrackedEmail>, StoreError> {
         let mut out = HashMap::new();
         for id in ids {
-            if let Some(aid) = self.get_id(&mid_key(id))? {
-                if let Some(t) = self.tracked(aid)? {
-                    out.insert(crate::correlate::normalize_message_id(id), t);
-                }
+            if let Some(t) = self.tracked_by_message_id(id)? {
+                out.insert(crate::correlate::normalize_message_id(id), t);
             }
         }
         Ok(out)
@@ -542,12 +548,7 @@ impl Store for SledStore {
         // In order, up to the first tracked one (see `LookupKeys`): a long
         // References chain costs one read when In-Reply-To is tracked.
         for id in &keys.message_ids {
-            if let Some(t) = self
-                .get_id(&mid_key(id))?
-                .map(|aid| self.tracked(aid))
-                .transpose()?
-                .flatten()
-            {
+            if let Some(t) = self.tracked_by_message_id(id)? {
                 idx.by_message_id.entry(id.clone()).or_insert(t);
                 break;
             }
