@@ -153,8 +153,18 @@ pub struct Profile {
     /// Keyword set on processed messages where the server allows it.
     pub processed_keyword: Option<String>,
     pub idle: bool,
-    /// Transient failures in a row before a mailbox is treated as permanently failing.
-    pub max_transient_failures: u32,
+    /// Longest wait between retries after transient errors (the back-off cap).
+    pub retry_backoff_max: Duration,
+    /// A mailbox without a successful sync for this long gets an Error alert
+    /// and is named by `/readyz` (it keeps retrying).
+    pub stall_alert_after: Duration,
+    /// The deprecated `max_transient_failures`, if set: accepted so old
+    /// configs load, otherwise ignored (transient errors never disable a
+    /// mailbox any more); the daemon logs a deprecation warning.
+    pub max_transient_failures: Option<u32>,
+    /// The file the profile password came from, watched so a disabled mailbox
+    /// is re-enabled when it changes.
+    pub password_file: Option<PathBuf>,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.
@@ -196,6 +206,8 @@ pub struct Mailbox {
     pub token_file: Option<PathBuf>,
     /// Expiry of this mailbox's static or bare-file token.
     pub token_expires_at: Option<crate::model::UnixTime>,
+    /// The file this mailbox's password came from (watched, see [`Profile::password_file`]).
+    pub password_file: Option<PathBuf>,
     pub tracked_folders: Vec<FolderRule>,
     /// Folders synced besides INBOX and the tracked folders.
     pub extra_folders: Vec<String>,
@@ -612,20 +624,10 @@ fn secret(
         return Some(Secret::new(s));
     }
     if let Some(f) = file {
-        let mut p = PathBuf::from(&f);
-        if p.is_relative() && !p.exists() {
-            p = base_dir.join(&f);
-        }
-        return match std::fs::read_to_string(&p) {
-            Ok(s) if !s.trim().is_empty() => {
-                Some(Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
-            }
-            Ok(_) => {
-                errs.push(t.key(file_key), format!("{} is empty", p.display()));
-                None
-            }
+        return match read_secret_file(&secret_path(&f, base_dir)) {
+            Ok(s) => Some(s),
             Err(e) => {
-                errs.push(t.key(file_key), format!("cannot read {}: {e}", p.display()));
+                errs.push(t.key(file_key), e);
                 None
             }
         };
@@ -643,6 +645,37 @@ fn secret(
         };
     }
     None
+}
+
+/// Where a `password_file` value points: as given, else relative to the
+/// config file's directory.
+fn secret_path(f: &str, base_dir: &Path) -> PathBuf {
+    let p = PathBuf::from(f);
+    if p.is_relative() && !p.exists() {
+        base_dir.join(f)
+    } else {
+        p
+    }
+}
+
+/// The resolved `password_file` of a table (already validated by [`secret`]).
+fn secret_file_of(t: &mut Table<'_>, file_key: &'static str, base_dir: &Path) -> Option<PathBuf> {
+    match t.raw(file_key) {
+        Some(Value::String(f)) => Some(secret_path(f, base_dir)),
+        _ => None,
+    }
+}
+
+/// Reads a secret file (`password_file`): the content without its trailing
+/// line break. Also used to pick up a changed password without a restart.
+pub fn read_secret_file(p: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(p) {
+        Ok(s) if !s.trim().is_empty() => {
+            Ok(Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
+        }
+        Ok(_) => Err(format!("{} is empty", p.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+    }
 }
 
 /// Reads `token_file` (an OAuth2 token re-read before every login; checked
@@ -1098,6 +1131,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         base_dir,
         errs,
     );
+    let password_file = secret_file_of(&mut t, "password_file", base_dir);
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if auth != AuthKind::OAuth2 && (token_file.is_some() || token_expires_at.is_some()) {
         errs.push(
@@ -1148,7 +1182,19 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         }
     }
     let idle = t.bool("idle", true, errs);
-    let max_transient_failures = t.int("max_transient_failures", 10, 1, 1000, errs) as u32;
+    let retry_backoff_max = t.duration("retry_backoff_max", SECS(900), SECS(1), SECS(86_400), errs);
+    let stall_alert_after = t.duration(
+        "stall_alert_after",
+        SECS(3600),
+        SECS(1),
+        SECS(30 * 86_400),
+        errs,
+    );
+    // Deprecated: still range-checked so a typo is reported, then ignored.
+    let max_transient_failures = t
+        .raw("max_transient_failures")
+        .is_some()
+        .then(|| t.int("max_transient_failures", 10, 1, 1000, errs) as u32);
 
     if let Some(kind) = kind {
         let needs_server = !matches!(kind, ProfileType::Maildir);
@@ -1218,7 +1264,10 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         max_message_size,
         processed_keyword,
         idle,
+        retry_backoff_max,
+        stall_alert_after,
         max_transient_failures,
+        password_file,
     })
 }
 
@@ -1308,6 +1357,7 @@ fn mailbox(
     // A secret that was given but could not be read is already reported;
     // "a password is required" on top of it would only be noise.
     let secret_reported = errs.0.len() > errors_before_secret;
+    let password_file = secret_file_of(&mut t, "password_file", base_dir);
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if let Some(p) = profile.filter(|p| p.auth != AuthKind::OAuth2) {
         if token_file.is_some() || token_expires_at.is_some() {
@@ -1467,6 +1517,7 @@ fn mailbox(
         secret,
         token_file,
         token_expires_at,
+        password_file,
         tracked_folders,
         extra_folders,
         delete_after_processing,

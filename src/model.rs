@@ -340,6 +340,10 @@ pub struct Alert {
     pub first_seen: UnixTime,
     pub last_seen: UnixTime,
     pub count: u64,
+    /// When the condition cleared (e.g. the mailbox synced again); `None`
+    /// while open. Alerts stored before this field existed load as open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<UnixTime>,
 }
 
 /// Persistent per-mailbox state (what Dynamics keeps on the mailbox record).

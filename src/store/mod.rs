@@ -152,4 +152,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Alerts, most recent first.
     fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError>;
+
+    /// Marks the open alerts of `mailbox` whose text starts with `prefix` as
+    /// resolved at `at`; raising the same text again opens a new alert.
+    /// Returns how many were resolved.
+    fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError>;
 }

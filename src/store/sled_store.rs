@@ -706,16 +706,7 @@ impl Store for SledStore {
         at: UnixTime,
     ) -> Result<Alert, StoreError> {
         let _guard = self.lock();
-        let level_s = format!("{level:?}");
-        let ident = key(
-            "lk/",
-            &[
-                level_s.as_bytes(),
-                mailbox.unwrap_or("").as_bytes(),
-                profile.unwrap_or("").as_bytes(),
-                text.as_bytes(),
-            ],
-        );
+        let ident = alert_identity(level, mailbox, profile, text);
         let alert = match self.get_id(&ident)? {
             Some(id) => match self.get_json::<Alert>(&id_key("l/", id))? {
                 Some(mut a) => {
@@ -738,6 +729,7 @@ impl Store for SledStore {
                 first_seen: at,
                 last_seen: at,
                 count: 1,
+                resolved_at: None,
             },
         };
         let mut b = sled::Batch::default();
@@ -758,6 +750,56 @@ impl Store for SledStore {
         all.truncate(limit.max(1));
         Ok(all)
     }
+
+    fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError> {
+        let _guard = self.lock();
+        let mut b = sled::Batch::default();
+        let mut resolved = 0u64;
+        for kv in self.tree.scan_prefix(b"l/") {
+            let (k, v) = kv.map_err(io)?;
+            let mut a = decode::<Alert>(&k, &v)?;
+            if a.resolved_at.is_some()
+                || a.mailbox.as_deref() != Some(mailbox)
+                || !a.text.starts_with(prefix)
+            {
+                continue;
+            }
+            a.resolved_at = Some(at);
+            // Unlinked from its identity: the next identical alert is a new one.
+            b.remove(alert_identity(
+                a.level,
+                a.mailbox.as_deref(),
+                a.profile.as_deref(),
+                &a.text,
+            ));
+            b.insert(k, encode(&a)?);
+            resolved += 1;
+        }
+        if resolved > 0 {
+            self.tree.apply_batch(b).map_err(io)?;
+            self.durable()?;
+        }
+        Ok(resolved)
+    }
+}
+
+/// Key under which an open alert is found for aggregation.
+fn alert_identity(
+    level: AlertLevel,
+    mailbox: Option<&str>,
+    profile: Option<&str>,
+    text: &str,
+) -> Vec<u8> {
+    let level_s = format!("{level:?}");
+    key(
+        "lk/",
+        &[
+            level_s.as_bytes(),
+            mailbox.unwrap_or("").as_bytes(),
+            profile.unwrap_or("").as_bytes(),
+            text.as_bytes(),
+        ],
+    )
 }
 
 impl SledStore {
@@ -1306,5 +1348,42 @@ mod tests {
         let all = s.alerts(10).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].text, "slow");
+    }
+
+    #[test]
+    fn resolved_alert_stays_listed_and_a_repeat_opens_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let first = s
+            .raise_alert(AlertLevel::Error, Some("m"), None, "not synced since x", 10)
+            .unwrap();
+        s.raise_alert(
+            AlertLevel::Error,
+            Some("other"),
+            None,
+            "not synced since x",
+            10,
+        )
+        .unwrap();
+        assert_eq!(s.resolve_alerts("m", "not synced since", 20).unwrap(), 1);
+        assert_eq!(s.resolve_alerts("m", "not synced since", 21).unwrap(), 0);
+        let again = s
+            .raise_alert(AlertLevel::Error, Some("m"), None, "not synced since x", 30)
+            .unwrap();
+        assert_ne!(again.id, first.id);
+        let all = s.alerts(10).unwrap();
+        let old = all.iter().find(|a| a.id == first.id).unwrap();
+        assert_eq!((old.resolved_at, old.count), (Some(20), 1));
+        assert!(all
+            .iter()
+            .filter(|a| a.id != first.id)
+            .all(|a| a.resolved_at.is_none()));
+    }
+
+    #[test]
+    fn alerts_stored_without_resolved_at_load_as_open() {
+        let json = r#"{"id":1,"level":"error","mailbox":"m","profile":null,"text":"t","first_seen":1,"last_seen":2,"count":3}"#;
+        let a: Alert = serde_json::from_str(json).unwrap();
+        assert_eq!(a.resolved_at, None);
     }
 }
