@@ -1018,9 +1018,14 @@ password_file = "{pw}"
         let h = harness("");
         let fake = Fake::new(Mode::Transient);
         let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
-        while fake.script().fetches.len() < 50 {
+        // 50 failures take about 10 h at the 15 min cap; give it 24.
+        for _ in 0..24 * 60 {
+            if fake.script().fetches.len() >= 50 {
+                break;
+            }
             sleep(60).await;
         }
+        assert!(fake.script().fetches.len() >= 50);
         assert_eq!(h.phase(), Phase::BackingOff);
         let state = h.state();
         assert!(state.enabled, "{state:?}");

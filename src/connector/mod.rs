@@ -149,8 +149,8 @@ impl Classify for ConnectorError {
             ConnectorError::Maildir { disposition, .. } => *disposition,
             // A token source that can change (a file someone rotates) gets
             // retried with back-off, so the mailbox recovers by itself once a
-            // fresh token is written; `max_transient_failures` still disables
-            // it if nobody does. A static token cannot change without a
+            // fresh token is written; the stall alert says so if nobody
+            // does. A static token cannot change without a
             // restart: retrying it is pointless.
             ConnectorError::Token(_) => Disposition::Transient,
             ConnectorError::TokenRejected { rotates, error, .. } => {
