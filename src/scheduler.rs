@@ -209,12 +209,16 @@ impl Runtime {
         }
     }
 
-    fn set_reenable(&self, name: &str, wake: Option<Arc<Notify>>) {
+    /// The wake-up of a disabled mailbox, registered from the moment it is
+    /// disabled so an enable request right then is not refused or lost.
+    fn reenable_handle(&self, name: &str) -> Arc<Notify> {
         let mut map = self.reenable.lock().unwrap_or_else(|p| p.into_inner());
-        match wake {
-            Some(w) => map.insert(name.to_string(), w),
-            None => map.remove(name),
-        };
+        map.entry(name.to_string()).or_default().clone()
+    }
+
+    fn clear_reenable(&self, name: &str) {
+        let mut map = self.reenable.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(name);
     }
 }
 
@@ -486,8 +490,7 @@ impl MailboxTask {
     /// content differs from `baseline`; false on shutdown.
     async fn wait_for_reenable(&self, watched: &[PathBuf], baseline: &[Option<u64>]) -> bool {
         let name = &self.mailbox.name;
-        let wake = Arc::new(Notify::new());
-        self.runtime.set_reenable(name, Some(wake.clone()));
+        let wake = self.runtime.reenable_handle(name);
         let why = loop {
             let now: Vec<Option<u64>> = watched.iter().map(|p| file_fingerprint(p)).collect();
             if now != baseline {
@@ -499,7 +502,7 @@ impl MailboxTask {
                 _ = self.cancel.cancelled() => break None,
             }
         };
-        self.runtime.set_reenable(name, None);
+        self.runtime.clear_reenable(name);
         match why {
             Some(why) => {
                 tracing::info!(mailbox = %name, "re-enabling the mailbox: {why}");
@@ -555,6 +558,9 @@ impl MailboxTask {
         // The stall clock: tokio's, so tests can run it on paused time.
         let mut healthy_at = tokio::time::Instant::now();
         let started_wall = model::now();
+        // Alerts to resolve at the next success: whatever is open at start
+        // (from before a restart or re-enable), then what failures raised.
+        let mut alerts_open = true;
         loop {
             if self.cancel.is_cancelled() {
                 return Exit::Stopped;
@@ -580,7 +586,10 @@ impl MailboxTask {
                     metrics::gauge!(telemetry::LAST_SUCCESS, "mailbox" => name.clone())
                         .set(now as f64);
                     healthy_at = tokio::time::Instant::now();
-                    self.recovered(now);
+                    self.alerts.mailbox_recovered(&self.profile.name, &name);
+                    if std::mem::take(&mut alerts_open) {
+                        self.recovered(now);
+                    }
                     self.save_state(&state);
                     self.set_phase(Phase::Waiting, &state);
                     let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
@@ -611,6 +620,7 @@ impl MailboxTask {
                         self.disable(&mut state, &e.to_string());
                         return Exit::Disabled;
                     }
+                    alerts_open = true;
                     let delay = self.backoff.delay(state.transient_failures);
                     state.postponed_until = Some(now + delay.as_secs() as i64);
                     self.alert(AlertLevel::Warning, &format!("{TRANSIENT_ALERT}{e}"));
@@ -634,11 +644,10 @@ impl MailboxTask {
         }
     }
 
-    /// After a successful sync: the profile failure rule forgets the mailbox,
-    /// and the stall, disabled and retry alerts are resolved.
+    /// After a successful sync that follows failures (or a start): the stall,
+    /// disabled and retry alerts are resolved.
     fn recovered(&self, now: UnixTime) {
         let name = &self.mailbox.name;
-        self.alerts.mailbox_recovered(&self.profile.name, name);
         self.runtime.update(name, |m| m.not_synced_since = None);
         for prefix in [STALL_ALERT, DISABLED_ALERT, TRANSIENT_ALERT] {
             self.alerts.resolve(name, prefix, now);
@@ -687,6 +696,7 @@ impl MailboxTask {
         // Disabled is not stalled: the disable alert says what is wrong.
         self.runtime
             .update(&self.mailbox.name, |m| m.not_synced_since = None);
+        self.runtime.reenable_handle(&self.mailbox.name);
         self.save_state(state);
         self.set_phase(Phase::Disabled, state);
     }
