@@ -201,6 +201,8 @@ pub struct Mailbox {
     pub extra_folders: Vec<String>,
     pub delete_after_processing: bool,
     pub track: TrackFilter,
+    /// What happens to automatic mail (`automatic_mail`).
+    pub automatic_mail: crate::filter::AutomaticMailPolicy,
 }
 
 /// The whole validated configuration.
@@ -1339,6 +1341,7 @@ fn mailbox(
         errs,
     );
     let extra_folders = t.string_list("folders", errs);
+    let automatic_mail = automatic_mail(t.sub("automatic_mail", errs), errs);
 
     let mut tracked_folders = Vec::new();
     let tf_path = t.key("tracked_folders");
@@ -1471,7 +1474,38 @@ fn mailbox(
         extra_folders,
         delete_after_processing,
         track,
+        automatic_mail,
     })
+}
+
+/// `mailboxes[i].automatic_mail`: the action per class of automatic mail
+/// that correlates to nothing, and the loop detector.
+fn automatic_mail(mut t: Table<'_>, errs: &mut Errors) -> crate::filter::AutomaticMailPolicy {
+    use crate::filter::{AutomaticAction, AutomaticMailPolicy};
+    let d = AutomaticMailPolicy::default();
+    let actions = [
+        ("track", AutomaticAction::Track),
+        ("track_no_reply", AutomaticAction::TrackNoReply),
+        ("skip", AutomaticAction::Skip),
+    ];
+    let policy = AutomaticMailPolicy {
+        auto_reply: t.choice("auto_reply", d.auto_reply, &actions, errs),
+        bounce: t.choice("bounce", d.bounce, &actions, errs),
+        bulk: t.choice("bulk", d.bulk, &actions, errs),
+        list: t.choice("list", d.list, &actions, errs),
+        loop_limit: t.int("loop_limit", i64::from(d.loop_limit), 1, 10_000, errs) as u32,
+        loop_window: t
+            .duration(
+                "loop_window",
+                Duration::from_secs(d.loop_window as u64),
+                Duration::from_secs(60),
+                Duration::from_secs(7 * 24 * 3600),
+                errs,
+            )
+            .as_secs() as i64,
+    };
+    t.finish(errs);
+    policy
 }
 
 fn looks_like_email(s: &str) -> bool {

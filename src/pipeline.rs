@@ -4,7 +4,7 @@
 //! Messages of one batch are handled in order and see each other: a reply
 //! committed in the same batch as its parent still correlates to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,10 +13,11 @@ use crate::connector::RawMessage;
 use crate::correlate::{self, CorrelationSettings, Decision, MemIndex};
 use crate::filter::{self, FilterPolicy, Verdict};
 use crate::model::{
-    CorrelationMethod, Direction, EmailActivity, QuarantineEntry, RecordRef, SourceKey,
+    ActivityId, AutomaticClass, CorrelationMethod, Direction, EmailActivity, QuarantineEntry,
+    RecordRef, SourceKey, UnixTime,
 };
 use crate::parse;
-use crate::store::{CommitBatch, PendingItem, Store, StoreError};
+use crate::store::{AutomaticMark, CommitBatch, PendingItem, Store, StoreError};
 
 /// Per-mailbox inputs of the pipeline.
 #[derive(Debug, Clone)]
@@ -48,7 +49,7 @@ impl PipelineContext {
             settings: cfg.correlation.clone(),
             policy: FilterPolicy {
                 own_addresses: own,
-                skip_auto_generated: true,
+                automatic: mailbox.automatic_mail.clone(),
                 track: mailbox.track,
             },
             max_message_size: max,
@@ -68,6 +69,13 @@ pub enum ItemResult {
         /// The message's own Message-ID, if it has one.
         message_id: Option<String>,
         decision: Decision,
+        /// Its automatic-mail class, if it is automatic.
+        automatic: Option<AutomaticClass>,
+        /// The outgoing side must never answer it.
+        no_reply: bool,
+        /// A Warning for the operator (a mail loop detected), raised by the
+        /// caller: the pipeline itself raises nothing.
+        notice: Option<String>,
     },
     Quarantined {
         reason: String,
@@ -93,6 +101,16 @@ impl crate::error::Classify for PipelineError {
             PipelineError::Quarantine { .. } => crate::error::Disposition::Transient,
         }
     }
+}
+
+/// The Warnings a batch's results ask the caller to raise.
+pub fn notices(results: &[(SourceKey, ItemResult)]) -> impl Iterator<Item = &str> {
+    results.iter().filter_map(|(_, r)| match r {
+        ItemResult::Correlated {
+            notice: Some(n), ..
+        } => Some(n.as_str()),
+        _ => None,
+    })
 }
 
 /// Why a message was left on the server undownloaded.
@@ -127,6 +145,11 @@ pub fn process_seeded(
     // (Message-ID, content hash) → activity staged in this batch, to mirror the
     // store's folder-move re-point for later messages of the same batch.
     let mut staged_copies: HashMap<(String, String), u64> = HashMap::new();
+    // Activities of this batch recorded as skipped: a link to one is no
+    // correlation for automatic mail.
+    let mut staged_skipped: HashSet<ActivityId> = HashSet::new();
+    // Loop-detector marks of this batch (pair, time), not committed yet.
+    let mut staged_marks: Vec<(String, UnixTime)> = Vec::new();
     for (m, seed) in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
@@ -184,10 +207,21 @@ pub fn process_seeded(
             Direction::Incoming
         };
         parsed.features.outgoing = direction == Direction::Outgoing;
+        let automatic = filter::classify(&parsed);
+        // A bounce answers the message it returns: looked up as In-Reply-To,
+        // the stored activity keeps its own headers.
+        let returned = returned_message_ids(&parsed);
+        let header_in_reply_to = parsed.features.in_reply_to.clone();
+        if !returned.is_empty() {
+            let mut ids = returned.clone();
+            ids.extend(header_in_reply_to.iter().cloned());
+            parsed.features.in_reply_to = ids;
+        }
+        let mut no_reply = automatic.is_some();
         // The body fingerprint is the costliest feature: the quoted part's
         // only when scored smart matching gets to run, the whole body's only
         // when a tracked email is indexed.
-        let decision = match filter::before_correlation(&parsed, &ctx.policy) {
+        let mut decision = match filter::before_correlation(&parsed, &ctx.policy) {
             _ if seed.is_some() => Decision {
                 method: CorrelationMethod::Custom,
                 regarding: seed.cloned(),
@@ -208,6 +242,19 @@ pub fn process_seeded(
                         Ok::<_, StoreError>(())
                     },
                 )?;
+                let d = match &automatic {
+                    None => d,
+                    Some(a) => {
+                        let linked_to_skipped = match (&d.regarding, d.correlated_with) {
+                            (None, Some(id)) => is_skipped(store, &staged_skipped, id)?,
+                            _ => false,
+                        };
+                        let correlation = filter::correlation_of(&d, linked_to_skipped);
+                        let v = filter::automatic_verdict(a, d, correlation, &ctx.policy.automatic);
+                        no_reply = v.no_reply;
+                        v.decision
+                    }
+                };
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
                         skipped(reason)
@@ -216,11 +263,58 @@ pub fn process_seeded(
                 }
             }
         };
+        if !returned.is_empty() {
+            parsed.features.in_reply_to = header_in_reply_to;
+            describe_bounce(&mut decision, &parsed, &returned);
+        }
+        // Loop detector: automatic replies and bounces between one pair of
+        // addresses, counted across batches through the store's marks.
+        let mut notice = None;
+        let mut mark = None;
+        let policy = &ctx.policy.automatic;
+        if let Some(a) = automatic
+            .as_ref()
+            .filter(|a| filter::counts_toward_loops(a.class))
+        {
+            let f = &parsed.features;
+            if let Some(pair) = filter::loop_pair(&f.from, &f.to, &f.cc, &ctx.own_addresses) {
+                let at = m.received_at.or(f.sent_at).unwrap_or(now);
+                let since = at.saturating_sub(policy.loop_window);
+                let limit = policy.loop_limit as usize;
+                let before = store.automatic_since(&ctx.mailbox, &pair, since, limit + 1)?
+                    + staged_marks
+                        .iter()
+                        .filter(|(p, t)| *p == pair && *t >= since)
+                        .count();
+                if before >= limit {
+                    let mut d = skipped(filter::loop_reason(&pair, before + 1, policy));
+                    d.reasons.push(format!("{}: {}", a.class, a.why));
+                    decision = d;
+                    if before == limit {
+                        notice = Some(filter::loop_notice(&pair, policy));
+                    }
+                }
+                staged_marks.push((pair.clone(), at));
+                mark = Some((pair, at));
+            }
+        }
         let tracked = decision.regarding.is_some() || decision.correlated_with.is_some();
         if tracked && ctx.settings.wants_body_features() {
             parsed.features.add_index_features(&parsed.body_text);
         }
         let id = store.allocate_id()?;
+        if decision.method == CorrelationMethod::Skipped {
+            staged_skipped.insert(id);
+        }
+        if let Some((pair, at)) = mark {
+            batch.automatic.push(AutomaticMark {
+                mailbox: ctx.mailbox.clone(),
+                pair,
+                at,
+                activity: id,
+            });
+        }
+        let automatic = automatic.map(|a| a.class);
         let f = parsed.features;
         let message_id = f.message_ids.first().cloned();
         if decision.method == CorrelationMethod::Folder {
@@ -275,6 +369,8 @@ pub fn process_seeded(
             } else {
                 None
             },
+            automatic,
+            no_reply,
         };
         batch.items.push(PendingItem::Activity(Box::new(activity)));
         results.push((
@@ -283,6 +379,9 @@ pub fn process_seeded(
                 activity: id,
                 message_id,
                 decision,
+                automatic,
+                no_reply,
+                notice,
             },
         ));
     }
@@ -315,6 +414,73 @@ fn existing_copy(
         }
     }
     Ok(None)
+}
+
+/// Whether activity `id` (staged in this batch or stored) was skipped.
+fn is_skipped(
+    store: &dyn Store,
+    staged: &HashSet<ActivityId>,
+    id: ActivityId,
+) -> Result<bool, PipelineError> {
+    if staged.contains(&id) {
+        return Ok(true);
+    }
+    Ok(store
+        .activity(id)?
+        .is_some_and(|a| a.method == CorrelationMethod::Skipped))
+}
+
+/// The Message-IDs a delivery status notification returns, not already in
+/// its In-Reply-To.
+fn returned_message_ids(p: &parse::ParsedMessage<'_>) -> Vec<String> {
+    let Some(report) = &p.auto.delivery_report else {
+        return Vec::new();
+    };
+    report
+        .returned_message_ids
+        .iter()
+        .filter(|id| {
+            !p.features
+                .in_reply_to
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(id))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Says in a bounce's reasons which returned message it was linked through
+/// and what failed for whom.
+fn describe_bounce(d: &mut Decision, p: &parse::ParsedMessage<'_>, returned: &[String]) {
+    for r in &mut d.reasons {
+        let Some(rest) = r.strip_prefix("In-Reply-To <") else {
+            continue;
+        };
+        let id = rest.split('>').next().unwrap_or_default();
+        let ours = returned
+            .iter()
+            .any(|x| correlate::normalize_message_id(x) == id);
+        if ours {
+            *r = format!("bounce returns <{rest}");
+        }
+    }
+    let Some(report) = &p.auto.delivery_report else {
+        return;
+    };
+    for f in &report.recipients {
+        let mut line = format!(
+            "bounce: delivery to {} {}",
+            f.recipient,
+            f.action.as_deref().unwrap_or("failed")
+        );
+        if let Some(s) = &f.status {
+            line.push_str(&format!(", status {s}"));
+        }
+        if let Some(diag) = &f.diagnostic {
+            line.push_str(&format!(" ({diag})"));
+        }
+        d.reasons.push(line);
+    }
 }
 
 fn show_record(r: Option<&RecordRef>) -> String {
@@ -379,7 +545,7 @@ mod tests {
             settings: CorrelationSettings::default(),
             policy: FilterPolicy {
                 own_addresses: vec!["me@us.test".into()],
-                skip_auto_generated: true,
+                automatic: Default::default(),
                 track: TrackFilter::All,
             },
             max_message_size: 1 << 20,

@@ -225,6 +225,16 @@ fn read_id(v: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// `al/<mailbox>\0<pair>\0`: the loop detector's marks, then the time
+/// (sign bit flipped, so negative times sort first) and the activity id.
+fn automatic_prefix(mailbox: &str, pair: &str) -> Vec<u8> {
+    key("al/", &[mailbox.as_bytes(), pair.as_bytes(), b""])
+}
+
+fn sortable_time(t: UnixTime) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
 fn mid_key(id: &str) -> Vec<u8> {
     key(
         "m/",
@@ -480,6 +490,16 @@ impl Store for SledStore {
                 b.insert(id_key("sc/", e.activity), c);
             }
         }
+        for m in batch
+            .automatic
+            .iter()
+            .filter(|m| inserted.contains(&m.activity))
+        {
+            let mut k = automatic_prefix(&m.mailbox, &m.pair);
+            k.extend_from_slice(&sortable_time(m.at));
+            k.extend_from_slice(&m.activity.to_be_bytes());
+            b.insert(k, Vec::new());
+        }
         for (id, a) in &ov.activities {
             b.insert(id_key("r/", *id), encode(&a.regarding)?);
             b.insert(id_key("a/", *id), encode(a)?);
@@ -609,6 +629,27 @@ impl Store for SledStore {
             }
         }
         Ok(())
+    }
+
+    fn automatic_since(
+        &self,
+        mailbox: &str,
+        pair: &str,
+        since: UnixTime,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let prefix = automatic_prefix(mailbox, pair);
+        let mut from = prefix.clone();
+        from.extend_from_slice(&sortable_time(since));
+        let mut n = 0;
+        for kv in self.tree.range(from..) {
+            let (k, _) = kv.map_err(io)?;
+            if !k.starts_with(&prefix) || n >= max {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError> {
@@ -891,6 +932,8 @@ mod tests {
             size: 1,
             also_seen_as: vec![],
             forwarded_by: None,
+            automatic: None,
+            no_reply: false,
         }
     }
 
