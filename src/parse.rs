@@ -947,6 +947,43 @@ mod tests {
     }
 
     #[test]
+    fn delivery_reports_name_the_returned_message_and_the_failed_recipients() {
+        let dsn = b"From: MAILER-DAEMON@mx.test\r\nMessage-ID: <d@mx.test>\r\nContent-Type: multipart/report; report-type=\"delivery-status\"; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nfailed\r\n--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.test\r\n\r\nFinal-Recipient: rfc822; A@them.test\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 unknown\r\n\r\nFinal-Recipient: rfc822; b@them.test\r\nAction: delivered\r\nStatus: 2.0.0\r\n\r\n--B\r\nContent-Type: message/rfc822\r\n\r\nMessage-ID: <orig@us.test>\r\nFrom: me@us.test\r\n\r\nhello\r\n--B--\r\n";
+        for with_body in [false, true] {
+            let p = parse_for(dsn, "INBOX", 1 << 20, with_body).unwrap();
+            assert_eq!(p.auto.report_type.as_deref(), Some("delivery-status"));
+            let r = p.auto.delivery_report.unwrap();
+            assert_eq!(r.returned_message_ids, vec!["orig@us.test"]);
+            assert_eq!(
+                r.recipients,
+                vec![FailedRecipient {
+                    recipient: "a@them.test".into(),
+                    action: Some("failed".into()),
+                    status: Some("5.1.1".into()),
+                    diagnostic: Some("550 unknown".into()),
+                }]
+            );
+        }
+        // Ordinary mail, multipart or not, is not read for a report.
+        let p = parse(MSG, "INBOX", 1 << 20).unwrap();
+        assert_eq!((p.auto.report_type, p.auto.delivery_report), (None, None));
+        let receipt = b"From: a@x.test\r\nContent-Type: multipart/report; report-type=disposition-notification; boundary=B\r\n\r\n--B--\r\n";
+        let p = parse(receipt, "INBOX", 1 << 20).unwrap();
+        assert_eq!(
+            p.auto.report_type.as_deref(),
+            Some("disposition-notification")
+        );
+        assert_eq!(p.auto.delivery_report, None);
+        let list = parse(
+            b"From: a@x.test\r\nList-Unsubscribe: <mailto:u@x>\r\n\r\nb",
+            "INBOX",
+            1 << 20,
+        )
+        .unwrap();
+        assert!(list.auto.list_unsubscribe);
+    }
+
+    #[test]
     fn forwarded_by_is_the_first_header_not_a_forged_later_one() {
         let m = b"X-CRM-Forwarded-By: Alice@example.test\r\nFrom: a@x.test\r\nX-CRM-Forwarded-By: mallory@evil.example\r\n\r\nbody";
         let p = parse(m, "INBOX", 1 << 20).unwrap();

@@ -897,6 +897,7 @@ impl SledStore {
 mod tests {
     use super::*;
     use crate::model::{CorrelationMethod, Direction};
+    use crate::store::AutomaticMark;
 
     pub(crate) fn activity(
         mailbox: &str,
@@ -1332,6 +1333,48 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    #[test]
+    fn automatic_marks_count_by_pair_and_time_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let s = SledStore::open(&path).unwrap();
+        let mut b = batch(vec![
+            activity("m", "1", Some("a1@x"), "h1"),
+            activity("m", "2", Some("a2@x"), "h2"),
+            activity("m", "3", Some("a3@x"), "h3"),
+            activity("m", "4", Some("a4@x"), "h4"),
+        ]);
+        let ids: Vec<u64> = (0..4).map(|_| s.allocate_id().unwrap()).collect();
+        for (item, id) in b.items.iter_mut().zip(&ids) {
+            if let PendingItem::Activity(a) = item {
+                a.id = *id;
+            }
+        }
+        let mark = |pair: &str, at: i64, activity: u64| AutomaticMark {
+            mailbox: "m".into(),
+            pair: pair.into(),
+            at,
+            activity,
+        };
+        b.automatic = vec![
+            mark("a@x b@x", -5, ids[0]),
+            mark("a@x b@x", 100, ids[1]),
+            mark("a@x b@x", 200, ids[2]),
+            mark("a@x b@xx", 150, ids[3]),
+            // Not an activity of this batch: not written.
+            mark("a@x b@x", 300, 999_999),
+        ];
+        s.commit(b).unwrap();
+        drop(s);
+        let s = reopen(&path);
+        assert_eq!(s.automatic_since("m", "a@x b@x", -10, 10).unwrap(), 3);
+        assert_eq!(s.automatic_since("m", "a@x b@x", 100, 10).unwrap(), 2);
+        assert_eq!(s.automatic_since("m", "a@x b@x", 101, 10).unwrap(), 1);
+        assert_eq!(s.automatic_since("m", "a@x b@x", -10, 2).unwrap(), 2);
+        assert_eq!(s.automatic_since("m", "a@x b@xx", 0, 10).unwrap(), 1);
+        assert_eq!(s.automatic_since("other", "a@x b@x", 0, 10).unwrap(), 0);
     }
 
     #[test]
