@@ -249,6 +249,11 @@ pub fn process_seeded(
                             (None, Some(id)) => is_skipped(store, &staged_skipped, id)?,
                             _ => false,
                         };
+                        let mut d = d;
+                        if let (true, Some(id)) = (linked_to_skipped, d.correlated_with) {
+                            d.reasons
+                                .push(format!("activity {id} was skipped itself: not tracked"));
+                        }
                         let correlation = filter::correlation_of(&d, linked_to_skipped);
                         let v = filter::automatic_verdict(a, d, correlation, &ctx.policy.automatic);
                         no_reply = v.no_reply;
