@@ -1567,6 +1567,44 @@ mod tests {
     }
 
     #[test]
+    fn automatic_mail_actions_are_read_with_defaults_and_key_paths() {
+        use crate::filter::{AutomaticAction, AutomaticMailPolicy};
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(
+            cfg.mailboxes[0].automatic_mail,
+            AutomaticMailPolicy::default()
+        );
+        let ok = format!(
+            "{MINIMAL}\nautomatic_mail = {{ auto_reply = \"track_no_reply\", list = \"track\", loop_limit = 3, loop_window = \"10m\" }}\n"
+        );
+        let a = parse(&ok).unwrap().mailboxes[0].automatic_mail.clone();
+        assert_eq!(a.auto_reply, AutomaticAction::TrackNoReply);
+        assert_eq!(a.list, AutomaticAction::Track);
+        assert_eq!(
+            (a.bounce, a.bulk),
+            (AutomaticAction::Skip, AutomaticAction::Skip)
+        );
+        assert_eq!((a.loop_limit, a.loop_window), (3, 600));
+        let bad = format!(
+            "{MINIMAL}\nautomatic_mail = {{ bulk = \"drop\", loop_limit = 0, loop_window = \"1s\", spam = \"skip\" }}\n"
+        );
+        let errs = parse(&bad).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "mailboxes[0].automatic_mail.bulk",
+            "mailboxes[0].automatic_mail.loop_limit",
+            "mailboxes[0].automatic_mail.loop_window",
+            "mailboxes[0].automatic_mail.spam",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        assert!(
+            errs.0[0].message.contains("track, track_no_reply, skip"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn correlation_tables_are_read_and_every_error_has_its_key_path() {
         let ok = format!(
             "{MINIMAL}\n[correlation.smart_matching]\nenabled = true\nmode = \"dynamics\"\nhash_min_address_count = 3\n[correlation.tracking_token]\nprefix = \"TKT-\"\nuser_digits = 4\nprevious_prefixes = [\"CRM:\"]\n"
