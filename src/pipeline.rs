@@ -637,12 +637,15 @@ mod tests {
         assert_eq!(d[0].regarding.as_ref().unwrap().to_string(), "account:b");
     }
 
+    /// (activity, decision, class, no_reply, notice) of a processed message.
+    type Outcome = (u64, Decision, Option<AutomaticClass>, bool, Option<String>);
+
     /// Every result of a batch, committed.
     fn run_full(
         store: &SledStore,
         c: &PipelineContext,
         msgs: &[RawMessage],
-    ) -> Vec<(u64, Decision, Option<AutomaticClass>, bool, Option<String>)> {
+    ) -> Vec<Outcome> {
         let (batch, results) = process(store, c, msgs, 1_767_600_000).unwrap();
         store.commit(batch).unwrap();
         results
