@@ -641,11 +641,7 @@ mod tests {
     type Outcome = (u64, Decision, Option<AutomaticClass>, bool, Option<String>);
 
     /// Every result of a batch, committed.
-    fn run_full(
-        store: &SledStore,
-        c: &PipelineContext,
-        msgs: &[RawMessage],
-    ) -> Vec<Outcome> {
+    fn run_full(store: &SledStore, c: &PipelineContext, msgs: &[RawMessage]) -> Vec<Outcome> {
         let (batch, results) = process(store, c, msgs, 1_767_600_000).unwrap();
         store.commit(batch).unwrap();
         results

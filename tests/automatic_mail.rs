@@ -16,7 +16,10 @@
 //! `cargo test --test automatic_mail -- --nocapture` prints the recall of
 //! header-correlatable replies on the corpus as shipped.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crm_mailsync::config;
 use crm_mailsync::model::RecordRef;
@@ -292,4 +295,65 @@ fn list_headers_do_not_change_how_replies_attach_by_header() {
             .join("\n")
     );
     assert_eq!(recall_shipped, correlatable);
+}
+
+/// The daemon end to end: an auto-reply loop between the mailbox and one
+/// responder, spread over several batches, raises one Warning alert, and
+/// the messages past the limit are skipped with the reason.
+#[test]
+fn mail_loop_raises_one_warning_and_skips_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("maildir");
+    common::make_maildir(&maildir);
+    for i in 0..8 {
+        std::fs::write(
+            maildir.join("new").join(format!("{}.M{i:06}P1.loop", 1_767_000_000 + i)),
+            format!(
+                "Message-ID: <ooo-{i}@them.example>\nDate: Mon, 05 Jan 2026 10:{i:02}:00 +0000\nFrom: Away <away@them.example>\nTo: support@example.test\nSubject: Automatic reply: ticket {i}\nAuto-Submitted: auto-replied\n\nI am away.\n"
+            ),
+        )
+        .unwrap();
+    }
+    let port = common::free_port();
+    let cfg = common::maildir_config(dir.path(), &maildir, port, 3, "");
+    let child = common::start(&cfg);
+    common::wait_for(Duration::from_secs(30), "8 activities", || {
+        common::activity_total(port).filter(|n| *n == 8)
+    });
+    let alerts = common::wait_for(Duration::from_secs(10), "the loop alert", || {
+        let alerts = common::get_json(port, "/api/v1/alerts");
+        let found: Vec<serde_json::Value> = alerts["alerts"]
+            .as_array()?
+            .iter()
+            .filter(|a| {
+                a["text"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("mail loop suspected"))
+            })
+            .cloned()
+            .collect();
+        (!found.is_empty()).then_some(found)
+    });
+    common::stop(child);
+    assert_eq!(alerts.len(), 1, "{alerts:?}");
+    assert_eq!(alerts[0]["level"], "warning");
+    assert_eq!(alerts[0]["count"], 1, "{alerts:?}");
+    assert!(alerts[0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("away@them.example and support@example.test"));
+    let all = common::offline_activities(&cfg);
+    let looped = all
+        .iter()
+        .filter(|a| {
+            a["reasons"][0]
+                .as_str()
+                .is_some_and(|r| r.starts_with("mail loop suspected"))
+        })
+        .count();
+    // More than 5 within the hour: the 6th, 7th and 8th.
+    assert_eq!(looped, 3, "{all:?}");
+    assert!(all
+        .iter()
+        .all(|a| a["automatic"] == "auto_reply" && a["no_reply"] == true));
 }
