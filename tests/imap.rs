@@ -1016,3 +1016,57 @@ fn oversized_message_is_recorded_not_downloaded() {
     assert_eq!(quarantine(admin).len(), 1);
     stop(child);
 }
+
+/// Regression (#17 §7): `processed_keyword` was documented with `$CRMTracked`
+/// as its default, but without the key no keyword was set. Now the key's
+/// absence sets `$CRMTracked` (Dovecot's PERMANENTFLAGS allow `\*`), and
+/// `processed_keyword = ""` opts out.
+#[test]
+fn processed_keyword_is_on_by_default_and_off_when_empty() {
+    let env = env();
+    for (user, extra_profile, want) in [
+        ("user00181", "idle = false", 1),
+        ("user00182", "idle = false\nprocessed_keyword = \"\"", 0),
+    ] {
+        reset_user(user);
+        deliver(user, "INBOX", &message("keyword-default"));
+        let dir = tempfile::tempdir().unwrap();
+        let admin = free_port();
+        let cfg = server_config(
+            &env,
+            dir.path(),
+            admin,
+            &ServerMailbox {
+                kind: "imap_smtp",
+                port: env.imap,
+                tls: "starttls",
+                user,
+                password: PASSWORD,
+                auth: "password",
+                extra_profile,
+                extra_mailbox: "",
+            },
+        );
+        let child = start(&cfg);
+        wait_for(Duration::from_secs(30), "1 activity", || {
+            activity_total(admin).filter(|n| *n >= 1)
+        });
+        // The keyword follows the commit; give the follow-up a moment.
+        let keyworded = || {
+            doveadm_out(&format!(
+                "search -u {user} mailbox INBOX keyword '$CRMTracked'"
+            ))
+            .lines()
+            .count()
+        };
+        if want == 1 {
+            wait_for(Duration::from_secs(15), "keyword set", || {
+                (keyworded() == 1).then_some(())
+            });
+        } else {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        stop(child);
+        assert_eq!(keyworded(), want, "{user}: {extra_profile}");
+    }
+}
