@@ -156,6 +156,9 @@ pub struct Profile {
     pub idle: bool,
     /// Transient failures in a row before a mailbox is treated as permanently failing.
     pub max_transient_failures: u32,
+    /// Cycles a message the server lists but will not deliver is tried before
+    /// it is quarantined (IMAP; the position never skips it silently).
+    pub missing_message_retries: u32,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.
@@ -1155,6 +1158,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
     }
     let idle = t.bool("idle", true, errs);
     let max_transient_failures = t.int("max_transient_failures", 10, 1, 1000, errs) as u32;
+    let missing_message_retries = t.int("missing_message_retries", 3, 1, 1000, errs) as u32;
 
     if let Some(kind) = kind {
         let needs_server = !matches!(kind, ProfileType::Maildir);
@@ -1228,6 +1232,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         processed_keyword,
         idle,
         max_transient_failures,
+        missing_message_retries,
     })
 }
 

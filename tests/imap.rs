@@ -265,6 +265,7 @@ fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) 
         delete_after_processing: false,
         idle: false,
         transform: None,
+        missing_message_retries: 3,
     }
 }
 

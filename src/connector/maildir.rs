@@ -173,6 +173,7 @@ impl Connector for MaildirConnector {
                     next_uid: 0,
                     highest_modseq: None,
                     seen_count: total,
+                    retry: Vec::new(),
                 },
             ));
         }
@@ -191,12 +192,21 @@ impl Connector for MaildirConnector {
                         raw,
                         received_at,
                         too_large: None,
+                        unfetchable: None,
                     });
                 }
                 // Renamed (new/→cur/) or removed between listing and reading:
                 // the next cycle sees it again under its new path.
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => return Err(self.err(&e.path, err.to_string(), Disposition::Transient)),
+                // One unreadable file (permissions, a bad block) must not stop
+                // the mailbox: it is quarantined with the reason and stays put.
+                Err(err) => batch.messages.push(RawMessage {
+                    source: self.source(&folder, &e.unique),
+                    raw: Vec::new(),
+                    received_at: None,
+                    too_large: None,
+                    unfetchable: Some(format!("cannot read {}: {err}", e.path.display())),
+                }),
             }
         }
         batch.backlog = waiting.saturating_sub(batch.messages.len() as u64);

@@ -21,7 +21,7 @@ use super::{Credentials, IdleOutcome, ImapClient, ImapDate, ImapError};
 use crate::connector::oauth::{self, TokenProvider};
 use crate::connector::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
 use crate::error::{Classify, Disposition};
-use crate::model::{now, AlertLevel, FolderPosition, SourceKey, UnixTime};
+use crate::model::{now, AlertLevel, FolderPosition, RetryMessage, SourceKey, UnixTime};
 use crate::net::Endpoint;
 use crate::store::Store;
 
@@ -59,7 +59,13 @@ pub struct ImapSettings {
     pub idle: bool,
     /// Applied to the fetched message (forward mailbox: unwrap the original).
     pub transform: Option<fn(RawMessage) -> RawMessage>,
+    /// Later cycles a message that SEARCH lists but FETCH does not deliver is
+    /// retried at before it is quarantined.
+    pub missing_message_retries: u32,
 }
+
+/// Why a UID asked for is missing from a FETCH that succeeded.
+const NOT_RETURNED: &str = "the server returned no data for it to UID FETCH";
 
 /// What phase 1 of a fetch found in one folder.
 struct FolderScan {
@@ -73,6 +79,9 @@ struct FolderScan {
     take: usize,
     /// INTERNALDATE of the first candidates (only when merging folders).
     dates: Vec<i64>,
+    /// Messages below `start` the server did not deliver before (same
+    /// UIDVALIDITY only), from the stored position.
+    retry: Vec<RetryMessage>,
 }
 
 /// IMAP connector for one mailbox.
@@ -87,6 +96,25 @@ pub struct ImapConnector {
     announced: HashMap<String, u32>,
     /// Expiry of the OAuth token used at the last login.
     token_expiry: Option<UnixTime>,
+    /// The last fetch said `more`: the next one continues the same cycle,
+    /// so messages to retry wait for the next cycle instead of being
+    /// retried batch after batch within seconds.
+    mid_cycle: bool,
+}
+
+/// Errors of a FETCH that one bad message can cause (the server refuses or
+/// fails it, drops the connection over it, or sends what cannot be parsed);
+/// fetching one UID at a time tells which message it is.
+fn per_message(e: &ImapError) -> bool {
+    matches!(
+        e,
+        ImapError::No { .. }
+            | ImapError::Bad { .. }
+            | ImapError::Bye { .. }
+            | ImapError::ConnectionLost(_)
+            | ImapError::Io { .. }
+            | ImapError::Protocol(_)
+    )
 }
 
 impl ImapConnector {
@@ -107,6 +135,7 @@ impl ImapConnector {
             fetched_next: HashMap::new(),
             announced: HashMap::new(),
             token_expiry: None,
+            mid_cycle: false,
         }
     }
 
@@ -140,6 +169,69 @@ impl ImapConnector {
     fn fail(&mut self, e: impl Into<ConnectorError>) -> ConnectorError {
         self.client = None;
         e.into()
+    }
+
+    /// A fresh connection with `folder` selected, after the old one died
+    /// over one message.
+    async fn reconnect(&mut self, folder: &str) -> Result<ImapClient, ConnectorError> {
+        self.client = None;
+        let mut client = self.take_client().await?;
+        client.select(folder).await?;
+        Ok(client)
+    }
+
+    /// Downloads `uids` of the selected `folder`. When the FETCH fails in a
+    /// way one message can cause, the UIDs are fetched one at a time
+    /// (reconnecting where the server dropped the connection), so a poison
+    /// message holds up nothing but itself. Returns the messages and, per
+    /// UID not delivered, why. If every UID fails on its own too, the
+    /// trouble is the server's, not a message's: the first error is returned.
+    async fn fetch_isolating(
+        &mut self,
+        client: &mut ImapClient,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<(Vec<super::FetchedMail>, Vec<(u32, String)>), ConnectorError> {
+        if uids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let first = match client.fetch_messages(uids).await {
+            Ok(mails) => {
+                let failed = uids
+                    .iter()
+                    .filter(|u| mails.binary_search_by_key(*u, |m| m.uid).is_err())
+                    .map(|u| (*u, NOT_RETURNED.to_string()))
+                    .collect();
+                return Ok((mails, failed));
+            }
+            Err(e) if per_message(&e) => e,
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(mailbox = %self.settings.mailbox, folder, error = %first, count = uids.len(), "UID FETCH failed; fetching the messages one at a time");
+        let mut mails = Vec::new();
+        let mut failed = Vec::new();
+        let mut errors = 0usize;
+        for &uid in uids {
+            if !client.is_connected() {
+                *client = self.reconnect(folder).await?;
+            }
+            match client.fetch_messages(&[uid]).await {
+                Ok(m) if m.is_empty() => failed.push((uid, NOT_RETURNED.to_string())),
+                Ok(m) => mails.extend(m),
+                Err(e) if per_message(&e) => {
+                    errors += 1;
+                    failed.push((uid, e.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if uids.len() > 1 && errors == uids.len() {
+            return Err(first.into());
+        }
+        if !client.is_connected() {
+            *client = self.reconnect(folder).await?;
+        }
+        Ok((mails, failed))
     }
 
     fn source(&self, folder: &str, uidvalidity: u32, uid: u32) -> SourceKey {
@@ -195,6 +287,10 @@ impl ImapConnector {
                     None => client.uids_from(start).await?,
                 }
             };
+            let retry = match &prev {
+                Some(p) if same_validity => p.retry.clone(),
+                _ => Vec::new(),
+            };
             scans.push(FolderScan {
                 folder,
                 state,
@@ -203,6 +299,7 @@ impl ImapConnector {
                 candidates,
                 take: 0,
                 dates: Vec::new(),
+                retry,
             });
         }
 
@@ -246,45 +343,104 @@ impl ImapConnector {
         }
 
         // Phase 3: fetch, positions, messages in merge (date) order.
+        // Messages that failed before are retried once per cycle, at its start.
+        let retry_now = !self.mid_cycle;
+        let retries = self.settings.missing_message_retries;
         let mut fetched: Vec<(i64, usize, RawMessage)> = Vec::new();
         for (index, s) in scans.iter().enumerate() {
             let uids = &s.candidates[..s.take];
             batch.backlog += (s.candidates.len() - s.take) as u64;
-            if !uids.is_empty() {
+            let mut wanted: Vec<u32> = uids.to_vec();
+            let mut retry_next: Vec<RetryMessage> = Vec::new();
+            if retry_now {
+                wanted.extend(s.retry.iter().filter_map(|r| u32::try_from(r.uid).ok()));
+                wanted.sort_unstable();
+                wanted.dedup();
+            } else {
+                retry_next = s.retry.clone();
+            }
+            if !wanted.is_empty() {
                 if client.selected_folder() != Some(s.folder.as_str()) {
                     client.select(&s.folder).await?;
                 }
                 // Sizes first: a message over the cap is recorded, not downloaded.
                 let limit = self.settings.max_message_size;
-                let mut small = Vec::with_capacity(uids.len());
-                for (uid, size) in client.fetch_sizes(uids).await? {
-                    if u64::from(size) > limit {
-                        fetched.push((
+                let sizes = client.fetch_sizes(&wanted).await?;
+                let mut small = Vec::with_capacity(wanted.len());
+                let mut failed: Vec<(u32, String)> = Vec::new();
+                for &uid in &wanted {
+                    match sizes.binary_search_by_key(&uid, |(u, _)| *u) {
+                        Ok(i) if u64::from(sizes[i].1) > limit => fetched.push((
                             i64::MIN,
                             index,
                             RawMessage {
                                 source: self.source(&s.folder, s.state.uidvalidity, uid),
                                 raw: Vec::new(),
                                 received_at: None,
-                                too_large: Some(u64::from(size)),
+                                too_large: Some(u64::from(sizes[i].1)),
+                                unfetchable: None,
                             },
-                        ));
-                    } else {
-                        small.push(uid);
+                        )),
+                        Ok(_) => small.push(uid),
+                        Err(_) => failed.push((uid, NOT_RETURNED.to_string())),
                     }
                 }
-                for m in client.fetch_messages(&small).await? {
+                let (mails, more_failed) =
+                    self.fetch_isolating(&mut client, &s.folder, &small).await?;
+                failed.extend(more_failed);
+                for m in mails {
                     let raw = RawMessage {
                         source: self.source(&s.folder, s.state.uidvalidity, m.uid),
                         raw: m.raw,
                         received_at: m.internal_date,
                         too_large: None,
+                        unfetchable: None,
                     };
                     let raw = match self.settings.transform {
                         Some(f) => f(raw),
                         None => raw,
                     };
                     fetched.push((m.internal_date.unwrap_or(i64::MIN), index, raw));
+                }
+                // Not delivered: never skipped silently. Gone meanwhile
+                // (expunged) is fine; still there means retry, and after
+                // the configured retries a quarantine record says why.
+                if !failed.is_empty() {
+                    let asked: Vec<u32> = failed.iter().map(|(u, _)| *u).collect();
+                    let alive = client.existing_uids(&asked).await?;
+                    for (uid, reason) in failed {
+                        if alive.binary_search(&uid).is_err() {
+                            continue;
+                        }
+                        let tries = s
+                            .retry
+                            .iter()
+                            .find(|r| r.uid == u64::from(uid))
+                            .map_or(0, |r| r.tries)
+                            + 1;
+                        if tries > retries {
+                            fetched.push((
+                                i64::MIN,
+                                index,
+                                RawMessage {
+                                    source: self.source(&s.folder, s.state.uidvalidity, uid),
+                                    raw: Vec::new(),
+                                    received_at: None,
+                                    too_large: None,
+                                    unfetchable: Some(format!(
+                                        "UID {uid} failed {tries} times ({reason})"
+                                    )),
+                                },
+                            ));
+                        } else {
+                            tracing::warn!(mailbox = %self.settings.mailbox, folder = %s.folder, uid, tries, %reason, "message not delivered by the server; retrying next cycle");
+                            retry_next.push(RetryMessage {
+                                uid: u64::from(uid),
+                                tries,
+                                reason,
+                            });
+                        }
+                    }
                 }
             }
             let uidnext = s.state.uidnext.unwrap_or(0);
@@ -304,6 +460,7 @@ impl ImapConnector {
                 next_uid: u64::from(next_uid),
                 highest_modseq: s.state.highest_modseq,
                 seen_count: u64::from(s.state.exists),
+                retry: retry_next,
             };
             if s.prev.as_ref() != Some(&position) {
                 batch.positions.push((s.folder.clone(), position));
@@ -313,6 +470,7 @@ impl ImapConnector {
         // order and, within a folder, UID order.
         fetched.sort_by_key(|(date, index, _)| (*date, *index));
         batch.messages = fetched.into_iter().map(|(_, _, m)| m).collect();
+        self.mid_cycle = batch.more;
         self.client = Some(client);
         Ok(batch)
     }
@@ -459,7 +617,11 @@ impl Connector for ImapConnector {
     }
 
     async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
-        self.fetch_inner().await.map_err(|e| self.fail(e))
+        self.fetch_inner().await.map_err(|e| {
+            // The cycle ends with the error; the next fetch starts a new one.
+            self.mid_cycle = false;
+            self.fail(e)
+        })
     }
 
     async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {

@@ -1051,6 +1051,33 @@ impl ImapClient {
         Ok(uids)
     }
 
+    /// Which of `uids` still exist in the selected folder (`UID SEARCH UID set`),
+    /// ascending: tells a message expunged meanwhile from one the server
+    /// will not deliver.
+    pub async fn existing_uids(&mut self, uids: &[u32]) -> Result<Vec<u32>, ImapError> {
+        let wanted = sorted_unique(uids);
+        let mut out = Vec::with_capacity(wanted.len());
+        for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
+            let found = self.uid_search(&format!("UID {set}")).await?;
+            // `UID n` of a missing n matches nothing, but `n:*` forms may
+            // match the last message: keep only what was asked for.
+            out.extend(
+                found
+                    .into_iter()
+                    .filter(|u| wanted.binary_search(u).is_ok()),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// False once the connection is unusable (an I/O error, BYE, or a
+    /// command cancelled half-way): reconnect.
+    pub fn is_connected(&self) -> bool {
+        self.session.is_some() && !self.in_flight
+    }
+
     /// Deletes messages: `\Deleted` then `UID EXPUNGE` (plain `EXPUNGE` without UIDPLUS,
     /// which also removes other `\Deleted` messages of the folder, as any client would).
     pub async fn delete(&mut self, uids: &[u32]) -> Result<(), ImapError> {
