@@ -1071,3 +1071,81 @@ fn processed_keyword_is_on_by_default_and_off_when_empty() {
         assert_eq!(keyworded(), want, "{user}: {extra_profile}");
     }
 }
+
+/// Regression (#17 §3): one message Dovecot cannot read (its file made
+/// unreadable behind its back; Dovecot then drops the connection on FETCH)
+/// failed every cycle, and after `max_transient_failures` the mailbox was
+/// disabled. Now the others are recorded, the bad one is retried and then
+/// quarantined with the server's reason (a Warning says so), the mailbox
+/// stays enabled without a failed cycle, and new mail keeps arriving.
+#[test]
+fn unreadable_message_is_quarantined_after_retries_and_the_rest_syncs() {
+    let env = env();
+    let user = "user00183";
+    reset_user(user);
+    deliver(user, "INBOX", &message("readable-1"));
+    let bad = deliver(user, "INBOX", &message("unreadable"));
+    deliver(user, "INBOX", &message("readable-2"));
+    let file = inbox_message_file(&env, user, bad);
+    chmod(&file, 0o000);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "idle = false\nmissing_message_retries = 1",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    let q = wait_for(Duration::from_secs(30), "quarantine record", || {
+        let q = get(admin, "/api/v1/quarantine", Some(TOKEN))
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())?;
+        let list = q["quarantine"].as_array()?.clone();
+        (!list.is_empty()).then_some(list)
+    });
+    // Dovecot may have moved it from new/ to cur/ meanwhile.
+    chmod(&inbox_message_file(&env, user, bad), 0o600);
+    assert_eq!(q.len(), 1, "{q:?}");
+    let reason = q[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("UID {bad} failed 2 times"))
+            && reason.contains("left on the server in INBOX"),
+        "{reason}"
+    );
+    assert_eq!(q[0]["saved_as"], "", "{q:?}");
+    let alerts = get_json(admin, "/api/v1/alerts");
+    assert!(
+        alerts["alerts"].as_array().unwrap().iter().any(|a| a["level"] == "warning"
+            && a["text"].as_str().unwrap().contains("quarantined")),
+        "{alerts}"
+    );
+    // Never a failed cycle, never disabled.
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    assert!(mb["state"]["last_sync_error"].is_null(), "{mb}");
+    deliver(user, "INBOX", &message("readable-3"));
+    wait_for(Duration::from_secs(30), "3 activities", || {
+        activity_total(admin).filter(|n| *n >= 3)
+    });
+    stop(child);
+    assert_eq!(offline_activities(&cfg).len(), 3);
+    // The message is still on the server.
+    assert_eq!(
+        doveadm_out(&format!("search -u {user} mailbox INBOX all"))
+            .lines()
+            .count(),
+        4
+    );
+}
