@@ -315,11 +315,15 @@ async fn error_classification() {
     let e = test_result(s).await.unwrap_err();
     assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
     assert!(e.to_string().contains("certificate"), "{e}");
-    // A tracked folder that does not exist: permanent.
+    // A tracked folder that does not exist no longer fails Test & Enable
+    // (#17 §7): the rest of the mailbox syncs, the test line names it.
     let mut s = settings(&env, user, TlsMode::StartTls, env.imap, pw(PASSWORD));
     s.folders = vec!["INBOX/DoesNotExist".into()];
-    let e = test_result(s).await.unwrap_err();
-    assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
+    let line = test_result(s).await.unwrap();
+    assert!(
+        line.contains("1 missing on the server: INBOX/DoesNotExist"),
+        "{line}"
+    );
     // The right password works, over both TLS modes.
     test_result(settings(
         &env,
@@ -1148,4 +1152,69 @@ fn unreadable_message_is_quarantined_after_retries_and_the_rest_syncs() {
             .count(),
         4
     );
+}
+
+/// Regression (#17 §7): a tracked folder that does not exist disabled the
+/// whole mailbox, INBOX included. Now a Warning names it and the nearest
+/// existing folders, and INBOX and the other tracked folders keep syncing.
+#[test]
+fn missing_tracked_folder_warns_and_the_rest_keeps_syncing() {
+    let env = env();
+    let user = "user00185";
+    reset_user(user);
+    doveadm(&format!("mailbox delete -u {user} -s 'INBOX/Customers'"));
+    deliver(user, "INBOX", &message("inbox-mail"));
+    deliver(user, "INBOX/T1", &message("t1-mail"));
+    deliver(user, "INBOX/Customers", &message("customers-mail"));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "idle = false",
+            extra_mailbox: r#"tracked_folders = [
+  { folder = "INBOX/T1", regarding = "account:t1" },
+  { folder = "INBOX/Custmers", regarding = "account:typo" },
+]"#,
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    let warning = wait_for(Duration::from_secs(15), "missing-folder warning", || {
+        let (_, body) = get(admin, "/api/v1/alerts", Some(TOKEN))?;
+        let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+        list["alerts"].as_array()?.iter().find_map(|a| {
+            let text = a["text"].as_str()?;
+            (a["level"] == "warning" && text.contains("INBOX/Custmers")).then(|| text.to_string())
+        })
+    });
+    assert!(
+        warning.contains("does not exist")
+            && warning.contains("nearest existing: \"INBOX/Customers\"")
+            && warning.contains("keeps syncing"),
+        "{warning}"
+    );
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    // New mail still arrives.
+    deliver(user, "INBOX", &message("inbox-mail-2"));
+    wait_for(Duration::from_secs(30), "3 activities", || {
+        activity_total(admin).filter(|n| *n >= 3)
+    });
+    stop(child);
+    let all = offline_activities(&cfg);
+    assert_eq!(all.len(), 3);
+    let t1 = all.iter().find(|a| a["subject"] == "t1-mail").unwrap();
+    assert_eq!(t1["regarding"], "account:t1", "{t1}");
+    doveadm(&format!("mailbox delete -u {user} -s 'INBOX/Customers'"));
 }

@@ -427,3 +427,119 @@ async fn uid_expunged_between_search_and_fetch_is_dropped() {
     assert!(c.quarantined.is_empty(), "{c:?}");
     assert!(rig.retry_list("INBOX").is_empty());
 }
+
+/// Regression (#17 §7): on a server whose hierarchy separator is `.`,
+/// `tracked_folders = [{ folder = "INBOX/Customers" }]` disabled the whole
+/// mailbox (`folder "INBOX/Customers" does not exist`). Now `/` in the
+/// configuration maps to the server's separator from LIST, source keys and
+/// folder rules keep the configured `INBOX/Customers`, and a folder that
+/// really is missing only raises a Warning naming it and the nearest folders.
+#[tokio::test]
+async fn dot_separator_server_maps_configured_slash_names_and_a_missing_folder_only_warns() {
+    let mut m = Model {
+        delimiter: '.',
+        ..Default::default()
+    };
+    m.folders
+        .entry("INBOX".into())
+        .or_default()
+        .insert(1, message("inbox-1"));
+    m.folders
+        .entry("INBOX.Customers".into())
+        .or_default()
+        .insert(1, message("customers-1"));
+    m.folders.entry("INBOX.Contoso".into()).or_default();
+    let model: Shared = Arc::new(Mutex::new(m));
+    let port = serve(model.clone()).await;
+    let mut rig = rig(
+        port,
+        "",
+        r#"tracked_folders = [
+  { folder = "INBOX/Customers", regarding = "account:customers" },
+  { folder = "INBOX/Custmers", regarding = "account:typo" },
+]"#,
+    );
+    let line = rig.connector.test().await.unwrap();
+    assert!(
+        line.contains("1 missing on the server: INBOX/Custmers"),
+        "{line}"
+    );
+    let c = rig.cycle().await;
+    let mut recorded = c.recorded.clone();
+    recorded.sort();
+    assert_eq!(recorded, vec!["INBOX/1", "INBOX/Customers/1"], "{c:?}");
+    let warnings: Vec<&String> = c
+        .notices
+        .iter()
+        .filter(|(l, _)| *l == AlertLevel::Warning)
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(warnings.len(), 1, "{c:?}");
+    let w = warnings[0];
+    assert!(
+        w.contains("folder \"INBOX/Custmers\" does not exist")
+            && w.contains("looked for \"INBOX.Custmers\"")
+            && w.contains("nearest existing: \"INBOX/Customers\"")
+            && w.contains("keeps syncing"),
+        "{w}"
+    );
+    assert!(
+        model
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .any(|l| l.ends_with("SELECT \"INBOX.Customers\"")),
+        "the server's name is what is selected"
+    );
+    // The folder rule applies under the configured name.
+    let all = rig
+        .store
+        .activities(&crm_mailsync::store::ActivityQuery {
+            mailbox: None,
+            before: None,
+            limit: 10,
+        })
+        .unwrap();
+    let filed = all
+        .iter()
+        .find(|a| a.source.folder == "INBOX/Customers")
+        .expect("activity from INBOX/Customers");
+    assert_eq!(
+        filed.regarding.as_ref().map(|r| r.to_string()).as_deref(),
+        Some("account:customers")
+    );
+    // The follow-up (keyword, default $CRMTracked) finds the folder too.
+    rig.connector
+        .acknowledge(vec![crm_mailsync::connector::Ack {
+            source: filed.source.clone(),
+            kind: crm_mailsync::connector::AckKind::Recorded,
+        }])
+        .await
+        .unwrap();
+    let seen = model.lock().unwrap().seen.clone();
+    let store_at = seen
+        .iter()
+        .position(|l| l.contains("UID STORE 1 +FLAGS.SILENT ($CRMTracked)"))
+        .unwrap_or_else(|| panic!("no keyword STORE in {seen:?}"));
+    let selected_before = seen[..store_at]
+        .iter()
+        .rev()
+        .find(|l| l.contains("SELECT"))
+        .unwrap();
+    assert!(
+        selected_before.ends_with("SELECT \"INBOX.Customers\""),
+        "{seen:?}"
+    );
+    // Still missing next cycle: no second Warning, the rest keeps syncing.
+    model
+        .lock()
+        .unwrap()
+        .folders
+        .get_mut("INBOX")
+        .unwrap()
+        .insert(2, message("inbox-2"));
+    let c = rig.cycle().await;
+    assert_eq!(c.recorded, vec!["INBOX/2"], "{c:?}");
+    assert!(c.notices.is_empty(), "{c:?}");
+}

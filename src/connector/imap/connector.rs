@@ -11,13 +11,13 @@
 //! call reconnects), because after a failed or cancelled command the protocol
 //! state is unknown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Credentials, IdleOutcome, ImapClient, ImapDate, ImapError};
+use super::{Credentials, FolderNames, IdleOutcome, ImapClient, ImapDate, ImapError};
 use crate::connector::oauth::{self, TokenProvider};
 use crate::connector::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
 use crate::error::{Classify, Disposition};
@@ -96,6 +96,16 @@ pub struct ImapConnector {
     announced: HashMap<String, u32>,
     /// Expiry of the OAuth token used at the last login.
     token_expiry: Option<UnixTime>,
+    /// Configured folder names → the server's, from the last LIST.
+    names: FolderNames,
+    /// `names` was resolved on the current connection.
+    names_resolved: bool,
+    /// Configured folders the server does not have (skipped, warned about).
+    missing: Vec<String>,
+    /// Missing folders a Warning was raised for.
+    warned_missing: HashSet<String>,
+    /// Selectable folders of the server, in configuration spelling.
+    existing: Vec<String>,
     /// The last fetch said `more`: the next one continues the same cycle,
     /// so messages to retry wait for the next cycle instead of being
     /// retried batch after batch within seconds.
@@ -135,6 +145,11 @@ impl ImapConnector {
             fetched_next: HashMap::new(),
             announced: HashMap::new(),
             token_expiry: None,
+            names: FolderNames::default(),
+            names_resolved: false,
+            missing: Vec::new(),
+            warned_missing: HashSet::new(),
+            existing: Vec::new(),
             mid_cycle: false,
         }
     }
@@ -145,6 +160,16 @@ impl ImapConnector {
         if let Some(c) = self.client.take() {
             return Ok(c);
         }
+        let mut client = self.connect().await?;
+        // Names as last resolved; a new connection resolves them again in
+        // the next fetch (folders may have been created or renamed).
+        client.set_folder_names(self.names.clone());
+        self.names_resolved = false;
+        Ok(client)
+    }
+
+    /// Connects and logs in (with a fresh OAuth token where configured).
+    async fn connect(&mut self) -> Result<ImapClient, ConnectorError> {
         let (Some(provider), Credentials::OAuth2 { user, .. }) =
             (&self.settings.token_provider, &self.settings.credentials)
         else {
@@ -169,6 +194,88 @@ impl ImapConnector {
     fn fail(&mut self, e: impl Into<ConnectorError>) -> ConnectorError {
         self.client = None;
         e.into()
+    }
+
+    /// Maps the configured folders (`/` between levels) to the server's
+    /// names from LIST: verbatim, else with the server's hierarchy
+    /// delimiter, else ignoring case. What is not there goes to `missing`.
+    async fn resolve_folders(&mut self, client: &mut ImapClient) -> Result<(), ImapError> {
+        let listed = client.list_folders().await?;
+        let delimiter = listed
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case("INBOX"))
+            .and_then(|f| f.delimiter.clone())
+            .or_else(|| listed.iter().find_map(|f| f.delimiter.clone()));
+        let mut names = FolderNames {
+            exact: HashMap::new(),
+            delimiter,
+        };
+        let selectable: Vec<&str> = listed
+            .iter()
+            .filter(|f| f.is_selectable())
+            .map(|f| f.name.as_str())
+            .collect();
+        let mut missing = Vec::new();
+        for f in &self.settings.folders {
+            if f.eq_ignore_ascii_case("INBOX") {
+                continue;
+            }
+            let translated = names.server_name(f);
+            let found = selectable
+                .iter()
+                .find(|l| **l == f.as_str())
+                .or_else(|| selectable.iter().find(|l| **l == translated))
+                .or_else(|| {
+                    selectable
+                        .iter()
+                        .find(|l| l.eq_ignore_ascii_case(f) || l.eq_ignore_ascii_case(&translated))
+                });
+            match found {
+                Some(l) => {
+                    names.exact.insert(f.clone(), l.to_string());
+                }
+                None => missing.push(f.clone()),
+            }
+        }
+        self.existing = selectable.iter().map(|l| names.config_name(l)).collect();
+        self.missing = missing;
+        client.set_folder_names(names.clone());
+        self.names = names;
+        self.names_resolved = true;
+        Ok(())
+    }
+
+    /// One Warning per missing folder (again if it disappears after coming back).
+    fn note_missing(&mut self, batch: &mut FetchBatch) {
+        let missing = self.missing.clone();
+        self.warned_missing.retain(|f| missing.contains(f));
+        for f in missing {
+            if self.warned_missing.insert(f.clone()) {
+                batch
+                    .notices
+                    .push((AlertLevel::Warning, self.missing_folder_text(&f)));
+            }
+        }
+    }
+
+    fn missing_folder_text(&self, folder: &str) -> String {
+        let near = nearest_folders(folder, &self.existing);
+        let near = if near.is_empty() {
+            "the server lists no other folders".to_string()
+        } else {
+            let quoted: Vec<String> = near.iter().map(|n| format!("{n:?}")).collect();
+            format!("nearest existing: {}", quoted.join(", "))
+        };
+        let looked = match self.names.delimiter.as_deref() {
+            Some(d) if d != "/" => format!(
+                " (looked for {:?}: the server separates levels with {d:?})",
+                self.names.server_name(folder)
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "folder {folder:?} does not exist on the server{looked}; {near}. It is skipped and the rest of the mailbox keeps syncing: fix the name in tracked_folders or folders (levels separated by \"/\")"
+        )
     }
 
     /// A fresh connection with `folder` selected, after the old one died
@@ -253,10 +360,28 @@ impl ImapConnector {
         let mut batch = FetchBatch::default();
         let mut client = self.take_client().await?;
 
+        // Folder names: resolved once per connection, and while one is missing.
+        if !self.names_resolved || !self.missing.is_empty() {
+            self.resolve_folders(&mut client).await?;
+        }
+        self.note_missing(&mut batch);
+
         // Phase 1: what is new in each folder.
         let mut scans: Vec<FolderScan> = Vec::with_capacity(self.settings.folders.len());
         for folder in self.settings.folders.clone() {
-            let state = client.select(&folder).await?;
+            if self.missing.contains(&folder) {
+                continue;
+            }
+            let state = match client.select(&folder).await {
+                Ok(state) => state,
+                // Deleted since LIST: skipped like any missing folder.
+                Err(ImapError::FolderMissing { .. }) if !folder.eq_ignore_ascii_case("INBOX") => {
+                    self.missing.push(folder);
+                    self.note_missing(&mut batch);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let prev = stored.get(&folder).cloned();
             let same_validity = prev
                 .as_ref()
@@ -534,29 +659,26 @@ impl ImapConnector {
     async fn test_inner(&mut self) -> Result<String, ConnectorError> {
         let folders = self.settings.folders.clone();
         let mut client = self.take_client().await?;
-        let listed = client.list_folders().await?;
-        for f in &folders {
-            if !f.eq_ignore_ascii_case("INBOX") && !listed.iter().any(|l| &l.name == f) {
-                return Err(ImapError::FolderMissing {
-                    folder: f.clone(),
-                    code: None,
-                    text: "not in the server's folder list".into(),
-                }
-                .into());
-            }
-        }
+        // A missing folder is not a failed test: the mailbox syncs the rest
+        // and the first cycle raises a Warning naming it.
+        self.resolve_folders(&mut client).await?;
         let inbox = client.examine("INBOX").await?;
         let caps: Vec<&str> = ["IDLE", "CONDSTORE", "MOVE", "UIDPLUS"]
             .into_iter()
             .filter(|c| client.cached_capabilities().has(c))
             .collect();
         let line = format!(
-            "IMAP {}:{} ({:?}) logged in; INBOX has {} message(s); {} folder(s) synced; server offers {}",
+            "IMAP {}:{} ({:?}) logged in; INBOX has {} message(s); {} folder(s) synced{}; server offers {}",
             self.settings.endpoint.host,
             self.settings.endpoint.port,
             self.settings.endpoint.tls,
             inbox.exists,
-            folders.len(),
+            folders.len() - self.missing.len(),
+            if self.missing.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} missing on the server: {})", self.missing.len(), self.missing.join(", "))
+            },
             caps.join(" ")
         );
         self.client = Some(client);
@@ -684,5 +806,79 @@ impl Connector for ImapConnector {
 
     fn token_expires_at(&self) -> Option<UnixTime> {
         self.token_expiry
+    }
+}
+
+/// Up to three of `existing` closest to `wanted` by edit distance (ignoring
+/// case; a shared parent folder breaks ties), for "did you mean" hints.
+pub fn nearest_folders(wanted: &str, existing: &[String]) -> Vec<String> {
+    let parent = |n: &str| n.rsplit_once('/').map(|(p, _)| p.to_ascii_lowercase());
+    let mut ranked: Vec<(usize, bool, &String)> = existing
+        .iter()
+        .filter(|e| *e != wanted)
+        .map(|e| {
+            let d = edit_distance(&wanted.to_lowercase(), &e.to_lowercase());
+            (d, parent(e) != parent(wanted), e)
+        })
+        .collect();
+    ranked.sort();
+    ranked
+        .into_iter()
+        .take(3)
+        .map(|(_, _, e)| e.clone())
+        .collect()
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row.first().copied().unwrap_or(0);
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let up = row.get(j + 1).copied().unwrap_or(usize::MAX);
+            let left = row.get(j).copied().unwrap_or(usize::MAX);
+            let cost = usize::from(ca != *cb);
+            let next = (diag + cost)
+                .min(up.saturating_add(1))
+                .min(left.saturating_add(1));
+            diag = up;
+            if let Some(cell) = row.get_mut(j + 1) {
+                *cell = next;
+            }
+        }
+    }
+    row.last().copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_folders_rank_by_edit_distance() {
+        let existing: Vec<String> = [
+            "INBOX",
+            "INBOX/Customers",
+            "INBOX/Contoso",
+            "Archive",
+            "Sent",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        let near = nearest_folders("INBOX/Custmers", &existing);
+        assert_eq!(
+            near.first().map(String::as_str),
+            Some("INBOX/Customers"),
+            "{near:?}"
+        );
+        assert_eq!(near.len(), 3);
+        assert!(nearest_folders("X", &[]).is_empty());
     }
 }
