@@ -150,11 +150,15 @@ pub struct Profile {
     /// Messages fetched and committed per batch.
     pub batch_size: usize,
     pub max_message_size: u64,
-    /// Keyword set on processed messages where the server allows it.
+    /// Keyword set on processed messages where the server allows it: IMAP
+    /// profiles default to `$CRMTracked`, `processed_keyword = ""` turns it off.
     pub processed_keyword: Option<String>,
     pub idle: bool,
     /// Transient failures in a row before a mailbox is treated as permanently failing.
     pub max_transient_failures: u32,
+    /// Cycles a message the server lists but will not deliver is tried before
+    /// it is quarantined (IMAP; the position never skips it silently).
+    pub missing_message_retries: u32,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.
@@ -1138,7 +1142,12 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
     let move_failed_to = t.nonempty_string("move_failed_to", errs);
     let batch_size = t.int("batch_size", 200, 1, 10_000, errs) as usize;
     let max_message_size = t.int("max_message_size", 50 * 1024 * 1024, 1024, 1 << 34, errs) as u64;
-    let processed_keyword = t.nonempty_string("processed_keyword", errs);
+    // Absent: the documented default for IMAP profiles (set below, once the
+    // type is known); an empty string switches the keyword off.
+    let keyword_given = t.raw("processed_keyword").is_some();
+    let mut processed_keyword = t
+        .string("processed_keyword", errs)
+        .filter(|k| !k.trim().is_empty());
     if let Some(k) = &processed_keyword {
         if k.chars()
             .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c))
@@ -1151,6 +1160,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
     }
     let idle = t.bool("idle", true, errs);
     let max_transient_failures = t.int("max_transient_failures", 10, 1, 1000, errs) as u32;
+    let missing_message_retries = t.int("missing_message_retries", 3, 1, 1000, errs) as u32;
 
     if let Some(kind) = kind {
         let needs_server = !matches!(kind, ProfileType::Maildir);
@@ -1174,6 +1184,9 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
             ProfileType::ExchangeOnline | ProfileType::ExchangeServer
         ) {
             errs.push(t.key("type"), "Exchange connectors are not available in this version; use imap_smtp with XOAUTH2 for Exchange Online");
+        }
+        if kind == ProfileType::ImapSmtp && !keyword_given {
+            processed_keyword = Some(crate::connector::imap::CRM_KEYWORD.to_string());
         }
         if kind == ProfileType::Pop3Smtp && processed_keyword.is_some() {
             errs.push(
@@ -1221,6 +1234,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         processed_keyword,
         idle,
         max_transient_failures,
+        missing_message_retries,
     })
 }
 
@@ -1683,6 +1697,38 @@ mod tests {
         let errs = parse(&text).unwrap_err().0;
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!(errs[0].path, "mailboxes[0].password_env");
+    }
+
+    /// Regression (#17 §7): documented as defaulting to `$CRMTracked`, but
+    /// without the key no keyword was set.
+    #[test]
+    fn processed_keyword_defaults_to_crm_tracked_for_imap_and_empty_turns_it_off() {
+        let imap = |extra: &str| {
+            MINIMAL
+                .replace(
+                    "type = \"maildir\"",
+                    &format!("type = \"imap_smtp\"\nhost = \"h.example\"\n{extra}"),
+                )
+                .replace(
+                    "path = \"fixtures/demo-maildir\"",
+                    "username = \"u\"\npassword = \"p\"",
+                )
+        };
+        let keyword = |text: &str| parse(text).unwrap().profiles[0].processed_keyword.clone();
+        assert_eq!(keyword(&imap("")).as_deref(), Some("$CRMTracked"));
+        assert_eq!(keyword(&imap("processed_keyword = \"\"")), None);
+        assert_eq!(
+            keyword(&imap("processed_keyword = \"$Done\"")).as_deref(),
+            Some("$Done")
+        );
+        // Profiles without keywords get none by default, and may say "" too.
+        assert_eq!(keyword(MINIMAL), None);
+        let pop3 = imap("").replace("imap_smtp", "pop3_smtp");
+        assert_eq!(keyword(&pop3), None);
+        assert_eq!(
+            keyword(&pop3.replace("host =", "processed_keyword = \"\"\nhost =")),
+            None
+        );
     }
 
     #[test]

@@ -416,6 +416,23 @@ pub struct FolderPosition {
     pub highest_modseq: Option<u64>,
     /// Messages seen in the folder at the last completed scan.
     pub seen_count: u64,
+    /// Messages below `next_uid` that the server listed but did not deliver
+    /// (IMAP: SEARCH found them, FETCH failed or returned nothing): retried
+    /// at the next cycles, quarantined after the profile's
+    /// `missing_message_retries`. Kept here so the count survives restarts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry: Vec<RetryMessage>,
+}
+
+/// A message the server would not deliver yet, and how often it was tried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryMessage {
+    /// IMAP UID in the folder (under the position's UIDVALIDITY).
+    pub uid: u64,
+    /// Fetch attempts so far, all failed.
+    pub tries: u32,
+    /// What went wrong the last time (server text, "not returned").
+    pub reason: String,
 }
 
 /// Renders a Unix time as RFC 3339 for humans.

@@ -118,6 +118,11 @@ pub fn too_large_reason(size: u64, limit: u64, folder: &str) -> String {
     format!("message of {size} bytes exceeds the {limit}-byte limit (max_message_size); left on the server in {folder}")
 }
 
+/// Why a message the server would not deliver was left there.
+pub fn unfetchable_reason(why: &str, folder: &str) -> String {
+    format!("the server did not deliver the message: {why}; left on the server in {folder}")
+}
+
 /// Turns a batch of raw messages into one commit batch.
 pub fn process(
     store: &dyn Store,
@@ -155,10 +160,17 @@ pub fn process_seeded(
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
         }
-        if let Some(size) = m.too_large {
+        let not_downloaded = match (&m.too_large, &m.unfetchable) {
+            (Some(size), _) => Some((
+                *size,
+                too_large_reason(*size, ctx.max_message_size, &m.source.folder),
+            )),
+            (None, Some(why)) => Some((0, unfetchable_reason(why, &m.source.folder))),
+            (None, None) => None,
+        };
+        if let Some((size, reason)) = not_downloaded {
             // Not downloaded: a record without bytes, so the operator sees it
             // once and the source is not fetched again.
-            let reason = too_large_reason(size, ctx.max_message_size, &m.source.folder);
             batch.items.push(PendingItem::Quarantine(QuarantineEntry {
                 id: 0,
                 source: m.source.clone(),
@@ -570,6 +582,7 @@ mod tests {
             raw: format!("From: c@them.test\r\nTo: me@us.test\r\nDate: Mon, 5 Jan 2026 10:00:00 +0000\r\n{headers}\r\nbody\r\n").into_bytes(),
             received_at: None,
             too_large: None,
+            unfetchable: None,
         }
     }
 

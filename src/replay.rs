@@ -271,6 +271,7 @@ fn raw_message(ctx: &PipelineContext, m: &InputMessage, n: usize) -> RawMessage 
         raw: m.raw.clone(),
         received_at: None,
         too_large: None,
+        unfetchable: None,
     }
 }
 

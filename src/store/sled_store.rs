@@ -1311,6 +1311,7 @@ mod tests {
                     next_uid: 2,
                     highest_modseq: None,
                     seen_count: 1,
+                    retry: Vec::new(),
                 },
             ));
             b.mailbox_state = Some(MailboxState {
