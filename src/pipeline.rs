@@ -927,6 +927,7 @@ Diagnostic-Code: smtp; 550 5.1.1 <gone@them.test>: Recipient address\r\n\
             raw: body.into_bytes(),
             received_at: None,
             too_large: None,
+            unfetchable: None,
         }
     }
 
