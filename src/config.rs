@@ -150,7 +150,8 @@ pub struct Profile {
     /// Messages fetched and committed per batch.
     pub batch_size: usize,
     pub max_message_size: u64,
-    /// Keyword set on processed messages where the server allows it.
+    /// Keyword set on processed messages where the server allows it: IMAP
+    /// profiles default to `$CRMTracked`, `processed_keyword = ""` turns it off.
     pub processed_keyword: Option<String>,
     pub idle: bool,
     /// Longest wait between retries after transient errors (the back-off cap).
@@ -165,6 +166,9 @@ pub struct Profile {
     /// The file the profile password came from, watched so a disabled mailbox
     /// is re-enabled when it changes.
     pub password_file: Option<PathBuf>,
+    /// Cycles a message the server lists but will not deliver is tried before
+    /// it is quarantined (IMAP; the position never skips it silently).
+    pub missing_message_retries: u32,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.
@@ -213,6 +217,8 @@ pub struct Mailbox {
     pub extra_folders: Vec<String>,
     pub delete_after_processing: bool,
     pub track: TrackFilter,
+    /// What happens to automatic mail (`automatic_mail`).
+    pub automatic_mail: crate::filter::AutomaticMailPolicy,
 }
 
 /// The whole validated configuration.
@@ -1170,7 +1176,12 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
     let move_failed_to = t.nonempty_string("move_failed_to", errs);
     let batch_size = t.int("batch_size", 200, 1, 10_000, errs) as usize;
     let max_message_size = t.int("max_message_size", 50 * 1024 * 1024, 1024, 1 << 34, errs) as u64;
-    let processed_keyword = t.nonempty_string("processed_keyword", errs);
+    // Absent: the documented default for IMAP profiles (set below, once the
+    // type is known); an empty string switches the keyword off.
+    let keyword_given = t.raw("processed_keyword").is_some();
+    let mut processed_keyword = t
+        .string("processed_keyword", errs)
+        .filter(|k| !k.trim().is_empty());
     if let Some(k) = &processed_keyword {
         if k.chars()
             .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c))
@@ -1195,6 +1206,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         .raw("max_transient_failures")
         .is_some()
         .then(|| t.int("max_transient_failures", 10, 1, 1000, errs) as u32);
+    let missing_message_retries = t.int("missing_message_retries", 3, 1, 1000, errs) as u32;
 
     if let Some(kind) = kind {
         let needs_server = !matches!(kind, ProfileType::Maildir);
@@ -1218,6 +1230,9 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
             ProfileType::ExchangeOnline | ProfileType::ExchangeServer
         ) {
             errs.push(t.key("type"), "Exchange connectors are not available in this version; use imap_smtp with XOAUTH2 for Exchange Online");
+        }
+        if kind == ProfileType::ImapSmtp && !keyword_given {
+            processed_keyword = Some(crate::connector::imap::CRM_KEYWORD.to_string());
         }
         if kind == ProfileType::Pop3Smtp && processed_keyword.is_some() {
             errs.push(
@@ -1268,6 +1283,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         stall_alert_after,
         max_transient_failures,
         password_file,
+        missing_message_retries,
     })
 }
 
@@ -1389,6 +1405,7 @@ fn mailbox(
         errs,
     );
     let extra_folders = t.string_list("folders", errs);
+    let automatic_mail = automatic_mail(t.sub("automatic_mail", errs), errs);
 
     let mut tracked_folders = Vec::new();
     let tf_path = t.key("tracked_folders");
@@ -1522,7 +1539,38 @@ fn mailbox(
         extra_folders,
         delete_after_processing,
         track,
+        automatic_mail,
     })
+}
+
+/// `mailboxes[i].automatic_mail`: the action per class of automatic mail
+/// that correlates to nothing, and the loop detector.
+fn automatic_mail(mut t: Table<'_>, errs: &mut Errors) -> crate::filter::AutomaticMailPolicy {
+    use crate::filter::{AutomaticAction, AutomaticMailPolicy};
+    let d = AutomaticMailPolicy::default();
+    let actions = [
+        ("track", AutomaticAction::Track),
+        ("track_no_reply", AutomaticAction::TrackNoReply),
+        ("skip", AutomaticAction::Skip),
+    ];
+    let policy = AutomaticMailPolicy {
+        auto_reply: t.choice("auto_reply", d.auto_reply, &actions, errs),
+        bounce: t.choice("bounce", d.bounce, &actions, errs),
+        bulk: t.choice("bulk", d.bulk, &actions, errs),
+        list: t.choice("list", d.list, &actions, errs),
+        loop_limit: t.int("loop_limit", i64::from(d.loop_limit), 1, 10_000, errs) as u32,
+        loop_window: t
+            .duration(
+                "loop_window",
+                Duration::from_secs(d.loop_window as u64),
+                Duration::from_secs(60),
+                Duration::from_secs(7 * 24 * 3600),
+                errs,
+            )
+            .as_secs() as i64,
+    };
+    t.finish(errs);
+    policy
 }
 
 fn looks_like_email(s: &str) -> bool {
@@ -1581,6 +1629,44 @@ mod tests {
         assert_eq!(cfg.mailboxes[0].approval, ApprovalStatus::Empty);
         assert!(cfg.process_only_approved);
         assert_eq!(cfg.daemon.state_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn automatic_mail_actions_are_read_with_defaults_and_key_paths() {
+        use crate::filter::{AutomaticAction, AutomaticMailPolicy};
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(
+            cfg.mailboxes[0].automatic_mail,
+            AutomaticMailPolicy::default()
+        );
+        let ok = format!(
+            "{MINIMAL}\nautomatic_mail = {{ auto_reply = \"track_no_reply\", list = \"track\", loop_limit = 3, loop_window = \"10m\" }}\n"
+        );
+        let a = parse(&ok).unwrap().mailboxes[0].automatic_mail.clone();
+        assert_eq!(a.auto_reply, AutomaticAction::TrackNoReply);
+        assert_eq!(a.list, AutomaticAction::Track);
+        assert_eq!(
+            (a.bounce, a.bulk),
+            (AutomaticAction::Skip, AutomaticAction::Skip)
+        );
+        assert_eq!((a.loop_limit, a.loop_window), (3, 600));
+        let bad = format!(
+            "{MINIMAL}\nautomatic_mail = {{ bulk = \"drop\", loop_limit = 0, loop_window = \"1s\", spam = \"skip\" }}\n"
+        );
+        let errs = parse(&bad).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "mailboxes[0].automatic_mail.bulk",
+            "mailboxes[0].automatic_mail.loop_limit",
+            "mailboxes[0].automatic_mail.loop_window",
+            "mailboxes[0].automatic_mail.spam",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        assert!(
+            errs.0[0].message.contains("track, track_no_reply, skip"),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -1662,6 +1748,38 @@ mod tests {
         let errs = parse(&text).unwrap_err().0;
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!(errs[0].path, "mailboxes[0].password_env");
+    }
+
+    /// Regression (#17 §7): documented as defaulting to `$CRMTracked`, but
+    /// without the key no keyword was set.
+    #[test]
+    fn processed_keyword_defaults_to_crm_tracked_for_imap_and_empty_turns_it_off() {
+        let imap = |extra: &str| {
+            MINIMAL
+                .replace(
+                    "type = \"maildir\"",
+                    &format!("type = \"imap_smtp\"\nhost = \"h.example\"\n{extra}"),
+                )
+                .replace(
+                    "path = \"fixtures/demo-maildir\"",
+                    "username = \"u\"\npassword = \"p\"",
+                )
+        };
+        let keyword = |text: &str| parse(text).unwrap().profiles[0].processed_keyword.clone();
+        assert_eq!(keyword(&imap("")).as_deref(), Some("$CRMTracked"));
+        assert_eq!(keyword(&imap("processed_keyword = \"\"")), None);
+        assert_eq!(
+            keyword(&imap("processed_keyword = \"$Done\"")).as_deref(),
+            Some("$Done")
+        );
+        // Profiles without keywords get none by default, and may say "" too.
+        assert_eq!(keyword(MINIMAL), None);
+        let pop3 = imap("").replace("imap_smtp", "pop3_smtp");
+        assert_eq!(keyword(&pop3), None);
+        assert_eq!(
+            keyword(&pop3.replace("host =", "processed_keyword = \"\"\nhost =")),
+            None
+        );
     }
 
     #[test]

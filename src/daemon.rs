@@ -302,6 +302,7 @@ pub fn imap_settings(profile: &Profile, mailbox: &Mailbox) -> Result<ImapSetting
         delete_after_processing: mailbox.delete_after_processing,
         idle: profile.idle,
         transform: forward.then_some(crate::connector::forward::unwrap_forwarded as fn(_) -> _),
+        missing_message_retries: profile.missing_message_retries,
     })
 }
 

@@ -777,6 +777,9 @@ impl MailboxTask {
                 })
                 .collect();
             connector.acknowledge(acks).await?;
+            for notice in pipeline::notices(&results) {
+                self.alert(AlertLevel::Warning, notice);
+            }
             for (source, r) in &results {
                 if let ItemResult::Quarantined { reason } = r {
                     self.alert(

@@ -73,6 +73,11 @@ pub struct RawMessage {
     /// `max_message_size` (`raw` is empty): the pipeline records it in the
     /// quarantine, so the position advances and the operator sees it once.
     pub too_large: Option<u64>,
+    /// Why a message could not be downloaded (`raw` is empty): the server
+    /// refused or failed it, after retries where the protocol allows them.
+    /// The pipeline records it in the quarantine without bytes, the message
+    /// stays on the server, and the rest of the batch goes on.
+    pub unfetchable: Option<String>,
 }
 
 /// A bounded group of new messages and the positions to commit with them.

@@ -66,6 +66,19 @@ pub struct CommitBatch {
     /// Correlation index entries of tracked activities in `items`; written only
     /// for activities that are inserted (not for duplicates), in the same batch.
     pub index: Vec<IndexEntry>,
+    /// Loop-detector marks of automatic activities in `items`; written only
+    /// for activities that are inserted, in the same batch.
+    pub automatic: Vec<AutomaticMark>,
+}
+
+/// An automatic message between two addresses, as the loop detector counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutomaticMark {
+    pub mailbox: String,
+    /// The two addresses, as `filter::loop_pair` writes them.
+    pub pair: String,
+    pub at: UnixTime,
+    pub activity: ActivityId,
 }
 
 /// What happened to one item of a batch.
@@ -119,6 +132,17 @@ pub trait Store: Send + Sync + 'static {
         self.lookup_into(keys, &mut idx)?;
         Ok(idx)
     }
+
+    /// How many [`AutomaticMark`]s of `mailbox` and `pair` were committed
+    /// with a time at or after `since`, counting no further than `max` (an
+    /// indexed range read, not a scan of the activities).
+    fn automatic_since(
+        &self,
+        mailbox: &str,
+        pair: &str,
+        since: UnixTime,
+        max: usize,
+    ) -> Result<usize, StoreError>;
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError>;
 

@@ -225,6 +225,16 @@ fn read_id(v: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// `al/<mailbox>\0<pair>\0`: the loop detector's marks, then the time
+/// (sign bit flipped, so negative times sort first) and the activity id.
+fn automatic_prefix(mailbox: &str, pair: &str) -> Vec<u8> {
+    key("al/", &[mailbox.as_bytes(), pair.as_bytes(), b""])
+}
+
+fn sortable_time(t: UnixTime) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
 fn mid_key(id: &str) -> Vec<u8> {
     key(
         "m/",
@@ -480,6 +490,16 @@ impl Store for SledStore {
                 b.insert(id_key("sc/", e.activity), c);
             }
         }
+        for m in batch
+            .automatic
+            .iter()
+            .filter(|m| inserted.contains(&m.activity))
+        {
+            let mut k = automatic_prefix(&m.mailbox, &m.pair);
+            k.extend_from_slice(&sortable_time(m.at));
+            k.extend_from_slice(&m.activity.to_be_bytes());
+            b.insert(k, Vec::new());
+        }
         for (id, a) in &ov.activities {
             b.insert(id_key("r/", *id), encode(&a.regarding)?);
             b.insert(id_key("a/", *id), encode(a)?);
@@ -609,6 +629,27 @@ impl Store for SledStore {
             }
         }
         Ok(())
+    }
+
+    fn automatic_since(
+        &self,
+        mailbox: &str,
+        pair: &str,
+        since: UnixTime,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let prefix = automatic_prefix(mailbox, pair);
+        let mut from = prefix.clone();
+        from.extend_from_slice(&sortable_time(since));
+        let mut n = 0;
+        for kv in self.tree.range(from..) {
+            let (k, _) = kv.map_err(io)?;
+            if !k.starts_with(&prefix) || n >= max {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError> {
@@ -898,6 +939,7 @@ impl SledStore {
 mod tests {
     use super::*;
     use crate::model::{CorrelationMethod, Direction};
+    use crate::store::AutomaticMark;
 
     pub(crate) fn activity(
         mailbox: &str,
@@ -933,6 +975,8 @@ mod tests {
             size: 1,
             also_seen_as: vec![],
             forwarded_by: None,
+            automatic: None,
+            no_reply: false,
         }
     }
 
@@ -1309,6 +1353,7 @@ mod tests {
                     next_uid: 2,
                     highest_modseq: None,
                     seen_count: 1,
+                    retry: Vec::new(),
                 },
             ));
             b.mailbox_state = Some(MailboxState {
@@ -1331,6 +1376,48 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    #[test]
+    fn automatic_marks_count_by_pair_and_time_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let s = SledStore::open(&path).unwrap();
+        let mut b = batch(vec![
+            activity("m", "1", Some("a1@x"), "h1"),
+            activity("m", "2", Some("a2@x"), "h2"),
+            activity("m", "3", Some("a3@x"), "h3"),
+            activity("m", "4", Some("a4@x"), "h4"),
+        ]);
+        let ids: Vec<u64> = (0..4).map(|_| s.allocate_id().unwrap()).collect();
+        for (item, id) in b.items.iter_mut().zip(&ids) {
+            if let PendingItem::Activity(a) = item {
+                a.id = *id;
+            }
+        }
+        let mark = |pair: &str, at: i64, activity: u64| AutomaticMark {
+            mailbox: "m".into(),
+            pair: pair.into(),
+            at,
+            activity,
+        };
+        b.automatic = vec![
+            mark("a@x b@x", -5, ids[0]),
+            mark("a@x b@x", 100, ids[1]),
+            mark("a@x b@x", 200, ids[2]),
+            mark("a@x b@xx", 150, ids[3]),
+            // Not an activity of this batch: not written.
+            mark("a@x b@x", 300, 999_999),
+        ];
+        s.commit(b).unwrap();
+        drop(s);
+        let s = reopen(&path);
+        assert_eq!(s.automatic_since("m", "a@x b@x", -10, 10).unwrap(), 3);
+        assert_eq!(s.automatic_since("m", "a@x b@x", 100, 10).unwrap(), 2);
+        assert_eq!(s.automatic_since("m", "a@x b@x", 101, 10).unwrap(), 1);
+        assert_eq!(s.automatic_since("m", "a@x b@x", -10, 2).unwrap(), 2);
+        assert_eq!(s.automatic_since("m", "a@x b@xx", 0, 10).unwrap(), 1);
+        assert_eq!(s.automatic_since("other", "a@x b@x", 0, 10).unwrap(), 0);
     }
 
     #[test]
