@@ -325,6 +325,82 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     format!("{}…", s.get(..end).unwrap_or_default())
 }
 
+/// Fuzzing entry (`fuzz/fuzz_targets/imap_response.rs`): server bytes through
+/// the response codec async-imap decodes with (imap-proto), response after
+/// response as its stream does, and every decoder of ours that reads what
+/// the server sent (greeting, status text, untagged events, COPYUID, LIST
+/// names and attributes, INTERNALDATE, header Message-ID). Must never panic.
+#[doc(hidden)]
+pub fn fuzz_server_bytes(data: &[u8]) {
+    use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response};
+
+    let first = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    let first = String::from_utf8_lossy(first);
+    let _ = super::parse_greeting(first.trim_end_matches('\r'));
+    let _ = super::error::parse_async_status(&first);
+
+    let mut events = Vec::new();
+    let mut bye = None;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let (next, response) = match Response::parse(rest) {
+            Ok(parsed) => parsed,
+            Err(e) if e.is_incomplete() => break,
+            // Skip the line, as a reader that resynchronises would.
+            Err(_) => match memchr::memchr(b'\n', rest) {
+                Some(nl) => {
+                    rest = rest.get(nl + 1..).unwrap_or_default();
+                    continue;
+                }
+                None => break,
+            },
+        };
+        super::note_untagged(&mut events, &mut bye, &response);
+        let outcome = match &response {
+            Response::Done { outcome, .. }
+            | Response::Data { outcome, .. }
+            | Response::Continue(outcome) => Some(outcome),
+            _ => None,
+        };
+        if let Some(code) = outcome.and_then(|o| o.code.as_ref()) {
+            let _ = super::copy_uid_map(code);
+            let _ = super::error::code_name(code);
+        }
+        if let Some(info) = outcome.and_then(|o| o.information.as_deref()) {
+            let _ = super::error::split_code(None, info);
+            let _ = truncate(info, 300);
+        }
+        match &response {
+            Response::MailboxData(MailboxDatum::List(data)) => {
+                let _ = mutf7_decode(data.name.as_ref());
+                for a in &data.name_attributes {
+                    let _ = super::name_attribute(a);
+                }
+            }
+            Response::Fetch(_, attrs) => {
+                for a in attrs {
+                    match a {
+                        AttributeValue::InternalDate(d) => {
+                            let _ = parse_internal_date(d);
+                        }
+                        AttributeValue::BodySection { data: Some(d), .. }
+                        | AttributeValue::Rfc822Header(Some(d))
+                        | AttributeValue::Rfc822(Some(d)) => {
+                            let _ = extract_message_id(d);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        if next.len() >= rest.len() {
+            break;
+        }
+        rest = next;
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::string_slice, clippy::indexing_slicing)]
 mod tests {
@@ -424,6 +500,20 @@ mod tests {
             parse_internal_date("17-Jul-1996 09:44:25 +0000"),
             Some(837_596_665)
         );
+    }
+
+    #[test]
+    fn fuzz_entry_reaches_the_decoders_without_panicking() {
+        // The INTERNALDATE zone bug, as a server would send it.
+        fuzz_server_bytes(
+            "* 1 FETCH (UID 7 INTERNALDATE \"17-Jul-1996 02:44:25 +é00\")\r\n".as_bytes(),
+        );
+        fuzz_server_bytes(
+            b"* OK [CAPABILITY IMAP4rev1] hi\r\n* LIST (\\HasNoChildren \\Sent) \"/\" \"Entw&APw-rfe\"\r\n\
+              * 2 FETCH (BODY[HEADER] {30}\r\nMessage-ID: <a@b>\r\nX: y\r\n\r\n)\r\n\
+              A1 OK [COPYUID 9 1:2 5:6] done\r\n* BYE bye\r\n",
+        );
+        fuzz_server_bytes(b"garbage\r\n\xff\xfe\r\n* 3 EXISTS\r\n");
     }
 
     #[test]
