@@ -215,7 +215,7 @@ fn replay(
         Some(p) => replay::read_seeds(&p).map_err(|e| e.to_string())?,
         None => Vec::new(),
     };
-    let inputs = replay::collect_inputs(&inputs).map_err(|e| e.to_string())?;
+    let inputs = replay::list_inputs(&inputs).map_err(|e| e.to_string())?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(inputs.len() as u64)
     } else {

@@ -7,7 +7,9 @@
 //! message processed becomes tracked (when it correlates), so later replies in
 //! the same run can chain to it.
 
-use std::io::{BufRead, Write};
+use std::borrow::Cow;
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +52,62 @@ pub struct InputMessage {
     /// Folder the message counts as found in (for folder tracking).
     pub folder: String,
     pub raw: Vec<u8>,
+}
+
+/// Where one input message is, read only when its batch is processed: a
+/// replay of 100,000 messages holds one batch of mail in memory, not all of
+/// it (reading every input up front made the inputs most of replay's RSS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputRef {
+    /// As [`InputMessage::file`].
+    pub file: String,
+    /// As [`InputMessage::folder`].
+    pub folder: String,
+    path: PathBuf,
+    /// The message's bytes inside an mbox file; `None`: the whole file.
+    span: Option<Range<usize>>,
+}
+
+impl InputRef {
+    /// Reads the message's bytes.
+    pub fn load(&self) -> Result<InputMessage, ReplayError> {
+        let raw = match &self.span {
+            None => std::fs::read(&self.path).map_err(read_err(&self.path))?,
+            Some(span) => {
+                let mut raw = vec![0; span.len()];
+                std::fs::File::open(&self.path)
+                    .and_then(|mut f| {
+                        f.seek(SeekFrom::Start(span.start as u64))?;
+                        f.read_exact(&mut raw)
+                    })
+                    .map_err(read_err(&self.path))?;
+                raw
+            }
+        };
+        Ok(InputMessage {
+            file: self.file.clone(),
+            folder: self.folder.clone(),
+            raw,
+        })
+    }
+}
+
+/// Something [`run`] can process: a message in memory, or one to read.
+pub trait ReplayInput {
+    /// The message with its bytes.
+    fn load(&self) -> Result<Cow<'_, InputMessage>, ReplayError>;
+}
+
+impl ReplayInput for InputMessage {
+    fn load(&self) -> Result<Cow<'_, InputMessage>, ReplayError> {
+        Ok(Cow::Borrowed(self))
+    }
+}
+
+impl ReplayInput for InputRef {
+    fn load(&self) -> Result<Cow<'_, InputMessage>, ReplayError> {
+        InputRef::load(self).map(Cow::Owned)
+    }
 }
 
 /// One output line.
@@ -110,6 +168,12 @@ pub fn read_seeds(path: &Path) -> Result<Vec<(InputMessage, RecordRef)>, ReplayE
 
 /// Reads every message under `paths`, in the order given and name order within.
 pub fn collect_inputs(paths: &[PathBuf]) -> Result<Vec<InputMessage>, ReplayError> {
+    list_inputs(paths)?.iter().map(InputRef::load).collect()
+}
+
+/// Lists every message under `paths` like [`collect_inputs`], without
+/// keeping their bytes (mbox files are read once to find the messages).
+pub fn list_inputs(paths: &[PathBuf]) -> Result<Vec<InputRef>, ReplayError> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -149,7 +213,7 @@ fn is_not_mail(p: &Path) -> bool {
             .any(|ext| name.ends_with(ext))
 }
 
-fn walk_dir(dir: &Path, folder: &str, out: &mut Vec<InputMessage>) -> Result<(), ReplayError> {
+fn walk_dir(dir: &Path, folder: &str, out: &mut Vec<InputRef>) -> Result<(), ReplayError> {
     if is_maildir(dir) {
         // All folders of a Maildir together, in file-name order: delivery names
         // sort by time, so a reply in INBOX comes after its parent in a subfolder.
@@ -218,20 +282,25 @@ fn maildir_files(
     Ok(())
 }
 
-fn read_file(p: &Path, folder: &str, out: &mut Vec<InputMessage>) -> Result<(), ReplayError> {
-    let raw = std::fs::read(p).map_err(read_err(p))?;
+fn read_file(p: &Path, folder: &str, out: &mut Vec<InputRef>) -> Result<(), ReplayError> {
     let is_eml = p.extension().is_some_and(|e| e.eq_ignore_ascii_case("eml"));
-    let parts = if is_eml { vec![raw] } else { split_mbox(&raw) };
-    let many = parts.len() > 1;
-    for (i, raw) in parts.into_iter().enumerate() {
-        out.push(InputMessage {
+    let spans = if is_eml {
+        vec![None]
+    } else {
+        let raw = std::fs::read(p).map_err(read_err(p))?;
+        mbox_spans(&raw).map_or_else(|| vec![None], |s| s.into_iter().map(Some).collect())
+    };
+    let many = spans.len() > 1;
+    for (i, span) in spans.into_iter().enumerate() {
+        out.push(InputRef {
             file: if many {
                 format!("{}#{}", p.display(), i + 1)
             } else {
                 p.display().to_string()
             },
             folder: folder.to_string(),
-            raw,
+            path: p.to_path_buf(),
+            span,
         });
     }
     Ok(())
@@ -240,23 +309,44 @@ fn read_file(p: &Path, folder: &str, out: &mut Vec<InputMessage>) -> Result<(), 
 /// Splits an mboxo file at lines starting with `From `; a file without such
 /// a first line is one message.
 pub fn split_mbox(raw: &[u8]) -> Vec<Vec<u8>> {
+    match mbox_spans(raw) {
+        None => vec![raw.to_vec()],
+        Some(spans) => spans
+            .into_iter()
+            .filter_map(|r| raw.get(r))
+            .map(<[u8]>::to_vec)
+            .collect(),
+    }
+}
+
+/// The messages of an mboxo file as byte ranges (blank ones left out);
+/// `None` when the file does not start with a `From ` line (one message).
+fn mbox_spans(raw: &[u8]) -> Option<Vec<Range<usize>>> {
     if !raw.starts_with(b"From ") {
-        return vec![raw.to_vec()];
+        return None;
     }
     let mut starts = vec![0];
     let mut i = 0;
-    while let Some(nl) = raw[i..].iter().position(|b| *b == b'\n') {
+    while let Some(nl) = memchr::memchr(b'\n', raw.get(i..).unwrap_or_default()) {
         i += nl + 1;
-        if raw[i..].starts_with(b"From ") {
+        if raw.get(i..).is_some_and(|rest| rest.starts_with(b"From ")) {
             starts.push(i);
         }
     }
     starts.push(raw.len());
-    starts
-        .windows(2)
-        .map(|w| raw[w[0]..w[1]].to_vec())
-        .filter(|m| m.iter().any(|b| !b.is_ascii_whitespace()))
-        .collect()
+    Some(
+        starts
+            .windows(2)
+            .filter_map(|w| match *w {
+                [a, b] => Some(a..b),
+                _ => None,
+            })
+            .filter(|r| {
+                raw.get(r.clone())
+                    .is_some_and(|m| m.iter().any(|b| !b.is_ascii_whitespace()))
+            })
+            .collect(),
+    )
 }
 
 fn raw_message(ctx: &PipelineContext, m: &InputMessage, n: usize) -> RawMessage {
@@ -281,11 +371,11 @@ fn round3(x: f32) -> f64 {
 
 /// Tracks the seeds, then processes `inputs` in order; calls `emit` with one
 /// record per input message. `tick` is called after each message (progress).
-pub fn run(
+pub fn run<I: ReplayInput>(
     store: &dyn Store,
     ctx: &PipelineContext,
     seeds: &[(InputMessage, RecordRef)],
-    inputs: &[InputMessage],
+    inputs: &[I],
     now: i64,
     emit: &mut dyn FnMut(ReplayRecord) -> Result<(), ReplayError>,
     tick: &mut dyn FnMut(),
@@ -308,6 +398,10 @@ pub fn run(
         store.commit(batch)?;
     }
     for chunk in inputs.chunks(BATCH) {
+        let chunk = chunk
+            .iter()
+            .map(ReplayInput::load)
+            .collect::<Result<Vec<_>, _>>()?;
         let raws: Vec<RawMessage> = chunk
             .iter()
             .map(|m| {
@@ -364,11 +458,11 @@ pub fn run(
 }
 
 /// Runs [`run`] and writes JSON lines to `out`.
-pub fn run_to_writer(
+pub fn run_to_writer<I: ReplayInput>(
     store: &dyn Store,
     ctx: &PipelineContext,
     seeds: &[(InputMessage, RecordRef)],
-    inputs: &[InputMessage],
+    inputs: &[I],
     now: i64,
     out: &mut dyn Write,
     tick: &mut dyn FnMut(),
@@ -467,6 +561,24 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert!(parts[1].starts_with(b"From b@x"));
         assert_eq!(split_mbox(b"Subject: x\n\nFrom here on\n").len(), 1);
+    }
+
+    #[test]
+    fn listed_inputs_read_the_same_bytes_as_an_up_front_read() {
+        let d = tempfile::tempdir().unwrap();
+        let mbox = b"From a@x Mon Jan 1 00:00:00 2026\nSubject: 1\n\nbody\n\nFrom b@x Mon Jan 1 00:00:00 2026\n\n\nFrom c@x Mon Jan 1 00:00:00 2026\nSubject: 3\n\n>From quoted\n";
+        std::fs::write(d.path().join("a.mbox"), mbox).unwrap();
+        std::fs::write(d.path().join("b.eml"), b"From x\nSubject: e\n\nbody\n").unwrap();
+        let refs = list_inputs(&[d.path().to_path_buf()]).unwrap();
+        let loaded: Vec<InputMessage> = refs.iter().map(|r| r.load().unwrap()).collect();
+        let mut expected = split_mbox(mbox);
+        expected.push(b"From x\nSubject: e\n\nbody\n".to_vec());
+        let got: Vec<&[u8]> = loaded.iter().map(|m| m.raw.as_slice()).collect();
+        assert_eq!(got, expected.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        assert!(loaded[0].file.ends_with("a.mbox#1"), "{}", loaded[0].file);
+        assert_eq!(loaded.len(), 4);
+        assert!(loaded[2].file.ends_with("a.mbox#3"), "{}", loaded[2].file);
+        assert!(loaded[3].file.ends_with("b.eml"), "{}", loaded[3].file);
     }
 
     #[test]
