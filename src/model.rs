@@ -307,6 +307,46 @@ pub struct EmailActivity {
     pub forwarded_by: Option<String>,
 }
 
+impl EmailActivity {
+    /// Every mailbox this email was delivered to, first-seen first: its own,
+    /// then those of the copies in [`EmailActivity::also_seen_as`].
+    pub fn mailboxes(&self) -> Vec<&str> {
+        let mut out = vec![self.mailbox.as_str()];
+        for s in &self.also_seen_as {
+            if !out.contains(&s.mailbox.as_str()) {
+                out.push(&s.mailbox);
+            }
+        }
+        out
+    }
+}
+
+/// What the pipeline did with a message, for the connector's follow-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKind {
+    /// Recorded (activity, duplicate or skipped): flag or delete as configured.
+    Recorded,
+    /// Quarantined: move to the failed-mail folder if configured.
+    Failed,
+}
+
+/// A follow-up (keyword, delete, move) owed on a committed message. It is
+/// written in the commit that records the message and removed by a later one
+/// once carried out, so a crash in between cannot lose it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowUp {
+    pub source: SourceKey,
+    pub kind: AckKind,
+    /// When the commit that owes it was made.
+    pub recorded_at: UnixTime,
+    /// Attempts that failed with a permanent error so far.
+    #[serde(default)]
+    pub failures: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
 /// A message that could not be turned into an activity; its bytes are kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
