@@ -317,3 +317,64 @@ impl Connector for MaildirConnector {
 
     async fn close(&mut self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SledStore;
+
+    /// Follow-ups are replayed after a crash, so each must be idempotent:
+    /// a delete or move of a file already gone succeeds quietly, a file
+    /// renamed meanwhile (new/ → cur/, flags) is still found, and a
+    /// connector that never fetched it works from the source key alone.
+    #[tokio::test]
+    async fn follow_ups_are_idempotent_and_find_renamed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("Maildir");
+        for d in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let connector = |delete| {
+            MaildirConnector::new(
+                "m",
+                &root,
+                Vec::new(),
+                10,
+                delete,
+                Some("Failed".into()),
+                store.clone(),
+            )
+        };
+        std::fs::write(root.join("new/1.M1P1.a"), "Subject: a\n\nx\n").unwrap();
+        std::fs::write(root.join("new/2.M2P1.b"), "garbage").unwrap();
+        let ack = |uid: &str, kind| Ack {
+            source: SourceKey {
+                mailbox: "m".into(),
+                folder: "INBOX".into(),
+                uidvalidity: 0,
+                uid: uid.into(),
+            },
+            kind,
+        };
+        let acks = || {
+            vec![
+                ack("1.M1P1.a", AckKind::Recorded),
+                ack("2.M2P1.b", AckKind::Failed),
+            ]
+        };
+        // Renamed by a mail client after our listing would have been taken.
+        std::fs::rename(root.join("new/1.M1P1.a"), root.join("cur/1.M1P1.a:2,S")).unwrap();
+        for round in 0..2 {
+            let report = connector(true).acknowledge(acks()).await.unwrap();
+            assert!(report.failed.is_empty(), "round {round}: {report:?}");
+            assert!(report.obsolete.is_empty(), "round {round}: {report:?}");
+            assert!(!root.join("cur/1.M1P1.a:2,S").exists(), "round {round}");
+            assert!(root.join(".Failed/cur/2.M2P1.b").exists(), "round {round}");
+            assert!(!root.join("new/2.M2P1.b").exists(), "round {round}");
+        }
+        // Without delete_after_processing nothing is owed for recorded mail.
+        assert!(!connector(false).wants_follow_up(AckKind::Recorded));
+        assert!(connector(false).wants_follow_up(AckKind::Failed));
+    }
+}
