@@ -80,7 +80,12 @@ impl Imap {
     fn append(&mut self, folder: &str, msg: &[u8]) {
         self.tag += 1;
         let tag = format!("t{}", self.tag);
-        write!(self.writer, "{tag} APPEND \"{folder}\" {{{}}}\r\n", msg.len()).unwrap();
+        write!(
+            self.writer,
+            "{tag} APPEND \"{folder}\" {{{}}}\r\n",
+            msg.len()
+        )
+        .unwrap();
         let go = self.line();
         assert!(go.starts_with('+'), "APPEND: {go}");
         self.writer.write_all(msg).unwrap();
@@ -122,14 +127,14 @@ impl Imap {
     }
 }
 
-/// A message with a unique Message-ID (the shared helper's, with CRLF kept).
+/// A message with a unique Message-ID.
 fn unique(tag: &str) -> Vec<u8> {
     message(tag)
 }
 
-/// A message sent to `user` and redirected to the forward mailbox.
+/// A message sent to bob and redirected to the forward mailbox.
 fn forwarded(tag: &str) -> Vec<u8> {
-    let mut m = format!("X-Original-To: bob@example.test\r\n").into_bytes();
+    let mut m = b"X-Original-To: bob@example.test\r\n".to_vec();
     m.extend_from_slice(&unique(tag));
     m
 }
@@ -139,12 +144,10 @@ fn store_of(cfg: &Path) -> SledStore {
     let config = crm_mailsync::config::load(cfg).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        // The lock of a process that just died or stopped may linger a moment.
         match SledStore::open(&config.store_path()) {
             Ok(s) => return s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => panic!("store: {e}"),
         }
     }
@@ -273,8 +276,11 @@ fn sigkill_between_commit_and_follow_up_20_rounds() {
             kw.append("INBOX", &unique(&format!("kw-{round}-{i}")));
             fwd.append("INBOX", &forwarded(&format!("fwd-{round}-{i}")));
             let name = format!("{}.M{round:02}{i}P1.gen", 1_767_000_000 + round * 10 + i);
-            std::fs::write(maildir.join("new").join(name), unique(&format!("md-{round}-{i}")))
-                .unwrap();
+            std::fs::write(
+                maildir.join("new").join(name),
+                unique(&format!("md-{round}-{i}")),
+            )
+            .unwrap();
         }
         kw.append("INBOX", b"garbage without any header section\r\n");
         good += 3;
@@ -592,6 +598,67 @@ password = "{PASSWORD}"
     assert_eq!(
         total("crm_mailsync_messages_duplicate_total{"),
         1,
+        "{metrics}"
+    );
+    stop(child);
+}
+
+/// `items_processed` counted re-scanned copies (after a UIDVALIDITY re-scan
+/// it showed 2,324 with 1,314 stored): after a re-scan it equals the stored
+/// activities and the processed metric.
+#[test]
+fn items_processed_after_a_uidvalidity_rescan_matches_store_and_metrics() {
+    let env = env();
+    let user = "user00183";
+    reset_user(user);
+    bulk_generate(user, "INBOX", 40, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 10",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    let processed = || -> Option<u64> {
+        let (_, body) = get(admin, "/api/v1/mailboxes", Some(TOKEN))?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["mailboxes"][0]["state"]["items_processed"].as_u64()
+    };
+    wait_for(Duration::from_secs(60), "40 processed", || {
+        processed().filter(|n| *n >= 40)
+    });
+    let out = script("reset-uidvalidity.sh", &[user]);
+    assert_ne!(
+        field(&out, "old_uidvalidity"),
+        field(&out, "new_uidvalidity")
+    );
+    Imap::login(&env, user).append("INBOX", &unique("after-reset"));
+    wait_for(Duration::from_secs(60), "41 activities", || {
+        activity_total(admin).filter(|n| *n >= 41)
+    });
+    wait_for(Duration::from_secs(60), "the re-scan done", || {
+        let (_, m) = get(admin, "/metrics", None)?;
+        m.lines()
+            .any(|l| l.starts_with("crm_mailsync_messages_duplicate_total") && l.ends_with(" 40"))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(activity_total(admin), Some(41));
+    assert_eq!(processed(), Some(41));
+    let (_, metrics) = get(admin, "/metrics", None).unwrap();
+    assert!(
+        metrics.contains("crm_mailsync_messages_processed_total{mailbox=\"mb\"} 41"),
         "{metrics}"
     );
     stop(child);
