@@ -299,7 +299,8 @@ pub struct EmailActivity {
     pub correlated_with: Option<ActivityId>,
     pub content_hash: String,
     pub size: u64,
-    /// Extra sources the same email was seen under (another folder, a new UIDVALIDITY).
+    /// Extra sources the same email was seen under (another folder, a new
+    /// UIDVALIDITY, another mailbox it was also delivered to).
     #[serde(default)]
     pub also_seen_as: Vec<SourceKey>,
     /// For a forward mailbox: the user whose server-side rule forwarded it.

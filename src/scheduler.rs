@@ -4,6 +4,12 @@
 //! The lifecycle rules are Dynamics': a permanent error disables the mailbox at
 //! once with an Error alert; transient errors are retried with back-off and
 //! become permanent after `max_transient_failures` in a row.
+//!
+//! Follow-ups (keyword, move, delete) are owed from the commit that records
+//! their message: the commit writes them, each cycle starts by carrying out
+//! what is still owed, and later commits clear what was done. They never fail
+//! a cycle; one refused for a permanent reason is retried on the next cycles
+//! and given up with a Warning after `MAX_FOLLOW_UP_FAILURES` (5) attempts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;

@@ -9,7 +9,8 @@
 //!   as their activity, so a crash never leaves an index without its activity.
 //! * A duplicate found in a tracked folder (decision method `folder`) re-points
 //!   the existing activity to that folder's record; other duplicates change
-//!   nothing but `also_seen_as`.
+//!   nothing but `also_seen_as` (so a copy in another mailbox lists the
+//!   activity under that mailbox too).
 //! * Deduplication happens inside `commit`, under the store's own lock, by source
 //!   key, then Message-ID + [`same_email`] (sender, date, subject: copies of one
 //!   email delivered to several mailboxes differ in their bytes), then, for mail
