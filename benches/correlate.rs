@@ -342,6 +342,8 @@ fn build_sled(g: &Gen, n: usize, s: &CorrelationSettings, dir: &Path) -> SledSto
                 size: 1,
                 also_seen_as: Vec::new(),
                 forwarded_by: None,
+                automatic: None,
+                no_reply: false,
             })));
         if batch.items.len() == 1_000 || i + 1 == n {
             store

@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::config::{Config, Secret};
 use crate::model::{format_time, EmailActivity};
-use crate::scheduler::Runtime;
+use crate::scheduler::{EnableError, Runtime};
 use crate::store::{ActivityQuery, Store};
 
 /// Shared state of the admin API.
@@ -35,6 +35,7 @@ pub fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route("/mailboxes", get(mailboxes))
         .route("/mailboxes/{name}", get(mailbox))
+        .route("/mailboxes/{name}/enable", post(enable_mailbox))
         .route("/profiles", get(profiles))
         .route("/activities", get(activities))
         .route("/activities/{id}", get(activity))
@@ -106,6 +107,13 @@ async fn readyz(State(s): State<AdminState>) -> Response {
             humantime::format_duration(s.config.daemon.stuck_after)
         ));
     }
+    for (m, since, error) in s.runtime.stalled() {
+        let error = error.map(|e| format!(": {e}")).unwrap_or_default();
+        problems.push(format!(
+            "mailbox {m:?} not synced since {}{error}",
+            format_time(since)
+        ));
+    }
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
@@ -152,6 +160,27 @@ async fn mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Respo
             Json(json!({"error": format!("no mailbox {name:?}")})),
         )
             .into_response(),
+    }
+}
+
+/// `POST /api/v1/mailboxes/{name}/enable`: re-runs Test & Enable on a
+/// mailbox a permanent error disabled.
+async fn enable_mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
+    match s.runtime.request_enable(&name) {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "enabling", "mailbox": name})),
+        )
+            .into_response(),
+        Err(e) => {
+            let status = match e {
+                EnableError::Unknown(_) => StatusCode::NOT_FOUND,
+                EnableError::DisabledByConfig(_) | EnableError::NotDisabled { .. } => {
+                    StatusCode::CONFLICT
+                }
+            };
+            (status, Json(json!({"error": e.to_string()}))).into_response()
+        }
     }
 }
 

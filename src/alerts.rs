@@ -71,6 +71,16 @@ impl Alerts {
         }
     }
 
+    /// Resolves the open alerts of `mailbox` whose text starts with `prefix`
+    /// (the condition cleared); failing to store that only logs.
+    pub fn resolve(&self, mailbox: &str, prefix: &str, now: UnixTime) {
+        match self.store.resolve_alerts(mailbox, prefix, now) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(mailbox, resolved = n, alert = prefix, "alert resolved"),
+            Err(e) => tracing::error!(error = %e, "cannot resolve alerts"),
+        }
+    }
+
     /// Forgets a mailbox's failure after a successful cycle.
     pub fn mailbox_recovered(&self, profile: &str, mailbox: &str) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());

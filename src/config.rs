@@ -150,11 +150,25 @@ pub struct Profile {
     /// Messages fetched and committed per batch.
     pub batch_size: usize,
     pub max_message_size: u64,
-    /// Keyword set on processed messages where the server allows it.
+    /// Keyword set on processed messages where the server allows it: IMAP
+    /// profiles default to `$CRMTracked`, `processed_keyword = ""` turns it off.
     pub processed_keyword: Option<String>,
     pub idle: bool,
-    /// Transient failures in a row before a mailbox is treated as permanently failing.
-    pub max_transient_failures: u32,
+    /// Longest wait between retries after transient errors (the back-off cap).
+    pub retry_backoff_max: Duration,
+    /// A mailbox without a successful sync for this long gets an Error alert
+    /// and is named by `/readyz` (it keeps retrying).
+    pub stall_alert_after: Duration,
+    /// The deprecated `max_transient_failures`, if set: accepted so old
+    /// configs load, otherwise ignored (transient errors never disable a
+    /// mailbox any more); the daemon logs a deprecation warning.
+    pub max_transient_failures: Option<u32>,
+    /// The file the profile password came from, watched so a disabled mailbox
+    /// is re-enabled when it changes.
+    pub password_file: Option<PathBuf>,
+    /// Cycles a message the server lists but will not deliver is tried before
+    /// it is quarantined (IMAP; the position never skips it silently).
+    pub missing_message_retries: u32,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.
@@ -196,11 +210,15 @@ pub struct Mailbox {
     pub token_file: Option<PathBuf>,
     /// Expiry of this mailbox's static or bare-file token.
     pub token_expires_at: Option<crate::model::UnixTime>,
+    /// The file this mailbox's password came from (watched, see [`Profile::password_file`]).
+    pub password_file: Option<PathBuf>,
     pub tracked_folders: Vec<FolderRule>,
     /// Folders synced besides INBOX and the tracked folders.
     pub extra_folders: Vec<String>,
     pub delete_after_processing: bool,
     pub track: TrackFilter,
+    /// What happens to automatic mail (`automatic_mail`).
+    pub automatic_mail: crate::filter::AutomaticMailPolicy,
 }
 
 /// The whole validated configuration.
@@ -612,20 +630,10 @@ fn secret(
         return Some(Secret::new(s));
     }
     if let Some(f) = file {
-        let mut p = PathBuf::from(&f);
-        if p.is_relative() && !p.exists() {
-            p = base_dir.join(&f);
-        }
-        return match std::fs::read_to_string(&p) {
-            Ok(s) if !s.trim().is_empty() => {
-                Some(Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
-            }
-            Ok(_) => {
-                errs.push(t.key(file_key), format!("{} is empty", p.display()));
-                None
-            }
+        return match read_secret_file(&secret_path(&f, base_dir)) {
+            Ok(s) => Some(s),
             Err(e) => {
-                errs.push(t.key(file_key), format!("cannot read {}: {e}", p.display()));
+                errs.push(t.key(file_key), e);
                 None
             }
         };
@@ -643,6 +651,37 @@ fn secret(
         };
     }
     None
+}
+
+/// Where a `password_file` value points: as given, else relative to the
+/// config file's directory.
+fn secret_path(f: &str, base_dir: &Path) -> PathBuf {
+    let p = PathBuf::from(f);
+    if p.is_relative() && !p.exists() {
+        base_dir.join(f)
+    } else {
+        p
+    }
+}
+
+/// The resolved `password_file` of a table (already validated by [`secret`]).
+fn secret_file_of(t: &mut Table<'_>, file_key: &'static str, base_dir: &Path) -> Option<PathBuf> {
+    match t.raw(file_key) {
+        Some(Value::String(f)) => Some(secret_path(f, base_dir)),
+        _ => None,
+    }
+}
+
+/// Reads a secret file (`password_file`): the content without its trailing
+/// line break. Also used to pick up a changed password without a restart.
+pub fn read_secret_file(p: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(p) {
+        Ok(s) if !s.trim().is_empty() => {
+            Ok(Secret::new(s.trim_end_matches(['\r', '\n']).to_string()))
+        }
+        Ok(_) => Err(format!("{} is empty", p.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+    }
 }
 
 /// Reads `token_file` (an OAuth2 token re-read before every login; checked
@@ -1098,6 +1137,7 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         base_dir,
         errs,
     );
+    let password_file = secret_file_of(&mut t, "password_file", base_dir);
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if auth != AuthKind::OAuth2 && (token_file.is_some() || token_expires_at.is_some()) {
         errs.push(
@@ -1136,7 +1176,12 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
     let move_failed_to = t.nonempty_string("move_failed_to", errs);
     let batch_size = t.int("batch_size", 200, 1, 10_000, errs) as usize;
     let max_message_size = t.int("max_message_size", 50 * 1024 * 1024, 1024, 1 << 34, errs) as u64;
-    let processed_keyword = t.nonempty_string("processed_keyword", errs);
+    // Absent: the documented default for IMAP profiles (set below, once the
+    // type is known); an empty string switches the keyword off.
+    let keyword_given = t.raw("processed_keyword").is_some();
+    let mut processed_keyword = t
+        .string("processed_keyword", errs)
+        .filter(|k| !k.trim().is_empty());
     if let Some(k) = &processed_keyword {
         if k.chars()
             .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c))
@@ -1148,7 +1193,20 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         }
     }
     let idle = t.bool("idle", true, errs);
-    let max_transient_failures = t.int("max_transient_failures", 10, 1, 1000, errs) as u32;
+    let retry_backoff_max = t.duration("retry_backoff_max", SECS(900), SECS(1), SECS(86_400), errs);
+    let stall_alert_after = t.duration(
+        "stall_alert_after",
+        SECS(3600),
+        SECS(1),
+        SECS(30 * 86_400),
+        errs,
+    );
+    // Deprecated: still range-checked so a typo is reported, then ignored.
+    let max_transient_failures = t
+        .raw("max_transient_failures")
+        .is_some()
+        .then(|| t.int("max_transient_failures", 10, 1, 1000, errs) as u32);
+    let missing_message_retries = t.int("missing_message_retries", 3, 1, 1000, errs) as u32;
 
     if let Some(kind) = kind {
         let needs_server = !matches!(kind, ProfileType::Maildir);
@@ -1172,6 +1230,9 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
             ProfileType::ExchangeOnline | ProfileType::ExchangeServer
         ) {
             errs.push(t.key("type"), "Exchange connectors are not available in this version; use imap_smtp with XOAUTH2 for Exchange Online");
+        }
+        if kind == ProfileType::ImapSmtp && !keyword_given {
+            processed_keyword = Some(crate::connector::imap::CRM_KEYWORD.to_string());
         }
         if kind == ProfileType::Pop3Smtp && processed_keyword.is_some() {
             errs.push(
@@ -1218,7 +1279,11 @@ fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profi
         max_message_size,
         processed_keyword,
         idle,
+        retry_backoff_max,
+        stall_alert_after,
         max_transient_failures,
+        password_file,
+        missing_message_retries,
     })
 }
 
@@ -1308,6 +1373,7 @@ fn mailbox(
     // A secret that was given but could not be read is already reported;
     // "a password is required" on top of it would only be noise.
     let secret_reported = errs.0.len() > errors_before_secret;
+    let password_file = secret_file_of(&mut t, "password_file", base_dir);
     let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
     if let Some(p) = profile.filter(|p| p.auth != AuthKind::OAuth2) {
         if token_file.is_some() || token_expires_at.is_some() {
@@ -1339,6 +1405,7 @@ fn mailbox(
         errs,
     );
     let extra_folders = t.string_list("folders", errs);
+    let automatic_mail = automatic_mail(t.sub("automatic_mail", errs), errs);
 
     let mut tracked_folders = Vec::new();
     let tf_path = t.key("tracked_folders");
@@ -1467,11 +1534,43 @@ fn mailbox(
         secret,
         token_file,
         token_expires_at,
+        password_file,
         tracked_folders,
         extra_folders,
         delete_after_processing,
         track,
+        automatic_mail,
     })
+}
+
+/// `mailboxes[i].automatic_mail`: the action per class of automatic mail
+/// that correlates to nothing, and the loop detector.
+fn automatic_mail(mut t: Table<'_>, errs: &mut Errors) -> crate::filter::AutomaticMailPolicy {
+    use crate::filter::{AutomaticAction, AutomaticMailPolicy};
+    let d = AutomaticMailPolicy::default();
+    let actions = [
+        ("track", AutomaticAction::Track),
+        ("track_no_reply", AutomaticAction::TrackNoReply),
+        ("skip", AutomaticAction::Skip),
+    ];
+    let policy = AutomaticMailPolicy {
+        auto_reply: t.choice("auto_reply", d.auto_reply, &actions, errs),
+        bounce: t.choice("bounce", d.bounce, &actions, errs),
+        bulk: t.choice("bulk", d.bulk, &actions, errs),
+        list: t.choice("list", d.list, &actions, errs),
+        loop_limit: t.int("loop_limit", i64::from(d.loop_limit), 1, 10_000, errs) as u32,
+        loop_window: t
+            .duration(
+                "loop_window",
+                Duration::from_secs(d.loop_window as u64),
+                Duration::from_secs(60),
+                Duration::from_secs(7 * 24 * 3600),
+                errs,
+            )
+            .as_secs() as i64,
+    };
+    t.finish(errs);
+    policy
 }
 
 fn looks_like_email(s: &str) -> bool {
@@ -1530,6 +1629,44 @@ mod tests {
         assert_eq!(cfg.mailboxes[0].approval, ApprovalStatus::Empty);
         assert!(cfg.process_only_approved);
         assert_eq!(cfg.daemon.state_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn automatic_mail_actions_are_read_with_defaults_and_key_paths() {
+        use crate::filter::{AutomaticAction, AutomaticMailPolicy};
+        let cfg = parse(MINIMAL).unwrap();
+        assert_eq!(
+            cfg.mailboxes[0].automatic_mail,
+            AutomaticMailPolicy::default()
+        );
+        let ok = format!(
+            "{MINIMAL}\nautomatic_mail = {{ auto_reply = \"track_no_reply\", list = \"track\", loop_limit = 3, loop_window = \"10m\" }}\n"
+        );
+        let a = parse(&ok).unwrap().mailboxes[0].automatic_mail.clone();
+        assert_eq!(a.auto_reply, AutomaticAction::TrackNoReply);
+        assert_eq!(a.list, AutomaticAction::Track);
+        assert_eq!(
+            (a.bounce, a.bulk),
+            (AutomaticAction::Skip, AutomaticAction::Skip)
+        );
+        assert_eq!((a.loop_limit, a.loop_window), (3, 600));
+        let bad = format!(
+            "{MINIMAL}\nautomatic_mail = {{ bulk = \"drop\", loop_limit = 0, loop_window = \"1s\", spam = \"skip\" }}\n"
+        );
+        let errs = parse(&bad).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "mailboxes[0].automatic_mail.bulk",
+            "mailboxes[0].automatic_mail.loop_limit",
+            "mailboxes[0].automatic_mail.loop_window",
+            "mailboxes[0].automatic_mail.spam",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        assert!(
+            errs.0[0].message.contains("track, track_no_reply, skip"),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -1611,6 +1748,38 @@ mod tests {
         let errs = parse(&text).unwrap_err().0;
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert_eq!(errs[0].path, "mailboxes[0].password_env");
+    }
+
+    /// Regression (#17 §7): documented as defaulting to `$CRMTracked`, but
+    /// without the key no keyword was set.
+    #[test]
+    fn processed_keyword_defaults_to_crm_tracked_for_imap_and_empty_turns_it_off() {
+        let imap = |extra: &str| {
+            MINIMAL
+                .replace(
+                    "type = \"maildir\"",
+                    &format!("type = \"imap_smtp\"\nhost = \"h.example\"\n{extra}"),
+                )
+                .replace(
+                    "path = \"fixtures/demo-maildir\"",
+                    "username = \"u\"\npassword = \"p\"",
+                )
+        };
+        let keyword = |text: &str| parse(text).unwrap().profiles[0].processed_keyword.clone();
+        assert_eq!(keyword(&imap("")).as_deref(), Some("$CRMTracked"));
+        assert_eq!(keyword(&imap("processed_keyword = \"\"")), None);
+        assert_eq!(
+            keyword(&imap("processed_keyword = \"$Done\"")).as_deref(),
+            Some("$Done")
+        );
+        // Profiles without keywords get none by default, and may say "" too.
+        assert_eq!(keyword(MINIMAL), None);
+        let pop3 = imap("").replace("imap_smtp", "pop3_smtp");
+        assert_eq!(keyword(&pop3), None);
+        assert_eq!(
+            keyword(&pop3.replace("host =", "processed_keyword = \"\"\nhost =")),
+            None
+        );
     }
 
     #[test]

@@ -13,15 +13,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::Alerts;
-use crate::config::{AuthKind, Config, Mailbox, Profile};
+use crate::config::{read_secret_file, AuthKind, Config, Mailbox, Profile};
 use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
 use crate::connector::oauth::{StaticToken, TokenFile, TokenProvider};
 use crate::connector::pop3::Credentials as Pop3Credentials;
 use crate::connector::pop3_sync::{Pop3Connector, Pop3Settings};
-use crate::model::{self, AlertLevel, IncomingDelivery, ProfileType};
+use crate::model::{IncomingDelivery, ProfileType};
 use crate::net::Endpoint;
-use crate::scheduler::{Backoff, MailboxTask, Runtime};
+use crate::scheduler::{Backoff, MailboxTask, Runtime, WATCH_EVERY};
 use crate::store::{SledStore, Store};
 use crate::telemetry;
 
@@ -93,6 +93,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
     for p in &config.profiles {
+        if let Some(n) = p.max_transient_failures {
+            tracing::warn!(
+                profile = %p.name,
+                max_transient_failures = n,
+                "max_transient_failures is deprecated and ignored: transient errors are retried forever with back-off up to retry_backoff_max, and stall_alert_after raises an Error alert; remove the key"
+            );
+        }
         semaphores.insert(
             p.name.clone(),
             Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
@@ -114,41 +121,53 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             alerts: alerts.clone(),
             connections,
             cancel: cancel.clone(),
-            backoff: Backoff::default(),
+            backoff: Backoff::for_profile(&profile),
+            watch_every: WATCH_EVERY,
         };
+        let store = store.clone();
+        let mailbox = mailbox.clone();
         match profile.kind {
             ProfileType::Maildir => {
-                let mut folders: Vec<String> = mailbox
-                    .tracked_folders
-                    .iter()
-                    .map(|r| r.folder.clone())
-                    .collect();
-                folders.extend(mailbox.extra_folders.iter().cloned());
-                let root = mailbox.path.clone().unwrap_or_default();
-                let connector = MaildirConnector::new(
-                    &mailbox.name,
-                    &root,
-                    folders,
-                    profile.batch_size,
-                    mailbox.delete_after_processing,
-                    profile.move_failed_to.clone(),
-                    store.clone(),
-                );
-                start_mailbox(&tracker, &alerts, task, "maildir", Ok(connector));
+                let make = move || {
+                    let mut folders: Vec<String> = mailbox
+                        .tracked_folders
+                        .iter()
+                        .map(|r| r.folder.clone())
+                        .collect();
+                    folders.extend(mailbox.extra_folders.iter().cloned());
+                    let root = mailbox.path.clone().unwrap_or_default();
+                    Ok(MaildirConnector::new(
+                        &mailbox.name,
+                        &root,
+                        folders,
+                        profile.batch_size,
+                        mailbox.delete_after_processing,
+                        profile.move_failed_to.clone(),
+                        store.clone(),
+                    ))
+                };
+                start_mailbox(&tracker, task, "maildir", make);
             }
             ProfileType::ImapSmtp => {
-                let built = imap_settings(&profile, mailbox)
-                    .map(|settings| ImapConnector::new(settings, store.clone()));
-                start_mailbox(&tracker, &alerts, task, "imap", built);
+                let make = move || {
+                    let (profile, mailbox) = with_current_secrets(&profile, &mailbox)?;
+                    imap_settings(&profile, &mailbox)
+                        .map(|settings| ImapConnector::new(settings, store.clone()))
+                };
+                start_mailbox(&tracker, task, "imap", make);
             }
             ProfileType::Pop3Smtp => {
-                let built = pop3_settings(&profile, mailbox)
-                    .map(|settings| Pop3Connector::new(settings, store.clone()));
-                start_mailbox(&tracker, &alerts, task, "pop3", built);
+                let make = move || {
+                    let (profile, mailbox) = with_current_secrets(&profile, &mailbox)?;
+                    pop3_settings(&profile, &mailbox)
+                        .map(|settings| Pop3Connector::new(settings, store.clone()))
+                };
+                start_mailbox(&tracker, task, "pop3", make);
             }
             other => {
                 let why = format!("no connector for profile type {other:?} in this build");
-                start_mailbox::<MaildirConnector>(&tracker, &alerts, task, "unavailable", Err(why));
+                let make = move || Err::<MaildirConnector, _>(why.clone());
+                start_mailbox(&tracker, task, "unavailable", make);
             }
         }
     }
@@ -283,6 +302,7 @@ pub fn imap_settings(profile: &Profile, mailbox: &Mailbox) -> Result<ImapSetting
         delete_after_processing: mailbox.delete_after_processing,
         idle: profile.idle,
         transform: forward.then_some(crate::connector::forward::unwrap_forwarded as fn(_) -> _),
+        missing_message_retries: profile.missing_message_retries,
     })
 }
 
@@ -309,31 +329,33 @@ pub fn pop3_settings(profile: &Profile, mailbox: &Mailbox) -> Result<Pop3Setting
     })
 }
 
-/// Starts a mailbox's task on its connector, or, when the connector could not
-/// be built from the settings, registers the mailbox and says why in an alert.
-fn start_mailbox<C: crate::connector::Connector + 'static>(
-    tracker: &TaskTracker,
-    alerts: &Alerts,
-    task: MailboxTask,
-    protocol: &'static str,
-    built: Result<C, String>,
-) {
-    match built {
-        Ok(connector) => {
-            task.register(connector.protocol());
-            tracker.spawn(task.run(connector));
-        }
-        Err(why) => {
-            task.register(protocol);
-            alerts.raise(
-                AlertLevel::Error,
-                Some(&task.mailbox.name),
-                Some(&task.profile.name),
-                &why,
-                model::now(),
-            );
-        }
+/// Registers a mailbox and starts its supervised task; `make` builds its
+/// connector (a failure disables the mailbox with the reason until it is
+/// re-enabled).
+fn start_mailbox<C, F>(tracker: &TaskTracker, task: MailboxTask, protocol: &'static str, make: F)
+where
+    C: crate::connector::Connector + 'static,
+    F: FnMut() -> Result<C, String> + Clone + Send + 'static,
+{
+    task.register(protocol);
+    tracker.spawn(task.supervise(make));
+}
+
+/// The profile and mailbox with their `password_file`s read again, so a
+/// re-enabled mailbox logs in with the password written since startup.
+pub fn with_current_secrets(
+    profile: &Profile,
+    mailbox: &Mailbox,
+) -> Result<(Profile, Mailbox), String> {
+    let mut profile = profile.clone();
+    let mut mailbox = mailbox.clone();
+    if let Some(f) = &profile.password_file {
+        profile.secret = Some(read_secret_file(f)?);
     }
+    if let Some(f) = &mailbox.password_file {
+        mailbox.secret = Some(read_secret_file(f)?);
+    }
+    Ok((profile, mailbox))
 }
 
 /// Pings the systemd watchdog while no mailbox is stuck, so a wedged daemon is

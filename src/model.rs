@@ -306,6 +306,46 @@ pub struct EmailActivity {
     /// For a forward mailbox: the user whose server-side rule forwarded it.
     #[serde(default)]
     pub forwarded_by: Option<String>,
+    /// What kind of automatic mail this is, if it is (see [`AutomaticClass`]).
+    #[serde(default)]
+    pub automatic: Option<AutomaticClass>,
+    /// The outgoing side must never answer this email (automatic mail).
+    #[serde(default)]
+    pub no_reply: bool,
+}
+
+/// Kind of automatically generated mail, as the filter classifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutomaticClass {
+    /// Out-of-office and other automatic responses (RFC 3834 `auto-replied`,
+    /// vendor headers, read receipts).
+    AutoReply,
+    /// A delivery status notification (RFC 3464) or a mailer daemon's message.
+    Bounce,
+    /// Bulk mail: `Precedence: bulk|junk`, newsletters with `List-Unsubscribe`,
+    /// machine notifications (`Auto-Submitted: auto-generated`).
+    Bulk,
+    /// Mailing-list traffic: `List-Id` or `Precedence: list`.
+    List,
+}
+
+impl AutomaticClass {
+    /// The snake_case name used in config, JSON and reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AutomaticClass::AutoReply => "auto_reply",
+            AutomaticClass::Bounce => "bounce",
+            AutomaticClass::Bulk => "bulk",
+            AutomaticClass::List => "list",
+        }
+    }
+}
+
+impl fmt::Display for AutomaticClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl EmailActivity {
@@ -381,6 +421,10 @@ pub struct Alert {
     pub first_seen: UnixTime,
     pub last_seen: UnixTime,
     pub count: u64,
+    /// When the condition cleared (e.g. the mailbox synced again); `None`
+    /// while open. Alerts stored before this field existed load as open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<UnixTime>,
 }
 
 /// Persistent per-mailbox state (what Dynamics keeps on the mailbox record).
@@ -417,6 +461,23 @@ pub struct FolderPosition {
     pub highest_modseq: Option<u64>,
     /// Messages seen in the folder at the last completed scan.
     pub seen_count: u64,
+    /// Messages below `next_uid` that the server listed but did not deliver
+    /// (IMAP: SEARCH found them, FETCH failed or returned nothing): retried
+    /// at the next cycles, quarantined after the profile's
+    /// `missing_message_retries`. Kept here so the count survives restarts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry: Vec<RetryMessage>,
+}
+
+/// A message the server would not deliver yet, and how often it was tried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryMessage {
+    /// IMAP UID in the folder (under the position's UIDVALIDITY).
+    pub uid: u64,
+    /// Fetch attempts so far, all failed.
+    pub tries: u32,
+    /// What went wrong the last time (server text, "not returned").
+    pub reason: String,
 }
 
 /// Renders a Unix time as RFC 3339 for humans.

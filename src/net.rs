@@ -239,8 +239,8 @@ fn classify_tls_io_error(server: String, e: io::Error) -> NetError {
         match inner {
             rustls::Error::InvalidCertificate(cert) => {
                 return NetError::Certificate {
+                    detail: certificate_problem(cert, &server),
                     server,
-                    detail: format!("{cert:?}"),
                 }
             }
             rustls::Error::NoCertificatesPresented => {
@@ -260,4 +260,135 @@ fn classify_tls_io_error(server: String, e: io::Error) -> NetError {
         }
     }
     NetError::Handshake { server, source: e }
+}
+
+/// What an operator should read for a rejected server certificate: the
+/// problem in words and what to change, never a Rust debug dump.
+fn certificate_problem(cert: &rustls::CertificateError, server: &str) -> String {
+    use rustls::CertificateError as C;
+    let when = |t: &rustls_pki_types::UnixTime| {
+        i64::try_from(t.as_secs())
+            .map_or_else(|_| t.as_secs().to_string(), crate::model::format_time)
+    };
+    match cert {
+        C::UnknownIssuer => format!(
+            "the certificate of {server} is not signed by a trusted CA (unknown issuer); if the server uses a private or self-signed CA, set ca_file to that CA's PEM file"
+        ),
+        C::NotValidForNameContext { expected, presented } => {
+            let names = if presented.is_empty() {
+                "no names".to_string()
+            } else {
+                presented
+                    .iter()
+                    .map(|n| presented_name(n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "the certificate is not valid for the name {:?} we connected by; it is for {names}: connect by one of those names (host), or set tls_server_name to one of them",
+                server_name_text(expected)
+            )
+        }
+        C::NotValidForName => format!(
+            "the certificate is not valid for the name {server:?} we connected by: connect by a name the certificate lists (host), or set tls_server_name"
+        ),
+        C::ExpiredContext { time, not_after } => format!(
+            "the certificate expired at {} (it is now {}): the server's certificate must be renewed",
+            when(not_after),
+            when(time)
+        ),
+        C::Expired => {
+            "the certificate has expired: the server's certificate must be renewed".to_string()
+        }
+        C::NotValidYetContext { time, not_before } => format!(
+            "the certificate is not valid before {} (it is now {}): check the clock of this machine and of the server",
+            when(not_before),
+            when(time)
+        ),
+        C::NotValidYet => "the certificate is not valid yet: check the clock of this machine and of the server".to_string(),
+        C::Revoked => "the certificate has been revoked by its CA".to_string(),
+        C::BadSignature => "the certificate's signature is invalid".to_string(),
+        C::BadEncoding => "the certificate could not be decoded".to_string(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+            "the certificate is not meant for a TLS server (extended key usage)".to_string()
+        }
+        // Rarer problems: rustls' own wording is readable enough.
+        other => other.to_string(),
+    }
+}
+
+/// A name from the certificate as webpki reports it (`DnsName("localhost")`,
+/// `IpAddress(127.0.0.1)`), without the wrapper.
+fn presented_name(name: &str) -> String {
+    let inner = ["DnsName(", "IpAddress(", "UniformResourceIdentifier("]
+        .iter()
+        .find_map(|p| name.strip_prefix(p)?.strip_suffix(')'));
+    match inner {
+        Some(n) => n.trim_matches('"').to_string(),
+        None => name.to_string(),
+    }
+}
+
+/// A TLS server name as the operator wrote it (DNS name or IP address).
+fn server_name_text(name: &ServerName<'_>) -> String {
+    match name {
+        ServerName::DnsName(d) => d.as_ref().to_string(),
+        ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CertificateError as C;
+    use rustls_pki_types::UnixTime;
+
+    fn shown(cert: C) -> String {
+        let err = io::Error::other(rustls::Error::InvalidCertificate(cert));
+        let e = classify_tls_io_error("mail.example.test".into(), err);
+        assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn certificate_errors_are_explained_not_dumped() {
+        let t = |s| UnixTime::since_unix_epoch(Duration::from_secs(s));
+        let text = shown(C::UnknownIssuer);
+        assert!(
+            text.contains("not signed by a trusted CA") && text.contains("ca_file"),
+            "{text}"
+        );
+        let text = shown(C::NotValidForNameContext {
+            expected: ServerName::try_from("mail.example.test")
+                .unwrap()
+                .to_owned(),
+            presented: vec![
+                "DnsName(\"localhost\")".into(),
+                "IpAddress(127.0.0.1)".into(),
+            ],
+        });
+        assert!(!text.contains("NotValidForNameContext"), "{text}");
+        assert!(
+            text.contains("\"mail.example.test\"")
+                && text.contains("it is for localhost, 127.0.0.1:"),
+            "{text}"
+        );
+        let text = shown(C::ExpiredContext {
+            time: t(1_767_225_600),
+            not_after: t(1_735_689_600),
+        });
+        assert!(text.contains("expired at 2025-01-01T00:00:00Z"), "{text}");
+        let text = shown(C::NotValidYetContext {
+            time: t(1_735_689_600),
+            not_before: t(1_767_225_600),
+        });
+        assert!(
+            text.contains("not valid before 2026-01-01T00:00:00Z") && text.contains("clock"),
+            "{text}"
+        );
+        for dump in ["Context", "{", "UnixTime"] {
+            assert!(!text.contains(dump), "{text}");
+        }
+    }
 }

@@ -87,6 +87,40 @@ pub struct AutoMarkers {
     pub vendor_auto_reply: bool,
     /// `List-Id` present: mailing-list traffic.
     pub list_id: Option<String>,
+    /// `List-Unsubscribe` present: list or bulk mail.
+    pub list_unsubscribe: bool,
+    /// `report-type` of a top-level `multipart/report` (RFC 6522), lower
+    /// case: `delivery-status` (a DSN), `disposition-notification` (a read
+    /// receipt), ...
+    pub report_type: Option<String>,
+    /// What a delivery status notification says; read only for messages
+    /// whose `report_type` is a delivery status, so ordinary mail keeps the
+    /// header-only parse.
+    pub delivery_report: Option<DeliveryReport>,
+}
+
+/// The parts of a delivery status notification (RFC 3464) that link it to
+/// the message it returns and say what failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// Message-IDs of the returned message (its `message/rfc822` or
+    /// `text/rfc822-headers` part), normalised (no angle brackets).
+    pub returned_message_ids: Vec<String>,
+    /// Per-recipient fields of recipients that were not delivered.
+    pub recipients: Vec<FailedRecipient>,
+}
+
+/// One recipient of a delivery status notification.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailedRecipient {
+    /// `Final-Recipient` (else `Original-Recipient`), address type removed.
+    pub recipient: String,
+    /// `Action`: `failed`, `delayed`, ...
+    pub action: Option<String>,
+    /// `Status`, e.g. `5.1.1`.
+    pub status: Option<String>,
+    /// `Diagnostic-Code`, diagnostic type removed (`550 5.1.1 User unknown`).
+    pub diagnostic: Option<String>,
 }
 
 /// Everything later stages need from one message; it may borrow the body
@@ -235,7 +269,15 @@ pub fn parse_for<'r>(
         body_shingles: Vec::new(),
         quoted_shingles: Vec::new(),
     };
-    let auto = extra.auto_markers();
+    let mut auto = extra.auto_markers();
+    // Reports are rare: only they pay for a full parse of their parts.
+    if auto
+        .report_type
+        .as_deref()
+        .is_some_and(|t| t.contains("delivery-status"))
+    {
+        auto.delivery_report = Some(delivery_report(raw)?);
+    }
     let forwarded_by = extra
         .forwarded_by
         .flatten()
@@ -438,6 +480,7 @@ struct ExtraHeaders<'m> {
     x_autoreply: Option<&'m str>,
     x_autorespond: Option<&'m str>,
     list_id: Option<&'m str>,
+    list_unsubscribe: Option<&'m str>,
     /// Outer `Some`: the header was seen (its first value decided, even if
     /// it is not UTF-8).
     forwarded_by: Option<Option<&'m str>>,
@@ -452,6 +495,7 @@ struct ExtraHeaders<'m> {
     to: Option<&'m HeaderValue<'m>>,
     cc: Option<&'m HeaderValue<'m>>,
     date: Option<&'m HeaderValue<'m>>,
+    content_type: Option<&'m HeaderValue<'m>>,
 }
 
 impl<'m> ExtraHeaders<'m> {
@@ -467,6 +511,7 @@ impl<'m> ExtraHeaders<'m> {
                 HeaderName::To => Some(&mut x.to),
                 HeaderName::Cc => Some(&mut x.cc),
                 HeaderName::Date => Some(&mut x.date),
+                HeaderName::ContentType => Some(&mut x.content_type),
                 _ => None,
             };
             if let Some(slot) = typed {
@@ -490,6 +535,7 @@ impl<'m> ExtraHeaders<'m> {
                 11 => ("X-Autoreply", &mut x.x_autoreply),
                 13 => ("X-Autorespond", &mut x.x_autorespond),
                 7 => ("List-Id", &mut x.list_id),
+                16 => ("List-Unsubscribe", &mut x.list_unsubscribe),
                 n if n == crate::connector::forward::FORWARDED_BY_HEADER.len() => {
                     if x.forwarded_by.is_none()
                         && name.eq_ignore_ascii_case(crate::connector::forward::FORWARDED_BY_HEADER)
@@ -524,13 +570,131 @@ impl<'m> ExtraHeaders<'m> {
                     .iter()
                     .any(|k| p.eq_ignore_ascii_case(k))
             });
+        let report_type = self
+            .content_type
+            .and_then(HeaderValue::as_content_type)
+            .filter(|c| {
+                c.ctype().eq_ignore_ascii_case("multipart")
+                    && c.subtype()
+                        .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+            })
+            .map(|c| {
+                c.attribute("report-type")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_ascii_lowercase()
+            });
         AutoMarkers {
             auto_submitted,
             precedence,
             vendor_auto_reply,
             list_id: lower(self.list_id),
+            list_unsubscribe: self.list_unsubscribe.is_some(),
+            report_type,
+            delivery_report: None,
         }
     }
+}
+
+/// Reads a delivery status notification's returned Message-ID and
+/// per-recipient fields with mail-parser's full parse (reports only).
+fn delivery_report(raw: &[u8]) -> Result<DeliveryReport, Malformed> {
+    use mail_parser::MimeHeaders;
+    let msg = guarded(|| MessageParser::default().parse(raw))?;
+    let mut report = DeliveryReport::default();
+    let Some(msg) = msg else {
+        return Ok(report);
+    };
+    for part in &msg.parts {
+        if let PartType::Message(returned) = &part.body {
+            if let Some(id) = returned.message_id() {
+                push_id(&mut report.returned_message_ids, id);
+            }
+            continue;
+        }
+        let Some(ct) = part.content_type() else {
+            continue;
+        };
+        let kind = (
+            ct.ctype().to_ascii_lowercase(),
+            ct.subtype().unwrap_or_default().to_ascii_lowercase(),
+        );
+        match (kind.0.as_str(), kind.1.as_str()) {
+            ("message", "delivery-status" | "global-delivery-status") => {
+                report
+                    .recipients
+                    .extend(dsn_recipients(&String::from_utf8_lossy(part.contents())));
+            }
+            ("text", "rfc822-headers") | ("message", "global-headers" | "rfc822-headers") => {
+                let headers = guarded(|| {
+                    MessageParser::default()
+                        .parse(part.contents())
+                        .and_then(|m| m.message_id().map(str::to_string))
+                })?;
+                if let Some(id) = headers {
+                    push_id(&mut report.returned_message_ids, &id);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(report)
+}
+
+/// The per-recipient groups of a `message/delivery-status` body (RFC 3464
+/// section 2.3) that report a failure or delay; `delivered`, `relayed` and
+/// `expanded` recipients are left out.
+fn dsn_recipients(text: &str) -> Vec<FailedRecipient> {
+    // Field groups are separated by blank lines; folded lines continue a field.
+    let mut groups: Vec<Vec<(String, String)>> = vec![Vec::new()];
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            groups.push(Vec::new());
+            continue;
+        }
+        let Some(group) = groups.last_mut() else {
+            continue;
+        };
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = group.last_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            group.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    // `rfc822; a@b` → `a@b`, `smtp; 550 ...` → `550 ...`.
+    let typed = |v: &str| {
+        v.split_once(';')
+            .map_or(v, |(_, rest)| rest)
+            .trim()
+            .to_string()
+    };
+    let mut out = Vec::new();
+    for g in groups {
+        let field = |name: &str| g.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        let Some(recipient) = field("final-recipient").or_else(|| field("original-recipient"))
+        else {
+            continue;
+        };
+        let action = field("action").map(|a| a.to_ascii_lowercase());
+        if action
+            .as_deref()
+            .is_some_and(|a| ["delivered", "relayed", "expanded"].contains(&a))
+        {
+            continue;
+        }
+        out.push(FailedRecipient {
+            recipient: typed(recipient).to_ascii_lowercase(),
+            action,
+            status: field("status").map(str::to_string),
+            diagnostic: field("diagnostic-code").map(typed),
+        });
+    }
+    out
 }
 
 /// A header's raw value as `Message::header_raw` gives it (`None` if not UTF-8).
@@ -780,6 +944,43 @@ mod tests {
             headers_only.features,
             parse(MSG, "INBOX", 1 << 20).unwrap().features
         );
+    }
+
+    #[test]
+    fn delivery_reports_name_the_returned_message_and_the_failed_recipients() {
+        let dsn = b"From: MAILER-DAEMON@mx.test\r\nMessage-ID: <d@mx.test>\r\nContent-Type: multipart/report; report-type=\"delivery-status\"; boundary=B\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nfailed\r\n--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.test\r\n\r\nFinal-Recipient: rfc822; A@them.test\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 unknown\r\n\r\nFinal-Recipient: rfc822; b@them.test\r\nAction: delivered\r\nStatus: 2.0.0\r\n\r\n--B\r\nContent-Type: message/rfc822\r\n\r\nMessage-ID: <orig@us.test>\r\nFrom: me@us.test\r\n\r\nhello\r\n--B--\r\n";
+        for with_body in [false, true] {
+            let p = parse_for(dsn, "INBOX", 1 << 20, with_body).unwrap();
+            assert_eq!(p.auto.report_type.as_deref(), Some("delivery-status"));
+            let r = p.auto.delivery_report.unwrap();
+            assert_eq!(r.returned_message_ids, vec!["orig@us.test"]);
+            assert_eq!(
+                r.recipients,
+                vec![FailedRecipient {
+                    recipient: "a@them.test".into(),
+                    action: Some("failed".into()),
+                    status: Some("5.1.1".into()),
+                    diagnostic: Some("550 unknown".into()),
+                }]
+            );
+        }
+        // Ordinary mail, multipart or not, is not read for a report.
+        let p = parse(MSG, "INBOX", 1 << 20).unwrap();
+        assert_eq!((p.auto.report_type, p.auto.delivery_report), (None, None));
+        let receipt = b"From: a@x.test\r\nContent-Type: multipart/report; report-type=disposition-notification; boundary=B\r\n\r\n--B--\r\n";
+        let p = parse(receipt, "INBOX", 1 << 20).unwrap();
+        assert_eq!(
+            p.auto.report_type.as_deref(),
+            Some("disposition-notification")
+        );
+        assert_eq!(p.auto.delivery_report, None);
+        let list = parse(
+            b"From: a@x.test\r\nList-Unsubscribe: <mailto:u@x>\r\n\r\nb",
+            "INBOX",
+            1 << 20,
+        )
+        .unwrap();
+        assert!(list.auto.list_unsubscribe);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Messages of one batch are handled in order and see each other: a reply
 //! committed in the same batch as its parent still correlates to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,10 +13,11 @@ use crate::connector::RawMessage;
 use crate::correlate::{self, CorrelationSettings, Decision, MemIndex};
 use crate::filter::{self, FilterPolicy, Verdict};
 use crate::model::{
-    CorrelationMethod, Direction, EmailActivity, QuarantineEntry, RecordRef, SourceKey,
+    ActivityId, AutomaticClass, CorrelationMethod, Direction, EmailActivity, QuarantineEntry,
+    RecordRef, SourceKey, UnixTime,
 };
 use crate::parse;
-use crate::store::{CommitBatch, PendingItem, Store, StoreError};
+use crate::store::{AutomaticMark, CommitBatch, PendingItem, Store, StoreError};
 
 /// Per-mailbox inputs of the pipeline.
 #[derive(Debug, Clone)]
@@ -48,7 +49,7 @@ impl PipelineContext {
             settings: cfg.correlation.clone(),
             policy: FilterPolicy {
                 own_addresses: own,
-                skip_auto_generated: true,
+                automatic: mailbox.automatic_mail.clone(),
                 track: mailbox.track,
             },
             max_message_size: max,
@@ -68,6 +69,13 @@ pub enum ItemResult {
         /// The message's own Message-ID, if it has one.
         message_id: Option<String>,
         decision: Decision,
+        /// Its automatic-mail class, if it is automatic.
+        automatic: Option<AutomaticClass>,
+        /// The outgoing side must never answer it.
+        no_reply: bool,
+        /// A Warning for the operator (a mail loop detected), raised by the
+        /// caller: the pipeline itself raises nothing.
+        notice: Option<String>,
     },
     Quarantined {
         reason: String,
@@ -95,9 +103,24 @@ impl crate::error::Classify for PipelineError {
     }
 }
 
+/// The Warnings a batch's results ask the caller to raise.
+pub fn notices(results: &[(SourceKey, ItemResult)]) -> impl Iterator<Item = &str> {
+    results.iter().filter_map(|(_, r)| match r {
+        ItemResult::Correlated {
+            notice: Some(n), ..
+        } => Some(n.as_str()),
+        _ => None,
+    })
+}
+
 /// Why a message was left on the server undownloaded.
 pub fn too_large_reason(size: u64, limit: u64, folder: &str) -> String {
     format!("message of {size} bytes exceeds the {limit}-byte limit (max_message_size); left on the server in {folder}")
+}
+
+/// Why a message the server would not deliver was left there.
+pub fn unfetchable_reason(why: &str, folder: &str) -> String {
+    format!("the server did not deliver the message: {why}; left on the server in {folder}")
 }
 
 /// Turns a batch of raw messages into one commit batch.
@@ -127,15 +150,27 @@ pub fn process_seeded(
     // (Message-ID, email identity) → activity staged in this batch, to mirror
     // the store's folder-move re-point for later messages of the same batch.
     let mut staged_copies: HashMap<(String, String), u64> = HashMap::new();
+    // Activities of this batch recorded as skipped: a link to one is no
+    // correlation for automatic mail.
+    let mut staged_skipped: HashSet<ActivityId> = HashSet::new();
+    // Loop-detector marks of this batch (pair, time), not committed yet.
+    let mut staged_marks: Vec<(String, UnixTime)> = Vec::new();
     for (m, seed) in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
         }
-        if let Some(size) = m.too_large {
+        let not_downloaded = match (&m.too_large, &m.unfetchable) {
+            (Some(size), _) => Some((
+                *size,
+                too_large_reason(*size, ctx.max_message_size, &m.source.folder),
+            )),
+            (None, Some(why)) => Some((0, unfetchable_reason(why, &m.source.folder))),
+            (None, None) => None,
+        };
+        if let Some((size, reason)) = not_downloaded {
             // Not downloaded: a record without bytes, so the operator sees it
             // once and the source is not fetched again.
-            let reason = too_large_reason(size, ctx.max_message_size, &m.source.folder);
             batch.items.push(PendingItem::Quarantine(QuarantineEntry {
                 id: 0,
                 source: m.source.clone(),
@@ -184,10 +219,21 @@ pub fn process_seeded(
             Direction::Incoming
         };
         parsed.features.outgoing = direction == Direction::Outgoing;
+        let automatic = filter::classify(&parsed);
+        // A bounce answers the message it returns: looked up as In-Reply-To,
+        // the stored activity keeps its own headers.
+        let returned = returned_message_ids(&parsed);
+        let header_in_reply_to = parsed.features.in_reply_to.clone();
+        if !returned.is_empty() {
+            let mut ids = returned.clone();
+            ids.extend(header_in_reply_to.iter().cloned());
+            parsed.features.in_reply_to = ids;
+        }
+        let mut no_reply = automatic.is_some();
         // The body fingerprint is the costliest feature: the quoted part's
         // only when scored smart matching gets to run, the whole body's only
         // when a tracked email is indexed.
-        let decision = match filter::before_correlation(&parsed, &ctx.policy) {
+        let mut decision = match filter::before_correlation(&parsed, &ctx.policy) {
             _ if seed.is_some() => Decision {
                 method: CorrelationMethod::Custom,
                 regarding: seed.cloned(),
@@ -208,6 +254,24 @@ pub fn process_seeded(
                         Ok::<_, StoreError>(())
                     },
                 )?;
+                let d = match &automatic {
+                    None => d,
+                    Some(a) => {
+                        let linked_to_skipped = match (&d.regarding, d.correlated_with) {
+                            (None, Some(id)) => is_skipped(store, &staged_skipped, id)?,
+                            _ => false,
+                        };
+                        let mut d = d;
+                        if let (true, Some(id)) = (linked_to_skipped, d.correlated_with) {
+                            d.reasons
+                                .push(format!("activity {id} was skipped itself: not tracked"));
+                        }
+                        let correlation = filter::correlation_of(&d, linked_to_skipped);
+                        let v = filter::automatic_verdict(a, d, correlation, &ctx.policy.automatic);
+                        no_reply = v.no_reply;
+                        v.decision
+                    }
+                };
                 match filter::after_correlation(&d, &ctx.policy) {
                     Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
                         skipped(reason)
@@ -216,11 +280,58 @@ pub fn process_seeded(
                 }
             }
         };
+        if !returned.is_empty() {
+            parsed.features.in_reply_to = header_in_reply_to;
+        }
+        describe_bounce(&mut decision, &parsed, &returned);
+        // Loop detector: automatic replies and bounces between one pair of
+        // addresses, counted across batches through the store's marks.
+        let mut notice = None;
+        let mut mark = None;
+        let policy = &ctx.policy.automatic;
+        if let Some(a) = automatic
+            .as_ref()
+            .filter(|a| filter::counts_toward_loops(a.class))
+        {
+            let f = &parsed.features;
+            if let Some(pair) = filter::loop_pair(&f.from, &f.to, &f.cc, &ctx.own_addresses) {
+                let at = m.received_at.or(f.sent_at).unwrap_or(now);
+                let since = at.saturating_sub(policy.loop_window);
+                let limit = policy.loop_limit as usize;
+                let before = store.automatic_since(&ctx.mailbox, &pair, since, limit + 1)?
+                    + staged_marks
+                        .iter()
+                        .filter(|(p, t)| *p == pair && *t >= since)
+                        .count();
+                if before >= limit {
+                    let mut d = skipped(filter::loop_reason(&pair, before + 1, policy));
+                    d.reasons.push(format!("{}: {}", a.class, a.why));
+                    decision = d;
+                    if before == limit {
+                        notice = Some(filter::loop_notice(&pair, policy));
+                    }
+                }
+                staged_marks.push((pair.clone(), at));
+                mark = Some((pair, at));
+            }
+        }
         let tracked = decision.regarding.is_some() || decision.correlated_with.is_some();
         if tracked && ctx.settings.wants_body_features() {
             parsed.features.add_index_features(&parsed.body_text);
         }
         let id = store.allocate_id()?;
+        if decision.method == CorrelationMethod::Skipped {
+            staged_skipped.insert(id);
+        }
+        if let Some((pair, at)) = mark {
+            batch.automatic.push(AutomaticMark {
+                mailbox: ctx.mailbox.clone(),
+                pair,
+                at,
+                activity: id,
+            });
+        }
+        let automatic = automatic.map(|a| a.class);
         let f = parsed.features;
         let message_id = f.message_ids.first().cloned();
         let identity = crate::store::email_identity(&f.from, f.sent_at, &f.subject);
@@ -272,6 +383,8 @@ pub fn process_seeded(
             } else {
                 None
             },
+            automatic,
+            no_reply,
         };
         batch.items.push(PendingItem::Activity(Box::new(activity)));
         results.push((
@@ -280,6 +393,9 @@ pub fn process_seeded(
                 activity: id,
                 message_id,
                 decision,
+                automatic,
+                no_reply,
+                notice,
             },
         ));
     }
@@ -312,6 +428,73 @@ fn existing_copy(
         }
     }
     Ok(None)
+}
+
+/// Whether activity `id` (staged in this batch or stored) was skipped.
+fn is_skipped(
+    store: &dyn Store,
+    staged: &HashSet<ActivityId>,
+    id: ActivityId,
+) -> Result<bool, PipelineError> {
+    if staged.contains(&id) {
+        return Ok(true);
+    }
+    Ok(store
+        .activity(id)?
+        .is_some_and(|a| a.method == CorrelationMethod::Skipped))
+}
+
+/// The Message-IDs a delivery status notification returns, not already in
+/// its In-Reply-To.
+fn returned_message_ids(p: &parse::ParsedMessage<'_>) -> Vec<String> {
+    let Some(report) = &p.auto.delivery_report else {
+        return Vec::new();
+    };
+    report
+        .returned_message_ids
+        .iter()
+        .filter(|id| {
+            !p.features
+                .in_reply_to
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(id))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Says in a bounce's reasons which returned message it was linked through
+/// and what failed for whom.
+fn describe_bounce(d: &mut Decision, p: &parse::ParsedMessage<'_>, returned: &[String]) {
+    let Some(report) = &p.auto.delivery_report else {
+        return;
+    };
+    for r in &mut d.reasons {
+        let Some(rest) = r.strip_prefix("In-Reply-To <") else {
+            continue;
+        };
+        let id = rest.split('>').next().unwrap_or_default();
+        let ours = returned
+            .iter()
+            .any(|x| correlate::normalize_message_id(x) == id);
+        if ours {
+            *r = format!("bounce returns <{rest}");
+        }
+    }
+    for f in &report.recipients {
+        let mut line = format!(
+            "bounce: delivery to {} {}",
+            f.recipient,
+            f.action.as_deref().unwrap_or("failed")
+        );
+        if let Some(s) = &f.status {
+            line.push_str(&format!(", status {s}"));
+        }
+        if let Some(diag) = &f.diagnostic {
+            line.push_str(&format!(" ({diag})"));
+        }
+        d.reasons.push(line);
+    }
 }
 
 fn show_record(r: Option<&RecordRef>) -> String {
@@ -376,7 +559,7 @@ mod tests {
             settings: CorrelationSettings::default(),
             policy: FilterPolicy {
                 own_addresses: vec!["me@us.test".into()],
-                skip_auto_generated: true,
+                automatic: Default::default(),
                 track: TrackFilter::All,
             },
             max_message_size: 1 << 20,
@@ -396,6 +579,7 @@ mod tests {
             raw: format!("From: c@them.test\r\nTo: me@us.test\r\nDate: Mon, 5 Jan 2026 10:00:00 +0000\r\n{headers}\r\nbody\r\n").into_bytes(),
             received_at: None,
             too_large: None,
+            unfetchable: None,
         }
     }
 
@@ -461,5 +645,359 @@ mod tests {
             )],
         );
         assert_eq!(d[0].regarding.as_ref().unwrap().to_string(), "account:b");
+    }
+
+    /// (activity, decision, class, no_reply, notice) of a processed message.
+    type Outcome = (u64, Decision, Option<AutomaticClass>, bool, Option<String>);
+
+    /// Every result of a batch, committed.
+    fn run_full(store: &SledStore, c: &PipelineContext, msgs: &[RawMessage]) -> Vec<Outcome> {
+        let (batch, results) = process(store, c, msgs, 1_767_600_000).unwrap();
+        store.commit(batch).unwrap();
+        results
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                ItemResult::Correlated {
+                    activity,
+                    decision,
+                    automatic,
+                    no_reply,
+                    notice,
+                    ..
+                } => Some((activity, decision, automatic, no_reply, notice)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const LIST: &str = "Precedence: list\r\nList-Id: <dev.lists.example>\r\nList-Unsubscribe: <mailto:dev-leave@lists.example>\r\n";
+
+    /// Issue #17: every message with a Precedence header was skipped before
+    /// correlation, so customers' replies through lists were lost.
+    #[test]
+    fn replies_through_lists_are_tracked_not_dropped_as_bulk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let c = ctx(dir.path());
+        let got = run_full(
+            &store,
+            &c,
+            &[
+                raw("INBOX/A", "1", "Message-ID: <p@x>\r\nSubject: Offer\r\n"),
+                raw(
+                    "INBOX",
+                    "2",
+                    &format!("Message-ID: <r@x>\r\nIn-Reply-To: <p@x>\r\nSubject: Re: Offer\r\n{LIST}"),
+                ),
+                // ... and a reply to that reply, in the next position.
+                raw(
+                    "INBOX",
+                    "3",
+                    &format!("Message-ID: <r2@x>\r\nReferences: <p@x> <r@x>\r\nSubject: Re: Offer\r\n{LIST}"),
+                ),
+            ],
+        );
+        let (parent, _, parent_class, parent_no_reply, _) = &got[0];
+        assert_eq!((*parent_class, *parent_no_reply), (None, false));
+        let (_, d, class, no_reply, _) = &got[1];
+        assert_eq!(d.method, CorrelationMethod::InReplyTo, "{d:?}");
+        assert_eq!(d.regarding.as_ref().unwrap().to_string(), "account:a");
+        assert_eq!(d.correlated_with, Some(*parent));
+        assert_eq!((*class, *no_reply), (Some(AutomaticClass::List), true));
+        assert_eq!(
+            got[2].1.regarding.as_ref().map(ToString::to_string),
+            Some("account:a".into())
+        );
+        // The class and the flag are stored on the activity.
+        let stored = store.activity(got[1].0).unwrap().unwrap();
+        assert_eq!(stored.automatic, Some(AutomaticClass::List));
+        assert!(stored.no_reply);
+    }
+
+    #[test]
+    fn uncorrelated_list_mail_and_replies_to_it_are_skipped_naming_the_class() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let c = ctx(dir.path());
+        let got = run_full(
+            &store,
+            &c,
+            &[
+                raw(
+                    "INBOX",
+                    "1",
+                    &format!("Message-ID: <l1@x>\r\nSubject: Release plan\r\n{LIST}"),
+                ),
+                raw(
+                    "INBOX",
+                    "2",
+                    &format!("Message-ID: <l2@x>\r\nIn-Reply-To: <l1@x>\r\nSubject: Re: Release plan\r\n{LIST}"),
+                ),
+            ],
+        );
+        for (_, d, class, no_reply, _) in &got {
+            assert_eq!(d.method, CorrelationMethod::Skipped, "{d:?}");
+            assert!(d.reasons[0].contains("(list: List-Id"), "{d:?}");
+            assert_eq!((*class, *no_reply), (Some(AutomaticClass::List), true));
+        }
+        // In a later batch too (the skipped parent read from the store).
+        let d = run(
+            &store,
+            &c,
+            &[raw(
+                "INBOX",
+                "3",
+                &format!("Message-ID: <l3@x>\r\nIn-Reply-To: <l2@x>\r\nSubject: Re: Release plan\r\n{LIST}"),
+            )],
+        );
+        assert_eq!(d[0].method, CorrelationMethod::Skipped, "{d:?}");
+        // An ordinary message still links to a skipped one, as before.
+        let d = run(
+            &store,
+            &c,
+            &[raw(
+                "INBOX",
+                "4",
+                "Message-ID: <o@x>\r\nIn-Reply-To: <l2@x>\r\nSubject: Re: Release plan\r\n",
+            )],
+        );
+        assert_eq!(d[0].method, CorrelationMethod::InReplyTo, "{d:?}");
+    }
+
+    #[test]
+    fn correlated_out_of_office_is_tracked_and_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let c = ctx(dir.path());
+        let got = run_full(
+            &store,
+            &c,
+            &[
+                raw("INBOX/B", "1", "Message-ID: <p@x>\r\nSubject: Offer\r\n"),
+                raw(
+                    "INBOX",
+                    "2",
+                    "Message-ID: <ooo@x>\r\nIn-Reply-To: <p@x>\r\nAuto-Submitted: auto-replied\r\nSubject: Out of office\r\n",
+                ),
+                raw(
+                    "INBOX",
+                    "3",
+                    "Message-ID: <ooo2@x>\r\nAuto-Submitted: auto-replied\r\nSubject: Out of office\r\n",
+                ),
+            ],
+        );
+        let (_, d, class, no_reply, _) = &got[1];
+        assert_eq!(d.regarding.as_ref().unwrap().to_string(), "account:b");
+        assert_eq!((*class, *no_reply), (Some(AutomaticClass::AutoReply), true));
+        assert_eq!(got[2].1.method, CorrelationMethod::Skipped);
+        assert!(got[2].1.reasons[0].contains("auto_reply"), "{:?}", got[2].1);
+    }
+
+    fn reopen(path: &Path) -> SledStore {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(path) {
+                Ok(s) => return s,
+                Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("reopen {}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn auto_reply(uid: &str, at: i64) -> RawMessage {
+        let mut m = raw(
+            "INBOX",
+            uid,
+            &format!(
+                "Message-ID: <a{uid}@x>\r\nAuto-Submitted: auto-replied\r\nSubject: Re: ticket {uid}\r\n"
+            ),
+        );
+        m.received_at = Some(at);
+        m
+    }
+
+    #[test]
+    fn loop_detector_warns_once_and_skips_the_rest_across_batches_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let c = ctx(dir.path());
+        let t0 = 1_767_600_000;
+        let store = SledStore::open(&path).unwrap();
+        // 4 in one batch, 1 in another: the limit (5) is not exceeded.
+        let first = run_full(
+            &store,
+            &c,
+            &(1..=4)
+                .map(|i| auto_reply(&i.to_string(), t0 + i * 60))
+                .collect::<Vec<_>>(),
+        );
+        let second = run_full(&store, &c, &[auto_reply("5", t0 + 300)]);
+        for (_, d, _, _, notice) in first.iter().chain(&second) {
+            assert!(!d.reasons[0].starts_with("mail loop"), "{d:?}");
+            assert_eq!(notice, &None);
+        }
+        drop(store);
+        let store = reopen(&path);
+        // The 6th and 7th within the hour: one Warning, both skipped.
+        let got = run_full(
+            &store,
+            &c,
+            &[auto_reply("6", t0 + 360), auto_reply("7", t0 + 420)],
+        );
+        assert!(
+            got[0].1.reasons[0].starts_with("mail loop suspected: 6 automatic"),
+            "{:?}",
+            got[0].1
+        );
+        assert!(got[0]
+            .4
+            .as_deref()
+            .unwrap()
+            .contains("c@them.test and me@us.test"));
+        assert!(got[1].1.reasons[0].starts_with("mail loop suspected"));
+        assert_eq!(got[1].4, None, "one Warning only");
+        // An hour after the loop stopped, auto-replies count afresh.
+        let later = run_full(&store, &c, &[auto_reply("8", t0 + 420 + 3601)]);
+        assert!(
+            !later[0].1.reasons[0].starts_with("mail loop"),
+            "{:?}",
+            later[0].1
+        );
+        // Ordinary mail between the same pair never counts.
+        let mut ordinary: Vec<RawMessage> = (10..20)
+            .map(|i| {
+                raw(
+                    "INBOX",
+                    &i.to_string(),
+                    &format!("Message-ID: <o{i}@x>\r\n"),
+                )
+            })
+            .collect();
+        for m in &mut ordinary {
+            m.received_at = Some(t0 + 420 + 3700);
+        }
+        for (_, d, _, _, _) in run_full(&store, &c, &ordinary) {
+            assert_eq!(d.method, CorrelationMethod::None);
+        }
+    }
+
+    fn dsn(uid: &str, returned: &str) -> RawMessage {
+        let body = format!(
+            "From: Mail Delivery System <MAILER-DAEMON@mx.them.test>\r\n\
+To: me@us.test\r\n\
+Date: Mon, 5 Jan 2026 11:00:00 +0000\r\n\
+Message-ID: <dsn{uid}@mx.them.test>\r\n\
+Subject: Undelivered Mail Returned to Sender\r\n\
+Auto-Submitted: auto-replied\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\
+\r\n\
+--B\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+I could not deliver your message.\r\n\
+--B\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx.them.test\r\n\
+\r\n\
+Final-Recipient: rfc822; gone@them.test\r\n\
+Original-Recipient: rfc822;gone@them.test\r\n\
+Action: failed\r\n\
+Status: 5.1.1\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 <gone@them.test>: Recipient address\r\n\
+\x20rejected: User unknown\r\n\
+\r\n\
+--B\r\n\
+{returned}\
+--B--\r\n"
+        );
+        RawMessage {
+            source: SourceKey {
+                mailbox: "m".into(),
+                folder: "INBOX".into(),
+                uidvalidity: 1,
+                uid: uid.into(),
+            },
+            raw: body.into_bytes(),
+            received_at: None,
+            too_large: None,
+            unfetchable: None,
+        }
+    }
+
+    #[test]
+    fn bounce_links_to_the_message_it_returns_with_recipient_and_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let c = ctx(dir.path());
+        let mut sent = raw(
+            "INBOX/A",
+            "1",
+            "Message-ID: <out-1@us.test>\r\nSubject: Offer\r\n",
+        );
+        sent.raw = String::from_utf8(sent.raw)
+            .unwrap()
+            .replace(
+                "From: c@them.test\r\nTo: me@us.test",
+                "From: me@us.test\r\nTo: gone@them.test",
+            )
+            .into_bytes();
+        let parent = run_full(&store, &c, &[sent])[0].0;
+        let got = run_full(
+            &store,
+            &c,
+            &[
+                dsn(
+                    "2",
+                    "Content-Type: message/rfc822\r\n\r\nMessage-ID: <out-1@us.test>\r\nFrom: me@us.test\r\nTo: gone@them.test\r\nSubject: Offer\r\n\r\nbody\r\n",
+                ),
+                dsn(
+                    "3",
+                    "Content-Type: text/rfc822-headers\r\n\r\nFrom: me@us.test\r\nMessage-ID:\r\n <out-1@us.test>\r\nSubject: Offer\r\n\r\n",
+                ),
+                dsn("4", "Content-Type: text/plain\r\n\r\nnothing returned\r\n"),
+            ],
+        );
+        for (_, d, class, no_reply, _) in &got[..2] {
+            assert_eq!(*class, Some(AutomaticClass::Bounce));
+            assert!(*no_reply);
+            assert_eq!(
+                d.regarding.as_ref().unwrap().to_string(),
+                "account:a",
+                "{d:?}"
+            );
+            assert_eq!(d.correlated_with, Some(parent));
+            assert_eq!(
+                d.reasons[0],
+                format!("bounce returns <out-1@us.test> = activity {parent}")
+            );
+            assert!(
+                d.reasons.iter().any(|r| r
+                    == "bounce: delivery to gone@them.test failed, status 5.1.1 (550 5.1.1 <gone@them.test>: Recipient address rejected: User unknown)"),
+                "{d:?}"
+            );
+        }
+        // Nothing returned: a bounce about nothing tracked, skipped by default.
+        let (_, d, class, _, _) = &got[2];
+        assert_eq!(*class, Some(AutomaticClass::Bounce));
+        assert_eq!(d.method, CorrelationMethod::Skipped);
+        assert!(
+            d.reasons[0].contains("(bounce: delivery status notification"),
+            "{d:?}"
+        );
+        assert!(d
+            .reasons
+            .iter()
+            .any(|r| r.contains("gone@them.test failed")));
+        // The stored bounce keeps its own (empty) In-Reply-To.
+        assert!(store
+            .activity(got[0].0)
+            .unwrap()
+            .unwrap()
+            .in_reply_to
+            .is_empty());
     }
 }

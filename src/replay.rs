@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::connector::RawMessage;
-use crate::model::{RecordRef, SourceKey};
+use crate::model::{AutomaticClass, RecordRef, SourceKey};
 use crate::pipeline::{self, ItemResult, PipelineContext, PipelineError};
 use crate::store::{Store, StoreError};
 
@@ -63,6 +63,13 @@ pub struct ReplayRecord {
     /// Rounded to three decimals so output is stable across platforms.
     pub score: f64,
     pub reasons: Vec<String>,
+    /// The automatic-mail class (`auto_reply`, `bounce`, `bulk`, `list`);
+    /// absent for ordinary mail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automatic: Option<AutomaticClass>,
+    /// Present (true) when the outgoing side must never answer this email.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_reply: bool,
 }
 
 /// A `seeds.jsonl` line; extra keys are ignored.
@@ -264,6 +271,7 @@ fn raw_message(ctx: &PipelineContext, m: &InputMessage, n: usize) -> RawMessage 
         raw: m.raw.clone(),
         received_at: None,
         too_large: None,
+        unfetchable: None,
     }
 }
 
@@ -314,6 +322,8 @@ pub fn run(
                 ItemResult::Correlated {
                     message_id,
                     decision,
+                    automatic,
+                    no_reply,
                     ..
                 } => ReplayRecord {
                     file: m.file.clone(),
@@ -322,6 +332,8 @@ pub fn run(
                     method: decision.method.as_str().to_string(),
                     score: round3(decision.score),
                     reasons: decision.reasons,
+                    automatic,
+                    no_reply,
                 },
                 ItemResult::Quarantined { reason } => ReplayRecord {
                     file: m.file.clone(),
@@ -330,6 +342,8 @@ pub fn run(
                     method: "quarantined".into(),
                     score: 0.0,
                     reasons: vec![reason],
+                    automatic: None,
+                    no_reply: false,
                 },
                 ItemResult::AlreadySeen => ReplayRecord {
                     file: m.file.clone(),
@@ -338,6 +352,8 @@ pub fn run(
                     method: "already_seen".into(),
                     score: 0.0,
                     reasons: vec!["this source was processed before".into()],
+                    automatic: None,
+                    no_reply: false,
                 },
             };
             emit(rec)?;

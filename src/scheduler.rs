@@ -1,9 +1,19 @@
 //! Scheduler: one task per mailbox, each running sync cycles, waiting (poll or
 //! push), and backing off on transient errors according to [`Backoff`].
 //!
-//! The lifecycle rules are Dynamics': a permanent error disables the mailbox at
-//! once with an Error alert; transient errors are retried with back-off and
-//! become permanent after `max_transient_failures` in a row.
+//! The lifecycle rules:
+//! * Transient errors are retried forever with capped, jittered back-off
+//!   ([`Backoff::for_profile`]). A mailbox without a successful sync for the
+//!   profile's `stall_alert_after` gets an Error alert ("not synced since …")
+//!   and is named by `/readyz`; both clear on the next success.
+//! * A permanent error (login rejected, certificate invalid, folder gone)
+//!   disables the mailbox with an Error alert. The task stays alive, waiting
+//!   to be re-enabled without a restart: by `POST
+//!   /api/v1/mailboxes/{name}/enable` ([`Runtime::request_enable`]) or when the
+//!   content of its password or token file changes. Re-enabling runs Test &
+//!   Enable again.
+//! * [`MailboxTask::supervise`] restarts a task that panicked, with back-off,
+//!   an Error alert naming the panic and a restart metric.
 //!
 //! Follow-ups (keyword, move, delete) are owed from the commit that records
 //! their message: the commit writes them, each cycle starts by carrying out
@@ -12,12 +22,14 @@
 //! and given up with a Warning after `MAX_FOLLOW_UP_FAILURES` (5) attempts.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::Alerts;
@@ -26,7 +38,7 @@ use crate::connector::{Ack, AckKind, Connector, ConnectorError};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     self, AlertLevel, ApprovalStatus, FollowUp, IncomingDelivery, MailboxState, SourceKey,
-    TestResult, TestStatus,
+    TestResult, TestStatus, UnixTime,
 };
 use crate::pipeline::{self, ItemResult, PipelineContext, PipelineError};
 use crate::store::{CommitBatch, CommitOutcome, Store, StoreError, Tally};
@@ -42,19 +54,34 @@ pub struct Backoff {
     pub jitter: f64,
 }
 
+/// First retry delay; the delay doubles from here up to the profile's cap.
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Default cap (the profile's `retry_backoff_max` default).
+const BACKOFF_MAX: Duration = Duration::from_secs(900);
+
 impl Default for Backoff {
     fn default() -> Self {
-        // Dynamics retries roughly every 5 minutes; start faster, end there.
         Backoff {
-            base: Duration::from_secs(5),
-            max: Duration::from_secs(300),
+            base: BACKOFF_BASE,
+            max: BACKOFF_MAX,
             jitter: 0.2,
         }
     }
 }
 
 impl Backoff {
-    /// Delay before retry number `attempt` (1-based).
+    /// The profile's policy: capped at its `retry_backoff_max`.
+    pub fn for_profile(profile: &Profile) -> Self {
+        let max = profile.retry_backoff_max;
+        Backoff {
+            base: BACKOFF_BASE.min(max),
+            max,
+            ..Backoff::default()
+        }
+    }
+
+    /// Delay before retry number `attempt` (1-based). Never above `max`: at
+    /// the cap the jitter only shortens.
     pub fn delay(&self, attempt: u32) -> Duration {
         let exp = attempt.saturating_sub(1).min(20);
         let raw = self.base.saturating_mul(1u32 << exp).min(self.max);
@@ -86,6 +113,11 @@ pub struct LiveMailbox {
     pub phase: Phase,
     pub backlog: u64,
     pub state: MailboxState,
+    /// Set while the mailbox has gone longer than `stall_alert_after` without
+    /// a successful sync: the last success (or the task start if none).
+    pub not_synced_since: Option<UnixTime>,
+    /// Times the supervisor restarted the task after a panic.
+    pub restarts: u64,
     #[serde(skip)]
     pub cycle_started: Option<Instant>,
 }
@@ -95,6 +127,19 @@ pub struct LiveMailbox {
 pub struct Runtime {
     pub mailboxes: RwLock<BTreeMap<String, LiveMailbox>>,
     pub scheduler_running: AtomicBool,
+    /// Disabled mailboxes waiting to be re-enabled → their wake-up.
+    reenable: Mutex<HashMap<String, Arc<Notify>>>,
+}
+
+/// Why [`Runtime::request_enable`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnableError {
+    #[error("no mailbox {0:?}")]
+    Unknown(String),
+    #[error("mailbox {0:?} is disabled in the configuration (enabled = false or incoming = \"none\"): change the configuration and restart")]
+    DisabledByConfig(String),
+    #[error("mailbox {name:?} is not disabled (phase {phase:?})")]
+    NotDisabled { name: String, phase: Phase },
 }
 
 impl Runtime {
@@ -116,6 +161,18 @@ impl Runtime {
             .collect()
     }
 
+    /// Mailboxes past their `stall_alert_after` without a successful sync:
+    /// (name, not synced since, last error).
+    pub fn stalled(&self) -> Vec<(String, UnixTime, Option<String>)> {
+        let map = self.mailboxes.read().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .filter_map(|m| {
+                m.not_synced_since
+                    .map(|t| (m.name.clone(), t, m.state.last_sync_error.clone()))
+            })
+            .collect()
+    }
+
     /// A snapshot of every mailbox.
     pub fn snapshot(&self) -> Vec<LiveMailbox> {
         self.mailboxes
@@ -125,9 +182,54 @@ impl Runtime {
             .cloned()
             .collect()
     }
+
+    /// Wakes a mailbox disabled by a permanent error so it runs Test & Enable
+    /// again.
+    pub fn request_enable(&self, name: &str) -> Result<(), EnableError> {
+        let phase = {
+            let map = self.mailboxes.read().unwrap_or_else(|p| p.into_inner());
+            match map.get(name) {
+                Some(m) => m.phase,
+                None => return Err(EnableError::Unknown(name.to_string())),
+            }
+        };
+        let waiting = self
+            .reenable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        match waiting {
+            Some(wake) => {
+                // A stored permit: a wake-up racing the task's wait is not lost.
+                wake.notify_one();
+                Ok(())
+            }
+            None if phase == Phase::Disabled => {
+                Err(EnableError::DisabledByConfig(name.to_string()))
+            }
+            None => Err(EnableError::NotDisabled {
+                name: name.to_string(),
+                phase,
+            }),
+        }
+    }
+
+    /// The wake-up of a disabled mailbox, registered from the moment it is
+    /// disabled so an enable request right then is not refused or lost.
+    fn reenable_handle(&self, name: &str) -> Arc<Notify> {
+        let mut map = self.reenable.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+
+    fn clear_reenable(&self, name: &str) {
+        let mut map = self.reenable.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(name);
+    }
 }
 
 /// Everything a mailbox task needs.
+#[derive(Clone)]
 pub struct MailboxTask {
     pub config: Arc<Config>,
     pub mailbox: Mailbox,
@@ -138,7 +240,20 @@ pub struct MailboxTask {
     pub connections: Arc<Semaphore>,
     pub cancel: CancellationToken,
     pub backoff: Backoff,
+    /// How often a disabled mailbox checks its password/token file.
+    pub watch_every: Duration,
 }
+
+/// How often a disabled mailbox looks at its secret files by default.
+pub const WATCH_EVERY: Duration = Duration::from_secs(3);
+
+/// Alert texts that a successful sync clears (see [`MailboxTask::recovered`]).
+const STALL_ALERT: &str = "not synced since ";
+const DISABLED_ALERT: &str = "mailbox disabled: ";
+const TRANSIENT_ALERT: &str = "transient error, retrying with back-off: ";
+
+/// A task that ran this long without a panic starts its restart back-off over.
+const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
 
 /// Why a cycle failed.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +279,34 @@ impl Classify for CycleError {
     }
 }
 
+/// How one enabled stretch of a mailbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// A permanent error disabled it: wait to be re-enabled.
+    Disabled,
+    /// Shutdown, or nothing to run (disabled by config, not approved).
+    Stopped,
+}
+
+/// Content fingerprint of a watched file (`None`: missing or unreadable).
+fn file_fingerprint(path: &std::path::Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
 impl MailboxTask {
     /// Registers the mailbox in the runtime view before its task starts.
     pub fn register(&self, protocol: &str) {
@@ -176,6 +319,8 @@ impl MailboxTask {
             phase: Phase::Starting,
             backlog: 0,
             state,
+            not_synced_since: None,
+            restarts: 0,
             cycle_started: None,
         };
         let mut map = self
@@ -230,18 +375,108 @@ impl MailboxTask {
         );
     }
 
-    /// Runs the mailbox until cancelled or disabled.
-    pub async fn run<C: Connector>(self, mut connector: C) {
-        let name = self.mailbox.name.clone();
-        let mut state = self.load_state();
-        // A restart is a fresh Test & Enable: an operator who fixed the cause and
-        // restarted should not have to re-enable by hand.
-        state.enabled = true;
-        state.disabled_reason = None;
+    /// The files whose change re-enables a disabled mailbox: its own and its
+    /// profile's password and token files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        [
+            &self.mailbox.password_file,
+            &self.mailbox.token_file,
+            &self.profile.password_file,
+            &self.profile.token_file,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
 
+    /// Runs the task under supervision: a panic is caught, alerted, counted
+    /// ([`telemetry::TASK_RESTARTS`]) and the task restarted with back-off.
+    /// `make` builds the connector (again at every restart and re-enable, so
+    /// a changed password file is read).
+    pub async fn supervise<C, F>(self, make: F)
+    where
+        C: Connector + 'static,
+        F: FnMut() -> Result<C, String> + Clone + Send + 'static,
+    {
+        let name = self.mailbox.name.clone();
+        let mut restarts = 0u32;
+        loop {
+            let started = tokio::time::Instant::now();
+            let run = tokio::spawn(self.clone().run(make.clone()));
+            let payload = match run.await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => e.into_panic(),
+                Err(_) => return,
+            };
+            if started.elapsed() >= RESTART_RESET_AFTER {
+                restarts = 0;
+            }
+            restarts = restarts.saturating_add(1);
+            let message = panic_message(payload.as_ref());
+            metrics::counter!(telemetry::TASK_RESTARTS, "mailbox" => name.clone()).increment(1);
+            let delay = self.backoff.delay(restarts);
+            self.alert(
+                AlertLevel::Error,
+                &format!("mailbox task panicked and is restarted with back-off: {message}"),
+            );
+            self.runtime.update(&name, |m| {
+                m.restarts += 1;
+                m.phase = Phase::BackingOff;
+                m.cycle_started = None;
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Runs the mailbox until cancelled: enabled stretches, and between them
+    /// (after a permanent error) waits to be re-enabled.
+    pub async fn run<C, F>(self, mut make: F)
+    where
+        C: Connector,
+        F: FnMut() -> Result<C, String> + Send,
+    {
+        if !self.runnable() {
+            return;
+        }
+        let watched = self.watched_files();
+        loop {
+            // Taken before the connector reads them: a change from here on,
+            // even one made while the mailbox was failing, re-enables it.
+            let baseline: Vec<Option<u64>> = watched.iter().map(|p| file_fingerprint(p)).collect();
+            let exit = match make() {
+                Ok(mut connector) => {
+                    let exit = self.run_enabled(&mut connector).await;
+                    connector.close().await;
+                    exit
+                }
+                Err(why) => {
+                    let mut state = self.load_state();
+                    self.disable(&mut state, &why);
+                    Exit::Disabled
+                }
+            };
+            if exit == Exit::Stopped || !self.wait_for_reenable(&watched, &baseline).await {
+                break;
+            }
+        }
+        let state = self.load_state();
+        // A mailbox disabled at shutdown stays shown as disabled.
+        if state.enabled {
+            self.set_phase(Phase::Stopped, &state);
+        }
+    }
+
+    /// False (with the phase set) for a mailbox the configuration keeps from
+    /// running: disabled, no incoming delivery, or not approved.
+    fn runnable(&self) -> bool {
+        let state = self.load_state();
         if !self.mailbox.enabled || self.mailbox.incoming == IncomingDelivery::None {
             self.set_phase(Phase::Disabled, &state);
-            return;
+            return false;
         }
         if self.config.process_only_approved && self.mailbox.approval != ApprovalStatus::Approved {
             self.alert(
@@ -252,8 +487,45 @@ impl MailboxTask {
                 ),
             );
             self.set_phase(Phase::NotApproved, &state);
-            return;
+            return false;
         }
+        true
+    }
+
+    /// Waits until the mailbox is enabled through the API or a watched file's
+    /// content differs from `baseline`; false on shutdown.
+    async fn wait_for_reenable(&self, watched: &[PathBuf], baseline: &[Option<u64>]) -> bool {
+        let name = &self.mailbox.name;
+        let wake = self.runtime.reenable_handle(name);
+        let why = loop {
+            let now: Vec<Option<u64>> = watched.iter().map(|p| file_fingerprint(p)).collect();
+            if now != baseline {
+                break Some("its password or token file changed");
+            }
+            tokio::select! {
+                _ = wake.notified() => break Some("enabled through the admin API"),
+                _ = tokio::time::sleep(self.watch_every) => {}
+                _ = self.cancel.cancelled() => break None,
+            }
+        };
+        self.runtime.clear_reenable(name);
+        match why {
+            Some(why) => {
+                tracing::info!(mailbox = %name, "re-enabling the mailbox: {why}");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Test & Enable, then sync cycles until a permanent error or shutdown.
+    async fn run_enabled<C: Connector>(&self, connector: &mut C) -> Exit {
+        let name = self.mailbox.name.clone();
+        let mut state = self.load_state();
+        // A restart or re-enable is a fresh Test & Enable: an operator who
+        // fixed the cause should not have to re-enable by hand.
+        state.enabled = true;
+        state.disabled_reason = None;
 
         // Test & Enable (incoming).
         let test = {
@@ -277,31 +549,36 @@ impl MailboxTask {
                 };
             }
         }
-        self.note_token_expiry(&connector, &mut state);
+        self.note_token_expiry(connector, &mut state);
         if let Err(e) = &test {
             self.token_alert(e);
         }
         if let Err(e) = test {
             if e.disposition() == Disposition::Permanent {
                 self.disable(&mut state, &e.to_string());
-                connector.close().await;
-                return;
+                return Exit::Disabled;
             }
         }
         self.save_state(&state);
 
+        // The stall clock: tokio's, so tests can run it on paused time.
+        let mut healthy_at = tokio::time::Instant::now();
+        let started_wall = model::now();
+        // Alerts to resolve at the next success: whatever is open at start
+        // (from before a restart or re-enable), then what failures raised.
+        let mut alerts_open = true;
         loop {
             if self.cancel.is_cancelled() {
-                break;
+                return Exit::Stopped;
             }
             self.set_phase(Phase::Syncing, &state);
             let result = {
                 let _permit = self.connections.acquire().await;
-                self.cycle(&mut connector, &mut state).await
+                self.cycle(connector, &mut state).await
             };
             let now = model::now();
             state.last_sync_at = Some(now);
-            self.note_token_expiry(&connector, &mut state);
+            self.note_token_expiry(connector, &mut state);
             match result {
                 Ok(found) => {
                     state.transient_failures = 0;
@@ -314,7 +591,11 @@ impl MailboxTask {
                     };
                     metrics::gauge!(telemetry::LAST_SUCCESS, "mailbox" => name.clone())
                         .set(now as f64);
+                    healthy_at = tokio::time::Instant::now();
                     self.alerts.mailbox_recovered(&self.profile.name, &name);
+                    if std::mem::take(&mut alerts_open) {
+                        self.recovered(now);
+                    }
                     self.save_state(&state);
                     self.set_phase(Phase::Waiting, &state);
                     let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
@@ -341,25 +622,23 @@ impl MailboxTask {
                     state.last_sync_error_at = Some(now);
                     self.alerts.mailbox_failed(&self.profile.name, &name, now);
                     state.transient_failures = state.transient_failures.saturating_add(1);
-                    let exhausted = state.transient_failures >= self.profile.max_transient_failures;
-                    if disposition == Disposition::Permanent || exhausted {
-                        let why = if exhausted && disposition == Disposition::Transient {
-                            format!(
-                                "{e} (gave up after {} transient failures in a row)",
-                                state.transient_failures
-                            )
-                        } else {
-                            e.to_string()
-                        };
-                        self.disable(&mut state, &why);
-                        break;
+                    if disposition == Disposition::Permanent {
+                        self.disable(&mut state, &e.to_string());
+                        return Exit::Disabled;
                     }
+                    alerts_open = true;
                     let delay = self.backoff.delay(state.transient_failures);
                     state.postponed_until = Some(now + delay.as_secs() as i64);
-                    self.alert(
-                        AlertLevel::Warning,
-                        &format!("transient error, retrying with back-off: {e}"),
-                    );
+                    self.alert(AlertLevel::Warning, &format!("{TRANSIENT_ALERT}{e}"));
+                    if healthy_at.elapsed() >= self.profile.stall_alert_after {
+                        let since = state.last_success_at.unwrap_or(started_wall);
+                        self.alert(
+                            AlertLevel::Error,
+                            &format!("{STALL_ALERT}{}: {e}", model::format_time(since)),
+                        );
+                        self.runtime
+                            .update(&name, |m| m.not_synced_since = Some(since));
+                    }
                     self.save_state(&state);
                     self.set_phase(Phase::BackingOff, &state);
                     tokio::select! {
@@ -369,9 +648,15 @@ impl MailboxTask {
                 }
             }
         }
-        connector.close().await;
-        if state.enabled {
-            self.set_phase(Phase::Stopped, &state);
+    }
+
+    /// After a successful sync that follows failures (or a start): the stall,
+    /// disabled and retry alerts are resolved.
+    fn recovered(&self, now: UnixTime) {
+        let name = &self.mailbox.name;
+        self.runtime.update(name, |m| m.not_synced_since = None);
+        for prefix in [STALL_ALERT, DISABLED_ALERT, TRANSIENT_ALERT] {
+            self.alerts.resolve(name, prefix, now);
         }
     }
 
@@ -410,7 +695,14 @@ impl MailboxTask {
         state.disabled_reason = Some(why.to_string());
         state.last_sync_error = Some(why.to_string());
         state.last_sync_error_at = Some(model::now());
-        self.alert(AlertLevel::Error, &format!("mailbox disabled: {why}"));
+        self.alert(
+            AlertLevel::Error,
+            &format!("{DISABLED_ALERT}{why} (re-enabled when its password or token file changes, or by POST /api/v1/mailboxes/{}/enable)", self.mailbox.name),
+        );
+        // Disabled is not stalled: the disable alert says what is wrong.
+        self.runtime
+            .update(&self.mailbox.name, |m| m.not_synced_since = None);
+        self.runtime.reenable_handle(&self.mailbox.name);
         self.save_state(state);
         self.set_phase(Phase::Disabled, state);
     }
@@ -549,6 +841,9 @@ impl MailboxTask {
                 crate::fault::committed_with_follow_ups();
             }
             self.follow_up(connector, acks, owed, changes).await;
+            for notice in pipeline::notices(&results) {
+                self.alert(AlertLevel::Warning, notice);
+            }
             for (source, r) in &results {
                 if let ItemResult::Quarantined { reason } = r {
                     self.alert(
@@ -701,6 +996,439 @@ fn idle_interval(base: Duration, empty_cycles: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connector::FetchBatch;
+    use crate::store::SledStore;
+
+    /// What the scripted connector answers to `test` and `fetch`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        Succeed,
+        Transient,
+        Permanent,
+        Panic,
+    }
+
+    #[derive(Debug)]
+    struct Script {
+        mode: Mode,
+        tests: u32,
+        /// (paused) time of every fetch, to read the back-off delays off.
+        fetches: Vec<tokio::time::Instant>,
+        /// The password the connector was last built with.
+        secret: Option<String>,
+    }
+
+    /// A connector whose answers the test switches; clones share the script,
+    /// so the task's rebuilt connectors follow it too.
+    #[derive(Debug, Clone)]
+    struct Fake(Arc<Mutex<Script>>);
+
+    impl Fake {
+        fn new(mode: Mode) -> Self {
+            Fake(Arc::new(Mutex::new(Script {
+                mode,
+                tests: 0,
+                fetches: Vec::new(),
+                secret: None,
+            })))
+        }
+        fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())
+        }
+        fn set(&self, mode: Mode) {
+            self.script().mode = mode;
+        }
+        fn answer(&self) -> Result<(), ConnectorError> {
+            let mode = self.script().mode;
+            let disposition = match mode {
+                Mode::Succeed => return Ok(()),
+                Mode::Panic => panic!("scripted panic in fetch"),
+                Mode::Transient => Disposition::Transient,
+                Mode::Permanent => Disposition::Permanent,
+            };
+            Err(ConnectorError::Maildir {
+                path: "fake".into(),
+                detail: format!("scripted {disposition} failure"),
+                disposition,
+            })
+        }
+    }
+
+    impl Connector for Fake {
+        fn protocol(&self) -> &'static str {
+            "fake"
+        }
+        async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
+            self.script().fetches.push(tokio::time::Instant::now());
+            self.answer()?;
+            Ok(FetchBatch::default())
+        }
+        async fn acknowledge(&mut self, _acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+            Ok(AckReport::default())
+        }
+        async fn wait_for_changes(
+            &mut self,
+            max: Duration,
+            _keep_connection: bool,
+            cancel: &CancellationToken,
+        ) -> Result<(), ConnectorError> {
+            tokio::select! {
+                _ = tokio::time::sleep(max) => {}
+                _ = cancel.cancelled() => {}
+            }
+            Ok(())
+        }
+        async fn test(&mut self) -> Result<String, ConnectorError> {
+            self.script().tests += 1;
+            if self.script().mode == Mode::Panic {
+                return Ok("fake ok".into());
+            }
+            self.answer().map(|()| "fake ok".to_string())
+        }
+        async fn close(&mut self) {}
+    }
+
+    struct Harness {
+        task: MailboxTask,
+        store: Arc<dyn Store>,
+        runtime: Arc<Runtime>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Harness {
+        fn phase(&self) -> Phase {
+            self.runtime.snapshot()[0].phase
+        }
+        fn state(&self) -> MailboxState {
+            self.store.mailbox_state("m").unwrap().unwrap()
+        }
+        fn alerts_starting(&self, prefix: &str) -> Vec<model::Alert> {
+            let all = self.store.alerts(1000).unwrap();
+            all.into_iter()
+                .filter(|a| a.text.starts_with(prefix))
+                .collect()
+        }
+    }
+
+    /// One IMAP mailbox "m" (the connector is the fake) with a password
+    /// file; `profile_extra` adds profile keys.
+    fn harness(profile_extra: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("password");
+        std::fs::write(&pw, "old-secret\n").unwrap();
+        let cfg = format!(
+            r#"
+[daemon]
+state_dir = "{state}"
+[admin]
+enabled = false
+[[profiles]]
+name = "p"
+type = "imap_smtp"
+host = "127.0.0.1"
+poll_interval = "60s"
+{profile_extra}
+[[mailboxes]]
+name = "m"
+profile = "p"
+email = "m@example.test"
+approval = "approved"
+username = "m"
+password_file = "{pw}"
+"#,
+            state = dir.path().join("state").display(),
+            pw = pw.display(),
+        );
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let config = crate::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let runtime = Arc::new(Runtime::default());
+        let alerts = Arc::new(Alerts::new(store.clone(), HashMap::new()));
+        let profile = config.profiles[0].clone();
+        let task = MailboxTask {
+            mailbox: config.mailboxes[0].clone(),
+            backoff: Backoff::for_profile(&profile),
+            profile,
+            config: Arc::new(config),
+            store: store.clone(),
+            runtime: runtime.clone(),
+            alerts,
+            connections: Arc::new(Semaphore::new(1)),
+            cancel: CancellationToken::new(),
+            watch_every: WATCH_EVERY,
+        };
+        task.register("fake");
+        Harness {
+            task,
+            store,
+            runtime,
+            _dir: dir,
+        }
+    }
+
+    /// Builds connectors the way the daemon does: the password file read
+    /// again at every (re)build.
+    fn maker(h: &Harness, fake: &Fake) -> impl FnMut() -> Result<Fake, String> + Clone + Send {
+        let (profile, mailbox, fake) =
+            (h.task.profile.clone(), h.task.mailbox.clone(), fake.clone());
+        move || {
+            let (_, mailbox) = crate::daemon::with_current_secrets(&profile, &mailbox)?;
+            fake.script().secret = mailbox.secret.map(|s| s.expose().to_string());
+            Ok(fake.clone())
+        }
+    }
+
+    async fn stop(h: &Harness, run: tokio::task::JoinHandle<()>) {
+        h.task.cancel.cancel();
+        run.await.unwrap();
+    }
+
+    fn sleep(secs: u64) -> tokio::time::Sleep {
+        tokio::time::sleep(Duration::from_secs(secs))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifty_transient_failures_in_a_row_do_not_disable_the_mailbox() {
+        let h = harness("");
+        let fake = Fake::new(Mode::Transient);
+        let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+        // 50 failures take about 10 h at the 15 min cap; give it 24.
+        for _ in 0..24 * 60 {
+            if fake.script().fetches.len() >= 50 {
+                break;
+            }
+            sleep(60).await;
+        }
+        assert!(fake.script().fetches.len() >= 50);
+        assert_eq!(h.phase(), Phase::BackingOff);
+        let state = h.state();
+        assert!(state.enabled, "{state:?}");
+        assert!(state.transient_failures >= 50, "{state:?}");
+        assert!(h.alerts_starting(DISABLED_ALERT).is_empty());
+        assert!(!run.is_finished(), "the task must keep retrying");
+        fake.set(Mode::Succeed);
+        sleep(16 * 60).await;
+        assert_eq!(h.phase(), Phase::Waiting);
+        assert_eq!(h.state().transient_failures, 0);
+        stop(&h, run).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_backoff_is_capped_at_the_profile_setting_with_jitter() {
+        let h = harness("retry_backoff_max = \"2m\"");
+        let fake = Fake::new(Mode::Transient);
+        let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+        sleep(6 * 3600).await;
+        stop(&h, run).await;
+        let times = fake.script().fetches.clone();
+        let delays: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(delays.len() > 100, "{} retries in 6 h", delays.len());
+        let cap = Duration::from_secs(120);
+        assert!(delays.iter().all(|d| *d <= cap), "{delays:?}");
+        // It grows from the 5 s base (±20 %) to the cap ...
+        assert!(delays[0] >= Duration::from_secs(4) && delays[0] <= Duration::from_secs(6));
+        let capped = &delays[10..];
+        assert!(capped.iter().all(|d| *d >= cap.mul_f64(0.8)), "{capped:?}");
+        // ... and is jittered there, not lockstep.
+        let distinct: std::collections::BTreeSet<_> = capped.iter().collect();
+        assert!(distinct.len() > 10, "{capped:?}");
+        // The default cap is 15 minutes.
+        assert_eq!(Backoff::default().max, Duration::from_secs(900));
+        assert_eq!(
+            Backoff::for_profile(&harness("").task.profile).max,
+            Duration::from_secs(900)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_alert_after_the_configured_time_resolves_on_the_next_success() {
+        let h = harness("stall_alert_after = \"30m\"\nretry_backoff_max = \"1m\"");
+        let fake = Fake::new(Mode::Transient);
+        let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+        sleep(20 * 60).await;
+        assert!(h.runtime.stalled().is_empty(), "not yet 30 min");
+        assert!(h.alerts_starting(STALL_ALERT).is_empty());
+        sleep(20 * 60).await;
+        let stalled = h.runtime.stalled();
+        assert_eq!(stalled.len(), 1, "{stalled:?}");
+        assert_eq!(stalled[0].0, "m");
+        assert!(
+            stalled[0]
+                .2
+                .as_deref()
+                .unwrap_or("")
+                .contains("scripted transient failure"),
+            "{stalled:?}"
+        );
+        let open = h.alerts_starting(STALL_ALERT);
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].level, AlertLevel::Error);
+        assert!(
+            open[0].text.contains("scripted transient failure"),
+            "{}",
+            open[0].text
+        );
+        assert_eq!(open[0].resolved_at, None);
+        assert_eq!(h.phase(), Phase::BackingOff, "it keeps retrying");
+
+        fake.set(Mode::Succeed);
+        sleep(2 * 60).await;
+        assert_eq!(h.phase(), Phase::Waiting);
+        assert!(h.runtime.stalled().is_empty());
+        let resolved = h.alerts_starting(STALL_ALERT);
+        assert_eq!(resolved.len(), 1);
+        assert!(resolved[0].resolved_at.is_some(), "{resolved:?}");
+        assert!(h
+            .alerts_starting(TRANSIENT_ALERT)
+            .iter()
+            .all(|a| a.resolved_at.is_some()));
+        stop(&h, run).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_error_disables_and_the_task_waits_to_be_re_enabled() {
+        let h = harness("");
+        let fake = Fake::new(Mode::Succeed);
+        let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+        sleep(1).await;
+        assert_eq!(h.phase(), Phase::Waiting);
+        fake.set(Mode::Permanent);
+        sleep(120).await;
+        assert_eq!(h.phase(), Phase::Disabled);
+        let state = h.state();
+        assert!(!state.enabled);
+        assert!(
+            state
+                .disabled_reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("scripted permanent"),
+            "{state:?}"
+        );
+        assert_eq!(h.alerts_starting(DISABLED_ALERT).len(), 1);
+        let fetches = fake.script().fetches.len();
+        sleep(3600).await;
+        assert_eq!(
+            fake.script().fetches.len(),
+            fetches,
+            "no retries while disabled"
+        );
+        assert!(!run.is_finished(), "the disabled task stays alive");
+        stop(&h, run).await;
+        assert_eq!(h.phase(), Phase::Disabled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enable_request_re_enables_a_disabled_mailbox() {
+        let h = harness("");
+        let fake = Fake::new(Mode::Permanent);
+        let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+        sleep(10).await;
+        assert_eq!(h.phase(), Phase::Disabled);
+        assert_eq!(fake.script().tests, 1);
+        assert_eq!(
+            h.runtime.request_enable("nope"),
+            Err(EnableError::Unknown("nope".into()))
+        );
+        fake.set(Mode::Succeed);
+        h.runtime.request_enable("m").unwrap();
+        sleep(10).await;
+        assert_eq!(h.phase(), Phase::Waiting);
+        assert_eq!(fake.script().tests, 2, "Test & Enable ran again");
+        assert!(h.state().enabled);
+        assert!(h
+            .alerts_starting(DISABLED_ALERT)
+            .iter()
+            .all(|a| a.resolved_at.is_some()));
+        assert!(matches!(
+            h.runtime.request_enable("m"),
+            Err(EnableError::NotDisabled { .. })
+        ));
+        stop(&h, run).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn secret_file_change_re_enables_a_disabled_mailbox() {
+        let h = harness("");
+        let fake = Fake::new(Mode::Permanent);
+        let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+        sleep(10).await;
+        assert_eq!(h.phase(), Phase::Disabled);
+        assert_eq!(fake.script().secret.as_deref(), Some("old-secret"));
+        fake.set(Mode::Succeed);
+        sleep(60).await;
+        assert_eq!(h.phase(), Phase::Disabled, "nothing changed yet");
+        let pw = h.task.mailbox.password_file.clone().unwrap();
+        std::fs::write(&pw, "new-secret\n").unwrap();
+        sleep(2 * WATCH_EVERY.as_secs()).await;
+        assert_eq!(h.phase(), Phase::Waiting);
+        assert_eq!(fake.script().tests, 2);
+        assert_eq!(fake.script().secret.as_deref(), Some("new-secret"));
+        stop(&h, run).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_in_a_mailbox_task_restarts_it_with_an_alert_and_a_metric() {
+        let prometheus = telemetry::prometheus();
+        let mut h = harness("");
+        // A name of its own: the metrics recorder is process-wide.
+        h.task.mailbox.name = "m-panics".into();
+        h.task.register("fake");
+        let fake = Fake::new(Mode::Panic);
+        let run = tokio::spawn(h.task.clone().supervise(maker(&h, &fake)));
+        sleep(60).await;
+        let live = h
+            .runtime
+            .snapshot()
+            .into_iter()
+            .find(|m| m.name == "m-panics")
+            .unwrap();
+        assert!(live.restarts >= 2, "{live:?}");
+        let alerts: Vec<_> = h
+            .store
+            .alerts(100)
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.text.contains("panicked"))
+            .collect();
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        assert_eq!(alerts[0].level, AlertLevel::Error);
+        assert!(
+            alerts[0].text.contains("scripted panic in fetch"),
+            "{}",
+            alerts[0].text
+        );
+        assert_eq!(alerts[0].count, live.restarts);
+        {
+            let text = prometheus.expect("recorder installed").render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(telemetry::TASK_RESTARTS) && l.contains("m-panics"))
+                .unwrap_or_else(|| panic!("no restart metric in {text}"));
+            let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert_eq!(n as u64, live.restarts, "{line}");
+        }
+        // Restarted, it syncs again once the cause is gone.
+        fake.set(Mode::Succeed);
+        sleep(600).await;
+        let live = h
+            .runtime
+            .snapshot()
+            .into_iter()
+            .find(|m| m.name == "m-panics")
+            .unwrap();
+        assert_eq!(live.phase, Phase::Waiting);
+        h.task.cancel.cancel();
+        run.await.unwrap();
+    }
+
+    #[test]
+    fn old_configs_with_max_transient_failures_still_load() {
+        let h = harness("max_transient_failures = 1000");
+        assert_eq!(h.task.profile.max_transient_failures, Some(1000));
+        assert_eq!(harness("").task.profile.max_transient_failures, None);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {
@@ -724,8 +1452,7 @@ mod tests {
     }
 
     use crate::connector::maildir::MaildirConnector;
-    use crate::connector::{AckReport, FetchBatch, RawMessage};
-    use crate::store::SledStore;
+    use crate::connector::{AckReport, RawMessage};
 
     /// A task for mailbox "m" (Maildir profile) on a fresh store in `dir`.
     fn task(dir: &std::path::Path, batch_size: usize) -> MailboxTask {
@@ -761,6 +1488,7 @@ mod tests {
             connections: Arc::new(Semaphore::new(1)),
             cancel: CancellationToken::new(),
             backoff: Backoff::default(),
+            watch_every: WATCH_EVERY,
         };
         task.register("test");
         task
@@ -881,6 +1609,7 @@ mod tests {
                     raw: mail(1, "").into_bytes(),
                     received_at: None,
                     too_large: None,
+                    unfetchable: None,
                 });
             }
             Ok(batch)

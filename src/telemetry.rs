@@ -24,6 +24,8 @@ pub const BACKLOG: &str = "crm_mailsync_backlog_messages";
 pub const SYNC_ERRORS: &str = "crm_mailsync_sync_errors_total";
 /// 1 when the mailbox is enabled and syncing, per mailbox.
 pub const MAILBOX_UP: &str = "crm_mailsync_mailbox_up";
+/// Mailbox tasks restarted after a panic, per mailbox.
+pub const TASK_RESTARTS: &str = "crm_mailsync_task_restarts_total";
 
 /// Installs the tracing subscriber. `RUST_LOG` overrides the configured level.
 pub fn init_logging(format: LogFormat, level: &str) {
@@ -72,9 +74,11 @@ pub fn describe(mailboxes: &[String]) {
     metrics::describe_gauge!(BACKLOG, "Messages waiting to be fetched");
     metrics::describe_counter!(SYNC_ERRORS, "Failed sync cycles");
     metrics::describe_gauge!(MAILBOX_UP, "1 while the mailbox is enabled and syncing");
+    metrics::describe_counter!(TASK_RESTARTS, "Mailbox tasks restarted after a panic");
     for m in mailboxes {
         metrics::counter!(PROCESSED, "mailbox" => m.clone()).increment(0);
         metrics::counter!(FAILED, "mailbox" => m.clone()).increment(0);
+        metrics::counter!(TASK_RESTARTS, "mailbox" => m.clone()).increment(0);
     }
     for method in crate::model::CorrelationMethod::ALL {
         metrics::counter!(CORRELATIONS, "method" => method.as_str()).increment(0);

@@ -57,12 +57,28 @@ fn demo_fixtures_are_processed_and_listed_with_regarding_and_method() {
             .starts_with("References contains"),
         "{refs_only}"
     );
+    // Automatic mail that correlates to nothing is skipped by default, with
+    // its class in the reason and on the activity.
     let ooo = by_subject("Automatic reply: Your ticket");
     assert_eq!(ooo["method"], "skipped");
+    assert_eq!(
+        (&ooo["automatic"], &ooo["no_reply"]),
+        (&"auto_reply".into(), &true.into())
+    );
+    assert!(
+        ooo["reasons"][0].as_str().unwrap().contains("auto_reply"),
+        "{ooo}"
+    );
     let news = by_subject("January news: what’s new");
     assert_eq!(
         (news["regarding"].is_null(), news["method"].as_str()),
-        (true, Some("none"))
+        (true, Some("skipped"))
+    );
+    assert_eq!(news["automatic"], "list");
+    let quote = by_subject("Quote request for 40 licences");
+    assert_eq!(
+        (quote["method"].as_str(), &quote["no_reply"]),
+        (Some("none"), &false.into())
     );
 
     // The file that is not an email is quarantined with a reason, bytes kept.

@@ -381,6 +381,7 @@ fn imap_settings(env: &Env, user: &str) -> ImapSettings {
         delete_after_processing: false,
         idle: false,
         transform: None,
+        missing_message_retries: 3,
     }
 }
 

@@ -73,7 +73,7 @@ fn context(s: &Scenario, dir: &Path) -> PipelineContext {
         settings,
         policy: FilterPolicy {
             own_addresses: own,
-            skip_auto_generated: true,
+            automatic: Default::default(),
             track: TrackFilter::All,
         },
         max_message_size: 1 << 20,

@@ -265,6 +265,7 @@ fn settings(env: &Env, user: &str, tls: TlsMode, port: u16, creds: Credentials) 
         delete_after_processing: false,
         idle: false,
         transform: None,
+        missing_message_retries: 3,
     }
 }
 
@@ -314,11 +315,15 @@ async fn error_classification() {
     let e = test_result(s).await.unwrap_err();
     assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
     assert!(e.to_string().contains("certificate"), "{e}");
-    // A tracked folder that does not exist: permanent.
+    // A tracked folder that does not exist no longer fails Test & Enable
+    // (#17 §7): the rest of the mailbox syncs, the test line names it.
     let mut s = settings(&env, user, TlsMode::StartTls, env.imap, pw(PASSWORD));
     s.folders = vec!["INBOX/DoesNotExist".into()];
-    let e = test_result(s).await.unwrap_err();
-    assert_eq!(e.disposition(), Disposition::Permanent, "{e}");
+    let line = test_result(s).await.unwrap();
+    assert!(
+        line.contains("1 missing on the server: INBOX/DoesNotExist"),
+        "{line}"
+    );
     // The right password works, over both TLS modes.
     test_result(settings(
         &env,
@@ -1015,4 +1020,201 @@ fn oversized_message_is_recorded_not_downloaded() {
     });
     assert_eq!(quarantine(admin).len(), 1);
     stop(child);
+}
+
+/// Regression (#17 §7): `processed_keyword` was documented with `$CRMTracked`
+/// as its default, but without the key no keyword was set. Now the key's
+/// absence sets `$CRMTracked` (Dovecot's PERMANENTFLAGS allow `\*`), and
+/// `processed_keyword = ""` opts out.
+#[test]
+fn processed_keyword_is_on_by_default_and_off_when_empty() {
+    let env = env();
+    for (user, extra_profile, want) in [
+        ("user00181", "idle = false", 1),
+        ("user00182", "idle = false\nprocessed_keyword = \"\"", 0),
+    ] {
+        reset_user(user);
+        deliver(user, "INBOX", &message("keyword-default"));
+        let dir = tempfile::tempdir().unwrap();
+        let admin = free_port();
+        let cfg = server_config(
+            &env,
+            dir.path(),
+            admin,
+            &ServerMailbox {
+                kind: "imap_smtp",
+                port: env.imap,
+                tls: "starttls",
+                user,
+                password: PASSWORD,
+                auth: "password",
+                extra_profile,
+                extra_mailbox: "",
+            },
+        );
+        let child = start(&cfg);
+        wait_for(Duration::from_secs(30), "1 activity", || {
+            activity_total(admin).filter(|n| *n >= 1)
+        });
+        // The keyword follows the commit; give the follow-up a moment.
+        let keyworded = || {
+            doveadm_out(&format!(
+                "search -u {user} mailbox INBOX keyword '$CRMTracked'"
+            ))
+            .lines()
+            .count()
+        };
+        if want == 1 {
+            wait_for(Duration::from_secs(15), "keyword set", || {
+                (keyworded() == 1).then_some(())
+            });
+        } else {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        stop(child);
+        assert_eq!(keyworded(), want, "{user}: {extra_profile}");
+    }
+}
+
+/// Regression (#17 §3): one message Dovecot cannot read (its file made
+/// unreadable behind its back; Dovecot then drops the connection on FETCH)
+/// failed every cycle, and after `max_transient_failures` the mailbox was
+/// disabled. Now the others are recorded, the bad one is retried and then
+/// quarantined with the server's reason (a Warning says so), the mailbox
+/// stays enabled without a failed cycle, and new mail keeps arriving.
+#[test]
+fn unreadable_message_is_quarantined_after_retries_and_the_rest_syncs() {
+    let env = env();
+    let user = "user00183";
+    reset_user(user);
+    deliver(user, "INBOX", &message("readable-1"));
+    let bad = deliver(user, "INBOX", &message("unreadable"));
+    deliver(user, "INBOX", &message("readable-2"));
+    let file = inbox_message_file(&env, user, bad);
+    chmod(&file, 0o000);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "idle = false\nmissing_message_retries = 1",
+            extra_mailbox: "",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    let q = wait_for(Duration::from_secs(30), "quarantine record", || {
+        let q = get(admin, "/api/v1/quarantine", Some(TOKEN))
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())?;
+        let list = q["quarantine"].as_array()?.clone();
+        (!list.is_empty()).then_some(list)
+    });
+    // Dovecot may have moved it from new/ to cur/ meanwhile.
+    chmod(&inbox_message_file(&env, user, bad), 0o600);
+    assert_eq!(q.len(), 1, "{q:?}");
+    let reason = q[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("UID {bad} failed 2 times"))
+            && reason.contains("left on the server in INBOX"),
+        "{reason}"
+    );
+    assert_eq!(q[0]["saved_as"], "", "{q:?}");
+    let alerts = get_json(admin, "/api/v1/alerts");
+    assert!(
+        alerts["alerts"].as_array().unwrap().iter().any(|a| a["level"] == "warning"
+            && a["text"].as_str().unwrap().contains("quarantined")),
+        "{alerts}"
+    );
+    // Never a failed cycle, never disabled.
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    assert!(mb["state"]["last_sync_error"].is_null(), "{mb}");
+    deliver(user, "INBOX", &message("readable-3"));
+    wait_for(Duration::from_secs(30), "3 activities", || {
+        activity_total(admin).filter(|n| *n >= 3)
+    });
+    stop(child);
+    assert_eq!(offline_activities(&cfg).len(), 3);
+    // The message is still on the server.
+    assert_eq!(
+        doveadm_out(&format!("search -u {user} mailbox INBOX all"))
+            .lines()
+            .count(),
+        4
+    );
+}
+
+/// Regression (#17 §7): a tracked folder that does not exist disabled the
+/// whole mailbox, INBOX included. Now a Warning names it and the nearest
+/// existing folders, and INBOX and the other tracked folders keep syncing.
+#[test]
+fn missing_tracked_folder_warns_and_the_rest_keeps_syncing() {
+    let env = env();
+    let user = "user00185";
+    reset_user(user);
+    doveadm(&format!("mailbox delete -u {user} -s 'INBOX/Customers'"));
+    deliver(user, "INBOX", &message("inbox-mail"));
+    deliver(user, "INBOX/T1", &message("t1-mail"));
+    deliver(user, "INBOX/Customers", &message("customers-mail"));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "idle = false",
+            extra_mailbox: r#"tracked_folders = [
+  { folder = "INBOX/T1", regarding = "account:t1" },
+  { folder = "INBOX/Custmers", regarding = "account:typo" },
+]"#,
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    let warning = wait_for(Duration::from_secs(15), "missing-folder warning", || {
+        let (_, body) = get(admin, "/api/v1/alerts", Some(TOKEN))?;
+        let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+        list["alerts"].as_array()?.iter().find_map(|a| {
+            let text = a["text"].as_str()?;
+            (a["level"] == "warning" && text.contains("INBOX/Custmers")).then(|| text.to_string())
+        })
+    });
+    assert!(
+        warning.contains("does not exist")
+            && warning.contains("nearest existing: \"INBOX/Customers\"")
+            && warning.contains("keeps syncing"),
+        "{warning}"
+    );
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    // New mail still arrives.
+    deliver(user, "INBOX", &message("inbox-mail-2"));
+    wait_for(Duration::from_secs(30), "3 activities", || {
+        activity_total(admin).filter(|n| *n >= 3)
+    });
+    stop(child);
+    let all = offline_activities(&cfg);
+    assert_eq!(all.len(), 3);
+    let t1 = all.iter().find(|a| a["subject"] == "t1-mail").unwrap();
+    assert_eq!(t1["regarding"], "account:t1", "{t1}");
+    doveadm(&format!("mailbox delete -u {user} -s 'INBOX/Customers'"));
 }

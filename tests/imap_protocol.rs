@@ -334,21 +334,40 @@ async fn tls_without_test_ca_is_certificate_error() {
         );
         assert_permanent(&err);
         let text = err.to_string();
+        // Regression (#17 §7): the raw rustls name `UnknownIssuer` told an
+        // operator nothing; say what is wrong and which key fixes it.
         assert!(
-            text.contains("certificate") && text.contains("UnknownIssuer"),
+            text.contains("not signed by a trusted CA") && text.contains("ca_file"),
             "{text}"
         );
+        assert!(!text.contains("UnknownIssuer"), "{text}");
         println!("{mode:?} without CA: {text}");
     }
-    // Right CA, wrong name.
-    let mut ep = env.endpoint(TlsMode::Implicit);
-    ep.tls_server_name = Some("imap.wrong.example".into());
-    let err = ImapClient::connect(&ep).await.unwrap_err();
-    assert!(
-        matches!(err, ImapError::Net(NetError::Certificate { .. })),
-        "{err}"
-    );
-    println!("wrong name: {err}");
+    // Right CA, wrong name: by an SNI override, and by an address the
+    // certificate does not list (it is for localhost and 127.0.0.1; Dovecot
+    // listens on 127.0.0.1 only, so the address goes in as the checked name).
+    let mut by_name = env.endpoint(TlsMode::Implicit);
+    by_name.tls_server_name = Some("imap.wrong.example".into());
+    let mut by_address = env.endpoint(TlsMode::Implicit);
+    by_address.tls_server_name = Some("127.0.0.2".into());
+    for (ep, expected) in [(by_name, "imap.wrong.example"), (by_address, "127.0.0.2")] {
+        let err = ImapClient::connect(&ep).await.unwrap_err();
+        assert!(
+            matches!(err, ImapError::Net(NetError::Certificate { .. })),
+            "{err}"
+        );
+        assert_permanent(&err);
+        let text = err.to_string();
+        // Regression (#17 §7): this was a debug dump `NotValidForNameContext { … }`.
+        assert!(
+            !text.contains("NotValidForNameContext") && !text.contains("DnsName("),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{expected:?}")), "{text}");
+        assert!(text.contains("it is for localhost, 127.0.0.1"), "{text}");
+        assert!(text.contains("tls_server_name"), "{text}");
+        println!("wrong name: {text}");
+    }
 }
 
 /// UID → message file (LF line ends as stored) for a Maildir++ folder, from dovecot-uidlist.

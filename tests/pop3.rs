@@ -369,3 +369,69 @@ fn oversized_message_is_recorded_once_and_left_on_the_server() {
     assert_eq!(inbox_count(user), 1);
     stop(child);
 }
+
+/// Regression (#17 §3): a `-ERR` to RETR of one message (Dovecot answers
+/// so when it cannot read the message file) failed the cycle every time,
+/// so nothing after it was processed and the mailbox was eventually
+/// disabled. Now it is quarantined with the server's reason, the rest is
+/// recorded, and, having no bytes here, it stays on the server even with
+/// delete_after_processing.
+#[test]
+fn retr_err_quarantines_the_message_and_the_rest_syncs() {
+    let env = env();
+    let user = "user00184";
+    reset_user(user);
+    deliver(user, "INBOX", &message("pop-readable-1"));
+    let bad = deliver(user, "INBOX", &message("pop-unreadable"));
+    deliver(user, "INBOX", &message("pop-readable-2"));
+    chmod(&inbox_message_file(&env, user, bad), 0o000);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        admin,
+        &ServerMailbox {
+            kind: "pop3_smtp",
+            port: env.pop3,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "",
+            extra_mailbox: "delete_after_processing = true",
+        },
+    );
+    let child = start(&cfg);
+    wait_for(Duration::from_secs(30), "2 activities", || {
+        activity_total(admin).filter(|n| *n >= 2)
+    });
+    let q = wait_for(Duration::from_secs(30), "quarantine record", || {
+        let q = quarantine(admin);
+        (!q.is_empty()).then_some(q)
+    });
+    assert_eq!(q.len(), 1, "{q:?}");
+    let reason = q[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("rejected RETR") && reason.contains("left on the server in INBOX"),
+        "{reason}"
+    );
+    assert_eq!(q[0]["saved_as"], "", "{q:?}");
+    wait_for(Duration::from_secs(30), "readable messages deleted", || {
+        (inbox_count(user) == 1).then_some(())
+    });
+    let before = get_json(admin, "/api/v1/mailboxes/mb")["state"]["last_sync_at"].as_i64();
+    wait_for(Duration::from_secs(30), "more cycles", || {
+        let now = get_json(admin, "/api/v1/mailboxes/mb")["state"]["last_sync_at"].as_i64();
+        (now > before.map(|t| t + 2)).then_some(())
+    });
+    let mb = get_json(admin, "/api/v1/mailboxes/mb");
+    assert_eq!(mb["state"]["enabled"], true, "{mb}");
+    assert!(mb["state"]["last_sync_error"].is_null(), "{mb}");
+    assert_eq!(quarantine(admin).len(), 1);
+    stop(child);
+    // Readable again: it was left alone, never deleted.
+    chmod(&inbox_message_file(&env, user, bad), 0o600);
+    assert_eq!(inbox_count(user), 1);
+    assert_eq!(offline_activities(&cfg).len(), 2);
+}

@@ -416,7 +416,9 @@ async fn tls_without_test_ca_is_certificate_error() {
         assert_eq!(err.disposition(), Disposition::Permanent);
         let text = err.to_string();
         assert!(
-            text.contains("certificate problem") && text.contains("UnknownIssuer"),
+            text.contains("certificate problem")
+                && text.contains("not signed by a trusted CA")
+                && text.contains("ca_file"),
             "{text}"
         );
     }

@@ -100,6 +100,7 @@ mod tests {
             raw: b.as_bytes().to_vec(),
             received_at: None,
             too_large: None,
+            unfetchable: None,
         }
     }
 

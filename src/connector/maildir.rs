@@ -204,6 +204,7 @@ impl Connector for MaildirConnector {
                     next_uid: 0,
                     highest_modseq: None,
                     seen_count: total,
+                    retry: Vec::new(),
                 },
             ));
         }
@@ -222,12 +223,21 @@ impl Connector for MaildirConnector {
                         raw,
                         received_at,
                         too_large: None,
+                        unfetchable: None,
                     });
                 }
                 // Renamed (new/→cur/) or removed between listing and reading:
                 // the next cycle sees it again under its new path.
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => return Err(self.err(&e.path, err.to_string(), Disposition::Transient)),
+                // One unreadable file (permissions, a bad block) must not stop
+                // the mailbox: it is quarantined with the reason and stays put.
+                Err(err) => batch.messages.push(RawMessage {
+                    source: self.source(&folder, &e.unique),
+                    raw: Vec::new(),
+                    received_at: None,
+                    too_large: None,
+                    unfetchable: Some(format!("cannot read {}: {err}", e.path.display())),
+                }),
             }
         }
         batch.backlog = waiting.saturating_sub(batch.messages.len() as u64);
@@ -376,5 +386,46 @@ mod tests {
         // Without delete_after_processing nothing is owed for recorded mail.
         assert!(!connector(false).wants_follow_up(AckKind::Recorded));
         assert!(connector(false).wants_follow_up(AckKind::Failed));
+    }
+
+    /// Regression (#17 §3): one file that cannot be read failed the whole
+    /// fetch, every cycle. Now it comes back as unfetchable (quarantined by
+    /// the pipeline, file left in place) and the others are fetched.
+    #[tokio::test]
+    async fn unreadable_file_is_unfetchable_and_the_rest_is_fetched() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("Maildir");
+        for sub in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let mail = b"From: a@b.example\r\nSubject: s\r\n\r\nbody\r\n";
+        std::fs::write(root.join("new/1000.a.host"), mail).unwrap();
+        // Tests run as root, who can read any file: a directory in its place
+        // is unreadable as a file for everyone.
+        std::fs::create_dir(root.join("new/1001.b.host")).unwrap();
+        std::fs::write(root.join("new/1002.c.host"), mail).unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let mut c = MaildirConnector::new("m", &root, vec![], 10, false, None, store);
+        let batch = c.fetch().await.unwrap();
+        let got: Vec<(&str, bool, Option<&str>)> = batch
+            .messages
+            .iter()
+            .map(|m| {
+                (
+                    m.source.uid.as_str(),
+                    m.raw.is_empty(),
+                    m.unfetchable.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), ("1000.a.host", false));
+        assert_eq!((got[2].0, got[2].1), ("1002.c.host", false));
+        assert_eq!(got[1].0, "1001.b.host");
+        let why = got[1].2.unwrap_or_default();
+        assert!(
+            why.contains("cannot read") && why.contains("1001.b.host"),
+            "{why}"
+        );
     }
 }

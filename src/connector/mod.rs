@@ -75,6 +75,11 @@ pub struct RawMessage {
     /// `max_message_size` (`raw` is empty): the pipeline records it in the
     /// quarantine, so the position advances and the operator sees it once.
     pub too_large: Option<u64>,
+    /// Why a message could not be downloaded (`raw` is empty): the server
+    /// refused or failed it, after retries where the protocol allows them.
+    /// The pipeline records it in the quarantine without bytes, the message
+    /// stays on the server, and the rest of the batch goes on.
+    pub unfetchable: Option<String>,
 }
 
 /// A bounded group of new messages and the positions to commit with them.
@@ -174,8 +179,8 @@ impl Classify for ConnectorError {
             ConnectorError::Maildir { disposition, .. } => *disposition,
             // A token source that can change (a file someone rotates) gets
             // retried with back-off, so the mailbox recovers by itself once a
-            // fresh token is written; `max_transient_failures` still disables
-            // it if nobody does. A static token cannot change without a
+            // fresh token is written; the stall alert says so if nobody
+            // does. A static token cannot change without a
             // restart: retrying it is pointless.
             ConnectorError::Token(_) => Disposition::Transient,
             ConnectorError::TokenRejected { rotates, error, .. } => {

@@ -20,6 +20,8 @@
 //!   server only commits `DELE`s when `QUIT` succeeds (RFC 1939 §6).
 
 #![warn(missing_docs)]
+// Everything here parses what a server sends: no slicing that can panic.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 use std::fmt;
 use std::io;
@@ -251,20 +253,26 @@ enum Status {
 
 /// Parses a status line (without line ending). `None` if it is none of the three forms.
 fn parse_status(line: &[u8]) -> Option<Status> {
-    fn rest(line: &[u8], prefix_len: usize) -> Option<String> {
-        match line.get(prefix_len) {
+    /// The text after a status word: nothing, or a space and the text.
+    fn rest(after: &[u8]) -> Option<String> {
+        match after.split_first() {
             None => Some(String::new()),
-            Some(b' ') => Some(sanitize(&line[prefix_len + 1..])),
+            Some((b' ', text)) => Some(sanitize(text)),
             Some(_) => None,
         }
     }
+    /// `line` without its first `word.len()` bytes if they are `word` (any case).
+    fn after<'a>(line: &'a [u8], word: &[u8]) -> Option<&'a [u8]> {
+        let (head, tail) = line.split_at_checked(word.len())?;
+        head.eq_ignore_ascii_case(word).then_some(tail)
+    }
     // RFC 1939 wants upper case, but accepting "+ok" costs nothing.
-    if line.len() >= 3 && line[..3].eq_ignore_ascii_case(b"+OK") {
-        rest(line, 3).map(Status::Ok)
-    } else if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"-ERR") {
-        rest(line, 4).map(Status::Err)
-    } else if line.first() == Some(&b'+') {
-        rest(line, 1).map(Status::Cont)
+    if let Some(tail) = after(line, b"+OK") {
+        rest(tail).map(Status::Ok)
+    } else if let Some(tail) = after(line, b"-ERR") {
+        rest(tail).map(Status::Err)
+    } else if let Some(tail) = line.strip_prefix(b"+") {
+        rest(tail).map(Status::Cont)
     } else {
         None
     }
@@ -272,9 +280,8 @@ fn parse_status(line: &[u8]) -> Option<Status> {
 
 /// The RFC 2449 response code at the start of a status text: `[SYS/TEMP] ...` → `SYS/TEMP`.
 fn response_code(text: &str) -> Option<String> {
-    let inner = text.strip_prefix('[')?;
-    let end = inner.find(']')?;
-    let code = inner[..end].trim();
+    let (code, _) = text.strip_prefix('[')?.split_once(']')?;
+    let code = code.trim();
     (!code.is_empty()).then(|| code.to_ascii_uppercase())
 }
 
@@ -834,8 +841,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pop3Client<S> {
                 return Err(eof());
             }
             let ends_line = buf.last() == Some(&b'\n');
-            if at_line_start && buf[start] == b'.' {
-                if &buf[start..] == b".\r\n" || &buf[start..] == b".\n" {
+            let piece = buf.get(start..).unwrap_or_default();
+            if at_line_start && piece.first() == Some(&b'.') {
+                if piece == b".\r\n" || piece == b".\n" {
                     buf.truncate(start);
                     break;
                 }
@@ -1023,6 +1031,24 @@ mod tests {
         assert_eq!(response_code("no code"), None);
         assert_eq!(response_code("[unterminated"), None);
         assert_eq!(response_code("[] empty"), None);
+        assert_eq!(response_code("[é] x"), Some("é".into()));
+    }
+
+    /// Truncated and non-ASCII status lines (bytes from the network) are
+    /// refused, never sliced into a panic (the module denies slicing).
+    #[test]
+    fn short_and_non_ascii_status_lines() {
+        for line in [&b"-ER"[..], b"+\xc3", b"\xc3\xa9OK", b"-\xff\xffR", b"+O"] {
+            let parsed = parse_status(line);
+            assert!(
+                matches!(parsed, None | Some(Status::Cont(_))),
+                "{line:?}: {parsed:?}"
+            );
+        }
+        assert_eq!(
+            parse_status("+OK caf\u{e9}".as_bytes()),
+            Some(Status::Ok("caf\u{e9}".into()))
+        );
     }
 
     #[test]

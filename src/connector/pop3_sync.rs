@@ -10,7 +10,7 @@
 //! [`Connector::acknowledge`]), and a processed message still present after a
 //! crash is deleted on the next cycle without being fetched again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,13 +138,27 @@ impl Pop3Connector {
             pending: VecDeque::new(),
             deleted: 0,
         };
+        // Recorded without its bytes (over the cap, or the server would not
+        // deliver it): the server's copy is the only one, so it stays there
+        // whatever delete_after_processing says.
+        let keep: HashSet<String> = if self.settings.delete_after_processing {
+            self.store
+                .quarantined(usize::MAX)?
+                .into_iter()
+                .filter(|q| q.saved_as.is_empty() && q.source.mailbox == self.settings.mailbox)
+                .map(|q| q.source.uid)
+                .collect()
+        } else {
+            HashSet::new()
+        };
         for (n, id) in ids {
             session.numbers.insert(id.clone(), n);
             let size = sizes.get(&n).copied().unwrap_or(0);
             if self.store.is_seen(&self.source(&id))? {
-                // A message over the cap was recorded without its bytes: it
-                // must stay on the server, whatever delete_after_processing says.
-                if self.settings.delete_after_processing && size <= self.settings.max_message_size {
+                if self.settings.delete_after_processing
+                    && size <= self.settings.max_message_size
+                    && !keep.contains(&id)
+                {
                     session.client.dele(n).await?;
                     session.deleted += 1;
                 }
@@ -161,6 +175,8 @@ impl Pop3Connector {
             None => self.open().await?,
         };
         let mut batch = FetchBatch::default();
+        // RETRs answered -ERR in this batch, and the first such error.
+        let (mut retrieved, mut refused, mut first_refusal) = (0usize, 0usize, None);
         while batch.messages.len() < self.settings.batch_size {
             let Some((n, id, size)) = session.pending.pop_front() else {
                 break;
@@ -172,16 +188,32 @@ impl Pop3Connector {
                 raw: Vec::new(),
                 received_at: None,
                 too_large: Some(size),
+                unfetchable: None,
             };
             if size > self.settings.max_message_size {
                 batch.messages.push(too_large(size));
                 continue;
             }
+            retrieved += 1;
             let raw = match session.client.retr(n, self.settings.max_message_size).await {
                 Ok(raw) => raw,
                 // LIST under-reported the size; the response was drained.
                 Err(Pop3Error::TooLarge { size, .. }) => {
                     batch.messages.push(too_large(size));
+                    continue;
+                }
+                // This message only (the session is still in step): it is
+                // quarantined with the server's reason, the batch goes on.
+                Err(e @ Pop3Error::Server { .. }) => {
+                    refused += 1;
+                    batch.messages.push(RawMessage {
+                        source: self.source(&id),
+                        raw: Vec::new(),
+                        received_at: None,
+                        too_large: None,
+                        unfetchable: Some(e.to_string()),
+                    });
+                    first_refusal.get_or_insert(e);
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -191,11 +223,17 @@ impl Pop3Connector {
                 raw,
                 received_at: None,
                 too_large: None,
+                unfetchable: None,
             };
             batch.messages.push(match self.settings.transform {
                 Some(f) => f(msg),
                 None => msg,
             });
+        }
+        if let Some(e) = first_refusal.filter(|_| refused == retrieved && retrieved > 1) {
+            // Every message refused: the server's trouble, not one message's.
+            // Nothing is recorded; the cycle fails and is retried.
+            return Err(e.into());
         }
         batch.backlog = session.pending.len() as u64;
         batch.more = !session.pending.is_empty();

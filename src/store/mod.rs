@@ -83,6 +83,19 @@ pub struct CommitBatch {
     /// Follow-ups carried out or given up since an earlier commit: removed
     /// before `follow_ups` are written, so one owed again stays.
     pub follow_ups_done: Vec<SourceKey>,
+    /// Loop-detector marks of automatic activities in `items`; written only
+    /// for activities that are inserted, in the same batch.
+    pub automatic: Vec<AutomaticMark>,
+}
+
+/// An automatic message between two addresses, as the loop detector counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutomaticMark {
+    pub mailbox: String,
+    /// The two addresses, as `filter::loop_pair` writes them.
+    pub pair: String,
+    pub at: UnixTime,
+    pub activity: ActivityId,
 }
 
 /// What a batch's outcomes add to its mailbox's counters: new activities and
@@ -184,6 +197,17 @@ pub trait Store: Send + Sync + 'static {
         Ok(idx)
     }
 
+    /// How many [`AutomaticMark`]s of `mailbox` and `pair` were committed
+    /// with a time at or after `since`, counting no further than `max` (an
+    /// indexed range read, not a scan of the activities).
+    fn automatic_since(
+        &self,
+        mailbox: &str,
+        pair: &str,
+        since: UnixTime,
+        max: usize,
+    ) -> Result<usize, StoreError>;
+
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError>;
 
     /// Activities newest first.
@@ -219,4 +243,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Alerts, most recent first.
     fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError>;
+
+    /// Marks the open alerts of `mailbox` whose text starts with `prefix` as
+    /// resolved at `at`; raising the same text again opens a new alert.
+    /// Returns how many were resolved.
+    fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError>;
 }

@@ -228,6 +228,16 @@ fn read_id(v: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// `al/<mailbox>\0<pair>\0`: the loop detector's marks, then the time
+/// (sign bit flipped, so negative times sort first) and the activity id.
+fn automatic_prefix(mailbox: &str, pair: &str) -> Vec<u8> {
+    key("al/", &[mailbox.as_bytes(), pair.as_bytes(), b""])
+}
+
+fn sortable_time(t: UnixTime) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
 fn mid_key(id: &str) -> Vec<u8> {
     key(
         "m/",
@@ -483,6 +493,16 @@ impl Store for SledStore {
                 b.insert(id_key("sc/", e.activity), c);
             }
         }
+        for m in batch
+            .automatic
+            .iter()
+            .filter(|m| inserted.contains(&m.activity))
+        {
+            let mut k = automatic_prefix(&m.mailbox, &m.pair);
+            k.extend_from_slice(&sortable_time(m.at));
+            k.extend_from_slice(&m.activity.to_be_bytes());
+            b.insert(k, Vec::new());
+        }
         for (id, a) in &ov.activities {
             b.insert(id_key("r/", *id), encode(&a.regarding)?);
             b.insert(id_key("a/", *id), encode(a)?);
@@ -624,6 +644,27 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn automatic_since(
+        &self,
+        mailbox: &str,
+        pair: &str,
+        since: UnixTime,
+        max: usize,
+    ) -> Result<usize, StoreError> {
+        let prefix = automatic_prefix(mailbox, pair);
+        let mut from = prefix.clone();
+        from.extend_from_slice(&sortable_time(since));
+        let mut n = 0;
+        for kv in self.tree.range(from..) {
+            let (k, _) = kv.map_err(io)?;
+            if !k.starts_with(&prefix) || n >= max {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn activity(&self, id: ActivityId) -> Result<Option<EmailActivity>, StoreError> {
         self.get_json(&id_key("a/", id))
     }
@@ -729,16 +770,7 @@ impl Store for SledStore {
         at: UnixTime,
     ) -> Result<Alert, StoreError> {
         let _guard = self.lock();
-        let level_s = format!("{level:?}");
-        let ident = key(
-            "lk/",
-            &[
-                level_s.as_bytes(),
-                mailbox.unwrap_or("").as_bytes(),
-                profile.unwrap_or("").as_bytes(),
-                text.as_bytes(),
-            ],
-        );
+        let ident = alert_identity(level, mailbox, profile, text);
         let alert = match self.get_id(&ident)? {
             Some(id) => match self.get_json::<Alert>(&id_key("l/", id))? {
                 Some(mut a) => {
@@ -761,6 +793,7 @@ impl Store for SledStore {
                 first_seen: at,
                 last_seen: at,
                 count: 1,
+                resolved_at: None,
             },
         };
         let mut b = sled::Batch::default();
@@ -781,6 +814,56 @@ impl Store for SledStore {
         all.truncate(limit.max(1));
         Ok(all)
     }
+
+    fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError> {
+        let _guard = self.lock();
+        let mut b = sled::Batch::default();
+        let mut resolved = 0u64;
+        for kv in self.tree.scan_prefix(b"l/") {
+            let (k, v) = kv.map_err(io)?;
+            let mut a = decode::<Alert>(&k, &v)?;
+            if a.resolved_at.is_some()
+                || a.mailbox.as_deref() != Some(mailbox)
+                || !a.text.starts_with(prefix)
+            {
+                continue;
+            }
+            a.resolved_at = Some(at);
+            // Unlinked from its identity: the next identical alert is a new one.
+            b.remove(alert_identity(
+                a.level,
+                a.mailbox.as_deref(),
+                a.profile.as_deref(),
+                &a.text,
+            ));
+            b.insert(k, encode(&a)?);
+            resolved += 1;
+        }
+        if resolved > 0 {
+            self.tree.apply_batch(b).map_err(io)?;
+            self.durable()?;
+        }
+        Ok(resolved)
+    }
+}
+
+/// Key under which an open alert is found for aggregation.
+fn alert_identity(
+    level: AlertLevel,
+    mailbox: Option<&str>,
+    profile: Option<&str>,
+    text: &str,
+) -> Vec<u8> {
+    let level_s = format!("{level:?}");
+    key(
+        "lk/",
+        &[
+            level_s.as_bytes(),
+            mailbox.unwrap_or("").as_bytes(),
+            profile.unwrap_or("").as_bytes(),
+            text.as_bytes(),
+        ],
+    )
 }
 
 impl SledStore {
@@ -879,6 +962,7 @@ impl SledStore {
 mod tests {
     use super::*;
     use crate::model::{CorrelationMethod, Direction};
+    use crate::store::AutomaticMark;
 
     pub(crate) fn activity(
         mailbox: &str,
@@ -914,6 +998,8 @@ mod tests {
             size: 1,
             also_seen_as: vec![],
             forwarded_by: None,
+            automatic: None,
+            no_reply: false,
         }
     }
 
@@ -1290,6 +1376,7 @@ mod tests {
                     next_uid: 2,
                     highest_modseq: None,
                     seen_count: 1,
+                    retry: Vec::new(),
                 },
             ));
             // The state as before the batch: the commit adds its one insert.
@@ -1481,6 +1568,48 @@ mod tests {
     }
 
     #[test]
+    fn automatic_marks_count_by_pair_and_time_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let s = SledStore::open(&path).unwrap();
+        let mut b = batch(vec![
+            activity("m", "1", Some("a1@x"), "h1"),
+            activity("m", "2", Some("a2@x"), "h2"),
+            activity("m", "3", Some("a3@x"), "h3"),
+            activity("m", "4", Some("a4@x"), "h4"),
+        ]);
+        let ids: Vec<u64> = (0..4).map(|_| s.allocate_id().unwrap()).collect();
+        for (item, id) in b.items.iter_mut().zip(&ids) {
+            if let PendingItem::Activity(a) = item {
+                a.id = *id;
+            }
+        }
+        let mark = |pair: &str, at: i64, activity: u64| AutomaticMark {
+            mailbox: "m".into(),
+            pair: pair.into(),
+            at,
+            activity,
+        };
+        b.automatic = vec![
+            mark("a@x b@x", -5, ids[0]),
+            mark("a@x b@x", 100, ids[1]),
+            mark("a@x b@x", 200, ids[2]),
+            mark("a@x b@xx", 150, ids[3]),
+            // Not an activity of this batch: not written.
+            mark("a@x b@x", 300, 999_999),
+        ];
+        s.commit(b).unwrap();
+        drop(s);
+        let s = reopen(&path);
+        assert_eq!(s.automatic_since("m", "a@x b@x", -10, 10).unwrap(), 3);
+        assert_eq!(s.automatic_since("m", "a@x b@x", 100, 10).unwrap(), 2);
+        assert_eq!(s.automatic_since("m", "a@x b@x", 101, 10).unwrap(), 1);
+        assert_eq!(s.automatic_since("m", "a@x b@x", -10, 2).unwrap(), 2);
+        assert_eq!(s.automatic_since("m", "a@x b@xx", 0, 10).unwrap(), 1);
+        assert_eq!(s.automatic_since("other", "a@x b@x", 0, 10).unwrap(), 0);
+    }
+
+    #[test]
     fn alerts_aggregate() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
@@ -1495,5 +1624,42 @@ mod tests {
         let all = s.alerts(10).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].text, "slow");
+    }
+
+    #[test]
+    fn resolved_alert_stays_listed_and_a_repeat_opens_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let first = s
+            .raise_alert(AlertLevel::Error, Some("m"), None, "not synced since x", 10)
+            .unwrap();
+        s.raise_alert(
+            AlertLevel::Error,
+            Some("other"),
+            None,
+            "not synced since x",
+            10,
+        )
+        .unwrap();
+        assert_eq!(s.resolve_alerts("m", "not synced since", 20).unwrap(), 1);
+        assert_eq!(s.resolve_alerts("m", "not synced since", 21).unwrap(), 0);
+        let again = s
+            .raise_alert(AlertLevel::Error, Some("m"), None, "not synced since x", 30)
+            .unwrap();
+        assert_ne!(again.id, first.id);
+        let all = s.alerts(10).unwrap();
+        let old = all.iter().find(|a| a.id == first.id).unwrap();
+        assert_eq!((old.resolved_at, old.count), (Some(20), 1));
+        assert!(all
+            .iter()
+            .filter(|a| a.id != first.id)
+            .all(|a| a.resolved_at.is_none()));
+    }
+
+    #[test]
+    fn alerts_stored_without_resolved_at_load_as_open() {
+        let json = r#"{"id":1,"level":"error","mailbox":"m","profile":null,"text":"t","first_seen":1,"last_seen":2,"count":3}"#;
+        let a: Alert = serde_json::from_str(json).unwrap();
+        assert_eq!(a.resolved_at, None);
     }
 }

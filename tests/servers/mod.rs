@@ -218,3 +218,35 @@ username = "{user}"
     std::fs::write(&path, cfg).unwrap();
     path
 }
+
+/// The file of message `uid` in a user's INBOX (Maildir++), from
+/// dovecot-uidlist; to make one message unreadable behind Dovecot's back.
+pub fn inbox_message_file(env: &Env, user: &str, uid: u32) -> PathBuf {
+    let dir = env.dir.join("mail").join(user).join("Maildir");
+    let uidlist = std::fs::read_to_string(dir.join("dovecot-uidlist")).unwrap();
+    let base = uidlist
+        .lines()
+        .skip(1)
+        .find_map(|line| {
+            let (head, base) = line.split_once(':')?;
+            (head.split_whitespace().next()? == uid.to_string()).then(|| base.to_string())
+        })
+        .unwrap_or_else(|| panic!("UID {uid} not in {}", dir.display()));
+    for sub in ["cur", "new"] {
+        for e in std::fs::read_dir(dir.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if name.split(':').next() == Some(base.as_str()) {
+                return p;
+            }
+        }
+    }
+    panic!("no file for UID {uid} ({base}) in {}", dir.display());
+}
+
+/// Sets a file's permission bits (Dovecot runs as `nobody`, so 0 makes a
+/// message unreadable to it).
+pub fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}

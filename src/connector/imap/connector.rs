@@ -11,19 +11,19 @@
 //! call reconnects), because after a failed or cancelled command the protocol
 //! state is unknown.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Credentials, IdleOutcome, ImapClient, ImapDate, ImapError};
+use super::{Credentials, FolderNames, IdleOutcome, ImapClient, ImapDate, ImapError};
 use crate::connector::oauth::{self, TokenProvider};
 use crate::connector::{
     Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage,
 };
 use crate::error::{Classify, Disposition};
-use crate::model::{now, AlertLevel, FolderPosition, SourceKey, UnixTime};
+use crate::model::{now, AlertLevel, FolderPosition, RetryMessage, SourceKey, UnixTime};
 use crate::net::Endpoint;
 use crate::store::Store;
 
@@ -61,6 +61,9 @@ pub struct ImapSettings {
     pub idle: bool,
     /// Applied to the fetched message (forward mailbox: unwrap the original).
     pub transform: Option<fn(RawMessage) -> RawMessage>,
+    /// Later cycles a message that SEARCH lists but FETCH does not deliver is
+    /// retried at before it is quarantined.
+    pub missing_message_retries: u32,
 }
 
 /// The follow-ups owed in one folder under one UIDVALIDITY: (UID, source).
@@ -69,6 +72,9 @@ struct FolderAcks {
     recorded: Vec<(u32, SourceKey)>,
     failed: Vec<(u32, SourceKey)>,
 }
+
+/// Why a UID asked for is missing from a FETCH that succeeded.
+const NOT_RETURNED: &str = "the server returned no data for it to UID FETCH";
 
 /// What phase 1 of a fetch found in one folder.
 struct FolderScan {
@@ -82,6 +88,9 @@ struct FolderScan {
     take: usize,
     /// INTERNALDATE of the first candidates (only when merging folders).
     dates: Vec<i64>,
+    /// Messages below `start` the server did not deliver before (same
+    /// UIDVALIDITY only), from the stored position.
+    retry: Vec<RetryMessage>,
 }
 
 /// IMAP connector for one mailbox.
@@ -96,6 +105,35 @@ pub struct ImapConnector {
     announced: HashMap<String, u32>,
     /// Expiry of the OAuth token used at the last login.
     token_expiry: Option<UnixTime>,
+    /// Configured folder names → the server's, from the last LIST.
+    names: FolderNames,
+    /// `names` was resolved on the current connection.
+    names_resolved: bool,
+    /// Configured folders the server does not have (skipped, warned about).
+    missing: Vec<String>,
+    /// Missing folders a Warning was raised for.
+    warned_missing: HashSet<String>,
+    /// Selectable folders of the server, in configuration spelling.
+    existing: Vec<String>,
+    /// The last fetch said `more`: the next one continues the same cycle,
+    /// so messages to retry wait for the next cycle instead of being
+    /// retried batch after batch within seconds.
+    mid_cycle: bool,
+}
+
+/// Errors of a FETCH that one bad message can cause (the server refuses or
+/// fails it, drops the connection over it, or sends what cannot be parsed);
+/// fetching one UID at a time tells which message it is.
+fn per_message(e: &ImapError) -> bool {
+    matches!(
+        e,
+        ImapError::No { .. }
+            | ImapError::Bad { .. }
+            | ImapError::Bye { .. }
+            | ImapError::ConnectionLost(_)
+            | ImapError::Io { .. }
+            | ImapError::Protocol(_)
+    )
 }
 
 impl ImapConnector {
@@ -116,6 +154,12 @@ impl ImapConnector {
             fetched_next: HashMap::new(),
             announced: HashMap::new(),
             token_expiry: None,
+            names: FolderNames::default(),
+            names_resolved: false,
+            missing: Vec::new(),
+            warned_missing: HashSet::new(),
+            existing: Vec::new(),
+            mid_cycle: false,
         }
     }
 
@@ -125,6 +169,16 @@ impl ImapConnector {
         if let Some(c) = self.client.take() {
             return Ok(c);
         }
+        let mut client = self.connect().await?;
+        // Names as last resolved; a new connection resolves them again in
+        // the next fetch (folders may have been created or renamed).
+        client.set_folder_names(self.names.clone());
+        self.names_resolved = false;
+        Ok(client)
+    }
+
+    /// Connects and logs in (with a fresh OAuth token where configured).
+    async fn connect(&mut self) -> Result<ImapClient, ConnectorError> {
         let (Some(provider), Credentials::OAuth2 { user, .. }) =
             (&self.settings.token_provider, &self.settings.credentials)
         else {
@@ -151,6 +205,151 @@ impl ImapConnector {
         e.into()
     }
 
+    /// Maps the configured folders (`/` between levels) to the server's
+    /// names from LIST: verbatim, else with the server's hierarchy
+    /// delimiter, else ignoring case. What is not there goes to `missing`.
+    async fn resolve_folders(&mut self, client: &mut ImapClient) -> Result<(), ImapError> {
+        let listed = client.list_folders().await?;
+        let delimiter = listed
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case("INBOX"))
+            .and_then(|f| f.delimiter.clone())
+            .or_else(|| listed.iter().find_map(|f| f.delimiter.clone()));
+        let mut names = FolderNames {
+            exact: HashMap::new(),
+            delimiter,
+        };
+        let selectable: Vec<&str> = listed
+            .iter()
+            .filter(|f| f.is_selectable())
+            .map(|f| f.name.as_str())
+            .collect();
+        let mut missing = Vec::new();
+        for f in &self.settings.folders {
+            if f.eq_ignore_ascii_case("INBOX") {
+                continue;
+            }
+            let translated = names.server_name(f);
+            let found = selectable
+                .iter()
+                .find(|l| **l == f.as_str())
+                .or_else(|| selectable.iter().find(|l| **l == translated))
+                .or_else(|| {
+                    selectable
+                        .iter()
+                        .find(|l| l.eq_ignore_ascii_case(f) || l.eq_ignore_ascii_case(&translated))
+                });
+            match found {
+                Some(l) => {
+                    names.exact.insert(f.clone(), l.to_string());
+                }
+                None => missing.push(f.clone()),
+            }
+        }
+        self.existing = selectable.iter().map(|l| names.config_name(l)).collect();
+        self.missing = missing;
+        client.set_folder_names(names.clone());
+        self.names = names;
+        self.names_resolved = true;
+        Ok(())
+    }
+
+    /// One Warning per missing folder (again if it disappears after coming back).
+    fn note_missing(&mut self, batch: &mut FetchBatch) {
+        let missing = self.missing.clone();
+        self.warned_missing.retain(|f| missing.contains(f));
+        for f in missing {
+            if self.warned_missing.insert(f.clone()) {
+                batch
+                    .notices
+                    .push((AlertLevel::Warning, self.missing_folder_text(&f)));
+            }
+        }
+    }
+
+    fn missing_folder_text(&self, folder: &str) -> String {
+        let near = nearest_folders(folder, &self.existing);
+        let near = if near.is_empty() {
+            "the server lists no other folders".to_string()
+        } else {
+            let quoted: Vec<String> = near.iter().map(|n| format!("{n:?}")).collect();
+            format!("nearest existing: {}", quoted.join(", "))
+        };
+        let looked = match self.names.delimiter.as_deref() {
+            Some(d) if d != "/" => format!(
+                " (looked for {:?}: the server separates levels with {d:?})",
+                self.names.server_name(folder)
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "folder {folder:?} does not exist on the server{looked}; {near}. It is skipped and the rest of the mailbox keeps syncing: fix the name in tracked_folders or folders (levels separated by \"/\")"
+        )
+    }
+
+    /// A fresh connection with `folder` selected, after the old one died
+    /// over one message.
+    async fn reconnect(&mut self, folder: &str) -> Result<ImapClient, ConnectorError> {
+        self.client = None;
+        let mut client = self.take_client().await?;
+        client.select(folder).await?;
+        Ok(client)
+    }
+
+    /// Downloads `uids` of the selected `folder`. When the FETCH fails in a
+    /// way one message can cause, the UIDs are fetched one at a time
+    /// (reconnecting where the server dropped the connection), so a poison
+    /// message holds up nothing but itself. Returns the messages and, per
+    /// UID not delivered, why. If every UID fails on its own too, the
+    /// trouble is the server's, not a message's: the first error is returned.
+    async fn fetch_isolating(
+        &mut self,
+        client: &mut ImapClient,
+        folder: &str,
+        uids: &[u32],
+    ) -> Result<(Vec<super::FetchedMail>, Vec<(u32, String)>), ConnectorError> {
+        if uids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let first = match client.fetch_messages(uids).await {
+            Ok(mails) => {
+                let failed = uids
+                    .iter()
+                    .filter(|u| mails.binary_search_by_key(*u, |m| m.uid).is_err())
+                    .map(|u| (*u, NOT_RETURNED.to_string()))
+                    .collect();
+                return Ok((mails, failed));
+            }
+            Err(e) if per_message(&e) => e,
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(mailbox = %self.settings.mailbox, folder, error = %first, count = uids.len(), "UID FETCH failed; fetching the messages one at a time");
+        let mut mails = Vec::new();
+        let mut failed = Vec::new();
+        let mut errors = 0usize;
+        for &uid in uids {
+            if !client.is_connected() {
+                *client = self.reconnect(folder).await?;
+            }
+            match client.fetch_messages(&[uid]).await {
+                Ok(m) if m.is_empty() => failed.push((uid, NOT_RETURNED.to_string())),
+                Ok(m) => mails.extend(m),
+                Err(e) if per_message(&e) => {
+                    errors += 1;
+                    failed.push((uid, e.to_string()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if uids.len() > 1 && errors == uids.len() {
+            return Err(first.into());
+        }
+        if !client.is_connected() {
+            *client = self.reconnect(folder).await?;
+        }
+        Ok((mails, failed))
+    }
+
     fn source(&self, folder: &str, uidvalidity: u32, uid: u32) -> SourceKey {
         SourceKey {
             mailbox: self.settings.mailbox.clone(),
@@ -170,10 +369,28 @@ impl ImapConnector {
         let mut batch = FetchBatch::default();
         let mut client = self.take_client().await?;
 
+        // Folder names: resolved once per connection, and while one is missing.
+        if !self.names_resolved || !self.missing.is_empty() {
+            self.resolve_folders(&mut client).await?;
+        }
+        self.note_missing(&mut batch);
+
         // Phase 1: what is new in each folder.
         let mut scans: Vec<FolderScan> = Vec::with_capacity(self.settings.folders.len());
         for folder in self.settings.folders.clone() {
-            let state = client.select(&folder).await?;
+            if self.missing.contains(&folder) {
+                continue;
+            }
+            let state = match client.select(&folder).await {
+                Ok(state) => state,
+                // Deleted since LIST: skipped like any missing folder.
+                Err(ImapError::FolderMissing { .. }) if !folder.eq_ignore_ascii_case("INBOX") => {
+                    self.missing.push(folder);
+                    self.note_missing(&mut batch);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let prev = stored.get(&folder).cloned();
             let same_validity = prev
                 .as_ref()
@@ -204,6 +421,10 @@ impl ImapConnector {
                     None => client.uids_from(start).await?,
                 }
             };
+            let retry = match &prev {
+                Some(p) if same_validity => p.retry.clone(),
+                _ => Vec::new(),
+            };
             scans.push(FolderScan {
                 folder,
                 state,
@@ -212,6 +433,7 @@ impl ImapConnector {
                 candidates,
                 take: 0,
                 dates: Vec::new(),
+                retry,
             });
         }
 
@@ -255,45 +477,104 @@ impl ImapConnector {
         }
 
         // Phase 3: fetch, positions, messages in merge (date) order.
+        // Messages that failed before are retried once per cycle, at its start.
+        let retry_now = !self.mid_cycle;
+        let retries = self.settings.missing_message_retries;
         let mut fetched: Vec<(i64, usize, RawMessage)> = Vec::new();
         for (index, s) in scans.iter().enumerate() {
             let uids = &s.candidates[..s.take];
             batch.backlog += (s.candidates.len() - s.take) as u64;
-            if !uids.is_empty() {
+            let mut wanted: Vec<u32> = uids.to_vec();
+            let mut retry_next: Vec<RetryMessage> = Vec::new();
+            if retry_now {
+                wanted.extend(s.retry.iter().filter_map(|r| u32::try_from(r.uid).ok()));
+                wanted.sort_unstable();
+                wanted.dedup();
+            } else {
+                retry_next = s.retry.clone();
+            }
+            if !wanted.is_empty() {
                 if client.selected_folder() != Some(s.folder.as_str()) {
                     client.select(&s.folder).await?;
                 }
                 // Sizes first: a message over the cap is recorded, not downloaded.
                 let limit = self.settings.max_message_size;
-                let mut small = Vec::with_capacity(uids.len());
-                for (uid, size) in client.fetch_sizes(uids).await? {
-                    if u64::from(size) > limit {
-                        fetched.push((
+                let sizes = client.fetch_sizes(&wanted).await?;
+                let mut small = Vec::with_capacity(wanted.len());
+                let mut failed: Vec<(u32, String)> = Vec::new();
+                for &uid in &wanted {
+                    match sizes.binary_search_by_key(&uid, |(u, _)| *u) {
+                        Ok(i) if u64::from(sizes[i].1) > limit => fetched.push((
                             i64::MIN,
                             index,
                             RawMessage {
                                 source: self.source(&s.folder, s.state.uidvalidity, uid),
                                 raw: Vec::new(),
                                 received_at: None,
-                                too_large: Some(u64::from(size)),
+                                too_large: Some(u64::from(sizes[i].1)),
+                                unfetchable: None,
                             },
-                        ));
-                    } else {
-                        small.push(uid);
+                        )),
+                        Ok(_) => small.push(uid),
+                        Err(_) => failed.push((uid, NOT_RETURNED.to_string())),
                     }
                 }
-                for m in client.fetch_messages(&small).await? {
+                let (mails, more_failed) =
+                    self.fetch_isolating(&mut client, &s.folder, &small).await?;
+                failed.extend(more_failed);
+                for m in mails {
                     let raw = RawMessage {
                         source: self.source(&s.folder, s.state.uidvalidity, m.uid),
                         raw: m.raw,
                         received_at: m.internal_date,
                         too_large: None,
+                        unfetchable: None,
                     };
                     let raw = match self.settings.transform {
                         Some(f) => f(raw),
                         None => raw,
                     };
                     fetched.push((m.internal_date.unwrap_or(i64::MIN), index, raw));
+                }
+                // Not delivered: never skipped silently. Gone meanwhile
+                // (expunged) is fine; still there means retry, and after
+                // the configured retries a quarantine record says why.
+                if !failed.is_empty() {
+                    let asked: Vec<u32> = failed.iter().map(|(u, _)| *u).collect();
+                    let alive = client.existing_uids(&asked).await?;
+                    for (uid, reason) in failed {
+                        if alive.binary_search(&uid).is_err() {
+                            continue;
+                        }
+                        let tries = s
+                            .retry
+                            .iter()
+                            .find(|r| r.uid == u64::from(uid))
+                            .map_or(0, |r| r.tries)
+                            + 1;
+                        if tries > retries {
+                            fetched.push((
+                                i64::MIN,
+                                index,
+                                RawMessage {
+                                    source: self.source(&s.folder, s.state.uidvalidity, uid),
+                                    raw: Vec::new(),
+                                    received_at: None,
+                                    too_large: None,
+                                    unfetchable: Some(format!(
+                                        "UID {uid} failed {tries} times ({reason})"
+                                    )),
+                                },
+                            ));
+                        } else {
+                            tracing::warn!(mailbox = %self.settings.mailbox, folder = %s.folder, uid, tries, %reason, "message not delivered by the server; retrying next cycle");
+                            retry_next.push(RetryMessage {
+                                uid: u64::from(uid),
+                                tries,
+                                reason,
+                            });
+                        }
+                    }
                 }
             }
             let uidnext = s.state.uidnext.unwrap_or(0);
@@ -313,6 +594,7 @@ impl ImapConnector {
                 next_uid: u64::from(next_uid),
                 highest_modseq: s.state.highest_modseq,
                 seen_count: u64::from(s.state.exists),
+                retry: retry_next,
             };
             if s.prev.as_ref() != Some(&position) {
                 batch.positions.push((s.folder.clone(), position));
@@ -322,6 +604,7 @@ impl ImapConnector {
         // order and, within a folder, UID order.
         fetched.sort_by_key(|(date, index, _)| (*date, *index));
         batch.messages = fetched.into_iter().map(|(_, _, m)| m).collect();
+        self.mid_cycle = batch.more;
         self.client = Some(client);
         Ok(batch)
     }
@@ -357,6 +640,11 @@ impl ImapConnector {
             return Ok(());
         }
         let mut client = self.take_client().await?;
+        // Configured names map to the server's; a replay at the start of a
+        // cycle may come before any fetch resolved them on this connection.
+        if !self.names_resolved {
+            self.resolve_folders(&mut client).await?;
+        }
         for ((folder, validity), g) in groups {
             let sources = g.recorded.iter().chain(&g.failed).map(|(_, s)| s);
             match self
@@ -443,29 +731,26 @@ impl ImapConnector {
     async fn test_inner(&mut self) -> Result<String, ConnectorError> {
         let folders = self.settings.folders.clone();
         let mut client = self.take_client().await?;
-        let listed = client.list_folders().await?;
-        for f in &folders {
-            if !f.eq_ignore_ascii_case("INBOX") && !listed.iter().any(|l| &l.name == f) {
-                return Err(ImapError::FolderMissing {
-                    folder: f.clone(),
-                    code: None,
-                    text: "not in the server's folder list".into(),
-                }
-                .into());
-            }
-        }
+        // A missing folder is not a failed test: the mailbox syncs the rest
+        // and the first cycle raises a Warning naming it.
+        self.resolve_folders(&mut client).await?;
         let inbox = client.examine("INBOX").await?;
         let caps: Vec<&str> = ["IDLE", "CONDSTORE", "MOVE", "UIDPLUS"]
             .into_iter()
             .filter(|c| client.cached_capabilities().has(c))
             .collect();
         let line = format!(
-            "IMAP {}:{} ({:?}) logged in; INBOX has {} message(s); {} folder(s) synced; server offers {}",
+            "IMAP {}:{} ({:?}) logged in; INBOX has {} message(s); {} folder(s) synced{}; server offers {}",
             self.settings.endpoint.host,
             self.settings.endpoint.port,
             self.settings.endpoint.tls,
             inbox.exists,
-            folders.len(),
+            folders.len() - self.missing.len(),
+            if self.missing.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} missing on the server: {})", self.missing.len(), self.missing.join(", "))
+            },
             caps.join(" ")
         );
         self.client = Some(client);
@@ -526,7 +811,11 @@ impl Connector for ImapConnector {
     }
 
     async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
-        self.fetch_inner().await.map_err(|e| self.fail(e))
+        self.fetch_inner().await.map_err(|e| {
+            // The cycle ends with the error; the next fetch starts a new one.
+            self.mid_cycle = false;
+            self.fail(e)
+        })
     }
 
     async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
@@ -593,5 +882,79 @@ impl Connector for ImapConnector {
 
     fn token_expires_at(&self) -> Option<UnixTime> {
         self.token_expiry
+    }
+}
+
+/// Up to three of `existing` closest to `wanted` by edit distance (ignoring
+/// case; a shared parent folder breaks ties), for "did you mean" hints.
+pub fn nearest_folders(wanted: &str, existing: &[String]) -> Vec<String> {
+    let parent = |n: &str| n.rsplit_once('/').map(|(p, _)| p.to_ascii_lowercase());
+    let mut ranked: Vec<(usize, bool, &String)> = existing
+        .iter()
+        .filter(|e| *e != wanted)
+        .map(|e| {
+            let d = edit_distance(&wanted.to_lowercase(), &e.to_lowercase());
+            (d, parent(e) != parent(wanted), e)
+        })
+        .collect();
+    ranked.sort();
+    ranked
+        .into_iter()
+        .take(3)
+        .map(|(_, _, e)| e.clone())
+        .collect()
+}
+
+/// Levenshtein distance over characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row.first().copied().unwrap_or(0);
+        if let Some(first) = row.first_mut() {
+            *first = i + 1;
+        }
+        for (j, cb) in b.iter().enumerate() {
+            let up = row.get(j + 1).copied().unwrap_or(usize::MAX);
+            let left = row.get(j).copied().unwrap_or(usize::MAX);
+            let cost = usize::from(ca != *cb);
+            let next = (diag + cost)
+                .min(up.saturating_add(1))
+                .min(left.saturating_add(1));
+            diag = up;
+            if let Some(cell) = row.get_mut(j + 1) {
+                *cell = next;
+            }
+        }
+    }
+    row.last().copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_folders_rank_by_edit_distance() {
+        let existing: Vec<String> = [
+            "INBOX",
+            "INBOX/Customers",
+            "INBOX/Contoso",
+            "Archive",
+            "Sent",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        let near = nearest_folders("INBOX/Custmers", &existing);
+        assert_eq!(
+            near.first().map(String::as_str),
+            Some("INBOX/Customers"),
+            "{near:?}"
+        );
+        assert_eq!(near.len(), 3);
+        assert!(nearest_folders("X", &[]).is_empty());
     }
 }

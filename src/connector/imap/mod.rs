@@ -35,7 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::net::{self, Endpoint, MaybeTls, TlsMode};
 
 pub use codec::ImapDate;
-pub use connector::{ImapConnector, ImapSettings};
+pub use connector::{nearest_folders, ImapConnector, ImapSettings};
 pub use error::ImapError;
 
 use codec::{mutf7_decode, mutf7_encode, quote, uid_sets};
@@ -577,6 +577,40 @@ pub struct ImapClient {
     /// Set while a command runs; still set at the next call = the previous one was cancelled.
     in_flight: bool,
     bye: Option<String>,
+    /// How folder names given to this client map to the server's names.
+    names: FolderNames,
+}
+
+/// Folder names as the configuration writes them (`/` between levels) and
+/// as the server knows them (its hierarchy delimiter from LIST, often `.`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FolderNames {
+    /// Resolved names (configuration → server), e.g. from LIST.
+    pub exact: std::collections::HashMap<String, String>,
+    /// The server's hierarchy delimiter, if it has one.
+    pub delimiter: Option<String>,
+}
+
+impl FolderNames {
+    /// The server's name for `name`: a resolved one, else `name` with `/`
+    /// replaced by the server's delimiter.
+    pub fn server_name(&self, name: &str) -> String {
+        if let Some(n) = self.exact.get(name) {
+            return n.clone();
+        }
+        match self.delimiter.as_deref() {
+            Some(d) if d != "/" && !d.is_empty() => name.replace('/', d),
+            _ => name.to_string(),
+        }
+    }
+
+    /// The configuration's spelling of a server name (`/` between levels).
+    pub fn config_name(&self, server: &str) -> String {
+        match self.delimiter.as_deref() {
+            Some(d) if d != "/" && !d.is_empty() => server.replace(d, "/"),
+            _ => server.to_string(),
+        }
+    }
 }
 
 impl fmt::Debug for ImapClient {
@@ -616,6 +650,7 @@ impl ImapClient {
             qresync: false,
             in_flight: false,
             bye: None,
+            names: FolderNames::default(),
         };
         client.refresh_capabilities().await?;
         Ok(client)
@@ -812,7 +847,13 @@ impl ImapClient {
         std::mem::take(&mut self.events)
     }
 
-    /// The selected folder, if any.
+    /// Sets how the folder names given to [`Self::select`], [`Self::move_to`]
+    /// and friends map to the server's (see [`FolderNames`]).
+    pub fn set_folder_names(&mut self, names: FolderNames) {
+        self.names = names;
+    }
+
+    /// The selected folder (as given to [`Self::select`]), if any.
     pub fn selected_folder(&self) -> Option<&str> {
         self.selected.as_ref().map(|s| s.name.as_str())
     }
@@ -854,7 +895,7 @@ impl ImapClient {
 
     /// `CREATE` (and `SUBSCRIBE`, so other clients show it). Succeeds if it already exists.
     pub async fn create_folder(&mut self, name: &str) -> Result<(), ImapError> {
-        let q = quote(&mutf7_encode(name))?;
+        let q = quote(&mutf7_encode(&self.names.server_name(name)))?;
         match self.exec("CREATE", &format!("CREATE {q}"), |_| false).await {
             Ok(_) => {}
             Err(ImapError::No {
@@ -884,7 +925,7 @@ impl ImapClient {
     }
 
     async fn open(&mut self, verb: &'static str, folder: &str) -> Result<FolderState, ImapError> {
-        let q = quote(&mutf7_encode(folder))?;
+        let q = quote(&mutf7_encode(&self.names.server_name(folder)))?;
         let condstore = self.has_cap("CONDSTORE");
         let line = if condstore {
             format!("{verb} {q} (CONDSTORE)")
@@ -967,14 +1008,15 @@ impl ImapClient {
             return e;
         };
         let text = text.clone();
-        let Ok(q) = quote(&mutf7_encode(folder)) else {
+        let server_name = self.names.server_name(folder);
+        let Ok(q) = quote(&mutf7_encode(&server_name)) else {
             return e;
         };
         let mut listed: Option<bool> = None;
         let res = self
             .exec("LIST", &format!("LIST \"\" {q}"), |r| match r {
                 Response::MailboxData(MailboxDatum::List(data)) => {
-                    if mutf7_decode(&data.name).as_deref() == Some(folder) {
+                    if mutf7_decode(&data.name).as_deref() == Some(server_name.as_str()) {
                         let selectable = !data.name_attributes.iter().any(|a| {
                             matches!(a, NameAttribute::NoSelect)
                                 || matches!(a, NameAttribute::Extension(x) if x.eq_ignore_ascii_case("\\NonExistent"))
@@ -1049,6 +1091,33 @@ impl ImapClient {
             .await?;
         uids.retain(|&u| u >= start);
         Ok(uids)
+    }
+
+    /// Which of `uids` still exist in the selected folder (`UID SEARCH UID set`),
+    /// ascending: tells a message expunged meanwhile from one the server
+    /// will not deliver.
+    pub async fn existing_uids(&mut self, uids: &[u32]) -> Result<Vec<u32>, ImapError> {
+        let wanted = sorted_unique(uids);
+        let mut out = Vec::with_capacity(wanted.len());
+        for set in uid_sets(&wanted, MAX_UID_SET_LEN) {
+            let found = self.uid_search(&format!("UID {set}")).await?;
+            // `UID n` of a missing n matches nothing, but `n:*` forms may
+            // match the last message: keep only what was asked for.
+            out.extend(
+                found
+                    .into_iter()
+                    .filter(|u| wanted.binary_search(u).is_ok()),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// False once the connection is unusable (an I/O error, BYE, or a
+    /// command cancelled half-way): reconnect.
+    pub fn is_connected(&self) -> bool {
+        self.session.is_some() && !self.in_flight
     }
 
     /// Deletes messages: `\Deleted` then `UID EXPUNGE` (plain `EXPUNGE` without UIDPLUS,
@@ -1256,7 +1325,7 @@ impl ImapClient {
     /// any other message already flagged `\Deleted` in the folder.
     pub async fn move_to(&mut self, uids: &[u32], folder: &str) -> Result<MoveOutcome, ImapError> {
         self.writable()?;
-        let target = quote(&mutf7_encode(folder))?;
+        let target = quote(&mutf7_encode(&self.names.server_name(folder)))?;
         let mut outcome = MoveOutcome::default();
         let use_move = self.has_cap("MOVE");
         let uidplus = self.has_cap("UIDPLUS");
