@@ -836,11 +836,8 @@ impl MailboxTask {
             found += recorded;
             self.record_metrics(&results, &outcomes);
 
-            #[cfg(feature = "fault-injection")]
-            if !owed.is_empty() {
-                crate::fault::committed_with_follow_ups();
-            }
-            self.follow_up(connector, acks, owed, changes).await;
+            // Alerts for what the commit recorded, without waiting on the
+            // server's follow-ups.
             for notice in pipeline::notices(&results) {
                 self.alert(AlertLevel::Warning, notice);
             }
@@ -852,6 +849,11 @@ impl MailboxTask {
                     );
                 }
             }
+            #[cfg(feature = "fault-injection")]
+            if !owed.is_empty() {
+                crate::fault::committed_with_follow_ups();
+            }
+            self.follow_up(connector, acks, owed, changes).await;
             if !more || self.cancel.is_cancelled() {
                 return Ok(found);
             }
