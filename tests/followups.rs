@@ -1,7 +1,7 @@
 //! Follow-ups (IMAP keyword, move to the failed-mail folder, forward-mailbox
 //! delete, Maildir delete) happen at least once, and one email delivered to
 //! several mailboxes is one activity, against the real Dovecot.
-//! Users: user00190 … user00193, alice, queue-support.
+//! Users: user00190 … user00194, alice, queue-support.
 #![cfg(feature = "real-servers")]
 
 mod common;
@@ -201,9 +201,9 @@ batch_size = 2
 [[mailboxes]]
 name = "kw"
 profile = "srv"
-email = "user00190@example.test"
+email = "{kw_user}@example.test"
 approval = "approved"
-username = "user00190"
+username = "{kw_user}"
 password = "{PASSWORD}"
 
 {forward}
@@ -219,6 +219,7 @@ delete_after_processing = true
         host = env.host,
         port = env.imap,
         maildir = maildir.display(),
+        kw_user = kw_user(with_forward),
         forward = if with_forward {
             format!(
                 "[[mailboxes]]\nname = \"fwd\"\nprofile = \"srv\"\nemail = \"user00191@example.test\"\napproval = \"approved\"\nusername = \"user00191\"\npassword = \"{PASSWORD}\"\nincoming = \"forward_mailbox\"\n"
@@ -232,12 +233,43 @@ delete_after_processing = true
     path
 }
 
+/// The keyword mailbox's user: each variant of the SIGKILL test has its own,
+/// as the two run in parallel.
+fn kw_user(with_forward: bool) -> &'static str {
+    if with_forward {
+        "user00194"
+    } else {
+        "user00190"
+    }
+}
+
 /// Files left in a Maildir inbox.
 fn maildir_files(root: &Path) -> usize {
     ["new", "cur"]
         .iter()
         .map(|d| std::fs::read_dir(root.join(d)).unwrap().count())
         .sum()
+}
+
+/// A running daemon that is killed if the test panics, so a failed test
+/// leaves no daemon syncing (and deleting from) its mailboxes behind.
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn stop(&mut self) {
+        if let Some(child) = self.0.take() {
+            stop(child);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Waits for a process to exit by itself; panics after `timeout`.
@@ -267,10 +299,7 @@ fn sigkill_between_commit_and_follow_up_20_rounds() {
     sigkill_rounds(false);
 }
 
-/// The same with a forward mailbox (IMAP delete) as a third mailbox. Right
-/// after main was merged in, this lost forward messages (deleted without an
-/// activity) in some rounds on user00181; on fresh users (user00191) it has
-/// passed every run since: see the followups report.
+/// The same with a forward mailbox (IMAP delete) as a third mailbox.
 #[test]
 fn sigkill_between_commit_and_follow_up_20_rounds_with_a_forward_mailbox() {
     sigkill_rounds(true);
@@ -279,7 +308,7 @@ fn sigkill_between_commit_and_follow_up_20_rounds_with_a_forward_mailbox() {
 fn sigkill_rounds(with_forward: bool) {
     use std::os::unix::process::ExitStatusExt;
     let env = env();
-    for user in ["user00190", "user00191"] {
+    for user in [kw_user(with_forward), "user00191"] {
         reset_user(user);
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -288,7 +317,7 @@ fn sigkill_rounds(with_forward: bool) {
     make_maildir(&maildir);
     let admin = free_port();
     let cfg = three_mailbox_config(&env, dir, admin, &maildir, with_forward);
-    let mut kw = Imap::login(&env, "user00190");
+    let mut kw = Imap::login(&env, kw_user(with_forward));
     let mut fwd = Imap::login(&env, "user00191");
     let (mut good, mut garbage, mut forwarded_total, mut files) = (0, 0, 0, 0);
     let mut owed_after_kill = 0;
@@ -308,7 +337,7 @@ fn sigkill_rounds(with_forward: bool) {
             )
             .unwrap();
         }
-        deliver_all(dir, "user00190", &kw_mail);
+        deliver_all(dir, kw_user(with_forward), &kw_mail);
         if with_forward {
             deliver_all(dir, "user00191", &fwd_mail);
             forwarded_total += 3;
@@ -342,7 +371,7 @@ fn sigkill_rounds(with_forward: bool) {
         assert!(owed >= 1, "round {round}: nothing owed after the kill");
         owed_after_kill += owed;
 
-        let child = start(&cfg);
+        let mut child = Running(Some(start(&cfg)));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let done = kw.with_keyword("INBOX", KEYWORD) == good
@@ -364,7 +393,7 @@ fn sigkill_rounds(with_forward: bool) {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        stop(child);
+        child.stop();
         let store = store_of(&cfg);
         for m in ["kw", "fwd", "md"] {
             assert_eq!(store.follow_ups(m).unwrap(), vec![], "round {round}: {m}");
@@ -584,7 +613,7 @@ password = "{PASSWORD}"
     );
     let cfg_path = dir.path().join("config.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let child = start(&cfg_path);
+    let mut child = Running(Some(start(&cfg_path)));
     let synced = |m: &serde_json::Value| {
         m["mailboxes"]
             .as_array()
@@ -645,7 +674,7 @@ password = "{PASSWORD}"
         1,
         "{metrics}"
     );
-    stop(child);
+    child.stop();
 }
 
 /// `items_processed` counted re-scanned copies (after a UIDVALIDITY re-scan
@@ -674,7 +703,7 @@ fn items_processed_after_a_uidvalidity_rescan_matches_store_and_metrics() {
             extra_mailbox: "",
         },
     );
-    let child = start(&cfg);
+    let mut child = Running(Some(start(&cfg)));
     let processed = || -> Option<u64> {
         let (_, body) = get(admin, "/api/v1/mailboxes", Some(TOKEN))?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
@@ -706,5 +735,5 @@ fn items_processed_after_a_uidvalidity_rescan_matches_store_and_metrics() {
         metrics.contains("crm_mailsync_messages_processed_total{mailbox=\"mb\"} 41"),
         "{metrics}"
     );
-    stop(child);
+    child.stop();
 }
