@@ -41,7 +41,10 @@ pub enum DaemonError {
 /// grace period ran out).
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.store_path())?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache_mb(
+        &config.store_path(),
+        config.daemon.store_cache_mb,
+    )?);
     let prometheus = telemetry::prometheus();
     telemetry::describe(
         &config

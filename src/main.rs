@@ -207,7 +207,8 @@ fn replay(
         (None, Some(s)) => s.0.clone(),
         (None, None) => return Err("no store".into()),
     };
-    let store = SledStore::open(&dir).map_err(|e| format!("store {}: {e}", dir.display()))?;
+    let store = SledStore::open_with_cache_mb(&dir, cfg.daemon.store_cache_mb)
+        .map_err(|e| format!("store {}: {e}", dir.display()))?;
     let mut ctx = PipelineContext::for_mailbox(cfg, mb);
     ctx.quarantine_dir = dir.join("replay-quarantine");
     let seeds = match seeds {
@@ -250,7 +251,7 @@ fn list_activities(
         );
         return ExitCode::FAILURE;
     }
-    let store = match SledStore::open(&path) {
+    let store = match SledStore::open_with_cache_mb(&path, cfg.daemon.store_cache_mb) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cannot open the store at {}: {e}\nWhile the daemon runs, use GET /api/v1/activities instead.", path.display());

@@ -705,12 +705,19 @@ fn value_str<'m>(raw: &'m [u8], h: &mail_parser::Header<'_>) -> Option<&'m str> 
 
 /// A message saved from an mbox may start with a `From ` separator line.
 fn strip_mbox_from_line(raw: &[u8]) -> &[u8] {
+    let raw = strip_bom(raw);
     if raw.starts_with(b"From ") {
         if let Some(nl) = raw.iter().position(|b| *b == b'\n') {
-            return &raw[nl + 1..];
+            return strip_bom(&raw[nl + 1..]);
         }
     }
     raw
+}
+
+/// Drops a UTF-8 byte order mark before the first header field (editors and
+/// some Windows tools write one); the message is parsed, not quarantined.
+fn strip_bom(raw: &[u8]) -> &[u8] {
+    raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw)
 }
 
 /// Offset of the blank line that ends the header section (or the end of input).
@@ -891,6 +898,25 @@ mod tests {
                 .unwrap()
                 .content_hash
         );
+    }
+
+    #[test]
+    fn utf8_bom_before_the_first_header_is_stripped_not_quarantined() {
+        let plain = "From: Alice <alice@customer.example>\r\nSubject: Quote\r\nMessage-ID: <bom@customer.example>\r\n\r\nHello\r\n";
+        let want = parse(plain.as_bytes(), "INBOX", 1 << 20).unwrap();
+        for raw in [
+            format!("\u{feff}{plain}"),
+            format!("From alice@customer.example Mon Jan  5 10:00:00 2026\n\u{feff}{plain}"),
+        ] {
+            let got =
+                parse(raw.as_bytes(), "INBOX", 1 << 20).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            assert_eq!(got.features.message_ids, vec!["bom@customer.example"]);
+            assert_eq!(got.features.subject, "Quote");
+            assert_eq!(got.features.from, want.features.from);
+            // The same message with or without the BOM is one message.
+            assert_eq!(got.content_hash, want.content_hash);
+            assert_eq!(got.body_text.trim(), "Hello");
+        }
     }
 
     #[test]

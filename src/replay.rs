@@ -393,18 +393,38 @@ pub fn run_to_writer(
 pub struct ScratchDir(pub PathBuf);
 
 impl ScratchDir {
-    /// A fresh directory under the system temp dir.
+    /// A fresh directory under the system temp dir: a random name (another
+    /// local user cannot guess it and plant a symlink or a store there),
+    /// created exclusively (an existing path is never reused) and 0700.
     pub fn new() -> Result<Self, ReplayError> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let p = std::env::temp_dir().join(format!(
-            "crm-mailsync-replay-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).map_err(read_err(&p))?;
-        Ok(ScratchDir(p))
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    fn new_in(parent: &Path) -> Result<Self, ReplayError> {
+        use ring::rand::SecureRandom as _;
+        let rng = ring::rand::SystemRandom::new();
+        for _ in 0..16 {
+            let mut bytes = [0u8; 16];
+            rng.fill(&mut bytes).map_err(|_| ReplayError::Read {
+                path: parent.display().to_string(),
+                source: std::io::Error::other("no system randomness for a scratch name"),
+            })?;
+            let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let p = parent.join(format!("crm-mailsync-replay-{name}"));
+            let mut builder = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            // Not recursive: `create` fails on anything already there.
+            match builder.create(&p) {
+                Ok(()) => return Ok(ScratchDir(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(read_err(&p)(e)),
+            }
+        }
+        Err(read_err(parent)(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "16 random scratch directory names were all taken",
+        )))
     }
 }
 
@@ -418,6 +438,27 @@ impl Drop for ScratchDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_store_dir_is_unpredictable_private_and_fresh() {
+        let parent = tempfile::tempdir().unwrap();
+        let a = ScratchDir::new_in(parent.path()).unwrap();
+        let b = ScratchDir::new_in(parent.path()).unwrap();
+        assert_ne!(a.0, b.0);
+        let name = a.0.file_name().unwrap().to_str().unwrap().to_string();
+        let suffix = name.strip_prefix("crm-mailsync-replay-").unwrap();
+        // 128 random bits, nothing derived from the pid or the clock.
+        assert_eq!(suffix.len(), 32, "{name}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&a.0).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{mode:o}");
+        }
+        let kept = a.0.clone();
+        drop(a);
+        assert!(!kept.exists());
+    }
 
     #[test]
     fn mbox_splits_on_from_lines_and_eml_keeps_its_from_line() {

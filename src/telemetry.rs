@@ -4,6 +4,8 @@ use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -27,7 +29,28 @@ pub const MAILBOX_UP: &str = "crm_mailsync_mailbox_up";
 /// Mailbox tasks restarted after a panic, per mailbox.
 pub const TASK_RESTARTS: &str = "crm_mailsync_task_restarts_total";
 
-/// Installs the tracing subscriber. `RUST_LOG` overrides the configured level.
+/// Crates that log the bytes they send and receive at debug/trace level:
+/// async-imap every IMAP command (`LOGIN user password`, the base64
+/// `AUTHENTICATE` responses) and server reply, lettre every SMTP line (`AUTH
+/// PLAIN …`). The log filter is free-form, so these are dropped below INFO
+/// whatever it says: no filter may turn a password into a log line.
+const WIRE_LOGGING_TARGETS: &[&str] = &["async_imap", "lettre"];
+
+/// False for events that could carry wire data (see [`WIRE_LOGGING_TARGETS`]).
+pub fn allowed_event(meta: &tracing::Metadata<'_>) -> bool {
+    if *meta.level() <= tracing::Level::INFO {
+        return true;
+    }
+    let target = meta.target();
+    !WIRE_LOGGING_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
+/// Installs the tracing subscriber. `RUST_LOG` overrides the configured level;
+/// wire-logging crates stay below it at INFO whatever either says.
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
@@ -37,15 +60,17 @@ pub fn init_logging(format: LogFormat, level: &str) {
         LogFormat::Pretty => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // Another subscriber may already be installed (tests); keep it.
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = if json {
+        layer.json().flatten_event(true).boxed()
     } else {
-        builder.compact().try_init()
+        layer.compact().boxed()
     };
+    // Another subscriber may already be installed (tests); keep it.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(layer.with_filter(filter_fn(allowed_event)))
+        .try_init();
 }
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

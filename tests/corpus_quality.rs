@@ -25,6 +25,63 @@ use crm_mailsync::model::RecordRef;
 use crm_mailsync::parse;
 use crm_mailsync::replay::split_mbox;
 
+/// Overrides where the corpora are (the test below points it at a missing
+/// directory); default `../shared/corpora`.
+const CORPORA_ENV: &str = "CRM_MAILSYNC_CORPORA_DIR";
+
+/// The corpora directory when `sub` exists in it. When it does not, a local
+/// run skips (the corpora live outside the repository), but under `CI=true`
+/// the test fails: a CI run that silently measured nothing would look green.
+fn corpora_or_skip(sub: &str) -> Option<PathBuf> {
+    let corpora = std::env::var_os(CORPORA_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpora"));
+    if corpora.join(sub).is_dir() {
+        return Some(corpora);
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "corpus_quality: {} is absent and CI=true: the corpora are required in CI",
+        corpora.join(sub).display()
+    );
+    println!(
+        "corpus_quality: skipped, {} is absent",
+        corpora.join(sub).display()
+    );
+    None
+}
+
+/// Runs one test of this file in a child process with the corpora missing.
+fn run_without_corpora(test: &str, ci: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CORPORA_ENV, "/nonexistent/crm-mailsync-corpora")
+        .env_remove("CI");
+    if let Some(v) = ci {
+        cmd.env("CI", v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn missing_corpora_fail_under_ci_and_skip_locally() {
+    for test in [
+        "precision_and_recall_on_real_threads",
+        "partial_parses_read_what_a_full_parse_reads_on_every_corpus_message",
+    ] {
+        let ci = run_without_corpora(test, Some("true"));
+        let out =
+            String::from_utf8_lossy(&ci.stdout).to_string() + &String::from_utf8_lossy(&ci.stderr);
+        assert!(!ci.status.success(), "{test} passed under CI=true:\n{out}");
+        assert!(out.contains("required in CI"), "{test}:\n{out}");
+        let local = run_without_corpora(test, None);
+        let out = String::from_utf8_lossy(&local.stdout);
+        assert!(local.status.success(), "{test} failed locally:\n{out}");
+        assert!(out.contains("corpus_quality: skipped"), "{test}:\n{out}");
+    }
+}
+
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
@@ -265,11 +322,9 @@ fn evaluate(msgs: &[Msg], thread: &[usize], strip_headers: bool) -> Figures {
 
 #[test]
 fn precision_and_recall_on_real_threads() {
-    let corpora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpora");
-    if !corpora.join("fedora-devel-2010-01").is_dir() {
-        println!("corpus_quality: skipped, {} is absent", corpora.display());
+    let Some(corpora) = corpora_or_skip("fedora-devel-2010-01") else {
         return;
-    }
+    };
     let msgs = load(&corpora, false);
     let thread = threads(&msgs);
     assert!(msgs.len() > 450, "only {} messages loaded", msgs.len());
@@ -370,11 +425,9 @@ fn precision_and_recall_on_real_threads() {
 /// and was caught as `ParserFailed`.
 #[test]
 fn partial_parses_read_what_a_full_parse_reads_on_every_corpus_message() {
-    let corpora = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpora");
-    if !corpora.is_dir() {
-        println!("corpus_quality: skipped, {} is absent", corpora.display());
+    let Some(corpora) = corpora_or_skip("") else {
         return;
-    }
+    };
     let mut files = Vec::new();
     files_under(&corpora, &mut files);
     let (mut compared, mut parsed, mut parser_failed, mut body_alone) = (0, 0, 0, 0);

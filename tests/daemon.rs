@@ -98,13 +98,17 @@ fn demo_fixtures_are_processed_and_listed_with_regarding_and_method() {
     // Health, readiness, metrics; the API needs the token.
     assert_eq!(get(port, "/healthz", None).unwrap().0, 200);
     assert_eq!(get(port, "/readyz", None).unwrap().0, 200);
-    // Counters are bumped right after the commit the API already shows: wait
-    // for them instead of racing them.
+    // Counters are bumped right after the commit the API already shows, and
+    // the last-success gauge only when the cycle ends: wait for both instead
+    // of racing them (the gauge alone failed once under load).
     let metrics = wait_for(Duration::from_secs(10), "metrics after commit", || {
         get(port, "/metrics", None)
             .filter(|(status, m)| {
                 *status == 200
                     && m.contains("crm_mailsync_correlations_total{method=\"in_reply_to\"} 3")
+                    && m.contains(
+                        "crm_mailsync_last_successful_sync_timestamp_seconds{mailbox=\"support\"}",
+                    )
             })
             .map(|(_, m)| m)
     });

@@ -15,6 +15,8 @@
 //! Every message of a conversation shares the 22-byte root, so the root is
 //! the correlation key.
 
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
+
 use std::fmt;
 
 use base64::alphabet;
@@ -99,11 +101,12 @@ fn decode_bytes(header: &str) -> Result<Vec<u8>, ThreadIndexError> {
 /// Decodes a `Thread-Index` header value.
 pub fn decode(header: &str) -> Result<ThreadIndex, ThreadIndexError> {
     let bytes = decode_bytes(header)?;
-    let mut root = [0u8; ROOT_LEN];
-    root.copy_from_slice(&bytes[..ROOT_LEN]);
+    let (root, children) = bytes
+        .split_first_chunk::<ROOT_LEN>()
+        .ok_or(ThreadIndexError::BadLength(bytes.len()))?;
     Ok(ThreadIndex {
-        root,
-        children: (bytes.len() - ROOT_LEN) / CHILD_LEN,
+        root: *root,
+        children: children.len() / CHILD_LEN,
     })
 }
 
@@ -111,10 +114,12 @@ pub fn decode(header: &str) -> Result<ThreadIndex, ThreadIndexError> {
 /// the root time plus their sum is roughly when the message was sent.
 pub fn child_delta_ticks(header: &str) -> Result<Vec<u64>, ThreadIndexError> {
     let bytes = decode_bytes(header)?;
-    Ok(bytes[ROOT_LEN..]
+    let children = bytes.get(ROOT_LEN..).unwrap_or_default();
+    Ok(children
         .chunks_exact(CHILD_LEN)
+        .filter_map(|c| c.first_chunk::<4>())
         .map(|c| {
-            let w = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+            let w = u32::from_be_bytes(*c);
             let v = u64::from(w & 0x7FFF_FFFF);
             if w & 0x8000_0000 == 0 {
                 v << 18
@@ -180,6 +185,7 @@ pub fn encode_child(
 }
 
 #[cfg(test)]
+#[allow(clippy::string_slice, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

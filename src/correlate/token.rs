@@ -23,6 +23,8 @@
 //! gateways apply: case changes, spaces around the colon, a full-width colon,
 //! brackets around the token, the token moved elsewhere in the subject.
 
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
+
 use std::fmt;
 use std::ops::Range;
 
@@ -240,18 +242,19 @@ pub const MAX_DIGITS: usize = 41;
 
 /// The decimal digits of `n`, written at the end of `tmp`.
 fn decimal(n: u64, tmp: &mut [u8; 20]) -> &[u8] {
-    let mut i = tmp.len();
+    let mut len = 0;
     let mut v = n;
-    loop {
-        i -= 1;
+    // 20 slots hold every u64 (at most 20 digits).
+    for slot in tmp.iter_mut().rev() {
         // `v % 10` < 10, so the cast cannot truncate.
-        tmp[i] = b'0' + (v % 10) as u8;
+        *slot = b'0' + (v % 10) as u8;
+        len += 1;
         v /= 10;
         if v == 0 {
             break;
         }
     }
-    &tmp[i..]
+    tmp.get(tmp.len() - len..).unwrap_or_default()
 }
 
 /// Writes `n` in decimal at `buf[at..]`, zero-padded on the left to `width`
@@ -261,9 +264,9 @@ fn write_padded(buf: &mut [u8; MAX_DIGITS], at: usize, n: u64, width: usize) -> 
     let digits = decimal(n, &mut tmp);
     let pad = width.saturating_sub(digits.len());
     let end = at + pad + digits.len();
-    let out = buf.get_mut(at..end)?;
-    out[..pad].fill(b'0');
-    out[pad..].copy_from_slice(digits);
+    let (zeros, rest) = buf.get_mut(at..end)?.split_at_mut_checked(pad)?;
+    zeros.fill(b'0');
+    rest.copy_from_slice(digits);
     Some(end)
 }
 
@@ -414,16 +417,19 @@ pub fn verify(
     let mut record_ok = false;
     for k in keys {
         let full_rec = signature(k, &digits, record, "");
-        if !ct_eq(
-            &full_rec.as_bytes()[..SIGNATURE_LEN / 2],
-            rec_part.as_bytes(),
-        ) {
+        // Always 8 bytes; a shorter one would just not be equal.
+        let rec_sig = full_rec
+            .as_bytes()
+            .get(..SIGNATURE_LEN / 2)
+            .unwrap_or_default();
+        if !ct_eq(rec_sig, rec_part.as_bytes()) {
             continue;
         }
         record_ok = true;
         for candidate in domain_and_parents(&domain) {
             let full = signature(k, &digits, record, candidate);
-            if ct_eq(&full.as_bytes()[SIGNATURE_LEN / 2..], dom_part.as_bytes()) {
+            let dom_sig = full.as_bytes().get(SIGNATURE_LEN / 2..).unwrap_or_default();
+            if ct_eq(dom_sig, dom_part.as_bytes()) {
                 return Ok(());
             }
         }
@@ -445,7 +451,11 @@ fn normalize_domain(d: &str) -> String {
 
 /// `a.b.example.com`, `b.example.com`, `example.com`, `com`.
 fn domain_and_parents(domain: &str) -> impl Iterator<Item = &str> {
-    std::iter::once(domain).chain(domain.match_indices('.').map(|(i, _)| &domain[i + 1..]))
+    std::iter::once(domain).chain(
+        domain
+            .match_indices('.')
+            .filter_map(|(i, _)| domain.get(i + 1..)),
+    )
 }
 
 /// Length-prefixes every field so distinct (digits, record, domain) tuples
@@ -479,7 +489,8 @@ fn base32_20bits(tag: &[u8]) -> String {
     let v = v >> 4; // keep the top 20 of 24 bits
     (0..4)
         .rev()
-        .map(|i| char::from(BASE32[((v >> (i * 5)) & 31) as usize]))
+        .filter_map(|i| BASE32.get(((v >> (i * 5)) & 31) as usize))
+        .map(|b| char::from(*b))
         .collect()
 }
 
@@ -631,13 +642,14 @@ pub fn find_tokens(settings: &TokenSettings, subject: &str) -> Vec<FoundToken> {
     while pos < subject.len() {
         if let Some(firsts) = &first_bytes {
             let bytes = subject.as_bytes();
-            let rest = &bytes[pos..];
+            let rest = bytes.get(pos..).unwrap_or_default();
             let at = firsts.find_in(rest);
             let Some(next) = at.map(|i| pos + i) else {
                 break;
             };
             if next > pos {
-                prev_char = Some(char::from(bytes[next - 1]));
+                // `next - 1` >= `pos`: in bounds, so this is always `Some`.
+                prev_char = bytes.get(next - 1).map(|b| char::from(*b));
                 pos = next;
             }
         }
@@ -700,11 +712,12 @@ impl FirstBytes {
         for p in prefixes {
             let c = p.chars().next().filter(|c| c.is_ascii() && !is_colon(*c))?;
             let b = c.to_ascii_lowercase() as u8;
-            let seen = &mut fb.set[usize::from(b & 0x7f)];
-            if !*seen {
-                *seen = true;
-                fb.count += 1;
-                fb.one = b;
+            if let Some(seen) = fb.set.get_mut(usize::from(b & 0x7f)) {
+                if !*seen {
+                    *seen = true;
+                    fb.count += 1;
+                    fb.one = b;
+                }
             }
         }
         Some(fb)
@@ -715,9 +728,11 @@ impl FirstBytes {
         match self.count {
             0 => None,
             1 => memchr::memchr2(self.one, self.one.to_ascii_uppercase(), rest),
-            _ => rest
-                .iter()
-                .position(|b| self.set[usize::from(b.to_ascii_lowercase() & 0x7f)]),
+            _ => rest.iter().position(|b| {
+                self.set
+                    .get(usize::from(b.to_ascii_lowercase() & 0x7f))
+                    .is_some_and(|seen| *seen)
+            }),
         }
     }
 }
@@ -728,18 +743,16 @@ impl FirstBytes {
 /// ASCII alphanumerics, which [`match_prefix`] needs adjacent (ASCII
 /// case-insensitively; a non-ASCII subject char could case-fold to ASCII).
 fn cannot_occur(prefix: &str, subject: &str) -> bool {
-    let p = prefix.as_bytes();
-    if p.len() < 2
-        || !p[0].is_ascii_alphanumeric()
-        || !p[1].is_ascii_alphanumeric()
-        || !subject.is_ascii()
-    {
+    let [p0, p1, ..] = *prefix.as_bytes() else {
+        return false;
+    };
+    if !p0.is_ascii_alphanumeric() || !p1.is_ascii_alphanumeric() || !subject.is_ascii() {
         return false;
     }
-    !subject
-        .as_bytes()
-        .windows(2)
-        .any(|w| w[0].eq_ignore_ascii_case(&p[0]) && w[1].eq_ignore_ascii_case(&p[1]))
+    !subject.as_bytes().windows(2).any(|w| match *w {
+        [a, b] => a.eq_ignore_ascii_case(&p0) && b.eq_ignore_ascii_case(&p1),
+        _ => false,
+    })
 }
 
 /// Intermediate match before bracket widening.
@@ -767,8 +780,8 @@ fn try_token_at(
     if run != n_digits {
         return None;
     }
-    let digits = &rest[..run];
-    let after = &rest[run..];
+    // `run` counts ASCII digits, so the split is on a char boundary.
+    let (digits, after) = rest.split_at_checked(run)?;
     let mut end = digits_start + run;
     let mut signature = None;
     if let Some(sig) = after.strip_prefix('-').and_then(|a| a.get(..SIGNATURE_LEN)) {
@@ -906,6 +919,7 @@ pub fn append_to_subject_with(
 }
 
 #[cfg(test)]
+#[allow(clippy::string_slice, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -245,14 +245,44 @@ fn mid_key(id: &str) -> Vec<u8> {
     )
 }
 
-impl SledStore {
-    /// Opens (creating if needed) the store at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+/// Creates `path` and its missing parents as 0700 whatever the umask (the
+/// store holds mail). An existing directory is left as it is.
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+    }
+    #[cfg(not(unix))]
+    {
         std::fs::create_dir_all(path)
+    }
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store at `path`, with the default page
+    /// cache ([`crate::config::DEFAULT_STORE_CACHE_MB`]).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache_mb(path, crate::config::DEFAULT_STORE_CACHE_MB)
+    }
+
+    /// Opens (creating if needed) the store at `path` with a page cache of
+    /// `cache_mb` MiB (sled's own default, 1 GiB, is far too much beside other
+    /// services). A directory it creates is 0700 whatever the umask.
+    pub fn open_with_cache_mb(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+        create_private_dir(path)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", path.display())))?;
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
             .open()
             .map_err(io)?;
         let tree = db.open_tree("crm-mailsync").map_err(io)?;

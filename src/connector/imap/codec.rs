@@ -1,6 +1,8 @@
 //! Pure IMAP encoding helpers: quoting, UID sets, modified UTF-7 folder names, dates,
 //! `Message-ID` extraction. No I/O here, so all of it is unit-tested.
 
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
+
 use std::fmt;
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
@@ -77,11 +79,9 @@ pub(crate) fn mutf7_encode(name: &str) -> String {
 pub(crate) fn mutf7_decode(raw: &str) -> Option<String> {
     let mut out = String::with_capacity(raw.len());
     let mut rest = raw;
-    while let Some(pos) = rest.find('&') {
-        out.push_str(&rest[..pos]);
-        let after = &rest[pos + 1..];
-        let end = after.find('-')?;
-        let b64 = &after[..end];
+    while let Some((before, after)) = rest.split_once('&') {
+        out.push_str(before);
+        let (b64, next) = after.split_once('-')?;
         if b64.is_empty() {
             out.push('&');
         } else {
@@ -91,11 +91,11 @@ pub(crate) fn mutf7_decode(raw: &str) -> Option<String> {
             }
             let units: Vec<u16> = bytes
                 .chunks_exact(2)
-                .map(|p| u16::from_be_bytes([p[0], p[1]]))
+                .filter_map(|p| p.try_into().ok().map(u16::from_be_bytes))
                 .collect();
             out.push_str(&String::from_utf16(&units).ok()?);
         }
-        rest = &after[end + 1..];
+        rest = next;
     }
     out.push_str(rest);
     Some(out)
@@ -109,15 +109,17 @@ pub(crate) fn uid_sets(uids: &[u32], max_len: usize) -> Vec<String> {
     sorted.dedup();
     let mut sets = Vec::new();
     let mut current = String::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
+    let mut rest = sorted.as_slice();
+    while let Some((&start, tail)) = rest.split_first() {
         let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end = sorted[i];
+        rest = tail;
+        while let Some((&next, tail)) = rest.split_first() {
+            if end.checked_add(1) != Some(next) {
+                break;
+            }
+            end = next;
+            rest = tail;
         }
-        i += 1;
         let piece = if start == end {
             start.to_string()
         } else {
@@ -209,7 +211,10 @@ impl ImapDate {
 impl fmt::Display for ImapDate {
     /// IMAP `date` syntax: `1-Feb-2026`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mon = MONTHS[usize::from(self.month - 1)];
+        let mon = MONTHS
+            .get(usize::from(self.month).wrapping_sub(1))
+            .copied()
+            .unwrap_or("???");
         write!(f, "{}-{}-{:04}", self.day, mon, self.year)
     }
 }
@@ -254,18 +259,23 @@ pub(crate) fn parse_internal_date(s: &str) -> Option<i64> {
     let h: i64 = t.next()?.parse().ok()?;
     let mi: i64 = t.next()?.parse().ok()?;
     let sec: i64 = t.next()?.parse().ok()?;
-    let (sign, digits) = match zone.as_bytes().first()? {
-        b'+' => (1, &zone[1..]),
-        b'-' => (-1, &zone[1..]),
+    // Bytes, not a `str` slice: the zone comes from the server and a non-ASCII
+    // byte there must not panic (it used to, slicing inside a UTF-8 char).
+    let (sign, zh1, zh2, zm1, zm2) = match *zone.as_bytes() {
+        [b'+', a, b, c, d] => (1, a, b, c, d),
+        [b'-', a, b, c, d] => (-1, a, b, c, d),
         _ => return None,
     };
-    if digits.len() != 4 {
-        return None;
-    }
-    let zh: i64 = digits[..2].parse().ok()?;
-    let zm: i64 = digits[2..].parse().ok()?;
+    let zh = two_digits(zh1, zh2)?;
+    let zm = two_digits(zm1, zm2)?;
     let offset = sign * (zh * 3600 + zm * 60);
     Some(date.unix_midnight_utc() + h * 3600 + mi * 60 + sec - offset)
+}
+
+/// Two ASCII digits as a number.
+fn two_digits(a: u8, b: u8) -> Option<i64> {
+    (a.is_ascii_digit() && b.is_ascii_digit())
+        .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
 }
 
 /// Extracts the `Message-ID` value (angle brackets kept) from a header block,
@@ -285,14 +295,19 @@ pub(crate) fn extract_message_id(header: &[u8]) -> Option<String> {
             None => {}
         }
         if let Some((name, rest)) = line.split_once(':') {
-            if name.trim().eq_ignore_ascii_case("message-id") {
+            if name
+                .trim()
+                .trim_start_matches('\u{feff}')
+                .eq_ignore_ascii_case("message-id")
+            {
                 value = Some(rest.trim().to_string());
             }
         }
     }
     let v = value?;
     let v = match (v.find('<'), v.find('>')) {
-        (Some(a), Some(b)) if a < b => v[a..=b].to_string(),
+        // Both indices are at ASCII bytes, so `get` always succeeds here.
+        (Some(a), Some(b)) if a < b => v.get(a..=b).unwrap_or(&v).to_string(),
         _ => v.trim().to_string(),
     };
     (!v.is_empty()).then_some(v)
@@ -307,10 +322,92 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &s[..end])
+    format!("{}…", s.get(..end).unwrap_or_default())
+}
+
+/// Fuzzing entry (`fuzz/fuzz_targets/imap_response.rs`): server bytes through
+/// the response codec async-imap decodes with (imap-proto), response after
+/// response as its stream does, and every decoder of ours that reads what
+/// the server sent (greeting, status text, untagged events, COPYUID, LIST
+/// names and attributes, INTERNALDATE, header Message-ID). Must never panic.
+#[doc(hidden)]
+pub fn fuzz_server_bytes(data: &[u8]) {
+    use async_imap::imap_proto::{AttributeValue, MailboxDatum, Response};
+
+    let first = data.split(|b| *b == b'\n').next().unwrap_or_default();
+    let first = String::from_utf8_lossy(first);
+    let _ = super::parse_greeting(first.trim_end_matches('\r'));
+    let _ = super::error::parse_async_status(&first);
+
+    let mut events = Vec::new();
+    let mut bye = None;
+    let mut rest = data;
+    while !rest.is_empty() {
+        // imap-proto 0.17 itself panics on some input (a non-ASCII byte right
+        // after a `[CODE]`: it slices `&text[1..]` of the lossily decoded
+        // text); that panic is upstream's, caught here so fuzzing goes on past
+        // it (the fuzz target lets panics located in imap-proto through).
+        let parsed = std::panic::catch_unwind(|| Response::parse(rest));
+        let (next, response) = match parsed {
+            Ok(Ok(parsed)) => parsed,
+            Ok(Err(e)) if e.is_incomplete() => break,
+            // Skip the line, as a reader that resynchronises would.
+            Ok(Err(_)) | Err(_) => match memchr::memchr(b'\n', rest) {
+                Some(nl) => {
+                    rest = rest.get(nl + 1..).unwrap_or_default();
+                    continue;
+                }
+                None => break,
+            },
+        };
+        super::note_untagged(&mut events, &mut bye, &response);
+        let outcome = match &response {
+            Response::Done { outcome, .. }
+            | Response::Data { outcome, .. }
+            | Response::Continue(outcome) => Some(outcome),
+            _ => None,
+        };
+        if let Some(code) = outcome.and_then(|o| o.code.as_ref()) {
+            let _ = super::copy_uid_map(code);
+            let _ = super::error::code_name(code);
+        }
+        if let Some(info) = outcome.and_then(|o| o.information.as_deref()) {
+            let _ = super::error::split_code(None, info);
+            let _ = truncate(info, 300);
+        }
+        match &response {
+            Response::MailboxData(MailboxDatum::List(data)) => {
+                let _ = mutf7_decode(data.name.as_ref());
+                for a in &data.name_attributes {
+                    let _ = super::name_attribute(a);
+                }
+            }
+            Response::Fetch(_, attrs) => {
+                for a in attrs {
+                    match a {
+                        AttributeValue::InternalDate(d) => {
+                            let _ = parse_internal_date(d);
+                        }
+                        AttributeValue::BodySection { data: Some(d), .. }
+                        | AttributeValue::Rfc822Header(Some(d))
+                        | AttributeValue::Rfc822(Some(d)) => {
+                            let _ = extract_message_id(d);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        if next.len() >= rest.len() {
+            break;
+        }
+        rest = next;
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::string_slice, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -397,6 +494,42 @@ mod tests {
     }
 
     #[test]
+    fn internal_date_with_a_non_ascii_zone_is_rejected_not_a_panic() {
+        // A multi-byte char across the old `&digits[..2]` cut used to panic.
+        for zone in ["+é00", "-0é0", "+00é", "+\u{1F600}", "+0000é"] {
+            let s = format!("17-Jul-1996 02:44:25 {zone}");
+            assert_eq!(parse_internal_date(&s), None, "{s}");
+        }
+        assert_eq!(parse_internal_date("17-Jul-1996 02:44:25 ++100"), None);
+        assert_eq!(
+            parse_internal_date("17-Jul-1996 09:44:25 +0000"),
+            Some(837_596_665)
+        );
+    }
+
+    #[test]
+    fn fuzz_entry_reaches_the_decoders_without_panicking() {
+        // The INTERNALDATE zone bug, as a server would send it.
+        fuzz_server_bytes(
+            "* 1 FETCH (UID 7 INTERNALDATE \"17-Jul-1996 02:44:25 +é00\")\r\n".as_bytes(),
+        );
+        fuzz_server_bytes(
+            b"* OK [CAPABILITY IMAP4rev1] hi\r\n* LIST (\\HasNoChildren \\Sent) \"/\" \"Entw&APw-rfe\"\r\n\
+              * 2 FETCH (BODY[HEADER] {30}\r\nMessage-ID: <a@b>\r\nX: y\r\n\r\n)\r\n\
+              A1 OK [COPYUID 9 1:2 5:6] done\r\n* BYE bye\r\n",
+        );
+        fuzz_server_bytes(b"garbage\r\n\xff\xfe\r\n* 3 EXISTS\r\n");
+    }
+
+    #[test]
+    fn uid_sets_reach_the_largest_uid() {
+        assert_eq!(
+            uid_sets(&[u32::MAX, u32::MAX - 1, 1], 1000),
+            vec![format!("1,{}:{}", u32::MAX - 1, u32::MAX)]
+        );
+    }
+
+    #[test]
     fn message_id() {
         let h = b"Subject: x\r\nMessage-ID: <abc@example.com>\r\n\r\n";
         assert_eq!(extract_message_id(h).as_deref(), Some("<abc@example.com>"));
@@ -406,6 +539,11 @@ mod tests {
             Some("<folded@example.com>")
         );
         assert_eq!(extract_message_id(b"\r\n"), None);
+        let bom = "\u{feff}Message-ID: <bom@example.com>\r\n\r\n";
+        assert_eq!(
+            extract_message_id(bom.as_bytes()).as_deref(),
+            Some("<bom@example.com>")
+        );
     }
 
     #[test]

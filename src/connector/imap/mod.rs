@@ -34,6 +34,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::net::{self, Endpoint, MaybeTls, TlsMode};
 
+#[doc(hidden)]
+pub use codec::fuzz_server_bytes;
 pub use codec::ImapDate;
 pub use connector::{nearest_folders, ImapConnector, ImapSettings};
 pub use error::ImapError;
