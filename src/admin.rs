@@ -216,6 +216,8 @@ pub struct ActivityView<'a> {
     pub activity: &'a EmailActivity,
     pub received: String,
     pub sent: Option<String>,
+    /// Every mailbox the email was delivered to (its own first).
+    pub mailboxes: Vec<&'a str>,
 }
 
 impl<'a> From<&'a EmailActivity> for ActivityView<'a> {
@@ -224,6 +226,7 @@ impl<'a> From<&'a EmailActivity> for ActivityView<'a> {
             activity: a,
             received: format_time(a.received_at),
             sent: a.sent_at.map(format_time),
+            mailboxes: a.mailboxes(),
         }
     }
 }

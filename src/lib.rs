@@ -15,6 +15,8 @@ pub mod connector;
 pub mod correlate;
 pub mod daemon;
 pub mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod filter;
 pub mod model;
 pub mod net;

@@ -299,7 +299,8 @@ pub struct EmailActivity {
     pub correlated_with: Option<ActivityId>,
     pub content_hash: String,
     pub size: u64,
-    /// Extra sources the same email was seen under (another folder, a new UIDVALIDITY).
+    /// Extra sources the same email was seen under (another folder, a new
+    /// UIDVALIDITY, another mailbox it was also delivered to).
     #[serde(default)]
     pub also_seen_as: Vec<SourceKey>,
     /// For a forward mailbox: the user whose server-side rule forwarded it.
@@ -345,6 +346,46 @@ impl fmt::Display for AutomaticClass {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+impl EmailActivity {
+    /// Every mailbox this email was delivered to, first-seen first: its own,
+    /// then those of the copies in [`EmailActivity::also_seen_as`].
+    pub fn mailboxes(&self) -> Vec<&str> {
+        let mut out = vec![self.mailbox.as_str()];
+        for s in &self.also_seen_as {
+            if !out.contains(&s.mailbox.as_str()) {
+                out.push(&s.mailbox);
+            }
+        }
+        out
+    }
+}
+
+/// What the pipeline did with a message, for the connector's follow-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckKind {
+    /// Recorded (activity, duplicate or skipped): flag or delete as configured.
+    Recorded,
+    /// Quarantined: move to the failed-mail folder if configured.
+    Failed,
+}
+
+/// A follow-up (keyword, delete, move) owed on a committed message. It is
+/// written in the commit that records the message and removed by a later one
+/// once carried out, so a crash in between cannot lose it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowUp {
+    pub source: SourceKey,
+    pub kind: AckKind,
+    /// When the commit that owes it was made.
+    pub recorded_at: UnixTime,
+    /// Attempts that failed with a permanent error so far.
+    #[serde(default)]
+    pub failures: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// A message that could not be turned into an activity; its bytes are kept.

@@ -147,8 +147,8 @@ pub fn process_seeded(
     let mut results = Vec::with_capacity(messages.len());
     // Index entries of activities staged in this batch, so replies see parents.
     let mut staged = MemIndex::default();
-    // (Message-ID, content hash) → activity staged in this batch, to mirror the
-    // store's folder-move re-point for later messages of the same batch.
+    // (Message-ID, email identity) → activity staged in this batch, to mirror
+    // the store's folder-move re-point for later messages of the same batch.
     let mut staged_copies: HashMap<(String, String), u64> = HashMap::new();
     // Activities of this batch recorded as skipped: a link to one is no
     // correlation for automatic mail.
@@ -334,19 +334,16 @@ pub fn process_seeded(
         let automatic = automatic.map(|a| a.class);
         let f = parsed.features;
         let message_id = f.message_ids.first().cloned();
+        let identity = crate::store::email_identity(&f.from, f.sent_at, &f.subject);
         if decision.method == CorrelationMethod::Folder {
-            if let Some(existing) =
-                existing_copy(store, &staged_copies, &f.message_ids, &parsed.content_hash)?
+            if let Some(existing) = existing_copy(store, &staged_copies, &f.message_ids, &identity)?
             {
                 staged.set_regarding(existing, decision.regarding.clone());
             }
         }
         for mid in &f.message_ids {
             staged_copies
-                .entry((
-                    correlate::normalize_message_id(mid),
-                    parsed.content_hash.clone(),
-                ))
+                .entry((correlate::normalize_message_id(mid), identity.clone()))
                 .or_insert(id);
         }
         staged.insert_message_ids(&f.message_ids, id, decision.regarding.clone());
@@ -405,27 +402,27 @@ pub fn process_seeded(
     Ok((batch, results))
 }
 
-/// The activity this message duplicates (same Message-ID and content), staged
-/// in this batch or stored, which the store will re-point on commit.
+/// The activity this message duplicates (same Message-ID and
+/// [`crate::store::email_identity`], as the store decides it), staged in this
+/// batch or stored, which the store will re-point on commit.
 fn existing_copy(
     store: &dyn Store,
     staged: &HashMap<(String, String), u64>,
     message_ids: &[String],
-    content_hash: &str,
+    identity: &str,
 ) -> Result<Option<u64>, PipelineError> {
     for mid in message_ids {
         let n = correlate::normalize_message_id(mid);
-        if let Some(id) = staged.get(&(n.clone(), content_hash.to_string())) {
+        if let Some(id) = staged.get(&(n.clone(), identity.to_string())) {
             return Ok(Some(*id));
         }
         if let Some(t) = store
             .tracked_by_message_ids(std::slice::from_ref(&n))?
             .get(&n)
         {
-            if store
-                .activity(t.activity)?
-                .is_some_and(|a| a.content_hash == content_hash)
-            {
+            if store.activity(t.activity)?.is_some_and(|a| {
+                crate::store::email_identity(&a.from, a.sent_at, &a.subject) == identity
+            }) {
                 return Ok(Some(t.activity));
             }
         }

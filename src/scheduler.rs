@@ -14,6 +14,12 @@
 //!   Enable again.
 //! * [`MailboxTask::supervise`] restarts a task that panicked, with back-off,
 //!   an Error alert naming the panic and a restart metric.
+//!
+//! Follow-ups (keyword, move, delete) are owed from the commit that records
+//! their message: the commit writes them, each cycle starts by carrying out
+//! what is still owed, and later commits clear what was done. They never fail
+//! a cycle; one refused for a permanent reason is retried on the next cycles
+//! and given up with a Warning after `MAX_FOLLOW_UP_FAILURES` (5) attempts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -31,11 +37,11 @@ use crate::config::{Config, Mailbox, Profile};
 use crate::connector::{Ack, AckKind, Connector, ConnectorError};
 use crate::error::{Classify, Disposition};
 use crate::model::{
-    self, AlertLevel, ApprovalStatus, IncomingDelivery, MailboxState, TestResult, TestStatus,
-    UnixTime,
+    self, AlertLevel, ApprovalStatus, FollowUp, IncomingDelivery, MailboxState, SourceKey,
+    TestResult, TestStatus, UnixTime,
 };
 use crate::pipeline::{self, ItemResult, PipelineContext, PipelineError};
-use crate::store::{CommitOutcome, Store, StoreError};
+use crate::store::{CommitBatch, CommitOutcome, Store, StoreError, Tally};
 use crate::telemetry;
 
 /// Retry policy for transient failures: exponential with jitter, capped.
@@ -707,12 +713,55 @@ impl MailboxTask {
         }
     }
 
-    /// One sync cycle: batches until the source has nothing more (or shutdown).
+    /// One sync cycle: first the follow-ups still owed (by an earlier cycle, or
+    /// by a process that died between a commit and its follow-ups), then
+    /// batches until the source has nothing more (or shutdown).
     /// Returns how many new messages were recorded.
     async fn cycle<C: Connector>(
         &self,
         connector: &mut C,
         state: &mut MailboxState,
+    ) -> Result<u64, CycleError> {
+        let mut changes = FollowUpChanges::default();
+        let owed = self.store.follow_ups(&self.mailbox.name)?;
+        if !owed.is_empty() {
+            let acks = owed
+                .iter()
+                .map(|f| Ack {
+                    source: f.source.clone(),
+                    kind: f.kind,
+                })
+                .collect();
+            self.follow_up(connector, acks, owed, &mut changes).await;
+        }
+        let result = self.sync_batches(connector, state, &mut changes).await;
+        // What the last follow-ups did, unless a batch commit carried it already.
+        if !changes.is_empty() {
+            let commit = CommitBatch {
+                follow_ups: changes.updated,
+                follow_ups_done: changes.done,
+                ..Default::default()
+            };
+            let store = self.store.clone();
+            let settled = tokio::task::spawn_blocking(move || store.commit(commit))
+                .await
+                .map_err(|e| CycleError::Join(e.to_string()))
+                .and_then(|r| r.map_err(CycleError::from));
+            if let Err(e) = settled {
+                // Not lost: the follow-ups stay recorded and are replayed (idempotent).
+                tracing::warn!(mailbox = %self.mailbox.name, error = %e, "cannot clear completed follow-ups");
+            }
+        }
+        result
+    }
+
+    /// The batches of a cycle. Each commit also records the follow-ups its
+    /// messages are owed, and clears those done since the last commit.
+    async fn sync_batches<C: Connector>(
+        &self,
+        connector: &mut C,
+        state: &mut MailboxState,
+        changes: &mut FollowUpChanges,
     ) -> Result<u64, CycleError> {
         let ctx = Arc::new(PipelineContext::for_mailbox(&self.config, &self.mailbox));
         let mut found = 0u64;
@@ -744,27 +793,6 @@ impl MailboxTask {
                 .map(|(f, p)| (self.mailbox.name.clone(), f, p))
                 .collect();
 
-            let mut recorded = 0u64;
-            let mut quarantined = 0u64;
-            for (_, r) in &results {
-                match r {
-                    ItemResult::Correlated { .. } => recorded += 1,
-                    ItemResult::Quarantined { .. } => quarantined += 1,
-                    ItemResult::AlreadySeen => {}
-                }
-            }
-            let mut next_state = state.clone();
-            next_state.items_processed += recorded;
-            next_state.items_failed += quarantined;
-            commit.mailbox_state = Some(next_state.clone());
-            let store = self.store.clone();
-            let outcomes = tokio::task::spawn_blocking(move || store.commit(commit))
-                .await
-                .map_err(|e| CycleError::Join(e.to_string()))??;
-            *state = next_state;
-            found += recorded;
-            self.record_metrics(&results, &outcomes);
-
             let acks: Vec<Ack> = results
                 .iter()
                 .map(|(source, r)| Ack {
@@ -776,7 +804,40 @@ impl MailboxTask {
                     },
                 })
                 .collect();
-            connector.acknowledge(acks).await?;
+            let now = model::now();
+            let owed: Vec<FollowUp> = acks
+                .iter()
+                .filter(|a| connector.wants_follow_up(a.kind))
+                .map(|a| FollowUp {
+                    source: a.source.clone(),
+                    kind: a.kind,
+                    recorded_at: now,
+                    failures: 0,
+                    last_error: None,
+                })
+                .collect();
+            let recorded = results
+                .iter()
+                .filter(|(_, r)| matches!(r, ItemResult::Correlated { .. }))
+                .count() as u64;
+            commit.follow_ups = std::mem::take(&mut changes.updated);
+            commit.follow_ups.extend(owed.iter().cloned());
+            commit.follow_ups_done = std::mem::take(&mut changes.done);
+            // The store adds this batch's tally to the counters it writes.
+            commit.mailbox_state = Some(state.clone());
+            let store = self.store.clone();
+            let outcomes = tokio::task::spawn_blocking(move || store.commit(commit))
+                .await
+                .map_err(|e| CycleError::Join(e.to_string()))??;
+            // The same tally for our copy, so it matches what was written.
+            Tally::of(&outcomes).add_to(state);
+            let live = state.clone();
+            self.runtime.update(&self.mailbox.name, |m| m.state = live);
+            found += recorded;
+            self.record_metrics(&results, &outcomes);
+
+            // Alerts for what the commit recorded, without waiting on the
+            // server's follow-ups.
             for notice in pipeline::notices(&results) {
                 self.alert(AlertLevel::Warning, notice);
             }
@@ -788,9 +849,85 @@ impl MailboxTask {
                     );
                 }
             }
+            #[cfg(feature = "fault-injection")]
+            if !owed.is_empty() {
+                crate::fault::committed_with_follow_ups();
+            }
+            self.follow_up(connector, acks, owed, changes).await;
             if !more || self.cancel.is_cancelled() {
                 return Ok(found);
             }
+        }
+    }
+
+    /// Carries out follow-ups whose records (`owed`) are committed, and notes
+    /// in `changes` what the next commit clears or updates. Never fails the
+    /// cycle: what did not happen stays recorded and is tried again next
+    /// cycle; a follow-up refused [`MAX_FOLLOW_UP_FAILURES`] times for a
+    /// permanent reason is given up with a Warning, so it cannot pin the
+    /// mailbox.
+    async fn follow_up<C: Connector>(
+        &self,
+        connector: &mut C,
+        acks: Vec<Ack>,
+        owed: Vec<FollowUp>,
+        changes: &mut FollowUpChanges,
+    ) {
+        let report = match connector.acknowledge(acks).await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(mailbox = %self.mailbox.name, error = %e, pending = owed.len(), "follow-ups failed; they are retried next cycle");
+                return;
+            }
+        };
+        let failed: HashMap<&SourceKey, (&str, Disposition)> = report
+            .failed
+            .iter()
+            .map(|(s, e, d)| (s, (e.as_str(), *d)))
+            .collect();
+        let obsolete: HashMap<&SourceKey, &str> = report
+            .obsolete
+            .iter()
+            .map(|(s, why)| (s, why.as_str()))
+            .collect();
+        let mut dropped: BTreeMap<&str, usize> = BTreeMap::new();
+        for mut f in owed {
+            if let Some(why) = obsolete.get(&f.source) {
+                *dropped.entry(why).or_default() += 1;
+                changes.done.push(f.source);
+                continue;
+            }
+            let Some((error, disposition)) = failed.get(&f.source).copied() else {
+                changes.done.push(f.source);
+                continue;
+            };
+            if disposition == Disposition::Transient {
+                // Retried as it is: an outage must not use up its attempts.
+                continue;
+            }
+            f.failures += 1;
+            f.last_error = Some(error.to_string());
+            if f.failures >= MAX_FOLLOW_UP_FAILURES {
+                self.alert(
+                    AlertLevel::Warning,
+                    &format!(
+                        "gave up the follow-up ({}) on message {} after {} failed attempts: {error}",
+                        follow_up_action(f.kind),
+                        f.source,
+                        f.failures
+                    ),
+                );
+                changes.done.push(f.source);
+            } else {
+                tracing::warn!(mailbox = %self.mailbox.name, source = %f.source, attempt = f.failures, %error, "follow-up failed; retried next cycle");
+                changes.updated.push(f);
+            }
+        }
+        for (why, n) in dropped {
+            self.alert(
+                AlertLevel::Information,
+                &format!("{n} follow-up(s) on processed messages dropped: {why}"),
+            );
         }
     }
 
@@ -822,6 +959,33 @@ impl MailboxTask {
                 },
             }
         }
+    }
+}
+
+/// Permanent failures after which a follow-up is given up with a Warning
+/// alert: a keyword or move the server keeps refusing must not be retried
+/// forever.
+const MAX_FOLLOW_UP_FAILURES: u32 = 5;
+
+/// Follow-up records the next commit removes (`done`: carried out, obsolete
+/// or given up) or rewrites (`updated`: a failure counted).
+#[derive(Debug, Default)]
+struct FollowUpChanges {
+    done: Vec<SourceKey>,
+    updated: Vec<FollowUp>,
+}
+
+impl FollowUpChanges {
+    fn is_empty(&self) -> bool {
+        self.done.is_empty() && self.updated.is_empty()
+    }
+}
+
+/// What a follow-up of this kind does, for alerts.
+fn follow_up_action(kind: AckKind) -> &'static str {
+    match kind {
+        AckKind::Recorded => "keyword or delete",
+        AckKind::Failed => "move to the failed-mail folder",
     }
 }
 
@@ -901,8 +1065,8 @@ mod tests {
             self.answer()?;
             Ok(FetchBatch::default())
         }
-        async fn acknowledge(&mut self, _acks: Vec<Ack>) -> Result<(), ConnectorError> {
-            Ok(())
+        async fn acknowledge(&mut self, _acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+            Ok(AckReport::default())
         }
         async fn wait_for_changes(
             &mut self,
@@ -1287,6 +1451,359 @@ password_file = "{pw}"
                 "{d:?}"
             );
         }
+    }
+
+    use crate::connector::maildir::MaildirConnector;
+    use crate::connector::{AckReport, RawMessage};
+
+    /// A task for mailbox "m" (Maildir profile) on a fresh store in `dir`.
+    fn task(dir: &std::path::Path, batch_size: usize) -> MailboxTask {
+        let text = format!(
+            r#"
+            [daemon]
+            state_dir = "{state}"
+            [admin]
+            token = "0123456789abcdef"
+            [[profiles]]
+            name = "local"
+            type = "maildir"
+            batch_size = {batch_size}
+            [[mailboxes]]
+            name = "m"
+            profile = "local"
+            email = "m@us.example"
+            approval = "approved"
+            path = "{maildir}"
+            "#,
+            state = dir.join("state").display(),
+            maildir = dir.join("Maildir").display(),
+        );
+        let config = crate::config::from_toml_str(&text, Vec::new(), dir).unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.join("store")).unwrap());
+        let task = MailboxTask {
+            mailbox: config.mailboxes[0].clone(),
+            profile: config.profiles[0].clone(),
+            config: Arc::new(config),
+            alerts: Arc::new(Alerts::new(store.clone(), HashMap::new())),
+            store,
+            runtime: Arc::new(Runtime::default()),
+            connections: Arc::new(Semaphore::new(1)),
+            cancel: CancellationToken::new(),
+            backoff: Backoff::default(),
+            watch_every: WATCH_EVERY,
+        };
+        task.register("test");
+        task
+    }
+
+    fn mail(i: usize, extra_header: &str) -> String {
+        format!("{extra_header}From: c@customer.example\nTo: m@us.example\nSubject: Question {i}\nDate: Mon, 5 Jan 2026 10:00:{i:02} +0000\nMessage-ID: <q{i}@customer.example>\n\nHello {i}.\n")
+    }
+
+    fn live_processed(task: &MailboxTask) -> u64 {
+        task.runtime.snapshot()[0].state.items_processed
+    }
+
+    /// Wraps a connector and notes, at every fetch, what the admin API shows
+    /// as `items_processed` at that moment.
+    struct Probe<C> {
+        inner: C,
+        runtime: Arc<Runtime>,
+        seen: Vec<u64>,
+    }
+
+    impl<C: Connector> Connector for Probe<C> {
+        fn protocol(&self) -> &'static str {
+            "probe"
+        }
+        async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
+            self.seen
+                .push(self.runtime.snapshot()[0].state.items_processed);
+            self.inner.fetch().await
+        }
+        async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+            self.inner.acknowledge(acks).await
+        }
+        fn wants_follow_up(&self, kind: AckKind) -> bool {
+            self.inner.wants_follow_up(kind)
+        }
+        async fn wait_for_changes(
+            &mut self,
+            _max: Duration,
+            _keep_connection: bool,
+            _cancel: &CancellationToken,
+        ) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+        async fn test(&mut self) -> Result<String, ConnectorError> {
+            Ok(String::new())
+        }
+        async fn close(&mut self) {}
+    }
+
+    /// `items_processed` in `/api/v1/mailboxes` stayed at its old value for a
+    /// whole cycle and counted re-delivered copies: it must move with every
+    /// batch and count only new activities, as the metrics do.
+    #[tokio::test]
+    async fn items_processed_is_live_per_batch_and_counts_no_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let maildir = dir.path().join("Maildir");
+        for d in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(maildir.join(d)).unwrap();
+        }
+        // Four emails, two of them delivered twice (another Received line).
+        for i in 0..4 {
+            let path = maildir.join(format!("new/17670000{i:02}.M{i}P1.a"));
+            std::fs::write(path, mail(i, "")).unwrap();
+        }
+        for i in 0..2 {
+            let path = maildir.join(format!("new/17670001{i:02}.M{i}P1.b"));
+            std::fs::write(path, mail(i, "Received: from relay by mx\n")).unwrap();
+        }
+        let task = task(dir.path(), 2);
+        let mut probe = Probe {
+            inner: MaildirConnector::new(
+                "m",
+                &maildir,
+                Vec::new(),
+                2,
+                false,
+                None,
+                task.store.clone(),
+            ),
+            runtime: task.runtime.clone(),
+            seen: Vec::new(),
+        };
+        let mut state = task.load_state();
+        assert_eq!(task.cycle(&mut probe, &mut state).await.unwrap(), 6);
+        // Three batches of two, each visible before the next fetch, and the
+        // last (two copies) adds nothing.
+        assert_eq!(probe.seen, vec![0, 2, 4]);
+        assert_eq!(live_processed(&task), 4);
+        assert_eq!(state.items_processed, 4);
+        let stored = task.store.mailbox_state("m").unwrap().unwrap();
+        assert_eq!(stored.items_processed, 4);
+        assert_eq!(task.store.count_activities(Some("m")).unwrap(), 4);
+    }
+
+    /// A connector whose follow-ups always fail with the given disposition,
+    /// delivering one message on its first fetch.
+    struct Refusing {
+        disposition: Disposition,
+        delivered: bool,
+        acked: Vec<Vec<SourceKey>>,
+    }
+
+    impl Connector for Refusing {
+        fn protocol(&self) -> &'static str {
+            "refusing"
+        }
+        async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
+            let mut batch = FetchBatch::default();
+            if !std::mem::replace(&mut self.delivered, true) {
+                batch.messages.push(RawMessage {
+                    source: SourceKey {
+                        mailbox: "m".into(),
+                        folder: "INBOX".into(),
+                        uidvalidity: 1,
+                        uid: "1".into(),
+                    },
+                    raw: mail(1, "").into_bytes(),
+                    received_at: None,
+                    too_large: None,
+                    unfetchable: None,
+                });
+            }
+            Ok(batch)
+        }
+        async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+            self.acked
+                .push(acks.iter().map(|a| a.source.clone()).collect());
+            let mut report = AckReport::default();
+            for a in acks {
+                report
+                    .failed
+                    .push((a.source, "refused".into(), self.disposition));
+            }
+            Ok(report)
+        }
+        async fn wait_for_changes(
+            &mut self,
+            _max: Duration,
+            _keep_connection: bool,
+            _cancel: &CancellationToken,
+        ) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+        async fn test(&mut self) -> Result<String, ConnectorError> {
+            Ok(String::new())
+        }
+        async fn close(&mut self) {}
+    }
+
+    /// A follow-up the server refuses for good is retried on the next
+    /// cycles, then given up with a Warning; it never fails a cycle. One
+    /// that fails for a passing reason (an outage) keeps its attempts.
+    #[tokio::test]
+    async fn refused_follow_ups_are_retried_a_bounded_number_of_times_then_alerted() {
+        for disposition in [Disposition::Permanent, Disposition::Transient] {
+            let dir = tempfile::tempdir().unwrap();
+            let task = task(dir.path(), 10);
+            let mut connector = Refusing {
+                disposition,
+                delivered: false,
+                acked: Vec::new(),
+            };
+            let mut state = task.load_state();
+            for cycle in 1..=MAX_FOLLOW_UP_FAILURES {
+                task.cycle(&mut connector, &mut state).await.unwrap();
+                assert_eq!(connector.acked.len(), cycle as usize);
+                let owed = task.store.follow_ups("m").unwrap();
+                if disposition == Disposition::Transient {
+                    assert_eq!(owed.len(), 1);
+                    assert_eq!(owed[0].failures, 0);
+                } else if cycle < MAX_FOLLOW_UP_FAILURES {
+                    assert_eq!(owed.len(), 1, "cycle {cycle}");
+                    assert_eq!(owed[0].failures, cycle);
+                    assert_eq!(owed[0].last_error.as_deref(), Some("refused"));
+                } else {
+                    assert!(owed.is_empty(), "given up after {cycle} attempts");
+                }
+            }
+            let gave_up = task
+                .store
+                .alerts(10)
+                .unwrap()
+                .into_iter()
+                .filter(|a| a.level == AlertLevel::Warning && a.text.contains("gave up"))
+                .count();
+            assert_eq!(
+                gave_up,
+                usize::from(disposition == Disposition::Permanent),
+                "{disposition}"
+            );
+        }
+    }
+
+    /// Follow-ups a crashed process owed are carried out at the start of the
+    /// next cycle, before anything is fetched, and cleared; one that can no
+    /// longer apply (UIDVALIDITY changed) is dropped with a notice.
+    #[tokio::test]
+    async fn owed_follow_ups_are_replayed_before_fetching_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let maildir = dir.path().join("Maildir");
+        for d in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(maildir.join(d)).unwrap();
+        }
+        let file = maildir.join("new/1767000000.M1P1.a");
+        std::fs::write(&file, mail(1, "")).unwrap();
+        let task = task(dir.path(), 10);
+        let source = |uid: &str| SourceKey {
+            mailbox: "m".into(),
+            folder: "INBOX".into(),
+            uidvalidity: 0,
+            uid: uid.into(),
+        };
+        // What a process that died right after its commit left behind: the
+        // activity, and its follow-up (a delete) not yet carried out.
+        let mut connector = MaildirConnector::new(
+            "m",
+            &maildir,
+            Vec::new(),
+            10,
+            true,
+            None,
+            task.store.clone(),
+        );
+        let batch = connector.fetch().await.unwrap();
+        let (mut commit, _) = pipeline::process(
+            task.store.as_ref(),
+            &PipelineContext::for_mailbox(&task.config, &task.mailbox),
+            &batch.messages,
+            0,
+        )
+        .unwrap();
+        commit.follow_ups = vec![FollowUp {
+            source: batch.messages[0].source.clone(),
+            kind: AckKind::Recorded,
+            recorded_at: 0,
+            failures: 0,
+            last_error: None,
+        }];
+        task.store.commit(commit).unwrap();
+        assert!(file.exists());
+        assert!(
+            connector.fetch().await.unwrap().messages.is_empty(),
+            "seen: never fetched again"
+        );
+        let mut state = task.load_state();
+        task.cycle(&mut connector, &mut state).await.unwrap();
+        assert!(!file.exists(), "the owed delete was carried out");
+        assert!(task.store.follow_ups("m").unwrap().is_empty());
+        // Replaying it again (a crash before the clear) is harmless.
+        let report = connector
+            .acknowledge(vec![Ack {
+                source: batch.messages[0].source.clone(),
+                kind: AckKind::Recorded,
+            }])
+            .await
+            .unwrap();
+        assert!(report.failed.is_empty() && report.obsolete.is_empty());
+
+        // An obsolete one is dropped with an Information alert.
+        struct Obsolete;
+        impl Connector for Obsolete {
+            fn protocol(&self) -> &'static str {
+                "obsolete"
+            }
+            async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
+                Ok(FetchBatch::default())
+            }
+            async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+                let mut r = AckReport::default();
+                r.obsolete.extend(
+                    acks.into_iter()
+                        .map(|a| (a.source, "UIDVALIDITY changed".into())),
+                );
+                Ok(r)
+            }
+            async fn wait_for_changes(
+                &mut self,
+                _max: Duration,
+                _keep_connection: bool,
+                _cancel: &CancellationToken,
+            ) -> Result<(), ConnectorError> {
+                Ok(())
+            }
+            async fn test(&mut self) -> Result<String, ConnectorError> {
+                Ok(String::new())
+            }
+            async fn close(&mut self) {}
+        }
+        let owed: Vec<FollowUp> = ["a", "b"]
+            .iter()
+            .map(|u| FollowUp {
+                source: source(u),
+                kind: AckKind::Recorded,
+                recorded_at: 0,
+                failures: 0,
+                last_error: None,
+            })
+            .collect();
+        task.store
+            .commit(CommitBatch {
+                follow_ups: owed,
+                ..Default::default()
+            })
+            .unwrap();
+        task.cycle(&mut Obsolete, &mut state).await.unwrap();
+        assert!(task.store.follow_ups("m").unwrap().is_empty());
+        let alerts = task.store.alerts(10).unwrap();
+        assert!(
+            alerts.iter().any(|a| a.level == AlertLevel::Information
+                && a.text == "2 follow-up(s) on processed messages dropped: UIDVALIDITY changed"),
+            "{alerts:?}"
+        );
     }
 
     #[test]

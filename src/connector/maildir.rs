@@ -6,13 +6,14 @@
 //! set; what was processed is known from the store, keyed by the file's unique
 //! name (the part before `:2,`), which survives flag changes and `new/`→`cur/`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
+use super::{Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage};
 use crate::error::Disposition;
 use crate::model::{FolderPosition, SourceKey};
 use crate::store::Store;
@@ -138,12 +139,42 @@ impl MaildirConnector {
         }
     }
 
-    fn find(&self, source: &SourceKey) -> Result<Option<PathBuf>, ConnectorError> {
-        Ok(self
-            .list(&source.folder)?
-            .into_iter()
-            .find(|e| e.unique == source.uid)
-            .map(|e| e.path))
+    /// Deletes (recorded) or moves to `move_failed_to` (failed) one message
+    /// file. Ok(false): the file is no longer at `path`.
+    async fn follow_up(&self, kind: AckKind, path: &Path) -> Result<bool, ConnectorError> {
+        let fail = |p: &Path, e: std::io::Error| self.err(p, e.to_string(), io_disposition(&e));
+        let done = |r: std::io::Result<()>| match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(fail(path, e)),
+        };
+        match (kind, &self.move_failed_to) {
+            (AckKind::Recorded, _) => done(tokio::fs::remove_file(path).await),
+            (AckKind::Failed, Some(target)) => {
+                let dir = self.folder_dir(target).join("cur");
+                tokio::fs::create_dir_all(&dir)
+                    .await
+                    .map_err(|e| fail(&dir, e))?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_default();
+                done(tokio::fs::rename(path, dir.join(name)).await)
+            }
+            (AckKind::Failed, None) => Ok(true),
+        }
+    }
+}
+
+/// Permission and "not a directory" problems need an operator; the rest
+/// (a busy or full disk) may pass.
+fn io_disposition(e: &std::io::Error) -> Disposition {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::PermissionDenied | ErrorKind::NotADirectory | ErrorKind::ReadOnlyFilesystem => {
+            Disposition::Permanent
+        }
+        _ => Disposition::Transient,
     }
 }
 
@@ -214,35 +245,58 @@ impl Connector for MaildirConnector {
         Ok(batch)
     }
 
-    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
+    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+        let mut report = AckReport::default();
+        // Each folder is listed once per call, not once per message.
+        let mut listed: HashMap<String, HashMap<String, PathBuf>> = HashMap::new();
         for ack in acks {
-            let wants_delete = ack.kind == AckKind::Recorded && self.delete_after_processing;
-            let wants_move = ack.kind == AckKind::Failed && self.move_failed_to.is_some();
-            if !wants_delete && !wants_move {
+            if !self.wants_follow_up(ack.kind) {
                 continue;
             }
-            let Some(path) = self.find(&ack.source)? else {
+            let folder = ack.source.folder.clone();
+            if !listed.contains_key(&folder) {
+                let files = match self.list(&folder) {
+                    Ok(entries) => entries.into_iter().map(|e| (e.unique, e.path)).collect(),
+                    // A folder that is gone holds nothing to delete or move.
+                    Err(_) if !self.folder_dir(&folder).exists() => HashMap::new(),
+                    Err(e) => {
+                        report.fail_all([&ack.source], &e);
+                        continue;
+                    }
+                };
+                listed.insert(folder.clone(), files);
+            }
+            // Already deleted or moved (a replay): nothing left to do.
+            let Some(path) = listed
+                .get_mut(&folder)
+                .and_then(|files| files.remove(&ack.source.uid))
+            else {
                 continue;
             };
-            if wants_delete {
-                tokio::fs::remove_file(&path)
-                    .await
-                    .map_err(|e| self.err(&path, e.to_string(), Disposition::Transient))?;
-            } else if let Some(target) = &self.move_failed_to {
-                let dir = self.folder_dir(target).join("cur");
-                tokio::fs::create_dir_all(&dir)
-                    .await
-                    .map_err(|e| self.err(&dir, e.to_string(), Disposition::Transient))?;
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_os_string())
-                    .unwrap_or_default();
-                tokio::fs::rename(&path, dir.join(name))
-                    .await
-                    .map_err(|e| self.err(&path, e.to_string(), Disposition::Transient))?;
+            let mut done = self.follow_up(ack.kind, &path).await;
+            if let Ok(false) = done {
+                // Renamed meanwhile (new/ → cur/, a flag change): look again, once.
+                let renamed = self
+                    .list(&folder)
+                    .ok()
+                    .and_then(|entries| entries.into_iter().find(|e| e.unique == ack.source.uid));
+                done = match renamed {
+                    Some(e) => self.follow_up(ack.kind, &e.path).await,
+                    None => Ok(true),
+                };
+            }
+            if let Err(e) = done {
+                report.fail_all([&ack.source], &e);
             }
         }
-        Ok(())
+        Ok(report)
+    }
+
+    fn wants_follow_up(&self, kind: AckKind) -> bool {
+        match kind {
+            AckKind::Recorded => self.delete_after_processing,
+            AckKind::Failed => self.move_failed_to.is_some(),
+        }
     }
 
     async fn wait_for_changes(
@@ -278,6 +332,61 @@ impl Connector for MaildirConnector {
 mod tests {
     use super::*;
     use crate::store::SledStore;
+
+    /// Follow-ups are replayed after a crash, so each must be idempotent:
+    /// a delete or move of a file already gone succeeds quietly, a file
+    /// renamed meanwhile (new/ → cur/, flags) is still found, and a
+    /// connector that never fetched it works from the source key alone.
+    #[tokio::test]
+    async fn follow_ups_are_idempotent_and_find_renamed_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("Maildir");
+        for d in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let connector = |delete| {
+            MaildirConnector::new(
+                "m",
+                &root,
+                Vec::new(),
+                10,
+                delete,
+                Some("Failed".into()),
+                store.clone(),
+            )
+        };
+        std::fs::write(root.join("new/1.M1P1.a"), "Subject: a\n\nx\n").unwrap();
+        std::fs::write(root.join("new/2.M2P1.b"), "garbage").unwrap();
+        let ack = |uid: &str, kind| Ack {
+            source: SourceKey {
+                mailbox: "m".into(),
+                folder: "INBOX".into(),
+                uidvalidity: 0,
+                uid: uid.into(),
+            },
+            kind,
+        };
+        let acks = || {
+            vec![
+                ack("1.M1P1.a", AckKind::Recorded),
+                ack("2.M2P1.b", AckKind::Failed),
+            ]
+        };
+        // Renamed by a mail client after our listing would have been taken.
+        std::fs::rename(root.join("new/1.M1P1.a"), root.join("cur/1.M1P1.a:2,S")).unwrap();
+        for round in 0..2 {
+            let report = connector(true).acknowledge(acks()).await.unwrap();
+            assert!(report.failed.is_empty(), "round {round}: {report:?}");
+            assert!(report.obsolete.is_empty(), "round {round}: {report:?}");
+            assert!(!root.join("cur/1.M1P1.a:2,S").exists(), "round {round}");
+            assert!(root.join(".Failed/cur/2.M2P1.b").exists(), "round {round}");
+            assert!(!root.join("new/2.M2P1.b").exists(), "round {round}");
+        }
+        // Without delete_after_processing nothing is owed for recorded mail.
+        assert!(!connector(false).wants_follow_up(AckKind::Recorded));
+        assert!(connector(false).wants_follow_up(AckKind::Failed));
+    }
 
     /// Regression (#17 §3): one file that cannot be read failed the whole
     /// fetch, every cycle. Now it comes back as unfetchable (quarantined by

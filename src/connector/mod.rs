@@ -4,7 +4,9 @@
 //! persistence are the pipeline's. The cycle is:
 //! [`Connector::fetch`] a bounded batch (skipping sources the store has seen) →
 //! the pipeline commits activities and the batch's positions together →
-//! [`Connector::acknowledge`] (delete, flag, move) only after that commit is durable.
+//! [`Connector::acknowledge`] (delete, flag, move) only after that commit is
+//! durable; the follow-ups owed are recorded in that same commit and replayed
+//! until done, so they happen at least once.
 
 pub mod forward;
 pub mod imap;
@@ -94,20 +96,43 @@ pub struct FetchBatch {
     pub notices: Vec<(AlertLevel, String)>,
 }
 
-/// What the pipeline did with a message, for the connector's follow-up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AckKind {
-    /// Recorded (activity, duplicate or skipped): flag or delete as configured.
-    Recorded,
-    /// Quarantined: move to the failed-mail folder if configured.
-    Failed,
-}
+pub use crate::model::AckKind;
 
 /// Follow-up for one message.
 #[derive(Debug, Clone)]
 pub struct Ack {
     pub source: SourceKey,
     pub kind: AckKind,
+}
+
+/// What became of the follow-ups of one [`Connector::acknowledge`] call:
+/// every ack listed in neither field is done.
+#[derive(Debug, Default)]
+pub struct AckReport {
+    /// Follow-ups that failed: (source, error, its disposition). They stay
+    /// pending; the scheduler decides how often they are retried.
+    pub failed: Vec<(SourceKey, String, Disposition)>,
+    /// Follow-ups that can never apply any more (the folder's UIDVALIDITY
+    /// changed, so the UID names another message or none; the folder is
+    /// gone): dropped, with why.
+    pub obsolete: Vec<(SourceKey, String)>,
+}
+
+impl AckReport {
+    /// Marks every ack of `sources` as failed with `error`.
+    pub fn fail_all<'a>(
+        &mut self,
+        sources: impl IntoIterator<Item = &'a SourceKey>,
+        error: &ConnectorError,
+    ) {
+        let text = error.to_string();
+        let disposition = error.disposition();
+        self.failed.extend(
+            sources
+                .into_iter()
+                .map(|s| (s.clone(), text.clone(), disposition)),
+        );
+    }
 }
 
 /// Connector failure; the disposition decides retry or disable.
@@ -220,11 +245,25 @@ pub trait Connector: Send {
     /// Fetches the next batch of unseen messages (empty when there is nothing new).
     fn fetch(&mut self) -> impl Future<Output = Result<FetchBatch, ConnectorError>> + Send;
 
-    /// Follows up on committed messages. Called only after the commit is durable.
+    /// Follows up on committed messages. Called only after the commit is
+    /// durable, also for follow-ups recorded by an earlier process: it works
+    /// from the source keys alone and is idempotent (a keyword set twice, a
+    /// move or delete of a message already gone, succeed quietly). `Err`
+    /// means none is known to be done (e.g. the connection failed); per-ack
+    /// failures are in the report.
     fn acknowledge(
         &mut self,
         acks: Vec<Ack>,
-    ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
+    ) -> impl Future<Output = Result<AckReport, ConnectorError>> + Send;
+
+    /// Whether an ack of this kind does anything here and must therefore be
+    /// recorded in the store until done. A connector with its own durable
+    /// record of what is owed (POP3 deletes every seen message it lists)
+    /// says no.
+    fn wants_follow_up(&self, kind: AckKind) -> bool {
+        let _ = kind;
+        true
+    }
 
     /// Waits until new mail may be there: push (IMAP IDLE) where possible, else
     /// `max`. Returns early when `cancel` fires. Without `keep_connection` the

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::oauth::{self, TokenProvider};
 use super::pop3::{Credentials, Pop3Client, Pop3Error};
-use super::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
+use super::{Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage};
 use crate::model::{now, SourceKey, UnixTime};
 use crate::net::Endpoint;
 use crate::store::Store;
@@ -289,12 +289,19 @@ impl Connector for Pop3Connector {
         r
     }
 
-    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
+    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
         let r = self.acknowledge_inner(acks).await;
         if r.is_err() {
             self.session = None;
         }
-        r
+        r.map(|()| AckReport::default())
+    }
+
+    /// No: every session deletes the seen messages it lists ([`Self::open`]),
+    /// which is the durable record of the DELEs owed, and a DELE takes effect
+    /// only at the QUIT that ends a cycle.
+    fn wants_follow_up(&self, _kind: AckKind) -> bool {
+        false
     }
 
     async fn wait_for_changes(

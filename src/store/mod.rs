@@ -9,9 +9,17 @@
 //!   as their activity, so a crash never leaves an index without its activity.
 //! * A duplicate found in a tracked folder (decision method `folder`) re-points
 //!   the existing activity to that folder's record; other duplicates change
-//!   nothing but `also_seen_as`.
+//!   nothing but `also_seen_as` (so a copy in another mailbox lists the
+//!   activity under that mailbox too).
 //! * Deduplication happens inside `commit`, under the store's own lock, by source
-//!   key, then Message-ID + content hash; concurrent mailboxes cannot race it.
+//!   key, then Message-ID + [`same_email`] (sender, date, subject: copies of one
+//!   email delivered to several mailboxes differ in their bytes), then, for mail
+//!   without a Message-ID, content hash; concurrent mailboxes cannot race it.
+//! * Follow-ups owed on a batch's messages ([`CommitBatch::follow_ups`]) are
+//!   written in the same batch, so one that a crash interrupted is found
+//!   again ([`Store::follow_ups`]); a later batch removes them once done.
+//! * The mailbox counters written with a batch count its outcomes ([`Tally`]),
+//!   exactly as the metrics do: only new activities are "processed".
 
 pub mod sled_store;
 
@@ -20,8 +28,8 @@ use std::collections::HashMap;
 use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
-    ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, MailboxState, QuarantineEntry,
-    SourceKey, UnixTime,
+    ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, FollowUp, MailboxState,
+    QuarantineEntry, SourceKey, UnixTime,
 };
 
 pub use sled_store::SledStore;
@@ -62,10 +70,19 @@ pub struct CommitBatch {
     pub items: Vec<PendingItem>,
     /// (mailbox, folder, position) to record.
     pub positions: Vec<(String, String, FolderPosition)>,
+    /// The mailbox's state as before this batch: the store adds the batch's
+    /// [`Tally`] to its counters before writing it, so they count exactly
+    /// what the commit decided (duplicates are not "processed").
     pub mailbox_state: Option<MailboxState>,
     /// Correlation index entries of tracked activities in `items`; written only
     /// for activities that are inserted (not for duplicates), in the same batch.
     pub index: Vec<IndexEntry>,
+    /// Follow-ups owed on this batch's messages, written (or replaced, keyed
+    /// by source) with it.
+    pub follow_ups: Vec<FollowUp>,
+    /// Follow-ups carried out or given up since an earlier commit: removed
+    /// before `follow_ups` are written, so one owed again stays.
+    pub follow_ups_done: Vec<SourceKey>,
     /// Loop-detector marks of automatic activities in `items`; written only
     /// for activities that are inserted, in the same batch.
     pub automatic: Vec<AutomaticMark>,
@@ -79,6 +96,53 @@ pub struct AutomaticMark {
     pub pair: String,
     pub at: UnixTime,
     pub activity: ActivityId,
+}
+
+/// What a batch's outcomes add to its mailbox's counters: new activities and
+/// quarantined messages. Derived from the outcomes the commit itself decides,
+/// by the store for the state it writes and by the caller for its own copy,
+/// so both stay exact (the metrics count the same outcomes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub inserted: u64,
+    pub quarantined: u64,
+}
+
+impl Tally {
+    /// Counts a commit's outcomes.
+    pub fn of(outcomes: &[CommitOutcome]) -> Self {
+        let mut t = Tally::default();
+        for o in outcomes {
+            match o {
+                CommitOutcome::Inserted(_) => t.inserted += 1,
+                CommitOutcome::Quarantined(_) => t.quarantined += 1,
+                CommitOutcome::Duplicate(_) | CommitOutcome::AlreadySeen(_) => {}
+            }
+        }
+        t
+    }
+
+    /// Adds the counts to a mailbox's `items_processed` / `items_failed`.
+    pub fn add_to(self, state: &mut MailboxState) {
+        state.items_processed = state.items_processed.saturating_add(self.inserted);
+        state.items_failed = state.items_failed.saturating_add(self.quarantined);
+    }
+}
+
+/// What must agree, besides a shared Message-ID, for two copies to be one
+/// email: sender, date and subject (white space collapsed). Not the bytes:
+/// a copy delivered to a second mailbox may carry a disclaimer footer, another
+/// transfer encoding or another `Received` chain. This only guards against
+/// different emails that reuse a Message-ID.
+pub fn email_identity(from: &[String], sent_at: Option<UnixTime>, subject: &str) -> String {
+    let subject: Vec<&str> = subject.split_whitespace().collect();
+    format!("{sent_at:?}\n{from:?}\n{}", subject.join(" "))
+}
+
+/// Whether two activities sharing a Message-ID are copies of one email
+/// (see [`email_identity`]).
+pub fn same_email(a: &EmailActivity, b: &EmailActivity) -> bool {
+    email_identity(&a.from, a.sent_at, &a.subject) == email_identity(&b.from, b.sent_at, &b.subject)
 }
 
 /// What happened to one item of a batch.
@@ -159,6 +223,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<HashMap<String, FolderPosition>, StoreError>;
 
     fn mailbox_state(&self, mailbox: &str) -> Result<Option<MailboxState>, StoreError>;
+
+    /// Follow-ups still owed on a mailbox's messages (in source key order).
+    fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError>;
 
     /// Writes mailbox state outside a commit (errors, back-off), durably.
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError>;

@@ -10,7 +10,8 @@
 //! `t/<token digits>` → id · `x/<thread-index root>` → id ·
 //! `sb/<bucket><id>` smart-matching candidate JSON (newest last in a bucket) ·
 //! `sh/<shingle><id>` fingerprint index posting (empty value) ·
-//! `sc/<id>` smart-matching candidate JSON of activities with postings.
+//! `sc/<id>` smart-matching candidate JSON of activities with postings ·
+//! `f/<source>` follow-up owed on a committed message (JSON).
 //!
 //! Regarding records are cached in memory: every correlation lookup needs
 //! them and they change only on commit (insert or re-point). So are
@@ -26,15 +27,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError};
+use super::{
+    same_email, ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError, Tally,
+};
 use crate::correlate::memindex::MAX_CANDIDATES_PER_BUCKET;
 use crate::correlate::{
     shingle_candidate_ids, CandidateData, IndexEntry, Indexes, LookupKeys, SmartCandidate,
     TrackedEmail, MAX_SHINGLE_POSTINGS,
 };
 use crate::model::{
-    ActivityId, Alert, AlertLevel, CorrelationMethod, EmailActivity, FolderPosition, MailboxState,
-    QuarantineEntry, RecordRef, SourceKey, UnixTime,
+    ActivityId, Alert, AlertLevel, CorrelationMethod, EmailActivity, FolderPosition, FollowUp,
+    MailboxState, QuarantineEntry, RecordRef, SourceKey, UnixTime,
 };
 
 /// Cached regarding records beyond this count are dropped (and re-read).
@@ -533,9 +536,12 @@ impl Store for SledStore {
         for (id, a) in &ov.activities {
             b.insert(id_key("r/", *id), encode(&a.regarding)?);
             b.insert(id_key("a/", *id), encode(a)?);
-            let mut am = key("am/", &[a.mailbox.as_bytes(), b""]);
-            am.extend_from_slice(&id.to_be_bytes());
-            b.insert(am, Vec::new());
+            // Listed under every mailbox it was delivered to.
+            for mailbox in a.mailboxes() {
+                let mut am = key("am/", &[mailbox.as_bytes(), b""]);
+                am.extend_from_slice(&id.to_be_bytes());
+                b.insert(am, Vec::new());
+            }
         }
         for (id, row) in ov.quarantine_rows {
             b.insert(id_key("q/", id), row);
@@ -546,8 +552,15 @@ impl Store for SledStore {
                 encode(pos)?,
             );
         }
-        if let Some(state) = &batch.mailbox_state {
-            b.insert(key("b/", &[state.name.as_bytes()]), encode(state)?);
+        if let Some(mut state) = batch.mailbox_state {
+            Tally::of(&outcomes).add_to(&mut state);
+            b.insert(key("b/", &[state.name.as_bytes()]), encode(&state)?);
+        }
+        for source in &batch.follow_ups_done {
+            b.remove(key("f/", &[&source_bytes(source)]));
+        }
+        for f in &batch.follow_ups {
+            b.insert(key("f/", &[&source_bytes(&f.source)]), encode(f)?);
         }
         self.tree.apply_batch(b).map_err(io)?;
         // Reads see the batch from here on, durable or not, so the caches
@@ -760,6 +773,16 @@ impl Store for SledStore {
         self.get_json(&key("b/", &[mailbox.as_bytes()]))
     }
 
+    fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError> {
+        let prefix = key("f/", &[mailbox.as_bytes(), b""]);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(io)?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError> {
         let _guard = self.lock();
         self.tree
@@ -903,11 +926,11 @@ impl SledStore {
         let mut duplicate_of = None;
         for mid in &a.message_ids {
             if let Some(id) = lookup(ov, &mid_key(mid), &ov.message_ids)? {
-                let existing_hash = match ov.activities.get(&id) {
-                    Some(e) => Some(e.content_hash.clone()),
-                    None => self.activity(id)?.map(|e| e.content_hash),
+                let same = match ov.activities.get(&id) {
+                    Some(e) => same_email(e, &a),
+                    None => self.activity(id)?.is_some_and(|e| same_email(&e, &a)),
                 };
-                if existing_hash.as_deref() == Some(a.content_hash.as_str()) {
+                if same {
                     duplicate_of = Some(id);
                     break;
                 }
@@ -1075,10 +1098,10 @@ mod tests {
             ]
         );
         assert_eq!(s.activity(first).unwrap().unwrap().also_seen_as.len(), 2);
-        // Same Message-ID, different content: a different email.
-        let other = s
-            .commit(batch(vec![activity("m", "11", Some("a@x"), "zz")]))
-            .unwrap();
+        // Same Message-ID, another sender, date or subject: a different email.
+        let mut reused = activity("m", "11", Some("a@x"), "zz");
+        reused.subject = "another email reusing the Message-ID".into();
+        let other = s.commit(batch(vec![reused])).unwrap();
         assert!(matches!(other[0], CommitOutcome::Inserted(_)));
         assert_eq!(s.count_activities(None).unwrap(), 3);
         assert_eq!(s.count_activities(Some("m")).unwrap(), 3);
@@ -1386,16 +1409,17 @@ mod tests {
                     retry: Vec::new(),
                 },
             ));
+            // The state as before the batch: the commit adds its one insert.
             b.mailbox_state = Some(MailboxState {
                 name: "m".into(),
-                items_processed: 1,
+                items_processed: 4,
                 ..Default::default()
             });
             s.commit(b).unwrap();
         }
         let s = reopen(dir.path());
         assert_eq!(s.folder_positions("m").unwrap()["INBOX"].next_uid, 2);
-        assert_eq!(s.mailbox_state("m").unwrap().unwrap().items_processed, 1);
+        assert_eq!(s.mailbox_state("m").unwrap().unwrap().items_processed, 5);
         assert_eq!(
             s.activities(&ActivityQuery {
                 mailbox: Some("m".into()),
@@ -1406,6 +1430,171 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    /// `items_processed` counted duplicates and re-scanned copies (a
+    /// UIDVALIDITY re-scan showed 2,324 processed with 1,314 stored): the
+    /// state written with a batch counts what its commit inserted, as the
+    /// metrics do.
+    #[test]
+    fn items_processed_counts_only_inserted_activities() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let state = |processed, failed| MailboxState {
+            name: "m".into(),
+            items_processed: processed,
+            items_failed: failed,
+            ..Default::default()
+        };
+        let mut b = batch(vec![
+            activity("m", "1", Some("a@x"), "h1"),
+            activity("m", "2", Some("b@x"), "h2"),
+        ]);
+        b.mailbox_state = Some(state(0, 0));
+        let first = s.commit(b).unwrap();
+        assert_eq!(
+            Tally::of(&first),
+            Tally {
+                inserted: 2,
+                quarantined: 0
+            }
+        );
+        // A re-scan under a new UIDVALIDITY: the same two emails, one new one,
+        // one replayed source and a quarantined message.
+        let mut rescanned = activity("m", "1", Some("a@x"), "h1");
+        rescanned.source.uidvalidity = 2;
+        let mut b = batch(vec![
+            rescanned,
+            activity("m", "2", Some("b@x"), "h2"),
+            activity("m", "3", Some("c@x"), "h3"),
+        ]);
+        b.items.push(PendingItem::Quarantine(QuarantineEntry {
+            id: 0,
+            source: activity("m", "4", None, "").source,
+            reason: "bad".into(),
+            saved_as: String::new(),
+            size: 1,
+            at: 0,
+        }));
+        b.mailbox_state = Some(state(2, 0));
+        let outcomes = s.commit(b).unwrap();
+        let stored = s.mailbox_state("m").unwrap().unwrap();
+        assert_eq!((stored.items_processed, stored.items_failed), (3, 1));
+        assert_eq!(
+            stored.items_processed,
+            s.count_activities(Some("m")).unwrap()
+        );
+        let mut mine = state(2, 0);
+        Tally::of(&outcomes).add_to(&mut mine);
+        assert_eq!(mine, stored);
+    }
+
+    /// The same Message-ID delivered to two mailboxes, one copy with a
+    /// disclaimer footer (another content hash): one activity, listed under
+    /// both mailboxes, with both sources.
+    #[test]
+    fn one_email_in_two_mailboxes_with_different_bytes_is_one_activity() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let mut original = activity("alice", "1", Some("one@x"), "plain");
+        original.from = vec!["c@customer.example".into()];
+        original.sent_at = Some(1_767_000_000);
+        original.subject = "Quote  request".into();
+        let id = match s.commit(batch(vec![original.clone()])).unwrap()[0] {
+            CommitOutcome::Inserted(i) => i,
+            o => panic!("{o:?}"),
+        };
+        let mut footer = original.clone();
+        footer.mailbox = "queue".into();
+        footer.source.mailbox = "queue".into();
+        footer.content_hash = "with-footer".into();
+        footer.subject = "Quote request".into();
+        assert_eq!(
+            s.commit(batch(vec![footer.clone()])).unwrap(),
+            vec![CommitOutcome::Duplicate(id)]
+        );
+        let a = s.activity(id).unwrap().unwrap();
+        assert_eq!(a.mailboxes(), vec!["alice", "queue"]);
+        assert_eq!(a.also_seen_as, vec![footer.source.clone()]);
+        assert_eq!(s.count_activities(None).unwrap(), 1);
+        for m in ["alice", "queue"] {
+            let listed = s
+                .activities(&ActivityQuery {
+                    mailbox: Some(m.into()),
+                    limit: 10,
+                    before: None,
+                })
+                .unwrap();
+            assert_eq!(listed.len(), 1, "{m}");
+            assert_eq!(listed[0].id, id);
+        }
+        // Another sender, date or subject under the same Message-ID: another email.
+        for change in 0..3 {
+            let mut other = footer.clone();
+            other.source.uid = format!("other{change}");
+            match change {
+                0 => other.from = vec!["someone@else.example".into()],
+                1 => other.sent_at = Some(1_767_000_999),
+                _ => other.subject = "Something else".into(),
+            }
+            assert!(matches!(
+                s.commit(batch(vec![other])).unwrap()[0],
+                CommitOutcome::Inserted(_)
+            ));
+        }
+    }
+
+    /// Follow-ups are written with their batch, survive a reopen (a crash
+    /// before they were carried out), and a later commit removes them;
+    /// one owed again in that same commit stays.
+    #[test]
+    fn follow_ups_commit_with_their_batch_and_are_cleared_later() {
+        use crate::model::AckKind;
+        let dir = tempfile::tempdir().unwrap();
+        let follow_up = |mailbox: &str, uid: &str, kind| FollowUp {
+            source: activity(mailbox, uid, None, "").source,
+            kind,
+            recorded_at: 7,
+            failures: 0,
+            last_error: None,
+        };
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            let mut b = batch(vec![
+                activity("m", "1", Some("a@x"), "h1"),
+                activity("m", "2", Some("b@x"), "h2"),
+            ]);
+            b.follow_ups = vec![
+                follow_up("m", "1", AckKind::Recorded),
+                follow_up("m", "2", AckKind::Failed),
+                follow_up("m2", "1", AckKind::Recorded),
+            ];
+            s.commit(b).unwrap();
+        }
+        let s = reopen(dir.path());
+        let owed = s.follow_ups("m").unwrap();
+        assert_eq!(
+            owed,
+            vec![
+                follow_up("m", "1", AckKind::Recorded),
+                follow_up("m", "2", AckKind::Failed)
+            ]
+        );
+        assert_eq!(s.follow_ups("m2").unwrap().len(), 1);
+        // Done: 1 and 2; 2 is owed again by the same commit, 3 is new.
+        let mut again = follow_up("m", "2", AckKind::Failed);
+        again.failures = 1;
+        let b = CommitBatch {
+            follow_ups_done: vec![owed[0].source.clone(), owed[1].source.clone()],
+            follow_ups: vec![again.clone(), follow_up("m", "3", AckKind::Recorded)],
+            ..Default::default()
+        };
+        s.commit(b).unwrap();
+        assert_eq!(
+            s.follow_ups("m").unwrap(),
+            vec![again, follow_up("m", "3", AckKind::Recorded)]
+        );
+        assert_eq!(s.follow_ups("m2").unwrap().len(), 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! call reconnects), because after a failed or cancelled command the protocol
 //! state is unknown.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Credentials, FolderNames, IdleOutcome, ImapClient, ImapDate, ImapError};
 use crate::connector::oauth::{self, TokenProvider};
-use crate::connector::{Ack, AckKind, Connector, ConnectorError, FetchBatch, RawMessage};
+use crate::connector::{
+    Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage,
+};
 use crate::error::{Classify, Disposition};
 use crate::model::{now, AlertLevel, FolderPosition, RetryMessage, SourceKey, UnixTime};
 use crate::net::Endpoint;
@@ -62,6 +64,13 @@ pub struct ImapSettings {
     /// Later cycles a message that SEARCH lists but FETCH does not deliver is
     /// retried at before it is quarantined.
     pub missing_message_retries: u32,
+}
+
+/// The follow-ups owed in one folder under one UIDVALIDITY: (UID, source).
+#[derive(Default)]
+struct FolderAcks {
+    recorded: Vec<(u32, SourceKey)>,
+    failed: Vec<(u32, SourceKey)>,
 }
 
 /// Why a UID asked for is missing from a FETCH that succeeded.
@@ -600,60 +609,123 @@ impl ImapConnector {
         Ok(batch)
     }
 
-    async fn acknowledge_inner(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
-        let keyword = self.settings.processed_keyword.clone();
-        let delete = self.settings.delete_after_processing;
-        let failed_to = self.settings.move_failed_to.clone();
+    /// Carries out follow-ups folder by folder. A folder the server refuses
+    /// (`NO`) fails only its own follow-ups; a broken connection fails the call.
+    async fn acknowledge_inner(
+        &mut self,
+        acks: Vec<Ack>,
+        report: &mut AckReport,
+    ) -> Result<(), ConnectorError> {
         // Group per folder and kind, so each folder is selected once.
-        let mut groups: HashMap<(String, u64), (Vec<u32>, Vec<u32>)> = HashMap::new();
+        let mut groups: BTreeMap<(String, u64), FolderAcks> = BTreeMap::new();
         for a in acks {
+            if !self.wants_follow_up(a.kind) {
+                continue;
+            }
             let Ok(uid) = a.source.uid.parse::<u32>() else {
+                report
+                    .obsolete
+                    .push((a.source, "not an IMAP UID".to_string()));
                 continue;
             };
             let g = groups
                 .entry((a.source.folder.clone(), a.source.uidvalidity))
                 .or_default();
             match a.kind {
-                AckKind::Recorded => g.0.push(uid),
-                AckKind::Failed => g.1.push(uid),
+                AckKind::Recorded => g.recorded.push((uid, a.source)),
+                AckKind::Failed => g.failed.push((uid, a.source)),
             }
         }
+        if groups.is_empty() {
+            return Ok(());
+        }
         let mut client = self.take_client().await?;
-        for ((folder, validity), (recorded, failed)) in groups {
-            let wants_recorded = !recorded.is_empty() && (delete || keyword.is_some());
-            let wants_failed = !failed.is_empty() && failed_to.is_some();
-            if !wants_recorded && !wants_failed {
-                continue;
-            }
-            let state = client.select(&folder).await?;
-            if u64::from(state.uidvalidity) != validity {
-                // The UIDs mean other messages now; leave them alone.
-                continue;
-            }
-            if wants_recorded {
-                if delete {
-                    client.delete(&recorded).await?;
-                } else if let Some(k) = &keyword {
-                    if client.can_set_keywords() {
-                        client.add_keyword(&recorded, k).await?;
-                    }
+        // Configured names map to the server's; a replay at the start of a
+        // cycle may come before any fetch resolved them on this connection.
+        if !self.names_resolved {
+            self.resolve_folders(&mut client).await?;
+        }
+        for ((folder, validity), g) in groups {
+            let sources = g.recorded.iter().chain(&g.failed).map(|(_, s)| s);
+            match self
+                .follow_up_folder(&mut client, &folder, validity, &g)
+                .await
+            {
+                Ok(None) => {}
+                Ok(Some(why)) => report
+                    .obsolete
+                    .extend(sources.map(|s| (s.clone(), why.clone()))),
+                // A `NO` leaves the connection usable for the other folders.
+                Err(e) if e.disposition() == Disposition::Permanent => {
+                    report.fail_all(sources, &e.into());
                 }
-            }
-            if let (true, Some(target)) = (wants_failed, &failed_to) {
-                match client.move_to(&failed, target).await {
-                    Err(ImapError::FolderMissing { .. }) => {
-                        client.create_folder(target).await?;
-                        client.select(&folder).await?;
-                        client.move_to(&failed, target).await?;
-                    }
-                    other => {
-                        other?;
-                    }
-                }
+                Err(e) => return Err(e.into()),
             }
         }
         self.client = Some(client);
         Ok(())
+    }
+
+    /// The follow-ups of one folder; Ok(Some(why)) when they can never apply.
+    /// Each is idempotent: a keyword set twice is one keyword, and a delete
+    /// or move of a UID that is gone is a no-op.
+    async fn follow_up_folder(
+        &self,
+        client: &mut ImapClient,
+        folder: &str,
+        validity: u64,
+        g: &FolderAcks,
+    ) -> Result<Option<String>, ImapError> {
+        let state = match client.select(folder).await {
+            Ok(state) => state,
+            Err(ImapError::FolderMissing { .. }) => {
+                return Ok(Some(format!("folder {folder:?} no longer exists")))
+            }
+            Err(e) => return Err(e),
+        };
+        if u64::from(state.uidvalidity) != validity {
+            return Ok(Some(format!(
+                "UIDVALIDITY of folder {folder:?} changed ({validity} → {}): its UIDs name other messages now",
+                state.uidvalidity
+            )));
+        }
+        let recorded: Vec<u32> = g.recorded.iter().map(|(u, _)| *u).collect();
+        if !recorded.is_empty() {
+            if self.settings.delete_after_processing {
+                client.delete(&recorded).await?;
+            } else if let Some(k) = &self.settings.processed_keyword {
+                // A folder that takes no keywords: there is nothing to do.
+                if client.can_set_keywords() {
+                    client.add_keyword(&recorded, k).await?;
+                }
+            }
+        }
+        let (false, Some(target)) = (g.failed.is_empty(), &self.settings.move_failed_to) else {
+            return Ok(None);
+        };
+        // Only UIDs still here: moved before (a replay), they are done, and
+        // not every server answers a MOVE of missing UIDs with OK.
+        let failed: Vec<u32> = g.failed.iter().map(|(u, _)| *u).collect();
+        let present: Vec<u32> = client
+            .fetch_sizes(&failed)
+            .await?
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect();
+        if present.is_empty() {
+            return Ok(None);
+        }
+        match client.move_to(&present, target).await {
+            Err(ImapError::FolderMissing { .. }) => {
+                client.create_folder(target).await?;
+                client.select(folder).await?;
+                client.move_to(&present, target).await?;
+            }
+            other => {
+                other?;
+            }
+        }
+        Ok(None)
     }
 
     async fn test_inner(&mut self) -> Result<String, ConnectorError> {
@@ -746,16 +818,20 @@ impl Connector for ImapConnector {
         })
     }
 
-    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<(), ConnectorError> {
-        match self.acknowledge_inner(acks).await {
-            Ok(()) => Ok(()),
-            // A keyword or move the server refuses must not stop the sync: the
-            // activity is committed already.
-            Err(e) if e.disposition() == Disposition::Permanent => {
-                tracing::warn!(mailbox = %self.settings.mailbox, error = %e, "follow-up on processed messages failed");
-                Ok(())
-            }
+    async fn acknowledge(&mut self, acks: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+        let mut report = AckReport::default();
+        match self.acknowledge_inner(acks, &mut report).await {
+            Ok(()) => Ok(report),
             Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn wants_follow_up(&self, kind: AckKind) -> bool {
+        match kind {
+            AckKind::Recorded => {
+                self.settings.delete_after_processing || self.settings.processed_keyword.is_some()
+            }
+            AckKind::Failed => self.settings.move_failed_to.is_some(),
         }
     }
 
