@@ -1,0 +1,208 @@
+//! `[[profiles]]`: email server profiles.
+
+use super::*;
+
+pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profile> {
+    let _ = base_dir;
+    let name = t.required_string("name", errs);
+    let kind_s = t.required_string("type", errs);
+    let kind = kind_s.as_deref().and_then(|k| {
+        let parsed = ProfileType::parse(k);
+        if parsed.is_none() {
+            errs.push(t.key("type"), format!("unknown profile type {k:?}; expected one of exchange_online, exchange_server, imap_smtp, pop3_smtp, maildir"));
+        }
+        parsed
+    });
+    let host = t.nonempty_string("host", errs);
+    let port_i = t.int("port", 0, 0, 65_535, errs);
+    let tls = t.choice(
+        "tls",
+        TlsMode::StartTls,
+        &[
+            ("implicit", TlsMode::Implicit),
+            ("starttls", TlsMode::StartTls),
+            ("plain", TlsMode::Plain),
+        ],
+        errs,
+    );
+    let allow_insecure = t.bool("allow_insecure", false, errs);
+    if tls == TlsMode::Plain && !allow_insecure {
+        errs.push(
+            t.key("tls"),
+            "\"plain\" sends passwords unencrypted; set allow_insecure = true to allow it",
+        );
+    }
+    let ca_file = t.string("ca_file", errs).map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        if !ca.exists() {
+            errs.push(t.key("ca_file"), format!("{} does not exist", ca.display()));
+        }
+    }
+    let tls_server_name = t.nonempty_string("tls_server_name", errs);
+    let auth = t.choice(
+        "auth",
+        AuthKind::Password,
+        &[
+            ("password", AuthKind::Password),
+            ("oauth2", AuthKind::OAuth2),
+        ],
+        errs,
+    );
+    let username = t.nonempty_string("username", errs);
+    let secret = secret(
+        &mut t,
+        "password",
+        "password_file",
+        "password_env",
+        base_dir,
+        errs,
+    );
+    let password_file = secret_file_of(&mut t, "password_file", base_dir);
+    let (token_file, token_expires_at) = token_source(&mut t, secret.is_some(), base_dir, errs);
+    if auth != AuthKind::OAuth2 && (token_file.is_some() || token_expires_at.is_some()) {
+        errs.push(
+            t.key(if token_file.is_some() {
+                "token_file"
+            } else {
+                "token_expires_at"
+            }),
+            "is for OAuth2 tokens; set auth = \"oauth2\" or remove it",
+        );
+    }
+    let token_expiry_warning = t.duration(
+        "token_expiry_warning",
+        SECS(7 * 86_400),
+        SECS(0),
+        SECS(365 * 86_400),
+        errs,
+    );
+    let poll_interval = t.duration("poll_interval", SECS(60), SECS(1), SECS(1440 * 60), errs);
+    let max_conn = t.int("max_concurrent_connections", 10, 1, 300, errs) as u16;
+    let connect_timeout = t.duration("connect_timeout", SECS(30), SECS(1), SECS(100), errs);
+    let io_timeout = t.duration("io_timeout", SECS(120), SECS(1), SECS(3600), errs);
+    let process_email_from = t.string("process_email_from", errs).and_then(|s| {
+        let date_part = s.get(..10).unwrap_or(&s);
+        match chrono::NaiveDate::parse_from_str(date_part, "%Y-%m-%d") {
+            Ok(d) => Some(d),
+            Err(_) => {
+                errs.push(
+                    t.key("process_email_from"),
+                    format!("{s:?} is not a date like 2026-01-31"),
+                );
+                None
+            }
+        }
+    });
+    let move_failed_to = t.nonempty_string("move_failed_to", errs);
+    let batch_size = t.int("batch_size", 200, 1, 10_000, errs) as usize;
+    let max_message_size = t.int("max_message_size", 50 * 1024 * 1024, 1024, 1 << 34, errs) as u64;
+    // Absent: the documented default for IMAP profiles (set below, once the
+    // type is known); an empty string switches the keyword off.
+    let keyword_given = t.raw("processed_keyword").is_some();
+    let mut processed_keyword = t
+        .string("processed_keyword", errs)
+        .filter(|k| !k.trim().is_empty());
+    if let Some(k) = &processed_keyword {
+        if k.chars()
+            .any(|c| c.is_whitespace() || "(){%*\"\\]".contains(c))
+        {
+            errs.push(
+                t.key("processed_keyword"),
+                format!("{k:?} is not a valid IMAP keyword"),
+            );
+        }
+    }
+    let idle = t.bool("idle", true, errs);
+    let retry_backoff_max = t.duration("retry_backoff_max", SECS(900), SECS(1), SECS(86_400), errs);
+    let stall_alert_after = t.duration(
+        "stall_alert_after",
+        SECS(3600),
+        SECS(1),
+        SECS(30 * 86_400),
+        errs,
+    );
+    // Deprecated: still range-checked so a typo is reported, then ignored.
+    let max_transient_failures = t
+        .raw("max_transient_failures")
+        .is_some()
+        .then(|| t.int("max_transient_failures", 10, 1, 1000, errs) as u32);
+    let missing_message_retries = t.int("missing_message_retries", 3, 1, 1000, errs) as u32;
+
+    if let Some(kind) = kind {
+        let needs_server = !matches!(kind, ProfileType::Maildir);
+        if needs_server && host.is_none() {
+            errs.push(
+                t.key("host"),
+                format!(
+                    "is required for a {} profile",
+                    kind_s.as_deref().unwrap_or("")
+                ),
+            );
+        }
+        if !needs_server && host.is_some() {
+            errs.push(
+                t.key("host"),
+                "a maildir profile has no server; remove host",
+            );
+        }
+        if matches!(
+            kind,
+            ProfileType::ExchangeOnline | ProfileType::ExchangeServer
+        ) {
+            errs.push(t.key("type"), "Exchange connectors are not available in this version; use imap_smtp with XOAUTH2 for Exchange Online");
+        }
+        if kind == ProfileType::ImapSmtp && !keyword_given {
+            processed_keyword = Some(crate::connector::imap::CRM_KEYWORD.to_string());
+        }
+        if kind == ProfileType::Pop3Smtp && processed_keyword.is_some() {
+            errs.push(
+                t.key("processed_keyword"),
+                "POP3 has no keywords; remove processed_keyword",
+            );
+        }
+        if kind == ProfileType::Pop3Smtp && move_failed_to.is_some() {
+            errs.push(
+                t.key("move_failed_to"),
+                "POP3 is email-only with no folders; remove move_failed_to",
+            );
+        }
+    }
+    let port = match (port_i, kind) {
+        (0, Some(ProfileType::ImapSmtp)) => Some(if tls == TlsMode::Implicit { 993 } else { 143 }),
+        (0, Some(ProfileType::Pop3Smtp)) => Some(if tls == TlsMode::Implicit { 995 } else { 110 }),
+        (0, _) => None,
+        (p, _) => Some(p as u16),
+    };
+    t.finish(errs);
+    Some(Profile {
+        name: name?,
+        kind: kind?,
+        host,
+        port,
+        tls,
+        allow_insecure,
+        ca_file,
+        tls_server_name,
+        auth,
+        username,
+        secret,
+        token_file,
+        token_expires_at,
+        token_expiry_warning,
+        poll_interval,
+        max_concurrent_connections: max_conn,
+        connect_timeout,
+        io_timeout,
+        process_email_from,
+        move_failed_to,
+        batch_size,
+        max_message_size,
+        processed_keyword,
+        idle,
+        retry_backoff_max,
+        stall_alert_after,
+        max_transient_failures,
+        password_file,
+        missing_message_retries,
+    })
+}
