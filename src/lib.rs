@@ -22,6 +22,7 @@ pub mod model;
 pub mod net;
 pub mod parse;
 pub mod pipeline;
+pub mod private_fs;
 pub mod replay;
 pub mod scheduler;
 pub mod store;

@@ -518,7 +518,7 @@ fn save_quarantined(dir: &Path, source: &SourceKey, raw: &[u8]) -> Result<PathBu
         path: path.display().to_string(),
         source,
     };
-    create_private_dir(dir).map_err(|e| err(dir, e))?;
+    crate::private_fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, source.to_string().as_bytes());
     let name: String = digest
         .as_ref()
@@ -528,35 +528,12 @@ fn save_quarantined(dir: &Path, source: &SourceKey, raw: &[u8]) -> Result<PathBu
         .collect();
     let path = dir.join(format!("{name}.eml"));
     let tmp = dir.join(format!("{name}.eml.tmp"));
-    let mut f = create_private_file(&tmp).map_err(|e| err(&tmp, e))?;
+    let mut f = crate::private_fs::create_file(&tmp).map_err(|e| err(&tmp, e))?;
     f.write_all(raw)
         .and_then(|_| f.sync_all())
         .map_err(|e| err(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))?;
     Ok(path)
-}
-
-/// A directory (and missing parents) that only the daemon's user can enter,
-/// whatever the umask: quarantined mail is private.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir)
-}
-
-/// Creates (truncating) a file readable by the daemon's user only, whatever the
-/// umask; an existing file from an earlier attempt is narrowed to 0600 too.
-fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-    let f = o.open(path)?;
-    #[cfg(unix)]
-    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    Ok(f)
 }
 
 #[cfg(test)]

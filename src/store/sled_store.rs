@@ -245,27 +245,6 @@ fn mid_key(id: &str) -> Vec<u8> {
     )
 }
 
-/// Creates `path` and its missing parents as 0700 whatever the umask (the
-/// store holds mail). An existing directory is left as it is.
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    if path.is_dir() {
-        return Ok(());
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-    }
-    #[cfg(not(unix))]
-    {
-        std::fs::create_dir_all(path)
-    }
-}
-
 impl SledStore {
     /// Opens (creating if needed) the store at `path`, with the default page
     /// cache ([`crate::config::DEFAULT_STORE_CACHE_MB`]).
@@ -277,7 +256,7 @@ impl SledStore {
     /// `cache_mb` MiB (sled's own default, 1 GiB, is far too much beside other
     /// services). A directory it creates is 0700 whatever the umask.
     pub fn open_with_cache_mb(path: &Path, cache_mb: u64) -> Result<Self, StoreError> {
-        create_private_dir(path)
+        crate::private_fs::create_dir_all(path)
             .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", path.display())))?;
         let db = sled::Config::new()
             .path(path)
