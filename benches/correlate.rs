@@ -344,6 +344,7 @@ fn build_sled(g: &Gen, n: usize, s: &CorrelationSettings, dir: &Path) -> SledSto
                 forwarded_by: None,
                 automatic: None,
                 no_reply: false,
+                parties: vec![],
             })));
         if batch.items.len() == 1_000 || i + 1 == n {
             store

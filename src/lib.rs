@@ -13,6 +13,7 @@ pub mod alerts;
 pub mod config;
 pub mod connector;
 pub mod correlate;
+pub mod crm;
 pub mod daemon;
 pub mod error;
 #[cfg(feature = "fault-injection")]

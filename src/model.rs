@@ -312,6 +312,9 @@ pub struct EmailActivity {
     /// The outgoing side must never answer this email (automatic mail).
     #[serde(default)]
     pub no_reply: bool,
+    /// From, to, cc and bcc, each resolved to a CRM record or not (with why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parties: Vec<Party>,
 }
 
 /// Kind of automatically generated mail, as the filter classifies it.
@@ -512,4 +515,161 @@ mod tests {
         assert!(!ProfileType::Pop3Smtp.supports_act());
         assert!(ProfileType::ImapSmtp.has_folders());
     }
+}
+
+// ---------------------------------------------------------------------------
+// The CRM side: records the daemon learns, parties it resolves, events it
+// delivers.
+
+/// Record kinds that have a special meaning; any other kind (`case`,
+/// `opportunity`, …) is a regarding-able record.
+pub mod record_kind {
+    pub const USER: &str = "user";
+    pub const QUEUE: &str = "queue";
+    pub const CONTACT: &str = "contact";
+    pub const ACCOUNT: &str = "account";
+    pub const LEAD: &str = "lead";
+    /// Kinds a sender can resolve to for the `from_crm_records` track filter.
+    pub const CUSTOMER_KINDS: [&str; 3] = [CONTACT, ACCOUNT, LEAD];
+}
+
+/// One CRM record in the daemon's directory: a user, queue, contact, account,
+/// lead or any regarding-able record (`kind:id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Lower case, `[a-z0-9_]+` (see [`record_kind`]).
+    pub kind: String,
+    /// The CRM's id (a GUID in Dataverse), as given.
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    /// Email addresses as given; the address index uses them lower-cased.
+    #[serde(default)]
+    pub emails: Vec<String>,
+    /// Owning user or team (CRM id), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Dynamics' "email-enabled" (`donotemail` false, address valid): the
+    /// `from_email_enabled_records` track filter looks at it.
+    #[serde(default = "default_true")]
+    pub email_enabled: bool,
+    /// Users only: the Dynamics user number carried in tracking tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_number: Option<u32>,
+    /// When the directory last changed this record (set by the store).
+    #[serde(default)]
+    pub updated_at: UnixTime,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Record {
+    /// `kind:id` of this record.
+    pub fn reference(&self) -> Result<RecordRef, String> {
+        format!("{}:{}", self.kind, self.id).parse()
+    }
+}
+
+/// How a message names a party.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartyRole {
+    From,
+    To,
+    Cc,
+    Bcc,
+}
+
+impl PartyRole {
+    /// Dataverse `participationtypemask` (1 sender, 2 to, 3 cc, 4 bcc).
+    pub fn participation_type_mask(self) -> u8 {
+        match self {
+            PartyRole::From => 1,
+            PartyRole::To => 2,
+            PartyRole::Cc => 3,
+            PartyRole::Bcc => 4,
+        }
+    }
+}
+
+/// One address of an activity, resolved to a record or not (and why).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Party {
+    pub role: PartyRole,
+    /// The address as used in the message, lower-cased.
+    pub address: String,
+    /// The record it resolved to; `None` when unknown or ambiguous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordRef>,
+    /// Why it is unresolved (no record, a tie, too many matches, with the
+    /// candidates), or how it was resolved (auto-created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// What an outbox event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A new activity.
+    #[serde(rename = "activity.created")]
+    ActivityCreated,
+    /// An activity changed: re-pointed, seen in another mailbox, parties
+    /// resolved later (`changes` names what).
+    #[serde(rename = "activity.updated")]
+    ActivityUpdated,
+}
+
+/// One event of the durable event log: written in the same atomic batch as
+/// the activity change it reports, numbered in commit order (`seq` is the
+/// pull feed's cursor and never reused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEvent {
+    /// 1, 2, 3, … in commit order, without gaps.
+    pub seq: u64,
+    /// Stable id of this event (`evt_<seq>`), the same on every retry: the
+    /// webhook's `webhook-id`, the receiver's dedupe key.
+    pub id: String,
+    pub kind: EventKind,
+    pub activity_id: ActivityId,
+    /// What changed for [`EventKind::ActivityUpdated`]: `regarding`,
+    /// `also_seen_as`, `parties`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+    pub at: UnixTime,
+    /// The activity as this commit left it.
+    pub activity: EmailActivity,
+}
+
+impl OutboxEvent {
+    /// The stable event id for a sequence number.
+    pub fn id_for(seq: u64) -> String {
+        format!("evt_{seq}")
+    }
+}
+
+/// Delivery state of one event for one consumer (a CRM adapter).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    pub seq: u64,
+    pub activity_id: ActivityId,
+    /// When the event was committed (the outbox's age counts from here).
+    pub queued_at: UnixTime,
+    pub attempts: u32,
+    /// Not to be tried before this time (back-off, `Retry-After`).
+    #[serde(default)]
+    pub next_attempt_at: UnixTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// An event given up on after the dead-letter age, kept for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub consumer: String,
+    pub state: DeliveryState,
+    pub dead_at: UnixTime,
+    pub reason: String,
 }

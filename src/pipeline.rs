@@ -385,6 +385,7 @@ pub fn process_seeded(
             },
             automatic,
             no_reply,
+            parties: Vec::new(),
         };
         batch.items.push(PendingItem::Activity(Box::new(activity)));
         results.push((

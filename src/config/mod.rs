@@ -22,17 +22,23 @@ use crate::model::{
 use crate::net::TlsMode;
 
 mod correlation;
+mod crm;
 mod mailbox;
 mod profile;
 mod raw;
 mod secret;
 
 use correlation::*;
+use crm::*;
 use mailbox::*;
 use profile::*;
 use raw::*;
 use secret::*;
 
+pub use crm::{
+    default_retry_schedule, CrmKind, CrmSettings, DataverseSettings, DeliverySettings,
+    PartySettings, WebhookSettings,
+};
 pub use secret::read_secret_file;
 
 /// Exit status for configuration errors (sysexits EX_USAGE... EX_CONFIG is 78; the
@@ -248,6 +254,8 @@ pub struct Config {
     pub process_only_approved: bool,
     pub profiles: Vec<Profile>,
     pub mailboxes: Vec<Mailbox>,
+    /// `[crm]`: the CRM adapter, delivery and party resolution.
+    pub crm: CrmSettings,
 }
 
 impl Config {
@@ -410,6 +418,9 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
 
     let process_only_approved = top.bool("process_only_approved", true, &mut errs);
 
+    // [crm]
+    let crm = crm_settings(top.sub("crm", &mut errs), base_dir, &mut errs);
+
     // [[profiles]]
     let mut profiles = Vec::new();
     let mut profile_names: HashMap<String, usize> = HashMap::new();
@@ -466,6 +477,7 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
             process_only_approved,
             profiles,
             mailboxes,
+            crm,
         })
     } else {
         Err(ConfigErrors(errs.0))

@@ -20,6 +20,17 @@
 //!   again ([`Store::follow_ups`]); a later batch removes them once done.
 //! * The mailbox counters written with a batch count its outcomes ([`Tally`]),
 //!   exactly as the metrics do: only new activities are "processed".
+//! * Every commit that creates or changes an activity (inserted, re-pointed,
+//!   `also_seen_as` grown, parties changed) appends one [`OutboxEvent`] per
+//!   activity to the event log, numbered in commit order, and one pending
+//!   [`DeliveryState`] per outbox consumer ([`Store::set_outbox_consumers`]),
+//!   in the same atomic batch. A delivery's outcome
+//!   ([`Store::finish_delivery`]) is again one batch: the pending entry goes
+//!   away (or is rescheduled, or moves to the dead letters) together with the
+//!   CRM id it produced.
+//! * The record directory keeps an address index (`address → records`)
+//!   written in the same batch as the records, so a lookup is one prefix
+//!   read, never a scan.
 
 pub mod sled_store;
 
@@ -28,8 +39,8 @@ use std::collections::HashMap;
 use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
-    ActivityId, Alert, AlertLevel, EmailActivity, FolderPosition, FollowUp, MailboxState,
-    QuarantineEntry, SourceKey, UnixTime,
+    ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
+    FollowUp, MailboxState, OutboxEvent, QuarantineEntry, Record, SourceKey, UnixTime,
 };
 
 pub use sled_store::SledStore;
@@ -165,6 +176,42 @@ pub struct ActivityQuery {
     pub limit: usize,
 }
 
+/// What a record upsert changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordChanges {
+    pub inserted: u64,
+    pub updated: u64,
+    /// Unchanged records given again (no write).
+    pub unchanged: u64,
+    pub deleted: u64,
+}
+
+/// The outcome of one delivery attempt, applied in one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    /// Delivered: the pending entry is removed; `crm_id` (when given) is
+    /// remembered for the activity.
+    Delivered {
+        seq: u64,
+        activity_id: ActivityId,
+        crm_id: Option<String>,
+    },
+    /// Failed, to be tried again: the entry is replaced by this one.
+    Retry(DeliveryState),
+    /// Given up: the pending entry moves to the dead letters.
+    DeadLetter(DeadLetter),
+}
+
+/// How much is waiting for one consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Undelivered events.
+    pub depth: u64,
+    /// `queued_at` of the oldest undelivered event.
+    pub oldest_queued_at: Option<UnixTime>,
+    pub dead_letters: u64,
+}
+
 /// The persistence interface. Methods are blocking; async callers use
 /// `spawn_blocking` for [`Store::commit`], which waits for the disk.
 pub trait Store: Send + Sync + 'static {
@@ -248,4 +295,90 @@ pub trait Store: Send + Sync + 'static {
     /// resolved at `at`; raising the same text again opens a new alert.
     /// Returns how many were resolved.
     fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError>;
+
+    // --- Record directory -------------------------------------------------
+
+    /// Upserts records (a record given again unchanged is not written) and
+    /// deletes `(kind, id)`s, with their address index entries, and stores
+    /// `cursor` as `(consumer, cursor)` for the next delta pull, all in one
+    /// batch. `updated_at` is set to `at` on what changed.
+    fn upsert_records(
+        &self,
+        records: Vec<Record>,
+        deleted: &[(String, String)],
+        cursor: Option<(&str, &str)>,
+        at: UnixTime,
+    ) -> Result<RecordChanges, StoreError>;
+
+    fn record(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError>;
+
+    /// Records carrying this address (case-insensitive), by kind then id: an
+    /// indexed read.
+    fn records_by_address(&self, address: &str) -> Result<Vec<Record>, StoreError>;
+
+    /// Records by kind then id, after `(kind, id)` (exclusive), at most
+    /// `limit` (0: all); only of `kind` when given.
+    fn records(
+        &self,
+        kind: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError>;
+
+    fn count_records(&self, kind: Option<&str>) -> Result<u64, StoreError>;
+
+    /// The delta-sync cursor stored for a consumer by [`Store::upsert_records`].
+    fn record_cursor(&self, consumer: &str) -> Result<Option<String>, StoreError>;
+
+    /// Ids of activities with a party of this address (case-insensitive)
+    /// that is unresolved, oldest first: what a new record may resolve.
+    fn activities_with_unresolved(&self, address: &str) -> Result<Vec<ActivityId>, StoreError>;
+
+    // --- Event log and outbox ---------------------------------------------
+
+    /// Which consumers (CRM adapters) get a pending delivery for each new
+    /// event from now on. Set once at start, before the first commit.
+    fn set_outbox_consumers(&self, consumers: Vec<String>);
+
+    /// Replaces an activity outside the ingest path (parties resolved later,
+    /// an admin's correction) and appends its `activity.updated` event with
+    /// `changes`, in one batch. Returns the event's seq (`None`: the activity
+    /// does not exist).
+    fn update_activity(
+        &self,
+        activity: EmailActivity,
+        changes: Vec<String>,
+        at: UnixTime,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Events with `seq > after`, in order, at most `limit` (0: all).
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError>;
+
+    fn event(&self, seq: u64) -> Result<Option<OutboxEvent>, StoreError>;
+
+    /// The newest event's seq (0: none yet).
+    fn last_event_seq(&self) -> Result<u64, StoreError>;
+
+    /// Sees the newest seq after every commit that appended events (for the
+    /// pull feed's long-poll and the outbox worker's wake-up).
+    fn watch_events(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Undelivered events of a consumer, in seq order, at most `limit`
+    /// (0: all).
+    fn pending_deliveries(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeliveryState>, StoreError>;
+
+    /// Applies a delivery attempt's outcome in one batch.
+    fn finish_delivery(&self, consumer: &str, outcome: DeliveryOutcome) -> Result<(), StoreError>;
+
+    /// The CRM's id for an activity, as a consumer's delivery reported it.
+    fn crm_id(&self, consumer: &str, activity: ActivityId) -> Result<Option<String>, StoreError>;
+
+    fn outbox_stats(&self, consumer: &str) -> Result<OutboxStats, StoreError>;
+
+    /// Dead letters of a consumer, oldest first, at most `limit` (0: all).
+    fn dead_letters(&self, consumer: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
 }

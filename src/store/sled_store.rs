@@ -11,7 +11,12 @@
 //! `sb/<bucket><id>` smart-matching candidate JSON (newest last in a bucket) ·
 //! `sh/<shingle><id>` fingerprint index posting (empty value) ·
 //! `sc/<id>` smart-matching candidate JSON of activities with postings ·
-//! `f/<source>` follow-up owed on a committed message (JSON).
+//! `f/<source>` follow-up owed on a committed message (JSON) ·
+//! `rc/<kind>\0<id>` CRM record (JSON) · `ra/<address>\0<kind>\0<id>` address
+//! index (empty) · `rk/<consumer>` record delta cursor ·
+//! `e/<seq>` event (JSON) · `o/<consumer>\0<seq>` pending delivery (JSON) ·
+//! `od/<consumer>\0<seq>` dead letter (JSON) · `ci/<consumer>\0<activity>` CRM
+//! id · `pu/<address>\0<activity>` unresolved party (empty).
 //!
 //! Regarding records are cached in memory: every correlation lookup needs
 //! them and they change only on commit (insert or re-point). So are
@@ -28,7 +33,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    same_email, ActivityQuery, CommitBatch, CommitOutcome, PendingItem, Store, StoreError, Tally,
+    same_email, ActivityQuery, CommitBatch, CommitOutcome, DeliveryOutcome, OutboxStats,
+    PendingItem, RecordChanges, Store, StoreError, Tally,
 };
 use crate::correlate::memindex::MAX_CANDIDATES_PER_BUCKET;
 use crate::correlate::{
@@ -36,8 +42,9 @@ use crate::correlate::{
     TrackedEmail, MAX_SHINGLE_POSTINGS,
 };
 use crate::model::{
-    ActivityId, Alert, AlertLevel, CorrelationMethod, EmailActivity, FolderPosition, FollowUp,
-    MailboxState, QuarantineEntry, RecordRef, SourceKey, UnixTime,
+    ActivityId, Alert, AlertLevel, CorrelationMethod, DeadLetter, DeliveryState, EmailActivity,
+    EventKind, FolderPosition, FollowUp, MailboxState, OutboxEvent, QuarantineEntry, Record,
+    RecordRef, SourceKey, UnixTime,
 };
 
 /// Cached regarding records beyond this count are dropped (and re-read).
@@ -168,6 +175,10 @@ pub struct SledStore {
     write_lock: Mutex<()>,
     regarding_cache: Mutex<HashMap<ActivityId, Option<RecordRef>>>,
     candidate_cache: Mutex<CandidateCache>,
+    /// Consumers that get a pending delivery per new event.
+    consumers: Mutex<Vec<String>>,
+    /// The newest event seq, sent after every commit that appended events.
+    events_tx: tokio::sync::watch::Sender<u64>,
 }
 
 fn io(e: sled::Error) -> StoreError {
@@ -238,6 +249,59 @@ fn sortable_time(t: UnixTime) -> [u8; 8] {
     ((t as u64) ^ (1 << 63)).to_be_bytes()
 }
 
+fn now() -> UnixTime {
+    chrono::Utc::now().timestamp()
+}
+
+fn last_seq_of(tree: &sled::Tree) -> Result<u64, StoreError> {
+    match tree.scan_prefix(b"e/").keys().next_back() {
+        Some(k) => read_id(&k.map_err(io)?[2..]),
+        None => Ok(0),
+    }
+}
+
+/// `<prefix><consumer>\0<n>`.
+fn consumer_key(prefix: &str, consumer: &str, n: u64) -> Vec<u8> {
+    let mut k = key(prefix, &[consumer.as_bytes(), b""]);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn record_key(kind: &str, id: &str) -> Vec<u8> {
+    key("rc/", &[kind.as_bytes(), id.as_bytes()])
+}
+
+/// Lower-cased, trimmed: how the directory and parties compare addresses.
+fn normalize_address(a: &str) -> String {
+    a.trim().to_lowercase()
+}
+
+fn address_key(address: &str, kind: &str, id: &str) -> Vec<u8> {
+    key("ra/", &[address.as_bytes(), kind.as_bytes(), id.as_bytes()])
+}
+
+fn record_addresses(r: &Record) -> std::collections::BTreeSet<String> {
+    r.emails
+        .iter()
+        .map(|e| normalize_address(e))
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+fn unresolved_key(address: &str, id: ActivityId) -> Vec<u8> {
+    let mut k = key("pu/", &[address.as_bytes(), b""]);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn unresolved_addresses(a: &EmailActivity) -> std::collections::BTreeSet<String> {
+    a.parties
+        .iter()
+        .filter(|p| p.record.is_none() && !p.address.is_empty())
+        .map(|p| normalize_address(&p.address))
+        .collect()
+}
+
 fn mid_key(id: &str) -> Vec<u8> {
     key(
         "m/",
@@ -265,13 +329,75 @@ impl SledStore {
             .open()
             .map_err(io)?;
         let tree = db.open_tree("crm-mailsync").map_err(io)?;
+        let last_seq = last_seq_of(&tree)?;
         Ok(SledStore {
             db,
             tree,
             write_lock: Mutex::new(()),
             regarding_cache: Mutex::new(HashMap::new()),
             candidate_cache: Mutex::new(CandidateCache::default()),
+            consumers: Mutex::new(Vec::new()),
+            events_tx: tokio::sync::watch::Sender::new(last_seq),
         })
+    }
+
+    fn consumer_list(&self) -> Vec<String> {
+        self.consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adds the events of `changed` (activity, kind, changes, as this batch
+    /// leaves it) to `b`, numbered after `last`, with a pending delivery per
+    /// consumer and the unresolved-party index. Returns the newest seq.
+    fn stage_events(
+        &self,
+        b: &mut sled::Batch,
+        last: u64,
+        changed: Vec<(EmailActivity, EventKind, Vec<String>)>,
+        previous: &HashMap<u64, EmailActivity>,
+    ) -> Result<u64, StoreError> {
+        let consumers = self.consumer_list();
+        let at = now();
+        let mut seq = last;
+        for (activity, kind, changes) in changed {
+            seq += 1;
+            if let Some(old) = previous.get(&activity.id) {
+                for addr in unresolved_addresses(old) {
+                    b.remove(unresolved_key(&addr, activity.id));
+                }
+            }
+            for addr in unresolved_addresses(&activity) {
+                b.insert(unresolved_key(&addr, activity.id), Vec::new());
+            }
+            let state = DeliveryState {
+                seq,
+                activity_id: activity.id,
+                queued_at: at,
+                attempts: 0,
+                next_attempt_at: at,
+                last_error: None,
+            };
+            let event = OutboxEvent {
+                seq,
+                id: OutboxEvent::id_for(seq),
+                kind,
+                activity_id: activity.id,
+                changes,
+                at,
+                activity,
+            };
+            b.insert(id_key("e/", seq), encode(&event)?);
+            for c in &consumers {
+                b.insert(consumer_key("o/", c, seq), encode(&state)?);
+            }
+        }
+        Ok(seq)
+    }
+
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        last_seq_of(&self.tree)
     }
 
     fn get_id(&self, k: &[u8]) -> Result<Option<u64>, StoreError> {
@@ -421,6 +547,11 @@ struct Overlay {
     message_ids: HashMap<Vec<u8>, u64>,
     hashes: HashMap<Vec<u8>, u64>,
     activities: HashMap<u64, EmailActivity>,
+    /// Activities this batch touched, in the order it first did, with what
+    /// changed (`None`: inserted by this batch).
+    touched: Vec<(u64, Option<std::collections::BTreeSet<String>>)>,
+    /// Stored versions of activities this batch changed, as before it.
+    previous: HashMap<u64, EmailActivity>,
     quarantine_rows: Vec<(u64, Vec<u8>)>,
     /// Thread-Index root keys written by this batch (first writer wins).
     thread_roots: Vec<Vec<u8>>,
@@ -512,6 +643,22 @@ impl Store for SledStore {
             k.extend_from_slice(&m.activity.to_be_bytes());
             b.insert(k, Vec::new());
         }
+        let mut changed = Vec::new();
+        for (id, how) in &ov.touched {
+            let Some(a) = ov.activities.get(id) else {
+                continue;
+            };
+            match how {
+                None => changed.push((a.clone(), EventKind::ActivityCreated, Vec::new())),
+                Some(what) => changed.push((
+                    a.clone(),
+                    EventKind::ActivityUpdated,
+                    what.iter().cloned().collect(),
+                )),
+            }
+        }
+        let last_seq = self.last_seq()?;
+        let new_seq = self.stage_events(&mut b, last_seq, changed, &ov.previous)?;
         for (id, a) in &ov.activities {
             b.insert(id_key("r/", *id), encode(&a.regarding)?);
             b.insert(id_key("a/", *id), encode(a)?);
@@ -558,6 +705,9 @@ impl Store for SledStore {
         }
         self.cache_regarding(ov.activities.into_iter().map(|(id, a)| (id, a.regarding)));
         self.durable()?;
+        if new_seq != last_seq {
+            self.events_tx.send_replace(new_seq);
+        }
         Ok(outcomes)
     }
 
@@ -854,6 +1004,316 @@ impl Store for SledStore {
         }
         Ok(resolved)
     }
+
+    fn upsert_records(
+        &self,
+        records: Vec<Record>,
+        deleted: &[(String, String)],
+        cursor: Option<(&str, &str)>,
+        at: UnixTime,
+    ) -> Result<RecordChanges, StoreError> {
+        let _guard = self.lock();
+        let mut b = sled::Batch::default();
+        let mut changes = RecordChanges::default();
+        // Later entries for the same record win, as in a file read top down.
+        let mut staged: HashMap<Vec<u8>, Option<Record>> = HashMap::new();
+        let mut order = Vec::new();
+        for (kind, id) in deleted {
+            let k = record_key(kind, id);
+            if !staged.contains_key(&k) {
+                order.push(k.clone());
+            }
+            staged.insert(k, None);
+        }
+        for r in records {
+            let k = record_key(&r.kind, &r.id);
+            if !staged.contains_key(&k) {
+                order.push(k.clone());
+            }
+            staged.insert(k, Some(r));
+        }
+        for k in order {
+            let Some(new) = staged.remove(&k) else {
+                continue;
+            };
+            let old: Option<Record> = self.get_json(&k)?;
+            match (old, new) {
+                (None, None) => {}
+                (Some(old), None) => {
+                    for a in record_addresses(&old) {
+                        b.remove(address_key(&a, &old.kind, &old.id));
+                    }
+                    b.remove(k);
+                    changes.deleted += 1;
+                }
+                (old, Some(mut new)) => {
+                    if let Some(o) = &old {
+                        let mut same = new.clone();
+                        same.updated_at = o.updated_at;
+                        if &same == o {
+                            changes.unchanged += 1;
+                            continue;
+                        }
+                        let keep = record_addresses(&new);
+                        for a in record_addresses(o).difference(&keep) {
+                            b.remove(address_key(a, &o.kind, &o.id));
+                        }
+                        changes.updated += 1;
+                    } else {
+                        changes.inserted += 1;
+                    }
+                    for a in record_addresses(&new) {
+                        b.insert(address_key(&a, &new.kind, &new.id), Vec::new());
+                    }
+                    new.updated_at = at;
+                    b.insert(k, encode(&new)?);
+                }
+            }
+        }
+        if let Some((consumer, c)) = cursor {
+            b.insert(key("rk/", &[consumer.as_bytes()]), c.as_bytes().to_vec());
+        }
+        self.tree.apply_batch(b).map_err(io)?;
+        self.durable()?;
+        Ok(changes)
+    }
+
+    fn record(&self, kind: &str, id: &str) -> Result<Option<Record>, StoreError> {
+        self.get_json(&record_key(kind, id))
+    }
+
+    fn records_by_address(&self, address: &str) -> Result<Vec<Record>, StoreError> {
+        let a = normalize_address(address);
+        if a.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = key("ra/", &[a.as_bytes(), b""]);
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(&prefix).keys() {
+            let k = k.map_err(io)?;
+            let rest = &k[prefix.len()..];
+            let Some(z) = rest.iter().position(|b| *b == 0) else {
+                return Err(StoreError::Corrupt("address index key without kind".into()));
+            };
+            let kind = String::from_utf8_lossy(&rest[..z]);
+            let id = String::from_utf8_lossy(&rest[z + 1..]);
+            if let Some(r) = self.record(&kind, &id)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn records(
+        &self,
+        kind: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let prefix = match kind {
+            Some(k) => key("rc/", &[k.as_bytes(), b""]),
+            None => b"rc/".to_vec(),
+        };
+        let start = match after {
+            Some((k, id)) => {
+                let mut s = record_key(k, id);
+                // Just past it.
+                s.push(0);
+                s.max(prefix.clone())
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv.map_err(io)?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn count_records(&self, kind: Option<&str>) -> Result<u64, StoreError> {
+        let prefix = match kind {
+            Some(k) => key("rc/", &[k.as_bytes(), b""]),
+            None => b"rc/".to_vec(),
+        };
+        let mut n = 0;
+        for k in self.tree.scan_prefix(prefix).keys() {
+            k.map_err(io)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn record_cursor(&self, consumer: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(key("rk/", &[consumer.as_bytes()]))
+            .map_err(io)?
+            .map(|v| String::from_utf8_lossy(&v).to_string()))
+    }
+
+    fn activities_with_unresolved(&self, address: &str) -> Result<Vec<ActivityId>, StoreError> {
+        let prefix = key("pu/", &[normalize_address(address).as_bytes(), b""]);
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(&prefix).keys() {
+            out.push(read_id(&k.map_err(io)?[prefix.len()..])?);
+        }
+        Ok(out)
+    }
+
+    fn set_outbox_consumers(&self, consumers: Vec<String>) {
+        *self.consumers.lock().unwrap_or_else(|p| p.into_inner()) = consumers;
+    }
+
+    fn update_activity(
+        &self,
+        activity: EmailActivity,
+        changes: Vec<String>,
+        at: UnixTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let _ = at;
+        let _guard = self.lock();
+        let id = activity.id;
+        let Some(old) = self.activity(id)? else {
+            return Ok(None);
+        };
+        let mut b = sled::Batch::default();
+        b.insert(id_key("r/", id), encode(&activity.regarding)?);
+        b.insert(id_key("a/", id), encode(&activity)?);
+        for mailbox in activity.mailboxes() {
+            let mut am = key("am/", &[mailbox.as_bytes(), b""]);
+            am.extend_from_slice(&id.to_be_bytes());
+            b.insert(am, Vec::new());
+        }
+        let last = self.last_seq()?;
+        let regarding = activity.regarding.clone();
+        let previous = HashMap::from([(id, old)]);
+        let seq = self.stage_events(
+            &mut b,
+            last,
+            vec![(activity, EventKind::ActivityUpdated, changes)],
+            &previous,
+        )?;
+        self.tree.apply_batch(b).map_err(io)?;
+        self.cache_regarding(std::iter::once((id, regarding)));
+        self.durable()?;
+        self.events_tx.send_replace(seq);
+        Ok(Some(seq))
+    }
+
+    fn events_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxEvent>, StoreError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut out = Vec::new();
+        for kv in self.tree.range(id_key("e/", after.saturating_add(1))..) {
+            let (k, v) = kv.map_err(io)?;
+            if !k.starts_with(b"e/") || out.len() >= limit {
+                break;
+            }
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn event(&self, seq: u64) -> Result<Option<OutboxEvent>, StoreError> {
+        self.get_json(&id_key("e/", seq))
+    }
+
+    fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.last_seq()
+    }
+
+    fn watch_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events_tx.subscribe()
+    }
+
+    fn pending_deliveries(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> Result<Vec<DeliveryState>, StoreError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let prefix = key("o/", &[consumer.as_bytes(), b""]);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix).take(limit) {
+            let (k, v) = kv.map_err(io)?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn finish_delivery(&self, consumer: &str, outcome: DeliveryOutcome) -> Result<(), StoreError> {
+        let _guard = self.lock();
+        let mut b = sled::Batch::default();
+        match outcome {
+            DeliveryOutcome::Delivered {
+                seq,
+                activity_id,
+                crm_id,
+            } => {
+                b.remove(consumer_key("o/", consumer, seq));
+                if let Some(c) = crm_id {
+                    b.insert(consumer_key("ci/", consumer, activity_id), c.into_bytes());
+                }
+            }
+            DeliveryOutcome::Retry(state) => {
+                let k = consumer_key("o/", consumer, state.seq);
+                // Delivered meanwhile (another worker, a replay): keep it gone.
+                if self.tree.contains_key(&k).map_err(io)? {
+                    b.insert(k, encode(&state)?);
+                }
+            }
+            DeliveryOutcome::DeadLetter(dead) => {
+                b.remove(consumer_key("o/", consumer, dead.state.seq));
+                b.insert(
+                    consumer_key("od/", consumer, dead.state.seq),
+                    encode(&dead)?,
+                );
+            }
+        }
+        self.tree.apply_batch(b).map_err(io)?;
+        self.durable()
+    }
+
+    fn crm_id(&self, consumer: &str, activity: ActivityId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tree
+            .get(consumer_key("ci/", consumer, activity))
+            .map_err(io)?
+            .map(|v| String::from_utf8_lossy(&v).to_string()))
+    }
+
+    fn outbox_stats(&self, consumer: &str) -> Result<OutboxStats, StoreError> {
+        let prefix = key("o/", &[consumer.as_bytes(), b""]);
+        let mut stats = OutboxStats::default();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(io)?;
+            if stats.depth == 0 {
+                stats.oldest_queued_at = Some(decode::<DeliveryState>(&k, &v)?.queued_at);
+            }
+            stats.depth += 1;
+        }
+        let dprefix = key("od/", &[consumer.as_bytes(), b""]);
+        for k in self.tree.scan_prefix(&dprefix).keys() {
+            k.map_err(io)?;
+            stats.dead_letters += 1;
+        }
+        Ok(stats)
+    }
+
+    fn dead_letters(&self, consumer: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let prefix = key("od/", &[consumer.as_bytes(), b""]);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix).take(limit) {
+            let (k, v) = kv.map_err(io)?;
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
 }
 
 /// Key under which an open alert is found for aggregation.
@@ -922,10 +1382,16 @@ impl SledStore {
         if let Some(id) = duplicate_of {
             let mut existing = match ov.activities.remove(&id) {
                 Some(e) => e,
-                None => self.activity(id)?.ok_or_else(|| {
-                    StoreError::Corrupt(format!("activity {id} is indexed but missing"))
-                })?,
+                None => {
+                    let stored = self.activity(id)?.ok_or_else(|| {
+                        StoreError::Corrupt(format!("activity {id} is indexed but missing"))
+                    })?;
+                    ov.previous.insert(id, stored.clone());
+                    stored
+                }
             };
+            let mut what = std::collections::BTreeSet::new();
+            what.insert("also_seen_as".to_string());
             existing.also_seen_as.push(a.source.clone());
             // Moving a message into another tracked folder re-points it; leaving
             // a tracked folder (any other decision) changes nothing.
@@ -941,6 +1407,13 @@ impl SledStore {
                     .reasons
                     .push(format!("moved to tracked folder {:?}", a.source.folder));
                 existing.reasons.extend(a.reasons.iter().cloned());
+                what.insert("regarding".to_string());
+            }
+            match ov.touched.iter_mut().find(|(t, _)| *t == id) {
+                // Inserted by this batch: still one `activity.created`.
+                Some((_, None)) => {}
+                Some((_, Some(w))) => w.extend(what),
+                None => ov.touched.push((id, Some(what))),
             }
             ov.activities.insert(id, existing);
             ov.sources.insert(sk, id);
@@ -963,6 +1436,7 @@ impl SledStore {
         }
         ov.sources.insert(sk, id);
         ov.activities.insert(id, a);
+        ov.touched.push((id, None));
         Ok(CommitOutcome::Inserted(id))
     }
 }
@@ -1009,6 +1483,7 @@ mod tests {
             forwarded_by: None,
             automatic: None,
             no_reply: false,
+            parties: vec![],
         }
     }
 
