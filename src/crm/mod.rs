@@ -7,6 +7,8 @@
 //! classifies each failure ([`CrmError`], transient or permanent) and
 //! reports the CRM's id for what it created.
 
+pub mod dataverse;
+
 use std::future::Future;
 use std::time::Duration;
 
