@@ -411,6 +411,14 @@ impl StandIn {
         row.insert("modifiedon".into(), json!(now_text()));
     }
 
+    /// Deletes an email, as a user in Dynamics would.
+    pub fn delete_email(&self, id: &str) {
+        let mut inner = self.shared.lock();
+        inner.tables.get_mut("emails").and_then(|t| t.remove(id));
+        inner.regarding.remove(id);
+        inner.parties.remove(id);
+    }
+
     pub fn rows(&self, set: &str) -> Vec<Map<String, Value>> {
         self.shared
             .lock()

@@ -216,7 +216,8 @@ async fn update(
                 )
                 .await?;
             if answer.status == StatusCode::NOT_FOUND {
-                return Ok(false);
+                // The email itself, or the record the bind points to?
+                return gone_or_error(dv, id, &answer, &purpose).await;
             }
         }
         // A regarding that was removed stays in Dataverse: taking it off
@@ -237,10 +238,40 @@ async fn update(
             )
             .await?;
         if answer.status == StatusCode::NOT_FOUND {
-            return Ok(false);
+            return gone_or_error(dv, id, &answer, &purpose).await;
         }
     }
     Ok(true)
+}
+
+/// After a 404 on an update: `Ok(false)` when email `id` no longer exists,
+/// else the 404 was about something the body binds (a record deleted in
+/// Dynamics) and is a permanent error with Dataverse's text.
+async fn gone_or_error(
+    dv: &DataverseAdapter,
+    id: &str,
+    answer: &super::Answer,
+    purpose: &str,
+) -> Result<bool, CrmError> {
+    let check = dv
+        .request_accepting(
+            reqwest::Method::GET,
+            &format!("emails({id})?$select=activityid"),
+            &[],
+            None,
+            "checking whether the email still exists",
+            &[StatusCode::NOT_FOUND],
+        )
+        .await?;
+    if check.status == StatusCode::NOT_FOUND {
+        return Ok(false);
+    }
+    Err(super::classify(
+        answer.status,
+        &answer.headers,
+        &answer.body,
+        purpose,
+    ))
 }
 
 /// `regardingobjectid_<table>_email@odata.bind` and `/<set>(<guid>)`.
