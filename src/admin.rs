@@ -114,6 +114,7 @@ async fn readyz(State(s): State<AdminState>) -> Response {
             format_time(since)
         ));
     }
+    problems.extend(s.runtime.outbox.problems(crate::model::now()));
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {

@@ -127,6 +127,8 @@ pub struct LiveMailbox {
 pub struct Runtime {
     pub mailboxes: RwLock<BTreeMap<String, LiveMailbox>>,
     pub scheduler_running: AtomicBool,
+    /// The CRM outbox workers' view for `/readyz` (stuck or paused adapters).
+    pub outbox: Arc<crate::crm::worker::OutboxHealth>,
     /// Disabled mailboxes waiting to be re-enabled → their wake-up.
     reenable: Mutex<HashMap<String, Arc<Notify>>>,
 }

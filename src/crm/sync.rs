@@ -1,0 +1,1 @@
+//! Record pull loop (in progress).
