@@ -32,6 +32,8 @@ const SECRETS: [&str; 2] = [
 const ACCEPT: u8 = 0;
 /// 503 with `Retry-After: 1`.
 const UNAVAILABLE: u8 = 1;
+/// 410 Gone for every event.
+const GONE: u8 = 2;
 
 #[derive(Default)]
 struct Seen {
@@ -43,6 +45,10 @@ struct Seen {
     refused: u64,
     /// What was wrong with a request (bad signature, schema violation…).
     problems: Vec<String>,
+    /// `webhook.test` requests received (signature checked).
+    tests: u64,
+    /// `cursor` of every records GET (signature checked), in order.
+    record_cursors: Vec<Option<String>>,
 }
 
 struct Hook {
@@ -50,6 +56,8 @@ struct Hook {
     schema: jsonschema::Validator,
     mode: AtomicU8,
     seen: Mutex<Seen>,
+    /// Events (by seq) refused with 400 and a reason.
+    refuse: Mutex<HashSet<u64>>,
 }
 
 impl Hook {
@@ -75,12 +83,34 @@ impl Hook {
             schema: jsonschema::validator_for(&schema).unwrap(),
             mode: AtomicU8::new(ACCEPT),
             seen: Mutex::new(Seen::default()),
+            refuse: Mutex::new(HashSet::new()),
         })
     }
 
     /// Checks a request as a Standard Webhooks receiver must; the problems
     /// found, if any.
     fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(String, u64, u64), String> {
+        let id = self.check_signature(headers, body)?;
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| format!("{id}: body is not JSON: {e}"))?;
+        if v["type"] == "webhook.test" {
+            return Ok((id, 0, 0));
+        }
+        if let Err(e) = self.schema.validate(&v) {
+            return Err(format!("{id}: schema: {e} at {}", e.instance_path()));
+        }
+        if v["data"]["id"] != id.as_str() || v["type"] != v["data"]["kind"] {
+            return Err(format!("{id}: envelope and headers disagree"));
+        }
+        Ok((
+            id,
+            v["data"]["activity_id"].as_u64().unwrap_or(0),
+            v["data"]["seq"].as_u64().unwrap_or(0),
+        ))
+    }
+
+    /// Checks the Standard Webhooks headers; the webhook-id.
+    fn check_signature(&self, headers: &HeaderMap, body: &[u8]) -> Result<String, String> {
         let h = |n: &str| {
             headers
                 .get(n)
@@ -96,9 +126,6 @@ impl Hook {
         if (now - t).abs() > 300 {
             return Err(format!("timestamp {t} is {}s off", now - t));
         }
-        if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/json") {
-            return Err("content-type is not application/json".into());
-        }
         let signed = [id.as_bytes(), b".", ts.as_bytes(), b".", body].concat();
         let given: Vec<&str> = sigs.split(' ').collect();
         for (i, k) in self.keys.iter().enumerate() {
@@ -113,24 +140,17 @@ impl Hook {
                 ));
             }
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| format!("{id}: body is not JSON: {e}"))?;
-        if let Err(e) = self.schema.validate(&v) {
-            return Err(format!("{id}: schema: {e} at {}", e.instance_path()));
-        }
-        if v["data"]["id"] != id.as_str() || v["type"] != v["data"]["kind"] {
-            return Err(format!("{id}: envelope and headers disagree"));
-        }
-        Ok((
-            id,
-            v["data"]["activity_id"].as_u64().unwrap_or(0),
-            v["data"]["seq"].as_u64().unwrap_or(0),
-        ))
+        Ok(id)
     }
 }
 
 async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes) -> Response {
-    let checked = hook.check(&headers, &body);
+    let checked =
+        if headers.get("content-type").and_then(|v| v.to_str().ok()) == Some("application/json") {
+            hook.check(&headers, &body)
+        } else {
+            Err("content-type is not application/json".into())
+        };
     let mut seen = hook.seen.lock().unwrap();
     let (id, activity, seq) = match checked {
         Ok(x) => x,
@@ -139,12 +159,31 @@ async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes)
             return StatusCode::BAD_REQUEST.into_response();
         }
     };
-    if hook.mode.load(Ordering::SeqCst) == UNAVAILABLE {
+    if id.starts_with("test_") {
+        seen.tests += 1;
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    match hook.mode.load(Ordering::SeqCst) {
+        UNAVAILABLE => {
+            seen.refused += 1;
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "1")],
+                "busy",
+            )
+                .into_response();
+        }
+        GONE => {
+            seen.refused += 1;
+            return (StatusCode::GONE, "this hook was deleted").into_response();
+        }
+        _ => {}
+    }
+    if hook.refuse.lock().unwrap().contains(&seq) {
         seen.refused += 1;
         return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("retry-after", "1")],
-            "busy",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{{\"error\": \"event {id} rejected: subject is not allowed\"}}"),
         )
             .into_response();
     }
@@ -154,6 +193,42 @@ async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes)
         .push(body.to_vec());
     seen.arrivals.push((id, activity, seq));
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `GET /records`: two pages of JSON lines, then nothing new.
+async fn records(
+    State(hook): State<Arc<Hook>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    let mut seen = hook.seen.lock().unwrap();
+    if let Err(p) = hook.check_signature(&headers, b"") {
+        seen.problems.push(p);
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let cursor = q.get("cursor").cloned();
+    seen.record_cursors.push(cursor.clone());
+    let (body, next, more) = match cursor.as_deref() {
+        None => (
+            "{\"kind\":\"contact\",\"id\":\"c1\",\"name\":\"Person 0\",\"emails\":[\"P0@customer.example\"]}\n\
+             {\"kind\":\"contact\",\"id\":\"c2\",\"name\":\"Gone soon\",\"emails\":[\"gone@customer.example\"]}\n",
+            "page-2",
+            true,
+        ),
+        Some("page-2") => (
+            "{\"kind\":\"account\",\"id\":\"a1\",\"name\":\"Customer\",\"emails\":[\"info@customer.example\"]}\n\
+             {\"kind\":\"contact\",\"id\":\"c2\",\"deleted\":true}\n",
+            "page-3",
+            false,
+        ),
+        Some(other) => ("", other, false),
+    };
+    let mut h = HeaderMap::new();
+    h.insert("x-next-cursor", next.parse().unwrap());
+    if more {
+        h.insert("x-more", "true".parse().unwrap());
+    }
+    (StatusCode::OK, h, body.to_string()).into_response()
 }
 
 /// The receiver's HTTP server, which can go away (connection refused) and
@@ -192,6 +267,7 @@ impl Receiver {
         listener.set_nonblocking(true).unwrap();
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(receive))
+            .route("/records", axum::routing::get(records))
             .with_state(self.hook.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = self.rt.spawn(async move {
@@ -230,7 +306,14 @@ impl Receiver {
 
 /// A daemon config: mailbox `support` on `maildir` (and `sales` on
 /// `sales_maildir` if given), `[crm]` webhook to `url`.
-fn config(dir: &Path, maildir: &Path, sales: Option<&Path>, url: &str, delivery: &str) -> PathBuf {
+fn config(
+    dir: &Path,
+    maildir: &Path,
+    sales: Option<&Path>,
+    url: &str,
+    crm: &str,
+    delivery: &str,
+) -> PathBuf {
     let secret_file = dir.join("webhook.secret");
     std::fs::write(&secret_file, format!("{}\n{}\n", SECRETS[0], SECRETS[1])).unwrap();
     let sales = sales
@@ -256,6 +339,7 @@ type = "webhook"
 url = "{url}"
 secret_file = "{secret}"
 timeout = "5s"
+{crm}
 
 [crm.delivery]
 {delivery}
@@ -397,7 +481,7 @@ fn every_event_is_delivered_once_signed_and_in_order_per_activity() {
     generate_messages(&maildir, N);
     copy_messages(&maildir, &sales, COPIES);
     let r = Receiver::start();
-    let cfg = config(dir.path(), &maildir, Some(&sales), &r.url(), "");
+    let cfg = config(dir.path(), &maildir, Some(&sales), &r.url(), "", "");
     let port = admin_port(&cfg);
     let child = start_daemon(&cfg, None);
     wait_delivered(&r, N + COPIES, Duration::from_secs(180));
@@ -449,6 +533,7 @@ fn receiver_down_for_a_while_then_back_loses_nothing() {
         &maildir,
         None,
         &r.url(),
+        "",
         "retry_schedule = [\"0s\", \"1s\", \"2s\"]\nstuck_after = \"2s\"",
     );
     let port = admin_port(&cfg);
@@ -500,7 +585,7 @@ fn sigkill_during_delivery_loses_nothing_and_repeats_only_the_same_ids() {
     let maildir = dir.path().join("Maildir");
     generate_messages(&maildir, N);
     let r = Receiver::start();
-    let cfg = config(dir.path(), &maildir, None, &r.url(), "");
+    let cfg = config(dir.path(), &maildir, None, &r.url(), "", "");
     let port = admin_port(&cfg);
     let hook = cfg!(feature = "fault-injection");
     let mut kills_mid_delivery = 0;
@@ -574,6 +659,180 @@ fn sigkill_during_delivery_loses_nothing_and_repeats_only_the_same_ids() {
                 m
             });
     eprintln!("deliveries per id → ids: {per_id:?}");
+}
+
+/// A 410 pauses delivery (one alert, `/readyz` not ready, probes at the
+/// schedule's longest wait, nothing dropped) until the receiver is back;
+/// an event the receiver refuses (422 with a reason) is dead-lettered with
+/// an Error alert carrying the reason while every other event goes on.
+#[test]
+fn gone_endpoint_pauses_and_a_refused_event_is_dead_lettered() {
+    const N: usize = 40;
+    const REFUSED_SEQ: u64 = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    generate_messages(&maildir, N);
+    let r = Receiver::start();
+    r.hook.mode.store(GONE, Ordering::SeqCst);
+    r.hook.refuse.lock().unwrap().insert(REFUSED_SEQ);
+    let cfg = config(
+        dir.path(),
+        &maildir,
+        None,
+        &r.url(),
+        "",
+        "retry_schedule = [\"0s\", \"1s\", \"2s\"]",
+    );
+    let port = admin_port(&cfg);
+    let child = start_daemon(&cfg, None);
+    let (_, body) = wait_for(Duration::from_secs(30), "readyz reports the pause", || {
+        get(port, "/readyz", None).filter(|(s, b)| *s == 503 && b.contains("paused"))
+    });
+    assert!(body.contains("410"), "{body}");
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(5));
+    let probes = r.hook.seen.lock().unwrap().refused;
+    // One probe at most every 2 s (plus the first attempt), not one per event.
+    let bound = 2 + started.elapsed().as_secs() / 2 + 1;
+    assert!(
+        probes <= bound,
+        "{probes} requests while paused (bound {bound})"
+    );
+    let alerts = get_json(port, "/api/v1/alerts");
+    let open: Vec<_> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["text"].as_str().unwrap().contains("delivery paused"))
+        .collect();
+    assert_eq!(open.len(), 1, "{alerts}");
+    assert_eq!(open[0]["level"], "error");
+    assert!(open[0]["text"].as_str().unwrap().contains("410 Gone"));
+    assert_eq!(r.distinct(), 0);
+
+    r.hook.mode.store(ACCEPT, Ordering::SeqCst);
+    wait_delivered(&r, N - 1, Duration::from_secs(60));
+    wait_for(Duration::from_secs(30), "ready again", || {
+        get(port, "/readyz", None).filter(|(s, _)| *s == 200)
+    });
+    let alerts = get_json(port, "/api/v1/alerts");
+    let list = alerts["alerts"].as_array().unwrap();
+    let paused = list
+        .iter()
+        .find(|a| a["text"].as_str().unwrap().contains("delivery paused"))
+        .unwrap();
+    assert!(paused["resolved_at"].is_number(), "{paused}");
+    let refused: Vec<_> = list
+        .iter()
+        .filter(|a| a["text"].as_str().unwrap().contains("refused event"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{alerts}");
+    let text = refused[0]["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("evt_{REFUSED_SEQ}")) && text.contains("subject is not allowed"),
+        "{text}"
+    );
+    let dead = metric(
+        port,
+        &["crm_mailsync_outbox_dead_letters{", "adapter=\"webhook\""],
+    );
+    assert_eq!(dead, Some(1.0));
+    stop(child);
+    let store = SledStore::open(&dir.path().join("state").join("store")).unwrap();
+    let dead = store.dead_letters("webhook", 0).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].state.seq, REFUSED_SEQ);
+    assert!(dead[0].reason.contains("422"), "{}", dead[0].reason);
+    assert!(store.pending_deliveries("webhook", 0).unwrap().is_empty());
+    let seen = r.hook.seen.lock().unwrap();
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    assert!(!seen.bodies.contains_key(&format!("evt_{REFUSED_SEQ}")));
+}
+
+/// `records_url` is pulled page by page with the cursor the receiver hands
+/// out; records and deletions reach the directory and the cursor is kept.
+#[test]
+fn records_are_pulled_page_by_page_with_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    generate_messages(&maildir, 5);
+    let r = Receiver::start();
+    let records_url = format!("http://127.0.0.1:{}/records", r.port);
+    let cfg = config(
+        dir.path(),
+        &maildir,
+        None,
+        &r.url(),
+        &format!("records_url = \"{records_url}\"\nrecord_sync_interval = \"1s\""),
+        "",
+    );
+    let child = start_daemon(&cfg, None);
+    wait_for(Duration::from_secs(30), "three record pulls", || {
+        (r.hook.seen.lock().unwrap().record_cursors.len() >= 3).then_some(())
+    });
+    stop(child);
+    let seen = r.hook.seen.lock().unwrap();
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    assert_eq!(
+        seen.record_cursors[..3],
+        [None, Some("page-2".to_string()), Some("page-3".to_string())]
+    );
+    let store = SledStore::open(&dir.path().join("state").join("store")).unwrap();
+    assert_eq!(
+        store.record_cursor("webhook").unwrap().as_deref(),
+        Some("page-3")
+    );
+    assert!(store.record("contact", "c1").unwrap().is_some());
+    assert!(store.record("account", "a1").unwrap().is_some());
+    assert!(
+        store.record("contact", "c2").unwrap().is_none(),
+        "deleted on page 2"
+    );
+    let by_address = store.records_by_address("p0@CUSTOMER.example").unwrap();
+    assert_eq!(by_address.len(), 1);
+    assert_eq!(by_address[0].id, "c1");
+}
+
+/// Test & Enable of the webhook: a signed `webhook.test` the receiver
+/// answers 2xx; a closed port is a transient "cannot connect".
+#[test]
+fn test_event_is_signed_and_a_closed_port_is_transient() {
+    use crm_mailsync::crm::{CrmAdapter, CrmError};
+    let r = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = crm_mailsync::config::WebhookSettings {
+        url: r.url(),
+        secrets: SECRETS
+            .iter()
+            .map(|s| crm_mailsync::config::Secret::new(s.to_string()))
+            .collect(),
+        secret_file: dir.path().join("unused"),
+        records_url: None,
+        allow_insecure: false,
+        ca_file: None,
+        timeout: Duration::from_secs(5),
+    };
+    let adapter = crm_mailsync::crm::webhook::WebhookAdapter::new(&settings).unwrap();
+    let ok = r.rt.block_on(adapter.test()).unwrap();
+    assert!(
+        ok.contains("accepted") && ok.contains("webhook.test"),
+        "{ok}"
+    );
+    assert_eq!(r.hook.seen.lock().unwrap().tests, 1);
+    assert!(r.hook.seen.lock().unwrap().problems.is_empty());
+    // No records_url: an empty page, nothing asked.
+    let page = r.rt.block_on(adapter.pull_records(None)).unwrap();
+    assert!(page.records.is_empty() && page.cursor.is_none() && !page.more);
+    let closed = free_port();
+    let down =
+        crm_mailsync::crm::webhook::WebhookAdapter::new(&crm_mailsync::config::WebhookSettings {
+            url: format!("http://127.0.0.1:{closed}/hook"),
+            ..settings
+        })
+        .unwrap();
+    let e = r.rt.block_on(down.test()).unwrap_err();
+    assert!(matches!(e, CrmError::Transient { .. }), "{e:?}");
+    assert!(e.to_string().contains("cannot connect"), "{e}");
 }
 
 /// The schema is strict enough to fail: a body with an unknown type or a
