@@ -538,8 +538,9 @@ fn receiver_down_for_a_while_then_back_loses_nothing() {
     );
     let port = admin_port(&cfg);
     let child = start_daemon(&cfg, None);
+    // Retry-After: 1 holds the adapter: about one request a second.
     wait_for(Duration::from_secs(60), "503s answered", || {
-        (r.hook.seen.lock().unwrap().refused >= 20).then_some(())
+        (r.hook.seen.lock().unwrap().refused >= 5).then_some(())
     });
     r.down();
     let (status, body) = wait_for(
@@ -558,7 +559,7 @@ fn receiver_down_for_a_while_then_back_loses_nothing() {
         ],
     )
     .unwrap();
-    assert!(failed >= 20.0, "{failed}");
+    assert!(failed >= 5.0, "{failed}");
     assert_eq!(r.distinct(), 0);
     r.hook.mode.store(ACCEPT, Ordering::SeqCst);
     r.up();
@@ -580,12 +581,18 @@ fn receiver_down_for_a_while_then_back_loses_nothing() {
 /// webhook-id with the same body.
 #[test]
 fn sigkill_during_delivery_loses_nothing_and_repeats_only_the_same_ids() {
-    const N: usize = 2000;
+    const MESSAGES: usize = 1800;
+    const COPIES: usize = 200;
+    // 1,800 activity.created + 200 activity.updated (copies in `sales`):
+    // order per activity is checked across the crashes too.
+    const N: usize = MESSAGES + COPIES;
     let dir = tempfile::tempdir().unwrap();
     let maildir = dir.path().join("Maildir");
-    generate_messages(&maildir, N);
+    let sales = dir.path().join("Sales");
+    generate_messages(&maildir, MESSAGES);
+    copy_messages(&maildir, &sales, COPIES);
     let r = Receiver::start();
-    let cfg = config(dir.path(), &maildir, None, &r.url(), "", "");
+    let cfg = config(dir.path(), &maildir, Some(&sales), &r.url(), "", "");
     let port = admin_port(&cfg);
     let hook = cfg!(feature = "fault-injection");
     let mut kills_mid_delivery = 0;
@@ -638,7 +645,7 @@ fn sigkill_during_delivery_loses_nothing_and_repeats_only_the_same_ids() {
     std::thread::sleep(Duration::from_millis(300));
     stop(child);
     let (events, activities, pending, dead) = store_view(dir.path());
-    assert_eq!(activities as usize, N);
+    assert_eq!(activities as usize, MESSAGES);
     assert_eq!(events.len(), N);
     assert_eq!((pending, dead), (0, 0));
     let duplicates = assert_exactly_once(&r.hook, &events);

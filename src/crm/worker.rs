@@ -13,7 +13,10 @@
 //!   That is the contract: the CRM dedupes by the event id.
 //! * **Transient failures** (network, time-out, 429, 5xx) are retried on the
 //!   configured schedule ([`RetryPolicy`]), never sooner than the CRM's
-//!   `Retry-After`. An event still undelivered `dead_letter_after` after it
+//!   `Retry-After`. A `Retry-After` holds the whole adapter, not only that
+//!   event: no request goes to the CRM before it has passed (a rate limit
+//!   like Dataverse's service protection applies to every request, and
+//!   hammering it on other events prolongs it). An event still undelivered `dead_letter_after` after it
 //!   was queued is moved to the dead letters on its next failure, with one
 //!   Error alert naming the event, the activity and the last error.
 //! * **A permanent failure of one event** (the CRM refuses it, e.g. 400)
@@ -227,6 +230,11 @@ pub struct OutboxWorker<A: CrmAdapter> {
     clock: Clock,
     /// The endpoint failure delivery is paused by, and when to probe next.
     paused: Option<(String, UnixTime)>,
+    /// No request before this time (the CRM's `Retry-After`).
+    hold_until: Option<UnixTime>,
+    /// Whether a "delivery paused" alert left open by an earlier run was
+    /// looked for (at the first delivery that works).
+    stale_pause_checked: bool,
 }
 
 impl<A: CrmAdapter + 'static> OutboxWorker<A> {
@@ -247,6 +255,8 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
             cancel,
             clock: Clock::System,
             paused: None,
+            hold_until: None,
+            stale_pause_checked: false,
         }
     }
 
@@ -326,6 +336,13 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                 continue;
             }
             let now = self.clock.unix();
+            if let Some(hold) = self.hold_until {
+                if now < hold {
+                    pass.next_due = Some(pass.next_due.map_or(hold, |d| d.min(hold)));
+                    break;
+                }
+                self.hold_until = None;
+            }
             if let Some((_, probe_at)) = &self.paused {
                 if now < *probe_at {
                     pass.next_due = Some(*probe_at);
@@ -392,8 +409,12 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                 metrics::counter!(telemetry::CRM_DELIVERIES, "adapter" => consumer, "result" => "delivered")
                     .increment(1);
                 tracing::debug!(adapter = consumer, event = %event.id, activity, "delivered");
-                if let Some((reason, _)) = self.paused.take() {
-                    tracing::info!(adapter = consumer, %reason, "CRM delivery works again; pause over");
+                let was_paused = self.paused.take();
+                if was_paused.is_some() || !self.stale_pause_checked {
+                    if let Some((reason, _)) = was_paused {
+                        tracing::info!(adapter = consumer, %reason, "CRM delivery works again; pause over");
+                    }
+                    self.stale_pause_checked = true;
                     self.health.update(consumer, |h| h.paused = None);
                     let store = self.store.clone();
                     let scope = alert_scope(consumer);
@@ -434,6 +455,9 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                         }
                         let delay = self.policy.delay(state.attempts, e.retry_after());
                         state.next_attempt_at = due_at(now, delay);
+                        if let Some(wait) = e.retry_after() {
+                            self.hold_until = Some(due_at(now, wait));
+                        }
                         tracing::warn!(adapter = consumer, event = %event.id, activity, attempts = state.attempts, retry_in = ?delay, error = %message, "delivery failed; will retry");
                         let at = state.next_attempt_at;
                         self.reschedule(state).await?;
@@ -444,7 +468,11 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                         state.next_attempt_at = probe_at;
                         self.reschedule(state).await?;
                         if self.paused.is_none() {
-                            let text = format!("{}: {message}", self.paused_prefix());
+                            let text = format!(
+                                "{} (probing every {}): {message}",
+                                self.paused_prefix(),
+                                humantime::format_duration(self.policy.longest())
+                            );
                             tracing::error!(adapter = consumer, alert = %text, "alert");
                             let store = self.store.clone();
                             let scope = alert_scope(consumer);
@@ -471,11 +499,7 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
 
     /// Start of the text of the "delivery paused" alert (resolved by it).
     fn paused_prefix(&self) -> String {
-        format!(
-            "CRM {}: delivery paused (probing every {})",
-            self.consumer(),
-            humantime::format_duration(self.policy.longest())
-        )
+        format!("CRM {}: delivery paused", self.consumer())
     }
 
     async fn reschedule(&self, state: DeliveryState) -> Result<(), StoreError> {
@@ -784,6 +808,49 @@ mod tests {
             gaps[2] >= Duration::from_secs(20) && gaps[2] <= Duration::from_secs(22),
             "{gaps:?}"
         );
+        f.cancel.cancel();
+        h.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_holds_every_request_of_the_adapter() {
+        let f = fixture(3);
+        let crm = FakeCrm::new(vec![Err(CrmError::Transient {
+            message: "429 Too Many Requests".into(),
+            retry_after: Some(Duration::from_secs(20)),
+        })]);
+        let start = tokio::time::Instant::now();
+        let h = spawn(&f, &crm, &settings(&[0, 5], 3600));
+        run_until(Duration::from_secs(60), || crm.delivered().len() == 3).await;
+        assert_eq!(crm.delivered(), ids(1..=3));
+        // Nothing at all was sent during the 20 s the CRM asked for.
+        for id in ["evt_1", "evt_2", "evt_3"] {
+            let t = crm.attempt_times(id);
+            let after = t.last().unwrap().duration_since(start);
+            assert!(after >= Duration::from_secs(20), "{id} at {after:?}");
+        }
+        assert_eq!(crm.attempt_times("evt_2").len(), 1);
+        f.cancel.cancel();
+        h.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_alert_left_open_by_an_earlier_run_is_resolved_when_delivery_works() {
+        let f = fixture(1);
+        f.store
+            .raise_alert(
+                AlertLevel::Error,
+                Some("crm:fake"),
+                None,
+                "CRM fake: delivery paused (probing every 10h): 410 Gone",
+                1,
+            )
+            .unwrap();
+        let crm = FakeCrm::new(vec![]);
+        let h = spawn(&f, &crm, &settings(&[0], 3600));
+        run_until(Duration::from_secs(5), || crm.delivered().len() == 1).await;
+        run_until(Duration::from_secs(1), || false).await;
+        assert!(f.store.alerts(10).unwrap()[0].resolved_at.is_some());
         f.cancel.cancel();
         h.await.unwrap();
     }
