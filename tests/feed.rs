@@ -103,27 +103,41 @@ async fn client_loop(
             a = request => a,
             _ = stop.changed() => return,
         };
-        let mut l = log.lock().unwrap();
-        l.polling = false;
-        match answer {
-            Ok((200, body)) => {
-                let events = body["events"].as_array().unwrap();
-                for e in events {
-                    l.events.push(seen(e));
-                }
-                let next = body["next_cursor"].as_u64().unwrap();
-                match events.last() {
-                    Some(e) => assert_eq!(next, e["seq"].as_u64().unwrap(), "{body}"),
-                    None => assert_eq!(next, cursor, "{body}"),
-                }
-                l.cursor = next;
+        let failed = {
+            let mut l = log.lock().unwrap();
+            l.polling = false;
+            record_answer(&mut l, cursor, answer)
+        };
+        if failed {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Applies one answer to the client's log; true when the request failed.
+fn record_answer(
+    l: &mut ClientLog,
+    cursor: u64,
+    answer: Result<(u16, serde_json::Value), reqwest::Error>,
+) -> bool {
+    match answer {
+        Ok((200, body)) => {
+            let events = body["events"].as_array().unwrap();
+            for e in events {
+                l.events.push(seen(e));
             }
-            Ok((status, body)) => panic!("feed answered {status}: {body}"),
-            Err(_) => {
-                l.failures += 1;
-                drop(l);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            let next = body["next_cursor"].as_u64().unwrap();
+            match events.last() {
+                Some(e) => assert_eq!(next, e["seq"].as_u64().unwrap(), "{body}"),
+                None => assert_eq!(next, cursor, "{body}"),
             }
+            l.cursor = next;
+            false
+        }
+        Ok((status, body)) => panic!("feed answered {status}: {body}"),
+        Err(_) => {
+            l.failures += 1;
+            true
         }
     }
 }
