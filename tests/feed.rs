@@ -257,16 +257,29 @@ fn feed_client_sees_every_event_once_in_order_across_restarts_and_a_sigkill() {
     let (total, _) = wave(WAVE);
     wait_total(port, total as u64);
 
-    // SIGKILL in the middle of a burst.
+    // SIGKILL in the middle of bursts, five times, at a random point.
     let mut daemon = daemon;
-    let (total, _) = wave(2 * WAVE);
-    let mark = total as u64 - WAVE as u64;
-    wait_total(port, mark);
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
-    let daemon = start(&cfg);
-    wait_ready(port);
-    wait_total(port, total as u64);
+    let mut kills_mid_burst = 0;
+    for _ in 0..5 {
+        let (total, _) = wave(WAVE);
+        let mark = total as u64 - fastrand::u64(1..WAVE as u64);
+        let at_kill = wait_for(Duration::from_secs(60), "progress mark", || {
+            activity_total(port).filter(|t| *t >= mark)
+        });
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+        if at_kill < total as u64 {
+            kills_mid_burst += 1;
+        }
+        daemon = start(&cfg);
+        wait_ready(port);
+        wait_total(port, total as u64);
+    }
+    eprintln!("{kills_mid_burst} of 5 SIGKILLs landed mid-burst");
+    assert!(
+        kills_mid_burst >= 1,
+        "no SIGKILL landed in the middle of a burst"
+    );
     let (total, copies) = wave(WAVE);
     wait_total(port, total as u64);
 
