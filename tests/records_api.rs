@@ -390,6 +390,38 @@ fn bulk_upsert_counts_pages_and_all_or_nothing() {
         "Renamed 20"
     );
 
+    // Deletions in a batch (`"deleted": true`, as the webhook's record
+    // lines have them); of one kind:id given twice, the later item wins.
+    let mixed_ops = format!(
+        "{}\n{}\n{}\n{}\n",
+        json!({"kind": "contact", "id": "k0251", "deleted": true}),
+        json!({"kind": "contact", "id": "k0252", "name": "short-lived"}),
+        json!({"kind": "contact", "id": "k0252", "deleted": true}),
+        json!({"kind": "contact", "id": "k9999", "deleted": true}),
+    );
+    let del = api.post(
+        "/api/v1/records",
+        "application/x-ndjson",
+        mixed_ops.into_bytes(),
+    );
+    assert_eq!(del.0, 200, "{}", del.1);
+    assert_eq!(
+        (&del.1["inserted"], &del.1["deleted"], &del.1["count"]),
+        (&json!(0), &json!(1), &json!(4))
+    );
+    assert_eq!(api.get("/api/v1/records/contact/k0251").0, 404);
+    assert_eq!(api.get("/api/v1/records/contact/k0252").0, 404);
+    assert_eq!(
+        api.get("/api/v1/records?email=k251@bulk.example").1["count"],
+        0
+    );
+    let back = api.post(
+        "/api/v1/records",
+        "application/json",
+        serde_json::to_vec(&[contact(251)]).unwrap(),
+    );
+    assert_eq!(back.1["inserted"], 1, "{}", back.1);
+
     // Paging by kind with next cursors visits every record once, in order.
     let mut seen = Vec::new();
     let mut path = "/api/v1/records?kind=contact&limit=100".to_string();

@@ -57,6 +57,10 @@ pub struct RecordInput {
     pub user_number: Option<u32>,
     #[serde(default)]
     pub updated_at: Option<serde_json::Value>,
+    /// Bulk upserts only: `true` deletes `kind:id` (the other fields are
+    /// ignored), as in the webhook adapter's JSON-lines records.
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 /// Checks a record kind: lower case `[a-z0-9_]+`.
@@ -137,6 +141,11 @@ pub fn validate_record(
     input: RecordInput,
 ) -> Result<Record, Vec<String>> {
     let mut problems = Vec::new();
+    if input.deleted && path.is_some() {
+        problems.push(
+            "\"deleted\": true belongs in a bulk upsert; delete one record with DELETE".into(),
+        );
+    }
     let (kind, id) = match path {
         Some((kind, id)) => {
             if let Some(k) = input.kind.as_deref().filter(|k| *k != kind) {
@@ -207,21 +216,40 @@ pub fn validate_record(
     })
 }
 
+/// Validates a bulk item with `"deleted": true`: only `kind` and `id` count.
+fn validate_deletion(input: &RecordInput) -> Result<(String, String), Vec<String>> {
+    let mut problems = Vec::new();
+    match &input.kind {
+        Some(k) => problems.extend(validate_kind(k).err()),
+        None => problems.push("kind is missing".into()),
+    }
+    match &input.id {
+        Some(i) => problems.extend(validate_id(i).err()),
+        None => problems.push("id is missing".into()),
+    }
+    match (&input.kind, &input.id) {
+        (Some(k), Some(i)) if problems.is_empty() => Ok((k.clone(), i.clone())),
+        _ => Err(problems),
+    }
+}
+
 /// Late party resolution after the directory changed: activities with an
 /// unresolved party on one of `addresses` are resolved again against the
 /// records now known, each change written with its `activity.updated` event.
+/// Returns how many activities were updated.
 ///
 /// MERGE NOTE: helper "rules" writes
-/// `crate::crm::parties::resolve_pending(store, addresses, &settings, at)`;
-/// until it is on main this is the one place to wire it: replace the body
-/// with that call. Every records endpoint goes through here.
+/// `crate::crm::parties::resolve_pending(store, addresses, settings, at)`
+/// with this signature; until it is on main this is the one place to wire
+/// it: replace the body with that call. Every records endpoint goes through
+/// here.
 fn resolve_parties_after_record_change(
     _store: &dyn Store,
-    _addresses: &BTreeSet<String>,
+    _addresses: &[String],
     _settings: &PartySettings,
     _at: UnixTime,
-) -> Result<(), StoreError> {
-    Ok(())
+) -> Result<usize, StoreError> {
+    Ok(0)
 }
 
 /// The addresses of records, lower-cased as the address index keeps them.
@@ -234,27 +262,43 @@ fn addresses_of<'a>(records: impl IntoIterator<Item = &'a Record>) -> BTreeSet<S
         .collect()
 }
 
+/// What a records request wrote.
+struct Written {
+    changes: RecordChanges,
+    /// Activities whose parties were resolved by the change.
+    activities_updated: usize,
+}
+
 /// Writes records (and deletions) and then resolves parties waiting on the
 /// addresses involved, before and after the change (a deleted duplicate can
 /// end a tie). A failed resolution is logged, not failed: the records are
-/// written and the next change or restart retries it.
+/// written, and the parties stay unresolved (and listed as such) until a
+/// later change of one of these addresses resolves them.
 fn write_and_resolve(
     store: &dyn Store,
     settings: &PartySettings,
     records: Vec<Record>,
     deleted: &[(String, String)],
     before: &[Record],
-) -> Result<RecordChanges, StoreError> {
+) -> Result<Written, StoreError> {
     let at = now();
     let mut addresses = addresses_of(before);
     addresses.extend(addresses_of(&records));
     let changes = store.upsert_records(records, deleted, None, at)?;
+    let mut activities_updated = 0;
     if changes.inserted + changes.updated + changes.deleted > 0 && !addresses.is_empty() {
-        if let Err(e) = resolve_parties_after_record_change(store, &addresses, settings, at) {
-            tracing::warn!(error = %e, addresses = addresses.len(), "party resolution after a record change failed; it is retried with the next change");
+        let addresses: Vec<String> = addresses.into_iter().collect();
+        match resolve_parties_after_record_change(store, &addresses, settings, at) {
+            Ok(n) => activities_updated = n,
+            Err(e) => {
+                tracing::warn!(error = %e, addresses = addresses.len(), "party resolution after a record change failed; the parties stay unresolved until a later change of these addresses")
+            }
         }
     }
-    Ok(changes)
+    Ok(Written {
+        changes,
+        activities_updated,
+    })
 }
 
 /// A record as the API shows it: the stored fields plus `ref` (`kind:id`)
@@ -380,11 +424,11 @@ pub async fn put_one(
     let record = validate_record(Some((&kind, &id)), input).map_err(invalid_record)?;
     let store = s.store.clone();
     let settings = s.config.crm.parties.clone();
-    let (changes, stored) = blocking(move || {
+    let (written, stored) = blocking(move || {
         let before: Vec<Record> = store.record(&kind, &id)?.into_iter().collect();
-        let changes = write_and_resolve(store.as_ref(), &settings, vec![record], &[], &before)?;
+        let written = write_and_resolve(store.as_ref(), &settings, vec![record], &[], &before)?;
         let stored = store.record(&kind, &id)?;
-        Ok((changes, stored))
+        Ok((written, stored))
     })
     .await?;
     // Deleted by a concurrent request between the write and the read.
@@ -394,16 +438,20 @@ pub async fn put_one(
             "the record was deleted by another request while this one wrote it",
         ));
     };
-    let (status, outcome) = if changes.inserted > 0 {
+    let (status, outcome) = if written.changes.inserted > 0 {
         (StatusCode::CREATED, "created")
-    } else if changes.updated > 0 {
+    } else if written.changes.updated > 0 {
         (StatusCode::OK, "updated")
     } else {
         (StatusCode::OK, "unchanged")
     };
     Ok((
         status,
-        Json(json!({"result": outcome, "record": RecordView::from(&r)})),
+        Json(json!({
+            "result": outcome,
+            "record": RecordView::from(&r),
+            "activities_updated": written.activities_updated,
+        })),
     )
         .into_response())
 }
@@ -420,8 +468,8 @@ pub async fn delete_one(
         let Some(before) = store.record(&k, &i)? else {
             return Ok(0);
         };
-        let changes = write_and_resolve(store.as_ref(), &settings, vec![], &[(k, i)], &[before])?;
-        Ok(changes.deleted)
+        let written = write_and_resolve(store.as_ref(), &settings, vec![], &[(k, i)], &[before])?;
+        Ok(written.changes.deleted)
     })
     .await?;
     if deleted == 0 {
@@ -565,7 +613,7 @@ pub async fn bulk_upsert(
         ));
     }
     let total = items.len();
-    let mut records = Vec::with_capacity(total);
+    let mut ops = Vec::with_capacity(total);
     let mut invalid = Vec::new();
     for (index, (line, value)) in items.into_iter().enumerate() {
         let reference = value
@@ -575,9 +623,19 @@ pub async fn bulk_upsert(
             .map(|(k, i)| format!("{k}:{i}"));
         let checked = serde_json::from_value::<RecordInput>(value)
             .map_err(|e| format!("not a record: {e}"))
-            .and_then(|input| validate_record(None, input).map_err(|p| p.join("; ")));
+            .and_then(|input| {
+                if input.deleted {
+                    validate_deletion(&input)
+                        .map(BulkOp::Delete)
+                        .map_err(|p| p.join("; "))
+                } else {
+                    validate_record(None, input)
+                        .map(BulkOp::Upsert)
+                        .map_err(|p| p.join("; "))
+                }
+            });
         match checked {
-            Ok(r) => records.push(r),
+            Ok(op) => ops.push(op),
             Err(error) => invalid.push(InvalidItem {
                 index,
                 line,
@@ -589,25 +647,61 @@ pub async fn bulk_upsert(
     if !invalid.is_empty() {
         return Err(invalid_items(total, invalid));
     }
+    let (records, deletions) = last_op_per_record(ops);
     let store: Arc<dyn Store> = s.store.clone();
     let settings = s.config.crm.parties.clone();
-    let c = blocking(move || {
+    let w = blocking(move || {
         let mut before = Vec::new();
-        for r in &records {
-            if let Some(old) = store.record(&r.kind, &r.id)? {
+        let keys = records
+            .iter()
+            .map(|r| (r.kind.as_str(), r.id.as_str()))
+            .chain(deletions.iter().map(|(k, i)| (k.as_str(), i.as_str())));
+        for (kind, id) in keys {
+            if let Some(old) = store.record(kind, id)? {
                 before.push(old);
             }
         }
-        write_and_resolve(store.as_ref(), &settings, records, &[], &before)
+        write_and_resolve(store.as_ref(), &settings, records, &deletions, &before)
     })
     .await?;
     Ok(Json(json!({
         "count": total,
-        "inserted": c.inserted,
-        "updated": c.updated,
-        "unchanged": c.unchanged,
+        "inserted": w.changes.inserted,
+        "updated": w.changes.updated,
+        "unchanged": w.changes.unchanged,
+        "deleted": w.changes.deleted,
+        "activities_updated": w.activities_updated,
     }))
     .into_response())
+}
+
+/// One checked bulk item.
+enum BulkOp {
+    Upsert(Record),
+    Delete((String, String)),
+}
+
+/// The records to upsert and to delete, keeping of each `kind:id` only its
+/// last item, as a file read top down would leave it.
+fn last_op_per_record(ops: Vec<BulkOp>) -> (Vec<Record>, Vec<(String, String)>) {
+    let key = |op: &BulkOp| match op {
+        BulkOp::Upsert(r) => (r.kind.clone(), r.id.clone()),
+        BulkOp::Delete(k) => k.clone(),
+    };
+    let last: std::collections::HashMap<(String, String), usize> =
+        ops.iter().enumerate().map(|(i, op)| (key(op), i)).collect();
+    let mut records = Vec::new();
+    let mut deletions = Vec::new();
+    for (i, op) in ops.into_iter().enumerate() {
+        if last.get(&key(&op)) != Some(&i) {
+            continue;
+        }
+        match op {
+            BulkOp::Upsert(r) => records.push(r),
+            BulkOp::Delete(k) => deletions.push(k),
+        }
+    }
+    (records, deletions)
 }
 
 #[cfg(test)]
@@ -671,6 +765,40 @@ mod tests {
         let missing = validate_record(None, input(json!({"name": "n"}))).unwrap_err();
         assert_eq!(missing, vec!["kind is missing", "id is missing"]);
         assert!(serde_json::from_value::<RecordInput>(json!({"email": "a@b.example"})).is_err());
+    }
+
+    #[test]
+    fn the_last_item_of_a_record_wins_and_deletions_need_only_kind_and_id() {
+        let rec = |id: &str, name: &str| {
+            validate_record(
+                None,
+                input(json!({"kind": "contact", "id": id, "name": name})),
+            )
+            .unwrap()
+        };
+        let ops = vec![
+            BulkOp::Upsert(rec("1", "first")),
+            BulkOp::Delete(("contact".into(), "1".into())),
+            BulkOp::Delete(("contact".into(), "2".into())),
+            BulkOp::Upsert(rec("2", "back")),
+            BulkOp::Upsert(rec("3", "a")),
+            BulkOp::Upsert(rec("3", "b")),
+        ];
+        let (records, deletions) = last_op_per_record(ops);
+        let names: Vec<(&str, &str)> = records
+            .iter()
+            .map(|r| (r.id.as_str(), r.name.as_str()))
+            .collect();
+        assert_eq!(names, [("2", "back"), ("3", "b")]);
+        assert_eq!(deletions, [("contact".to_string(), "1".to_string())]);
+        let del = input(json!({"kind": "contact", "id": "9", "deleted": true, "emails": ["junk"]}));
+        assert_eq!(
+            validate_deletion(&del).unwrap(),
+            ("contact".to_string(), "9".to_string())
+        );
+        assert!(validate_deletion(&input(json!({"kind": "Contact", "deleted": true}))).is_err());
+        let put = validate_record(Some(("contact", "9")), del).unwrap_err();
+        assert!(put.iter().any(|p| p.contains("with DELETE")), "{put:?}");
     }
 
     #[test]
