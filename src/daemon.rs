@@ -91,6 +91,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             store: store.clone(),
             runtime: runtime.clone(),
             prometheus,
+            shutdown: cancel.clone(),
         });
         let stop = cancel.clone();
         tracker.spawn(async move {
