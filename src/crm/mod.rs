@@ -7,6 +7,9 @@
 //! classifies each failure ([`CrmError`], transient or permanent) and
 //! reports the CRM's id for what it created.
 
+pub mod import;
+pub mod parties;
+
 use std::future::Future;
 use std::time::Duration;
 
