@@ -448,7 +448,14 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
     // [correlation]
     let correlation = correlation_settings(top.sub("correlation", &mut errs), base_dir, &mut errs);
 
+    // `process_email_only_for_approved` is the (and Dynamics')
+    // longer name; either works, the longer one wins when both are given.
     let process_only_approved = top.bool("process_only_approved", true, &mut errs);
+    let process_only_approved = top.bool(
+        "process_email_only_for_approved",
+        process_only_approved,
+        &mut errs,
+    );
 
     // [crm]
     let crm = crm_settings(top.sub("crm", &mut errs), base_dir, &mut errs);
