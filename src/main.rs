@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crm_mailsync::config::{self, EXIT_CONFIG};
-use crm_mailsync::model::format_time;
 use crm_mailsync::crm::import;
+use crm_mailsync::model::format_time;
 use crm_mailsync::store::{ActivityQuery, SledStore, Store, StoreError};
 use crm_mailsync::{daemon, telemetry};
 
@@ -265,7 +265,10 @@ fn import_records(
     let parsed = match import::parse_file(file, format) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("crm-mailsync records import: cannot read {}: {e}", file.display());
+            eprintln!(
+                "crm-mailsync records import: cannot read {}: {e}",
+                file.display()
+            );
             return ExitCode::FAILURE;
         }
     };
