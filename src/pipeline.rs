@@ -239,7 +239,7 @@ pub fn process_seeded(
         );
         for (_, a) in &addresses {
             if !resolved.contains_key(a) {
-                let r = parties::resolve_with(&store.records_by_address(a)?, &ctx.parties);
+                let r = parties::resolve_for(a, &store.records_by_address(a)?, &ctx.parties);
                 resolved.insert(a.clone(), r);
             }
         }
@@ -389,7 +389,7 @@ pub fn process_seeded(
         let activity_parties = parties::resolve_parties(&addresses, &mut |a: &str| {
             Ok::<_, StoreError>(match resolved.get(a) {
                 Some(r) => r.clone(),
-                None => parties::resolve_with(&store.records_by_address(a)?, &ctx.parties),
+                None => parties::resolve_for(a, &store.records_by_address(a)?, &ctx.parties),
             })
         })?;
         decision.reasons.push(parties::sender_line(
@@ -1086,5 +1086,59 @@ Diagnostic-Code: smtp; 550 5.1.1 <gone@them.test>: Recipient address\r\n\
             .unwrap()
             .in_reply_to
             .is_empty());
+    }
+
+    #[test]
+    fn unknown_senders_of_tracked_mail_are_auto_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let mut c = ctx(dir.path());
+        c.parties.auto_create = Some("lead".into());
+        let msgs = [
+            raw("INBOX", "1", "Message-ID: <n1@x>\r\nSubject: Hello\r\n"),
+            raw("INBOX", "2", "Message-ID: <n2@x>\r\nSubject: Again\r\n"),
+        ];
+        // A batch processed, then (a crash before its commit) again.
+        let (_, first) = process(&store, &c, &msgs, 0).unwrap();
+        let (batch, again) = process(&store, &c, &msgs, 0).unwrap();
+        store.commit(batch).unwrap();
+        let leads = store.records(Some("lead"), None, 0).unwrap();
+        assert_eq!(leads.len(), 1, "{leads:?}");
+        assert_eq!(leads[0].emails, vec!["c@them.test".to_string()]);
+        let want = format!("lead:{}", leads[0].id);
+        for (_, r) in first.iter().chain(&again) {
+            let ItemResult::Correlated {
+                parties, decision, ..
+            } = r
+            else {
+                panic!("{r:?}");
+            };
+            assert_eq!(parties[0].record.as_ref().unwrap().to_string(), want);
+            assert_eq!(parties[0].note.as_deref(), Some("auto-created"));
+            assert!(
+                decision
+                    .reasons
+                    .contains(&format!("sender c@them.test: {want} (auto-created)")),
+                "{decision:?}"
+            );
+        }
+        // Skipped mail creates nothing.
+        let dir2 = tempfile::tempdir().unwrap();
+        let store2 = SledStore::open(&dir2.path().join("s")).unwrap();
+        c.policy.track = crate::config::TrackFilter::ResponsesToCrmEmail;
+        let (batch, results) = process(&store2, &c, &msgs[..1], 0).unwrap();
+        store2.commit(batch).unwrap();
+        assert!(store2.records(Some("lead"), None, 0).unwrap().is_empty());
+        let ItemResult::Correlated {
+            parties, decision, ..
+        } = &results[0].1
+        else {
+            panic!()
+        };
+        assert_eq!(decision.method, CorrelationMethod::Skipped);
+        assert_eq!(parties[0].record, None);
+        // Off by default.
+        let c = ctx(dir.path());
+        assert_eq!(c.parties.auto_create, None);
     }
 }

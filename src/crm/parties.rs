@@ -167,14 +167,34 @@ pub fn resolve_with(records: &[Record], settings: &PartySettings) -> AddressReso
     )
 }
 
+/// [`resolve_with`] for `address`, noting [`AUTO_CREATED_NOTE`] when the
+/// winner is the record auto-create made for this very address (so a batch
+/// retried after a crash reads as the first run did).
+pub fn resolve_for(
+    address: &str,
+    records: &[Record],
+    settings: &PartySettings,
+) -> AddressResolution {
+    let mut r = resolve_with(records, settings);
+    if r.note.is_none()
+        && r.record
+            .as_ref()
+            .is_some_and(|rec| rec.id() == auto_created_id(address))
+    {
+        r.note = Some(AUTO_CREATED_NOTE.into());
+    }
+    r
+}
+
 /// Resolves one address through `lookup` (address → records carrying it).
 pub fn resolve_address<E>(
     address: &str,
     settings: &PartySettings,
     lookup: &mut impl FnMut(&str) -> Result<Vec<Record>, E>,
 ) -> Result<AddressResolution, E> {
-    let records = lookup(&normalize_address(address))?;
-    Ok(resolve_with(&records, settings))
+    let address = normalize_address(address);
+    let records = lookup(&address)?;
+    Ok(resolve_for(&address, &records, settings))
 }
 
 /// The addresses of a message by role, lower-cased, each once per role, in
