@@ -238,18 +238,15 @@ fn validate_deletion(input: &RecordInput) -> Result<(String, String), Vec<String
 /// records now known, each change written with its `activity.updated` event.
 /// Returns how many activities were updated.
 ///
-/// MERGE NOTE: helper "rules" writes
-/// `crate::crm::parties::resolve_pending(store, addresses, settings, at)`
-/// with this signature; until it is on main this is the one place to wire
-/// it: replace the body with that call. Every records endpoint goes through
-/// here.
+/// See [`crate::crm::parties::resolve_pending`]; every records endpoint
+/// goes through here.
 fn resolve_parties_after_record_change(
-    _store: &dyn Store,
-    _addresses: &[String],
-    _settings: &PartySettings,
-    _at: UnixTime,
+    store: &dyn Store,
+    addresses: &[String],
+    settings: &PartySettings,
+    at: UnixTime,
 ) -> Result<usize, StoreError> {
-    Ok(0)
+    crate::crm::parties::resolve_pending(store, addresses, settings, at)
 }
 
 /// The addresses of records, lower-cased as the address index keeps them.

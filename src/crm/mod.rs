@@ -7,6 +7,8 @@
 //! classifies each failure ([`CrmError`], transient or permanent) and
 //! reports the CRM's id for what it created.
 
+pub mod import;
+pub mod parties;
 pub mod sync;
 pub mod webhook;
 pub mod worker;

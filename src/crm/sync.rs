@@ -189,20 +189,14 @@ impl<A: CrmAdapter + 'static> RecordSync<A> {
 /// unresolved party at one of `addresses` are resolved again (and their
 /// `activity.updated` event written with them).
 ///
-/// LEAD, WIRE WHEN MERGING: the "rules" helper writes
-/// `crate::crm::parties::resolve_pending(store, addresses, &settings, at)`;
-/// once it is on main, replace the body with that call. Until then no
-/// activity is re-resolved after a record pull (the records themselves are
-/// stored).
+/// See [`crate::crm::parties::resolve_pending`].
 pub fn resolve_waiting_parties(
     store: &dyn Store,
     addresses: Vec<String>,
     settings: &CrmSettings,
     at: UnixTime,
-) -> Result<(), StoreError> {
-    // crate::crm::parties::resolve_pending(store, &addresses, settings, at)?;
-    let _ = (store, addresses, settings, at);
-    Ok(())
+) -> Result<usize, StoreError> {
+    crate::crm::parties::resolve_pending(store, &addresses, &settings.parties, at)
 }
 
 #[cfg(test)]
