@@ -6,6 +6,8 @@
 //! under test is the outbox and the webhook wire format.
 
 mod common;
+#[cfg(feature = "real-servers")]
+mod servers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -840,6 +842,59 @@ fn test_event_is_signed_and_a_closed_port_is_transient() {
     let e = r.rt.block_on(down.test()).unwrap_err();
     assert!(matches!(e, CrmError::Transient { .. }), "{e:?}");
     assert!(e.to_string().contains("cannot connect"), "{e}");
+}
+
+/// The same over IMAP from the real Dovecot: 2,000 messages of one mailbox,
+/// each activity delivered once by webhook-id, every signature valid.
+#[cfg(feature = "real-servers")]
+#[test]
+fn imap_mailbox_from_dovecot_is_delivered_exactly_once() {
+    use servers::*;
+    const N: usize = 2000;
+    let env = env();
+    let user = "user00170";
+    reset_user(user);
+    bulk_generate(user, "INBOX", N, 170);
+    let r = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = server_config(
+        &env,
+        dir.path(),
+        free_port(),
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 200",
+            extra_mailbox: "",
+        },
+    );
+    let secret_file = dir.path().join("webhook.secret");
+    std::fs::write(&secret_file, format!("{}\n{}\n", SECRETS[0], SECRETS[1])).unwrap();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[crm]\ntype = \"webhook\"\nurl = \"{}\"\nsecret_file = \"{}\"\n",
+        r.url(),
+        secret_file.display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let port = admin_port(&cfg);
+    let child = start_daemon(&cfg, None);
+    wait_delivered(&r, N, Duration::from_secs(240));
+    wait_for(Duration::from_secs(30), "outbox drained", || {
+        (metric(port, &["crm_mailsync_outbox_depth{", "adapter=\"webhook\""]) == Some(0.0))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    stop(child);
+    let (events, activities, pending, dead) = store_view(dir.path());
+    assert_eq!(activities as usize, N);
+    assert_eq!(events.len(), N);
+    assert_eq!((pending, dead), (0, 0));
+    assert_eq!(assert_exactly_once(&r.hook, &events), 0);
 }
 
 /// The schema is strict enough to fail: a body with an unknown type or a
