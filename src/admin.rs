@@ -2,9 +2,19 @@
 //!
 //! Bound to loopback by default; the config refuses other addresses unless
 //! `admin.allow_remote` says so.
+//!
+//! Submodules: [`records`] (the record directory), [`feed`] (the event pull
+//! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters).
+
+mod feed;
+mod outbox;
+mod records;
+
+pub use records::{validate_record, RecordInput};
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -14,6 +24,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Secret};
 use crate::model::{format_time, EmailActivity};
@@ -27,6 +38,9 @@ pub struct AdminState {
     pub store: Arc<dyn Store>,
     pub runtime: Arc<Runtime>,
     pub prometheus: Option<PrometheusHandle>,
+    /// Cancelled when the daemon shuts down: a long-polling feed request
+    /// answers at once instead of holding the graceful shutdown up.
+    pub shutdown: CancellationToken,
 }
 
 /// Builds the router.
@@ -41,6 +55,22 @@ pub fn router(state: AdminState) -> Router {
         .route("/activities/{id}", get(activity))
         .route("/alerts", get(alerts))
         .route("/quarantine", get(quarantine))
+        .route(
+            "/records",
+            get(records::list)
+                .post(records::bulk_upsert)
+                .layer(DefaultBodyLimit::max(records::BULK_BODY_LIMIT)),
+        )
+        .route(
+            "/records/{kind}/{id}",
+            get(records::get_one)
+                .put(records::put_one)
+                .delete(records::delete_one),
+        )
+        .route("/events", get(feed::events))
+        .route("/events/{seq}", get(feed::event))
+        .route("/outbox", get(outbox::overview))
+        .route("/outbox/{consumer}/dead-letters", get(outbox::dead_letters))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token.clone();
             async move { require_bearer(token, req, next).await }
@@ -114,6 +144,7 @@ async fn readyz(State(s): State<AdminState>) -> Response {
             format_time(since)
         ));
     }
+    problems.extend(s.runtime.outbox.problems(crate::model::now()));
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
@@ -146,6 +177,134 @@ fn store_error(e: impl std::fmt::Display) -> Response {
         Json(json!({"error": e.to_string()})),
     )
         .into_response()
+}
+
+/// An API error: a status and a JSON body `{"error": message, …}` with a
+/// message a person understands.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl ApiError {
+    /// `{"error": message}` with this status.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: json!({"error": message.into()}),
+        }
+    }
+
+    /// `{"error": message}` plus the fields of `extra` (an object).
+    pub fn with(status: StatusCode, message: impl Into<String>, extra: serde_json::Value) -> Self {
+        let mut e = ApiError::new(status, message);
+        if let (Some(body), serde_json::Value::Object(more)) = (e.body.as_object_mut(), extra) {
+            body.extend(more);
+        }
+        e
+    }
+
+    /// A 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// A 500 for a store failure.
+    pub fn store(e: impl std::fmt::Display) -> Self {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+/// Runs blocking store work off the async threads; a store failure (or a
+/// panicked task) becomes a 500 with the store's message.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ApiError::store(e)),
+        Err(e) => Err(ApiError::store(format!("store task failed: {e}"))),
+    }
+}
+
+/// Query parameters as name → value, rejecting names the endpoint does not
+/// know (a typo such as `cursor=` for `after=` would otherwise be ignored
+/// silently) with a 400 that lists the known ones.
+fn query_params(
+    query: Option<&str>,
+    known: &[&str],
+) -> Result<std::collections::HashMap<String, String>, ApiError> {
+    let mut out = std::collections::HashMap::new();
+    let Some(query) = query else {
+        return Ok(out);
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = percent_decode(name).map_err(ApiError::bad_request)?;
+        let value = percent_decode(value).map_err(ApiError::bad_request)?;
+        if !known.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {name:?}; this endpoint takes {}",
+                known.join(", ")
+            )));
+        }
+        if out.insert(name.clone(), value).is_some() {
+            return Err(ApiError::bad_request(format!(
+                "query parameter {name:?} is given more than once"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// `application/x-www-form-urlencoded` decoding of one query component.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("bad percent-encoding in query {s:?}"))?;
+                out.push(hex);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| format!("query {s:?} is not UTF-8 once decoded"))
+}
+
+/// A `limit` query parameter: `default` when absent, else 1..=`max`.
+fn limit_param(
+    params: &std::collections::HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    let Some(text) = params.get("limit") else {
+        return Ok(default);
+    };
+    match text.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad_request(format!(
+            "limit must be a whole number from 1 to {max}, not {text:?}"
+        ))),
+    }
 }
 
 async fn mailboxes(State(s): State<AdminState>) -> Response {
@@ -295,6 +454,33 @@ async fn quarantine(State(s): State<AdminState>, Query(p): Query<LimitParams>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_params_decode_and_reject_unknown_or_repeated_names() {
+        let p = query_params(
+            Some("email=a%40b.example&kind=contact+x"),
+            &["email", "kind"],
+        )
+        .unwrap();
+        assert_eq!(p["email"], "a@b.example");
+        assert_eq!(p["kind"], "contact x");
+        assert!(query_params(Some("cursor=1"), &["after"]).is_err());
+        assert!(query_params(Some("after=1&after=2"), &["after"]).is_err());
+        assert!(query_params(Some("after=%zz"), &["after"]).is_err());
+        assert!(query_params(None, &["after"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn limit_is_bounded() {
+        let mut p = std::collections::HashMap::new();
+        assert_eq!(limit_param(&p, 100, 1000).unwrap(), 100);
+        p.insert("limit".to_string(), "1000".to_string());
+        assert_eq!(limit_param(&p, 100, 1000).unwrap(), 1000);
+        for bad in ["0", "1001", "-1", "ten", ""] {
+            p.insert("limit".to_string(), bad.to_string());
+            assert!(limit_param(&p, 100, 1000).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn token_comparison() {

@@ -13,12 +13,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::Alerts;
-use crate::config::{read_secret_file, AuthKind, Config, Mailbox, Profile};
+use crate::config::{read_secret_file, AuthKind, Config, CrmKind, Mailbox, Profile};
 use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
 use crate::connector::oauth::{StaticToken, TokenFile, TokenProvider};
 use crate::connector::pop3::Credentials as Pop3Credentials;
 use crate::connector::pop3_sync::{Pop3Connector, Pop3Settings};
+use crate::crm::sync::RecordSync;
+use crate::crm::webhook::WebhookAdapter;
+use crate::crm::worker::OutboxWorker;
+use crate::crm::CrmAdapter;
 use crate::model::{IncomingDelivery, ProfileType};
 use crate::net::Endpoint;
 use crate::scheduler::{Backoff, MailboxTask, Runtime, WATCH_EVERY};
@@ -30,6 +34,8 @@ use crate::telemetry;
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("CRM link ([crm] type = {kind:?}): {message}")]
+    Crm { kind: &'static str, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -64,6 +70,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let alerts = Arc::new(Alerts::new(store.clone(), members));
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
+    // Before any mailbox commits: every event from now on gets a pending
+    // delivery for the configured adapter.
+    start_crm_link(&config, &store, &runtime, &tracker, &cancel)?;
 
     if config.admin.enabled {
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -82,6 +91,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             store: store.clone(),
             runtime: runtime.clone(),
             prometheus,
+            shutdown: cancel.clone(),
         });
         let stop = cancel.clone();
         tracker.spawn(async move {
@@ -202,6 +212,115 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Registers the configured CRM adapter as the outbox consumer and starts
+/// its outbox worker and record pull loop (builtin: neither, the events stay
+/// in the store and the pull feed).
+fn start_crm_link(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    runtime: &Arc<Runtime>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<(), DaemonError> {
+    store.set_outbox_consumers(
+        config
+            .crm
+            .kind
+            .consumer()
+            .map(str::to_string)
+            .into_iter()
+            .collect(),
+    );
+    match &config.crm.kind {
+        CrmKind::Builtin => {}
+        CrmKind::Webhook(settings) => {
+            let adapter = WebhookAdapter::new(settings).map_err(|e| DaemonError::Crm {
+                kind: "webhook",
+                message: e.to_string(),
+            })?;
+            start_adapter(Arc::new(adapter), config, store, runtime, tracker, cancel);
+        }
+        CrmKind::Dataverse(settings) => {
+            let adapter = crate::crm::dataverse::DataverseAdapter::new(settings).map_err(|e| {
+                DaemonError::Crm {
+                    kind: "dataverse",
+                    message: e.to_string(),
+                }
+            })?;
+            start_adapter(Arc::new(adapter), config, store, runtime, tracker, cancel);
+        }
+    }
+    Ok(())
+}
+
+/// Starts the supervised outbox worker and record pull loop of an adapter.
+fn start_adapter<A: CrmAdapter + 'static>(
+    adapter: Arc<A>,
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    runtime: &Arc<Runtime>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let name = adapter.name();
+    metrics::counter!(telemetry::CRM_DELIVERIES, "adapter" => name, "result" => "delivered")
+        .increment(0);
+    tracing::info!(adapter = name, "CRM link: delivering the outbox");
+    let worker = {
+        let (adapter, store, config) = (adapter.clone(), store.clone(), config.clone());
+        let (health, cancel) = (runtime.outbox.clone(), cancel.clone());
+        move || {
+            OutboxWorker::new(
+                adapter.clone(),
+                store.clone(),
+                &config.crm.delivery,
+                health.clone(),
+                cancel.clone(),
+            )
+            .run()
+        }
+    };
+    tracker.spawn(supervise("outbox worker", name, cancel.clone(), worker));
+    let sync = {
+        let (store, config, cancel) = (store.clone(), config.clone(), cancel.clone());
+        move || {
+            RecordSync::new(
+                adapter.clone(),
+                store.clone(),
+                config.crm.clone(),
+                cancel.clone(),
+            )
+            .run()
+        }
+    };
+    tracker.spawn(supervise("record sync", name, cancel.clone(), sync));
+}
+
+/// Runs the task `make` builds until it returns or the daemon stops; a
+/// panicking task is logged and started again a second later.
+async fn supervise<F, Fut>(
+    what: &'static str,
+    adapter: &'static str,
+    cancel: CancellationToken,
+    make: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(make()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(adapter, task = what, error = %e, "CRM task failed; restarting it");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// Where and how to connect for a server profile.

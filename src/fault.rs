@@ -25,6 +25,26 @@ pub fn committed_with_follow_ups() {
     }
 }
 
+/// `CRM_MAILSYNC_FAULT_KILL_AFTER_DELIVERY=N`: the process SIGKILLs itself
+/// right after the CRM accepted its N-th delivered event, before the outbox
+/// records it: the event must be delivered again (same id) on restart.
+pub const KILL_AFTER_DELIVERY: &str = "CRM_MAILSYNC_FAULT_KILL_AFTER_DELIVERY";
+
+static DELIVERIES: AtomicU64 = AtomicU64::new(0);
+
+/// Called between the CRM's 2xx and `finish_delivery`.
+pub fn delivered_before_recording() {
+    let Some(n) = std::env::var(KILL_AFTER_DELIVERY)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    if DELIVERIES.fetch_add(1, Ordering::SeqCst) + 1 == n {
+        kill_self();
+    }
+}
+
 /// SIGKILL, as an operator's `kill -9` or the OOM killer would: no
 /// destructors, no flush, and no other thread runs on after it (a `kill`
 /// subprocess would leave the other mailboxes a few milliseconds).

@@ -22,6 +22,7 @@
 
 use crate::config::TrackFilter;
 use crate::correlate::Decision;
+use crate::crm::parties::AddressResolution;
 use crate::model::{AutomaticClass, CorrelationMethod, UnixTime};
 use crate::parse::ParsedMessage;
 
@@ -137,17 +138,86 @@ pub fn before_correlation(p: &ParsedMessage<'_>, policy: &FilterPolicy) -> Verdi
     }
 }
 
-/// Applies the track filter to a correlation decision; returns the skip reason
-/// when the mailbox only tracks responses and nothing correlated.
-pub fn after_correlation(d: &Decision, policy: &FilterPolicy) -> Option<String> {
-    match policy.track {
-        TrackFilter::All => None,
-        TrackFilter::ResponsesOnly if d.method == CorrelationMethod::None => Some(
-            "track filter is responses-only and the email does not correlate to tracked email"
-                .into(),
-        ),
-        TrackFilter::ResponsesOnly => None,
+/// One counterpart address of a message with its party resolution, for the
+/// track filter: the sender of incoming mail, the recipients of mail the
+/// mailbox sent itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Counterpart<'a> {
+    pub address: &'a str,
+    pub resolution: &'a AddressResolution,
+}
+
+/// Applies the mailbox's track filter to a correlation decision (one that
+/// is not skipped already); returns the skip reason when the email is not
+/// tracked.
+///
+/// * Mail in a tracked folder (method `folder`) and seeded mail (`custom`)
+///   are always tracked: filing a message into a tracked folder is the
+///   user's explicit choice, under every filter, `none` included (as
+///   `responses_only` always treated folder tracking).
+/// * `none`: nothing else is tracked.
+/// * A response (the email correlates to tracked email by any method) is
+///   tracked under every other filter.
+/// * `from_crm_records`: otherwise tracked when a counterpart resolves to a
+///   contact, account or lead; `from_email_enabled_records`: to any
+///   email-enabled record. A tie inside one kind still decides the kind
+///   (the sender is one of those contacts, only not which one); too many
+///   matches decide nothing.
+pub fn track_verdict(
+    d: &Decision,
+    track: TrackFilter,
+    counterparts: &[Counterpart<'_>],
+) -> Option<String> {
+    if matches!(
+        d.method,
+        CorrelationMethod::Folder | CorrelationMethod::Custom
+    ) {
+        return None;
     }
+    let name = track.as_str();
+    if track == TrackFilter::None {
+        return Some(format!(
+            "track filter is {name}: nothing is tracked (only mail filed into a tracked folder)"
+        ));
+    }
+    if track == TrackFilter::All || d.method != CorrelationMethod::None {
+        return None;
+    }
+    let (qualifies, wanted): (fn(&AddressResolution) -> bool, &str) = match track {
+        TrackFilter::ResponsesToCrmEmail => {
+            return Some(format!(
+                "track filter is {name} and the email does not correlate to tracked email"
+            ))
+        }
+        TrackFilter::FromCrmRecords => (
+            |r| {
+                r.kind
+                    .as_deref()
+                    .is_some_and(crate::crm::parties::is_customer_kind)
+            },
+            "a contact, account or lead",
+        ),
+        TrackFilter::FromEmailEnabledRecords => (
+            |r| r.kind.is_some() && r.email_enabled,
+            "an email-enabled record",
+        ),
+        TrackFilter::All | TrackFilter::None => return None,
+    };
+    if counterparts.iter().any(|c| qualifies(c.resolution)) {
+        return None;
+    }
+    let who = if counterparts.is_empty() {
+        "the email names no counterpart".to_string()
+    } else {
+        counterparts
+            .iter()
+            .map(|c| format!("{} is {}", c.address, c.resolution.summary()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    Some(format!(
+        "track filter is {name}: the email does not correlate to tracked email and no counterpart resolves to {wanted} ({who})"
+    ))
 }
 
 /// How a correlation decision counts for automatic mail.
@@ -537,10 +607,55 @@ mod tests {
         );
     }
 
+    fn resolved(kind: Option<&str>, email_enabled: bool) -> AddressResolution {
+        AddressResolution {
+            record: kind.map(|k| format!("{k}:1").parse().unwrap()),
+            kind: kind.map(str::to_string),
+            email_enabled,
+            note: None,
+            unknown: kind.is_none(),
+        }
+    }
+
     #[test]
-    fn responses_only_skips_uncorrelated() {
-        let d = Decision::unmatched(vec![]);
-        assert!(after_correlation(&d, &policy(TrackFilter::ResponsesOnly)).is_some());
-        assert!(after_correlation(&d, &policy(TrackFilter::All)).is_none());
+    fn track_filters_decide_by_correlation_and_sender() {
+        use TrackFilter::{All, FromCrmRecords, FromEmailEnabledRecords, ResponsesToCrmEmail};
+        let none = Decision::unmatched(vec![]);
+        let mut reply = Decision::unmatched(vec![]);
+        reply.method = CorrelationMethod::InReplyTo;
+        let mut folder = Decision::unmatched(vec![]);
+        folder.method = CorrelationMethod::Folder;
+        let contact = resolved(Some("contact"), true);
+        let muted = resolved(Some("contact"), false);
+        let user = resolved(Some("user"), true);
+        let unknown = resolved(None, false);
+        let c = |r| {
+            vec![Counterpart {
+                address: "a@x",
+                resolution: r,
+            }]
+        };
+        let skip = |d: &Decision, t, r| track_verdict(d, t, &c(r)).is_some();
+        for t in [
+            All,
+            ResponsesToCrmEmail,
+            FromCrmRecords,
+            FromEmailEnabledRecords,
+            TrackFilter::None,
+        ] {
+            assert!(!skip(&folder, t, &unknown), "folder wins under {t:?}");
+            assert_eq!(skip(&reply, t, &unknown), t == TrackFilter::None, "{t:?}");
+        }
+        assert!(!skip(&none, All, &unknown));
+        assert!(skip(&none, ResponsesToCrmEmail, &contact));
+        assert!(!skip(&none, FromCrmRecords, &contact));
+        assert!(!skip(&none, FromCrmRecords, &muted));
+        assert!(skip(&none, FromCrmRecords, &user));
+        assert!(skip(&none, FromCrmRecords, &unknown));
+        assert!(!skip(&none, FromEmailEnabledRecords, &user));
+        assert!(skip(&none, FromEmailEnabledRecords, &muted));
+        assert!(skip(&none, FromEmailEnabledRecords, &unknown));
+        let why = track_verdict(&none, FromCrmRecords, &c(&user)).unwrap();
+        assert!(why.contains("a@x is user:1"), "{why}");
     }
 }

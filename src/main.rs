@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crm_mailsync::config::{self, EXIT_CONFIG};
+use crm_mailsync::crm::import;
 use crm_mailsync::model::format_time;
-use crm_mailsync::store::{ActivityQuery, SledStore, Store};
+use crm_mailsync::store::{ActivityQuery, SledStore, Store, StoreError};
 use crm_mailsync::{daemon, telemetry};
 
 /// Server-side email synchronization for CRM systems: polls IMAP, POP3 and
@@ -56,6 +57,10 @@ enum Command {
         /// Use this store instead of a scratch one (it is written to!).
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Records file (CSV or JSON lines, as for `records import`) put in
+        /// the store's directory first, so parties and the track filter see them.
+        #[arg(long)]
+        records: Option<PathBuf>,
         /// .eml files, Maildir folders, mbox files or directories of them.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
@@ -64,6 +69,38 @@ enum Command {
     Activities {
         #[command(subcommand)]
         command: ActivitiesCommand,
+    },
+    /// The CRM record directory (users, queues, contacts, accounts, leads, …).
+    Records {
+        #[command(subcommand)]
+        command: RecordsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RecordsCommand {
+    /// Upsert records from a CSV (header row with at least kind,id,email,name;
+    /// several addresses separated by `;`) or JSON lines file into the store,
+    /// then resolve the parties they make resolvable. Offline: while the
+    /// daemon runs, use PUT /api/v1/records/{kind}/{id}. Any invalid line:
+    /// nothing is imported and the exit status is 65, unless --skip-invalid.
+    Import {
+        /// Configuration file (TOML), to find the store and [crm.parties].
+        #[arg(
+            long,
+            short,
+            env = "CRM_MAILSYNC_CONFIG",
+            default_value = "config/demo.toml"
+        )]
+        config: PathBuf,
+        /// Import the valid lines and only report the invalid ones.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// File format; by default from the extension (.csv, .jsonl, .ndjson).
+        #[arg(long, value_parser = ["csv", "jsonl"])]
+        format: Option<String>,
+        /// RECORDS.csv or RECORDS.jsonl.
+        file: PathBuf,
     },
 }
 
@@ -143,13 +180,14 @@ fn main() -> ExitCode {
             output,
             mailbox,
             store,
+            records,
             inputs,
         } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match replay(&cfg, seeds, output, mailbox, store, inputs) {
+            match replay(&cfg, seeds, output, mailbox, store, records, inputs) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("crm-mailsync replay: {e}");
@@ -172,7 +210,115 @@ fn main() -> ExitCode {
             };
             list_activities(&cfg, json, mailbox, limit)
         }
+        Command::Records {
+            command:
+                RecordsCommand::Import {
+                    config,
+                    skip_invalid,
+                    format,
+                    file,
+                },
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            import_records(&cfg, &file, format.as_deref(), skip_invalid)
+        }
     }
+}
+
+/// Invalid input data (sysexits EX_DATAERR).
+const EXIT_DATAERR: u8 = 65;
+/// The store is in use by the daemon: try again later (sysexits EX_TEMPFAIL).
+const EXIT_TEMPFAIL: u8 = 75;
+
+fn records_format(
+    file: &std::path::Path,
+    format: Option<&str>,
+) -> Result<import::RecordsFormat, String> {
+    match format {
+        Some("csv") => Ok(import::RecordsFormat::Csv),
+        Some(_) => Ok(import::RecordsFormat::Jsonl),
+        None => import::RecordsFormat::of_path(file).ok_or_else(|| {
+            format!(
+                "{}: cannot tell the format from the name; use a .csv or .jsonl file or --format",
+                file.display()
+            )
+        }),
+    }
+}
+
+fn import_records(
+    cfg: &config::Config,
+    file: &std::path::Path,
+    format: Option<&str>,
+    skip_invalid: bool,
+) -> ExitCode {
+    let format = match records_format(file, format) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("crm-mailsync records import: {e}");
+            return ExitCode::from(EXIT_DATAERR);
+        }
+    };
+    let parsed = match import::parse_file(file, format) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "crm-mailsync records import: cannot read {}: {e}",
+                file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    for e in &parsed.errors {
+        eprintln!("{}:{}: {}", file.display(), e.line, e.message);
+    }
+    if !parsed.errors.is_empty() && !skip_invalid {
+        eprintln!(
+            "crm-mailsync records import: {} invalid line(s); nothing imported (fix them, or pass --skip-invalid to import the {} valid record(s))",
+            parsed.errors.len(),
+            parsed.records.len()
+        );
+        return ExitCode::from(EXIT_DATAERR);
+    }
+    let path = cfg.store_path();
+    let store = match SledStore::open_with_cache_mb(&path, cfg.daemon.store_cache_mb) {
+        Ok(s) => s,
+        Err(StoreError::Locked(_)) => {
+            eprintln!(
+                "crm-mailsync records import: the store at {} is locked by a running daemon; nothing imported.\nWhile the daemon runs, send the records through its admin API instead (PUT /api/v1/records/{{kind}}/{{id}}), or stop it first.",
+                path.display()
+            );
+            return ExitCode::from(EXIT_TEMPFAIL);
+        }
+        Err(e) => {
+            eprintln!(
+                "crm-mailsync records import: cannot open the store at {}: {e}",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let skipped = parsed.errors.len();
+    match import::import_records(&store, parsed.records, &cfg.crm.parties, format_now()) {
+        Ok(s) => {
+            println!(
+                "inserted={} updated={} unchanged={} invalid_skipped={skipped} activities_resolved={}",
+                s.changes.inserted, s.changes.updated, s.changes.unchanged, s.resolved_activities
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("crm-mailsync records import: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn format_now() -> i64 {
+    crm_mailsync::model::now()
 }
 
 fn replay(
@@ -181,6 +327,7 @@ fn replay(
     output: PathBuf,
     mailbox: Option<String>,
     store_path: Option<PathBuf>,
+    records: Option<PathBuf>,
     inputs: Vec<PathBuf>,
 ) -> Result<(), String> {
     use crm_mailsync::pipeline::PipelineContext;
@@ -209,6 +356,21 @@ fn replay(
     };
     let store = SledStore::open_with_cache_mb(&dir, cfg.daemon.store_cache_mb)
         .map_err(|e| format!("store {}: {e}", dir.display()))?;
+    if let Some(file) = &records {
+        let parsed = import::parse_file(file, records_format(file, None)?)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        if let Some(e) = parsed.errors.first() {
+            return Err(format!(
+                "{}:{}: {} ({} invalid line(s); check with `records import`)",
+                file.display(),
+                e.line,
+                e.message,
+                parsed.errors.len()
+            ));
+        }
+        import::import_records(&store, parsed.records, &cfg.crm.parties, format_now())
+            .map_err(|e| e.to_string())?;
+    }
     let mut ctx = PipelineContext::for_mailbox(cfg, mb);
     ctx.quarantine_dir = dir.join("replay-quarantine");
     let seeds = match seeds {

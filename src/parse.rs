@@ -69,6 +69,7 @@ static LEAN_PARSER: std::sync::LazyLock<MessageParser> = std::sync::LazyLock::ne
         .header_address(HeaderName::From)
         .header_address(HeaderName::To)
         .header_address(HeaderName::Cc)
+        .header_address(HeaderName::Bcc)
         .header_date(HeaderName::Date)
         .header_id(HeaderName::MessageId)
         .header_id(HeaderName::InReplyTo)
@@ -139,6 +140,9 @@ pub struct ParsedMessage<'r> {
     /// `X-CRM-Forwarded-By`, as the forward-mailbox connector prepends it.
     /// Only trusted by the pipeline for forward mailboxes.
     pub forwarded_by: Option<String>,
+    /// `Bcc` addresses (lower-cased): only a sender's own copy carries
+    /// them; party resolution reads them, correlation does not.
+    pub bcc: Vec<String>,
 }
 
 /// Parses raw bytes. `folder` is where the message was found.
@@ -291,6 +295,7 @@ pub fn parse_for<'r>(
         auto,
         body_text,
         forwarded_by,
+        bcc: addresses(extra.bcc.and_then(HeaderValue::as_address)),
     })
 }
 
@@ -494,6 +499,7 @@ struct ExtraHeaders<'m> {
     from: Option<&'m HeaderValue<'m>>,
     to: Option<&'m HeaderValue<'m>>,
     cc: Option<&'m HeaderValue<'m>>,
+    bcc: Option<&'m HeaderValue<'m>>,
     date: Option<&'m HeaderValue<'m>>,
     content_type: Option<&'m HeaderValue<'m>>,
 }
@@ -510,6 +516,7 @@ impl<'m> ExtraHeaders<'m> {
                 HeaderName::From => Some(&mut x.from),
                 HeaderName::To => Some(&mut x.to),
                 HeaderName::Cc => Some(&mut x.cc),
+                HeaderName::Bcc => Some(&mut x.bcc),
                 HeaderName::Date => Some(&mut x.date),
                 HeaderName::ContentType => Some(&mut x.content_type),
                 _ => None,

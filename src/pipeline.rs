@@ -8,13 +8,14 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::config::{FolderRule, TrackFilter};
+use crate::config::{FolderRule, PartySettings};
 use crate::connector::RawMessage;
 use crate::correlate::{self, CorrelationSettings, Decision, MemIndex};
+use crate::crm::parties::{self, AddressResolution};
 use crate::filter::{self, FilterPolicy, Verdict};
 use crate::model::{
-    ActivityId, AutomaticClass, CorrelationMethod, Direction, EmailActivity, QuarantineEntry,
-    RecordRef, SourceKey, UnixTime,
+    ActivityId, AutomaticClass, CorrelationMethod, Direction, EmailActivity, Party,
+    QuarantineEntry, Record, RecordRef, SourceKey, UnixTime,
 };
 use crate::parse;
 use crate::store::{AutomaticMark, CommitBatch, PendingItem, Store, StoreError};
@@ -32,6 +33,8 @@ pub struct PipelineContext {
     pub quarantine_dir: PathBuf,
     /// A forward mailbox: activities are attributed to the forwarding user.
     pub forward_mailbox: bool,
+    /// Party resolution (`[crm.parties]`): order, limit, auto-create.
+    pub parties: PartySettings,
 }
 
 impl PipelineContext {
@@ -55,6 +58,7 @@ impl PipelineContext {
             max_message_size: max,
             quarantine_dir: cfg.quarantine_dir(),
             forward_mailbox: mailbox.incoming == crate::model::IncomingDelivery::ForwardMailbox,
+            parties: cfg.crm.parties.clone(),
         }
     }
 }
@@ -76,6 +80,8 @@ pub enum ItemResult {
         /// A Warning for the operator (a mail loop detected), raised by the
         /// caller: the pipeline itself raises nothing.
         notice: Option<String>,
+        /// From, to, cc and bcc as resolved (stored on the activity too).
+        parties: Vec<Party>,
     },
     Quarantined {
         reason: String,
@@ -155,6 +161,12 @@ pub fn process_seeded(
     let mut staged_skipped: HashSet<ActivityId> = HashSet::new();
     // Loop-detector marks of this batch (pair, time), not committed yet.
     let mut staged_marks: Vec<(String, UnixTime)> = Vec::new();
+    // One directory lookup per distinct address of the batch.
+    let mut resolved: HashMap<String, AddressResolution> = HashMap::new();
+    // Records auto-created for unknown senders, upserted before the batch
+    // is handed back for commit (deterministic ids: a retry re-creates
+    // the same records).
+    let mut created: Vec<Record> = Vec::new();
     for (m, seed) in messages {
         if store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
@@ -219,6 +231,33 @@ pub fn process_seeded(
             Direction::Incoming
         };
         parsed.features.outgoing = direction == Direction::Outgoing;
+        let addresses = parties::party_addresses(
+            &parsed.features.from,
+            &parsed.features.to,
+            &parsed.features.cc,
+            &parsed.bcc,
+        );
+        for (_, a) in &addresses {
+            if !resolved.contains_key(a) {
+                let r = parties::resolve_for(a, &store.records_by_address(a)?, &ctx.parties);
+                resolved.insert(a.clone(), r);
+            }
+        }
+        // Whom the track filter looks at: the sender of incoming mail, the
+        // recipients of mail the mailbox sent.
+        let counterparts: Vec<filter::Counterpart<'_>> = addresses
+            .iter()
+            .filter(|(role, _)| match direction {
+                Direction::Incoming => *role == crate::model::PartyRole::From,
+                Direction::Outgoing => *role != crate::model::PartyRole::From,
+            })
+            .filter_map(|(_, a)| {
+                resolved.get(a).map(|r| filter::Counterpart {
+                    address: a,
+                    resolution: r,
+                })
+            })
+            .collect();
         let automatic = filter::classify(&parsed);
         // A bounce answers the message it returns: looked up as In-Reply-To,
         // the stored activity keeps its own headers.
@@ -272,11 +311,17 @@ pub fn process_seeded(
                         v.decision
                     }
                 };
-                match filter::after_correlation(&d, &ctx.policy) {
-                    Some(reason) if ctx.policy.track == TrackFilter::ResponsesOnly => {
-                        skipped(reason)
+                if d.method == CorrelationMethod::Skipped {
+                    d
+                } else {
+                    match filter::track_verdict(&d, ctx.policy.track, &counterparts) {
+                        Some(reason) => {
+                            let mut s = skipped(reason);
+                            s.reasons.extend(d.reasons);
+                            s
+                        }
+                        None => d,
                     }
-                    _ => d,
                 }
             }
         };
@@ -315,6 +360,42 @@ pub fn process_seeded(
                 mark = Some((pair, at));
             }
         }
+        let sender = parsed
+            .features
+            .from
+            .first()
+            .map(|a| parties::normalize_address(a));
+        if let (Some(kind), Some(sender), Direction::Incoming) =
+            (&ctx.parties.auto_create, &sender, direction)
+        {
+            let unknown = resolved.get(sender).is_some_and(|r| r.unknown);
+            if unknown && decision.method != CorrelationMethod::Skipped {
+                let record = parties::auto_created_record(kind, sender);
+                if let Ok(reference) = record.reference() {
+                    resolved.insert(
+                        sender.clone(),
+                        AddressResolution {
+                            record: Some(reference),
+                            kind: Some(kind.clone()),
+                            email_enabled: record.email_enabled,
+                            note: Some(parties::AUTO_CREATED_NOTE.into()),
+                            unknown: false,
+                        },
+                    );
+                    created.push(record);
+                }
+            }
+        }
+        let activity_parties = parties::resolve_parties(&addresses, &mut |a: &str| {
+            Ok::<_, StoreError>(match resolved.get(a) {
+                Some(r) => r.clone(),
+                None => parties::resolve_for(a, &store.records_by_address(a)?, &ctx.parties),
+            })
+        })?;
+        decision.reasons.push(parties::sender_line(
+            sender.as_deref(),
+            sender.as_ref().and_then(|s| resolved.get(s)),
+        ));
         let tracked = decision.regarding.is_some() || decision.correlated_with.is_some();
         if tracked && ctx.settings.wants_body_features() {
             parsed.features.add_index_features(&parsed.body_text);
@@ -385,7 +466,7 @@ pub fn process_seeded(
             },
             automatic,
             no_reply,
-            parties: Vec::new(),
+            parties: activity_parties.clone(),
         };
         batch.items.push(PendingItem::Activity(Box::new(activity)));
         results.push((
@@ -397,8 +478,12 @@ pub fn process_seeded(
                 automatic,
                 no_reply,
                 notice,
+                parties: activity_parties,
             },
         ));
+    }
+    if !created.is_empty() {
+        store.upsert_records(created, &[], None, now)?;
     }
     Ok((batch, results))
 }
@@ -561,11 +646,12 @@ mod tests {
             policy: FilterPolicy {
                 own_addresses: vec!["me@us.test".into()],
                 automatic: Default::default(),
-                track: TrackFilter::All,
+                track: crate::config::TrackFilter::All,
             },
             max_message_size: 1 << 20,
             quarantine_dir: dir.join("q"),
             forward_mailbox: false,
+            parties: crate::config::CrmSettings::default().parties,
         }
     }
 
@@ -1000,5 +1086,59 @@ Diagnostic-Code: smtp; 550 5.1.1 <gone@them.test>: Recipient address\r\n\
             .unwrap()
             .in_reply_to
             .is_empty());
+    }
+
+    #[test]
+    fn unknown_senders_of_tracked_mail_are_auto_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("s")).unwrap();
+        let mut c = ctx(dir.path());
+        c.parties.auto_create = Some("lead".into());
+        let msgs = [
+            raw("INBOX", "1", "Message-ID: <n1@x>\r\nSubject: Hello\r\n"),
+            raw("INBOX", "2", "Message-ID: <n2@x>\r\nSubject: Again\r\n"),
+        ];
+        // A batch processed, then (a crash before its commit) again.
+        let (_, first) = process(&store, &c, &msgs, 0).unwrap();
+        let (batch, again) = process(&store, &c, &msgs, 0).unwrap();
+        store.commit(batch).unwrap();
+        let leads = store.records(Some("lead"), None, 0).unwrap();
+        assert_eq!(leads.len(), 1, "{leads:?}");
+        assert_eq!(leads[0].emails, vec!["c@them.test".to_string()]);
+        let want = format!("lead:{}", leads[0].id);
+        for (_, r) in first.iter().chain(&again) {
+            let ItemResult::Correlated {
+                parties, decision, ..
+            } = r
+            else {
+                panic!("{r:?}");
+            };
+            assert_eq!(parties[0].record.as_ref().unwrap().to_string(), want);
+            assert_eq!(parties[0].note.as_deref(), Some("auto-created"));
+            assert!(
+                decision
+                    .reasons
+                    .contains(&format!("sender c@them.test: {want} (auto-created)")),
+                "{decision:?}"
+            );
+        }
+        // Skipped mail creates nothing.
+        let dir2 = tempfile::tempdir().unwrap();
+        let store2 = SledStore::open(&dir2.path().join("s")).unwrap();
+        c.policy.track = crate::config::TrackFilter::ResponsesToCrmEmail;
+        let (batch, results) = process(&store2, &c, &msgs[..1], 0).unwrap();
+        store2.commit(batch).unwrap();
+        assert!(store2.records(Some("lead"), None, 0).unwrap().is_empty());
+        let ItemResult::Correlated {
+            parties, decision, ..
+        } = &results[0].1
+        else {
+            panic!()
+        };
+        assert_eq!(decision.method, CorrelationMethod::Skipped);
+        assert_eq!(parties[0].record, None);
+        // Off by default.
+        let c = ctx(dir.path());
+        assert_eq!(c.parties.auto_create, None);
     }
 }

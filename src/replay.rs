@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::connector::RawMessage;
-use crate::model::{AutomaticClass, RecordRef, SourceKey};
+use crate::model::{AutomaticClass, Party, RecordRef, SourceKey};
 use crate::pipeline::{self, ItemResult, PipelineContext, PipelineError};
 use crate::store::{Store, StoreError};
 
@@ -128,6 +128,10 @@ pub struct ReplayRecord {
     /// Present (true) when the outgoing side must never answer this email.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_reply: bool,
+    /// From, to, cc and bcc, each resolved to a record of the directory or
+    /// not (with why); absent for quarantined and already-seen messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parties: Vec<Party>,
 }
 
 /// A `seeds.jsonl` line; extra keys are ignored.
@@ -418,6 +422,7 @@ pub fn run<I: ReplayInput>(
                     decision,
                     automatic,
                     no_reply,
+                    parties,
                     ..
                 } => ReplayRecord {
                     file: m.file.clone(),
@@ -428,6 +433,7 @@ pub fn run<I: ReplayInput>(
                     reasons: decision.reasons,
                     automatic,
                     no_reply,
+                    parties,
                 },
                 ItemResult::Quarantined { reason } => ReplayRecord {
                     file: m.file.clone(),
@@ -438,6 +444,7 @@ pub fn run<I: ReplayInput>(
                     reasons: vec![reason],
                     automatic: None,
                     no_reply: false,
+                    parties: Vec::new(),
                 },
                 ItemResult::AlreadySeen => ReplayRecord {
                     file: m.file.clone(),
@@ -448,6 +455,7 @@ pub fn run<I: ReplayInput>(
                     reasons: vec!["this source was processed before".into()],
                     automatic: None,
                     no_reply: false,
+                    parties: Vec::new(),
                 },
             };
             emit(rec)?;

@@ -118,6 +118,11 @@ pub struct LiveMailbox {
     pub not_synced_since: Option<UnixTime>,
     /// Times the supervisor restarted the task after a panic.
     pub restarts: u64,
+    /// Why the mailbox processes no mail while the configuration keeps it
+    /// from running (not approved, disabled, no incoming delivery); `None`
+    /// otherwise. A permanent error's reason is `state.disabled_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_processing_reason: Option<String>,
     #[serde(skip)]
     pub cycle_started: Option<Instant>,
 }
@@ -127,6 +132,8 @@ pub struct LiveMailbox {
 pub struct Runtime {
     pub mailboxes: RwLock<BTreeMap<String, LiveMailbox>>,
     pub scheduler_running: AtomicBool,
+    /// The CRM outbox workers' view for `/readyz` (stuck or paused adapters).
+    pub outbox: Arc<crate::crm::worker::OutboxHealth>,
     /// Disabled mailboxes waiting to be re-enabled → their wake-up.
     reenable: Mutex<HashMap<String, Arc<Notify>>>,
 }
@@ -279,6 +286,25 @@ impl Classify for CycleError {
     }
 }
 
+/// The start of the not-approved alert's text (what resolves it).
+fn not_approved_prefix(email: &str) -> String {
+    format!("email address {email} is not approved")
+}
+
+/// Why a mailbox that is not approved processes no mail (its alert text).
+fn not_approved_reason(email: &str, approval: ApprovalStatus) -> String {
+    let status = match approval {
+        ApprovalStatus::Empty => "empty",
+        ApprovalStatus::Approved => "approved",
+        ApprovalStatus::Pending => "pending",
+        ApprovalStatus::Rejected => "rejected",
+    };
+    format!(
+        "{} (approval = \"{status}\"): no mail is processed while process_only_approved = true (\"process emails only for approved users/queues\"); approve the address or turn the setting off",
+        not_approved_prefix(email)
+    )
+}
+
 /// How one enabled stretch of a mailbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Exit {
@@ -321,6 +347,7 @@ impl MailboxTask {
             state,
             not_synced_since: None,
             restarts: 0,
+            not_processing_reason: None,
             cycle_started: None,
         };
         let mut map = self
@@ -474,21 +501,35 @@ impl MailboxTask {
     /// running: disabled, no incoming delivery, or not approved.
     fn runnable(&self) -> bool {
         let state = self.load_state();
+        let not_processing = |why: String| {
+            self.runtime.update(&self.mailbox.name, |m| {
+                m.not_processing_reason = Some(why);
+            });
+        };
         if !self.mailbox.enabled || self.mailbox.incoming == IncomingDelivery::None {
+            not_processing(if self.mailbox.enabled {
+                "incoming = \"none\" in the configuration: no mail is read".into()
+            } else {
+                "enabled = false in the configuration".into()
+            });
             self.set_phase(Phase::Disabled, &state);
             return false;
         }
         if self.config.process_only_approved && self.mailbox.approval != ApprovalStatus::Approved {
-            self.alert(
-                AlertLevel::Warning,
-                &format!(
-                    "email address {} is not approved ({:?}); mail is not processed while \"process emails only for approved users/queues\" is on",
-                    self.mailbox.email, self.mailbox.approval
-                ),
-            );
+            let why = not_approved_reason(&self.mailbox.email, self.mailbox.approval);
+            // One Information alert (as Dynamics raises it), aggregated:
+            // raised again at each start, it only counts up.
+            self.alert(AlertLevel::Information, &why);
+            not_processing(why);
             self.set_phase(Phase::NotApproved, &state);
             return false;
         }
+        // Approved now: an alert from a run when it was not is over.
+        self.alerts.resolve(
+            &self.mailbox.name,
+            &not_approved_prefix(&self.mailbox.email),
+            model::now(),
+        );
         true
     }
 

@@ -29,6 +29,18 @@ pub const MAILBOX_UP: &str = "crm_mailsync_mailbox_up";
 /// Mailbox tasks restarted after a panic, per mailbox.
 pub const TASK_RESTARTS: &str = "crm_mailsync_task_restarts_total";
 
+/// Undelivered outbox events, per CRM adapter.
+pub const OUTBOX_DEPTH: &str = "crm_mailsync_outbox_depth";
+/// Age of the oldest undelivered outbox event, per CRM adapter.
+pub const OUTBOX_OLDEST_AGE: &str = "crm_mailsync_outbox_oldest_age_seconds";
+/// Events given up on (dead letters), per CRM adapter.
+pub const OUTBOX_DEAD_LETTERS: &str = "crm_mailsync_outbox_dead_letters";
+/// Delivery attempts per CRM adapter and result (`delivered`, `failed` with
+/// a `disposition`: transient, permanent, endpoint).
+pub const CRM_DELIVERIES: &str = "crm_mailsync_crm_deliveries_total";
+/// Record pulls per CRM adapter and result (`ok`, `failed`).
+pub const CRM_RECORD_PULLS: &str = "crm_mailsync_crm_record_pulls_total";
+
 /// Crates that log the bytes they send and receive at debug/trace level:
 /// async-imap every IMAP command (`LOGIN user password`, the base64
 /// `AUTHENTICATE` responses) and server reply, lettre every SMTP line (`AUTH
@@ -100,6 +112,17 @@ pub fn describe(mailboxes: &[String]) {
     metrics::describe_counter!(SYNC_ERRORS, "Failed sync cycles");
     metrics::describe_gauge!(MAILBOX_UP, "1 while the mailbox is enabled and syncing");
     metrics::describe_counter!(TASK_RESTARTS, "Mailbox tasks restarted after a panic");
+    metrics::describe_gauge!(OUTBOX_DEPTH, "Undelivered outbox events per CRM adapter");
+    metrics::describe_gauge!(
+        OUTBOX_OLDEST_AGE,
+        "Age in seconds of the oldest undelivered outbox event per CRM adapter"
+    );
+    metrics::describe_gauge!(
+        OUTBOX_DEAD_LETTERS,
+        "Outbox events moved to the dead letters per CRM adapter"
+    );
+    metrics::describe_counter!(CRM_DELIVERIES, "Delivery attempts to the CRM by result");
+    metrics::describe_counter!(CRM_RECORD_PULLS, "Record pulls from the CRM by result");
     for m in mailboxes {
         metrics::counter!(PROCESSED, "mailbox" => m.clone()).increment(0);
         metrics::counter!(FAILED, "mailbox" => m.clone()).increment(0);

@@ -251,11 +251,13 @@ async fn an_expired_token_is_renewed_once_and_the_request_repeated() {
 }
 
 #[tokio::test]
-async fn a_rejected_secret_is_permanent_and_names_the_aadsts_error() {
+async fn a_rejected_secret_pauses_delivery_and_names_the_aadsts_error() {
     let si = standin().await;
     let dv = DataverseAdapter::new(&settings(&si, "not-the-secret")).unwrap();
     let err = dv.test().await.unwrap_err();
-    assert!(matches!(err, CrmError::Permanent { .. }), "{err:?}");
+    // Every request would fail alike: an endpoint failure (the worker pauses
+    // and alerts), not a refused event (dead-lettered).
+    assert!(matches!(err, CrmError::Endpoint { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains("client secret was rejected"), "{msg}");
     assert!(msg.contains("AADSTS7000215"), "{msg}");
@@ -265,7 +267,7 @@ async fn a_rejected_secret_is_permanent_and_names_the_aadsts_error() {
     );
     assert!(!format!("{dv:?}").contains(SECRET) && !format!("{dv:?}").contains("not-the-secret"));
     let err = dv.pull_records(None).await.unwrap_err();
-    assert!(matches!(err, CrmError::Permanent { .. }));
+    assert!(matches!(err, CrmError::Endpoint { .. }));
 }
 
 /// An activity as the pipeline would have stored it.

@@ -79,6 +79,7 @@ fn context(s: &Scenario, dir: &Path) -> PipelineContext {
         max_message_size: 1 << 20,
         quarantine_dir: dir.join("q"),
         forward_mailbox: false,
+        parties: crm_mailsync::config::CrmSettings::default().parties,
     }
 }
 

@@ -115,10 +115,31 @@ pub(super) fn mailbox(
         TrackFilter::All,
         &[
             ("all", TrackFilter::All),
-            ("responses_only", TrackFilter::ResponsesOnly),
+            ("responses_to_crm_email", TrackFilter::ResponsesToCrmEmail),
+            // Deprecated spelling of responses_to_crm_email, still accepted.
+            ("responses_only", TrackFilter::ResponsesToCrmEmail),
+            ("from_crm_records", TrackFilter::FromCrmRecords),
+            (
+                "from_email_enabled_records",
+                TrackFilter::FromEmailEnabledRecords,
+            ),
+            ("none", TrackFilter::None),
         ],
         errs,
     );
+    // Dynamics offers queues only these two (a queue has no personal
+    // "from my contacts" notion).
+    if owner_kind == OwnerKind::Queue
+        && !matches!(track, TrackFilter::All | TrackFilter::ResponsesToCrmEmail)
+    {
+        errs.push(
+            t.key("track"),
+            format!(
+                "{:?} is not allowed for a queue mailbox (owner_kind = \"queue\"); allowed: all, responses_to_crm_email",
+                track.as_str()
+            ),
+        );
+    }
     let extra_folders = t.string_list("folders", errs);
     let automatic_mail = automatic_mail(t.sub("automatic_mail", errs), errs);
 

@@ -200,13 +200,45 @@ pub struct FolderRule {
     pub regarding: RecordRef,
 }
 
-/// Which incoming emails are tracked (the user's "Track" option).
+/// Which emails are tracked (the user's "Track" option in Dynamics). Mail
+/// that correlates to tracked email (a response) is tracked under every
+/// filter but `none`; mail in a tracked folder under every filter (see
+/// [`crate::filter::track_verdict`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrackFilter {
     /// All email messages.
     All,
     /// Only responses to tracked email (the message must correlate).
-    ResponsesOnly,
+    /// `responses_only` is the deprecated spelling.
+    ResponsesToCrmEmail,
+    /// Responses, and mail whose sender resolves to a contact, account or lead.
+    FromCrmRecords,
+    /// Responses, and mail whose sender resolves to an email-enabled record
+    /// of any kind of the party order.
+    FromEmailEnabledRecords,
+    /// Nothing is tracked (only mail the user files into a tracked folder).
+    None,
+}
+
+impl TrackFilter {
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackFilter::All => "all",
+            TrackFilter::ResponsesToCrmEmail => "responses_to_crm_email",
+            TrackFilter::FromCrmRecords => "from_crm_records",
+            TrackFilter::FromEmailEnabledRecords => "from_email_enabled_records",
+            TrackFilter::None => "none",
+        }
+    }
+
+    /// Whether the filter needs the sender resolved before it can decide.
+    pub fn needs_sender(self) -> bool {
+        matches!(
+            self,
+            TrackFilter::FromCrmRecords | TrackFilter::FromEmailEnabledRecords
+        )
+    }
 }
 
 /// A validated mailbox.
@@ -416,7 +448,14 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
     // [correlation]
     let correlation = correlation_settings(top.sub("correlation", &mut errs), base_dir, &mut errs);
 
+    // `process_email_only_for_approved` is the (and Dynamics')
+    // longer name; either works, the longer one wins when both are given.
     let process_only_approved = top.bool("process_only_approved", true, &mut errs);
+    let process_only_approved = top.bool(
+        "process_email_only_for_approved",
+        process_only_approved,
+        &mut errs,
+    );
 
     // [crm]
     let crm = crm_settings(top.sub("crm", &mut errs), base_dir, &mut errs);

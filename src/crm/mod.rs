@@ -8,6 +8,11 @@
 //! reports the CRM's id for what it created.
 
 pub mod dataverse;
+pub mod import;
+pub mod parties;
+pub mod sync;
+pub mod webhook;
+pub mod worker;
 
 use std::future::Future;
 use std::time::Duration;
@@ -32,6 +37,13 @@ pub enum CrmError {
     /// CRM's own error text.
     #[error("{message}")]
     Permanent { message: String },
+    /// Permanent for every request, not for one event: the endpoint is gone
+    /// (410) or the credentials are rejected (401/403). The outbox worker
+    /// pauses delivery (nothing is dropped or dead-lettered), raises one
+    /// Error alert and probes at the retry schedule's longest interval until
+    /// delivery works again.
+    #[error("{message}")]
+    Endpoint { message: String },
 }
 
 impl CrmError {
@@ -48,11 +60,17 @@ impl CrmError {
         }
     }
 
+    pub fn endpoint(message: impl Into<String>) -> Self {
+        CrmError::Endpoint {
+            message: message.into(),
+        }
+    }
+
     /// The CRM's `Retry-After`, if it asked for one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             CrmError::Transient { retry_after, .. } => *retry_after,
-            CrmError::Permanent { .. } => None,
+            CrmError::Permanent { .. } | CrmError::Endpoint { .. } => None,
         }
     }
 }
@@ -61,7 +79,7 @@ impl Classify for CrmError {
     fn disposition(&self) -> Disposition {
         match self {
             CrmError::Transient { .. } => Disposition::Transient,
-            CrmError::Permanent { .. } => Disposition::Permanent,
+            CrmError::Permanent { .. } | CrmError::Endpoint { .. } => Disposition::Permanent,
         }
     }
 }

@@ -32,7 +32,19 @@
 //!   written in the same batch as the records, so a lookup is one prefix
 //!   read, never a scan.
 
-pub mod sled_store;
+//!
+//! # Layers
+//! The rules above live once, in the semantic layer [`KvStore`], generic
+//! over a small ordered key-value backend with atomic batches
+//! ([`KvBackend`], see [`kv`] for its promises and how PostgreSQL maps onto
+//! it). [`SledBackend`] is the embedded default ([`SledStore`]), and
+//! [`MemBackend`] an in-memory one. [`conformance`] is the test suite every
+//! backend must pass unchanged.
+
+pub mod conformance;
+pub mod kv;
+pub mod kv_store;
+pub mod sled_backend;
 
 use std::collections::HashMap;
 
@@ -43,7 +55,13 @@ use crate::model::{
     FollowUp, MailboxState, OutboxEvent, QuarantineEntry, Record, SourceKey, UnixTime,
 };
 
-pub use sled_store::SledStore;
+pub use kv::{KvBackend, MemBackend};
+pub use kv_store::KvStore;
+pub use sled_backend::SledBackend;
+
+/// The embedded default store: the semantic layer on sled.
+/// [`SledStore::open`] and [`SledStore::open_with_cache_mb`] open one.
+pub type SledStore = KvStore<SledBackend>;
 
 /// Store failure.
 #[derive(Debug, thiserror::Error)]

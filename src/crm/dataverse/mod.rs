@@ -191,7 +191,7 @@ impl DataverseAdapter {
                     renewed = true;
                     continue;
                 }
-                return Err(CrmError::permanent(format!(
+                return Err(CrmError::endpoint(format!(
                     "{purpose}: Dataverse credentials rejected: a freshly issued token was refused with 401{}; check that the app registration is an application user in this environment with a security role",
                     www_authenticate_error(&resp_headers)
                 )));
@@ -334,6 +334,10 @@ fn classify(status: StatusCode, headers: &HeaderMap, body: &str, purpose: Purpos
             message,
             retry_after: retry_after(headers),
         }
+    } else if status == StatusCode::FORBIDDEN {
+        // The application user lacks a privilege: every request fails alike,
+        // so delivery pauses (nothing is dead-lettered) until a role is given.
+        CrmError::endpoint(message)
     } else {
         CrmError::permanent(message)
     }

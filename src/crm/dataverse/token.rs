@@ -190,12 +190,12 @@ impl TokenSource {
             });
         }
         if code == "invalid_client" || code == "unauthorized_client" {
-            return Err(CrmError::permanent(format!(
+            return Err(CrmError::endpoint(format!(
                 "the token endpoint rejected client {} (the client secret was rejected or has expired; create a new secret in the app registration): {text}",
                 self.client_id
             )));
         }
-        Err(CrmError::permanent(format!(
+        Err(CrmError::endpoint(format!(
             "the token endpoint refused client credentials for client {} ({status}): {}",
             self.client_id,
             if text.is_empty() {

@@ -1,0 +1,193 @@
+//! Activity listings, quarantine, folder positions, mailbox state,
+//! follow-ups and alerts.
+
+use std::collections::HashMap;
+
+use super::keys::{alert_identity, decode, encode, id_key, key, list_key, list_prefix, read_id};
+use super::KvStore;
+use crate::model::{
+    Alert, AlertLevel, EmailActivity, FolderPosition, FollowUp, MailboxState, QuarantineEntry,
+    UnixTime,
+};
+use crate::store::kv::{KeyRange, KvBackend, ScanOrder, WriteBatch};
+use crate::store::{ActivityQuery, StoreError};
+
+impl<B: KvBackend> KvStore<B> {
+    pub(super) fn list_activities(
+        &self,
+        q: &ActivityQuery,
+    ) -> Result<Vec<EmailActivity>, StoreError> {
+        let before = q.before.unwrap_or(u64::MAX);
+        match &q.mailbox {
+            Some(m) => {
+                let prefix = list_prefix("am/", m);
+                let range = KeyRange::between(prefix.clone(), list_key("am/", m, before));
+                let mut out = Vec::new();
+                for k in self.kv.scan_keys(&range, ScanOrder::Descending, q.limit)? {
+                    let id = read_id(&k[prefix.len()..])?;
+                    if let Some(a) = self.get_json(&id_key("a/", id))? {
+                        out.push(a);
+                    }
+                }
+                Ok(out)
+            }
+            None => {
+                let range = KeyRange::between(b"a/".to_vec(), id_key("a/", before));
+                self.kv
+                    .scan(&range, ScanOrder::Descending, q.limit)?
+                    .iter()
+                    .map(|(k, v)| decode(k, v))
+                    .collect()
+            }
+        }
+    }
+
+    pub(super) fn activity_count(&self, mailbox: Option<&str>) -> Result<u64, StoreError> {
+        let prefix = match mailbox {
+            Some(m) => list_prefix("am/", m),
+            None => b"a/".to_vec(),
+        };
+        self.kv.count(&KeyRange::prefix(&prefix))
+    }
+
+    pub(super) fn quarantine_entries(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<QuarantineEntry>, StoreError> {
+        self.kv
+            .scan(
+                &KeyRange::prefix(b"q/"),
+                ScanOrder::Descending,
+                limit.max(1),
+            )?
+            .iter()
+            .map(|(k, v)| decode(k, v))
+            .collect()
+    }
+
+    pub(super) fn positions_of(
+        &self,
+        mailbox: &str,
+    ) -> Result<HashMap<String, FolderPosition>, StoreError> {
+        let prefix = list_prefix("p/", mailbox);
+        let mut out = HashMap::new();
+        for (k, v) in self
+            .kv
+            .scan(&KeyRange::prefix(&prefix), ScanOrder::Ascending, 0)?
+        {
+            let folder = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.insert(folder, decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    pub(super) fn follow_ups_of(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError> {
+        self.kv
+            .scan(
+                &KeyRange::prefix(&list_prefix("f/", mailbox)),
+                ScanOrder::Ascending,
+                0,
+            )?
+            .iter()
+            .map(|(k, v)| decode(k, v))
+            .collect()
+    }
+
+    pub(super) fn write_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        b.put(key("b/", &[state.name.as_bytes()]), encode(state)?);
+        self.write_durably(b)
+    }
+
+    pub(super) fn raise(
+        &self,
+        level: AlertLevel,
+        mailbox: Option<&str>,
+        profile: Option<&str>,
+        text: &str,
+        at: UnixTime,
+    ) -> Result<Alert, StoreError> {
+        let _writer = self.lock();
+        let ident = alert_identity(level, mailbox, profile, text);
+        let alert = match self.get_id(&ident)? {
+            Some(id) => match self.get_json::<Alert>(&id_key("l/", id))? {
+                Some(mut a) => {
+                    a.count += 1;
+                    a.last_seen = at;
+                    a
+                }
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "alert {id} is indexed but missing"
+                    )))
+                }
+            },
+            None => Alert {
+                id: self.next_id()?,
+                level,
+                mailbox: mailbox.map(str::to_string),
+                profile: profile.map(str::to_string),
+                text: text.to_string(),
+                first_seen: at,
+                last_seen: at,
+                count: 1,
+                resolved_at: None,
+            },
+        };
+        let mut b = WriteBatch::default();
+        b.put(ident, alert.id.to_be_bytes());
+        b.put(id_key("l/", alert.id), encode(&alert)?);
+        self.write_durably(b)?;
+        Ok(alert)
+    }
+
+    pub(super) fn alert_list(&self, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        let mut all = self
+            .kv
+            .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
+            .iter()
+            .map(|(k, v)| decode::<Alert>(k, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(b.id.cmp(&a.id)));
+        all.truncate(limit.max(1));
+        Ok(all)
+    }
+
+    pub(super) fn resolve(
+        &self,
+        mailbox: &str,
+        prefix: &str,
+        at: UnixTime,
+    ) -> Result<u64, StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        let mut resolved = 0u64;
+        for (k, v) in self
+            .kv
+            .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
+        {
+            let mut a = decode::<Alert>(&k, &v)?;
+            if a.resolved_at.is_some()
+                || a.mailbox.as_deref() != Some(mailbox)
+                || !a.text.starts_with(prefix)
+            {
+                continue;
+            }
+            a.resolved_at = Some(at);
+            // Unlinked from its identity: the next identical alert is a new one.
+            b.delete(alert_identity(
+                a.level,
+                a.mailbox.as_deref(),
+                a.profile.as_deref(),
+                &a.text,
+            ));
+            b.put(k, encode(&a)?);
+            resolved += 1;
+        }
+        if resolved > 0 {
+            self.write_durably(b)?;
+        }
+        Ok(resolved)
+    }
+}
