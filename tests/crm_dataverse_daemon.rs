@@ -27,7 +27,7 @@ const CASES: usize = 4;
 /// Message `i`: its folder (`None`: the inbox) and sender.
 fn layout(i: usize) -> (Option<usize>, String) {
     let folder = (i % 5 < CASES).then_some(i % 5);
-    let sender = if i % 7 == 0 {
+    let sender = if i.is_multiple_of(7) {
         format!("stranger{i}@elsewhere.test")
     } else {
         format!("contact{}@customers.test", i as u64 % CONTACTS)
