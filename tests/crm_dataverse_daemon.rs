@@ -1,14 +1,18 @@
 //! The done-when of issue #18 for Dataverse, end to end: the daemon binary
 //! with `[crm] type = "dataverse"` against the local stand-in
 //! (`tests/support/dataverse_standin.rs`). Records are pulled from the
-//! stand-in, 2,000 messages are synced from a Maildir (tracked folders give
-//! their regarding case), and every activity arrives as exactly one `email`
+//! stand-in, 2,000 messages are synced from the real Dovecot over IMAP
+//! (tracked folders give their regarding case), and every activity arrives
+//! as exactly one `email`
 //! with its regarding bind and parties, through 429s with Retry-After and a
 //! token expiry mid-run.
+
+#![cfg(feature = "real-servers")]
 
 mod common;
 #[path = "support/dataverse_standin.rs"]
 mod dataverse_standin;
+mod servers;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -17,12 +21,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use dataverse_standin::{guid, StandIn};
 use serde_json::json;
+use servers::{ServerMailbox, PASSWORD};
 
 const CLIENT: &str = "11111111-aaaa-bbbb-cccc-000000000002";
 const SECRET: &str = "daemon-standin-secret~value";
 const N: usize = 2_000;
 const CONTACTS: u64 = 300;
 const CASES: usize = 4;
+const USER: &str = "user00180";
+/// The admin token `servers::server_config` writes.
+const API_TOKEN: &str = "integration-test-token";
 
 /// Message `i`: its folder (`None`: the inbox) and sender.
 fn layout(i: usize) -> (Option<usize>, String) {
@@ -94,7 +102,7 @@ fn seed(si: &StandIn) {
     );
 }
 
-fn config(dir: &Path, maildir: &Path, si: &StandIn) -> std::path::PathBuf {
+fn config(dir: &Path, si: &StandIn) -> std::path::PathBuf {
     let secret = dir.join("client.secret");
     std::fs::write(&secret, SECRET).unwrap();
     let folders: Vec<String> = (0..CASES)
@@ -106,9 +114,26 @@ fn config(dir: &Path, maildir: &Path, si: &StandIn) -> std::path::PathBuf {
             )
         })
         .collect();
-    let extra = format!(
-        r#"tracked_folders = [{folders}]
-
+    let env = servers::env();
+    let mailbox = format!("tracked_folders = [{}]", folders.join(", "));
+    let cfg = servers::server_config(
+        &env,
+        dir,
+        free_port(),
+        &ServerMailbox {
+            kind: "imap_smtp",
+            port: env.imap,
+            tls: "starttls",
+            user: USER,
+            password: PASSWORD,
+            auth: "password",
+            extra_profile: "batch_size = 200",
+            extra_mailbox: &mailbox,
+        },
+    );
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        r#"
 [crm]
 type = "dataverse"
 url = "{url}"
@@ -121,26 +146,12 @@ timeout = "10s"
 [crm.delivery]
 retry_schedule = ["0s", "1s", "2s"]
 "#,
-        folders = folders.join(", "),
         url = si.url,
         token_url = si.token_url,
         secret = secret.display(),
-    );
-    maildir_config(dir, maildir, free_port(), 100, &extra)
-}
-
-fn admin_port(cfg: &Path) -> u16 {
-    let text = std::fs::read_to_string(cfg).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("listen = \"127.0.0.1:"))
-        .unwrap();
-    line.trim_end_matches('"')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    cfg
 }
 
 async fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
@@ -156,7 +167,7 @@ fn record_count(port: u16, kind: &str) -> Option<u64> {
     let (status, body) = get(
         port,
         &format!("/api/v1/records?kind={kind}&limit=1000"),
-        Some(TOKEN),
+        Some(API_TOKEN),
     )?;
     if status != 200 {
         return None;
@@ -177,12 +188,16 @@ async fn the_daemon_delivers_2000_messages_as_exactly_2000_emails_through_429s_a
     si.throttle_every(Some(250), 1);
 
     let dir = tempfile::tempdir().unwrap();
-    let maildir = dir.path().join("Maildir");
-    make_maildir(&maildir);
+    servers::reset_user(USER);
     for f in 0..CASES {
-        make_maildir(&maildir.join(format!(".{}", folder_name(f))));
+        // Left by an earlier run (reset_user empties the inbox only) or new.
+        servers::doveadm(&format!("mailbox delete -u {USER} -s {}", folder_name(f)));
+        assert!(servers::doveadm(&format!(
+            "mailbox create -u {USER} {}",
+            folder_name(f)
+        )));
     }
-    let cfg = config(dir.path(), &maildir, &si);
+    let cfg = config(dir.path(), &si);
     let port = admin_port(&cfg);
     let child = start(&cfg);
 
@@ -194,16 +209,17 @@ async fn the_daemon_delivers_2000_messages_as_exactly_2000_emails_through_429s_a
     .await;
     let staging = dir.path().join("staging");
     write_messages(&staging);
-    // Moved in whole (rename), so the daemon never reads half a file.
-    for sub in
-        std::iter::once(String::new()).chain((0..CASES).map(|f| format!(".{}", folder_name(f))))
-    {
-        let from = staging.join(&sub).join("new");
-        let to = maildir.join(&sub).join("new");
-        for e in std::fs::read_dir(&from).unwrap() {
-            let e = e.unwrap();
-            std::fs::rename(e.path(), to.join(e.file_name())).unwrap();
-        }
+    let load = |folder: &str, from: &Path| {
+        let from = from.join("new");
+        let from = from.to_str().unwrap().to_string();
+        servers::script("bulk-load.sh", &["-f", folder, USER, &from]);
+    };
+    load("INBOX", &staging);
+    for f in 0..CASES {
+        load(
+            &folder_name(f),
+            &staging.join(format!(".{}", folder_name(f))),
+        );
     }
 
     wait_until(Duration::from_secs(240), "half of the emails", || {
@@ -217,7 +233,7 @@ async fn the_daemon_delivers_2000_messages_as_exactly_2000_emails_through_429s_a
     .await;
     // Nothing left in the outbox, then a moment for any stray duplicate.
     wait_until(Duration::from_secs(60), "outbox depth 0", || {
-        get(port, "/api/v1/outbox", Some(TOKEN))
+        get(port, "/api/v1/outbox", Some(API_TOKEN))
             .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
             .is_some_and(|v| v.to_string().contains("\"depth\":0"))
     })

@@ -351,21 +351,6 @@ timeout = "5s"
     maildir_config(dir, maildir, free_port(), 50, &extra)
 }
 
-/// The admin port written into a config by `maildir_config`.
-fn admin_port(cfg: &Path) -> u16 {
-    let text = std::fs::read_to_string(cfg).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("listen = \"127.0.0.1:"))
-        .unwrap();
-    line.trim_end_matches('"')
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// What the store holds after the daemon stopped: (events, activities,
 /// pending deliveries, dead letters).
 fn store_view(dir: &Path) -> (Vec<crm_mailsync::model::OutboxEvent>, u64, usize, usize) {

@@ -220,3 +220,18 @@ pub fn offline_activities(config: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The admin port a config listens on (`listen = "127.0.0.1:<port>"`).
+pub fn admin_port(cfg: &Path) -> u16 {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("listen = \"127.0.0.1:"))
+        .unwrap();
+    line.trim_end_matches('"')
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
