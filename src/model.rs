@@ -490,6 +490,13 @@ pub fn format_time(t: UnixTime) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+/// An address as the record directory, its index and parties compare it:
+/// trimmed, lower-cased (Unicode, so an internationalised local part
+/// compares the same everywhere).
+pub fn normalize_address(address: &str) -> String {
+    address.trim().to_lowercase()
+}
+
 /// Current wall-clock time; the only place the crate reads the clock for timestamps.
 pub fn now() -> UnixTime {
     chrono::Utc::now().timestamp()

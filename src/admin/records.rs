@@ -254,7 +254,7 @@ fn addresses_of<'a>(records: impl IntoIterator<Item = &'a Record>) -> BTreeSet<S
     records
         .into_iter()
         .flat_map(|r| r.emails.iter())
-        .map(|e| e.trim().to_lowercase())
+        .map(|e| crate::model::normalize_address(e))
         .filter(|e| !e.is_empty())
         .collect()
 }

@@ -70,10 +70,7 @@ impl AddressResolution {
     }
 }
 
-/// Lower-cased and trimmed, as the directory compares addresses.
-pub fn normalize_address(address: &str) -> String {
-    address.trim().to_ascii_lowercase()
-}
+pub use crate::model::normalize_address;
 
 fn candidates(records: &[&Record]) -> String {
     let mut refs: Vec<String> = records

@@ -147,7 +147,7 @@ impl<A: CrmAdapter + 'static> RecordSync<A> {
             let addresses: BTreeSet<String> = page
                 .records
                 .iter()
-                .flat_map(|r| r.emails.iter().map(|e| e.trim().to_ascii_lowercase()))
+                .flat_map(|r| r.emails.iter().map(|e| crate::model::normalize_address(e)))
                 .filter(|e| !e.is_empty())
                 .collect();
             let store = self.store.clone();

@@ -303,7 +303,7 @@ fn parties_json(a: &EmailActivity) -> Vec<Value> {
             for address in list {
                 parties.push(Party {
                     role,
-                    address: address.to_ascii_lowercase(),
+                    address: crate::model::normalize_address(address),
                     record: None,
                     note: None,
                 });

@@ -116,10 +116,7 @@ pub(super) fn record_key(kind: &str, id: &str) -> Vec<u8> {
     key("rc/", &[kind.as_bytes(), id.as_bytes()])
 }
 
-/// Lower-cased, trimmed: how the directory and parties compare addresses.
-pub(super) fn normalize_address(a: &str) -> String {
-    a.trim().to_lowercase()
-}
+pub(super) use crate::model::normalize_address;
 
 pub(super) fn address_key(address: &str, kind: &str, id: &str) -> Vec<u8> {
     key("ra/", &[address.as_bytes(), kind.as_bytes(), id.as_bytes()])

@@ -145,9 +145,7 @@ impl<B: KvBackend> KvStore<B> {
     }
 }
 
-fn now() -> UnixTime {
-    chrono::Utc::now().timestamp()
-}
+use crate::model::now;
 
 impl<B: KvBackend> Store for KvStore<B> {
     fn commit(&self, batch: CommitBatch) -> Result<Vec<CommitOutcome>, StoreError> {
