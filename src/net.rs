@@ -146,6 +146,20 @@ impl AsyncWrite for MaybeTls {
     }
 }
 
+/// Whether `url` is plaintext `http://` to a host other than loopback
+/// (`localhost`, 127.0.0.0/8, `::1`): what `allow_insecure` must permit.
+pub fn plaintext_off_loopback(url: &reqwest::Url) -> bool {
+    if url.scheme() != "http" {
+        return false;
+    }
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    !(host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()))
+}
+
 /// Builds a rustls client configuration with the ring provider chosen explicitly
 /// (with two providers linked, `ClientConfig::builder()` would panic), the system
 /// roots, and `extra_ca` if given.
@@ -341,6 +355,18 @@ fn server_name_text(name: &ServerName<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_is_insecure_only_off_loopback() {
+        let insecure = |u: &str| plaintext_off_loopback(&reqwest::Url::parse(u).unwrap());
+        assert!(!insecure("https://crm.example.com/hook"));
+        assert!(!insecure("http://127.0.0.1:8080/hook"));
+        assert!(!insecure("http://localhost/hook"));
+        assert!(!insecure("http://[::1]:9/x"));
+        assert!(insecure("http://crm.example.com/hook"));
+        assert!(insecure("http://10.0.0.1:80/"));
+        assert!(insecure("http://user@crm.example.com:8080/x?y#z"));
+    }
     use rustls::CertificateError as C;
     use rustls_pki_types::UnixTime;
 

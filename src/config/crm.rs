@@ -124,24 +124,6 @@ impl Default for CrmSettings {
     }
 }
 
-/// Whether a URL is plaintext to somewhere other than loopback.
-fn insecure_url(url: &str) -> bool {
-    let Some(rest) = url.strip_prefix("http://") else {
-        return false;
-    };
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    let host = if let Some(v6) = host.strip_prefix('[') {
-        v6.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
-    };
-    !(host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()))
-}
-
 fn url_setting(
     t: &mut Table<'_>,
     key: &'static str,
@@ -153,11 +135,13 @@ fn url_setting(
         errs.push(t.key(key), format!("{url:?} is not an http(s) URL"));
         return None;
     }
-    if insecure_url(&url) && !allow_insecure {
-        errs.push(
+    match reqwest::Url::parse(&url) {
+        Ok(u) if crate::net::plaintext_off_loopback(&u) && !allow_insecure => errs.push(
             t.key(key),
             "plaintext http:// is allowed only to loopback; use https:// or set allow_insecure = true",
-        );
+        ),
+        Ok(_) => {}
+        Err(e) => errs.push(t.key(key), format!("{url:?} is not a URL: {e}")),
     }
     Some(url)
 }
@@ -393,20 +377,5 @@ pub(super) fn crm_settings(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors)
             max_matches,
             auto_create,
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plaintext_is_insecure_only_off_loopback() {
-        assert!(!insecure_url("https://crm.example.com/hook"));
-        assert!(!insecure_url("http://127.0.0.1:8080/hook"));
-        assert!(!insecure_url("http://localhost/hook"));
-        assert!(!insecure_url("http://[::1]:9/x"));
-        assert!(insecure_url("http://crm.example.com/hook"));
-        assert!(insecure_url("http://10.0.0.1:80/"));
     }
 }

@@ -289,13 +289,7 @@ fn check_url(key: &str, url: &str, allow_insecure: bool) -> Result<(), CrmError>
     match parsed.scheme() {
         "https" => Ok(()),
         "http" => {
-            let host = parsed.host_str().unwrap_or("");
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let loopback = host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            if loopback || allow_insecure {
+            if !crate::net::plaintext_off_loopback(&parsed) || allow_insecure {
                 Ok(())
             } else {
                 Err(CrmError::permanent(format!(
