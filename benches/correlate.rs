@@ -345,6 +345,7 @@ fn build_sled(g: &Gen, n: usize, s: &CorrelationSettings, dir: &Path) -> SledSto
                 automatic: None,
                 no_reply: false,
                 parties: vec![],
+                send: None,
             })));
         if batch.items.len() == 1_000 || i + 1 == n {
             store

@@ -120,6 +120,7 @@ fn make_batch(store: &SledStore, n: u64, settings: &CorrelationSettings) -> Comm
             forwarded_by: None,
             automatic: None,
             no_reply: false,
+            send: None,
             parties: vec![
                 party(PartyRole::From, f.from[0].clone()),
                 party(PartyRole::To, "sales@example.com".into()),

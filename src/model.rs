@@ -315,6 +315,9 @@ pub struct EmailActivity {
     /// From, to, cc and bcc, each resolved to a CRM record or not (with why).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parties: Vec<Party>,
+    /// Outgoing email the daemon sends for the CRM: its send status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<SendState>,
 }
 
 /// Kind of automatically generated mail, as the filter classifies it.
@@ -679,4 +682,191 @@ pub struct DeadLetter {
     pub state: DeliveryState,
     pub dead_at: UnixTime,
     pub reason: String,
+}
+
+// ---------------------------------------------------------------------------
+// The outgoing side: email the CRM asks the daemon to send.
+
+/// Send status of an outgoing email, with the Dynamics email status codes
+/// it maps to (`statuscode` of the email activity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SendStatus {
+    /// Queued, not tried yet (or waiting for a retry).
+    PendingSend,
+    /// "Sending, attempt N" was made durable before the SMTP transaction.
+    Sending,
+    Sent,
+    /// Given up, with the reason (the server's reply, "delivery unknown").
+    Failed,
+    Canceled,
+}
+
+impl SendStatus {
+    /// The snake_case name used in JSON and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendStatus::PendingSend => "pending_send",
+            SendStatus::Sending => "sending",
+            SendStatus::Sent => "sent",
+            SendStatus::Failed => "failed",
+            SendStatus::Canceled => "canceled",
+        }
+    }
+
+    /// Parses [`SendStatus::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending_send" => SendStatus::PendingSend,
+            "sending" => SendStatus::Sending,
+            "sent" => SendStatus::Sent,
+            "failed" => SendStatus::Failed,
+            "canceled" => SendStatus::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// Dynamics' email `statuscode`: Pending Send 6, Sending 7, Sent 3,
+    /// Failed 8, Canceled 5.
+    pub fn dynamics_statuscode(self) -> u8 {
+        match self {
+            SendStatus::PendingSend => 6,
+            SendStatus::Sending => 7,
+            SendStatus::Sent => 3,
+            SendStatus::Failed => 8,
+            SendStatus::Canceled => 5,
+        }
+    }
+
+    /// Dynamics' display name of the status.
+    pub fn dynamics_name(self) -> &'static str {
+        match self {
+            SendStatus::PendingSend => "Pending Send",
+            SendStatus::Sending => "Sending",
+            SendStatus::Sent => "Sent",
+            SendStatus::Failed => "Failed",
+            SendStatus::Canceled => "Canceled",
+        }
+    }
+
+    /// Whether the email still waits for the sender (pending or sending).
+    pub fn is_queued(self) -> bool {
+        matches!(self, SendStatus::PendingSend | SendStatus::Sending)
+    }
+}
+
+impl fmt::Display for SendStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How far an outgoing email got: carried on its activity
+/// ([`EmailActivity::send`]), so every change reaches the CRM as an
+/// `activity.updated` event with `changes = ["send_status"]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SendState {
+    pub status: SendStatus,
+    /// Dynamics' name of `status` ("Pending Send", "Sent", …).
+    pub dynamics_status: String,
+    /// Dynamics' `statuscode` of `status`.
+    pub dynamics_statuscode: u8,
+    /// SMTP transactions started so far.
+    pub attempts: u32,
+    /// Why it failed or was canceled; the last transient error while retrying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub queued_at: UnixTime,
+    /// When `status` was last changed.
+    pub status_at: UnixTime,
+    /// The tracking token appended to the subject (e.g. `CRM:0001001`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The CRM's own id of this email when the CRM created it (Dataverse
+    /// `activityid` of an email left in Pending Send).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crm_email_id: Option<String>,
+}
+
+impl SendState {
+    /// A fresh state in `status` at `at`.
+    pub fn new(status: SendStatus, at: UnixTime) -> Self {
+        SendState {
+            status,
+            dynamics_status: status.dynamics_name().to_owned(),
+            dynamics_statuscode: status.dynamics_statuscode(),
+            attempts: 0,
+            reason: None,
+            queued_at: at,
+            status_at: at,
+            token: None,
+            crm_email_id: None,
+        }
+    }
+
+    /// Moves to `status` at `at`, keeping the Dynamics fields in step.
+    pub fn set(&mut self, status: SendStatus, reason: Option<String>, at: UnixTime) {
+        self.status = status;
+        self.dynamics_status = status.dynamics_name().to_owned();
+        self.dynamics_statuscode = status.dynamics_statuscode();
+        self.reason = reason;
+        self.status_at = at;
+    }
+}
+
+/// Whether the Sent-folder copy of a sent email still has to be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SentCopy {
+    /// Not sent yet, or the profile files nothing (no Sent folder).
+    #[default]
+    NotNeeded,
+    /// Sent; the APPEND (and the Message-ID read-back) is still owed: an
+    /// at-least-once follow-up that first looks for the copy, so it is
+    /// never made twice.
+    Owed,
+    /// Appended (or found there) and its stored Message-ID indexed.
+    Done,
+}
+
+/// One queued outgoing email: the row the sender works from (`og/<id>`,
+/// keyed by its activity id), kept after it is sent for the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutgoingEmail {
+    /// The activity it is (direction outgoing, tracked to `regarding`).
+    pub activity_id: ActivityId,
+    /// Configured mailbox that sends it.
+    pub mailbox: String,
+    /// The Message-ID we generated (without angle brackets), in the MIME.
+    pub message_id: String,
+    /// SMTP `MAIL FROM`.
+    pub envelope_from: String,
+    /// SMTP `RCPT TO`: to, cc and bcc (bcc is not in the MIME).
+    pub recipients: Vec<String>,
+    /// The composed message exactly as sent (7-bit clean, so a string);
+    /// every attempt sends these bytes, so the Message-ID never changes.
+    pub mime: String,
+    pub status: SendStatus,
+    /// SMTP transactions started (the durable "attempt N" before each).
+    pub attempts: u32,
+    /// Not to be tried before this time (back-off after transient errors).
+    #[serde(default)]
+    pub next_attempt_at: UnixTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub sent_copy: SentCopy,
+    /// Message-IDs the server stored the Sent copy under, when it rewrote ours.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub server_message_ids: Vec<String>,
+    /// The client's idempotency key: a second request with it returns this
+    /// email instead of queueing another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The activity this one answers (threading headers came from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_reply_to: Option<ActivityId>,
+    pub queued_at: UnixTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<UnixTime>,
 }

@@ -467,6 +467,7 @@ pub fn process_seeded(
             automatic,
             no_reply,
             parties: activity_parties.clone(),
+            send: None,
         };
         batch.items.push(PendingItem::Activity(Box::new(activity)));
         results.push((

@@ -324,6 +324,7 @@ fn activity(i: u64, regarding: Option<RecordRef>, parties: Vec<Party>) -> EmailA
         automatic: None,
         no_reply: false,
         parties,
+        send: None,
     }
 }
 

@@ -145,6 +145,7 @@ mod tests {
             automatic: None,
             no_reply: false,
             parties: vec![],
+            send: None,
         }
     }
 

@@ -28,6 +28,12 @@
 //!   ([`Store::finish_delivery`]) is again one batch: the pending entry goes
 //!   away (or is rescheduled, or moves to the dead letters) together with the
 //!   CRM id it produced.
+//! * An outgoing email is queued ([`Store::queue_outgoing`]) in one batch
+//!   with the activity it is (and its index entries and `activity.created`
+//!   event) and its client idempotency key, so a retried request never
+//!   queues twice; every later status change ([`Store::update_outgoing`])
+//!   writes the queue row, the activity and its `activity.updated` event
+//!   together.
 //! * The record directory keeps an address index (`address → records`)
 //!   written in the same batch as the records, so a lookup is one prefix
 //!   read, never a scan.
@@ -52,7 +58,8 @@ use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
-    FollowUp, MailboxState, OutboxEvent, QuarantineEntry, Record, SourceKey, UnixTime,
+    FollowUp, MailboxState, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
+    SourceKey, UnixTime,
 };
 
 pub use kv::{KvBackend, MemBackend};
@@ -399,4 +406,66 @@ pub trait Store: Send + Sync + 'static {
 
     /// Dead letters of a consumer, oldest first, at most `limit` (0: all).
     fn dead_letters(&self, consumer: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+
+    // --- Outgoing email -----------------------------------------------------
+
+    /// Queues an outgoing email: commits `batch` (its activity, whose id is
+    /// `email.activity_id`, with index entries and `activity.created`
+    /// event) and writes `email` (queue row, idempotency key) in one
+    /// batch. When `email.idempotency_key` is already known nothing is
+    /// written and the existing email's id is returned.
+    fn queue_outgoing(
+        &self,
+        batch: CommitBatch,
+        email: OutgoingEmail,
+    ) -> Result<QueueOutcome, StoreError>;
+
+    fn outgoing(&self, id: ActivityId) -> Result<Option<OutgoingEmail>, StoreError>;
+
+    /// The email queued under a client idempotency key.
+    fn outgoing_by_key(&self, key: &str) -> Result<Option<ActivityId>, StoreError>;
+
+    /// Emails still queued (pending send or sending) of `mailbox` (all
+    /// mailboxes when `None`), oldest first, at most `limit` (0: all): an
+    /// indexed read, sent ones are not looked at.
+    fn outgoing_queued(
+        &self,
+        mailbox: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<OutgoingEmail>, StoreError>;
+
+    /// Outgoing emails newest first, with ids below `before`, of `mailbox`
+    /// and `status` when given, at most `limit` (0: all).
+    fn outgoing_list(
+        &self,
+        mailbox: Option<&str>,
+        status: Option<SendStatus>,
+        before: Option<ActivityId>,
+        limit: usize,
+    ) -> Result<Vec<OutgoingEmail>, StoreError>;
+
+    /// Writes `email`'s queue row and, when `activity` is given, replaces
+    /// its activity (indexing Message-IDs it gained, e.g. the id the server
+    /// stored the Sent copy under) and appends the `activity.updated` event
+    /// with `changes`, all in one batch. Returns the event's seq, if any.
+    fn update_outgoing(
+        &self,
+        email: &OutgoingEmail,
+        activity: Option<(EmailActivity, Vec<String>)>,
+        at: UnixTime,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// The next value (1, 2, …) of a user's tracking-token counter, durable
+    /// before it returns, so no two emails get the same one (an unused value
+    /// is a harmless gap; the token wraps it modulo its width).
+    fn next_token_counter(&self, user_number: u32) -> Result<u64, StoreError>;
+}
+
+/// What [`Store::queue_outgoing`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOutcome {
+    /// Queued as this activity id.
+    Queued(ActivityId),
+    /// The idempotency key was known: the email queued with it before.
+    Existing(ActivityId),
 }

@@ -431,6 +431,7 @@ mod tests {
             forwarded_by: None,
             automatic: None,
             no_reply: false,
+            send: None,
             parties: vec![
                 Party {
                     role: PartyRole::From,

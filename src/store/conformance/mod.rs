@@ -93,6 +93,7 @@ pub fn activity(mailbox: &str, uid: &str, mid: Option<&str>, hash: &str) -> Emai
         automatic: None,
         no_reply: false,
         parties: vec![],
+        send: None,
     }
 }
 

@@ -38,7 +38,27 @@ impl<B: KvBackend> KvStore<B> {
         &self,
         batch: CommitBatch,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
+        match self.commit_batch_with(batch, || Ok(None), |_, _| Ok(()))? {
+            Ok(outcomes) => Ok(outcomes),
+            // `precheck` above never stops a commit.
+            Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Self::commit_batch`] with two hooks, both under the writer lock:
+    /// `precheck` runs first and may stop the commit (`Some(id)`: nothing is
+    /// written, `Err(id)` is returned); `extra` adds its own writes to the
+    /// batch, knowing the outcomes, so they land atomically with it.
+    pub(super) fn commit_batch_with(
+        &self,
+        batch: CommitBatch,
+        precheck: impl FnOnce() -> Result<Option<u64>, StoreError>,
+        extra: impl FnOnce(&mut WriteBatch, &[CommitOutcome]) -> Result<(), StoreError>,
+    ) -> Result<Result<Vec<CommitOutcome>, u64>, StoreError> {
         let mut writer = self.lock();
+        if let Some(existing) = precheck()? {
+            return Ok(Err(existing));
+        }
         let mut ov = Overlay::default();
         let mut outcomes = Vec::with_capacity(batch.items.len());
         for item in batch.items {
@@ -169,6 +189,7 @@ impl<B: KvBackend> KvStore<B> {
         for f in &batch.follow_ups {
             b.put(key("f/", &[&source_bytes(&f.source)]), encode(f)?);
         }
+        extra(&mut b, &outcomes)?;
         self.kv.apply(b)?;
         writer.last_seq = new_seq;
         // Reads see the batch from here on, durable or not, so the caches
@@ -191,7 +212,7 @@ impl<B: KvBackend> KvStore<B> {
         // Under the lock, so the watch never goes back.
         self.publish_events(last_seq, new_seq);
         drop(writer);
-        Ok(outcomes)
+        Ok(Ok(outcomes))
     }
 
     pub(super) fn source_seen(&self, source: &crate::model::SourceKey) -> Result<bool, StoreError> {

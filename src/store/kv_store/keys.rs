@@ -17,7 +17,9 @@
 //! index (empty) · `rk/<consumer>` record delta cursor ·
 //! `e/<seq>` event (JSON) · `o/<consumer>\0<seq>` pending delivery (JSON) ·
 //! `od/<consumer>\0<seq>` dead letter (JSON) · `ci/<consumer>\0<activity>` CRM
-//! id · `pu/<address>\0<activity>` unresolved party (empty).
+//! id · `pu/<address>\0<activity>` unresolved party (empty) ·
+//! `og/<id>` outgoing email (JSON) · `oq/<mailbox>\0<id>` still queued
+//! (empty) · `ok/<idempotency key>` → id · `ou/<user number>` token counter.
 //!
 //! `<source>` is `<mailbox>\0<folder>\0<uidvalidity>\0<uid>`, so a
 //! mailbox's follow-ups are one prefix.

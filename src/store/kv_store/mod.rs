@@ -24,6 +24,7 @@ mod commit;
 pub mod keys;
 mod lookup;
 mod outbox;
+mod outgoing;
 mod records;
 mod state;
 
@@ -39,13 +40,14 @@ use self::lookup::{CandidateCache, RegardingCache};
 use super::kv::{KvBackend, WriteBatch};
 use super::sled_backend::SledBackend;
 use super::{
-    ActivityQuery, CommitBatch, CommitOutcome, DeliveryOutcome, OutboxStats, RecordChanges, Store,
-    StoreError,
+    ActivityQuery, CommitBatch, CommitOutcome, DeliveryOutcome, OutboxStats, QueueOutcome,
+    RecordChanges, Store, StoreError,
 };
 use crate::correlate::{Indexes, LookupKeys, TrackedEmail};
 use crate::model::{
     ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
-    FollowUp, MailboxState, OutboxEvent, QuarantineEntry, Record, SourceKey, UnixTime,
+    FollowUp, MailboxState, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
+    SourceKey, UnixTime,
 };
 
 /// What only the writer touches.
@@ -326,5 +328,52 @@ impl<B: KvBackend> Store for KvStore<B> {
 
     fn dead_letters(&self, consumer: &str, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         self.dead_letters_of(consumer, limit)
+    }
+
+    fn queue_outgoing(
+        &self,
+        batch: CommitBatch,
+        email: OutgoingEmail,
+    ) -> Result<QueueOutcome, StoreError> {
+        self.queue_outgoing_email(batch, email)
+    }
+
+    fn outgoing(&self, id: ActivityId) -> Result<Option<OutgoingEmail>, StoreError> {
+        self.outgoing_email(id)
+    }
+
+    fn outgoing_by_key(&self, key: &str) -> Result<Option<ActivityId>, StoreError> {
+        self.outgoing_id_by_key(key)
+    }
+
+    fn outgoing_queued(
+        &self,
+        mailbox: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<OutgoingEmail>, StoreError> {
+        self.queued_outgoing(mailbox, limit)
+    }
+
+    fn outgoing_list(
+        &self,
+        mailbox: Option<&str>,
+        status: Option<SendStatus>,
+        before: Option<ActivityId>,
+        limit: usize,
+    ) -> Result<Vec<OutgoingEmail>, StoreError> {
+        self.list_outgoing(mailbox, status, before, limit)
+    }
+
+    fn update_outgoing(
+        &self,
+        email: &OutgoingEmail,
+        activity: Option<(EmailActivity, Vec<String>)>,
+        at: UnixTime,
+    ) -> Result<Option<u64>, StoreError> {
+        self.write_outgoing(email, activity, at)
+    }
+
+    fn next_token_counter(&self, user_number: u32) -> Result<u64, StoreError> {
+        self.bump_token_counter(user_number)
     }
 }

@@ -132,6 +132,18 @@ impl<B: KvBackend> KvStore<B> {
         changes: Vec<String>,
         at: UnixTime,
     ) -> Result<Option<u64>, StoreError> {
+        self.replace_activity_with(activity, changes, at, |_, _| Ok(()))
+    }
+
+    /// [`Self::replace_activity`] with `extra` writes (given the activity as
+    /// stored before) in the same batch, under the writer lock.
+    pub(super) fn replace_activity_with(
+        &self,
+        activity: EmailActivity,
+        changes: Vec<String>,
+        at: UnixTime,
+        extra: impl FnOnce(&mut WriteBatch, &EmailActivity) -> Result<(), StoreError>,
+    ) -> Result<Option<u64>, StoreError> {
         let mut writer = self.lock();
         let id = activity.id;
         let Some(old) = self.get_json::<EmailActivity>(&id_key("a/", id))? else {
@@ -149,6 +161,7 @@ impl<B: KvBackend> KvStore<B> {
             b.put(mailbox_listing_key(mailbox, id), Vec::new());
         }
         self.stage_unresolved(&mut b, &activity, Some(&old));
+        extra(&mut b, &old)?;
         let last = writer.last_seq;
         let regarding = activity.regarding.clone();
         let seq = if self.event_log_on() {
