@@ -21,6 +21,7 @@ pub mod fault;
 pub mod filter;
 pub mod model;
 pub mod net;
+pub mod outgoing;
 pub mod parse;
 pub mod pipeline;
 pub mod private_fs;

@@ -276,6 +276,7 @@ pub(super) fn mailbox(
         delete_after_processing,
         track,
         automatic_mail,
+        send_rate_per_minute: 60,
     })
 }
 

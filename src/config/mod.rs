@@ -24,9 +24,11 @@ use crate::net::TlsMode;
 mod correlation;
 mod crm;
 mod mailbox;
+mod outgoing;
 mod profile;
 mod raw;
 mod secret;
+mod smtp;
 
 use correlation::*;
 use crm::*;
@@ -39,7 +41,9 @@ pub use crm::{
     default_retry_schedule, CrmKind, CrmSettings, DataverseSettings, DeliverySettings,
     PartySettings, WebhookSettings,
 };
+pub use outgoing::{OutgoingSettings, DEFAULT_BLOCKED_EXTENSIONS};
 pub use secret::read_secret_file;
+pub use smtp::{SentCopyMode, SmtpSettings, UnknownDelivery};
 
 /// Exit status for configuration errors (sysexits EX_USAGE... EX_CONFIG is 78; the
 /// product contract says 64).
@@ -191,6 +195,8 @@ pub struct Profile {
     /// Cycles a message the server lists but will not deliver is tried before
     /// it is quarantined (IMAP; the position never skips it silently).
     pub missing_message_retries: u32,
+    /// SMTP submission (`imap_smtp`, `pop3_smtp`); `None` for other types.
+    pub smtp: Option<SmtpSettings>,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.
@@ -273,6 +279,9 @@ pub struct Mailbox {
     pub track: TrackFilter,
     /// What happens to automatic mail (`automatic_mail`).
     pub automatic_mail: crate::filter::AutomaticMailPolicy,
+    /// Most emails this mailbox sends per minute (a runaway CRM workflow
+    /// cannot flood its recipients).
+    pub send_rate_per_minute: u32,
 }
 
 /// The whole validated configuration.
@@ -288,6 +297,8 @@ pub struct Config {
     pub mailboxes: Vec<Mailbox>,
     /// `[crm]`: the CRM adapter, delivery and party resolution.
     pub crm: CrmSettings,
+    /// `[outgoing]`: attachment policy of outgoing email.
+    pub outgoing: OutgoingSettings,
 }
 
 impl Config {
@@ -517,6 +528,7 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
             profiles,
             mailboxes,
             crm,
+            outgoing: OutgoingSettings::default(),
         })
     } else {
         Err(ConfigErrors(errs.0))

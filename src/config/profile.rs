@@ -204,5 +204,6 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         max_transient_failures,
         password_file,
         missing_message_retries,
+        smtp: None,
     })
 }
