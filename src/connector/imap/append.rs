@@ -89,9 +89,9 @@ impl ImapClient {
                     } if *tag == id => {
                         let uid = match &outcome.code {
                             Some(ResponseCode::AppendUid(_, uids)) => {
-                                uids.iter().rev().find_map(|m| match m {
-                                    UidSetMember::Uid(u) => Some(*u),
-                                    UidSetMember::UidRange(r) => Some(*r.end()),
+                                uids.last().map(|m| match m {
+                                    UidSetMember::Uid(u) => *u,
+                                    UidSetMember::UidRange(r) => *r.end(),
                                 })
                             }
                             _ => None,
