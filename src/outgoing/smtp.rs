@@ -167,6 +167,9 @@ struct Shared {
     tls: Tls,
     current: tokio::sync::Mutex<Option<Pooled>>,
     generations: AtomicU64,
+    /// lettre's pool size only caps the idle connections it keeps; this caps
+    /// the transactions (and so the connections) running at once.
+    permits: tokio::sync::Semaphore,
 }
 
 /// The live transport and the token it authenticates with.
@@ -206,12 +209,14 @@ impl SmtpClient {
             TlsMode::StartTls => Tls::Required(tls_parameters(ep)?),
             TlsMode::Implicit => Tls::Wrapper(tls_parameters(ep)?),
         };
+        let pool_size = target.pool_size.max(1);
         Ok(SmtpClient {
             shared: Arc::new(Shared {
                 target,
                 tls,
                 current: tokio::sync::Mutex::new(None),
                 generations: AtomicU64::new(0),
+                permits: tokio::sync::Semaphore::new(pool_size as usize),
             }),
         })
     }
@@ -224,6 +229,13 @@ impl SmtpClient {
         message: &[u8],
     ) -> Result<SmtpReply, SmtpError> {
         let envelope = envelope(envelope_from, recipients)?;
+        // Never closed, so acquiring cannot fail; waiting here is not server time.
+        let _permit = self
+            .shared
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| SmtpError::Config(e.to_string()))?;
         let login = self.login().await?;
         let (transport, generation) = self.transport(login).await;
         let limit = self.deadline(recipients.len(), message.len());
@@ -726,6 +738,28 @@ mod tests {
         );
         assert!(cmds.iter().any(|c| c == "EHLO client.test"), "{cmds:?}");
         assert_eq!(cmds.iter().filter(|c| c.starts_with("RCPT TO:")).count(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_sends_stay_within_the_pool_size() {
+        let stub = SmtpStub::start(Script::default()).await;
+        let client = SmtpClient::new(target(stub.port)).unwrap();
+        let sends = (0..24).map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move {
+                c.send("a@example.test", &["b@example.test".into()], MSG)
+                    .await
+            })
+        });
+        for r in futures::future::join_all(sends).await {
+            r.unwrap().unwrap();
+        }
+        assert_eq!(stub.messages().len(), 24);
+        assert!(
+            stub.max_open() <= 2,
+            "{} connections at once",
+            stub.max_open()
+        );
     }
 
     #[tokio::test]

@@ -76,6 +76,8 @@ struct State {
     commands: Vec<String>,
     messages: Vec<Vec<u8>>,
     connections: usize,
+    open: usize,
+    max_open: usize,
 }
 
 /// A running stand-in; stops when dropped.
@@ -95,7 +97,12 @@ impl SmtpStub {
         let st = Arc::clone(&state);
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
-                lock(&st).connections += 1;
+                {
+                    let mut s = lock(&st);
+                    s.connections += 1;
+                    s.open += 1;
+                    s.max_open = s.max_open.max(s.open);
+                }
                 tokio::spawn(serve(sock, script.clone(), Arc::clone(&st)));
             }
         });
@@ -116,6 +123,11 @@ impl SmtpStub {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         lock(&self.state).connections
+    }
+
+    /// Most connections that were open at the same time.
+    pub fn max_open(&self) -> usize {
+        lock(&self.state).max_open
     }
 }
 
@@ -163,6 +175,7 @@ async fn read_line(r: &mut BufReader<OwnedReadHalf>) -> Result<String, ()> {
 
 async fn serve(sock: tokio::net::TcpStream, script: Script, state: Arc<Mutex<State>>) {
     let _ = dialogue(sock, &script, &state).await;
+    lock(&state).open -= 1;
 }
 
 async fn dialogue(
