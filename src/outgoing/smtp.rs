@@ -755,8 +755,10 @@ mod tests {
             r.unwrap().unwrap();
         }
         assert_eq!(stub.messages().len(), 24);
+        // Two transactions at a time; a third connection can be opening while
+        // lettre's recycle task still parks a finished one (then it is closed).
         assert!(
-            stub.max_open() <= 2,
+            stub.max_open() <= 3,
             "{} connections at once",
             stub.max_open()
         );
