@@ -68,6 +68,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .push(m.name.clone());
     }
     let alerts = Arc::new(Alerts::new(store.clone(), members));
+    // Wakes the senders when the admin API queues an email.
+    let wakeup: crate::outgoing::SendWakeup = Arc::new(tokio::sync::Notify::new());
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     // Before any mailbox commits: every event from now on gets a pending
@@ -184,6 +186,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
+    start_senders(&config, &store, &alerts, &wakeup, &tracker, &cancel);
     runtime.scheduler_running.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     spawn_watchdog(
@@ -212,6 +215,67 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts one supervised sender per mailbox that may send (outgoing =
+/// server-side sync, approved, an SMTP profile); the others are logged once.
+fn start_senders(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    alerts: &Arc<Alerts>,
+    wakeup: &crate::outgoing::SendWakeup,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    use crate::outgoing::sender::{Sender, SenderSettings};
+    for mailbox in &config.mailboxes {
+        if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
+            continue;
+        }
+        if let Err(why) = crate::outgoing::queue::send_allowed(config, mailbox) {
+            tracing::warn!(mailbox = %mailbox.name, "outgoing not started: {why}");
+            continue;
+        }
+        let Some(profile) = config.profile_of(mailbox).cloned() else {
+            continue;
+        };
+        let (config, store, alerts) = (config.clone(), store.clone(), alerts.clone());
+        let (wakeup, stop, mailbox) = (wakeup.clone(), cancel.clone(), mailbox.clone());
+        let make = move || {
+            let built = with_current_secrets(&profile, &mailbox).and_then(|(p, m)| {
+                let credentials = imap_settings(&p, &m)?.credentials;
+                let settings = SenderSettings::new(
+                    &config,
+                    &p,
+                    &m,
+                    credentials,
+                    token_provider(&p, &m),
+                )?;
+                Sender::new(
+                    settings,
+                    store.clone(),
+                    alerts.clone(),
+                    wakeup.clone(),
+                    stop.clone(),
+                )
+            });
+            let (alerts, name, profile_name) =
+                (alerts.clone(), mailbox.name.clone(), profile.name.clone());
+            async move {
+                match built {
+                    Ok(sender) => sender.run().await,
+                    Err(why) => alerts.raise(
+                        crate::model::AlertLevel::Error,
+                        Some(&name),
+                        Some(&profile_name),
+                        &format!("outgoing test failed: {why}"),
+                        crate::model::now(),
+                    ),
+                }
+            }
+        };
+        tracker.spawn(supervise("sender", "smtp", cancel.clone(), make));
+    }
 }
 
 /// Registers the configured CRM adapter as the outbox consumer and starts

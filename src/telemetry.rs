@@ -38,6 +38,9 @@ pub const OUTBOX_DEAD_LETTERS: &str = "crm_mailsync_outbox_dead_letters";
 /// Delivery attempts per CRM adapter and result (`delivered`, `failed` with
 /// a `disposition`: transient, permanent, endpoint).
 pub const CRM_DELIVERIES: &str = "crm_mailsync_crm_deliveries_total";
+/// Outgoing SMTP transactions by mailbox and result (`sent`, `deferred`,
+/// `failed`).
+pub const OUTGOING_SENDS: &str = "crm_mailsync_outgoing_sends_total";
 /// Record pulls per CRM adapter and result (`ok`, `failed`).
 pub const CRM_RECORD_PULLS: &str = "crm_mailsync_crm_record_pulls_total";
 
@@ -112,6 +115,10 @@ pub fn describe(mailboxes: &[String]) {
     metrics::describe_counter!(SYNC_ERRORS, "Failed sync cycles");
     metrics::describe_gauge!(MAILBOX_UP, "1 while the mailbox is enabled and syncing");
     metrics::describe_counter!(TASK_RESTARTS, "Mailbox tasks restarted after a panic");
+    metrics::describe_counter!(
+        OUTGOING_SENDS,
+        "Outgoing SMTP transactions by result (sent, deferred, failed)"
+    );
     metrics::describe_gauge!(OUTBOX_DEPTH, "Undelivered outbox events per CRM adapter");
     metrics::describe_gauge!(
         OUTBOX_OLDEST_AGE,

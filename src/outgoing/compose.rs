@@ -15,9 +15,7 @@ use lettre::message::{Attachment, Mailbox as Address, MultiPart, SinglePart};
 use crate::config::OutgoingSettings;
 use crate::model::UnixTime;
 
-/// Header carrying the marker every outgoing message gets; the Sent-folder
-/// search looks for it first (see `sent_copy`).
-pub const MARKER_HEADER: &str = "X-CRM-Mailsync-Id";
+pub use super::sent_copy::MARKER_HEADER;
 
 /// An attachment, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -425,9 +425,10 @@ pub trait Store: Send + Sync + 'static {
     /// The email queued under a client idempotency key.
     fn outgoing_by_key(&self, key: &str) -> Result<Option<ActivityId>, StoreError>;
 
-    /// Emails still queued (pending send or sending) of `mailbox` (all
-    /// mailboxes when `None`), oldest first, at most `limit` (0: all): an
-    /// indexed read, sent ones are not looked at.
+    /// Emails with work owed (pending send, sending, or sent with the Sent
+    /// copy still owed) of `mailbox` (all mailboxes when `None`), oldest
+    /// first, at most `limit` (0: all): an indexed read, finished ones are
+    /// not looked at.
     fn outgoing_queued(
         &self,
         mailbox: Option<&str>,
@@ -459,6 +460,12 @@ pub trait Store: Send + Sync + 'static {
     /// before it returns, so no two emails get the same one (an unused value
     /// is a harmless gap; the token wraps it modulo its width).
     fn next_token_counter(&self, user_number: u32) -> Result<u64, StoreError>;
+
+    /// Records the outgoing Test & Enable result of `mailbox`;
+    /// [`Store::mailbox_state`] returns it in `outgoing_test` whatever the
+    /// mailbox task writes.
+    fn set_outgoing_test(&self, mailbox: &str, result: &crate::model::TestResult)
+        -> Result<(), StoreError>;
 }
 
 /// What [`Store::queue_outgoing`] did.

@@ -207,7 +207,22 @@ impl<B: KvBackend> Store for KvStore<B> {
     }
 
     fn mailbox_state(&self, mailbox: &str) -> Result<Option<MailboxState>, StoreError> {
-        self.get_json(&keys::key("b/", &[mailbox.as_bytes()]))
+        let state: Option<MailboxState> = self.get_json(&keys::key("b/", &[mailbox.as_bytes()]))?;
+        let outgoing: Option<crate::model::TestResult> =
+            self.get_json(&keys::key("ot/", &[mailbox.as_bytes()]))?;
+        Ok(match (state, outgoing) {
+            (Some(mut s), Some(t)) => {
+                s.outgoing_test = t;
+                Some(s)
+            }
+            (None, Some(t)) => Some(MailboxState {
+                name: mailbox.to_owned(),
+                enabled: true,
+                outgoing_test: t,
+                ..MailboxState::default()
+            }),
+            (s, None) => s,
+        })
     }
 
     fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError> {
@@ -375,5 +390,13 @@ impl<B: KvBackend> Store for KvStore<B> {
 
     fn next_token_counter(&self, user_number: u32) -> Result<u64, StoreError> {
         self.bump_token_counter(user_number)
+    }
+
+    fn set_outgoing_test(
+        &self,
+        mailbox: &str,
+        result: &crate::model::TestResult,
+    ) -> Result<(), StoreError> {
+        self.write_outgoing_test(mailbox, result)
     }
 }

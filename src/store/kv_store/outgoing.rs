@@ -20,7 +20,9 @@ fn counter_key(user: u32) -> Vec<u8> {
 fn stage_row(b: &mut WriteBatch, email: &OutgoingEmail) -> Result<(), StoreError> {
     b.put(id_key("og/", email.activity_id), encode(email)?);
     let queued = list_key("oq/", &email.mailbox, email.activity_id);
-    if email.status.is_queued() {
+    // A sent email whose Sent copy is owed stays listed: the sender's
+    // follow-up finds it there after a crash.
+    if email.status.is_queued() || email.sent_copy == crate::model::SentCopy::Owed {
         b.put(queued, Vec::new());
     } else {
         b.delete(queued);

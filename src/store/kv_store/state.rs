@@ -100,6 +100,20 @@ impl<B: KvBackend> KvStore<B> {
         self.write_durably(b)
     }
 
+    /// The outgoing Test & Enable result lives under its own key: the
+    /// sender writes it while the mailbox task rewrites the whole state, so
+    /// neither can overwrite the other's result.
+    pub(super) fn write_outgoing_test(
+        &self,
+        mailbox: &str,
+        result: &crate::model::TestResult,
+    ) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        b.put(key("ot/", &[mailbox.as_bytes()]), encode(result)?);
+        self.write_durably(b)
+    }
+
     pub(super) fn raise(
         &self,
         level: AlertLevel,
