@@ -49,8 +49,7 @@ fn wrong_status_message(id: ActivityId, status: SendStatus, wanted: &str) -> Str
         "pending_send" => format!(
             "{now}; only an email still pending_send can be canceled ({})",
             match status {
-                SendStatus::Sending =>
-                    "its SMTP transaction has started and cannot be taken back",
+                SendStatus::Sending => "its SMTP transaction has started and cannot be taken back",
                 SendStatus::Sent => "it has been delivered to the server",
                 SendStatus::Failed => "a failed email is not sent again unless retried",
                 SendStatus::Canceled => "it is canceled already",
@@ -272,7 +271,10 @@ mod tests {
         let row = cancel(&store, id, NOW).unwrap();
         assert_eq!(row.status, SendStatus::Canceled);
         assert_eq!(store.outgoing(id).unwrap().unwrap(), row);
-        assert!(store.outgoing_queued(Some("support"), 0).unwrap().is_empty());
+        assert!(store
+            .outgoing_queued(Some("support"), 0)
+            .unwrap()
+            .is_empty());
         let send = store.activity(id).unwrap().unwrap().send.unwrap();
         assert_eq!(send.status, SendStatus::Canceled);
         assert_eq!(send.dynamics_status, "Canceled");
@@ -343,7 +345,9 @@ mod tests {
                 matches!(err, ControlError::WrongStatus { wanted: "failed", status: s, .. } if s == status),
                 "{err:?}"
             );
-            assert!(err.to_string().contains("only a failed email can be retried"));
+            assert!(err
+                .to_string()
+                .contains("only a failed email can be retried"));
             assert_eq!(store.outgoing(id).unwrap().unwrap().status, status);
         }
         assert!(matches!(
