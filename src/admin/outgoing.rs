@@ -240,7 +240,7 @@ mod tests {
     use super::*;
     use crate::outgoing::control::test_support::queue_row;
     use crate::scheduler::Runtime;
-    use crate::store::SledStore;
+    use crate::store::{SledStore, Store};
 
     const TOKEN: &str = "0123456789abcdef";
 
@@ -533,5 +533,107 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// An incoming automatic email (an auto-reply) in the store.
+    fn automatic_activity(store: &SledStore) -> u64 {
+        let id = queue_row(store, "support", SendStatus::Sent);
+        let mut a = store.activity(id).unwrap().unwrap();
+        a.no_reply = true;
+        a.send = None;
+        a.direction = crate::model::Direction::Incoming;
+        store.update_activity(a, vec!["test".into()], 1).unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn queueing_answers_202_then_200_for_the_same_key_and_wakes_the_senders() {
+        let api = api().await;
+        let req = r#"{"mailbox": "support", "regarding": "case:42", "to": ["ann@customer.example"],
+            "subject": "Your offer", "text": "Hello Ann", "idempotency_key": "crm-email-1"}"#;
+        let (status, first) = api.post("/outgoing", req).await;
+        assert_eq!(status, 202, "{first}");
+        assert_eq!(first["status"], "pending_send");
+        assert_eq!(first["existing"], false);
+        assert!(api.woken().await, "a queued email wakes the senders");
+        let id = first["id"].as_u64().unwrap();
+        let (status, again) = api.post("/outgoing", req).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["id"], id);
+        assert_eq!(again["existing"], true);
+        assert_eq!(again["message_id"], first["message_id"]);
+
+        let (status, row) = api.get(&format!("/outgoing/{id}")).await;
+        assert_eq!(status, 200, "{row}");
+        assert_eq!(row["activity"]["regarding"], "case:42", "{row}");
+        assert!(row["mime_size"].as_u64().unwrap() > 0);
+        let (_, list) = api.get("/outgoing?status=pending_send").await;
+        assert_eq!(list["count"], 1, "{list}");
+    }
+
+    #[tokio::test]
+    async fn refused_requests_answer_404_409_and_400_and_queue_nothing() {
+        let api = api().await;
+        let auto = automatic_activity(&api.store);
+        let (status, body) = api
+            .post(
+                "/outgoing",
+                r#"{"mailbox": "nobody", "to": ["a@b.example"], "subject": "s"}"#,
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (404, Some("unknown_mailbox")),
+            "{body}"
+        );
+        assert!(error_of(&body).contains("\"nobody\""), "{body}");
+        let (status, body) = api
+            .post(
+                "/outgoing",
+                r#"{"mailbox": "archive", "to": ["a@b.example"], "subject": "s"}"#,
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (409, Some("not_allowed")),
+            "{body}"
+        );
+        let (status, body) = api
+            .post(
+                "/outgoing",
+                &format!(r#"{{"mailbox": "support", "to": ["a@b.example"], "subject": "Re", "text": "x", "in_reply_to": {auto}}}"#),
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (409, Some("answers_automatic")),
+            "{body}"
+        );
+        let (status, body) = api
+            .post(
+                "/outgoing",
+                r#"{"mailbox": "support", "to": ["not an address"],
+                    "attachments": [{"filename": "run.exe", "content_base64": "TVo="}]}"#,
+            )
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid")),
+            "{body}"
+        );
+        let problems = body["problems"].as_array().unwrap();
+        assert!(
+            problems.len() >= 3,
+            "address, subject/body, blocked extension: {body}"
+        );
+        for p in problems {
+            assert!(error_of(&body).contains(p.as_str().unwrap()), "{body}");
+        }
+        assert!(!api.woken().await);
+        // Only the automatic email's own row (written by the test) is there.
+        assert_eq!(
+            api.store.outgoing_list(None, None, None, 0).unwrap().len(),
+            1
+        );
     }
 }
