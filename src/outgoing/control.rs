@@ -5,9 +5,10 @@
 //! [`Store::update_outgoing`] batch, so the CRM gets an `activity.updated`
 //! event (`changes = ["send_status"]`) for it like for the sender's changes.
 //!
-//! The check of the current status and the write are two store calls: a
-//! sender moving the same email to `sending` in between is not excluded
-//! here (the store has no compare-and-set for queue rows yet).
+//! The check of the current status and the write are two store calls (the
+//! store has no compare-and-set for queue rows), so both happen under
+//! [`lock_row`]: a sender that takes the same lock to re-read the row and
+//! write `sending` can never send an email a cancel has just answered for.
 
 use super::SendWakeup;
 use crate::error::{Classify, Disposition};
@@ -108,6 +109,21 @@ pub fn retry(
     })
 }
 
+/// Serialises the status changes of one email within this process: held
+/// around "read the row, check its status, write the change". The sender
+/// takes it for its `pending_send → sending` step (re-reading the row under
+/// it), so a cancel and the start of an attempt are never interleaved.
+/// Sharded by id: emails of different mailboxes rarely wait on each other.
+pub fn lock_row(id: ActivityId) -> std::sync::MutexGuard<'static, ()> {
+    const SHARDS: usize = 64;
+    static LOCKS: [std::sync::Mutex<()>; SHARDS] = [const { std::sync::Mutex::new(()) }; SHARDS];
+    let lock = &LOCKS[(id % SHARDS as u64) as usize];
+    // The guarded data is `()`: a panic while it was held leaves nothing
+    // inconsistent, so a poisoned lock is used as is.
+    lock.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Reads the row, checks its status, applies `apply` (which sets the new
 /// status and returns the activity's reason) and writes row and activity
 /// in one batch.
@@ -119,6 +135,7 @@ fn change(
     now: UnixTime,
     apply: impl FnOnce(&mut OutgoingEmail) -> Option<String>,
 ) -> Result<OutgoingEmail, ControlError> {
+    let _row = lock_row(id);
     let mut row = store.outgoing(id)?.ok_or(ControlError::NotFound(id))?;
     if row.status != from {
         return Err(ControlError::WrongStatus {
@@ -354,6 +371,37 @@ mod tests {
             retry(&store, 7777, NOW),
             Err(ControlError::NotFound(7777))
         ));
+    }
+
+    #[test]
+    fn a_cancel_waits_for_a_sender_holding_the_row() {
+        let (_d, store) = open();
+        let store = std::sync::Arc::new(store);
+        let id = queue_row(store.as_ref(), "support", SendStatus::PendingSend);
+        let sender = lock_row(id);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = store.clone();
+        let canceling = std::thread::spawn(move || tx.send(cancel(s.as_ref(), id, NOW)).unwrap());
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+            .is_err());
+        // The sender started the attempt meanwhile: the cancel must see it.
+        let mut row = store.outgoing(id).unwrap().unwrap();
+        row.status = SendStatus::Sending;
+        store.update_outgoing(&row, None, NOW).unwrap();
+        drop(sender);
+        let outcome = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert!(
+            matches!(
+                outcome,
+                Err(ControlError::WrongStatus {
+                    status: SendStatus::Sending,
+                    ..
+                })
+            ),
+            "{outcome:?}"
+        );
+        canceling.join().unwrap();
     }
 
     #[tokio::test]
