@@ -278,7 +278,7 @@ fn classify_tls_io_error(server: String, e: io::Error) -> NetError {
 
 /// What an operator should read for a rejected server certificate: the
 /// problem in words and what to change, never a Rust debug dump.
-fn certificate_problem(cert: &rustls::CertificateError, server: &str) -> String {
+pub(crate) fn certificate_problem(cert: &rustls::CertificateError, server: &str) -> String {
     use rustls::CertificateError as C;
     let when = |t: &rustls_pki_types::UnixTime| {
         i64::try_from(t.as_secs())

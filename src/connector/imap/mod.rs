@@ -17,6 +17,7 @@
 //! includes `LOGIN`/`AUTHENTICATE` data: keep that target below TRACE.
 #![warn(missing_docs)]
 
+mod append;
 mod codec;
 pub mod connector;
 mod error;
