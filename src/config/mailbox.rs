@@ -74,6 +74,9 @@ pub(super) fn mailbox(
         errs,
     );
     let enabled = t.bool("enabled", true, errs);
+    // Dynamics has no such limit; a runaway workflow then mails customers
+    // until someone notices. 60 a minute is far above a person's pace.
+    let send_rate_per_minute = t.int("send_rate_per_minute", 60, 1, 100_000, errs) as u32;
     let path = t.string("path", errs).map(PathBuf::from);
     let username = t.nonempty_string("username", errs);
     let errors_before_secret = errs.0.len();
@@ -276,7 +279,7 @@ pub(super) fn mailbox(
         delete_after_processing,
         track,
         automatic_mail,
-        send_rate_per_minute: 60,
+        send_rate_per_minute,
     })
 }
 

@@ -471,6 +471,9 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
     // [crm]
     let crm = crm_settings(top.sub("crm", &mut errs), base_dir, &mut errs);
 
+    // [outgoing]
+    let outgoing = outgoing::outgoing_settings(top.sub("outgoing", &mut errs), &mut errs);
+
     // [[profiles]]
     let mut profiles = Vec::new();
     let mut profile_names: HashMap<String, usize> = HashMap::new();
@@ -528,7 +531,7 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
             profiles,
             mailboxes,
             crm,
-            outgoing: OutgoingSettings::default(),
+            outgoing,
         })
     } else {
         Err(ConfigErrors(errs.0))
@@ -582,6 +585,79 @@ mod tests {
         assert_eq!(cfg.mailboxes[0].approval, ApprovalStatus::Empty);
         assert!(cfg.process_only_approved);
         assert_eq!(cfg.daemon.state_dir, PathBuf::from("./data"));
+    }
+
+    const IMAP_SMTP: &str = r#"
+        [admin]
+        token = "0123456789abcdef"
+        [[profiles]]
+        name = "mail"
+        type = "imap_smtp"
+        host = "mail.example.test"
+        username = "u"
+        password = "p"
+    "#;
+
+    fn with_imap_profile(profile_extra: &str, rest: &str) -> String {
+        format!(
+            "{IMAP_SMTP}{profile_extra}\n[[mailboxes]]\nname = \"m\"\nprofile = \"mail\"\nemail = \"m@example.test\"\n{rest}"
+        )
+    }
+
+    #[test]
+    fn smtp_settings_get_documented_defaults_per_profile_type() {
+        let cfg = parse(&with_imap_profile("", "")).unwrap();
+        let smtp = cfg.profiles[0].smtp.clone().unwrap();
+        assert_eq!(smtp.host, "mail.example.test");
+        assert_eq!((smtp.port, smtp.tls), (587, TlsMode::StartTls));
+        assert_eq!(smtp.sent_folder.as_deref(), Some("Sent"));
+        assert_eq!(smtp.sent_copy, SentCopyMode::Append);
+        assert_eq!(smtp.unknown_delivery, UnknownDelivery::Fail);
+        assert_eq!(smtp.retry_for, Duration::from_secs(3600));
+        assert_eq!(cfg.mailboxes[0].send_rate_per_minute, 60);
+        assert_eq!(cfg.outgoing, OutgoingSettings::default());
+        // Maildir profiles do not send.
+        assert!(parse(MINIMAL).unwrap().profiles[0].smtp.is_none());
+        let set = with_imap_profile(
+            "smtp_host = \"smtp.example.test\"\nsmtp_tls = \"implicit\"\nsent_copy = \"server\"\nsent_folder = \"Sent Items\"\nunknown_delivery = \"resend\"\nsend_retry_for = \"10m\"",
+            "send_rate_per_minute = 5\n[outgoing]\nmax_attachment_size = \"5MB\"\nblocked_extensions = [\".EXE\", \"js\"]\n",
+        );
+        let cfg = parse(&set).unwrap();
+        let smtp = cfg.profiles[0].smtp.clone().unwrap();
+        assert_eq!((smtp.host.as_str(), smtp.port), ("smtp.example.test", 465));
+        assert_eq!(smtp.sent_copy, SentCopyMode::Server);
+        assert_eq!(smtp.sent_folder.as_deref(), Some("Sent Items"));
+        assert_eq!(smtp.unknown_delivery, UnknownDelivery::Resend);
+        assert_eq!(smtp.retry_for, Duration::from_secs(600));
+        assert_eq!(cfg.mailboxes[0].send_rate_per_minute, 5);
+        assert_eq!(cfg.outgoing.max_attachment_bytes, 5 << 20);
+        assert_eq!(cfg.outgoing.blocked_extensions, vec!["exe", "js"]);
+    }
+
+    #[test]
+    fn smtp_errors_are_all_reported_with_their_key_paths() {
+        let bad = with_imap_profile(
+            "smtp_tls = \"plain\"\nsent_copy = \"sometimes\"\nsmtp_pool_size = 0",
+            "send_rate_per_minute = 0\n[outgoing]\nmax_attachment_size = \"lots\"\n",
+        );
+        let errs = parse(&bad).unwrap_err();
+        let paths: Vec<&str> = errs.0.iter().map(|e| e.path.as_str()).collect();
+        for p in [
+            "profiles[0].smtp_tls",
+            "profiles[0].sent_copy",
+            "profiles[0].smtp_pool_size",
+            "mailboxes[0].send_rate_per_minute",
+            "outgoing.max_attachment_size",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from {paths:?}");
+        }
+        let misplaced = MINIMAL.replace(
+            "type = \"maildir\"",
+            "type = \"maildir\"\nsmtp_host = \"x\"",
+        );
+        let errs = parse(&misplaced).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs:?}");
+        assert!(errs.0[0].message.contains("only imap_smtp"), "{errs:?}");
     }
 
     #[test]

@@ -38,3 +38,34 @@ impl Default for OutgoingSettings {
         }
     }
 }
+
+/// Parses `[outgoing]`.
+pub(super) fn outgoing_settings(
+    mut t: super::Table<'_>,
+    errs: &mut super::Errors,
+) -> OutgoingSettings {
+    let d = OutgoingSettings::default();
+    let max_attachment_bytes = t.size(
+        "max_attachment_size",
+        d.max_attachment_bytes,
+        1,
+        128 << 20,
+        errs,
+    );
+    let max_message_bytes = t.size("max_message_size", d.max_message_bytes, 1024, 1 << 30, errs);
+    let blocked_extensions = if t.raw("blocked_extensions").is_some() {
+        t.string_list("blocked_extensions", errs)
+            .into_iter()
+            .map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase())
+            .filter(|e| !e.is_empty())
+            .collect()
+    } else {
+        d.blocked_extensions
+    };
+    t.finish(errs);
+    OutgoingSettings {
+        max_attachment_bytes,
+        max_message_bytes,
+        blocked_extensions,
+    }
+}

@@ -167,6 +167,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
             );
         }
     }
+    let smtp = super::smtp::smtp_settings(&mut t, kind, host.as_deref(), allow_insecure, errs);
     let port = match (port_i, kind) {
         (0, Some(ProfileType::ImapSmtp)) => Some(if tls == TlsMode::Implicit { 993 } else { 143 }),
         (0, Some(ProfileType::Pop3Smtp)) => Some(if tls == TlsMode::Implicit { 995 } else { 110 }),
@@ -204,6 +205,6 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         max_transient_failures,
         password_file,
         missing_message_retries,
-        smtp: None,
+        smtp,
     })
 }

@@ -241,6 +241,43 @@ impl<'a> Table<'a> {
         }
     }
 
+    /// A size in bytes: a whole number, or a string like `"25MB"`, `"512 KiB"`
+    /// (KB/MB/GB are 1024-based, as mail servers count them).
+    pub(super) fn size(
+        &mut self,
+        key: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+        errs: &mut Errors,
+    ) -> u64 {
+        let parsed = match self.raw(key) {
+            None => return default,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .ok_or_else(|| "expected a positive number of bytes".to_string()),
+            Some(Value::String(s)) => parse_size(s),
+            Some(other) => Err(format!(
+                "expected a size like \"25MB\", found {}",
+                kind_of(other)
+            )),
+        };
+        match parsed {
+            Ok(n) if n >= min && n <= max => n,
+            Ok(n) => {
+                errs.push(
+                    self.key(key),
+                    format!("{n} bytes is out of range {min}..={max}"),
+                );
+                default
+            }
+            Err(m) => {
+                errs.push(self.key(key), m);
+                default
+            }
+        }
+    }
+
     pub(super) fn choice<T: Copy>(
         &mut self,
         key: &'static str,
@@ -322,4 +359,21 @@ pub(super) fn kind_of(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "a table",
     }
+}
+
+/// `"25MB"` → 26214400; units B, KB/KiB, MB/MiB, GB/GiB (1024-based).
+pub(super) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("invalid size {s:?}; use e.g. \"25MB\" or a number of bytes");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
