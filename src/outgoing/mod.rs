@@ -74,6 +74,10 @@ pub struct OutgoingRequest {
     /// `activityid`); the adapter updates that email instead of creating one.
     #[serde(default)]
     pub crm_email_id: Option<String>,
+    /// Sent by a CRM workflow, not typed by a person: marked
+    /// `Auto-Submitted: auto-generated` so auto-replies do not answer it.
+    #[serde(default)]
+    pub automated: bool,
 }
 
 /// An email queued (or found queued under its idempotency key).
