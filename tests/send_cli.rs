@@ -139,6 +139,15 @@ fn send_queues_json_and_eml_offline_and_through_the_daemon() {
     let row = common::get_json(port, &format!("/api/v1/outgoing/{api_id}"));
     assert_eq!(row["mailbox"], "sales", "{row}");
     assert_eq!(row["activity"]["regarding"], "case:43", "{row}");
+    assert_eq!(
+        row["recipients"],
+        serde_json::json!(["ann@customer.example", "bob@customer.example"]),
+        "{row}"
+    );
+    assert!(
+        row["mime_size"].as_u64().unwrap() > EML.len() as u64 / 2,
+        "{row}"
+    );
     // Refusals come back from the API with the same exit statuses.
     let (code, _, err) = send(&cfg, &["--mailbox", "nobody", &eml]);
     assert_eq!(code, 64, "{err}");
