@@ -4,10 +4,12 @@
 //! `admin.allow_remote` says so.
 //!
 //! Submodules: [`records`] (the record directory), [`feed`] (the event pull
-//! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters).
+//! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters),
+//! [`outgoing`] (the queue of email to send).
 
 mod feed;
 mod outbox;
+mod outgoing;
 mod records;
 
 pub use records::{validate_record, RecordInput};
@@ -41,11 +43,15 @@ pub struct AdminState {
     /// Cancelled when the daemon shuts down: a long-polling feed request
     /// answers at once instead of holding the graceful shutdown up.
     pub shutdown: CancellationToken,
+    /// Wakes the senders when the API queues (or retries) an email; `None`
+    /// where no sender runs in this process (the periodic scan finds it).
+    pub send_wakeup: Option<crate::outgoing::SendWakeup>,
 }
 
 /// Builds the router.
 pub fn router(state: AdminState) -> Router {
     let token = state.config.admin.token.clone();
+    let outgoing_body_limit = outgoing::body_limit(&state.config);
     let api = Router::new()
         .route("/mailboxes", get(mailboxes))
         .route("/mailboxes/{name}", get(mailbox))
@@ -71,6 +77,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/events/{seq}", get(feed::event))
         .route("/outbox", get(outbox::overview))
         .route("/outbox/{consumer}/dead-letters", get(outbox::dead_letters))
+        .route(
+            "/outgoing",
+            get(outgoing::list)
+                .post(outgoing::queue_one)
+                .layer(DefaultBodyLimit::max(outgoing_body_limit)),
+        )
+        .route("/outgoing/{id}", get(outgoing::get_one))
+        .route("/outgoing/{id}/cancel", post(outgoing::cancel))
+        .route("/outgoing/{id}/retry", post(outgoing::retry))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             let token = token.clone();
             async move { require_bearer(token, req, next).await }

@@ -233,6 +233,7 @@ mod tests {
             runtime: Arc::new(Runtime::default()),
             prometheus: None,
             shutdown: CancellationToken::new(),
+            send_wakeup: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

@@ -18,6 +18,7 @@
 //!   recovery by the Sent folder, the Sent copy.
 
 pub mod compose;
+pub mod control;
 pub mod queue;
 pub mod sender;
 pub mod sent_copy;
