@@ -94,7 +94,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             runtime: runtime.clone(),
             prometheus,
             shutdown: cancel.clone(),
-            send_wakeup: None,
+            send_wakeup: Some(wakeup.clone()),
         });
         let stop = cancel.clone();
         tracker.spawn(async move {

@@ -869,4 +869,8 @@ pub struct OutgoingEmail {
     pub queued_at: UnixTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<UnixTime>,
+    /// When an operator last asked for a retry: `send_retry_for` counts
+    /// from here instead of `queued_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_from: Option<UnixTime>,
 }

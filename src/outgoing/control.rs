@@ -100,6 +100,7 @@ pub fn retry(
     change(store, id, SendStatus::Failed, "failed", now, |row| {
         row.status = SendStatus::PendingSend;
         row.next_attempt_at = now;
+        row.retry_from = Some(now);
         // The failure stays readable on the row until the next attempt
         // replaces it; the activity says why it is pending again.
         Some(match &row.last_error {
@@ -236,6 +237,7 @@ pub(crate) mod test_support {
             in_reply_to: None,
             queued_at: at,
             sent_at: None,
+            retry_from: None,
         };
         let outcome = store
             .queue_outgoing(

@@ -336,6 +336,7 @@ pub fn queue(
         in_reply_to: req.in_reply_to,
         queued_at: now,
         sent_at: None,
+        retry_from: None,
     };
     match store.queue_outgoing(batch, row)? {
         QueueOutcome::Queued(id) => Ok(Queued {

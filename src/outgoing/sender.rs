@@ -423,13 +423,23 @@ impl Sender {
     async fn send_one(&self, mut row: OutgoingEmail) -> Result<Outcome, StoreError> {
         let s = &self.settings;
         let now = model::now();
-        let retry_until = row.queued_at + s.smtp.retry_for.as_secs() as i64;
-        row.attempts += 1;
+        {
+            // A cancel through the API checks and writes under the same
+            // lock: either it wins and nothing is sent, or it sees `sending`.
+            let _row_lock = super::control::lock_row(row.activity_id);
+            match self.store.outgoing(row.activity_id)? {
+                Some(fresh) if fresh.status == row.status => row = fresh,
+                _ => return Ok(Outcome::Untouched),
+            }
+            row.attempts += 1;
+            let attempt = row.attempts;
+            // Durable before the transaction: a crash from here on is
+            // resolved by the Sent folder, never by a blind resend.
+            let reason = format!("attempt {attempt}, Message-ID <{}>", row.message_id);
+            self.transition(&mut row, SendStatus::Sending, Some(reason), now)?;
+        }
         let attempt = row.attempts;
-        // Durable before the transaction: a crash from here on is resolved
-        // by the Sent folder, never by a blind resend.
-        let reason = format!("attempt {attempt}, Message-ID <{}>", row.message_id);
-        self.transition(&mut row, SendStatus::Sending, Some(reason), now)?;
+        let retry_until = row.retry_from.unwrap_or(row.queued_at) + s.smtp.retry_for.as_secs() as i64;
         let result = self
             .smtp
             .send(&row.envelope_from, &row.recipients, row.mime.as_bytes())
@@ -531,7 +541,7 @@ impl Sender {
         match s.smtp.unknown_delivery {
             UnknownDelivery::Resend => {
                 tracing::warn!(mailbox = %s.mailbox, email = row.activity_id, "interrupted send not found in the Sent folder; sending again (unknown_delivery = \"resend\")");
-                row.status = SendStatus::PendingSend;
+                // Still `sending` in the store: send_one re-reads it as such.
                 self.send_one(row).await
             }
             UnknownDelivery::Fail => {
