@@ -323,11 +323,11 @@ fn limit_param(
 }
 
 async fn mailboxes(State(s): State<AdminState>) -> Response {
-    Json(json!({"mailboxes": s.runtime.snapshot()})).into_response()
+    Json(json!({"mailboxes": live_mailboxes(&s)})).into_response()
 }
 
 async fn mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    match s.runtime.snapshot().into_iter().find(|m| m.name == name) {
+    match live_mailboxes(&s).into_iter().find(|m| m.name == name) {
         Some(m) => Json(m).into_response(),
         None => (
             StatusCode::NOT_FOUND,
@@ -335,6 +335,18 @@ async fn mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Respo
         )
             .into_response(),
     }
+}
+
+/// The mailbox tasks' live view, with the outgoing Test & Enable result the
+/// senders record in the store (the mailbox task does not know it).
+fn live_mailboxes(s: &AdminState) -> Vec<crate::scheduler::LiveMailbox> {
+    let mut list = s.runtime.snapshot();
+    for m in &mut list {
+        if let Ok(Some(stored)) = s.store.mailbox_state(&m.name) {
+            m.state.outgoing_test = stored.outgoing_test;
+        }
+    }
+    list
 }
 
 /// `POST /api/v1/mailboxes/{name}/enable`: re-runs Test & Enable on a

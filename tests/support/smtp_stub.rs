@@ -54,6 +54,9 @@ pub struct Script {
     pub offer_starttls: bool,
     /// Offer no AUTH at all.
     pub no_auth: bool,
+    /// With a fault at `Stage::Rcpt`: only recipients whose RCPT line
+    /// contains this (so the rest of the transaction, and other mail, pass).
+    pub rcpt_matching: Option<String>,
 }
 
 impl Script {
@@ -244,7 +247,11 @@ async fn dialogue(
                 }
             }
             "RCPT" => {
-                if !act(script, Stage::Rcpt, &mut w).await? {
+                let matches = script
+                    .rcpt_matching
+                    .as_deref()
+                    .is_none_or(|m| line.contains(m));
+                if !matches || !act(script, Stage::Rcpt, &mut w).await? {
                     send(&mut w, "250 2.1.5 OK\r\n").await?;
                 }
             }
