@@ -19,6 +19,34 @@ def call(port, token, method, path, body=None):
         return json.loads(r.read())
 
 
+def baseline(a):
+    """Bare SMTP submission of the same number of similar messages with the
+    same connection count: what the sink takes without the daemon."""
+    import smtplib, ssl
+    from email.message import EmailMessage
+    ctx = ssl.create_default_context(cafile=a.ca)
+    ctx.check_hostname = False
+
+    def worker(k):
+        c = smtplib.SMTP("127.0.0.1", a.baseline_smtp_port, timeout=60)
+        c.starttls(context=ctx)
+        c.login("alice", "secret")
+        for i in range(k, a.count, a.threads):
+            m = EmailMessage()
+            m["From"] = "alice@example.test"
+            m["To"] = f"customer{i % 50}@customer.example"
+            m["Subject"] = f"Baseline #{i}"
+            m.set_content(f"Body of email {i}\n" * 20)
+            c.send_message(m)
+        c.quit()
+
+    t0 = time.monotonic()
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(a.threads)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    return time.monotonic() - t0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
@@ -28,6 +56,10 @@ def main():
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--sink-dir", default=os.environ.get("TESTSERVERS_SMTP_OUT"))
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--baseline-smtp-port", type=int,
+                    help="also send --count messages straight to this SMTP port "
+                         "(STARTTLS, python smtplib, --threads connections) as the baseline")
+    ap.add_argument("--ca", default=os.environ.get("TESTSERVERS_CA_CERT"))
     a = ap.parse_args()
     ids, lock = {}, threading.Lock()
     run = f"{os.getpid()}-{int(time.time())}"
@@ -71,7 +103,11 @@ def main():
                     head = fh.read(4096).decode("ascii", "replace")
                 if f"Bench {run} #" in head:
                     sink += 1
+    base = baseline(a) if a.baseline_smtp_port else None
     print(json.dumps({
+        "baseline_smtp_s": round(base, 2) if base else None,
+        "baseline_per_s": round(a.count / base, 1) if base else None,
+        "daemon_vs_baseline": round((a.count - len(pending)) / t_sent / (a.count / base), 2) if base else None,
         "emails": a.count, "queued_s": round(t_queued, 2),
         "queue_per_s": round(a.count / t_queued, 1),
         "queued_to_sent_s": round(t_sent, 2),

@@ -358,7 +358,7 @@ pub fn queue(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::SledStore;
     use std::path::Path;
@@ -392,7 +392,7 @@ mod tests {
         approval = "pending"
     "#;
 
-    fn config(dir: &Path) -> Config {
+    pub(crate) fn config(dir: &Path) -> Config {
         let text = format!(
             "{CONFIG}\n[daemon]\nstate_dir = {:?}\n",
             dir.display().to_string()
@@ -400,7 +400,7 @@ mod tests {
         crate::config::from_toml_str(&text, Vec::new(), Path::new(".")).unwrap()
     }
 
-    fn request() -> OutgoingRequest {
+    pub(crate) fn request() -> OutgoingRequest {
         OutgoingRequest {
             mailbox: "support".into(),
             regarding: Some("case:42".into()),

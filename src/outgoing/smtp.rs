@@ -589,7 +589,7 @@ fn truncate(s: &str) -> String {
 
 #[cfg(test)]
 #[path = "../../tests/support/smtp_stub.rs"]
-mod smtp_stub;
+pub(crate) mod smtp_stub;
 
 #[cfg(test)]
 mod tests;
