@@ -156,7 +156,8 @@ fn config(env: &Env, dir: &Path, admin: u16, user: &str, smtp: &str) -> PathBuf 
         password: PASSWORD,
         auth: "password",
         extra_profile: smtp,
-        extra_mailbox: "outgoing = \"server_side_sync\"\nsend_rate_per_minute = 100000",
+        // A second address, not approved: it may not send.
+        extra_mailbox: "outgoing = \"server_side_sync\"\nsend_rate_per_minute = 100000\n\n[[mailboxes]]\nname = \"unapproved\"\nprofile = \"srv\"\nemail = \"unapproved@example.test\"\nincoming = \"none\"\noutgoing = \"server_side_sync\"\napproval = \"pending\"\nusername = \"x\"\npassword = \"x\"",
     };
     server_config(env, dir, admin, &m)
 }
