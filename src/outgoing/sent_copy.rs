@@ -186,15 +186,7 @@ fn connection_error(e: &ImapError) -> bool {
 /// connector does: verbatim, with the server's delimiter, or ignoring case.
 async fn resolve_folder(client: &mut ImapClient, folder: &str) -> Result<(), ImapError> {
     let listed = client.list_folders().await?;
-    let delimiter = listed
-        .iter()
-        .find(|f| f.name.eq_ignore_ascii_case("INBOX"))
-        .and_then(|f| f.delimiter.clone())
-        .or_else(|| listed.iter().find_map(|f| f.delimiter.clone()));
-    let mut names = FolderNames {
-        exact: Default::default(),
-        delimiter,
-    };
+    let mut names = FolderNames::from_listing(&listed);
     let wanted = names.server_name(folder);
     let hit = listed
         .iter()

@@ -43,15 +43,10 @@ impl ImapClient {
             if literal_plus { "+" } else { "" }
         );
 
-        if self.in_flight {
-            self.session = None;
-        }
+        self.begin_command()?;
         let Some(session) = self.session.as_mut() else {
-            return Err(ImapError::ConnectionLost(
-                "connection no longer usable after an earlier failure".into(),
-            ));
+            return Err(ImapError::ConnectionLost("connection closed".into()));
         };
-        self.in_flight = true;
         let events = &mut self.events;
         let bye = &mut self.bye;
         let result = async {
@@ -121,19 +116,7 @@ impl ImapClient {
             }
         }
         .await;
-        self.in_flight = false;
-        if let Err(e) = &result {
-            if matches!(
-                e,
-                ImapError::Io { .. }
-                    | ImapError::ConnectionLost(_)
-                    | ImapError::Bye { .. }
-                    | ImapError::Protocol(_)
-            ) {
-                self.session = None; // half-sent literal: the stream is out of step
-            }
-        }
-        self.drain_channel();
+        self.end_command(&result);
         result.map_err(|e| e.folder_context(folder))
     }
 
@@ -175,7 +158,7 @@ impl ImapClient {
         let item = format!("BODY.PEEK[HEADER.FIELDS ({})]", name.to_ascii_uppercase());
         self.fetch_attribute(uids, &item, |a| match a {
             AttributeValue::BodySection { data, .. } => {
-                Some(data.as_deref().and_then(|d| header_value(d, name)))
+                Some(data.as_deref().and_then(|d| codec::header_value(d, name)))
             }
             _ => None,
         })
@@ -199,30 +182,6 @@ fn check_header_name(name: &str) -> Result<(), ImapError> {
     }
 }
 
-/// The first `name:` field of a header block, continuation lines unfolded.
-fn header_value(block: &[u8], name: &str) -> Option<String> {
-    let text = String::from_utf8_lossy(block);
-    let mut value: Option<String> = None;
-    for line in text.split('\n') {
-        let line = line.trim_end_matches('\r');
-        match value.as_mut() {
-            Some(v) if line.starts_with([' ', '\t']) => {
-                v.push(' ');
-                v.push_str(line.trim());
-                continue;
-            }
-            Some(_) => break,
-            None => {}
-        }
-        if let Some((field, rest)) = line.split_once(':') {
-            if field.trim().eq_ignore_ascii_case(name) {
-                value = Some(rest.trim().to_string());
-            }
-        }
-    }
-    value.filter(|v| !v.is_empty())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,13 +190,16 @@ mod tests {
     fn header_values_are_unfolded_and_matched_by_name() {
         let block = b"X-CRM-Mailsync-Id: 42\r\n\r\n";
         assert_eq!(
-            header_value(block, "x-crm-mailsync-id").as_deref(),
+            codec::header_value(block, "x-crm-mailsync-id").as_deref(),
             Some("42")
         );
         let block = b"Subject: a\r\n b\r\nX-Other: 1\r\n";
-        assert_eq!(header_value(block, "Subject").as_deref(), Some("a b"));
-        assert_eq!(header_value(block, "X-Missing"), None);
-        assert_eq!(header_value(b"X-E:   \r\n", "X-E"), None);
+        assert_eq!(
+            codec::header_value(block, "Subject").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(codec::header_value(block, "X-Missing"), None);
+        assert_eq!(codec::header_value(b"X-E:   \r\n", "X-E"), None);
     }
 
     #[test]

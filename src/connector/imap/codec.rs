@@ -278,10 +278,11 @@ fn two_digits(a: u8, b: u8) -> Option<i64> {
         .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
 }
 
-/// Extracts the `Message-ID` value (angle brackets kept) from a header block,
-/// unfolding continuation lines. `None` if absent or empty.
-pub(crate) fn extract_message_id(header: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(header);
+/// The first `name:` field of a header block, continuation lines unfolded
+/// (a byte-order mark before the first field name is ignored). `None` if
+/// absent or empty.
+pub(crate) fn header_value(block: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(block);
     let mut value: Option<String> = None;
     for line in text.split('\n') {
         let line = line.trim_end_matches('\r');
@@ -294,16 +295,23 @@ pub(crate) fn extract_message_id(header: &[u8]) -> Option<String> {
             Some(_) => break,
             None => {}
         }
-        if let Some((name, rest)) = line.split_once(':') {
-            if name
+        if let Some((field, rest)) = line.split_once(':') {
+            if field
                 .trim()
                 .trim_start_matches('\u{feff}')
-                .eq_ignore_ascii_case("message-id")
+                .eq_ignore_ascii_case(name)
             {
                 value = Some(rest.trim().to_string());
             }
         }
     }
+    value.filter(|v| !v.is_empty())
+}
+
+/// Extracts the `Message-ID` value (angle brackets kept) from a header block,
+/// unfolding continuation lines. `None` if absent or empty.
+pub(crate) fn extract_message_id(header: &[u8]) -> Option<String> {
+    let value = header_value(header, "message-id");
     let v = value?;
     let v = match (v.find('<'), v.find('>')) {
         // Both indices are at ASCII bytes, so `get` always succeeds here.

@@ -210,15 +210,7 @@ impl ImapConnector {
     /// delimiter, else ignoring case. What is not there goes to `missing`.
     async fn resolve_folders(&mut self, client: &mut ImapClient) -> Result<(), ImapError> {
         let listed = client.list_folders().await?;
-        let delimiter = listed
-            .iter()
-            .find(|f| f.name.eq_ignore_ascii_case("INBOX"))
-            .and_then(|f| f.delimiter.clone())
-            .or_else(|| listed.iter().find_map(|f| f.delimiter.clone()));
-        let mut names = FolderNames {
-            exact: HashMap::new(),
-            delimiter,
-        };
+        let mut names = FolderNames::from_listing(&listed);
         let selectable: Vec<&str> = listed
             .iter()
             .filter(|f| f.is_selectable())

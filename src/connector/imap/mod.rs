@@ -595,6 +595,20 @@ pub struct FolderNames {
 }
 
 impl FolderNames {
+    /// Names of a server from its LIST: its delimiter (INBOX's, else the
+    /// first one given), nothing resolved yet.
+    pub fn from_listing(listed: &[FolderInfo]) -> Self {
+        let delimiter = listed
+            .iter()
+            .find(|f| f.name.eq_ignore_ascii_case("INBOX"))
+            .and_then(|f| f.delimiter.clone())
+            .or_else(|| listed.iter().find_map(|f| f.delimiter.clone()));
+        FolderNames {
+            exact: std::collections::HashMap::new(),
+            delimiter,
+        }
+    }
+
     /// The server's name for `name`: a resolved one, else `name` with `/`
     /// replaced by the server's delimiter.
     pub fn server_name(&self, name: &str) -> String {
@@ -672,15 +686,10 @@ impl ImapClient {
     where
         F: FnMut(&Response<'_>) -> bool,
     {
-        if self.in_flight {
-            self.session = None;
-        }
+        self.begin_command()?;
         let Some(session) = self.session.as_mut() else {
-            return Err(ImapError::ConnectionLost(
-                "connection no longer usable after an earlier failure".into(),
-            ));
+            return Err(ImapError::ConnectionLost("connection closed".into()));
         };
-        self.in_flight = true;
         let events = &mut self.events;
         let bye = &mut self.bye;
         let result = async {
@@ -735,8 +744,31 @@ impl ImapClient {
             }
         }
         .await;
+        self.end_command(&result);
+        result
+    }
+
+    /// Before a command: a command still in flight means the previous one
+    /// was cancelled mid-way, so the stream is out of step and dropped.
+    fn begin_command(&mut self) -> Result<(), ImapError> {
+        if self.in_flight {
+            self.session = None;
+        }
+        if self.session.is_none() {
+            return Err(ImapError::ConnectionLost(
+                "connection no longer usable after an earlier failure".into(),
+            ));
+        }
+        self.in_flight = true;
+        Ok(())
+    }
+
+    /// After a command: no longer in flight; a stream error leaves the
+    /// connection out of step (half-read responses, a half-sent literal), so
+    /// it is dropped.
+    fn end_command<T>(&mut self, result: &Result<T, ImapError>) {
         self.in_flight = false;
-        if let Err(e) = &result {
+        if let Err(e) = result {
             if matches!(
                 e,
                 ImapError::Io { .. }
@@ -744,11 +776,10 @@ impl ImapClient {
                     | ImapError::Bye { .. }
                     | ImapError::Protocol(_)
             ) {
-                self.session = None; // half-read responses: the stream is out of step
+                self.session = None;
             }
         }
         self.drain_channel();
-        result
     }
 
     /// Moves whatever async-imap queued in its unsolicited channel into our events.
