@@ -167,6 +167,14 @@ pub struct Sender {
     smtp: SmtpClient,
     sent: Option<Arc<SentFolder>>,
     rate: Mutex<RateLimit>,
+    /// Sent copies owed, made one after another by the copy worker so a
+    /// slow or failing IMAP server never holds up SMTP: (row, first attempt).
+    copies: tokio::sync::mpsc::UnboundedSender<(OutgoingEmail, bool)>,
+    copy_queue:
+        std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<(OutgoingEmail, bool)>>>,
+    /// Emails handed to the copy worker and not done yet (a scan does not
+    /// hand them over twice).
+    copying: std::sync::Mutex<std::collections::HashSet<model::ActivityId>>,
 }
 
 impl std::fmt::Debug for Sender {
@@ -215,6 +223,7 @@ impl Sender {
             _ => None,
         };
         let rate = Mutex::new(RateLimit::new(settings.rate_per_minute));
+        let (copies, rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Sender {
             settings,
             store,
@@ -224,6 +233,9 @@ impl Sender {
             smtp,
             sent,
             rate,
+            copies,
+            copy_queue: std::sync::Mutex::new(Some(rx)),
+            copying: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -251,6 +263,7 @@ impl Sender {
             }
         }
         tracing::info!(mailbox = %me.settings.mailbox, "outgoing: sending queued email");
+        let worker = me.clone().start_copy_worker();
         loop {
             if me.cancel.is_cancelled() {
                 break;
@@ -263,9 +276,70 @@ impl Sender {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        if let Some(w) = worker {
+            let _ = w.await;
+        }
         if let Some(s) = &me.sent {
             s.close().await;
         }
+    }
+
+    /// Starts the task that makes the Sent copies handed to it, in order;
+    /// after an IMAP failure it waits (back-off) before the next one.
+    fn start_copy_worker(self: Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let mut rx = self
+            .copy_queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()?;
+        Some(tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                let next = tokio::select! {
+                    _ = self.cancel.cancelled() => None,
+                    n = rx.recv() => n,
+                };
+                let Some((row, first)) = next else { break };
+                let id = row.activity_id;
+                let made = match self.file_copy(row, first).await {
+                    Ok(made) => made,
+                    Err(e) => {
+                        tracing::error!(mailbox = %self.settings.mailbox, error = %e, "outgoing: store error on a Sent copy; retried at the next scan");
+                        false
+                    }
+                };
+                self.done_copying(id);
+                if made {
+                    failures = 0;
+                    continue;
+                }
+                failures += 1;
+                let wait = self.settings.backoff.delay(failures);
+                tokio::select! {
+                    _ = self.cancel.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }))
+    }
+
+    /// Hands a sent email's copy to the copy worker, once.
+    fn enqueue_copy(&self, row: OutgoingEmail, first_attempt: bool) {
+        let fresh = self
+            .copying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(row.activity_id);
+        if fresh && self.copies.send((row.clone(), first_attempt)).is_err() {
+            self.done_copying(row.activity_id);
+        }
+    }
+
+    fn done_copying(&self, id: model::ActivityId) {
+        self.copying
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 
     /// Connect, authenticate, send a test message from the mailbox to
@@ -389,7 +463,9 @@ impl Sender {
             SendStatus::Sending => self.resolve_interrupted(row).await,
             SendStatus::PendingSend => self.send_one(row).await,
             SendStatus::Sent if row.sent_copy == SentCopy::Owed => {
-                self.file_copy(row).await.map(|()| Outcome::Sent)
+                // Owed from before (a crash, an IMAP failure): look first.
+                self.enqueue_copy(row, false);
+                Ok(Outcome::Untouched)
             }
             _ => Ok(Outcome::Untouched),
         };
@@ -463,7 +539,7 @@ impl Sender {
                 self.transition(&mut row, SendStatus::Sent, None, now)?;
                 metrics::counter!(telemetry::OUTGOING_SENDS, "mailbox" => s.mailbox.clone(), "result" => "sent").increment(1);
                 if row.sent_copy == SentCopy::Owed {
-                    self.file_copy(row).await?;
+                    self.enqueue_copy(row, true);
                 }
                 Ok(Outcome::Sent)
             }
@@ -591,18 +667,24 @@ impl Sender {
         }
     }
 
-    /// The Sent copy of a sent email (follow-up, at least once: `file`
-    /// looks before it appends, so never two copies).
-    async fn file_copy(&self, mut row: OutgoingEmail) -> Result<(), StoreError> {
+    /// The Sent copy of a sent email (follow-up, at least once: unless
+    /// this is the first attempt right after sending, `file` looks before
+    /// it appends, so never two copies). `Ok(false)`: the IMAP server
+    /// failed; the copy stays owed.
+    async fn file_copy(
+        &self,
+        mut row: OutgoingEmail,
+        first_attempt: bool,
+    ) -> Result<bool, StoreError> {
         let Some(folder) = &self.sent else {
             row.sent_copy = SentCopy::NotNeeded;
             self.store.update_outgoing(&row, None, model::now())?;
-            return Ok(());
+            return Ok(true);
         };
         let marker = compose::marker_of(&row.message_id).to_owned();
         let result = match self.settings.smtp.sent_copy {
             SentCopyMode::Append => folder
-                .file(&marker, &row.message_id, row.mime.as_bytes())
+                .file(&marker, &row.message_id, row.mime.as_bytes(), first_attempt)
                 .await
                 .map(Some),
             // The server files it itself, perhaps a moment later.
@@ -637,10 +719,11 @@ impl Sender {
                 }
             }
             Err(e) => {
-                tracing::warn!(mailbox = %self.settings.mailbox, email = row.activity_id, error = %e, "Sent copy not made yet; retried at the next scan");
+                tracing::warn!(mailbox = %self.settings.mailbox, email = row.activity_id, error = %e, "Sent copy not made yet; retried after a back-off");
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 

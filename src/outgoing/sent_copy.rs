@@ -51,7 +51,9 @@ impl std::fmt::Debug for SentFolder {
 #[derive(Clone, Copy)]
 enum Op<'a> {
     Find,
-    File(&'a [u8]),
+    /// The message, and whether an earlier attempt may have filed it
+    /// (then it is looked for first).
+    File(&'a [u8], bool),
 }
 
 impl SentFolder {
@@ -86,15 +88,22 @@ impl SentFolder {
         self.run(marker, message_id, Op::Find).await
     }
 
-    /// [`Self::find`], else APPEND `message` with `\Seen` and find it again:
-    /// never two copies.
+    /// [`Self::find`], else APPEND `message` with `\Seen` and read back
+    /// what the server stored: never two copies. `first_attempt`: nothing
+    /// can have filed it yet (no earlier try, no crash since it was sent),
+    /// so the search before the APPEND — a header scan of the whole folder
+    /// on most servers — is skipped.
     pub async fn file(
         &self,
         marker: &str,
         message_id: &str,
         message: &[u8],
+        first_attempt: bool,
     ) -> Result<SentCopyFound, ImapError> {
-        match self.run(marker, message_id, Op::File(message)).await? {
+        match self
+            .run(marker, message_id, Op::File(message, !first_attempt))
+            .await?
+        {
             Some(found) => Ok(found),
             None => Err(ImapError::Protocol(format!(
                 "the message appended to {:?} cannot be found there",
@@ -131,8 +140,16 @@ impl SentFolder {
             };
             let result = match op {
                 Op::Find => find_in(client, &self.folder, marker, message_id).await,
-                Op::File(message) => {
-                    file_in(client, &self.folder, marker, message_id, message).await
+                Op::File(message, look_first) => {
+                    file_in(
+                        client,
+                        &self.folder,
+                        marker,
+                        message_id,
+                        message,
+                        look_first,
+                    )
+                    .await
                 }
             };
             match result {
@@ -246,8 +263,14 @@ async fn file_in(
     marker: &str,
     message_id: &str,
     message: &[u8],
+    look_first: bool,
 ) -> Result<Option<SentCopyFound>, ImapError> {
-    match find_in(client, folder, marker, message_id).await {
+    let searched = if look_first {
+        find_in(client, folder, marker, message_id).await
+    } else {
+        client.examine(folder).await.map(|_| None)
+    };
+    match searched {
         Ok(Some(f)) => return Ok(Some(f)),
         Ok(None) => {}
         // A Sent folder that is not there yet is created, as mail clients do.
@@ -256,14 +279,15 @@ async fn file_in(
     }
     let appended = client.append(folder, &["\\Seen"], message).await?;
     tracing::debug!(folder, uid = ?appended, "Sent copy appended");
-    // Found again by the same rules, so a rewritten copy is read back too.
-    if let Some(f) = find_in(client, folder, marker, message_id).await? {
-        return Ok(Some(f));
-    }
     match appended {
-        // The server stripped both our headers: APPENDUID still names it.
-        Some(uid) => found(client, uid).await.map(Some),
-        None => Ok(None),
+        // APPENDUID names it: its stored Message-ID is read from it (a
+        // fresh EXAMINE, so the session sees the new message).
+        Some(uid) => {
+            client.examine(folder).await?;
+            found(client, uid).await.map(Some)
+        }
+        // Without UIDPLUS: found again by the same rules.
+        None => find_in(client, folder, marker, message_id).await,
     }
 }
 
