@@ -246,13 +246,8 @@ fn start_senders(
         let make = move || {
             let built = with_current_secrets(&profile, &mailbox).and_then(|(p, m)| {
                 let credentials = imap_settings(&p, &m)?.credentials;
-                let settings = SenderSettings::new(
-                    &config,
-                    &p,
-                    &m,
-                    credentials,
-                    token_provider(&p, &m),
-                )?;
+                let settings =
+                    SenderSettings::new(&config, &p, &m, credentials, token_provider(&p, &m))?;
                 Sender::new(
                     settings,
                     store.clone(),

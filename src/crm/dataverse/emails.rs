@@ -109,7 +109,10 @@ pub(super) async fn deliver(
             create_once(dv, a).await
         }
         EventKind::ActivityUpdated => {
-            let known = match crm_id.map(String::from).or_else(|| super::send_status::crm_email_id(a)) {
+            let known = match crm_id
+                .map(String::from)
+                .or_else(|| super::send_status::crm_email_id(a))
+            {
                 Some(id) => Some(id),
                 None => lookup(dv, &message_id_of(a)).await?,
             };

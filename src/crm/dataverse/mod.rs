@@ -28,6 +28,9 @@ mod token;
 #[path = "../../../tests/support/dataverse_standin.rs"]
 pub(crate) mod standin;
 
+#[cfg(test)]
+mod outgoing_tests;
+
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderValue};
