@@ -10,7 +10,9 @@
 //! Columns follow the email table reference: `subject`, `description`,
 //! `messageid`, `directioncode`, `actualstart`/`actualend` (`senton` is not
 //! writable), `statecode` 1 Completed with `statuscode` 4 Received (3 Sent
-//! for outgoing mail), `regardingobjectid_<table>_email@odata.bind` and the
+//! for outgoing mail seen in a mailbox; mail the daemon sends carries its
+//! send status instead, see [`super::send_status`]),
+//! `regardingobjectid_<table>_email@odata.bind` and the
 //! `email_activity_parties` collection (deep insert). `correlationmethod` is
 //! read-only in Dataverse, so our method and its Dataverse value go into the
 //! description instead.

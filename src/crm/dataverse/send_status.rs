@@ -5,7 +5,11 @@
 //! Status reasons and their states, from the email table reference
 //! (`StatusCode` choices): 1 Draft and 8 Failed are state 0 Open; 2
 //! Completed, 3 Sent, 4 Received, 6 Pending Send and 7 Sending are state 1
-//! Completed; 5 Canceled is state 2 Canceled. Every write is a `PATCH` with
+//! Completed; 5 Canceled is state 2 Canceled. Moving a Pending Send email
+//! (state 1) to Failed (state 0) or Canceled (state 2) is a state change the
+//! reference lists as a `PATCH` of both columns (SetState); that Dataverse
+//! accepts every such transition on an email is **[check]** against a real
+//! environment (the stand-in accepts any valid pair). Every write is a `PATCH` with
 //! `If-Match: *` (update only), so a repeated delivery writes the same values
 //! again and changes nothing.
 
