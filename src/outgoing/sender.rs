@@ -151,9 +151,9 @@ impl RateLimit {
             self.starts.push_back(now);
             return Duration::ZERO;
         }
-        self.starts.front().map_or(Duration::ZERO, |t| {
-            window.saturating_sub(now.duration_since(*t))
-        })
+        self.starts
+            .front()
+            .map_or(Duration::ZERO, |t| window.saturating_sub(now.duration_since(*t)))
     }
 }
 
@@ -238,11 +238,7 @@ impl Sender {
                 Ok(_) => break,
                 Err(_) => {
                     attempt += 1;
-                    let wait = me
-                        .settings
-                        .backoff
-                        .delay(attempt)
-                        .max(Duration::from_secs(5));
+                    let wait = me.settings.backoff.delay(attempt).max(Duration::from_secs(5));
                     tokio::select! {
                         _ = me.cancel.cancelled() => return,
                         _ = tokio::time::sleep(wait) => {}
@@ -357,8 +353,7 @@ impl Sender {
                 break;
             }
             if row.status.is_queued() && row.next_attempt_at > now {
-                next_due =
-                    Some(next_due.map_or(row.next_attempt_at, |n| n.min(row.next_attempt_at)));
+                next_due = Some(next_due.map_or(row.next_attempt_at, |n| n.min(row.next_attempt_at)));
                 continue;
             }
             if row.status == SendStatus::PendingSend {
@@ -444,8 +439,7 @@ impl Sender {
             self.transition(&mut row, SendStatus::Sending, Some(reason), now)?;
         }
         let attempt = row.attempts;
-        let retry_until =
-            row.retry_from.unwrap_or(row.queued_at) + s.smtp.retry_for.as_secs() as i64;
+        let retry_until = row.retry_from.unwrap_or(row.queued_at) + s.smtp.retry_for.as_secs() as i64;
         let result = self
             .smtp
             .send(&row.envelope_from, &row.recipients, row.mime.as_bytes())
@@ -579,10 +573,7 @@ impl Sender {
         match &found.message_id {
             Some(id)
                 if !id.eq_ignore_ascii_case(&row.message_id)
-                    && !row
-                        .server_message_ids
-                        .iter()
-                        .any(|m| m.eq_ignore_ascii_case(id)) =>
+                    && !row.server_message_ids.iter().any(|m| m.eq_ignore_ascii_case(id)) =>
             {
                 row.server_message_ids.push(id.clone());
                 true

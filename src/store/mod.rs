@@ -464,11 +464,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records the outgoing Test & Enable result of `mailbox`;
     /// [`Store::mailbox_state`] returns it in `outgoing_test` whatever the
     /// mailbox task writes.
-    fn set_outgoing_test(
-        &self,
-        mailbox: &str,
-        result: &crate::model::TestResult,
-    ) -> Result<(), StoreError>;
+    fn set_outgoing_test(&self, mailbox: &str, result: &crate::model::TestResult)
+        -> Result<(), StoreError>;
 }
 
 /// What [`Store::queue_outgoing`] did.
