@@ -75,6 +75,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Before any mailbox commits: every event from now on gets a pending
     // delivery for the configured adapter.
     start_crm_link(&config, &store, &runtime, &tracker, &cancel)?;
+    start_pending_send(&config, &store, &alerts, &wakeup, &tracker, &cancel)?;
 
     if config.admin.enabled {
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
@@ -312,6 +313,49 @@ fn start_crm_link(
             start_adapter(Arc::new(adapter), config, store, runtime, tracker, cancel);
         }
     }
+    Ok(())
+}
+
+/// With the Dataverse adapter and a mailbox that sends: the loop that queues
+/// the emails the CRM left in Pending Send
+/// ([`crate::crm::dataverse::pending`]).
+fn start_pending_send(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    alerts: &Arc<Alerts>,
+    wakeup: &crate::outgoing::SendWakeup,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let CrmKind::Dataverse(settings) = &config.crm.kind else {
+        return Ok(());
+    };
+    if !config
+        .mailboxes
+        .iter()
+        .any(|m| m.outgoing == crate::model::Delivery::ServerSideSync)
+    {
+        return Ok(());
+    }
+    let adapter = Arc::new(
+        crate::crm::dataverse::DataverseAdapter::new(settings).map_err(|e| DaemonError::Crm {
+            kind: "dataverse",
+            message: e.to_string(),
+        })?,
+    );
+    let (config, store, alerts) = (config.clone(), store.clone(), alerts.clone());
+    let (wakeup, stop) = (wakeup.clone(), cancel.clone());
+    let make = move || {
+        crate::crm::dataverse::pending::run_pending_send(
+            adapter.clone(),
+            store.clone(),
+            config.clone(),
+            alerts.clone(),
+            wakeup.clone(),
+            stop.clone(),
+        )
+    };
+    tracker.spawn(supervise("pending send", "dataverse", cancel.clone(), make));
     Ok(())
 }
 

@@ -411,6 +411,38 @@ impl StandIn {
         row.insert("modifiedon".into(), json!(now_text()));
     }
 
+    /// Stores an email as a user in Dynamics would have made it (e.g. one
+    /// left in Pending Send), with its regarding `(set, id)` and parties;
+    /// returns its `activityid`.
+    pub fn seed_email(
+        &self,
+        mut row: Value,
+        regarding: Option<(&str, &str)>,
+        parties: Vec<StoredParty>,
+    ) -> String {
+        let mut inner = self.shared.lock();
+        inner.id_counter += 1;
+        let id = guid(0xe0a1, inner.id_counter);
+        row["activityid"] = json!(id);
+        row["modifiedon"] = json!(now_text());
+        if let Some((set, rid)) = regarding {
+            row["_regardingobjectid_value"] = json!(rid);
+            inner
+                .regarding
+                .insert(id.clone(), (set.to_string(), rid.to_string()));
+        }
+        inner.parties.insert(id.clone(), parties);
+        let Value::Object(m) = row else {
+            panic!("row is not an object")
+        };
+        inner
+            .tables
+            .entry("emails".into())
+            .or_default()
+            .insert(id.clone(), m);
+        id
+    }
+
     /// Deletes an email, as a user in Dynamics would.
     pub fn delete_email(&self, id: &str) {
         let mut inner = self.shared.lock();
@@ -891,7 +923,9 @@ fn project(def: &TableDef, row: &Map<String, Value>, cols: &Option<Vec<String>>)
 fn list(s: &Shared, set: &str, q: &[(String, String)], headers: &HeaderMap) -> Response {
     let def = table_def(set).unwrap();
     for (k, _) in q {
-        if k.starts_with('$') && !matches!(k.as_str(), "$select" | "$filter" | "$skiptoken") {
+        if k.starts_with('$')
+            && !matches!(k.as_str(), "$select" | "$filter" | "$skiptoken" | "$expand")
+        {
             return syntax_error(format!("The query parameter {k} is not supported"));
         }
         if k == "$skip" {
@@ -934,6 +968,16 @@ fn list(s: &Shared, set: &str, q: &[(String, String)], headers: &HeaderMap) -> R
         .and_then(|n| n.trim().parse().ok());
     let page_size = max_page.unwrap_or(5000).clamp(1, 5000);
 
+    let expand = match q.iter().find(|(k, _)| k == "$expand") {
+        Some((_, e)) => match parse_expand(set, e) {
+            Ok(cols) => Some(cols),
+            Err(r) => return r,
+        },
+        None => None,
+    };
+    let annotate = prefer.contains("odata.include-annotations")
+        && (prefer.contains("lookuplogicalname") || prefer.contains("\"*\""));
+
     let inner = s.lock();
     let empty = BTreeMap::new();
     let table = inner.tables.get(set).unwrap_or(&empty);
@@ -957,7 +1001,11 @@ fn list(s: &Shared, set: &str, q: &[(String, String)], headers: &HeaderMap) -> R
             more = true;
             break;
         }
-        rows.push(project(&def, row, &cols));
+        let mut v = project(&def, row, &cols);
+        if set == "emails" {
+            email_extras(&inner, id, &mut v, expand.as_ref(), annotate);
+        }
+        rows.push(v);
         last = id.clone();
     }
     let select_text = cols.as_ref().map(|c| c.join(",")).unwrap_or_default();
@@ -984,6 +1032,109 @@ fn list(s: &Shared, set: &str, q: &[(String, String)], headers: &HeaderMap) -> R
         ));
     }
     json_response(StatusCode::OK, body, &extra)
+}
+
+/// The columns of `$expand=email_activity_parties($select=…)`, the only
+/// expansion the stand-in serves.
+fn parse_expand(set: &str, e: &str) -> Result<Vec<String>, Response> {
+    const PARTY_COLUMNS: [&str; 4] = [
+        "activitypartyid",
+        "participationtypemask",
+        "addressused",
+        "_partyid_value",
+    ];
+    let e = e.trim();
+    let (nav, options) = match e.split_once('(') {
+        Some((nav, rest)) => match rest.strip_suffix(')') {
+            Some(o) => (nav, Some(o)),
+            None => return Err(syntax_error(format!("Syntax error in $expand: {e}"))),
+        },
+        None => (e, None),
+    };
+    if set != "emails" || nav != "email_activity_parties" {
+        return Err(syntax_error(format!(
+            "Could not find a navigation property named '{nav}' on type 'Microsoft.Dynamics.CRM.{}'.",
+            set.trim_end_matches('s')
+        )));
+    }
+    let cols: Vec<String> = match options {
+        None => PARTY_COLUMNS.iter().map(|c| c.to_string()).collect(),
+        Some(o) => {
+            let Some(sel) = o.strip_prefix("$select=") else {
+                return Err(syntax_error(format!(
+                    "The stand-in supports only $select inside $expand, not {o}"
+                )));
+            };
+            sel.split(',').map(|c| c.trim().to_string()).collect()
+        }
+    };
+    for c in &cols {
+        if !PARTY_COLUMNS.contains(&c.as_str()) {
+            return Err(syntax_error(format!(
+                "Could not find a property named '{c}' on type 'Microsoft.Dynamics.CRM.activityparty'."
+            )));
+        }
+    }
+    Ok(cols)
+}
+
+/// The lookup annotation and the expanded parties of one email row.
+fn email_extras(
+    inner: &Inner,
+    id: &str,
+    v: &mut Value,
+    expand: Option<&Vec<String>>,
+    annotate: bool,
+) {
+    let logical_of = |set: &str| {
+        REGARDING_TABLES
+            .iter()
+            .chain(PARTY_TABLES.iter())
+            .find(|(_, s)| *s == set)
+            .map(|(l, _)| l.to_string())
+    };
+    if annotate
+        && v.get("_regardingobjectid_value")
+            .is_some_and(|r| !r.is_null())
+    {
+        if let Some((set, _)) = inner.regarding.get(id) {
+            v["_regardingobjectid_value@Microsoft.Dynamics.CRM.lookuplogicalname"] =
+                json!(logical_of(set));
+        }
+    }
+    let Some(cols) = expand else {
+        return;
+    };
+    let parties: Vec<Value> = inner
+        .parties
+        .get(id)
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(n, p)| {
+            let mut o = Map::new();
+            for c in cols {
+                let value = match c.as_str() {
+                    "activitypartyid" => json!(guid(0xa9a7, n as u64)),
+                    "participationtypemask" => json!(p.mask),
+                    "addressused" => json!(p.addressused),
+                    _ => json!(p.party.as_ref().map(|(_, id)| id)),
+                };
+                o.insert(c.clone(), value);
+                if c == "_partyid_value" && annotate {
+                    if let Some((set, _)) = &p.party {
+                        o.insert(
+                            "_partyid_value@Microsoft.Dynamics.CRM.lookuplogicalname".into(),
+                            json!(logical_of(set)),
+                        );
+                    }
+                }
+            }
+            Value::Object(o)
+        })
+        .collect();
+    v["email_activity_parties"] = Value::Array(parties);
 }
 
 fn retrieve(s: &Shared, set: &str, id: &str, q: &[(String, String)]) -> Response {
@@ -1362,9 +1513,11 @@ fn apply_email_body(
     }
     let state = row.get("statecode").and_then(Value::as_i64).unwrap_or(0);
     let status = row.get("statuscode").and_then(Value::as_i64).unwrap_or(1);
+    // The email table's StatusCode choices: Draft and Failed are Open,
+    // Pending Send and Sending are Completed, like Sent and Received.
     let valid = match state {
-        0 => matches!(status, 1 | 6 | 7 | 8),
-        1 => matches!(status, 2..=4),
+        0 => matches!(status, 1 | 8),
+        1 => matches!(status, 2 | 3 | 4 | 6 | 7),
         2 => status == 5,
         _ => false,
     };

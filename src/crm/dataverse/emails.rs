@@ -10,7 +10,9 @@
 //! Columns follow the email table reference: `subject`, `description`,
 //! `messageid`, `directioncode`, `actualstart`/`actualend` (`senton` is not
 //! writable), `statecode` 1 Completed with `statuscode` 4 Received (3 Sent
-//! for outgoing mail), `regardingobjectid_<table>_email@odata.bind` and the
+//! for outgoing mail seen in a mailbox; mail the daemon sends carries its
+//! send status instead, see [`super::send_status`]),
+//! `regardingobjectid_<table>_email@odata.bind` and the
 //! `email_activity_parties` collection (deep insert). `correlationmethod` is
 //! read-only in Dataverse, so our method and its Dataverse value go into the
 //! description instead.
@@ -76,7 +78,7 @@ pub fn synthetic_message_id(a: &EmailActivity) -> String {
 
 /// The `messageid` we write and look up: the email's first Message-ID in
 /// angle brackets, as Dynamics stores it.
-fn message_id_of(a: &EmailActivity) -> String {
+pub(super) fn message_id_of(a: &EmailActivity) -> String {
     match a.message_ids.first().map(|m| m.trim()) {
         Some(m) if !m.is_empty() && m.len() + 2 <= MESSAGE_ID_MAX => format!("<{m}>"),
         _ => synthetic_message_id(a),
@@ -99,11 +101,21 @@ pub(super) async fn deliver(
             if let Some(id) = crm_id {
                 return Ok(receipt(id.to_string()));
             }
+            // An email the CRM left in Pending Send: that email becomes
+            // ours (never a second one beside it).
+            if let Some(id) = super::send_status::crm_email_id(a) {
+                if super::send_status::adopt(dv, &id, a, &message_id_of(a)).await? {
+                    return Ok(receipt(id));
+                }
+            }
             create_once(dv, a).await
         }
         EventKind::ActivityUpdated => {
-            let known = match crm_id {
-                Some(id) => Some(id.to_string()),
+            let known = match crm_id
+                .map(String::from)
+                .or_else(|| super::send_status::crm_email_id(a))
+            {
+                Some(id) => Some(id),
                 None => lookup(dv, &message_id_of(a)).await?,
             };
             match known {
@@ -241,13 +253,35 @@ async fn update(
             return gone_or_error(dv, id, &answer, &purpose).await;
         }
     }
+    if changed(super::send_status::CHANGE) {
+        if let Some(send) = &a.send {
+            let body = super::send_status::status_body(send)?;
+            let purpose = format!(
+                "setting the email of activity {} to {} ({})",
+                a.id, send.dynamics_status, send.dynamics_statuscode
+            );
+            let answer = dv
+                .request_accepting(
+                    reqwest::Method::PATCH,
+                    &format!("emails({id})"),
+                    &[("If-Match", "*".to_string())],
+                    Some(&body),
+                    &purpose,
+                    &[StatusCode::NOT_FOUND],
+                )
+                .await?;
+            if answer.status == StatusCode::NOT_FOUND {
+                return gone_or_error(dv, id, &answer, &purpose).await;
+            }
+        }
+    }
     Ok(true)
 }
 
 /// After a 404 on an update: `Ok(false)` when email `id` no longer exists,
 /// else the 404 was about something the body binds (a record deleted in
 /// Dynamics) and is a permanent error with Dataverse's text.
-async fn gone_or_error(
+pub(super) async fn gone_or_error(
     dv: &DataverseAdapter,
     id: &str,
     answer: &super::Answer,
@@ -378,12 +412,30 @@ fn email_body(a: &EmailActivity, message_id: &str) -> Result<Value, CrmError> {
         "actualend".into(),
         Value::String(format_time(a.received_at)),
     );
-    // Completed (1) with Received (4), or Sent (3) for our own outgoing mail.
-    o.insert("statecode".into(), Value::from(1));
-    o.insert(
-        "statuscode".into(),
-        Value::from(if outgoing { 3 } else { 4 }),
-    );
+    match &a.send {
+        // Mail the daemon sends: its send status as it is now.
+        Some(send) => {
+            for (k, v) in super::send_status::status_body(send)?
+                .as_object()
+                .into_iter()
+                .flatten()
+            {
+                o.insert(k.clone(), v.clone());
+            }
+            if let Some(t) = super::send_status::tracking_token(send) {
+                o.insert("trackingtoken".into(), Value::String(t));
+            }
+        }
+        // Completed (1) with Received (4), or Sent (3) for our own outgoing
+        // mail seen in a mailbox.
+        None => {
+            o.insert("statecode".into(), Value::from(1));
+            o.insert(
+                "statuscode".into(),
+                Value::from(if outgoing { 3 } else { 4 }),
+            );
+        }
+    }
     if let Some(r) = &a.regarding {
         let (prop, target) = regarding_bind(r)?;
         o.insert(prop, Value::String(target));

@@ -8,14 +8,28 @@
 //! - Activities ([`emails`]): each `activity.created` becomes one `email`
 //!   row (looked up by `messageid` first, so a retried create never makes a
 //!   second one); `activity.updated` re-points it or replaces its parties.
+//! - Outgoing email ([`send_status`], [`pending`]): an activity with a send
+//!   state writes its status into the email's `statecode`/`statuscode`, and
+//!   updates the CRM's own email when it came from Pending Send; the
+//!   Pending Send emails of sending mailboxes are polled and queued.
 //!
 //! Wire format as in Microsoft's Web API documentation: headers `Accept:
 //! application/json`, `OData-MaxVersion: 4.0`, `OData-Version: 4.0`; errors
 //! `{"error":{"code":"0x…","message":"…"}}`; `429` with `Retry-After` seconds.
 
 mod emails;
+pub mod pending;
 mod records;
+pub mod send_status;
 mod token;
+
+/// The Dataverse stand-in of the integration tests, for the unit tests here.
+#[cfg(test)]
+#[path = "../../../tests/support/dataverse_standin.rs"]
+pub(crate) mod standin;
+
+#[cfg(test)]
+mod outgoing_tests;
 
 use std::time::Duration;
 
@@ -441,9 +455,27 @@ pub fn table_of(kind: &str) -> (String, String) {
     (logical, set)
 }
 
+/// The directory's record kind of a Dataverse table (logical name): the
+/// inverse of [`table_of`] (`incident` → `case`, `systemuser` → `user`).
+pub fn kind_of(logical: &str) -> String {
+    match logical {
+        "systemuser" => "user",
+        "incident" => "case",
+        other => other,
+    }
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kinds_invert_tables() {
+        for kind in ["case", "user", "contact", "opportunity", "queue"] {
+            assert_eq!(kind_of(&table_of(kind).0), kind);
+        }
+    }
 
     #[test]
     fn tables_and_entity_sets() {
