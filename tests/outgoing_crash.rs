@@ -243,11 +243,7 @@ impl Sink {
 
 /// Message-ID (or marker header) → copies in the user's Sent folder.
 fn sent_folder_counts(dir: &Path) -> HashMap<String, usize> {
-    let sent = dir
-        .join("mail")
-        .join(USER)
-        .join("Maildir")
-        .join(".Sent");
+    let sent = dir.join("mail").join(USER).join("Maildir").join(".Sent");
     let mut counts = HashMap::new();
     for sub in ["cur", "new"] {
         let Ok(rd) = std::fs::read_dir(sent.join(sub)) else {
@@ -440,7 +436,10 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
     // would show here), besides the Test & Enable message of each start.
     for (file, m) in &sink.seen {
         if m.from_us && !m.test && !m.id.as_ref().is_some_and(|id| ours.contains(id)) {
-            problems.push(format!("stray message from {USER} in the sink: {}", file.display()));
+            problems.push(format!(
+                "stray message from {USER} in the sink: {}",
+                file.display()
+            ));
         }
     }
     let sent = rows.iter().filter(|r| r["status"] == "sent").count();
@@ -457,4 +456,5 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
         log.display(),
         problems.join("\n")
     );
+    let _ = std::fs::remove_file(&log);
 }
