@@ -263,7 +263,13 @@ fn sent_folder_counts(dir: &Path) -> HashMap<String, usize> {
     counts
 }
 
-fn kill(mut child: Child) {
+fn kill(mut child: Child, log: &Path) {
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!(
+            "the daemon exited by itself ({status}) before its kill; log {}",
+            log.display()
+        );
+    }
     // SIGKILL: no shutdown path runs.
     let _ = Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
@@ -345,7 +351,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
         if let Some(left) = wait.checked_sub(t0.elapsed()) {
             std::thread::sleep(left);
         }
-        kill(daemon);
+        kill(daemon, &log);
         let delivered = sink.counts().keys().filter(|m| ours.contains(*m)).count();
         println!(
             "kill {k:2} after {:4} ms: {delivered} of ours in the sink",
@@ -360,6 +366,8 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
     });
     let settled = |what: &str| {
         wait_for(Duration::from_secs(90), what, || {
+            // Polling 500 rows must not starve the daemon on two cores.
+            std::thread::sleep(Duration::from_millis(250));
             let rows = all_rows(admin);
             rows.iter()
                 .all(|r| {
