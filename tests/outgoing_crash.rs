@@ -457,6 +457,36 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
         unknown - unknown_delivered.len(),
         started.elapsed().as_secs_f64()
     );
+    // What the daemons complained about, for whoever reads the CI log.
+    let mut complaints: HashMap<String, usize> = HashMap::new();
+    for line in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if matches!(v["level"].as_str(), Some("WARN" | "ERROR")) {
+            let text = v["fields"]["message"]
+                .as_str()
+                .or(v["message"].as_str())
+                .unwrap_or_default();
+            let what = v["alert"].as_str().unwrap_or(text);
+            // Numbers (ids, ports) differ line by line; the kind does not.
+            let mut head = String::new();
+            for c in what.chars() {
+                if !(c.is_ascii_digit() && head.ends_with('N')) {
+                    head.push(if c.is_ascii_digit() { 'N' } else { c });
+                }
+            }
+            let head: String = head.chars().take(60).collect();
+            *complaints
+                .entry(format!("{} {head}", v["level"]))
+                .or_insert(0) += 1;
+        }
+    }
+    let mut complaints: Vec<_> = complaints.into_iter().collect();
+    complaints.sort();
+    for (what, n) in complaints {
+        println!("  log: {n:3} × {what}");
+    }
     assert!(
         problems.is_empty(),
         "{} problems (log {}):\n{}",
