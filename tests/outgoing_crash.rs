@@ -4,7 +4,11 @@
 //! side, the undelivered ones retried). No email reaches the SMTP sink twice,
 //! none is lost, and the sink, the Sent folder and the statuses agree.
 //! User: user00150 (its own Sent folder, so other tests on alice are not
-//! disturbed).
+//! disturbed). `CRASH_SEED=N` repeats a run's kill times.
+//!
+//! Most "delivery unknown" emails turn out delivered while lettre (0.11.23)
+//! leaves Nagle on: the end-of-data line waits ~40 ms in the kernel for the
+//! server's delayed ACK, and the kernel still sends it after the SIGKILL.
 #![cfg(feature = "real-servers")]
 
 mod common;
