@@ -373,8 +373,10 @@ fn sink_outage_is_retried_until_sent_and_bad_requests_queue_nothing() {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
     wait_for(Duration::from_secs(30), "outgoing test passed", || {
-        let m = get_json(admin, "/api/v1/mailboxes/mb");
-        (m["state"]["outgoing_test"]["status"] == "success").then_some(())
+        // The mailbox is listed once its task registered (just after the API is up).
+        let (code, body) = get(admin, "/api/v1/mailboxes/mb", Some(TOKEN))?;
+        let m: Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && m["state"]["outgoing_test"]["status"] == "success").then_some(())
     });
     switch.set(false);
     let run = fastrand::u32(..);

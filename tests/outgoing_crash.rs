@@ -358,7 +358,22 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
                 reposted += 1;
             }
         }
-        if let Some(left) = wait.checked_sub(t0.elapsed()) {
+        // Kill mid-run: once the sink shows this daemon sending (more of
+        // ours than before), after a random few milliseconds more; the
+        // random wait alone when nothing is left to send.
+        let sending = Instant::now() + Duration::from_secs(10);
+        let mut caught = false;
+        while delivered_before < EMAILS && Instant::now() < sending {
+            let now_in_sink = sink.counts().keys().filter(|m| ours.contains(*m)).count();
+            if now_in_sink > delivered_before {
+                caught = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if caught {
+            std::thread::sleep(Duration::from_millis(rng.u64(0..=30)));
+        } else if let Some(left) = wait.checked_sub(t0.elapsed()) {
             std::thread::sleep(left);
         }
         kill(daemon, &log);

@@ -1,43 +1,49 @@
-//! SMTP submission: lettre's pooled [`AsyncSmtpTransport`] with our TLS
-//! policy, credentials and time-outs, and its failures sorted into
-//! [`SmtpError`] (5xx permanent, 4xx and network transient).
+//! SMTP submission: lettre's SMTP dialogue ([`AsyncSmtpConnection`]) over
+//! our own connections (`net`: TCP_NODELAY, read/write time-outs, rustls
+//! with the ring provider), a small pool of logged-in connections per
+//! mailbox, and failures sorted into [`SmtpError`] (5xx permanent, 4xx and
+//! network transient).
 //!
-//! * TLS: implicit (465) or STARTTLS (587, required: never a silent fall
-//!   back to plaintext); plaintext only when the target says
-//!   `allow_insecure`. Certificates are always verified against the system
-//!   roots plus the profile's `ca_file`, under `tls_server_name` when set.
-//!   lettre builds its rustls config with the ring provider (the only one
-//!   linked), so no aws-lc-rs.
+//! * TLS: implicit (465, our handshake before the greeting) or STARTTLS
+//!   (587, lettre's upgrade; required: never a silent fall back to
+//!   plaintext); plaintext only when the target says `allow_insecure`.
+//!   Certificates are always verified against the system roots plus the
+//!   profile's `ca_file`, under `tls_server_name` when set. Only the ring
+//!   provider is linked, so no aws-lc-rs.
+//! * Why not lettre's own pool: it connects without TCP_NODELAY and writes
+//!   the message and the final `.` separately, so every message waited
+//!   ~40 ms for the server's delayed ACK before the final dot left — a
+//!   window in which a crash left a delivered email looking undelivered
+//!   (and a cap of ~25 messages a second per connection).
 //! * AUTH: a password offers PLAIN and LOGIN, an OAuth token XOAUTH2. The
-//!   token comes from the provider before every send; a changed token
-//!   rebuilds the pool, whose connections authenticated with the old one.
-//! * Time-outs: lettre's async client bounds only the TCP connect
-//!   (`connect_timeout`), not the reads, so every transaction runs under one
-//!   deadline sized like the per-step `io_timeout`s it stands in for. A
-//!   transaction cut off by it leaves its connection in an unknown state
-//!   (maybe mid-DATA): the whole pool is shut down rather than let lettre
-//!   recycle that connection.
+//!   token comes from the provider before every send; an idle connection
+//!   logged in with an older token is closed, not reused.
+//! * Time-outs: every transaction runs under one deadline sized like the
+//!   per-step `io_timeout`s (the streams also time out each read and
+//!   write). A transaction cut off by it is dropped with its connection,
+//!   which never carries another message; an idle connection is checked
+//!   with NOOP before reuse once it idled a while.
 //! * Secrets: nothing here logs; lettre's own wire tracing (with AUTH lines)
 //!   is dropped by our subscriber (telemetry.rs).
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials as SmtpCredentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, CertificateStore, TlsParameters,
+};
 use lettre::transport::smtp::extension::ClientId;
-use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
-use lettre::{Address, AsyncTransport, Tokio1Executor};
+use lettre::Address;
 use tokio_rustls::rustls;
 
 use crate::config::Secret;
 use crate::connector::oauth::TokenProvider;
 use crate::connector::Credentials;
 use crate::error::{Classify, Disposition};
-use crate::net::{Endpoint, TlsMode};
+use crate::net::{Endpoint, MaybeTls, NetError, TlsMode};
 
 /// Longest server text kept in an error.
 const MAX_TEXT: usize = 500;
@@ -53,8 +59,6 @@ const BYTES_PER_STEP: usize = 1 << 20;
 
 /// Reply codes of RFC 4954 that mean the login itself failed.
 const AUTH_CODES: &[u16] = &[530, 534, 535, 538];
-
-type Transport = AsyncSmtpTransport<Tokio1Executor>;
 
 /// Where and as whom to submit mail.
 #[derive(Debug, Clone)]
@@ -164,19 +168,75 @@ pub struct SmtpClient {
 
 struct Shared {
     target: SmtpTarget,
-    tls: Tls,
-    current: tokio::sync::Mutex<Option<Pooled>>,
-    generations: AtomicU64,
-    /// lettre's pool size only caps the idle connections it keeps; this caps
-    /// the transactions (and so the connections) running at once.
+    /// STARTTLS parameters (lettre upgrades the stream); implicit TLS is
+    /// set up by `net` before the greeting.
+    starttls: Option<TlsParameters>,
+    /// Idle connections, most recently used last.
+    idle: std::sync::Mutex<Vec<Idle>>,
+    /// Caps the transactions (and so the connections) running at once.
     permits: tokio::sync::Semaphore,
 }
 
-/// The live transport and the token it authenticates with.
-struct Pooled {
-    transport: Transport,
+/// A logged-in connection waiting for the next message.
+struct Idle {
+    conn: AsyncSmtpConnection,
+    /// The token it logged in with (a rotated token retires it).
     token: Option<Secret>,
-    generation: u64,
+    since: std::time::Instant,
+}
+
+/// An idle connection older than this is checked with NOOP before reuse:
+/// servers close idle sessions, and a message must never start on a
+/// connection that is already gone.
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The stream lettre drives: ours from `net` (TCP_NODELAY, read/write
+/// time-outs, rustls with the ring provider). lettre's own connect leaves
+/// Nagle on, and it writes the message and the final `.` separately: the
+/// final dot then waited for the server's delayed ACK (~40 ms per message,
+/// a window in which a crash left a delivered email looking undelivered).
+#[derive(Debug)]
+struct SmtpStream(MaybeTls);
+
+impl tokio::io::AsyncRead for SmtpStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SmtpStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl AsyncTokioStream for SmtpStream {
+    fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match &self.0 {
+            MaybeTls::Plain(s) => s.as_ref().get_ref().get_ref().peer_addr(),
+            MaybeTls::Tls(s) => s.get_ref().0.as_ref().get_ref().get_ref().peer_addr(),
+        }
+    }
 }
 
 impl std::fmt::Debug for SmtpClient {
@@ -198,24 +258,28 @@ impl SmtpClient {
         if ep.host.trim().is_empty() {
             return Err(SmtpError::Config("no SMTP host".into()));
         }
-        let tls = match ep.tls {
+        let starttls = match ep.tls {
             TlsMode::Plain if !target.allow_insecure => {
                 return Err(SmtpError::Config(format!(
                     "plaintext SMTP to {}:{} would send the password and the mail unencrypted: use smtp_tls = \"starttls\" or \"implicit\", or set allow_insecure = true",
                     ep.host, ep.port
                 )))
             }
-            TlsMode::Plain => Tls::None,
-            TlsMode::StartTls => Tls::Required(tls_parameters(ep)?),
-            TlsMode::Implicit => Tls::Wrapper(tls_parameters(ep)?),
+            TlsMode::Plain => None,
+            TlsMode::StartTls => Some(tls_parameters(ep)?),
+            TlsMode::Implicit => {
+                // Checked now (CA file, server name) so a bad one is a
+                // config error before the first message.
+                tls_parameters(ep)?;
+                None
+            }
         };
         let pool_size = target.pool_size.max(1);
         Ok(SmtpClient {
             shared: Arc::new(Shared {
                 target,
-                tls,
-                current: tokio::sync::Mutex::new(None),
-                generations: AtomicU64::new(0),
+                starttls,
+                idle: std::sync::Mutex::new(Vec::new()),
                 permits: tokio::sync::Semaphore::new(pool_size as usize),
             }),
         })
@@ -237,17 +301,29 @@ impl SmtpClient {
             .await
             .map_err(|e| SmtpError::Config(e.to_string()))?;
         let login = self.login().await?;
-        let (transport, generation) = self.transport(login).await;
         let limit = self.deadline(recipients.len(), message.len());
         // lettre ends DATA with CRLF.CRLF whatever the message ends with; the
         // message's own last CRLF is that first CRLF (RFC 5321 §4.1.1.4), so
         // the server stores exactly our bytes instead of an extra empty line.
         let body = message.strip_suffix(b"\r\n").unwrap_or(message);
-        match tokio::time::timeout(limit, transport.send_raw(&envelope, body)).await {
+        let transaction = async {
+            let mut conn = self.checkout(&login).await?;
+            match conn.send(&envelope, body).await {
+                Ok(response) => {
+                    self.checkin(conn, login.token.clone());
+                    Ok(response)
+                }
+                Err(e) => {
+                    // Wherever in the dialogue it failed, this connection
+                    // never carries another message.
+                    conn.abort().await;
+                    Err(self.classify(&e))
+                }
+            }
+        };
+        // A time-out drops the transaction and with it its connection.
+        match tokio::time::timeout(limit, transaction).await {
             Ok(Ok(response)) => {
-                // lettre parks the connection from a spawned task; letting it
-                // run first means the caller's next send finds it in the pool.
-                tokio::task::yield_now().await;
                 let reply = SmtpReply {
                     code: u16::from(response.code()),
                     text: truncate(&response.message().collect::<Vec<_>>().join(" ")),
@@ -260,11 +336,8 @@ impl SmtpClient {
                 );
                 Ok(reply)
             }
-            Ok(Err(e)) => Err(self.classify(&e)),
-            Err(_) => {
-                self.discard(generation, transport).await;
-                Err(self.timed_out(limit))
-            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.timed_out(limit)),
         }
     }
 
@@ -272,22 +345,23 @@ impl SmtpClient {
     /// outgoing side. Uses its own connection, not the pool's.
     pub async fn test_connection(&self) -> Result<(), SmtpError> {
         let login = self.login().await?;
-        // A pool of size 0 closes (QUIT) the connection as soon as it is handed back.
-        let transport = self.build(login.credentials, login.mechanisms, 0);
         let limit = self.deadline(0, 0);
-        let result = tokio::time::timeout(limit, transport.test_connection()).await;
-        match result {
-            Ok(Ok(true)) => Ok(()),
-            Ok(Ok(false)) => Err(SmtpError::Network(format!(
-                "{} accepted the login but did not answer NOOP",
-                self.shared.target.endpoint.host
-            ))),
-            Ok(Err(e)) => Err(self.classify(&e)),
-            Err(_) => {
-                let io = self.shared.target.endpoint.io_timeout;
-                let _ = tokio::time::timeout(io, transport.shutdown()).await;
-                Err(self.timed_out(limit))
+        let test = async {
+            let mut conn = self.connect(&login).await?;
+            let alive = conn.test_connected().await;
+            let _ = conn.quit().await;
+            if alive {
+                Ok(())
+            } else {
+                Err(SmtpError::Network(format!(
+                    "{} accepted the login but did not answer NOOP",
+                    self.shared.target.endpoint.host
+                )))
             }
+        };
+        match tokio::time::timeout(limit, test).await {
+            Ok(r) => r,
+            Err(_) => Err(self.timed_out(limit)),
         }
     }
 
@@ -323,63 +397,91 @@ impl SmtpClient {
         }
     }
 
-    /// The pooled transport for `login`, rebuilt when the token changed.
-    async fn transport(&self, login: Login) -> (Transport, u64) {
-        let mut current = self.shared.current.lock().await;
-        if let Some(p) = current.as_ref() {
-            if p.token == login.token {
-                return (p.transport.clone(), p.generation);
+    /// An idle connection logged in with `login`'s token (checked with
+    /// NOOP when it idled a while), else a new one.
+    async fn checkout(&self, login: &Login) -> Result<AsyncSmtpConnection, SmtpError> {
+        loop {
+            let next = self
+                .shared
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop();
+            let Some(mut idle) = next else {
+                return self.connect(login).await;
+            };
+            if idle.token != login.token || idle.conn.has_broken() {
+                let _ = idle.conn.quit().await;
+                continue;
             }
+            if idle.since.elapsed() >= CHECK_IDLE_AFTER && !idle.conn.test_connected().await {
+                idle.conn.abort().await;
+                continue;
+            }
+            return Ok(idle.conn);
         }
-        let size = self.shared.target.pool_size.max(1);
-        let transport = self.build(login.credentials, login.mechanisms, size);
-        let generation = self.shared.generations.fetch_add(1, Ordering::Relaxed);
-        // The old pool, if any, closes its idle connections when dropped.
-        *current = Some(Pooled {
-            transport: transport.clone(),
-            token: login.token,
-            generation,
-        });
-        (transport, generation)
     }
 
-    fn build(
-        &self,
-        credentials: SmtpCredentials,
-        mechanisms: Vec<Mechanism>,
-        pool_size: u32,
-    ) -> Transport {
+    /// Hands a connection back after a successful transaction.
+    fn checkin(&self, conn: AsyncSmtpConnection, token: Option<Secret>) {
+        let mut idle = self
+            .shared
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < self.shared.target.pool_size.max(1) as usize && !conn.has_broken() {
+            idle.push(Idle {
+                conn,
+                token,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// Connects (TLS as configured), says EHLO and logs in.
+    async fn connect(&self, login: &Login) -> Result<AsyncSmtpConnection, SmtpError> {
         let target = &self.shared.target;
         let ep = &target.endpoint;
         let hello = match &target.hello_name {
             Some(name) => ClientId::Domain(name.clone()),
             None => ClientId::default(),
         };
-        // `builder_dangerous` only means "no TLS chosen yet": ours is set next.
-        Transport::builder_dangerous(ep.host.clone())
-            .port(ep.port)
-            .tls(self.shared.tls.clone())
-            .timeout(Some(ep.connect_timeout))
-            .hello_name(hello)
-            .credentials(credentials)
-            .authentication(mechanisms)
-            .pool_config(PoolConfig::new().max_size(pool_size))
-            .build()
+        let stream = crate::net::connect(ep)
+            .await
+            .map_err(|e| self.net_error(e))?;
+        let mut conn =
+            AsyncSmtpConnection::connect_with_transport(Box::new(SmtpStream(stream)), &hello)
+                .await
+                .map_err(|e| self.classify(&e))?;
+        if let Some(params) = &self.shared.starttls {
+            if !conn.can_starttls() {
+                conn.abort().await;
+                return Err(SmtpError::Tls(format!(
+                    "{} does not offer STARTTLS; refusing to send without TLS",
+                    ep.host
+                )));
+            }
+            conn.starttls(params.clone(), &hello)
+                .await
+                .map_err(|e| self.classify(&e))?;
+        }
+        if let Err(e) = conn.auth(&login.mechanisms, &login.credentials).await {
+            conn.abort().await;
+            return Err(self.classify(&e));
+        }
+        Ok(conn)
     }
 
-    /// Drops the pool a timed-out transaction used: its connection may be
-    /// anywhere in the dialogue and must never carry another message.
-    async fn discard(&self, generation: u64, transport: Transport) {
-        {
-            let mut current = self.shared.current.lock().await;
-            if current.as_ref().is_some_and(|p| p.generation == generation) {
-                *current = None;
+    /// Sorts a failure of our own connect (TCP, implicit TLS) into ours.
+    fn net_error(&self, e: NetError) -> SmtpError {
+        match e {
+            NetError::Certificate { .. } | NetError::ServerName(_) => SmtpError::Tls(e.to_string()),
+            NetError::CaFile { .. } | NetError::TlsSetup(_) => SmtpError::Config(e.to_string()),
+            NetError::ConnectTimeout { .. } => SmtpError::Timeout(e.to_string()),
+            NetError::Connect { .. } | NetError::Handshake { .. } => {
+                SmtpError::Network(e.to_string())
             }
         }
-        // Shut down before lettre's recycle task parks the connection, so
-        // it is closed instead of handed to the next send.
-        let io = self.shared.target.endpoint.io_timeout;
-        let _ = tokio::time::timeout(io, transport.shutdown()).await;
     }
 
     /// One deadline for a whole transaction (see the module docs).
