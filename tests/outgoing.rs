@@ -243,11 +243,19 @@ fn five_hundred_emails_are_sent_once_with_token_sent_copy_and_events_and_replies
             .contains(&format!("{user}@example.test")));
         assert_eq!(sent[mid].len(), 1, "{mid}: one Sent copy");
     }
-    let rows = rows(admin, None);
-    assert_eq!(rows.len(), 500);
-    assert!(rows
-        .iter()
-        .all(|r| r["status"] == "sent" && r["sent_copy"] == "done"));
+    // The row says `done` a moment after the copy is in the folder.
+    wait_for(
+        Duration::from_secs(30),
+        "every row sent with its copy done",
+        || {
+            let rows = rows(admin, None);
+            (rows.len() == 500
+                && rows
+                    .iter()
+                    .all(|r| r["status"] == "sent" && r["sent_copy"] == "done"))
+            .then_some(())
+        },
+    );
 
     // One CRM event per status change: pending_send (created), sending, sent.
     let mut statuses: HashMap<u64, Vec<String>> = HashMap::new();

@@ -47,6 +47,10 @@ pub const SCAN_EVERY: Duration = Duration::from_secs(5);
 /// Prefix of the alerts a failed email raises (resolved by nothing: each
 /// one names its email).
 const FAILED_ALERT: &str = "outgoing email";
+/// A passed Test & Enable younger than this (seconds) is not followed by
+/// another test message.
+const TEST_MESSAGE_EVERY: i64 = 86_400;
+
 /// Prefix of the outgoing Test & Enable alert, resolved when a test passes.
 const TEST_ALERT: &str = "outgoing test failed";
 
@@ -346,8 +350,29 @@ impl Sender {
     /// itself; records `outgoing_test` with the concrete cause.
     pub async fn test_and_enable(&self) -> Result<String, SmtpError> {
         let s = &self.settings;
+        // One test message a day at most: a daemon restarted in a loop
+        // (a crash, a supervisor) must not keep mailing its own mailbox.
+        let recent_test = self
+            .store
+            .mailbox_state(&s.mailbox)
+            .ok()
+            .flatten()
+            .map(|st| st.outgoing_test)
+            .filter(|t| t.status == TestStatus::Success)
+            .and_then(|t| t.completed_on)
+            .filter(|at| model::now() - at < TEST_MESSAGE_EVERY);
         let result: Result<String, SmtpError> = async {
             self.smtp.test_connection().await?;
+            if let Some(at) = recent_test {
+                return Ok(format!(
+                    "connected to {}:{} and authenticated (test message not repeated: the last test passed at {})",
+                    s.endpoint.host,
+                    s.endpoint.port,
+                    chrono::DateTime::from_timestamp(at, 0)
+                        .map(|d| d.to_rfc3339())
+                        .unwrap_or_default()
+                ));
+            }
             if !s.test_message {
                 return Ok(format!(
                     "connected to {}:{} and authenticated",
