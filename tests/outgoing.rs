@@ -148,6 +148,20 @@ fn sent_folder(env: &Env, user: &str) -> Vec<PathBuf> {
 /// A daemon config for `user` sending through `smtp_port` (plain:
 /// stand-ins) or STARTTLS (the sink).
 fn config(env: &Env, dir: &Path, admin: u16, user: &str, smtp: &str) -> PathBuf {
+    config_with_rate(env, dir, admin, user, smtp, 100_000)
+}
+
+fn config_with_rate(
+    env: &Env,
+    dir: &Path,
+    admin: u16,
+    user: &str,
+    smtp: &str,
+    rate: u32,
+) -> PathBuf {
+    let mailbox = format!(
+        "outgoing = \"server_side_sync\"\nsend_rate_per_minute = {rate}\n\n[[mailboxes]]\nname = \"unapproved\"\nprofile = \"srv\"\nemail = \"unapproved@example.test\"\nincoming = \"none\"\noutgoing = \"server_side_sync\"\napproval = \"pending\"\nusername = \"x\"\npassword = \"x\""
+    );
     let m = ServerMailbox {
         kind: "imap_smtp",
         port: env.imap,
@@ -157,7 +171,7 @@ fn config(env: &Env, dir: &Path, admin: u16, user: &str, smtp: &str) -> PathBuf 
         auth: "password",
         extra_profile: smtp,
         // A second address, not approved: it may not send.
-        extra_mailbox: "outgoing = \"server_side_sync\"\nsend_rate_per_minute = 100000\n\n[[mailboxes]]\nname = \"unapproved\"\nprofile = \"srv\"\nemail = \"unapproved@example.test\"\nincoming = \"none\"\noutgoing = \"server_side_sync\"\napproval = \"pending\"\nusername = \"x\"\npassword = \"x\"",
+        extra_mailbox: &mailbox,
     };
     server_config(env, dir, admin, &m)
 }
@@ -530,4 +544,96 @@ fn a_5xx_reply_fails_the_email_with_the_server_text_and_an_alert() {
     );
     stop(daemon);
     drop(stub);
+}
+
+#[test]
+fn send_rate_per_minute_holds_back_a_runaway_workflow() {
+    let env = env();
+    let user = "user00163";
+    reset_user(user);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let smtp = format!("smtp_port = {}\nsmtp_tls = \"starttls\"", smtp_port());
+    let cfg = config_with_rate(&env, dir.path(), admin, user, &smtp, 5);
+    let daemon = start(&cfg);
+    wait_for(Duration::from_secs(30), "admin API", || {
+        get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
+    });
+    for i in 0..8 {
+        queue(
+            admin,
+            json!({"mailbox": "mb", "regarding": "case:3", "to": ["c@customer.example"],
+                   "subject": format!("Workflow mail #{i}"), "text": "x", "automated": true}),
+        );
+    }
+    wait_for(Duration::from_secs(30), "the first five sent", || {
+        (rows(admin, Some("sent")).len() == 5).then_some(())
+    });
+    // The rest waits for the minute to pass, untouched.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(rows(admin, Some("sent")).len(), 5);
+    let waiting = rows(admin, Some("pending_send"));
+    assert_eq!(waiting.len(), 3);
+    assert!(waiting.iter().all(|r| r["attempts"] == 0), "{waiting:?}");
+    stop(daemon);
+}
+
+#[test]
+fn a_copy_the_server_filed_under_a_rewritten_message_id_is_indexed_and_replies_to_it_correlate() {
+    let env = env();
+    let user = "user00164";
+    reset_user(user);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    // The provider files submitted mail itself (Gmail, Exchange): only searched.
+    let smtp = format!(
+        "smtp_port = {}\nsmtp_tls = \"starttls\"\nsent_copy = \"server\"",
+        smtp_port()
+    );
+    let cfg = config(&env, dir.path(), admin, user, &smtp);
+    let daemon = start(&cfg);
+    wait_for(Duration::from_secs(30), "admin API", || {
+        get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
+    });
+    let run = fastrand::u32(..);
+    let q = queue(
+        admin,
+        json!({"mailbox": "mb", "regarding": "case:77", "to": ["dana@customer.example"],
+               "subject": format!("Quote {run}"), "text": "Attached."}),
+    );
+    let id = q["id"].as_u64().unwrap();
+    let ours = q["message_id"].as_str().unwrap().to_string();
+    let row = wait_for(Duration::from_secs(30), "sent, copy owed", || {
+        let r = get_json(admin, &format!("/api/v1/outgoing/{id}"));
+        (r["status"] == "sent").then_some(r)
+    });
+    assert_eq!(row["sent_copy"], "owed", "{row}");
+    // Play the provider: file the submitted message with its own Message-ID.
+    let sink = by_message_id(&[sink_dir()]);
+    let submitted = &sink[&ours][0];
+    let rewritten = format!("provider-{run}@mail.provider.example");
+    let filed = submitted.replacen(&format!("<{ours}>"), &format!("<{rewritten}>"), 1);
+    assert_ne!(&filed, submitted);
+    deliver(user, "Sent", filed.as_bytes());
+    let row = wait_for(Duration::from_secs(30), "the filed copy found", || {
+        let r = get_json(admin, &format!("/api/v1/outgoing/{id}"));
+        (r["sent_copy"] == "done").then_some(r)
+    });
+    assert_eq!(row["server_message_ids"], json!([rewritten]), "{row}");
+    let ids = &row["activity"]["message_ids"];
+    assert!(
+        ids.to_string().contains(&rewritten) && ids.to_string().contains(&ours),
+        "{ids}"
+    );
+    // A reply to the id only the provider knew, no token in its subject.
+    let reply = format!(
+        "From: dana@customer.example\r\nTo: {user}@example.test\r\nSubject: Re: your quote (rewritten)\r\nMessage-ID: <r-{run}@customer.example>\r\nIn-Reply-To: <{rewritten}>\r\nDate: Thu, 03 Dec 2026 11:00:00 +0000\r\n\r\nLooks good.\r\n"
+    );
+    deliver(user, "INBOX", reply.as_bytes());
+    let a = wait_for(Duration::from_secs(30), "reply correlated", || {
+        activity_of(admin, "(rewritten)")
+    });
+    assert_eq!(a["regarding"], "case:77", "{a}");
+    assert_eq!(a["method"], "in_reply_to", "{a}");
+    stop(daemon);
 }
