@@ -273,9 +273,21 @@ async fn a_refused_email_is_alerted_and_the_poll_goes_on() {
         alerts.iter().any(|a| a.level == AlertLevel::Warning
             && a.mailbox.as_deref() == Some("support")
             && a.text.contains(&bad)
-            && a.text.contains("regarding")),
+            && a.text.contains("regarding")
+            && a.text.contains("marked Failed")),
         "{alerts:?}"
     );
+    // Failed in the CRM (state Open, reason Failed), so the next poll does
+    // not see it again and the alert does not repeat.
+    let e = w.email(&bad);
+    assert_eq!(
+        (e["statecode"].clone(), e["statuscode"].clone()),
+        (json!(0), json!(8))
+    );
+    let again = w
+        .poll(Some(&Alerts::new(w.store.clone(), HashMap::new())))
+        .await;
+    assert_eq!(again.refused, 0, "{again:?}");
 }
 
 #[tokio::test]

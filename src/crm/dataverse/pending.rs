@@ -20,7 +20,8 @@
 //! queued and recorded.
 //!
 //! A refused email (no regarding, mailbox not allowed to send, bad
-//! addresses) is logged and raised as a Warning alert on its mailbox; it
+//! addresses) is marked Failed in the CRM (else it would be polled and
+//! alerted forever), logged and raised as a Warning alert on its mailbox; it
 //! never stops the poll. Emails from addresses that are not a configured
 //! sending mailbox belong to someone else's sync and are skipped quietly.
 
@@ -325,6 +326,11 @@ pub async fn poll_pending_send(
             }
         };
         report.refused += 1;
+        let why = match super::send_status::refuse(dv, &e.activity_id, &why).await {
+            Ok(()) => format!("{why}; marked Failed in the CRM"),
+            // Still Pending Send there: the next poll tries again.
+            Err(err) => format!("{why}; could not mark it Failed in the CRM: {err}"),
+        };
         tracing::warn!(adapter = "dataverse", crm_email = %e.activity_id, "{why}");
         if let Some(alerts) = alerts {
             alerts.raise(AlertLevel::Warning, mailbox.as_deref(), None, &why, now);

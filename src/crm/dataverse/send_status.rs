@@ -124,6 +124,26 @@ pub(super) async fn adopt(
     Ok(true)
 }
 
+/// Marks the CRM's Pending Send email `id` Failed because the daemon will
+/// not send it (Dynamics does the same and says why in a mailbox alert):
+/// left Pending Send it would be polled, and alerted, forever.
+pub(super) async fn refuse(dv: &DataverseAdapter, id: &str, reason: &str) -> Result<(), CrmError> {
+    let failed = SendState::new(crate::model::SendStatus::Failed, crate::model::now());
+    let body = status_body(&failed)?;
+    let purpose = format!("marking the CRM's pending email {id} failed ({reason})");
+    dv.request_accepting(
+        reqwest::Method::PATCH,
+        &format!("emails({id})"),
+        &[("If-Match", "*".to_string())],
+        Some(&body),
+        &purpose,
+        // Deleted there meanwhile: nothing left to mark.
+        &[StatusCode::NOT_FOUND],
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
