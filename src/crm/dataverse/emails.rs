@@ -260,18 +260,8 @@ async fn update(
                 "setting the email of activity {} to {} ({})",
                 a.id, send.dynamics_status, send.dynamics_statuscode
             );
-            let answer = dv
-                .request_accepting(
-                    reqwest::Method::PATCH,
-                    &format!("emails({id})"),
-                    &[("If-Match", "*".to_string())],
-                    Some(&body),
-                    &purpose,
-                    &[StatusCode::NOT_FOUND],
-                )
-                .await?;
-            if answer.status == StatusCode::NOT_FOUND {
-                return gone_or_error(dv, id, &answer, &purpose).await;
+            if !super::send_status::patch_email(dv, id, &body, &purpose).await? {
+                return Ok(false);
             }
         }
     }

@@ -108,18 +108,29 @@ pub(super) async fn adopt(
         "updating the CRM's pending email {id} for activity {}",
         a.id
     );
+    patch_email(dv, id, &body, &purpose).await
+}
+
+/// `PATCH emails(id)` as an update only (`If-Match: *`, never an upsert);
+/// `Ok(false)` when Dataverse has no such email any more (deleted there).
+pub(super) async fn patch_email(
+    dv: &DataverseAdapter,
+    id: &str,
+    body: &Value,
+    purpose: &str,
+) -> Result<bool, CrmError> {
     let answer = dv
         .request_accepting(
             reqwest::Method::PATCH,
             &format!("emails({id})"),
             &[("If-Match", "*".to_string())],
-            Some(&body),
-            &purpose,
+            Some(body),
+            purpose,
             &[StatusCode::NOT_FOUND],
         )
         .await?;
     if answer.status == StatusCode::NOT_FOUND {
-        return super::emails::gone_or_error(dv, id, &answer, &purpose).await;
+        return super::emails::gone_or_error(dv, id, &answer, purpose).await;
     }
     Ok(true)
 }
@@ -131,17 +142,8 @@ pub(super) async fn refuse(dv: &DataverseAdapter, id: &str, reason: &str) -> Res
     let failed = SendState::new(crate::model::SendStatus::Failed, crate::model::now());
     let body = status_body(&failed)?;
     let purpose = format!("marking the CRM's pending email {id} failed ({reason})");
-    dv.request_accepting(
-        reqwest::Method::PATCH,
-        &format!("emails({id})"),
-        &[("If-Match", "*".to_string())],
-        Some(&body),
-        &purpose,
-        // Deleted there meanwhile: nothing left to mark.
-        &[StatusCode::NOT_FOUND],
-    )
-    .await?;
-    Ok(())
+    // Deleted there meanwhile: nothing left to mark.
+    patch_email(dv, id, &body, &purpose).await.map(|_| ())
 }
 
 #[cfg(test)]
