@@ -185,6 +185,19 @@ fn table_def(set: &str) -> Option<TableDef> {
             "opportunityid",
             &["opportunityid", "name", "modifiedon"],
         ),
+        // Attachments of an email (`objectid` = the email): `body` is base64.
+        "activitymimeattachments" => d(
+            "activitymimeattachment",
+            "activitymimeattachmentid",
+            &[
+                "activitymimeattachmentid",
+                "filename",
+                "mimetype",
+                "body",
+                "_objectid_value",
+                "modifiedon",
+            ],
+        ),
         "emails" => d(
             "email",
             "activityid",
@@ -438,6 +451,37 @@ impl StandIn {
         inner
             .tables
             .entry("emails".into())
+            .or_default()
+            .insert(id.clone(), m);
+        id
+    }
+
+    /// Attaches a file (base64 `body`) to email `email`, as a user in
+    /// Dynamics would; returns the attachment's id.
+    pub fn seed_attachment(
+        &self,
+        email: &str,
+        filename: &str,
+        mimetype: &str,
+        base64: &str,
+    ) -> String {
+        let mut inner = self.shared.lock();
+        inner.id_counter += 1;
+        let id = guid(0xa77a, inner.id_counter);
+        let row = json!({
+            "activitymimeattachmentid": id,
+            "filename": filename,
+            "mimetype": mimetype,
+            "body": base64,
+            "_objectid_value": email,
+            "modifiedon": now_text(),
+        });
+        let Value::Object(m) = row else {
+            panic!("row is not an object")
+        };
+        inner
+            .tables
+            .entry("activitymimeattachments".into())
             .or_default()
             .insert(id.clone(), m);
         id

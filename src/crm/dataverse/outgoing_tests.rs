@@ -459,3 +459,37 @@ async fn an_email_queued_by_the_api_is_created_with_its_status_and_not_polled() 
     );
     assert_eq!(w.si.stats().creates, 1);
 }
+
+#[tokio::test]
+async fn files_attached_in_the_crm_go_out_with_the_email_and_blocked_ones_refuse_it() {
+    let w = world().await;
+    let quote = w.pending("Your quote", "support@example.test", true);
+    // "%PDF-1.7 quote" in base64, as Dataverse stores the body.
+    w.si.seed_attachment(
+        &quote,
+        "quote.pdf",
+        "application/pdf",
+        "JVBERi0xLjcgcXVvdGU=",
+    );
+    let risky = w.pending("Run this", "support@example.test", true);
+    w.si.seed_attachment(&risky, "setup.exe", "application/octet-stream", "TVo=");
+    let r = w.poll(None).await;
+    assert_eq!((r.queued, r.refused), (1, 1), "{r:?}");
+    let row = w.store.outgoing(w.queued_id(&quote)).unwrap().unwrap();
+    assert!(row.mime.contains("multipart/mixed"), "{}", row.mime);
+    assert!(row.mime.contains("quote.pdf"), "{}", row.mime);
+    use mail_parser::MimeHeaders;
+    let parsed = mail_parser::MessageParser::default()
+        .parse(row.mime.as_bytes())
+        .unwrap();
+    let file = parsed.attachment(0).expect("one attachment");
+    assert_eq!(file.attachment_name(), Some("quote.pdf"));
+    assert_eq!(
+        file.contents(),
+        b"%PDF-1.7 quote",
+        "the bytes travel as stored"
+    );
+    // The blocked extension refuses the whole email, marked Failed in the CRM.
+    let e = w.email(&risky);
+    assert_eq!(e["statuscode"], json!(8));
+}

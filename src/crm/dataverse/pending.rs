@@ -127,6 +127,43 @@ fn parse_row(row: &Value) -> Option<PendingEmail> {
 }
 
 impl DataverseAdapter {
+    /// The attachments of email `id` (`activitymimeattachments` whose
+    /// `objectid` is the email; `body` is base64 already).
+    pub async fn attachments_of(
+        &self,
+        id: &str,
+    ) -> Result<Vec<crate::outgoing::AttachmentRequest>, CrmError> {
+        let mut next = format!(
+            "activitymimeattachments?$select=filename,mimetype,body&$filter={}",
+            query_encode(&format!("_objectid_value eq {id}"))
+        );
+        let prefer = [("Prefer", format!("odata.maxpagesize={}", self.page_size))];
+        let purpose = format!("reading the attachments of email {id}");
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            let page = self.get_json(&next, &prefer, &purpose).await?;
+            for row in page
+                .get("value")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                out.push(crate::outgoing::AttachmentRequest {
+                    filename: text(row, "filename").unwrap_or_else(|| "attachment".into()),
+                    content_type: text(row, "mimetype"),
+                    content_base64: text(row, "body").unwrap_or_default(),
+                });
+            }
+            match page.get("@odata.nextLink").and_then(Value::as_str) {
+                Some(link) => next = link.to_string(),
+                None => return Ok(out),
+            }
+        }
+        Err(CrmError::permanent(format!(
+            "{purpose}: more than 10,000 pages; the paging does not end"
+        )))
+    }
+
     /// Every email in Pending Send (all pages; see the module docs).
     pub async fn pending_send(&self) -> Result<Vec<PendingEmail>, CrmError> {
         let filter = "statuscode eq 6 and directioncode eq true";
@@ -285,7 +322,9 @@ pub async fn poll_pending_send(
                 continue;
             }
             Decision::Refuse { mailbox, why } => (mailbox, why),
-            Decision::Queue(req) => {
+            Decision::Queue(mut req) => {
+                // The files the user attached in the CRM go out with it.
+                req.attachments = dv.attachments_of(&e.activity_id).await?;
                 let (s, c) = (store.clone(), cfg.clone());
                 let name = req.mailbox.clone();
                 let queued = tokio::task::spawn_blocking(move || queue(s.as_ref(), &c, &req, now))
