@@ -614,12 +614,14 @@ password = "{PASSWORD}"
     let cfg_path = dir.path().join("config.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let mut child = Running(Some(start(&cfg_path)));
+    // Both listed (the API is up a moment before the mailbox tasks register:
+    // `all` over an empty list passed at once) and both synced.
     let synced = |m: &serde_json::Value| {
-        m["mailboxes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|b| b["state"]["last_success_at"].is_number())
+        let list = m["mailboxes"].as_array().unwrap();
+        list.len() == 2
+            && list
+                .iter()
+                .all(|b| b["state"]["last_success_at"].is_number())
     };
     wait_for(Duration::from_secs(30), "both mailboxes synced", || {
         get(admin, "/api/v1/mailboxes", Some(TOKEN))
