@@ -20,6 +20,27 @@ use common::*;
 use serde_json::{json, Value};
 use servers::*;
 
+/// The daemon of a test: stopped with SIGTERM at the end, killed if the
+/// test fails first (a leaked daemon would go on syncing its user).
+struct Daemon(Option<std::process::Child>);
+
+impl Daemon {
+    fn stop(mut self) {
+        if let Some(child) = self.0.take() {
+            stop(child);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn smtp_port() -> u16 {
     std::env::var("SMTP_PORT")
         .expect("SMTP_PORT unset: source the test servers' env")
@@ -200,7 +221,7 @@ fn five_hundred_emails_are_sent_once_with_token_sent_copy_and_events_and_replies
     let admin = free_port();
     let smtp = format!("smtp_port = {}\nsmtp_tls = \"starttls\"", smtp_port());
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = start(&cfg);
+    let daemon = Daemon(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -320,7 +341,7 @@ fn five_hundred_emails_are_sent_once_with_token_sent_copy_and_events_and_replies
         assert_eq!(a["regarding"], "case:3", "{a}");
         assert_eq!(a["method"], method, "{a}");
     }
-    stop(daemon);
+    daemon.stop();
 }
 
 /// A TCP forwarder to the sink that can be switched off (connections
@@ -390,7 +411,7 @@ fn sink_outage_is_retried_until_sent_and_bad_requests_queue_nothing() {
         switch.port
     );
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = start(&cfg);
+    let daemon = Daemon(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -467,7 +488,7 @@ fn sink_outage_is_retried_until_sent_and_bad_requests_queue_nothing() {
         "{v}"
     );
     assert_eq!(rows(admin, None).len(), 20);
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -492,7 +513,7 @@ fn a_5xx_reply_fails_the_email_with_the_server_text_and_an_alert() {
         stub.port
     );
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = start(&cfg);
+    let daemon = Daemon(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -542,7 +563,7 @@ fn a_5xx_reply_fails_the_email_with_the_server_text_and_an_alert() {
         !delivered.iter().any(|s| s.starts_with("Will bounce")),
         "{delivered:?}"
     );
-    stop(daemon);
+    daemon.stop();
     drop(stub);
 }
 
@@ -555,7 +576,7 @@ fn send_rate_per_minute_holds_back_a_runaway_workflow() {
     let admin = free_port();
     let smtp = format!("smtp_port = {}\nsmtp_tls = \"starttls\"", smtp_port());
     let cfg = config_with_rate(&env, dir.path(), admin, user, &smtp, 5);
-    let daemon = start(&cfg);
+    let daemon = Daemon(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -575,7 +596,7 @@ fn send_rate_per_minute_holds_back_a_runaway_workflow() {
     let waiting = rows(admin, Some("pending_send"));
     assert_eq!(waiting.len(), 3);
     assert!(waiting.iter().all(|r| r["attempts"] == 0), "{waiting:?}");
-    stop(daemon);
+    daemon.stop();
 }
 
 #[test]
@@ -591,7 +612,7 @@ fn a_copy_the_server_filed_under_a_rewritten_message_id_is_indexed_and_replies_t
         smtp_port()
     );
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = start(&cfg);
+    let daemon = Daemon(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -635,5 +656,5 @@ fn a_copy_the_server_filed_under_a_rewritten_message_id_is_indexed_and_replies_t
     });
     assert_eq!(a["regarding"], "case:77", "{a}");
     assert_eq!(a["method"], "in_reply_to", "{a}");
-    stop(daemon);
+    daemon.stop();
 }
