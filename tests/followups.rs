@@ -251,27 +251,6 @@ fn maildir_files(root: &Path) -> usize {
         .sum()
 }
 
-/// A running daemon that is killed if the test panics, so a failed test
-/// leaves no daemon syncing (and deleting from) its mailboxes behind.
-struct Running(Option<std::process::Child>);
-
-impl Running {
-    fn stop(&mut self) {
-        if let Some(child) = self.0.take() {
-            stop(child);
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Waits for a process to exit by itself; panics after `timeout`.
 fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + timeout;

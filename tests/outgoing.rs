@@ -20,27 +20,6 @@ use common::*;
 use serde_json::{json, Value};
 use servers::*;
 
-/// The daemon of a test: stopped with SIGTERM at the end, killed if the
-/// test fails first (a leaked daemon would go on syncing its user).
-struct Daemon(Option<std::process::Child>);
-
-impl Daemon {
-    fn stop(mut self) {
-        if let Some(child) = self.0.take() {
-            stop(child);
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn smtp_port() -> u16 {
     std::env::var("SMTP_PORT")
         .expect("SMTP_PORT unset: source the test servers' env")
@@ -221,7 +200,7 @@ fn five_hundred_emails_are_sent_once_with_token_sent_copy_and_events_and_replies
     let admin = free_port();
     let smtp = format!("smtp_port = {}\nsmtp_tls = \"starttls\"", smtp_port());
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = Daemon(Some(start(&cfg)));
+    let mut daemon = Running(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -411,7 +390,7 @@ fn sink_outage_is_retried_until_sent_and_bad_requests_queue_nothing() {
         switch.port
     );
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = Daemon(Some(start(&cfg)));
+    let mut daemon = Running(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -513,7 +492,7 @@ fn a_5xx_reply_fails_the_email_with_the_server_text_and_an_alert() {
         stub.port
     );
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = Daemon(Some(start(&cfg)));
+    let mut daemon = Running(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -576,7 +555,7 @@ fn send_rate_per_minute_holds_back_a_runaway_workflow() {
     let admin = free_port();
     let smtp = format!("smtp_port = {}\nsmtp_tls = \"starttls\"", smtp_port());
     let cfg = config_with_rate(&env, dir.path(), admin, user, &smtp, 5);
-    let daemon = Daemon(Some(start(&cfg)));
+    let mut daemon = Running(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });
@@ -612,7 +591,7 @@ fn a_copy_the_server_filed_under_a_rewritten_message_id_is_indexed_and_replies_t
         smtp_port()
     );
     let cfg = config(&env, dir.path(), admin, user, &smtp);
-    let daemon = Daemon(Some(start(&cfg)));
+    let mut daemon = Running(Some(start(&cfg)));
     wait_for(Duration::from_secs(30), "admin API", || {
         get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
     });

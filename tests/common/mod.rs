@@ -74,6 +74,28 @@ pub fn start(config: &Path) -> Child {
         .unwrap()
 }
 
+/// A daemon started by a test: `stop` ends it with SIGTERM (asserting a
+/// clean exit); a test that fails first kills it on drop, so no daemon is
+/// left syncing (and deleting from) its mailboxes.
+pub struct Running(pub Option<Child>);
+
+impl Running {
+    pub fn stop(&mut self) {
+        if let Some(child) = self.0.take() {
+            stop(child);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Sends SIGTERM and waits for a clean exit.
 pub fn stop(mut child: Child) {
     let _ = Command::new("kill")
