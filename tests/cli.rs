@@ -92,6 +92,7 @@ fn bundled_configs_are_valid() {
             .arg("check-config")
             .arg(file)
             .env("EXAMPLE_IMAP_PASSWORD", "x")
+            .env("EXAMPLE_GRAPH_SECRET", "y")
             .output()
             .unwrap();
         assert!(

@@ -195,6 +195,21 @@ pub(super) fn mailbox(
                     );
                 }
             }
+            ProfileType::ExchangeOnline => {
+                if path.is_some() {
+                    errs.push(t.key("path"), "only maildir mailboxes have a path");
+                }
+                // Graph authenticates as the app, not as the mailbox's user.
+                if secret.is_some() || token_file.is_some() {
+                    errs.push(
+                        t.key("password"),
+                        format!(
+                            "an exchange_online mailbox has no password or token of its own: profile {:?} signs in as its Entra app; remove it",
+                            p.name
+                        ),
+                    );
+                }
+            }
             _ => {
                 if path.is_some() {
                     errs.push(t.key("path"), "only maildir mailboxes have a path");
@@ -241,6 +256,12 @@ pub(super) fn mailbox(
             if !extra_folders.is_empty() {
                 errs.push(t.key("folders"), "POP3 has only the inbox: remove folders");
             }
+        }
+        if p.kind.supports_act() && act != Delivery::None {
+            errs.push(
+                t.key("act"),
+                "appointments, contacts and tasks are not synchronized in this version (email only); set act = \"none\"",
+            );
         }
         if !p.kind.supports_act() && act != Delivery::None {
             errs.push(

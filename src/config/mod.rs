@@ -23,6 +23,7 @@ use crate::net::TlsMode;
 
 mod correlation;
 mod crm;
+mod graph;
 mod mailbox;
 mod outgoing;
 mod profile;
@@ -41,6 +42,7 @@ pub use crm::{
     default_retry_schedule, CrmKind, CrmSettings, DataverseSettings, DeliverySettings,
     PartySettings, WebhookSettings,
 };
+pub use graph::{GraphCredential, GraphProfile, DEFAULT_CATEGORY, GRAPH_URL, LOGIN_URL};
 pub use outgoing::{OutgoingSettings, DEFAULT_BLOCKED_EXTENSIONS};
 pub use secret::read_secret_file;
 pub use smtp::{SentCopyMode, SmtpSettings, UnknownDelivery};
@@ -197,6 +199,8 @@ pub struct Profile {
     pub missing_message_retries: u32,
     /// SMTP submission (`imap_smtp`, `pop3_smtp`); `None` for other types.
     pub smtp: Option<SmtpSettings>,
+    /// Microsoft Graph (`exchange_online`); `None` for other types.
+    pub graph: Option<GraphProfile>,
 }
 
 /// Folder-level tracking: mail in `folder` is regarding `regarding`.

@@ -3,7 +3,6 @@
 use super::*;
 
 pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> Option<Profile> {
-    let _ = base_dir;
     let name = t.required_string("name", errs);
     let kind_s = t.required_string("type", errs);
     let kind = kind_s.as_deref().and_then(|k| {
@@ -129,7 +128,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
     let missing_message_retries = t.int("missing_message_retries", 3, 1, 1000, errs) as u32;
 
     if let Some(kind) = kind {
-        let needs_server = !matches!(kind, ProfileType::Maildir);
+        let needs_server = matches!(kind, ProfileType::ImapSmtp | ProfileType::Pop3Smtp);
         if needs_server && host.is_none() {
             errs.push(
                 t.key("host"),
@@ -139,17 +138,14 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
                 ),
             );
         }
-        if !needs_server && host.is_some() {
+        if kind == ProfileType::Maildir && host.is_some() {
             errs.push(
                 t.key("host"),
                 "a maildir profile has no server; remove host",
             );
         }
-        if matches!(
-            kind,
-            ProfileType::ExchangeOnline | ProfileType::ExchangeServer
-        ) {
-            errs.push(t.key("type"), "Exchange connectors are not available in this version; use imap_smtp with XOAUTH2 for Exchange Online");
+        if kind == ProfileType::ExchangeServer {
+            errs.push(t.key("type"), "Exchange Server (on-premises) is not supported directly: use an imap_smtp profile against the Exchange server's IMAP4 and SMTP endpoints, or exchange_online (Microsoft Graph) for a hybrid deployment whose mailboxes are in Exchange Online; EWS is not planned");
         }
         if kind == ProfileType::ImapSmtp && !keyword_given {
             processed_keyword = Some(crate::connector::imap::CRM_KEYWORD.to_string());
@@ -168,6 +164,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         }
     }
     let smtp = super::smtp::smtp_settings(&mut t, kind, host.as_deref(), allow_insecure, errs);
+    let graph = super::graph::graph_profile(&mut t, kind, allow_insecure, base_dir, errs);
     let port = match (port_i, kind) {
         (0, Some(ProfileType::ImapSmtp)) => Some(if tls == TlsMode::Implicit { 993 } else { 143 }),
         (0, Some(ProfileType::Pop3Smtp)) => Some(if tls == TlsMode::Implicit { 995 } else { 110 }),
@@ -206,5 +203,6 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         password_file,
         missing_message_retries,
         smtp,
+        graph,
     })
 }

@@ -66,7 +66,12 @@ pub(super) fn smtp_settings(
     ];
     let submits = matches!(kind, Some(ProfileType::ImapSmtp | ProfileType::Pop3Smtp));
     if !submits {
+        // Graph sends too and reads these two itself (config::graph).
+        let graph_reads = ["unknown_delivery", "send_retry_for"];
         for &k in KEYS {
+            if kind == Some(ProfileType::ExchangeOnline) && graph_reads.contains(&k) {
+                continue;
+            }
             if t.raw(k).is_some() {
                 errs.push(
                     t.key(k),
