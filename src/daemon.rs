@@ -581,6 +581,11 @@ pub fn with_current_secrets(
     if let Some(f) = &mailbox.password_file {
         mailbox.secret = Some(read_secret_file(f)?);
     }
+    if let Some(graph) = profile.graph.as_mut() {
+        if let Some(f) = &graph.client_secret_file {
+            graph.credential = crate::config::GraphCredential::Secret(read_secret_file(f)?);
+        }
+    }
     Ok((profile, mailbox))
 }
 

@@ -410,6 +410,11 @@ impl MailboxTask {
             &self.mailbox.token_file,
             &self.profile.password_file,
             &self.profile.token_file,
+            &self
+                .profile
+                .graph
+                .as_ref()
+                .and_then(|g| g.client_secret_file.clone()),
         ]
         .into_iter()
         .flatten()
@@ -715,7 +720,8 @@ impl MailboxTask {
             self.alert(
                 AlertLevel::Warning,
                 &format!(
-                    "the OAuth access token expires at {}: renew it before then, or the mailbox stops syncing",
+                    "{} expires at {}: renew it before then, or the mailbox stops syncing",
+                    connector.expiring_credential(),
                     model::format_time(at)
                 ),
             );
@@ -738,7 +744,7 @@ impl MailboxTask {
         state.last_sync_error_at = Some(model::now());
         self.alert(
             AlertLevel::Error,
-            &format!("{DISABLED_ALERT}{why} (re-enabled when its password or token file changes, or by POST /api/v1/mailboxes/{}/enable)", self.mailbox.name),
+            &format!("{DISABLED_ALERT}{why} (re-enabled when its password, token or client secret file changes, or by POST /api/v1/mailboxes/{}/enable)", self.mailbox.name),
         );
         // Disabled is not stalled: the disable alert says what is wrong.
         self.runtime

@@ -284,8 +284,16 @@ pub trait Connector: Send {
     /// Closes connections politely (logout/quit).
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 
-    /// Expiry of the OAuth token used at the last login, if known.
+    /// Expiry of the credential a person must renew, if known: the OAuth
+    /// token used at the last login (IMAP, POP3), the Entra app's client
+    /// secret (Graph; its hourly access tokens renew by themselves).
     fn token_expires_at(&self) -> Option<UnixTime> {
         None
+    }
+
+    /// What [`Connector::token_expires_at`] is the expiry of, for the
+    /// Warning ahead of it.
+    fn expiring_credential(&self) -> &'static str {
+        "the OAuth access token"
     }
 }
