@@ -90,16 +90,18 @@ send_rate_per_minute = 100000
 }
 
 /// `crm-mailsync run` with its log appended to `log` (a pipe nobody reads
-/// would block the daemon once full).
-fn spawn(config: &Path, log: &Path) -> Child {
+/// would block the daemon once full); killed on drop if the test fails first.
+fn spawn(config: &Path, log: &Path) -> Running {
     let log = File::options().create(true).append(true).open(log).unwrap();
-    Command::new(bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    Running(Some(
+        Command::new(bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 /// Minimal HTTP/1.1 POST with a JSON body: (status, parsed body). None
@@ -309,7 +311,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
     // queued email waits), so every send happens in the kill rounds.
     let closed = free_port();
     let cfg = config(tmp.path(), admin, closed);
-    let daemon = spawn(&cfg, &log);
+    let mut daemon = spawn(&cfg, &log);
     wait_for(Duration::from_secs(30), "the admin API", || {
         api_up(admin).then_some(())
     });
@@ -322,7 +324,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
             body["message_id"].as_str().unwrap().to_string(),
         ));
     }
-    stop(daemon);
+    daemon.stop();
     let by_id: HashMap<u64, String> = ids.iter().cloned().collect();
     let ours: HashSet<String> = ids.iter().map(|(_, m)| m.clone()).collect();
     assert_eq!(ours.len(), EMAILS, "Message-IDs are unique");
@@ -340,7 +342,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
     for k in 1..=KILLS {
         let wait = Duration::from_millis(rng.u64(100..=1500));
         let t0 = Instant::now();
-        let daemon = spawn(&cfg, &log);
+        let mut daemon = spawn(&cfg, &log);
         if REPOST_AFTER.contains(&(k - 1)) {
             // After a kill: the same keys name the same emails, nothing new.
             wait_for(Duration::from_secs(30), "the admin API", || {
@@ -376,7 +378,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
         } else if let Some(left) = wait.checked_sub(t0.elapsed()) {
             std::thread::sleep(left);
         }
-        kill(daemon, &log);
+        kill(daemon.0.take().unwrap(), &log);
         let delivered = sink.counts().keys().filter(|m| ours.contains(*m)).count();
         if delivered > delivered_before {
             kills_while_sending += 1;
@@ -389,7 +391,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
     }
 
     // 3. Runs to the end: nothing pending or sending any more.
-    let daemon = spawn(&cfg, &log);
+    let mut daemon = spawn(&cfg, &log);
     wait_for(Duration::from_secs(30), "the admin API", || {
         api_up(admin).then_some(())
     });
@@ -432,7 +434,7 @@ fn sigkill_20_times_during_500_sends_delivers_each_once() {
         }
     }
     let rows = settled("the retried emails sent");
-    stop(daemon);
+    daemon.stop();
 
     // 5. Sink, Sent folder and statuses agree.
     let counts = sink.counts();
