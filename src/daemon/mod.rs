@@ -11,9 +11,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod graph;
+
 use crate::admin::{self, AdminState};
 use crate::alerts::Alerts;
 use crate::config::{read_secret_file, AuthKind, Config, CrmKind, Mailbox, Profile};
+use crate::connector::graph::GraphConnector;
 use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
 use crate::connector::oauth::{StaticToken, TokenFile, TokenProvider};
@@ -122,6 +125,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
         );
     }
+    let graph_clients = graph::graph_mailboxes(&config);
     for mailbox in &config.mailboxes {
         let Some(profile) = config.profile_of(mailbox).cloned() else {
             continue;
@@ -180,6 +184,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
                         .map(|settings| Pop3Connector::new(settings, store.clone()))
                 };
                 start_mailbox(&tracker, task, "pop3", make);
+            }
+            ProfileType::ExchangeOnline => {
+                let client = graph_clients.get(&mailbox.name).cloned();
+                let make = move || {
+                    let client = client
+                        .clone()
+                        .unwrap_or_else(|| Err("no Graph client was built".to_string()))?;
+                    Ok(GraphConnector::new(
+                        client,
+                        graph::graph_settings(&profile, &mailbox),
+                        store.clone(),
+                    ))
+                };
+                start_mailbox(&tracker, task, "graph", make);
             }
             other => {
                 let why = format!("no connector for profile type {other:?} in this build");

@@ -1,0 +1,151 @@
+//! Exchange Online wiring: one [`GraphApp`] per `exchange_online` profile (its
+//! token cache and request budget are the app's, shared by every mailbox of
+//! the profile) and one [`GraphMailbox`] per mailbox, shared by the
+//! mailbox's connector and its sender so both stay within Graph's four
+//! requests in flight per mailbox.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, GraphCredential, GraphProfile, Mailbox, Profile};
+use crate::connector::graph::{GraphApp, GraphMailbox, GraphSettings};
+use crate::entra::{Credential, TokenSource};
+
+/// The scope of an app-only Graph token.
+const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+
+/// Graph clients by mailbox name; `Err` says why one could not be built
+/// (the mailbox task reports it and waits to be re-enabled).
+pub(super) type GraphMailboxes = HashMap<String, Result<Arc<GraphMailbox>, String>>;
+
+/// Builds the clients of every mailbox on an `exchange_online` profile.
+pub(super) fn graph_mailboxes(config: &Config) -> GraphMailboxes {
+    let mut apps: HashMap<&str, Result<Arc<GraphApp>, String>> = HashMap::new();
+    let mut out = GraphMailboxes::new();
+    for mailbox in &config.mailboxes {
+        let Some(profile) = config.profile_of(mailbox) else {
+            continue;
+        };
+        let Some(graph) = &profile.graph else {
+            continue;
+        };
+        let app = apps
+            .entry(profile.name.as_str())
+            .or_insert_with(|| graph_app(profile, graph).map(Arc::new))
+            .clone();
+        let client = app.map(|app| GraphMailbox::new(app, &graph_settings(profile, mailbox)));
+        out.insert(mailbox.name.clone(), client);
+    }
+    out
+}
+
+/// The Entra app of a profile: HTTPS with certificate verification (system
+/// roots plus `ca_file`); plaintext only where the config allowed it.
+fn graph_app(profile: &Profile, graph: &GraphProfile) -> Result<GraphApp, String> {
+    let tls = crate::net::client_config(profile.ca_file.as_deref())
+        .map_err(|e| format!("profile {:?}: TLS setup: {e}", profile.name))?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .connect_timeout(profile.connect_timeout)
+        .timeout(profile.io_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("crm-mailsync/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("profile {:?}: HTTP client setup: {e}", profile.name))?;
+    let credential = match (&graph.credential, &graph.client_secret_file) {
+        // Read again at every token request: a renewed secret needs no restart.
+        (GraphCredential::Secret(_), Some(file)) => Credential::SecretFile(file.clone()),
+        (GraphCredential::Secret(s), None) => Credential::Secret(s.clone()),
+        (
+            GraphCredential::Certificate {
+                cert_file,
+                key_file,
+            },
+            _,
+        ) => {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| {
+                    format!(
+                        "profile {:?}: cannot read {}: {e}",
+                        profile.name,
+                        p.display()
+                    )
+                })
+            };
+            Credential::Certificate {
+                cert_pem: read(cert_file)?,
+                key_pem: read(key_file)?,
+            }
+        }
+    };
+    let token = TokenSource::new(
+        http.clone(),
+        graph.token_url.clone(),
+        graph.client_id.clone(),
+        credential,
+        GRAPH_SCOPE.to_string(),
+    );
+    Ok(GraphApp::new(http, token, graph.requests_per_minute))
+}
+
+/// What one mailbox's connector needs from its profile and its own settings.
+pub(super) fn graph_settings(profile: &Profile, mailbox: &Mailbox) -> GraphSettings {
+    let graph = profile.graph.as_ref();
+    let mut folders = vec!["Inbox".to_string()];
+    for f in mailbox
+        .tracked_folders
+        .iter()
+        .map(|r| &r.folder)
+        .chain(&mailbox.extra_folders)
+    {
+        let f = graph_folder_path(f);
+        if !folders.contains(&f) {
+            folders.push(f);
+        }
+    }
+    GraphSettings {
+        mailbox: mailbox.name.clone(),
+        user: mailbox
+            .username
+            .clone()
+            .unwrap_or_else(|| mailbox.email.clone()),
+        graph_url: graph.map_or_else(
+            || crate::config::GRAPH_URL.to_string(),
+            |g| g.graph_url.clone(),
+        ),
+        folders,
+        page_size: graph.map_or(100, |g| g.page_size),
+        batch_size: profile.batch_size,
+        max_message_size: profile.max_message_size,
+        processed_category: graph.and_then(|g| g.processed_category.clone()),
+        delete_after_processing: mailbox.delete_after_processing,
+        move_failed_to: profile.move_failed_to.as_deref().map(graph_folder_path),
+        request_timeout: profile.io_timeout,
+        connect_timeout: profile.connect_timeout,
+        process_email_from: profile.process_email_from,
+    }
+}
+
+/// A configured folder as a Graph display path: IMAP habits (`INBOX/x`)
+/// name the same folder as `Inbox/x`; the levels are kept as written.
+fn graph_folder_path(folder: &str) -> String {
+    let trimmed = folder.trim_matches('/');
+    match trimmed.split_once('/') {
+        Some((first, rest)) if first.eq_ignore_ascii_case("inbox") => format!("Inbox/{rest}"),
+        None if trimmed.eq_ignore_ascii_case("inbox") => "Inbox".to_string(),
+        _ => trimmed.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imap_style_inbox_names_become_graph_display_paths() {
+        assert_eq!(graph_folder_path("INBOX/Customers/Contoso"), "Inbox/Customers/Contoso");
+        assert_eq!(graph_folder_path("inbox"), "Inbox");
+        assert_eq!(graph_folder_path("/Inbox/Orders/"), "Inbox/Orders");
+        assert_eq!(graph_folder_path("Undeliverable"), "Undeliverable");
+    }
+}
