@@ -175,7 +175,7 @@ fn what_to_do(error: &str, aadsts: Option<&str>, fix: &str) -> String {
         "and put its value (not its ID) into the configuration"
     };
     match aadsts {
-        Some("AADSTS7000215") => format!("the client secret is wrong: {new_secret} {where_to}"),
+        Some("AADSTS7000215") => format!("the client secret was rejected as wrong: {new_secret} {where_to}"),
         Some("AADSTS7000222") => format!("the client secret has expired: {new_secret} {where_to}"),
         Some("AADSTS700016") => "no application with this client_id exists in the tenant: check client_id and the tenant in token_url, and that the app registration lives in (or was consented to in) that tenant".into(),
         Some("AADSTS90002") => "the tenant was not found: check the tenant ID or domain in token_url".into(),
