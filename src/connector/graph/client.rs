@@ -169,6 +169,12 @@ impl GraphMailbox {
         self.app.token_expires_at()
     }
 
+    /// Gets an access token (Test & Enable: the credentials work).
+    pub async fn check_token(&self) -> Result<(), GraphError> {
+        self.app.token.token().await.map_err(GraphError::Token)?;
+        Ok(())
+    }
+
     /// POST /users/{id}/sendMail with Content-Type text/plain and the base64
     /// MIME body. 202 → Ok. Exchange keeps our Message-ID and headers and
     /// files the copy in Sent Items.

@@ -12,10 +12,15 @@
 //! `$value` answer's `Content-Length` (or the bytes read) and a larger message
 //! is not read further.
 
+mod ack;
 pub mod client;
+mod connector;
+mod delta;
 pub mod error;
+mod folders;
 
 pub use client::{GraphApp, GraphMailbox, MAX_IN_FLIGHT};
+pub use connector::GraphConnector;
 pub use error::GraphError;
 
 /// The settings the daemon builds from an `exchange_online` profile and
