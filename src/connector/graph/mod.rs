@@ -63,3 +63,6 @@ pub struct SentItem {
     /// Its `internetMessageId`, with angle brackets.
     pub internet_message_id: String,
 }
+
+#[cfg(test)]
+mod tests;
