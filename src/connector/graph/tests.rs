@@ -397,13 +397,15 @@ async fn pages_to_the_delta_link_with_positions() {
     assert_eq!(ids, want, "each message once, in order");
     assert!(e.link("Inbox").unwrap().ends_with("$deltatoken=10"));
     assert!(e.link("Inbox/Orders").unwrap().ends_with("$deltatoken=5"));
-    let m = e.mock.lock().unwrap();
-    assert!(m
+    let paged = e
+        .mock
+        .lock()
+        .unwrap()
         .requests
         .iter()
         .filter(|r| r.1.contains("/delta"))
-        .all(|r| r.2.contains("odata.maxpagesize=4")));
-    drop(m);
+        .all(|r| r.2.contains("odata.maxpagesize=4"));
+    assert!(paged);
 
     // A new message after the round: the next cycle starts at the delta link.
     e.mock.lock().unwrap().messages.push(Msg {
