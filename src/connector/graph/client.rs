@@ -7,7 +7,10 @@
 //! the token once on a 401.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Tokio's clock, so the budget follows paused time in tests.
+use tokio::time::Instant;
 
 use base64::Engine as _;
 use reqwest::{Method, StatusCode};
@@ -30,24 +33,28 @@ const RETRIES: u32 = 3;
 /// scheduler (the error carries it) instead of holding the task.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
 
-/// A token bucket: `per_minute` requests a minute, bursts up to a tenth of
-/// that (at least one). 0 = no budget.
+/// Graph's Outlook limit per app and mailbox: 10,000 requests in ten
+/// minutes. A bucket of 10,000 refilled at 1,000 a minute never exceeds it.
+const MAILBOX_BUDGET_PER_MINUTE: u32 = 1_000;
+const MAILBOX_BURST: u32 = 10_000;
+
+/// A token bucket: `per_minute` requests a minute, bursts up to `burst`.
+/// `per_minute` 0 = no budget.
 #[derive(Debug)]
 struct Budget {
     per_minute: u32,
+    burst: f64,
     state: tokio::sync::Mutex<(f64, Instant)>,
 }
 
 impl Budget {
-    fn new(per_minute: u32) -> Self {
+    fn new(per_minute: u32, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
         Budget {
             per_minute,
-            state: tokio::sync::Mutex::new((Self::burst(per_minute), Instant::now())),
+            burst,
+            state: tokio::sync::Mutex::new((burst, Instant::now())),
         }
-    }
-
-    fn burst(per_minute: u32) -> f64 {
-        (f64::from(per_minute) / 10.0).max(1.0)
     }
 
     /// Waits until one request may go.
@@ -61,7 +68,7 @@ impl Budget {
                 let mut s = self.state.lock().await;
                 let now = Instant::now();
                 let refill = now.duration_since(s.1).as_secs_f64() * rate;
-                s.0 = (s.0 + refill).min(Self::burst(self.per_minute));
+                s.0 = (s.0 + refill).min(self.burst);
                 s.1 = now;
                 if s.0 >= 1.0 {
                     s.0 -= 1.0;
@@ -85,12 +92,14 @@ pub struct GraphApp {
 
 impl GraphApp {
     /// `http` should have a connect time-out (per-request time-outs come from
-    /// each mailbox's settings); `app_budget_per_minute` = 0 turns the budget off.
+    /// each mailbox's settings); `app_budget_per_minute` (bursts up to ten
+    /// seconds' worth) = 0 turns the app's budget off. Each mailbox also
+    /// keeps Graph's own per-mailbox limit (10,000 requests in 10 minutes).
     pub fn new(http: reqwest::Client, token: TokenSource, app_budget_per_minute: u32) -> Self {
         GraphApp {
             http,
             token,
-            budget: Budget::new(app_budget_per_minute),
+            budget: Budget::new(app_budget_per_minute, app_budget_per_minute / 6),
         }
     }
 
@@ -142,6 +151,8 @@ pub struct GraphMailbox {
     base: String,
     graph_url: String,
     in_flight: Semaphore,
+    /// Graph's per-app-and-mailbox request limit.
+    budget: Budget,
     timeout: Duration,
 }
 
@@ -155,6 +166,7 @@ impl GraphMailbox {
             user: settings.user.clone(),
             app,
             in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            budget: Budget::new(MAILBOX_BUDGET_PER_MINUTE, MAILBOX_BURST),
             timeout: settings.request_timeout,
         })
     }
@@ -309,6 +321,7 @@ impl GraphMailbox {
         let mut renewed = false;
         let mut throttled = 0u32;
         loop {
+            self.budget.take().await;
             self.app.budget.take().await;
             let prefer = match &req.prefer {
                 Some(p) => format!("IdType=\"ImmutableId\", {p}"),
@@ -356,13 +369,12 @@ impl GraphMailbox {
                 continue;
             }
             let error = classify(status, &headers, &body, req.target, req.what, &self.user);
-            if matches!(
-                status,
-                StatusCode::TOO_MANY_REQUESTS
-                    | StatusCode::SERVICE_UNAVAILABLE
-                    | StatusCode::GATEWAY_TIMEOUT
-            ) && throttled < RETRIES
-            {
+            // A 504 to a POST (sendMail) may have been carried out: not
+            // repeated here, the caller looks before sending again.
+            let retry_inline = status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE
+                || (status == StatusCode::GATEWAY_TIMEOUT && req.method != Method::POST);
+            if retry_inline && throttled < RETRIES {
                 let wait = error
                     .retry_after()
                     .unwrap_or_else(|| Duration::from_secs(1 << throttled));
@@ -447,4 +459,33 @@ pub(crate) fn query_encode(s: &str) -> String {
 /// examples write it).
 pub(crate) fn path_segment(s: &str) -> String {
     query_encode(s).replace("%40", "@")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_spaces_requests_after_the_burst() {
+        let b = Budget::new(60, 2);
+        let t = tokio::time::Instant::now();
+        b.take().await;
+        b.take().await;
+        assert!(t.elapsed() < Duration::from_millis(10));
+        b.take().await;
+        let waited = t.elapsed();
+        assert!(waited >= Duration::from_millis(990), "{waited:?}");
+        assert!(waited < Duration::from_millis(1100), "{waited:?}");
+        // 0 = no budget.
+        let free = Budget::new(0, 0);
+        for _ in 0..100 {
+            free.take().await;
+        }
+    }
+
+    #[test]
+    fn ids_are_encoded_as_path_segments() {
+        assert_eq!(path_segment("u@x.example"), "u@x.example");
+        assert_eq!(path_segment("AAk/A+B="), "AAk%2FA%2BB%3D");
+    }
 }

@@ -209,6 +209,7 @@ const BUSY_CODES: &[&str] = &[
     "ErrorTimeoutExpired",
     "ErrorInternalServerTransientError",
     "activityLimitReached",
+    "serviceNotAvailable",
     "generalException",
     "timeout",
 ];
@@ -288,14 +289,18 @@ pub fn classify(
             message,
         };
     }
-    if status == StatusCode::NOT_FOUND || code_is(&["ErrorItemNotFound", "ResourceNotFound"]) {
+    if status == StatusCode::NOT_FOUND
+        || code_is(&["ErrorItemNotFound", "ResourceNotFound", "itemNotFound"])
+    {
         return match target {
             Target::Message => GraphError::Gone {
                 what,
                 code,
                 message,
             },
-            Target::Mailbox if code_is(&["ErrorItemNotFound", "ErrorFolderNotFound"]) => {
+            Target::Mailbox
+                if code_is(&["ErrorItemNotFound", "ErrorFolderNotFound", "itemNotFound"]) =>
+            {
                 GraphError::Gone {
                     what,
                     code,
@@ -393,6 +398,12 @@ mod tests {
                 "Refused",
             ),
             (400, "ErrorInvalidRecipients", Mailbox, Permanent, "Refused"),
+            (403, "extensionError", Mailbox, Permanent, "AccessDenied"),
+            (404, "itemNotFound", Message, Permanent, "Gone"),
+            (503, "serviceNotAvailable", Mailbox, Transient, "Busy"),
+            (509, "", Mailbox, Transient, "Busy"),
+            (507, "quotaLimitReached", Mailbox, Transient, "Busy"),
+            (400, "quotaLimitReached", Mailbox, Permanent, "Refused"),
             (
                 401,
                 "InvalidAuthenticationToken",
