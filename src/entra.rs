@@ -170,7 +170,7 @@ impl EntraError {
 fn what_to_do(error: &str, aadsts: Option<&str>, fix: &str) -> String {
     let new_secret = "create a new client secret in the app registration (Entra admin center → App registrations → Certificates & secrets)";
     let where_to = if fix == "client_secret_file" {
-        "and write its value (not its ID) to client_secret_file; it is read again on the next retry"
+        "and write its value (not its ID) to client_secret_file; it is read again at the next attempt, no restart needed"
     } else {
         "and put its value (not its ID) into the configuration"
     };
