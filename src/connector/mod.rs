@@ -228,10 +228,10 @@ impl ConnectorError {
     }
 }
 
-/// A Graph error; a rejected client or token says so first, with the
-/// AADSTS/Graph code already in the error's own text.
+/// A Graph error; a client Entra rejected says so first, with the AADSTS
+/// code and what to do already in the error's own text.
 fn graph_text(e: &graph::GraphError) -> String {
-    if e.is_auth_failure() {
+    if matches!(e, graph::GraphError::Token(t) if t.is_rejected()) {
         format!("Microsoft Entra rejected the app's credentials: {e}")
     } else {
         e.to_string()

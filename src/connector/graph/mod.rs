@@ -10,7 +10,15 @@
 //! Messages come as raw MIME from `/messages/{id}/$value`; Graph has no size
 //! property on a message, so `max_message_size` is checked against the
 //! `$value` answer's `Content-Length` (or the bytes read) and a larger message
-//! is not read further.
+//! is not read further. `process_email_from` becomes the one filter delta
+//! supports (`receivedDateTime ge …`); Graph then lists at most 5,000
+//! messages per folder in the round.
+//!
+//! Limits: at most [`MAX_IN_FLIGHT`] requests per mailbox (Graph's Outlook
+//! limit, shared with the sender through [`GraphMailbox`]), Graph's 10,000
+//! requests per 10 minutes per app and mailbox, the app's own budget
+//! ([`GraphApp::new`]); throttled answers wait for `Retry-After` inside the
+//! call a few times, then fail as transient with it.
 
 mod ack;
 pub mod client;

@@ -32,6 +32,8 @@ struct Mock {
     messages: Vec<Msg>,
     tokens_issued: u32,
     reject_first_token: bool,
+    /// The token endpoint rejects the client secret.
+    bad_secret: bool,
     always_401: bool,
     /// The next N requests answer 429 with `Retry-After: 0.5`.
     throttle: u32,
@@ -41,6 +43,8 @@ struct Mock {
     /// (method, path and query, Prefer)
     requests: Vec<(String, String, String)>,
     value_gets: Vec<String>,
+    /// Listed, but `$value` answers 404.
+    vanished: Vec<String>,
 }
 
 type Shared = Arc<Mutex<Mock>>;
@@ -76,6 +80,13 @@ async fn handle(State(s): State<Shared>, req: axum::extract::Request) -> Respons
     let query = uri.query().unwrap_or("").to_string();
     if path == "/token" {
         let mut m = s.lock().unwrap();
+        if m.bad_secret {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.\r\nTrace ID: 0"})),
+            )
+                .into_response();
+        }
         m.tokens_issued += 1;
         let t = format!("tok-{}", m.tokens_issued);
         return axum::Json(json!({"token_type": "Bearer", "expires_in": 3599, "access_token": t}))
@@ -190,7 +201,7 @@ async fn handle(State(s): State<Shared>, req: axum::extract::Request) -> Respons
         (Method::GET, ["messages", id, "$value"]) => {
             let id = id.to_string();
             m.value_gets.push(id.clone());
-            if m.messages.iter().any(|x| x.id == id) {
+            if m.messages.iter().any(|x| x.id == id) && !m.vanished.contains(&id) {
                 mime(&id).into_response()
             } else {
                 err(StatusCode::NOT_FOUND, "ErrorItemNotFound")
@@ -604,4 +615,58 @@ async fn test_and_enable_and_send() {
     let err = c.fetch().await.unwrap_err();
     assert_eq!(err.disposition(), crate::error::Disposition::Permanent);
     assert!(err.to_string().contains("Inbox/Nope"), "{err}");
+}
+
+#[tokio::test]
+async fn a_rejected_secret_names_the_code_and_recovers_when_fixed() {
+    let e = env(2, 0).await;
+    e.mock.lock().unwrap().bad_secret = true;
+    let mut c = e.connector();
+    let err = c.fetch().await.unwrap_err();
+    assert!(err.is_auth_failure(), "{err}");
+    assert_eq!(err.disposition(), crate::error::Disposition::Permanent);
+    let text = err.to_string();
+    assert!(text.contains("AADSTS7000215"), "{text}");
+    assert!(text.contains("Certificates & secrets"), "{text}");
+    assert!(
+        !text.contains("s3cret") && !text.contains("Trace ID"),
+        "{text}"
+    );
+    // Fixed in the app registration: the next attempt works, same connector.
+    e.mock.lock().unwrap().bad_secret = false;
+    let b = c.fetch().await.unwrap();
+    assert_eq!(b.messages.len(), 2);
+}
+
+#[tokio::test]
+async fn oversized_and_vanished_messages() {
+    let mut e = env(2, 0).await;
+    e.settings.max_message_size = 20;
+    let mut c = e.connector();
+    let first = c.fetch().await.unwrap();
+    assert_eq!(first.messages.len(), 2);
+    for m in &first.messages {
+        assert!(m.raw.is_empty());
+        assert!(m.too_large.unwrap() > 20, "{m:?}");
+    }
+    e.commit(&first);
+    e.mock.lock().unwrap().messages.push(Msg {
+        id: "late".into(),
+        folder: "inbox-id".into(),
+        categories: Vec::new(),
+    });
+    // Deleted between the listing and its download: nothing to record.
+    e.mock.lock().unwrap().vanished.push("late".into());
+    c.wait_for_changes(Duration::ZERO, false, &Default::default())
+        .await
+        .unwrap();
+    let b = c.fetch().await.unwrap();
+    assert!(b.messages.is_empty(), "{:?}", b.messages);
+    assert!(!b.more);
+    assert!(e
+        .mock
+        .lock()
+        .unwrap()
+        .value_gets
+        .contains(&"late".to_string()));
 }
