@@ -148,6 +148,10 @@ async fn handle(State(s): State<Shared>, req: axum::extract::Request) -> Respons
             axum::Json(json!({"id": "inbox-id", "displayName": "Inbox", "totalItemCount": n}))
                 .into_response()
         }
+        (Method::GET, ["mailFolders", fid]) => match m.folders.iter().find(|f| f.0 == *fid) {
+            Some(f) => axum::Json(json!({"id": f.0, "displayName": f.1})).into_response(),
+            None => err(StatusCode::NOT_FOUND, "ErrorItemNotFound"),
+        },
         (Method::GET, ["mailFolders"]) | (Method::GET, ["mailFolders", _, "childFolders"]) => {
             let parent = parts.get(1).map(|p| p.to_string());
             let list: Vec<Value> = m
@@ -597,6 +601,28 @@ async fn acks_categorize_move_and_tolerate_gone() {
         .any(|f| f.0 == "folder-Graph" && f.2.as_deref() == Some("folder-Failed")));
     // Already categorized: the second round read and did not PATCH.
     assert_eq!(m.requests.iter().filter(|r| r.0 == "PATCH").count(), 1);
+    drop(m);
+
+    // Someone deletes the failed-mail folder: the move fails once, saying
+    // so, and the folder is created again at the next attempt.
+    e.mock
+        .lock()
+        .unwrap()
+        .folders
+        .retain(|f| f.0 != "folder-Graph");
+    let failed = vec![Ack {
+        source: key("in000"),
+        kind: AckKind::Failed,
+    }];
+    let r = c.acknowledge(failed.clone()).await.unwrap();
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert!(
+        r.failed[0].1.contains("failed-mail folder was deleted"),
+        "{r:?}"
+    );
+    let r = c.acknowledge(failed).await.unwrap();
+    assert!(r.failed.is_empty(), "{r:?}");
+    assert_eq!(e.mock.lock().unwrap().messages[0].folder, "folder-Graph");
 }
 
 #[tokio::test]
