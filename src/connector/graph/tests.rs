@@ -585,23 +585,24 @@ async fn acks_categorize_move_and_tolerate_gone() {
         let r = c.acknowledge(acks.clone()).await.unwrap();
         assert!(r.failed.is_empty(), "{r:?}");
     }
-    let m = e.mock.lock().unwrap();
-    assert_eq!(
-        m.messages[0].categories,
-        vec!["Blue".to_string(), "CRM".to_string()]
-    );
-    assert_eq!(m.messages[1].folder, "folder-Graph");
-    assert!(m
-        .folders
-        .iter()
-        .any(|f| f.0 == "folder-Failed" && f.2.is_none()));
-    assert!(m
-        .folders
-        .iter()
-        .any(|f| f.0 == "folder-Graph" && f.2.as_deref() == Some("folder-Failed")));
-    // Already categorized: the second round read and did not PATCH.
-    assert_eq!(m.requests.iter().filter(|r| r.0 == "PATCH").count(), 1);
-    drop(m);
+    {
+        let m = e.mock.lock().unwrap();
+        assert_eq!(
+            m.messages[0].categories,
+            vec!["Blue".to_string(), "CRM".to_string()]
+        );
+        assert_eq!(m.messages[1].folder, "folder-Graph");
+        assert!(m
+            .folders
+            .iter()
+            .any(|f| f.0 == "folder-Failed" && f.2.is_none()));
+        assert!(m
+            .folders
+            .iter()
+            .any(|f| f.0 == "folder-Graph" && f.2.as_deref() == Some("folder-Failed")));
+        // Already categorized: the second round read and did not PATCH.
+        assert_eq!(m.requests.iter().filter(|r| r.0 == "PATCH").count(), 1);
+    }
 
     // Someone deletes the failed-mail folder: the move fails once, saying
     // so, and the folder is created again at the next attempt.
