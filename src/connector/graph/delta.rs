@@ -156,4 +156,19 @@ mod tests {
         assert_ne!(folder_hash("a"), folder_hash("b"));
         assert_eq!(folder_hash("a"), folder_hash("a"));
     }
+
+    #[test]
+    fn positions_without_a_delta_link_load_and_stay_unchanged() {
+        let old = r#"{"uidvalidity":1,"next_uid":2,"highest_modseq":null,"seen_count":3}"#;
+        let p: crate::model::FolderPosition = serde_json::from_str(old).unwrap();
+        assert_eq!(p.delta_link, None);
+        assert!(!serde_json::to_string(&p).unwrap().contains("delta_link"));
+        let p = crate::model::FolderPosition {
+            delta_link: Some("https://g/x?$deltatoken=1".into()),
+            ..p
+        };
+        let back: crate::model::FolderPosition =
+            serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
 }
