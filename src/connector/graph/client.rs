@@ -107,6 +107,28 @@ impl GraphApp {
     pub fn token_expires_at(&self) -> Option<UnixTime> {
         self.token.expires_at()
     }
+
+    /// The HTTP client for Graph and its token endpoint: rustls (ring) with
+    /// the system roots plus `ca_file`, a connect time-out, no redirects
+    /// (our token must not follow one elsewhere). Per-request time-outs are
+    /// set by each mailbox; the token endpoint gets `token_timeout`.
+    pub fn http_client(
+        ca_file: Option<&std::path::Path>,
+        connect_timeout: Duration,
+        token_timeout: Duration,
+    ) -> Result<reqwest::Client, crate::net::NetError> {
+        let tls = crate::net::client_config(ca_file)?;
+        reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .connect_timeout(connect_timeout)
+            // The whole-request bound (token requests have no own); each
+            // Graph request sets its own shorter one.
+            .timeout(token_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("crm-mailsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| crate::net::NetError::TlsSetup(format!("Graph HTTP client: {e}")))
+    }
 }
 
 /// A request body.

@@ -296,7 +296,8 @@ async fn env(inbox: usize, orders: usize) -> Env {
     mock.lock().unwrap().base = base.clone();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
-    let http = reqwest::Client::new();
+    let http =
+        GraphApp::http_client(None, Duration::from_secs(5), Duration::from_secs(30)).unwrap();
     let token = TokenSource::new(
         http.clone(),
         format!("{base}/token"),
