@@ -130,6 +130,8 @@ impl GraphConnector {
         let mut batch = FetchBatch::default();
         let batch_size = self.settings.batch_size.max(1);
         let mut picked: Vec<(usize, Item)> = Vec::new();
+        // A message changed during a round is listed again on a later page.
+        let mut in_batch: std::collections::HashSet<(usize, String)> = Default::default();
         let mut pages = 0usize;
         let mut stored_links: Vec<Option<String>> = Vec::with_capacity(self.folders.len());
         'folders: for fi in 0..self.folders.len() {
@@ -178,7 +180,10 @@ impl GraphConnector {
                         };
                         // Changed messages (our own category PATCH, a read
                         // flag) come again: known ids are skipped unread.
-                        if !self.store.is_seen(&key)? {
+                        if !in_batch.contains(&(fi, item.id.clone()))
+                            && !self.store.is_seen(&key)?
+                        {
+                            in_batch.insert((fi, item.id.clone()));
                             picked.push((fi, item));
                         }
                     }
