@@ -732,7 +732,9 @@ impl MailboxTask {
     /// generic retry/disable alerts do not tell an expired token apart from a
     /// wrong password.
     fn token_alert(&self, e: &ConnectorError) {
-        if matches!(e, ConnectorError::TokenRejected { .. }) {
+        if matches!(e, ConnectorError::TokenRejected { .. })
+            || matches!(e, ConnectorError::Graph(g) if g.is_auth_failure())
+        {
             self.alert(AlertLevel::Error, &e.to_string());
         }
     }

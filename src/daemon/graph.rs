@@ -42,16 +42,12 @@ pub(super) fn graph_mailboxes(config: &Config) -> GraphMailboxes {
 /// The Entra app of a profile: HTTPS with certificate verification (system
 /// roots plus `ca_file`); plaintext only where the config allowed it.
 fn graph_app(profile: &Profile, graph: &GraphProfile) -> Result<GraphApp, String> {
-    let tls = crate::net::client_config(profile.ca_file.as_deref())
-        .map_err(|e| format!("profile {:?}: TLS setup: {e}", profile.name))?;
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
-        .connect_timeout(profile.connect_timeout)
-        .timeout(profile.io_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("crm-mailsync/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("profile {:?}: HTTP client setup: {e}", profile.name))?;
+    let http = GraphApp::http_client(
+        profile.ca_file.as_deref(),
+        profile.connect_timeout,
+        profile.io_timeout,
+    )
+    .map_err(|e| format!("profile {:?}: {e}", profile.name))?;
     let credential = match (&graph.credential, &graph.client_secret_file) {
         // Read again at every token request: a renewed secret needs no restart.
         (GraphCredential::Secret(_), Some(file)) => Credential::SecretFile(file.clone()),
