@@ -140,6 +140,7 @@ fn make_batch(store: &SledStore, n: u64, settings: &CorrelationSettings) -> Comm
             highest_modseq: None,
             seen_count: (n + 1) * BATCH as u64,
             retry: Vec::new(),
+            delta_link: None,
         },
     ));
     b.mailbox_state = Some(MailboxState {

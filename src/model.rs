@@ -473,6 +473,10 @@ pub struct FolderPosition {
     /// `missing_message_retries`. Kept here so the count survives restarts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry: Vec<RetryMessage>,
+    /// Microsoft Graph: the delta (or next) link the folder's next request
+    /// uses; `None` starts a full round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_link: Option<String>,
 }
 
 /// A message the server would not deliver yet, and how often it was tried.

@@ -205,6 +205,7 @@ impl Connector for MaildirConnector {
                     highest_modseq: None,
                     seen_count: total,
                     retry: Vec::new(),
+                    delta_link: None,
                 },
             ));
         }

@@ -9,6 +9,7 @@
 //! until done, so they happen at least once.
 
 pub mod forward;
+pub mod graph;
 pub mod imap;
 pub mod maildir;
 pub mod oauth;
@@ -146,6 +147,9 @@ pub enum ConnectorError {
     Imap(#[from] imap::ImapError),
     #[error(transparent)]
     Pop3(#[from] pop3::Pop3Error),
+    /// Microsoft Graph (Exchange Online), including its Entra token.
+    #[error("{}", graph_text(.0))]
+    Graph(#[from] graph::GraphError),
     /// No OAuth token could be had (token file missing or unreadable).
     #[error(transparent)]
     Token(#[from] oauth::TokenError),
@@ -176,6 +180,7 @@ impl Classify for ConnectorError {
             ConnectorError::Store(e) => e.disposition(),
             ConnectorError::Imap(e) => e.disposition(),
             ConnectorError::Pop3(e) => e.disposition(),
+            ConnectorError::Graph(e) => e.disposition(),
             ConnectorError::Maildir { disposition, .. } => *disposition,
             // A token source that can change (a file someone rotates) gets
             // retried with back-off, so the mailbox recovers by itself once a
@@ -203,7 +208,15 @@ impl ConnectorError {
             ConnectorError::Imap(imap::ImapError::AuthFailed { .. })
                 | ConnectorError::Pop3(pop3::Pop3Error::Auth { .. })
                 | ConnectorError::TokenRejected { .. }
-        )
+        ) || matches!(self, ConnectorError::Graph(e) if e.is_auth_failure())
+    }
+
+    /// The server's own `Retry-After` (Graph), if it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ConnectorError::Graph(e) => e.retry_after(),
+            _ => None,
+        }
     }
 
     /// The expiry of the OAuth token the server rejected, if it had passed.
@@ -212,6 +225,16 @@ impl ConnectorError {
             ConnectorError::TokenRejected { expired_at, .. } => *expired_at,
             _ => None,
         }
+    }
+}
+
+/// A Graph error; a rejected client or token says so first, with the
+/// AADSTS/Graph code already in the error's own text.
+fn graph_text(e: &graph::GraphError) -> String {
+    if e.is_auth_failure() {
+        format!("Microsoft Entra rejected the app's credentials: {e}")
+    } else {
+        e.to_string()
     }
 }
 

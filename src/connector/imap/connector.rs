@@ -587,6 +587,7 @@ impl ImapConnector {
                 highest_modseq: s.state.highest_modseq,
                 seen_count: u64::from(s.state.exists),
                 retry: retry_next,
+                delta_link: None,
             };
             if s.prev.as_ref() != Some(&position) {
                 batch.positions.push((s.folder.clone(), position));

@@ -311,6 +311,7 @@ pub fn positions_and_state_persist_across_reopen<F: Fixture>(fx: &F) {
                 highest_modseq: None,
                 seen_count: 1,
                 retry: Vec::new(),
+                delta_link: None,
             },
         ));
         // The state as before the batch: the commit adds its one insert.
