@@ -914,4 +914,6 @@ fn rfc3339(t: i64) -> String {
 }
 
 #[cfg(test)]
+mod graph_tests;
+#[cfg(test)]
 mod tests;
