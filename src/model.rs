@@ -877,4 +877,13 @@ pub struct OutgoingEmail {
     /// from here instead of `queued_at`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_from: Option<UnixTime>,
+    /// When a transport that confirms delivery later (Microsoft Graph's
+    /// `202 Accepted`) took the current attempt: the email stays `sending`
+    /// until its Sent copy shows up. `None` for SMTP and before acceptance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_at: Option<UnixTime>,
+    /// The provider's id of the Sent copy (Graph: the sent item's immutable
+    /// id in Sent Items), once found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_item_id: Option<String>,
 }

@@ -101,6 +101,8 @@ pub fn retry(
         row.status = SendStatus::PendingSend;
         row.next_attempt_at = now;
         row.retry_from = Some(now);
+        // A new attempt: an earlier transport acceptance proves nothing now.
+        row.accepted_at = None;
         // The failure stays readable on the row until the next attempt
         // replaces it; the activity says why it is pending again.
         Some(match &row.last_error {
@@ -238,6 +240,8 @@ pub(crate) mod test_support {
             queued_at: at,
             sent_at: None,
             retry_from: None,
+            accepted_at: None,
+            server_item_id: None,
         };
         let outcome = store
             .queue_outgoing(

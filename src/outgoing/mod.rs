@@ -23,6 +23,7 @@ pub mod queue;
 pub mod sender;
 pub mod sent_copy;
 pub mod smtp;
+pub mod transport;
 
 use serde::{Deserialize, Serialize};
 

@@ -73,9 +73,10 @@ pub fn send_allowed(cfg: &Config, mailbox: &Mailbox) -> Result<(), String> {
         ));
     }
     match cfg.profile_of(mailbox) {
-        Some(p) if p.smtp.is_some() => Ok(()),
+        // SMTP submission, or Microsoft Graph sendMail.
+        Some(p) if p.smtp.is_some() || p.kind == crate::model::ProfileType::ExchangeOnline => Ok(()),
         Some(p) => Err(format!(
-            "mailbox {:?} uses profile {:?}, which has no SMTP submission; only imap_smtp and pop3_smtp profiles send",
+            "mailbox {:?} uses profile {:?}, which has no SMTP submission; only imap_smtp, pop3_smtp and exchange_online profiles send",
             mailbox.name, p.name
         )),
         None => Err(format!("mailbox {:?} has no profile", mailbox.name)),
@@ -337,6 +338,8 @@ pub fn queue(
         queued_at: now,
         sent_at: None,
         retry_from: None,
+        accepted_at: None,
+        server_item_id: None,
     };
     match store.queue_outgoing(batch, row)? {
         QueueOutcome::Queued(id) => Ok(Queued {

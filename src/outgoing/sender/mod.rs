@@ -15,6 +15,15 @@
 //! default) or sent again (`"resend"`). The window that remains (accepted
 //! by the server, crash before step 3, no copy the server filed itself) is
 //! documented in the README.
+//!
+//! Over Microsoft Graph ([`super::transport`]) step 2 is `sendMail`, whose
+//! `202 Accepted` is not delivery: the email stays `sending` with
+//! "accepted at T" durable (`OutgoingEmail::accepted_at`) and is looked
+//! for in Sent Items at each due scan, with a back-off, until it shows up
+//! (`sent`, its Sent Items id recorded) or `confirm_for` runs out
+//! (`failed`, saying what to check). Exchange files that copy itself, so
+//! steps 3–4 are one. A crash leaves nothing new: an accepted email keeps
+//! being confirmed, one not accepted yet is resolved as above.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -25,13 +34,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::compose::{self, Draft};
-use super::sent_copy::{SentCopyFound, SentFolder};
-use super::smtp::{SmtpClient, SmtpError, SmtpTarget};
+use super::transport::{
+    Found, SendError, SmtpTransportSettings, Submitted, Transport, TransportSettings,
+};
 use super::SendWakeup;
 use crate::alerts::Alerts;
-use crate::config::{
-    Config, Mailbox, OutgoingSettings, Profile, SentCopyMode, SmtpSettings, UnknownDelivery,
-};
+use crate::config::{Config, Mailbox, OutgoingSettings, Profile, SentCopyMode, UnknownDelivery};
 use crate::connector::imap::Credentials;
 use crate::connector::oauth::TokenProvider;
 use crate::error::{Classify, Disposition};
@@ -60,12 +68,8 @@ pub struct SenderSettings {
     pub mailbox: String,
     pub profile: String,
     pub address: String,
-    pub smtp: SmtpSettings,
-    pub endpoint: Endpoint,
-    pub allow_insecure: bool,
-    pub imap_endpoint: Option<Endpoint>,
-    pub credentials: Credentials,
-    pub token_provider: Option<Arc<dyn TokenProvider>>,
+    /// SMTP or Microsoft Graph, with their own settings.
+    pub transport: TransportSettings,
     pub rate_per_minute: u32,
     pub backoff: Backoff,
     pub policy: OutgoingSettings,
@@ -74,7 +78,7 @@ pub struct SenderSettings {
 }
 
 impl SenderSettings {
-    /// The settings of `mailbox` (with its profile's current secrets).
+    /// The SMTP settings of `mailbox` (with its profile's current secrets).
     pub fn new(
         cfg: &Config,
         profile: &Profile,
@@ -84,7 +88,7 @@ impl SenderSettings {
     ) -> Result<Self, String> {
         let smtp = profile.smtp.clone().ok_or_else(|| {
             format!(
-                "profile {:?} has no SMTP submission; only imap_smtp and pop3_smtp profiles send",
+                "profile {:?} has no SMTP submission; only imap_smtp and pop3_smtp profiles send over SMTP (exchange_online sends over Microsoft Graph)",
                 profile.name
             )
         })?;
@@ -103,16 +107,29 @@ impl SenderSettings {
             SentCopyMode::None => None,
             _ => Some(crate::daemon::endpoint(profile)?),
         };
-        Ok(SenderSettings {
-            mailbox: mailbox.name.clone(),
-            profile: profile.name.clone(),
-            address: mailbox.email.clone(),
+        let transport = TransportSettings::Smtp(SmtpTransportSettings {
             smtp,
             endpoint,
             allow_insecure: profile.allow_insecure,
             imap_endpoint,
             credentials,
             token_provider,
+        });
+        Ok(Self::with_transport(cfg, profile, mailbox, transport))
+    }
+
+    /// The settings of `mailbox` sending over `transport`.
+    pub fn with_transport(
+        cfg: &Config,
+        profile: &Profile,
+        mailbox: &Mailbox,
+        transport: TransportSettings,
+    ) -> Self {
+        SenderSettings {
+            mailbox: mailbox.name.clone(),
+            profile: profile.name.clone(),
+            address: mailbox.email.clone(),
+            transport,
             rate_per_minute: mailbox.send_rate_per_minute,
             backoff: Backoff {
                 base: Duration::from_secs(1),
@@ -121,7 +138,7 @@ impl SenderSettings {
             },
             policy: cfg.outgoing.clone(),
             test_message: true,
-        })
+        }
     }
 }
 
@@ -168,8 +185,7 @@ pub struct Sender {
     alerts: Arc<Alerts>,
     wakeup: SendWakeup,
     cancel: CancellationToken,
-    smtp: SmtpClient,
-    sent: Option<Arc<SentFolder>>,
+    transport: Transport,
     rate: Mutex<RateLimit>,
     /// Sent copies owed, made one after another by the copy worker so a
     /// slow or failing IMAP server never holds up SMTP: (row, first attempt).
@@ -197,6 +213,9 @@ enum Outcome {
     Failed,
     /// Nothing done (not due, store or IMAP trouble: tried again later).
     Untouched,
+    /// Accepted by a transport that confirms later (Graph `202`), or still
+    /// being confirmed: looked at again at this time.
+    Confirming(model::UnixTime),
 }
 
 impl Sender {
@@ -208,24 +227,7 @@ impl Sender {
         wakeup: SendWakeup,
         cancel: CancellationToken,
     ) -> Result<Self, String> {
-        let smtp = SmtpClient::new(SmtpTarget {
-            endpoint: settings.endpoint.clone(),
-            allow_insecure: settings.allow_insecure,
-            credentials: settings.credentials.clone(),
-            token_provider: settings.token_provider.clone(),
-            pool_size: settings.smtp.pool_size,
-            hello_name: None,
-        })
-        .map_err(|e| e.to_string())?;
-        let sent = match (&settings.imap_endpoint, &settings.smtp.sent_folder) {
-            (Some(ep), Some(folder)) => Some(Arc::new(SentFolder::new(
-                ep.clone(),
-                settings.credentials.clone(),
-                settings.token_provider.clone(),
-                folder.clone(),
-            ))),
-            _ => None,
-        };
+        let transport = Transport::new(&settings.transport)?;
         let rate = Mutex::new(RateLimit::new(settings.rate_per_minute));
         let (copies, rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Sender {
@@ -234,8 +236,7 @@ impl Sender {
             alerts,
             wakeup,
             cancel,
-            smtp,
-            sent,
+            transport,
             rate,
             copies,
             copy_queue: std::sync::Mutex::new(Some(rx)),
@@ -283,9 +284,7 @@ impl Sender {
         if let Some(w) = worker {
             let _ = w.await;
         }
-        if let Some(s) = &me.sent {
-            s.close().await;
-        }
+        me.transport.close().await;
     }
 
     /// Starts the task that makes the Sent copies handed to it, in order;
@@ -348,7 +347,7 @@ impl Sender {
 
     /// Connect, authenticate, send a test message from the mailbox to
     /// itself; records `outgoing_test` with the concrete cause.
-    pub async fn test_and_enable(&self) -> Result<String, SmtpError> {
+    pub async fn test_and_enable(&self) -> Result<String, SendError> {
         let s = &self.settings;
         // One test message a day at most: a daemon restarted in a loop
         // (a crash, a supervisor) must not keep mailing its own mailbox.
@@ -361,23 +360,18 @@ impl Sender {
             .filter(|t| t.status == TestStatus::Success)
             .and_then(|t| t.completed_on)
             .filter(|at| model::now() - at < TEST_MESSAGE_EVERY);
-        let result: Result<String, SmtpError> = async {
-            self.smtp.test_connection().await?;
+        let result: Result<String, SendError> = async {
+            let connected = self.transport.test_connection().await?;
             if let Some(at) = recent_test {
                 return Ok(format!(
-                    "connected to {}:{} and authenticated (test message not repeated: the last test passed at {})",
-                    s.endpoint.host,
-                    s.endpoint.port,
+                    "{connected} (test message not repeated: the last test passed at {})",
                     chrono::DateTime::from_timestamp(at, 0)
                         .map(|d| d.to_rfc3339())
                         .unwrap_or_default()
                 ));
             }
             if !s.test_message {
-                return Ok(format!(
-                    "connected to {}:{} and authenticated",
-                    s.endpoint.host, s.endpoint.port
-                ));
+                return Ok(connected);
             }
             let now = model::now();
             let draft = Draft {
@@ -385,8 +379,9 @@ impl Sender {
                 to: vec![s.address.clone()],
                 subject: "crm-mailsync outgoing test".into(),
                 text: Some(format!(
-                    "Test message of mailbox {:?}: the CRM's email is sent through {}:{}.\r\nNo action needed.",
-                    s.mailbox, s.endpoint.host, s.endpoint.port
+                    "Test message of mailbox {:?}: the CRM's email is sent through {}.\r\nNo action needed.",
+                    s.mailbox,
+                    self.transport.describe()
                 )),
                 message_id: compose::new_message_id(&s.address),
                 automated: true,
@@ -394,15 +389,12 @@ impl Sender {
                 ..Draft::default()
             };
             let c = compose::compose(&draft, &s.policy)
-                .map_err(|e| SmtpError::Config(e.join("; ")))?;
-            let reply = self
-                .smtp
-                .send(&c.envelope_from, &c.recipients, c.mime.as_bytes())
+                .map_err(|e| SendError::Compose(e.join("; ")))?;
+            let how = self
+                .transport
+                .send_test(&c.envelope_from, &c.recipients, c.mime.as_bytes())
                 .await?;
-            Ok(format!(
-                "sent a test message to {} through {}:{} ({} {})",
-                s.address, s.endpoint.host, s.endpoint.port, reply.code, reply.text
-            ))
+            Ok(format!("sent a test message to {} {how}", s.address))
         }
         .await;
         let now = model::now();
@@ -438,7 +430,7 @@ impl Sender {
     }
 
     /// One pass over the mailbox's queue; returns when the earliest
-    /// deferred email is due, if any.
+    /// deferred (or to be confirmed) email is due, if any.
     async fn scan(self: Arc<Self>) -> Option<Duration> {
         let rows = match self.store.outgoing_queued(Some(&self.settings.mailbox), 0) {
             Ok(r) => r,
@@ -450,18 +442,17 @@ impl Sender {
         let now = model::now();
         let mut next_due: Option<i64> = None;
         let mut tasks = JoinSet::new();
-        let parallel = self.settings.smtp.pool_size.max(1) as usize;
+        let parallel = self.settings.transport.parallel();
         for row in rows {
             if self.cancel.is_cancelled() {
                 break;
             }
             if row.status.is_queued() && row.next_attempt_at > now {
-                next_due =
-                    Some(next_due.map_or(row.next_attempt_at, |n| n.min(row.next_attempt_at)));
+                earliest(&mut next_due, row.next_attempt_at);
                 continue;
             }
             if row.status == SendStatus::PendingSend {
-                // The rate limit counts SMTP transactions, not copies.
+                // The rate limit counts submissions, not copies or looks.
                 loop {
                     let wait = self.rate.lock().await.take(Instant::now());
                     if wait.is_zero() {
@@ -474,18 +465,24 @@ impl Sender {
                 }
             }
             while tasks.len() >= parallel {
-                let _ = tasks.join_next().await;
+                if let Some(Ok(Outcome::Confirming(t))) = tasks.join_next().await {
+                    earliest(&mut next_due, t);
+                }
             }
             let me = self.clone();
             tasks.spawn(async move { me.process(row).await });
         }
-        while tasks.join_next().await.is_some() {}
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Outcome::Confirming(t)) = done {
+                earliest(&mut next_due, t);
+            }
+        }
         next_due.map(|t| Duration::from_secs(u64::try_from(t - model::now()).unwrap_or(0)))
     }
 
     async fn process(&self, row: OutgoingEmail) -> Outcome {
         let result = match row.status {
-            SendStatus::Sending => self.resolve_interrupted(row).await,
+            SendStatus::Sending => self.resolve_sending(row).await,
             SendStatus::PendingSend => self.send_one(row).await,
             SendStatus::Sent if row.sent_copy == SentCopy::Owed => {
                 // Owed from before (a crash, an IMAP failure): look first.
@@ -511,6 +508,20 @@ impl Sender {
         reason: Option<String>,
         now: i64,
     ) -> Result<(), StoreError> {
+        self.transition_indexing(row, status, reason, now, false)
+    }
+
+    /// [`Self::transition`]; with `index_ids`, the Message-IDs the server
+    /// stored the copy under are added to the activity's, so a reply to
+    /// them correlates too.
+    fn transition_indexing(
+        &self,
+        row: &mut OutgoingEmail,
+        status: SendStatus,
+        reason: Option<String>,
+        now: i64,
+        index_ids: bool,
+    ) -> Result<(), StoreError> {
         row.status = status;
         let activity = self.store.activity(row.activity_id)?.map(|mut a| {
             let mut send = a
@@ -520,7 +531,11 @@ impl Sender {
             send.set(status, reason, now);
             send.attempts = row.attempts;
             a.send = Some(send);
-            (a, vec!["send_status".to_string()])
+            let mut changes = vec!["send_status".to_string()];
+            if index_ids && add_ids(&mut a, &row.server_message_ids) {
+                changes.push("message_ids".to_string());
+            }
+            (a, changes)
         });
         self.store.update_outgoing(row, activity, now)?;
         Ok(())
@@ -528,6 +543,27 @@ impl Sender {
 
     async fn send_one(&self, mut row: OutgoingEmail) -> Result<Outcome, StoreError> {
         let s = &self.settings;
+        if self.transport.confirms_later()
+            && row.status == SendStatus::PendingSend
+            && row.attempts > 0
+        {
+            // The answer to an earlier attempt may have been lost (a
+            // time-out after Graph took it): look before sending again.
+            match self.transport.find(&row).await {
+                Ok(Some(found)) => {
+                    let reason = format!(
+                        "found in {} before attempt {} (an earlier attempt went through)",
+                        self.sent_place(),
+                        row.attempts + 1
+                    );
+                    return self.confirmed(row, found, reason);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(mailbox = %s.mailbox, email = row.activity_id, error = %e, "cannot look for an earlier attempt in the Sent copies; sending again");
+                }
+            }
+        }
         let now = model::now();
         {
             // A cancel through the API checks and writes under the same
@@ -538,6 +574,7 @@ impl Sender {
                 _ => return Ok(Outcome::Untouched),
             }
             row.attempts += 1;
+            row.accepted_at = None;
             let attempt = row.attempts;
             // Durable before the transaction: a crash from here on is
             // resolved by the Sent folder, never by a blind resend.
@@ -545,18 +582,15 @@ impl Sender {
             self.transition(&mut row, SendStatus::Sending, Some(reason), now)?;
         }
         let attempt = row.attempts;
-        let retry_until =
-            row.retry_from.unwrap_or(row.queued_at) + s.smtp.retry_for.as_secs() as i64;
-        let result = self
-            .smtp
-            .send(&row.envelope_from, &row.recipients, row.mime.as_bytes())
-            .await;
+        let retry_for = s.transport.retry_for();
+        let retry_until = row.retry_from.unwrap_or(row.queued_at) + retry_for.as_secs() as i64;
+        let result = self.transport.submit(&row).await;
         let now = model::now();
         match result {
-            Ok(_) => {
+            Ok(Submitted::Delivered(_)) => {
                 row.sent_at = Some(now);
                 row.last_error = None;
-                row.sent_copy = if self.sent.is_some() {
+                row.sent_copy = if self.transport.owes_copy() {
                     SentCopy::Owed
                 } else {
                     SentCopy::NotNeeded
@@ -568,10 +602,32 @@ impl Sender {
                 }
                 Ok(Outcome::Sent)
             }
+            Ok(Submitted::Accepted) => {
+                // Not delivery yet: durable "accepted", then the sent item
+                // is looked for (a crash from here on keeps confirming).
+                row.accepted_at = Some(now);
+                row.last_error = None;
+                let first_look = now + 1;
+                row.next_attempt_at = first_look;
+                let reason = format!(
+                    "accepted by {} at {}, attempt {attempt}, Message-ID <{}>; waiting for it in {}",
+                    self.transport.describe(),
+                    rfc3339(now),
+                    row.message_id,
+                    self.sent_place()
+                );
+                self.transition(&mut row, SendStatus::Sending, Some(reason), now)?;
+                metrics::counter!(telemetry::OUTGOING_SENDS, "mailbox" => s.mailbox.clone(), "result" => "accepted").increment(1);
+                Ok(Outcome::Confirming(first_look))
+            }
             Err(e) => {
                 let text = e.server_text();
                 let permanent = e.disposition() == Disposition::Permanent;
-                let delay = s.backoff.delay(attempt);
+                // The server's own wait (Graph's Retry-After) when longer.
+                let delay = s
+                    .backoff
+                    .delay(attempt)
+                    .max(e.retry_after().unwrap_or_default());
                 let gives_up = now + delay.as_secs() as i64 > retry_until;
                 row.last_error = Some(text.clone());
                 if permanent || gives_up {
@@ -580,22 +636,10 @@ impl Sender {
                     } else {
                         format!(
                             "gave up after {attempt} attempts over {}: {text}",
-                            humantime::format_duration(s.smtp.retry_for)
+                            humantime::format_duration(retry_for)
                         )
                     };
-                    self.transition(&mut row, SendStatus::Failed, Some(reason.clone()), now)?;
-                    metrics::counter!(telemetry::OUTGOING_SENDS, "mailbox" => s.mailbox.clone(), "result" => "failed").increment(1);
-                    self.alerts.raise(
-                        AlertLevel::Error,
-                        Some(&s.mailbox),
-                        Some(&s.profile),
-                        &format!(
-                            "{FAILED_ALERT} {} to {} failed: {reason}",
-                            row.activity_id,
-                            row.recipients.join(", ")
-                        ),
-                        now,
-                    );
+                    self.fail(&mut row, reason, AlertLevel::Error, now)?;
                     Ok(Outcome::Failed)
                 } else {
                     row.next_attempt_at = now + delay.as_secs().max(1) as i64;
@@ -612,71 +656,164 @@ impl Sender {
         }
     }
 
-    /// An email a crash left in `sending`: delivered or not?
-    async fn resolve_interrupted(&self, mut row: OutgoingEmail) -> Result<Outcome, StoreError> {
+    /// `failed` with `reason`, counted, and an alert naming the email.
+    fn fail(
+        &self,
+        row: &mut OutgoingEmail,
+        reason: String,
+        level: AlertLevel,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let s = &self.settings;
-        let marker = compose::marker_of(&row.message_id).to_owned();
-        let found = match &self.sent {
-            Some(folder) => match folder.find(&marker, &row.message_id).await {
-                Ok(f) => f,
-                Err(e) => {
-                    // Cannot look now: no decision without the proof.
-                    tracing::warn!(mailbox = %s.mailbox, email = row.activity_id, error = %e, "cannot search the Sent folder for an interrupted send; trying again later");
-                    row.next_attempt_at = model::now() + 5;
-                    self.store.update_outgoing(&row, None, model::now())?;
-                    return Ok(Outcome::Untouched);
-                }
-            },
-            None => None,
+        self.transition(row, SendStatus::Failed, Some(reason.clone()), now)?;
+        metrics::counter!(telemetry::OUTGOING_SENDS, "mailbox" => s.mailbox.clone(), "result" => "failed").increment(1);
+        let text = if level == AlertLevel::Error {
+            format!(
+                "{FAILED_ALERT} {} to {} failed: {reason}",
+                row.activity_id,
+                row.recipients.join(", ")
+            )
+        } else {
+            format!("{FAILED_ALERT} {}: {reason}", row.activity_id)
         };
+        self.alerts
+            .raise(level, Some(&s.mailbox), Some(&s.profile), &text, now);
+        Ok(())
+    }
+
+    /// Where Sent copies are looked for, in words.
+    fn sent_place(&self) -> String {
+        self.transport
+            .sent_place()
+            .unwrap_or_else(|| "the Sent folder".into())
+    }
+
+    /// Found in the Sent copies: `sent`, the ids the copy has there
+    /// recorded (and a rewritten Message-ID indexed).
+    fn confirmed(
+        &self,
+        mut row: OutgoingEmail,
+        found: Found,
+        reason: String,
+    ) -> Result<Outcome, StoreError> {
         let now = model::now();
+        row.sent_at = Some(now);
+        row.sent_copy = SentCopy::Done;
+        row.last_error = None;
+        row.next_attempt_at = now;
+        let new_id = self.note_server_id(&mut row, &found);
+        if found.item_id.is_some() {
+            row.server_item_id = found.item_id;
+        }
+        self.transition_indexing(&mut row, SendStatus::Sent, Some(reason), now, new_id)?;
+        if row.accepted_at.is_some() {
+            metrics::counter!(telemetry::OUTGOING_SENDS, "mailbox" => self.settings.mailbox.clone(), "result" => "sent").increment(1);
+        }
+        Ok(Outcome::Sent)
+    }
+
+    /// An email in `sending` at a scan: accepted by a transport that
+    /// confirms later (look for it again, until the limit), or left there
+    /// by a crash (delivered or not?).
+    async fn resolve_sending(&self, mut row: OutgoingEmail) -> Result<Outcome, StoreError> {
+        let s = &self.settings;
+        let looked = self.transport.find(&row).await;
+        let now = model::now();
+        let confirm_for = s.transport.confirm_for().as_secs() as i64;
+        let found = match looked {
+            Ok(f) => f,
+            Err(e) => {
+                if let Some(at) = row.accepted_at.filter(|at| now - at >= confirm_for) {
+                    let reason = self.unconfirmed_reason(&row, at, Some(&e));
+                    self.fail(&mut row, reason, AlertLevel::Error, now)?;
+                    return Ok(Outcome::Failed);
+                }
+                // Cannot look now: no decision without the proof.
+                tracing::warn!(mailbox = %s.mailbox, email = row.activity_id, error = %e, "cannot search the Sent copies for an email in sending; trying again later");
+                row.next_attempt_at = now + 5;
+                self.store.update_outgoing(&row, None, now)?;
+                return Ok(match row.accepted_at {
+                    Some(_) => Outcome::Confirming(row.next_attempt_at),
+                    None => Outcome::Untouched,
+                });
+            }
+        };
         if let Some(found) = found {
-            row.sent_at = Some(now);
-            row.sent_copy = SentCopy::Done;
-            self.note_server_id(&mut row, &found);
-            let reason = format!(
-                "found in {} after an interrupted attempt {}",
-                self.sent.as_ref().map_or("", |f| f.folder()),
-                row.attempts
-            );
-            self.transition(&mut row, SendStatus::Sent, Some(reason), now)?;
-            return Ok(Outcome::Sent);
+            let reason = match row.accepted_at {
+                Some(at) => format!(
+                    "found in {} {} after {} accepted attempt {}",
+                    self.sent_place(),
+                    humantime::format_duration(Duration::from_secs(
+                        u64::try_from(now - at).unwrap_or(0)
+                    )),
+                    self.transport.describe(),
+                    row.attempts
+                ),
+                None => format!(
+                    "found in {} after an interrupted attempt {}",
+                    self.sent_place(),
+                    row.attempts
+                ),
+            };
+            return self.confirmed(row, found, reason);
+        }
+        if let Some(at) = row.accepted_at {
+            if now - at >= confirm_for {
+                let reason = self.unconfirmed_reason(&row, at, None);
+                self.fail(&mut row, reason, AlertLevel::Error, now)?;
+                return Ok(Outcome::Failed);
+            }
+            // Looked at again with a back-off: 1 s, 2 s, 4 s… after the
+            // acceptance, at most `confirm_every_max` apart.
+            let max = s.transport.confirm_every_max().as_secs().max(1) as i64;
+            row.next_attempt_at = now + (now - at).clamp(1, max);
+            self.store.update_outgoing(&row, None, now)?;
+            return Ok(Outcome::Confirming(row.next_attempt_at));
         }
         // With the daemon's own APPEND the copy only exists after step 4;
         // with `server`, a missing copy is real evidence. Either way nothing
         // proves delivery.
-        match s.smtp.unknown_delivery {
+        match s.transport.unknown_delivery() {
             UnknownDelivery::Resend => {
-                tracing::warn!(mailbox = %s.mailbox, email = row.activity_id, "interrupted send not found in the Sent folder; sending again (unknown_delivery = \"resend\")");
+                tracing::warn!(mailbox = %s.mailbox, email = row.activity_id, "interrupted send not found in the Sent copies; sending again (unknown_delivery = \"resend\")");
                 // Still `sending` in the store: send_one re-reads it as such.
                 self.send_one(row).await
             }
             UnknownDelivery::Fail => {
                 let reason = format!(
-                    "delivery unknown: the daemon stopped during the SMTP transaction of attempt {} and {}; check whether the recipient got it, then POST /api/v1/outgoing/{}/retry to send it again",
+                    "delivery unknown: the daemon stopped during {} of attempt {} and {}; check whether the recipient got it, then POST /api/v1/outgoing/{}/retry to send it again",
+                    self.transport.attempt_words(),
                     row.attempts,
-                    match &self.sent {
-                        Some(f) => format!("the {:?} folder has no copy", f.folder()),
+                    match self.transport.sent_place() {
+                        Some(f) => format!("the {f:?} folder has no copy"),
                         None => "the profile has no Sent folder to look in".into(),
                     },
                     row.activity_id
                 );
                 row.last_error = Some(reason.clone());
-                self.transition(&mut row, SendStatus::Failed, Some(reason.clone()), now)?;
-                self.alerts.raise(
-                    AlertLevel::Warning,
-                    Some(&s.mailbox),
-                    Some(&s.profile),
-                    &format!("{FAILED_ALERT} {}: {reason}", row.activity_id),
-                    now,
-                );
+                self.fail(&mut row, reason, AlertLevel::Warning, now)?;
                 Ok(Outcome::Failed)
             }
         }
     }
 
+    /// Why an accepted email that never showed up failed, with what to check.
+    fn unconfirmed_reason(&self, row: &OutgoingEmail, at: i64, error: Option<&str>) -> String {
+        let limit = humantime::format_duration(self.settings.transport.confirm_for());
+        format!(
+            "not confirmed: {} accepted attempt {} at {} (Message-ID <{}>) but it did not appear in {} within {limit}{}; check the mailbox's Sent Items and the message trace in the Exchange admin center (an outbound spam or transport rule may hold it), then POST /api/v1/outgoing/{}/retry if it was not delivered",
+            self.transport.describe(),
+            row.attempts,
+            rfc3339(at),
+            row.message_id,
+            self.sent_place(),
+            error.map(|e| format!(" (last look failed: {e})")).unwrap_or_default(),
+            row.activity_id
+        )
+    }
+
     /// Records a Message-ID the server stored the copy under, if it differs.
-    fn note_server_id(&self, row: &mut OutgoingEmail, found: &SentCopyFound) -> bool {
+    fn note_server_id(&self, row: &mut OutgoingEmail, found: &Found) -> bool {
         match &found.message_id {
             Some(id)
                 if !id.eq_ignore_ascii_case(&row.message_id)
@@ -701,13 +838,13 @@ impl Sender {
         mut row: OutgoingEmail,
         first_attempt: bool,
     ) -> Result<bool, StoreError> {
-        let Some(folder) = &self.sent else {
+        let Some((folder, mode)) = self.transport.sent_folder() else {
             row.sent_copy = SentCopy::NotNeeded;
             self.store.update_outgoing(&row, None, model::now())?;
             return Ok(true);
         };
         let marker = compose::marker_of(&row.message_id).to_owned();
-        let result = match self.settings.smtp.sent_copy {
+        let result = match mode {
             SentCopyMode::Append => folder
                 .file(&marker, &row.message_id, row.mime.as_bytes(), first_attempt)
                 .await
@@ -719,15 +856,15 @@ impl Sender {
         match result {
             Ok(Some(found)) => {
                 row.sent_copy = SentCopy::Done;
+                let found = Found {
+                    message_id: found.message_id,
+                    item_id: None,
+                };
                 if self.note_server_id(&mut row, &found) {
                     // The rewritten id is indexed with the activity, so a
                     // reply to it correlates too.
                     let activity = self.store.activity(row.activity_id)?.map(|mut a| {
-                        for id in &row.server_message_ids {
-                            if !a.message_ids.iter().any(|m| m.eq_ignore_ascii_case(id)) {
-                                a.message_ids.push(id.clone());
-                            }
-                        }
+                        add_ids(&mut a, &row.server_message_ids);
                         (a, vec!["message_ids".to_string()])
                     });
                     self.store.update_outgoing(&row, activity, now)?;
@@ -737,7 +874,7 @@ impl Sender {
             }
             Ok(None) => {
                 let waited = now - row.sent_at.unwrap_or(now);
-                if waited > self.settings.smtp.retry_for.as_secs() as i64 {
+                if waited > self.settings.transport.retry_for().as_secs() as i64 {
                     tracing::warn!(mailbox = %self.settings.mailbox, email = row.activity_id, "the server never filed a Sent copy; no longer looking");
                     row.sent_copy = SentCopy::NotNeeded;
                     self.store.update_outgoing(&row, None, now)?;
@@ -752,173 +889,31 @@ impl Sender {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::outgoing::queue::{self, tests as q};
-    use crate::outgoing::smtp::smtp_stub::{Script, SmtpStub, Stage};
-    use crate::store::SledStore;
-    use std::collections::HashMap;
-
-    fn sender(store: Arc<dyn Store>, port: u16, unknown: UnknownDelivery) -> Arc<Sender> {
-        let endpoint = Endpoint {
-            host: "127.0.0.1".into(),
-            port,
-            tls: crate::net::TlsMode::Plain,
-            tls_server_name: None,
-            ca_file: None,
-            connect_timeout: Duration::from_secs(5),
-            io_timeout: Duration::from_secs(5),
-        };
-        let settings = SenderSettings {
-            mailbox: "support".into(),
-            profile: "mail".into(),
-            address: "support@example.test".into(),
-            smtp: SmtpSettings {
-                host: "127.0.0.1".into(),
-                port,
-                tls: crate::net::TlsMode::Plain,
-                sent_folder: None,
-                sent_copy: SentCopyMode::None,
-                unknown_delivery: unknown,
-                retry_for: Duration::from_secs(3600),
-                pool_size: 2,
-            },
-            endpoint,
-            allow_insecure: true,
-            imap_endpoint: None,
-            credentials: Credentials::Password {
-                user: "u".into(),
-                pass: "p".into(),
-            },
-            token_provider: None,
-            rate_per_minute: 1000,
-            backoff: Backoff {
-                base: Duration::from_secs(30),
-                max: Duration::from_secs(60),
-                jitter: 0.0,
-            },
-            policy: OutgoingSettings::default(),
-            test_message: false,
-        };
-        let alerts = Arc::new(Alerts::new(store.clone(), HashMap::new()));
-        Arc::new(
-            Sender::new(
-                settings,
-                store,
-                alerts,
-                Arc::new(tokio::sync::Notify::new()),
-                CancellationToken::new(),
-            )
-            .unwrap(),
-        )
-    }
-
-    /// A queued email, then left in `sending` as a crash mid-transaction does.
-    fn interrupted(store: &dyn Store, cfg: &Config) -> u64 {
-        let id = queue::queue(store, cfg, &q::request(), model::now())
-            .unwrap()
-            .id;
-        let mut row = store.outgoing(id).unwrap().unwrap();
-        row.status = SendStatus::Sending;
-        row.attempts = 1;
-        store.update_outgoing(&row, None, model::now()).unwrap();
-        id
-    }
-
-    #[tokio::test]
-    async fn interrupted_send_without_proof_is_delivery_unknown_never_resent() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
-        let cfg = q::config(dir.path());
-        let id = interrupted(store.as_ref(), &cfg);
-        let stub = SmtpStub::start(Script::default()).await;
-        sender(store.clone(), stub.port, UnknownDelivery::Fail)
-            .scan()
-            .await;
-        let row = store.outgoing(id).unwrap().unwrap();
-        assert_eq!(row.status, SendStatus::Failed);
-        let reason = row.last_error.unwrap();
-        assert!(reason.starts_with("delivery unknown"), "{reason}");
-        assert!(
-            reason.contains(&format!("/api/v1/outgoing/{id}/retry")),
-            "{reason}"
-        );
-        assert!(stub.messages().is_empty(), "never a silent second send");
-        let a = store.activity(id).unwrap().unwrap();
-        assert_eq!(a.send.unwrap().status, SendStatus::Failed);
-    }
-
-    #[tokio::test]
-    async fn interrupted_send_is_sent_again_when_resend_is_configured() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
-        let cfg = q::config(dir.path());
-        let id = interrupted(store.as_ref(), &cfg);
-        let stub = SmtpStub::start(Script::default()).await;
-        sender(store.clone(), stub.port, UnknownDelivery::Resend)
-            .scan()
-            .await;
-        let row = store.outgoing(id).unwrap().unwrap();
-        assert_eq!((row.status, row.attempts), (SendStatus::Sent, 2));
-        assert_eq!(stub.messages().len(), 1);
-        let sent = String::from_utf8_lossy(&stub.messages()[0]).to_string();
-        assert!(
-            sent.contains(&row.message_id),
-            "the same bytes, the same Message-ID"
-        );
-    }
-
-    #[tokio::test]
-    async fn deferred_email_waits_its_back_off_and_a_5xx_fails_it_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
-        let cfg = q::config(dir.path());
-        let id = queue::queue(store.as_ref(), &cfg, &q::request(), model::now())
-            .unwrap()
-            .id;
-        let busy = SmtpStub::start(Script::reply(Stage::Data, 451, "4.3.0 try later")).await;
-        let s = sender(store.clone(), busy.port, UnknownDelivery::Fail);
-        s.clone().scan().await;
-        let row = store.outgoing(id).unwrap().unwrap();
-        assert_eq!((row.status, row.attempts), (SendStatus::PendingSend, 1));
-        assert!(
-            row.last_error.as_deref().unwrap().contains("451"),
-            "{row:?}"
-        );
-        assert!(row.next_attempt_at >= model::now() + 25, "back-off of 30 s");
-        // Not due: a second scan leaves it alone.
-        s.clone().scan().await;
-        assert_eq!(store.outgoing(id).unwrap().unwrap().attempts, 1);
-        let mut due = store.outgoing(id).unwrap().unwrap();
-        due.next_attempt_at = 0;
-        store.update_outgoing(&due, None, model::now()).unwrap();
-        let reject = SmtpStub::start(Script::reply(Stage::Rcpt, 550, "5.1.1 no such user")).await;
-        sender(store.clone(), reject.port, UnknownDelivery::Fail)
-            .scan()
-            .await;
-        let row = store.outgoing(id).unwrap().unwrap();
-        assert_eq!((row.status, row.attempts), (SendStatus::Failed, 2));
-        let a = store.activity(id).unwrap().unwrap();
-        let send = a.send.unwrap();
-        assert!(send.reason.unwrap().contains("5.1.1 no such user"));
-        assert_eq!((send.dynamics_statuscode, send.attempts), (8, 2));
-        let alerts = store.alerts(10).unwrap();
-        assert!(
-            alerts.iter().any(|a| a.text.contains("no such user")),
-            "{alerts:?}"
-        );
-    }
-
-    #[test]
-    fn rate_limit_allows_the_configured_starts_per_sliding_minute() {
-        let mut r = RateLimit::new(3);
-        let t0 = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(r.take(t0), Duration::ZERO);
+/// Adds the `ids` the activity does not have yet; true when it changed.
+fn add_ids(a: &mut model::EmailActivity, ids: &[String]) -> bool {
+    let mut changed = false;
+    for id in ids {
+        if !a.message_ids.iter().any(|m| m.eq_ignore_ascii_case(id)) {
+            a.message_ids.push(id.clone());
+            changed = true;
         }
-        let wait = r.take(t0 + Duration::from_secs(10));
-        assert_eq!(wait, Duration::from_secs(50));
-        assert_eq!(r.take(t0 + Duration::from_secs(60)), Duration::ZERO);
     }
+    changed
 }
+
+/// Keeps the earlier of `next` and `t`.
+fn earliest(next: &mut Option<i64>, t: i64) {
+    *next = Some(next.map_or(t, |n| n.min(t)));
+}
+
+/// A time for people (UTC, RFC 3339).
+fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339())
+        .unwrap_or_else(|| t.to_string())
+}
+
+#[cfg(test)]
+mod graph_tests;
+#[cfg(test)]
+mod tests;
