@@ -139,7 +139,10 @@ mod tests {
 
     #[test]
     fn imap_style_inbox_names_become_graph_display_paths() {
-        assert_eq!(graph_folder_path("INBOX/Customers/Contoso"), "Inbox/Customers/Contoso");
+        assert_eq!(
+            graph_folder_path("INBOX/Customers/Contoso"),
+            "Inbox/Customers/Contoso"
+        );
         assert_eq!(graph_folder_path("inbox"), "Inbox");
         assert_eq!(graph_folder_path("/Inbox/Orders/"), "Inbox/Orders");
         assert_eq!(graph_folder_path("Undeliverable"), "Undeliverable");

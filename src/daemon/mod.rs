@@ -206,7 +206,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    start_senders(&config, &store, &alerts, &wakeup, &tracker, &cancel);
+    start_senders(
+        &config,
+        &store,
+        &alerts,
+        &wakeup,
+        &graph_clients,
+        &tracker,
+        &cancel,
+    );
     runtime.scheduler_running.store(true, Ordering::SeqCst);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     spawn_watchdog(
@@ -244,10 +252,12 @@ fn start_senders(
     store: &Arc<dyn Store>,
     alerts: &Arc<Alerts>,
     wakeup: &crate::outgoing::SendWakeup,
+    graph_clients: &graph::GraphMailboxes,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
     use crate::outgoing::sender::{Sender, SenderSettings};
+    use crate::outgoing::transport::{GraphTransportSettings, TransportSettings};
     for mailbox in &config.mailboxes {
         if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
             continue;
@@ -261,11 +271,27 @@ fn start_senders(
         };
         let (config, store, alerts) = (config.clone(), store.clone(), alerts.clone());
         let (wakeup, stop, mailbox) = (wakeup.clone(), cancel.clone(), mailbox.clone());
+        let graph_client = graph_clients.get(&mailbox.name).cloned();
+        let protocol = if profile.graph.is_some() {
+            "graph"
+        } else {
+            "smtp"
+        };
         let make = move || {
             let built = with_current_secrets(&profile, &mailbox).and_then(|(p, m)| {
-                let credentials = imap_settings(&p, &m)?.credentials;
-                let settings =
-                    SenderSettings::new(&config, &p, &m, credentials, token_provider(&p, &m))?;
+                let settings = match (&p.graph, &graph_client) {
+                    (Some(g), Some(client)) => {
+                        let mut t = GraphTransportSettings::new(client.clone()?);
+                        t.unknown_delivery = g.unknown_delivery;
+                        t.retry_for = g.send_retry_for;
+                        t.confirm_for = g.confirm_sent_within;
+                        SenderSettings::with_transport(&config, &p, &m, TransportSettings::Graph(t))
+                    }
+                    _ => {
+                        let credentials = imap_settings(&p, &m)?.credentials;
+                        SenderSettings::new(&config, &p, &m, credentials, token_provider(&p, &m))?
+                    }
+                };
                 Sender::new(
                     settings,
                     store.clone(),
@@ -289,7 +315,7 @@ fn start_senders(
                 }
             }
         };
-        tracker.spawn(supervise("sender", "smtp", cancel.clone(), make));
+        tracker.spawn(supervise("sender", protocol, cancel.clone(), make));
     }
 }
 
