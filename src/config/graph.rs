@@ -409,7 +409,7 @@ mod tests {
 
     #[test]
     fn graph_keys_on_an_imap_profile_are_misplaced() {
-        let text = format!(
+        let text = String::from(
             r#"
             [admin]
             token = "0123456789abcdef"
@@ -420,7 +420,7 @@ mod tests {
             username = "u"
             password = "p"
             tenant_id = "t"
-            "#
+            "#,
         );
         let text = errors(from_toml_str(&text, Vec::new(), Path::new(".")));
         assert!(
@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn exchange_server_points_to_imap_or_graph() {
-        let text = format!(
+        let text = String::from(
             r#"
             [admin]
             token = "0123456789abcdef"
@@ -439,7 +439,7 @@ mod tests {
             name = "onprem"
             type = "exchange_server"
             host = "exchange.example.test"
-            "#
+            "#,
         );
         let text = errors(from_toml_str(&text, Vec::new(), Path::new(".")));
         assert!(text.contains("use an imap_smtp profile"), "{text}");

@@ -27,6 +27,8 @@ use crate::model::OutgoingEmail;
 use crate::net::Endpoint;
 
 /// How a sender's email leaves, built from the profile.
+// One per sender, built once at start: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum TransportSettings {
     /// SMTP submission (`imap_smtp`, `pop3_smtp` profiles).
@@ -230,6 +232,8 @@ pub struct Found {
 }
 
 /// The live transport of one sender.
+// One per sender, built once at start: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Transport {
     Smtp {
         client: SmtpClient,
