@@ -673,7 +673,15 @@ impl MailboxTask {
                         return Exit::Disabled;
                     }
                     alerts_open = true;
-                    let delay = self.backoff.delay(state.transient_failures);
+                    // The server's own Retry-After (Graph) when it asks for longer.
+                    let server_wait = match &e {
+                        CycleError::Connector(c) => c.retry_after(),
+                        _ => None,
+                    };
+                    let delay = self
+                        .backoff
+                        .delay(state.transient_failures)
+                        .max(server_wait.unwrap_or_default());
                     state.postponed_until = Some(now + delay.as_secs() as i64);
                     self.alert(AlertLevel::Warning, &format!("{TRANSIENT_ALERT}{e}"));
                     if healthy_at.elapsed() >= self.profile.stall_alert_after {

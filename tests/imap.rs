@@ -24,24 +24,6 @@ const TRACKED: &str = r#"tracked_folders = [
   { folder = "INBOX/T3", regarding = "contact:t3" },
 ]"#;
 
-/// All activities via the API (paged).
-fn all_activities(port: u16) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let mut before: Option<u64> = None;
-    loop {
-        let path = match before {
-            Some(b) => format!("/api/v1/activities?limit=1000&before={b}"),
-            None => "/api/v1/activities?limit=1000".to_string(),
-        };
-        let page = get_json(port, &path);
-        out.extend(page["activities"].as_array().unwrap().iter().cloned());
-        match page["next_before"].as_u64() {
-            Some(b) => before = Some(b),
-            None => return out,
-        }
-    }
-}
-
 /// 700 in INBOX + 100/110/90 in three tracked folders, then the daemon syncs
 /// them; each message becomes exactly one activity, tracked folders apply
 /// their rule, and a restart plus new mail adds exactly the new mail.

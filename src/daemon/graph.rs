@@ -118,6 +118,10 @@ pub(super) fn graph_settings(profile: &Profile, mailbox: &Mailbox) -> GraphSetti
         move_failed_to: profile.move_failed_to.as_deref().map(graph_folder_path),
         request_timeout: profile.io_timeout,
         connect_timeout: profile.connect_timeout,
+        max_in_flight: graph.map_or(crate::connector::graph::MAX_IN_FLIGHT, |g| {
+            g.max_concurrent_requests as usize
+        }),
+        client_secret_expires_at: graph.and_then(|g| g.client_secret_expires_at),
         process_email_from: profile.process_email_from,
     }
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use super::sent_copy::SentFolder;
 use super::smtp::{SmtpClient, SmtpError, SmtpTarget};
 use crate::config::{SentCopyMode, SmtpSettings, UnknownDelivery};
-use crate::connector::graph::{GraphError, GraphMailbox, MAX_IN_FLIGHT};
+use crate::connector::graph::{GraphError, GraphMailbox};
 use crate::connector::imap::Credentials;
 use crate::connector::oauth::TokenProvider;
 use crate::error::{Classify, Disposition};
@@ -122,7 +122,7 @@ impl TransportSettings {
         match self {
             TransportSettings::Smtp(s) => s.smtp.pool_size.max(1) as usize,
             // More would only wait for the mailbox's request permits.
-            TransportSettings::Graph(_) => MAX_IN_FLIGHT,
+            TransportSettings::Graph(g) => g.mailbox.max_in_flight(),
         }
     }
 }

@@ -257,3 +257,57 @@ pub fn admin_port(cfg: &Path) -> u16 {
         .parse()
         .unwrap()
 }
+
+/// Minimal HTTP/1.1 request with the admin token and a JSON body:
+/// (status, JSON; `Null` when the body is not JSON).
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Every activity, newest first, through the API's pages.
+pub fn all_activities(port: u16) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut before: Option<u64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/api/v1/activities?limit=1000&before={b}"),
+            None => "/api/v1/activities?limit=1000".to_string(),
+        };
+        let page = get_json(port, &path);
+        out.extend(page["activities"].as_array().unwrap().iter().cloned());
+        match page["next_before"].as_u64() {
+            Some(b) => before = Some(b),
+            None => return out,
+        }
+    }
+}

@@ -7,7 +7,7 @@ use futures::StreamExt as _;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::client::{path_segment, Body, Request, MAX_IN_FLIGHT};
+use super::client::{path_segment, Body, Request};
 use super::connector::GraphConnector;
 use super::error::{GraphError, Target};
 use super::folders;
@@ -55,7 +55,7 @@ pub(super) async fn acknowledge(
         let c_ref: &GraphConnector = c;
         let jobs: Vec<_> = group.iter().map(|ack| one(c_ref, ack)).collect();
         let outcomes: Vec<Result<(), GraphError>> = futures::stream::iter(jobs)
-            .buffered(MAX_IN_FLIGHT)
+            .buffered(c.mailbox.max_in_flight())
             .collect()
             .await;
         let results = group.iter().zip(outcomes);

@@ -173,6 +173,8 @@ pub struct GraphMailbox {
     base: String,
     graph_url: String,
     in_flight: Semaphore,
+    /// The permits of `in_flight`.
+    max_in_flight: usize,
     /// Graph's per-app-and-mailbox request limit.
     budget: Budget,
     timeout: Duration,
@@ -187,10 +189,16 @@ impl GraphMailbox {
             graph_url,
             user: settings.user.clone(),
             app,
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+            in_flight: Semaphore::new(settings.max_in_flight.clamp(1, MAX_IN_FLIGHT)),
+            max_in_flight: settings.max_in_flight.clamp(1, MAX_IN_FLIGHT),
             budget: Budget::new(MAILBOX_BUDGET_PER_MINUTE, MAILBOX_BURST),
             timeout: settings.request_timeout,
         })
+    }
+
+    /// Requests this mailbox may have in flight.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
     }
 
     /// The `{id}` of `/users/{id}`.

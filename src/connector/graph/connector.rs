@@ -10,7 +10,7 @@ use futures::StreamExt as _;
 use reqwest::Method;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{path_segment, Body, GraphMailbox, Request, MAX_IN_FLIGHT};
+use super::client::{path_segment, Body, GraphMailbox, Request};
 use super::delta::{folder_hash, initial_link, parse_page, Item, Next, Round};
 use super::error::{GraphError, Target};
 use super::{folders, GraphSettings};
@@ -237,13 +237,14 @@ impl GraphConnector {
                         resynced = true;
                         let f = &mut self.folders[fi];
                         tracing::info!(connector = "graph", mailbox = %self.settings.mailbox, folder = %f.path, error = %e, "delta state no longer valid; full resync");
+                        // One text per mailbox (not per folder): the
+                        // store aggregates the folders into one alert.
                         batch.notices.push((
                             AlertLevel::Information,
                             format!(
-                                "folder {} of mailbox {}: Graph dropped the sync state ({}); syncing the folder again from the start, known messages are not recorded twice",
-                                f.path,
+                                "mailbox {}: Microsoft Graph dropped the sync state of its folders ({}); they are synced again from the start, known messages are not recorded twice",
                                 self.settings.mailbox,
-                                e.code().unwrap_or("410 Gone")
+                                e.code().filter(|c| !c.is_empty()).unwrap_or("410 Gone")
                             ),
                         ));
                         f.link = None;
@@ -278,7 +279,7 @@ impl GraphConnector {
         Ok(batch)
     }
 
-    /// Downloads `$value` of each item, up to [`MAX_IN_FLIGHT`] at once.
+    /// Downloads `$value` of each item, as many at once as the mailbox allows.
     async fn download(
         &self,
         picked: Vec<(usize, Item)>,
@@ -304,7 +305,7 @@ impl GraphConnector {
             }
         });
         let results: Vec<_> = futures::stream::iter(jobs)
-            .buffered(MAX_IN_FLIGHT)
+            .buffered(self.mailbox.max_in_flight())
             .collect()
             .await;
         let mut out = Vec::with_capacity(results.len());
@@ -407,6 +408,10 @@ impl Connector for GraphConnector {
     async fn close(&mut self) {}
 
     fn token_expires_at(&self) -> Option<UnixTime> {
-        self.mailbox.token_expires_at()
+        self.settings.client_secret_expires_at
+    }
+
+    fn expiring_credential(&self) -> &'static str {
+        "the Entra app's client secret"
     }
 }

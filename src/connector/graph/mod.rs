@@ -61,6 +61,12 @@ pub struct GraphSettings {
     pub connect_timeout: std::time::Duration,
     /// First round only: `$filter=receivedDateTime ge …`.
     pub process_email_from: Option<chrono::NaiveDate>,
+    /// Requests in flight at most (the profile's `max_concurrent_requests`,
+    /// 1..=[`MAX_IN_FLIGHT`]), shared by the connector and the sender.
+    pub max_in_flight: usize,
+    /// The client secret's expiry date from the config: the Warning ahead
+    /// of it (the hourly access tokens renew by themselves).
+    pub client_secret_expires_at: Option<crate::model::UnixTime>,
 }
 
 /// A message found in Sent Items.

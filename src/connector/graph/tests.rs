@@ -319,6 +319,8 @@ async fn env(inbox: usize, orders: usize) -> Env {
         request_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(5),
         process_email_from: None,
+        max_in_flight: 4,
+        client_secret_expires_at: None,
     };
     let ctx = PipelineContext {
         mailbox: "m".into(),

@@ -142,6 +142,8 @@ fn graph_sender(store: Arc<dyn Store>, base: &str, confirm_for: Duration) -> Arc
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             process_email_from: None,
+            max_in_flight: 4,
+            client_secret_expires_at: None,
         },
     );
     let mut graph = GraphTransportSettings::new(mailbox);
