@@ -181,10 +181,20 @@ async fn two_thousand_messages_over_inbox_and_tracked_folders_then_five_more_the
     }
     let s = setup(&si, "", "");
     let mut daemon = Running(Some(start(&s.cfg)));
+    // Halfway, every token dies and Graph is briefly unavailable.
+    wait_until(Duration::from_secs(300), "1,000 activities", || {
+        (activity_total(s.admin)? >= N as u64 / 2).then_some(())
+    })
+    .await;
+    si.expire_tokens();
+    si.unavailable_next(6);
     wait_until(Duration::from_secs(300), "2,000 activities", || {
         (activity_total(s.admin)? == N as u64).then_some(())
     })
     .await;
+    let st = si.stats();
+    assert!(st.unauthorized >= 1 && st.tokens_issued >= 2, "{st:?}");
+    assert_eq!(st.unavailable, 6, "{st:?}");
     // Every message is marked processed (the category follow-up).
     wait_until(Duration::from_secs(60), "every message categorized", || {
         let all: usize = ["Inbox", "Inbox/Orders", "Inbox/Claims", "Inbox/Returns"]
@@ -614,6 +624,55 @@ async fn two_hundred_emails_go_out_through_send_mail_once_each_land_in_sent_item
         assert_eq!(a["regarding"], regarding, "{a}");
         assert_eq!(a["method"], method, "{a}");
     }
+    daemon.stop();
+    assert_graph_rules(&si);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_quarantined_and_moved_to_the_failed_folder() {
+    let si = standin().await;
+    for i in 0..3 {
+        si.deliver(MAILBOX, "Inbox", &eml("small", i));
+    }
+    let mut big = eml("big", 0);
+    big.extend(std::iter::repeat_n(b'x', 8 * 1024));
+    big.extend(b"\r\n");
+    let big_id = si.deliver(MAILBOX, "Inbox", &big);
+    let s = setup(
+        &si,
+        "max_message_size = 4096\nmove_failed_to = \"Inbox/Failed\"",
+        "",
+    );
+    let mut daemon = Running(Some(start(&s.cfg)));
+    wait_until(
+        Duration::from_secs(60),
+        "the big one in Inbox/Failed",
+        || {
+            si.messages(MAILBOX, "Inbox/Failed")
+                .iter()
+                .any(|m| m.id == big_id)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(activity_total(s.admin), Some(3));
+    let q = get_json(s.admin, "/api/v1/quarantine");
+    let list = q["quarantine"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{q}");
+    assert!(
+        list[0]["reason"].as_str().unwrap().contains("4096"),
+        "the reason names the limit: {q}"
+    );
+    // Its body was never read past the limit; a later cycle does not
+    // record it again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        get_json(s.admin, "/api/v1/quarantine")["quarantine"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     daemon.stop();
     assert_graph_rules(&si);
 }

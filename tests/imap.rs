@@ -1111,12 +1111,18 @@ fn unreadable_message_is_quarantined_after_retries_and_the_rest_syncs() {
         "{reason}"
     );
     assert_eq!(q[0]["saved_as"], "", "{q:?}");
-    let alerts = get_json(admin, "/api/v1/alerts");
-    assert!(
-        alerts["alerts"].as_array().unwrap().iter().any(|a| a["level"] == "warning"
-            && a["text"].as_str().unwrap().contains("quarantined")),
-        "{alerts}"
-    );
+    // The Warning is raised right after the batch that quarantined it
+    // commits: wait for it rather than race it.
+    wait_for(Duration::from_secs(10), "the quarantine Warning", || {
+        let alerts = get_json(admin, "/api/v1/alerts");
+        alerts["alerts"]
+            .as_array()?
+            .iter()
+            .any(|a| {
+                a["level"] == "warning" && a["text"].as_str().unwrap_or("").contains("quarantined")
+            })
+            .then_some(())
+    });
     // Never a failed cycle, never disabled.
     let mb = get_json(admin, "/api/v1/mailboxes/mb");
     assert_eq!(mb["state"]["enabled"], true, "{mb}");

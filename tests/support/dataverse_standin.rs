@@ -36,6 +36,10 @@ use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
+#[path = "query.rs"]
+mod query;
+use query::parse_query;
+
 /// One stored activity party.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredParty {
@@ -597,31 +601,6 @@ fn syntax_error(message: impl Into<String>) -> Response {
     error_response(StatusCode::BAD_REQUEST, "0x80060888", &message.into())
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
@@ -632,17 +611,6 @@ fn encode(s: &str) -> String {
         }
     }
     out
-}
-
-fn parse_query(raw: Option<&str>) -> Vec<(String, String)> {
-    raw.unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------

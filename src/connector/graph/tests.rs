@@ -636,7 +636,15 @@ async fn test_and_enable_and_send() {
     let text = c.test().await.unwrap();
     assert!(text.contains("Inbox readable: 3 messages"), "{text}");
     assert!(text.contains("Inbox/Orders"), "{text}");
-    assert!(c.token_expires_at().is_some());
+    // The access token renews by itself: only the client secret's expiry
+    // date (from the config) is one to warn about.
+    assert!(c.mailbox.token_expires_at().is_some());
+    assert_eq!(c.token_expires_at(), None);
+    let mut with_expiry = e.settings.clone();
+    with_expiry.client_secret_expires_at = Some(1_900_000_000);
+    let dated = GraphConnector::new(c.mailbox.clone(), with_expiry, e.store.clone());
+    assert_eq!(dated.token_expires_at(), Some(1_900_000_000));
+    assert_eq!(dated.expiring_credential(), "the Entra app's client secret");
     let mb = GraphMailbox::new(e.app.clone(), &e.settings);
     mb.send_mime(b"Subject: x\r\n\r\ny").await.unwrap();
     let mut bad = e.settings.clone();

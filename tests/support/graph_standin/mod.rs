@@ -52,6 +52,8 @@
 #![allow(dead_code)]
 
 mod handlers;
+#[path = "../query.rs"]
+mod query;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
