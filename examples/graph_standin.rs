@@ -1,13 +1,15 @@
 //! The Microsoft Graph stand-in of the tests (`tests/support/graph_standin/`)
-//! as a process, for `scripts/bench_graph.py`: it seeds one mailbox with
-//! generated messages, prints what a config needs as one JSON line, and
-//! serves until killed.
+//! as a process, for `scripts/bench_graph.py`: it seeds `--mailboxes`
+//! mailboxes (`bench0@contoso.test`…) with `--messages` generated messages
+//! in all, prints what a config needs as one JSON line, and serves until its
+//! stdin closes (then prints its counters).
 //!
 //! `--selfbench` instead measures the stand-in alone: the request mix of an
-//! initial sync (delta pages, `$value`, the category read and PATCH of each
-//! message), four requests in flight, and prints messages per second.
+//! initial sync (delta pages listing the categories, `$value` and the
+//! category PATCH of each message), four requests in flight, and prints
+//! messages per second.
 //!
-//! usage: graph_standin [--messages N] [--port P] [--page-size 100] [--selfbench]
+//! usage: graph_standin [--messages N] [--mailboxes M] [--port P] [--page-size 100] [--selfbench]
 
 #[path = "../tests/support/graph_standin/mod.rs"]
 mod graph_standin;
@@ -19,10 +21,14 @@ use graph_standin::{GraphStandIn, GRAPH_SCOPE};
 
 const CLIENT: &str = "0b3c5e1a-bench-4000-8000-000000000001";
 const SECRET: &str = "bench-standin-secret";
-const MAILBOX: &str = "bench@contoso.test";
+
+fn mailbox(k: usize) -> String {
+    format!("bench{k}@contoso.test")
+}
 
 struct Args {
     messages: usize,
+    mailboxes: usize,
     port: u16,
     page_size: usize,
     selfbench: bool,
@@ -31,6 +37,7 @@ struct Args {
 fn args() -> Result<Args, String> {
     let mut a = Args {
         messages: 10_000,
+        mailboxes: 1,
         port: 0,
         page_size: 100,
         selfbench: false,
@@ -44,6 +51,7 @@ fn args() -> Result<Args, String> {
         };
         match k.as_str() {
             "--messages" => a.messages = value("--messages")?,
+            "--mailboxes" => a.mailboxes = value("--mailboxes")?.max(1),
             "--port" => a.port = value("--port")? as u16,
             "--page-size" => a.page_size = value("--page-size")?,
             "--selfbench" => a.selfbench = true,
@@ -53,9 +61,9 @@ fn args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn message(i: usize) -> Vec<u8> {
+fn message(i: usize, to: &str) -> Vec<u8> {
     format!(
-        "Message-ID: <bench-{i}@fabrikam.test>\r\nDate: Tue, 06 Jan 2026 09:{:02}:{:02} +0000\r\nFrom: Customer {} <customer{}@fabrikam.test>\r\nTo: {MAILBOX}\r\nSubject: {}Order {} question\r\n\r\nHello,\r\n\r\nthis is message {i}.\r\nLorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n",
+        "Message-ID: <bench-{i}@fabrikam.test>\r\nDate: Tue, 06 Jan 2026 09:{:02}:{:02} +0000\r\nFrom: Customer {} <customer{}@fabrikam.test>\r\nTo: {to}\r\nSubject: {}Order {} question\r\n\r\nHello,\r\n\r\nthis is message {i}.\r\nLorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n",
         (i / 60) % 60,
         i % 60,
         i % 300,
@@ -66,8 +74,9 @@ fn message(i: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The stand-in alone, with the daemon's request mix for an initial sync.
-async fn selfbench(si: &GraphStandIn, n: usize, page_size: usize) -> Result<f64, String> {
+/// The stand-in alone, with the daemon's request mix for an initial sync
+/// of every mailbox at once (four requests in flight each).
+async fn selfbench(si: &GraphStandIn, a: &Args) -> Result<f64, String> {
     let http = reqwest::Client::new();
     let form = [
         ("grant_type", "client_credentials"),
@@ -86,10 +95,32 @@ async fn selfbench(si: &GraphStandIn, n: usize, page_size: usize) -> Result<f64,
         .await
         .map_err(|e| e.to_string())?;
     let token = tok["access_token"].as_str().unwrap_or_default().to_string();
-    let base = format!("{}/users/{MAILBOX}", si.graph_url);
+    let page_size = a.page_size;
+    let rounds = (0..a.mailboxes).map(|k| {
+        let base = format!("{}/users/{}", si.graph_url, mailbox(k));
+        sync_one(&http, &token, base, page_size)
+    });
+    let counts = futures::future::join_all(rounds).await;
+    let mut done = 0;
+    for c in counts {
+        done += c?;
+    }
+    if done != a.messages {
+        return Err(format!("selfbench saw {done} of {} messages", a.messages));
+    }
+    Ok(a.messages as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// One mailbox's initial sync: delta pages, `$value`, the category PATCH.
+async fn sync_one(
+    http: &reqwest::Client,
+    token: &str,
+    base: String,
+    page_size: usize,
+) -> Result<usize, String> {
     let get = |url: String| {
         let http = http.clone();
-        let token = token.clone();
+        let token = token.to_string();
         async move {
             http.get(url)
                 .bearer_auth(token)
@@ -106,7 +137,7 @@ async fn selfbench(si: &GraphStandIn, n: usize, page_size: usize) -> Result<f64,
         }
     };
     let mut link = format!(
-        "{base}/mailFolders/inbox/messages/delta?$select=id,receivedDateTime,internetMessageId"
+        "{base}/mailFolders/inbox/messages/delta?$select=id,receivedDateTime,internetMessageId,categories"
     );
     let mut done = 0usize;
     loop {
@@ -121,17 +152,15 @@ async fn selfbench(si: &GraphStandIn, n: usize, page_size: usize) -> Result<f64,
         let jobs = ids.iter().map(|id| {
             let enc = id.replace('=', "%3D");
             let value = get(format!("{base}/messages/{enc}/$value"));
-            let cats = get(format!("{base}/messages/{enc}?$select=categories"));
             let patch = http
                 .patch(format!("{base}/messages/{enc}"))
-                .bearer_auth(&token)
+                .bearer_auth(token)
                 .header("Prefer", "IdType=\"ImmutableId\"")
                 .header("Content-Type", "application/json")
                 .body(r#"{"categories":["Tracked to CRM"]}"#)
                 .send();
             async move {
                 value.await?;
-                cats.await?;
                 patch.await.map_err(|e| e.to_string())?;
                 Ok::<(), String>(())
             }
@@ -152,10 +181,7 @@ async fn selfbench(si: &GraphStandIn, n: usize, page_size: usize) -> Result<f64,
             _ => break,
         }
     }
-    if done != n {
-        return Err(format!("selfbench saw {done} of {n} messages"));
-    }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok(done)
 }
 
 #[tokio::main]
@@ -169,12 +195,15 @@ async fn main() {
     };
     let si = GraphStandIn::start_on(a.port).await;
     si.add_client(CLIENT, SECRET);
-    si.add_user(MAILBOX);
+    for k in 0..a.mailboxes {
+        si.add_user(&mailbox(k));
+    }
     for i in 0..a.messages {
-        si.deliver(MAILBOX, "Inbox", &message(i));
+        let to = mailbox(i % a.mailboxes);
+        si.deliver(&to, "Inbox", &message(i, &to));
     }
     if a.selfbench {
-        match selfbench(&si, a.messages, a.page_size).await {
+        match selfbench(&si, &a).await {
             Ok(rate) => {
                 let st = si.stats();
                 println!(
@@ -197,7 +226,7 @@ async fn main() {
             "tenant": si.tenant,
             "client_id": CLIENT,
             "client_secret": SECRET,
-            "mailbox": MAILBOX,
+            "mailboxes": (0..a.mailboxes).map(mailbox).collect::<Vec<_>>(),
             "messages": a.messages,
         })
     );
@@ -208,6 +237,6 @@ async fn main() {
     let st = si.stats();
     println!(
         "{}",
-        serde_json::json!({"requests": st.requests, "downloads": st.downloads, "patches": st.patches, "peak_in_flight": st.peak_in_flight, "concurrency_violations": st.concurrency_violations})
+        serde_json::json!({"requests": st.requests, "downloads": st.downloads, "patches": st.patches, "peak_in_flight": st.peak_in_flight, "concurrency_violations": st.concurrency_violations, "over_mailbox_limit": st.over_mailbox_limit})
     );
 }

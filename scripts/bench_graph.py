@@ -7,12 +7,20 @@ category) against the Graph stand-in (examples/graph_standin.rs) seeded with
 
 Reports messages per second from the daemon's start until the API counts every
 activity, and, measured alone in the same run, what the stand-in itself
-sustains for the same request mix (delta pages, $value, category read and
+sustains for the same request mix (delta pages, $value and the category
 PATCH per message, four in flight): the daemon's rate as a share of it says
 how much of the time is ours.
 
 usage: bench_graph.py --bin target/release/crm-mailsync
        --standin target/release/examples/graph_standin [--messages 10000]
+       [--mailboxes 1]
+
+One mailbox is bound by Graph's own limit (10,000 requests per 10 minutes
+per app and mailbox; the daemon keeps under it: 1,000 requests at once,
+then 900 a minute), and all mailboxes by the app's requests_per_minute
+(default 10,000): spread the messages over mailboxes of fewer than 1,000
+requests each (--mailboxes 40) and turn the app budget off
+(--app-requests-per-minute 1000000) to see the daemon's own speed.
 """
 import argparse, json, os, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -39,17 +47,17 @@ def activity_total(port):
         return None
 
 
-def selfbench(standin, n):
+def selfbench(standin, n, mailboxes):
     out = subprocess.run(
-        [standin, "--messages", str(n), "--selfbench"],
+        [standin, "--messages", str(n), "--mailboxes", str(mailboxes), "--selfbench"],
         check=True, capture_output=True, text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def daemon_run(binary, standin, n, timeout):
+def daemon_run(binary, standin, n, mailboxes, app_budget, timeout):
     si = subprocess.Popen(
-        [standin, "--messages", str(n)],
+        [standin, "--messages", str(n), "--mailboxes", str(mailboxes)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     info = json.loads(si.stdout.readline())
@@ -78,11 +86,15 @@ client_id = "{info['client_id']}"
 client_secret_file = "{secret}"
 graph_url = "{info['graph_url']}"
 login_url = "{info['login_url']}"
-
+""")
+            if app_budget is not None:
+                f.write(f"requests_per_minute = {app_budget}\n")
+            for k, email in enumerate(info["mailboxes"]):
+                f.write(f"""
 [[mailboxes]]
-name = "bench"
+name = "bench{k}"
 profile = "m365"
-email = "{info['mailbox']}"
+email = "{email}"
 approval = "approved"
 """)
         t0 = time.monotonic()
@@ -113,13 +125,21 @@ def main():
     ap.add_argument("--bin", default="target/release/crm-mailsync")
     ap.add_argument("--standin", default="target/release/examples/graph_standin")
     ap.add_argument("--messages", type=int, default=10_000)
+    ap.add_argument("--mailboxes", type=int, default=1,
+                    help="messages spread over this many mailboxes (Graph limits each "
+                         "to 10,000 requests per 10 minutes)")
+    ap.add_argument("--app-requests-per-minute", type=int, default=None,
+                    help="the profile's requests_per_minute (default: the daemon's)")
     ap.add_argument("--timeout", type=float, default=1800)
     a = ap.parse_args()
-    alone = selfbench(a.standin, a.messages)
-    elapsed, counters = daemon_run(a.bin, a.standin, a.messages, a.timeout)
+    alone = selfbench(a.standin, a.messages, a.mailboxes)
+    elapsed, counters = daemon_run(a.bin, a.standin, a.messages, a.mailboxes,
+                                   a.app_requests_per_minute, a.timeout)
     rate = a.messages / elapsed
     print(json.dumps({
         "messages": a.messages,
+        "mailboxes": a.mailboxes,
+        "app_requests_per_minute": a.app_requests_per_minute,
         "daemon_seconds": round(elapsed, 2),
         "daemon_messages_per_s": round(rate, 1),
         "standin_alone_messages_per_s": round(alone["messages_per_s"], 1),
@@ -128,6 +148,7 @@ def main():
         "requests_per_message": round(counters["requests"] / a.messages, 2),
         "peak_in_flight": counters["peak_in_flight"],
         "concurrency_violations": counters["concurrency_violations"],
+        "over_mailbox_limit": counters["over_mailbox_limit"],
     }, indent=2))
 
 

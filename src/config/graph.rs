@@ -44,6 +44,10 @@ pub struct GraphProfile {
     pub max_concurrent_requests: u32,
     /// The app's request budget over all its mailboxes, per minute.
     pub requests_per_minute: u32,
+    /// Graph's limit per app and mailbox: this many requests per
+    /// `mailbox_request_window` (10,000 per 10 minutes).
+    pub mailbox_request_limit: u32,
+    pub mailbox_request_window: Duration,
     /// After `sendMail`'s 202, how long the sent item may take to appear in
     /// Sent Items before the email is `failed`.
     pub confirm_sent_within: Duration,
@@ -75,6 +79,8 @@ const KEYS: &[&str] = &[
     "page_size",
     "max_concurrent_requests",
     "requests_per_minute",
+    "mailbox_request_limit",
+    "mailbox_request_window",
     "confirm_sent_within",
 ];
 
@@ -224,6 +230,15 @@ pub(super) fn graph_profile(
     let page_size = t.int("page_size", 100, 1, 1000, errs) as u32;
     let max_concurrent_requests = t.int("max_concurrent_requests", 4, 1, 4, errs) as u32;
     let requests_per_minute = t.int("requests_per_minute", 10_000, 1, 1_000_000, errs) as u32;
+    let mailbox_request_limit =
+        t.int("mailbox_request_limit", 10_000, 10, 100_000_000, errs) as u32;
+    let mailbox_request_window = t.duration(
+        "mailbox_request_window",
+        Duration::from_secs(600),
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+        errs,
+    );
     let confirm_sent_within = t.duration(
         "confirm_sent_within",
         Duration::from_secs(600),
@@ -260,6 +275,8 @@ pub(super) fn graph_profile(
         page_size,
         max_concurrent_requests,
         requests_per_minute,
+        mailbox_request_limit,
+        mailbox_request_window,
         confirm_sent_within,
         send_retry_for,
         unknown_delivery,

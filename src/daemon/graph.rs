@@ -122,6 +122,9 @@ pub(super) fn graph_settings(profile: &Profile, mailbox: &Mailbox) -> GraphSetti
             g.max_concurrent_requests as usize
         }),
         client_secret_expires_at: graph.and_then(|g| g.client_secret_expires_at),
+        request_limit: graph.map_or((10_000, std::time::Duration::from_secs(600)), |g| {
+            (g.mailbox_request_limit, g.mailbox_request_window)
+        }),
         process_email_from: profile.process_email_from,
     }
 }

@@ -19,8 +19,8 @@ use crate::error::{Classify, Disposition};
 /// stays pending.
 const GROUP: usize = 16;
 
-/// Carries out `acks`, up to [`MAX_IN_FLIGHT`] at once (the mailbox's
-/// limit holds anyway).
+/// Carries out `acks`, as many at once as the mailbox allows (its
+/// semaphore holds anyway).
 pub(super) async fn acknowledge(
     c: &mut GraphConnector,
     acks: Vec<Ack>,
@@ -83,6 +83,9 @@ pub(super) async fn acknowledge(
             break;
         }
     }
+    for ack in &acks {
+        c.listed_categories.remove(&ack.source.uid);
+    }
     if stale_folder {
         // Found (or created) anew at the next call.
         c.failed_folder = None;
@@ -123,25 +126,30 @@ async fn delete(c: &GraphConnector, id: &str) -> Result<(), GraphError> {
     Ok(())
 }
 
-/// Adds `category`, keeping the message's others (PATCH replaces the list).
+/// Adds `category`, keeping the message's others (PATCH replaces the
+/// list): those its delta page listed moments ago, else read first.
 async fn categorize(c: &GraphConnector, id: &str, category: &str) -> Result<(), GraphError> {
     let path = format!("messages/{}", path_segment(id));
-    let v = c
-        .mailbox
-        .get_json(
-            &format!("{path}?$select=categories"),
-            None,
-            Target::Message,
-            "reading a message's categories",
-        )
-        .await?;
-    let mut cats: Vec<String> = v
-        .get("categories")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c.as_str().map(String::from))
-        .collect();
+    let mut cats: Vec<String> = match c.listed_categories.get(id) {
+        Some(listed) => listed.clone(),
+        None => {
+            let v = c
+                .mailbox
+                .get_json(
+                    &format!("{path}?$select=categories"),
+                    None,
+                    Target::Message,
+                    "reading a message's categories",
+                )
+                .await?;
+            v.get("categories")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str().map(String::from))
+                .collect()
+        }
+    };
     if cats.iter().any(|c| c.eq_ignore_ascii_case(category)) {
         return Ok(());
     }

@@ -33,10 +33,17 @@ const RETRIES: u32 = 3;
 /// scheduler (the error carries it) instead of holding the task.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(30);
 
-/// Graph's Outlook limit per app and mailbox: 10,000 requests in ten
-/// minutes. A bucket of 10,000 refilled at 1,000 a minute never exceeds it.
-const MAILBOX_BUDGET_PER_MINUTE: u32 = 1_000;
-const MAILBOX_BURST: u32 = 10_000;
+/// A budget that keeps `limit` requests in any `window`: a bucket spends
+/// at most its size plus one window of refill in a window, so a tenth of
+/// the limit as the burst and nine tenths refilled over the window never
+/// exceed it (Graph's 10,000 per 10 minutes: 1,000 at once, then 900 a
+/// minute); a small burst leaves the most for the sustained rate.
+fn window_budget(limit: u32, window: Duration) -> Budget {
+    let burst = (limit / 10).max(1);
+    let per_window = f64::from(limit - burst);
+    let per_minute = per_window * 60.0 / window.as_secs_f64().max(1.0);
+    Budget::new(per_minute.max(1.0) as u32, burst)
+}
 
 /// A token bucket: `per_minute` requests a minute, bursts up to `burst`.
 /// `per_minute` 0 = no budget.
@@ -191,7 +198,7 @@ impl GraphMailbox {
             app,
             in_flight: Semaphore::new(settings.max_in_flight.clamp(1, MAX_IN_FLIGHT)),
             max_in_flight: settings.max_in_flight.clamp(1, MAX_IN_FLIGHT),
-            budget: Budget::new(MAILBOX_BUDGET_PER_MINUTE, MAILBOX_BURST),
+            budget: window_budget(settings.request_limit.0, settings.request_limit.1),
             timeout: settings.request_timeout,
         })
     }
@@ -511,6 +518,29 @@ mod tests {
         for _ in 0..100 {
             free.take().await;
         }
+    }
+
+    /// Regression: a bucket as big as Graph's limit, refilled at a tenth of
+    /// it a minute, allowed twice the limit in ten minutes.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_budget_never_passes_its_limit_in_any_window() {
+        let window = Duration::from_secs(10);
+        let b = window_budget(100, window);
+        let start = tokio::time::Instant::now();
+        let mut at = Vec::new();
+        while start.elapsed() < window * 3 {
+            b.take().await;
+            at.push(start.elapsed());
+        }
+        for (i, t) in at.iter().enumerate() {
+            let in_window = at[i..].iter().take_while(|u| **u < *t + window).count();
+            assert!(
+                in_window <= 100,
+                "{in_window} requests in the window from {t:?}"
+            );
+        }
+        // And it uses most of it: about 90 a window after the burst.
+        assert!(at.len() >= 10 + 3 * 85, "{}", at.len());
     }
 
     #[test]

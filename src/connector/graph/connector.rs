@@ -52,7 +52,14 @@ pub struct GraphConnector {
     pub(super) failed_folder: Option<String>,
     /// A wait happened since the last fetch: start new rounds.
     new_cycle: bool,
+    /// Categories of handed-out messages as their delta page listed them,
+    /// until their follow-up (a restart falls back to reading them).
+    pub(super) listed_categories: std::collections::HashMap<String, Vec<String>>,
 }
+
+/// Entries of `listed_categories` kept at most (follow-ups of a long
+/// outage read the categories instead).
+const LISTED_CATEGORIES_MAX: usize = 20_000;
 
 impl GraphConnector {
     /// The connector for `settings.mailbox` through `mailbox` (shared with
@@ -65,6 +72,7 @@ impl GraphConnector {
             folders: Vec::new(),
             failed_folder: None,
             new_cycle: true,
+            listed_categories: Default::default(),
         }
     }
 
@@ -273,6 +281,14 @@ impl GraphConnector {
                         ..FolderPosition::default()
                     },
                 ));
+            }
+        }
+        if self.listed_categories.len() + picked.len() > LISTED_CATEGORIES_MAX {
+            self.listed_categories.clear();
+        }
+        for (_, item) in &picked {
+            if let Some(c) = &item.categories {
+                self.listed_categories.insert(item.id.clone(), c.clone());
             }
         }
         batch.messages = self.download(picked).await?;

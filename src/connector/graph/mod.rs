@@ -64,6 +64,9 @@ pub struct GraphSettings {
     /// Requests in flight at most (the profile's `max_concurrent_requests`,
     /// 1..=[`MAX_IN_FLIGHT`]), shared by the connector and the sender.
     pub max_in_flight: usize,
+    /// Graph's limit per app and mailbox: at most `.0` requests in any
+    /// `.1` (10,000 per 10 minutes).
+    pub request_limit: (u32, std::time::Duration),
     /// The client secret's expiry date from the config: the Warning ahead
     /// of it (the hourly access tokens renew by themselves).
     pub client_secret_expires_at: Option<crate::model::UnixTime>,

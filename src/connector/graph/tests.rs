@@ -321,6 +321,7 @@ async fn env(inbox: usize, orders: usize) -> Env {
         process_email_from: None,
         max_in_flight: 4,
         client_secret_expires_at: None,
+        request_limit: (10_000, Duration::from_secs(600)),
     };
     let ctx = PipelineContext {
         mailbox: "m".into(),

@@ -144,6 +144,7 @@ fn graph_sender(store: Arc<dyn Store>, base: &str, confirm_for: Duration) -> Arc
             process_email_from: None,
             max_in_flight: 4,
             client_secret_expires_at: None,
+            request_limit: (10_000, Duration::from_secs(600)),
         },
     );
     let mut graph = GraphTransportSettings::new(mailbox);

@@ -259,7 +259,7 @@ fn roll(inner: &mut Inner) -> u32 {
 
 /// Counts the request in flight for its mailbox (until the guard drops);
 /// `true` when it is one too many.
-fn enter(s: &Arc<Shared>, user: &str) -> (InFlight, bool) {
+fn enter(s: &Arc<Shared>, user: &str) -> (InFlight, Option<(&'static str, &'static str)>) {
     let mut inner = s.lock();
     inner.stats.requests += 1;
     let key = inner
@@ -273,13 +273,41 @@ fn enter(s: &Arc<Shared>, user: &str) -> (InFlight, bool) {
     if over {
         inner.stats.concurrency_violations += 1;
     }
+    // Graph's 10,000 requests per 10 minutes per app and mailbox.
+    let now = Instant::now();
+    let (limit, window) = (inner.faults.mailbox_limit, inner.faults.mailbox_window);
+    let recent = inner.recent.entry(key.clone()).or_default();
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= window)
+    {
+        recent.pop_front();
+    }
+    recent.push_back(now);
+    let over_limit = recent.len() > limit;
+    if over_limit {
+        inner.stats.over_mailbox_limit += 1;
+    }
+    let refusal = if over {
+        Some((
+            "MailboxConcurrency",
+            "Application is over its MailboxConcurrency limit.",
+        ))
+    } else if over_limit {
+        Some((
+            "ApplicationThrottled",
+            "Application is over its limit of 10000 requests per 10 minutes for this mailbox.",
+        ))
+    } else {
+        None
+    };
     drop(inner);
     (
         InFlight {
             shared: s.clone(),
             user: key,
         },
-        over,
+        refusal,
     )
 }
 
@@ -429,16 +457,9 @@ async fn graph(
 ) -> Response {
     // Held until the answer is ready (the guard locks the state when it
     // drops, so it lives outside every lock).
-    let (_in_flight, over) = enter(&s, &user);
-    if over {
-        return with_retry_after(
-            error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "MailboxConcurrency",
-                "Application is over its MailboxConcurrency limit.",
-            ),
-            "1",
-        );
+    let (_in_flight, refusal) = enter(&s, &user);
+    if let Some((code, message)) = refusal {
+        return with_retry_after(error(StatusCode::TOO_MANY_REQUESTS, code, message), "1");
     }
     let (key, delay) = match admit(&s, &user, &method, &uri, &headers) {
         Ok(x) => x,
@@ -523,6 +544,7 @@ fn route(
         ("GET", ["mailFolders", f, "messages", "delta"]) => delta(s, inner, key, f, q, headers),
         ("GET", ["mailFolders", f, "messages"]) => list_messages(inner, key, f, q),
         ("GET", ["messages", m]) => {
+            inner.stats.message_reads += 1;
             let msg = inner.users[key]
                 .messages
                 .get(*m)

@@ -97,6 +97,9 @@ pub struct Stats {
     pub without_immutable_ids: u64,
     /// A fifth concurrent request to one mailbox.
     pub concurrency_violations: u64,
+    /// Requests past Graph's 10,000 per 10 minutes per app and mailbox
+    /// (answered 429 `ApplicationThrottled`).
+    pub over_mailbox_limit: u64,
     /// Highest number of requests in flight to one mailbox.
     pub peak_in_flight: usize,
     pub tokens_issued: u64,
@@ -104,6 +107,8 @@ pub struct Stats {
     /// Accepted sendMail requests.
     pub sends: u64,
     pub patches: u64,
+    /// `GET …/messages/{id}` (not `$value`).
+    pub message_reads: u64,
     pub moves: u64,
 }
 
@@ -204,6 +209,9 @@ pub(crate) struct Faults {
     pub delay: Duration,
     /// Sent copies appear in Sent Items this long after the 202.
     pub sent_delay: Duration,
+    /// Graph's limit per app and mailbox: requests in any window.
+    pub mailbox_limit: usize,
+    pub mailbox_window: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -225,6 +233,8 @@ pub(crate) struct Inner {
     /// (user, method, uri) → not before (the `Retry-After` of its 429).
     pub not_before: HashMap<(String, String, String), Instant>,
     pub in_flight: HashMap<String, usize>,
+    /// Per mailbox: when its requests of the last 10 minutes came.
+    pub recent: HashMap<String, std::collections::VecDeque<Instant>>,
     pub stats: Stats,
 }
 
@@ -307,6 +317,8 @@ impl GraphStandIn {
             rng: 0x2545_f491_4f6c_dd1d,
             faults: Faults {
                 retry_after: "1".into(),
+                mailbox_limit: 10_000,
+                mailbox_window: Duration::from_secs(600),
                 ..Faults::default()
             },
             ..Inner::default()
@@ -592,6 +604,14 @@ impl GraphStandIn {
     /// Sent copies appear in Sent Items this long after sendMail's 202.
     pub fn set_sent_delay(&self, d: Duration) {
         self.lock().faults.sent_delay = d;
+    }
+
+    /// Graph's limit per app and mailbox (10,000 requests per 10 minutes):
+    /// a request past it answers 429 `ApplicationThrottled`.
+    pub fn set_mailbox_limit(&self, limit: usize, window: Duration) {
+        let mut inner = self.lock();
+        inner.faults.mailbox_limit = limit;
+        inner.faults.mailbox_window = window;
     }
 
     /// Every delta and skip token handed out so far answers 410 Gone.
