@@ -42,7 +42,9 @@ pub struct GraphProfile {
     pub page_size: u32,
     /// Requests in flight per mailbox (Graph allows 4).
     pub max_concurrent_requests: u32,
-    /// The app's request budget over all its mailboxes, per minute.
+    /// The app's request budget over all its mailboxes, per minute: a
+    /// safety net far below Graph's global 130,000 per 10 seconds per app
+    /// (the per-mailbox limit is what binds).
     pub requests_per_minute: u32,
     /// Graph's limit per app and mailbox: this many requests per
     /// `mailbox_request_window` (10,000 per 10 minutes).
@@ -229,7 +231,7 @@ pub(super) fn graph_profile(
     };
     let page_size = t.int("page_size", 100, 1, 1000, errs) as u32;
     let max_concurrent_requests = t.int("max_concurrent_requests", 4, 1, 4, errs) as u32;
-    let requests_per_minute = t.int("requests_per_minute", 10_000, 1, 1_000_000, errs) as u32;
+    let requests_per_minute = t.int("requests_per_minute", 60_000, 1, 1_000_000, errs) as u32;
     let mailbox_request_limit =
         t.int("mailbox_request_limit", 10_000, 10, 100_000_000, errs) as u32;
     let mailbox_request_window = t.duration(
