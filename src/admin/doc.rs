@@ -127,6 +127,59 @@ pub fn base() -> utoipa::openapi::OpenApi {
     Base::openapi()
 }
 
+/// Type aliases utoipa names after their target type (`UnixTime` becomes a
+/// schema `i64`): the name each gets in the document instead, and what it is.
+const ALIASES: [(&str, &str, &str); 2] = [
+    ("i64", "UnixTime", "Seconds since the Unix epoch (UTC)"),
+    (
+        "u64",
+        "ActivityId",
+        "An email activity's id (the store assigns it)",
+    ),
+];
+
+/// The finished document as JSON, alias schemas renamed (see [`ALIASES`]).
+pub fn finish(doc: &utoipa::openapi::OpenApi) -> Result<serde_json::Value, serde_json::Error> {
+    let mut value = serde_json::to_value(doc)?;
+    for (from, to, description) in ALIASES {
+        let Some(schemas) = value
+            .pointer_mut("/components/schemas")
+            .and_then(|s| s.as_object_mut())
+        else {
+            break;
+        };
+        let Some(mut schema) = schemas.remove(from) else {
+            continue;
+        };
+        schema["description"] = description.into();
+        schemas.insert(to.into(), schema);
+        rename_refs(
+            &mut value,
+            &format!("#/components/schemas/{from}"),
+            &format!("#/components/schemas/{to}"),
+        );
+    }
+    Ok(value)
+}
+
+/// Points every `$ref` to `from` at `to`.
+fn rename_refs(value: &mut serde_json::Value, from: &str, to: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    serde_json::Value::String(r) if key == "$ref" && r == from => {
+                        *r = to.to_string();
+                    }
+                    _ => rename_refs(v, from, to),
+                }
+            }
+        }
+        serde_json::Value::Array(list) => list.iter_mut().for_each(|v| rename_refs(v, from, to)),
+        _ => {}
+    }
+}
+
 /// Every operation of an OpenAPI path item.
 pub fn operations_mut(item: &mut PathItem) -> impl Iterator<Item = &mut Operation> {
     [
@@ -170,7 +223,8 @@ pub struct Rendered(Option<Arc<str>>);
 
 impl Rendered {
     pub fn new(doc: &utoipa::openapi::OpenApi) -> Self {
-        Rendered(doc.to_pretty_json().ok().map(Arc::from))
+        let text = finish(doc).and_then(|v| serde_json::to_string_pretty(&v));
+        Rendered(text.ok().map(Arc::from))
     }
 }
 
