@@ -5,8 +5,10 @@
 //!
 //! Submodules: [`records`] (the record directory), [`feed`] (the event pull
 //! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters),
-//! [`outgoing`] (the queue of email to send).
+//! [`outgoing`] (the queue of email to send), [`doc`] (the OpenAPI
+//! document of all of it, served at `/api/v1/openapi.json`).
 
+mod doc;
 mod feed;
 mod outbox;
 mod outgoing;
@@ -21,12 +23,14 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use crate::config::{Config, Secret};
 use crate::model::{format_time, EmailActivity};
@@ -48,53 +52,68 @@ pub struct AdminState {
     pub send_wakeup: Option<crate::outgoing::SendWakeup>,
 }
 
+/// Every route of the admin API, each with its OpenAPI operation: the one
+/// route table the router and the document are both made from, so neither
+/// can have a route the other lacks. Only `routes!` adds routes here.
+///
+/// `token` is the bearer token every `/api/v1` route requires (`None`: none
+/// is accepted).
+fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<AdminState> {
+    let api = OpenApiRouter::new()
+        .routes(routes!(mailboxes))
+        .routes(routes!(mailbox))
+        .routes(routes!(enable_mailbox))
+        .routes(routes!(profiles))
+        .routes(routes!(activities))
+        .routes(routes!(activity))
+        .routes(routes!(alerts))
+        .routes(routes!(quarantine))
+        .routes(
+            routes!(records::list, records::bulk_upsert)
+                .layer(DefaultBodyLimit::max(records::BULK_BODY_LIMIT)),
+        )
+        .routes(routes!(
+            records::get_one,
+            records::put_one,
+            records::delete_one
+        ))
+        .routes(routes!(feed::events))
+        .routes(routes!(feed::event))
+        .routes(routes!(outbox::overview))
+        .routes(routes!(outbox::dead_letters))
+        .routes(
+            routes!(outgoing::list, outgoing::queue_one)
+                .layer(DefaultBodyLimit::max(outgoing_body_limit)),
+        )
+        .routes(routes!(outgoing::get_one))
+        .routes(routes!(outgoing::cancel))
+        .routes(routes!(outgoing::retry))
+        .routes(routes!(doc::document));
+    // The bearer check wraps exactly these routes, which the document marks
+    // as needing the token.
+    let api = doc::bearer_only(api).layer(middleware::from_fn(move |req: Request, next: Next| {
+        let token = token.clone();
+        async move { require_bearer(token, req, next).await }
+    }));
+    OpenApiRouter::with_openapi(doc::base())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics_text))
+        .nest("/api/v1", api)
+}
+
+/// The OpenAPI 3.1 document of the admin API, as `GET /api/v1/openapi.json`
+/// serves it.
+pub fn openapi() -> Result<serde_json::Value, serde_json::Error> {
+    doc::finish(&routes(0, None).into_openapi())
+}
+
 /// Builds the router.
 pub fn router(state: AdminState) -> Router {
     let token = state.config.admin.token.clone();
-    let outgoing_body_limit = outgoing::body_limit(&state.config);
-    let api = Router::new()
-        .route("/mailboxes", get(mailboxes))
-        .route("/mailboxes/{name}", get(mailbox))
-        .route("/mailboxes/{name}/enable", post(enable_mailbox))
-        .route("/profiles", get(profiles))
-        .route("/activities", get(activities))
-        .route("/activities/{id}", get(activity))
-        .route("/alerts", get(alerts))
-        .route("/quarantine", get(quarantine))
-        .route(
-            "/records",
-            get(records::list)
-                .post(records::bulk_upsert)
-                .layer(DefaultBodyLimit::max(records::BULK_BODY_LIMIT)),
-        )
-        .route(
-            "/records/{kind}/{id}",
-            get(records::get_one)
-                .put(records::put_one)
-                .delete(records::delete_one),
-        )
-        .route("/events", get(feed::events))
-        .route("/events/{seq}", get(feed::event))
-        .route("/outbox", get(outbox::overview))
-        .route("/outbox/{consumer}/dead-letters", get(outbox::dead_letters))
-        .route(
-            "/outgoing",
-            get(outgoing::list)
-                .post(outgoing::queue_one)
-                .layer(DefaultBodyLimit::max(outgoing_body_limit)),
-        )
-        .route("/outgoing/{id}", get(outgoing::get_one))
-        .route("/outgoing/{id}/cancel", post(outgoing::cancel))
-        .route("/outgoing/{id}/retry", post(outgoing::retry))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            let token = token.clone();
-            async move { require_bearer(token, req, next).await }
-        }));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .nest("/api/v1", api)
+    let (router, doc) = routes(outgoing::body_limit(&state.config), token).split_for_parts();
+    router
+        .layer(Extension(doc::Rendered::new(&doc)))
         .with_state(state)
 }
 
@@ -130,10 +149,48 @@ async fn require_bearer(token: Option<Secret>, req: Request, next: Next) -> Resp
     }
 }
 
+/// `GET /healthz`: the process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    operation_id = "healthz",
+    responses((status = 200, description = "The process is alive", body = String, content_type = "text/plain", example = "ok\n"))
+)]
 async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Whether the daemon is ready.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+enum ReadyStatus {
+    #[serde(rename = "ready")]
+    Ready,
+    #[serde(rename = "not ready")]
+    NotReady,
+}
+
+/// `/readyz`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct Readiness {
+    status: ReadyStatus,
+    /// What keeps the daemon from being ready (only when not ready).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<String>,
+}
+
+/// `GET /readyz`: store readable, scheduler running, no mailbox stuck or
+/// stalled, no CRM adapter stuck or paused.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready; `problems` names each reason", body = Readiness),
+    )
+)]
 async fn readyz(State(s): State<AdminState>) -> Response {
     let mut problems = Vec::new();
     if !s
@@ -160,17 +217,32 @@ async fn readyz(State(s): State<AdminState>) -> Response {
         ));
     }
     problems.extend(s.runtime.outbox.problems(crate::model::now()));
-    if problems.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    let (status, ready) = if problems.is_empty() {
+        (StatusCode::OK, ReadyStatus::Ready)
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "problems": problems})),
-        )
-            .into_response()
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, ReadyStatus::NotReady)
+    };
+    (
+        status,
+        Json(Readiness {
+            status: ready,
+            problems,
+        }),
+    )
+        .into_response()
 }
 
+/// `GET /metrics`: Prometheus text exposition.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "Prometheus metrics (text format 0.0.4)", body = String, content_type = "text/plain; version=0.0.4"),
+        (status = 503, description = "No metrics recorder in this process", body = String, content_type = "text/plain"),
+    )
+)]
 async fn metrics_text(State(s): State<AdminState>) -> Response {
     match &s.prometheus {
         Some(h) => (
@@ -322,18 +394,45 @@ fn limit_param(
     }
 }
 
-async fn mailboxes(State(s): State<AdminState>) -> Response {
-    Json(json!({"mailboxes": live_mailboxes(&s)})).into_response()
+/// `GET /api/v1/mailboxes`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct MailboxList {
+    mailboxes: Vec<crate::scheduler::LiveMailbox>,
 }
 
+/// `GET /api/v1/mailboxes`: every configured mailbox's live state.
+#[utoipa::path(
+    get,
+    path = "/mailboxes",
+    tag = "mailboxes",
+    operation_id = "list_mailboxes",
+    responses((status = 200, description = "Every mailbox: phase, backlog, Test & Enable results, counters, last error", body = MailboxList))
+)]
+async fn mailboxes(State(s): State<AdminState>) -> Response {
+    Json(MailboxList {
+        mailboxes: live_mailboxes(&s),
+    })
+    .into_response()
+}
+
+/// `GET /api/v1/mailboxes/{name}`: one mailbox.
+#[utoipa::path(
+    get,
+    path = "/mailboxes/{name}",
+    tag = "mailboxes",
+    operation_id = "get_mailbox",
+    params(("name" = String, Path, description = "Mailbox name as configured")),
+    responses(
+        (status = 200, description = "The mailbox", body = crate::scheduler::LiveMailbox),
+        (status = 404, description = "No such mailbox", body = doc::ErrorBody),
+    )
+)]
 async fn mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     match live_mailboxes(&s).into_iter().find(|m| m.name == name) {
         Some(m) => Json(m).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": format!("no mailbox {name:?}")})),
-        )
-            .into_response(),
+        None => {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no mailbox {name:?}")).into_response()
+        }
     }
 }
 
@@ -349,13 +448,42 @@ fn live_mailboxes(s: &AdminState) -> Vec<crate::scheduler::LiveMailbox> {
     list
 }
 
+/// What `POST /api/v1/mailboxes/{name}/enable` started.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum EnableStatus {
+    Enabling,
+}
+
+/// `POST /api/v1/mailboxes/{name}/enable`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct EnableAccepted {
+    status: EnableStatus,
+    mailbox: String,
+}
+
 /// `POST /api/v1/mailboxes/{name}/enable`: re-runs Test & Enable on a
 /// mailbox a permanent error disabled.
+#[utoipa::path(
+    post,
+    path = "/mailboxes/{name}/enable",
+    tag = "mailboxes",
+    operation_id = "enable_mailbox",
+    params(("name" = String, Path, description = "Mailbox name as configured")),
+    responses(
+        (status = 202, description = "Test & Enable runs again", body = EnableAccepted),
+        (status = 404, description = "No such mailbox", body = doc::ErrorBody),
+        (status = 409, description = "The mailbox is not disabled, or is disabled in the configuration", body = doc::ErrorBody),
+    )
+)]
 async fn enable_mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
     match s.runtime.request_enable(&name) {
         Ok(()) => (
             StatusCode::ACCEPTED,
-            Json(json!({"status": "enabling", "mailbox": name})),
+            Json(EnableAccepted {
+                status: EnableStatus::Enabling,
+                mailbox: name,
+            }),
         )
             .into_response(),
         Err(e) => {
@@ -365,42 +493,85 @@ async fn enable_mailbox(State(s): State<AdminState>, Path(name): Path<String>) -
                     StatusCode::CONFLICT
                 }
             };
-            (status, Json(json!({"error": e.to_string()}))).into_response()
+            ApiError::new(status, e.to_string()).into_response()
         }
     }
 }
 
+/// A server profile as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+struct ProfileView {
+    name: String,
+    #[serde(rename = "type")]
+    kind: crate::model::ProfileType,
+    host: Option<String>,
+    port: Option<u16>,
+    tls: crate::net::TlsMode,
+    poll_interval_secs: u64,
+    max_concurrent_connections: u16,
+    /// The mailboxes that use this profile.
+    mailboxes: Vec<String>,
+}
+
+/// `GET /api/v1/profiles`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct ProfileList {
+    profiles: Vec<ProfileView>,
+}
+
+/// `GET /api/v1/profiles`: server profiles and their mailboxes.
+#[utoipa::path(
+    get,
+    path = "/profiles",
+    tag = "profiles",
+    operation_id = "list_profiles",
+    responses((status = 200, description = "Every server profile", body = ProfileList))
+)]
 async fn profiles(State(s): State<AdminState>) -> Response {
-    let list: Vec<_> = s
+    let profiles = s
         .config
         .profiles
         .iter()
-        .map(|p| {
-            json!({
-                "name": p.name, "type": p.kind, "host": p.host, "port": p.port,
-                "tls": p.tls, "poll_interval_secs": p.poll_interval.as_secs(),
-                "max_concurrent_connections": p.max_concurrent_connections,
-                "mailboxes": s.config.mailboxes.iter().filter(|m| m.profile == p.name).map(|m| m.name.clone()).collect::<Vec<_>>(),
-            })
+        .map(|p| ProfileView {
+            name: p.name.clone(),
+            kind: p.kind,
+            host: p.host.clone(),
+            port: p.port,
+            tls: p.tls,
+            poll_interval_secs: p.poll_interval.as_secs(),
+            max_concurrent_connections: p.max_concurrent_connections,
+            mailboxes: s
+                .config
+                .mailboxes
+                .iter()
+                .filter(|m| m.profile == p.name)
+                .map(|m| m.name.clone())
+                .collect(),
         })
         .collect();
-    Json(json!({"profiles": list})).into_response()
+    Json(ProfileList { profiles }).into_response()
 }
 
 /// `GET /api/v1/activities` parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ActivityParams {
+    /// Only this mailbox's activities.
     pub mailbox: Option<String>,
+    /// At most this many (default 100, 1 to 10,000).
     pub limit: Option<usize>,
+    /// Only activities with a smaller id (`next_before` of the previous page).
     pub before: Option<u64>,
 }
 
 /// An activity as the API shows it: times as RFC 3339, regarding as `kind:id`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ActivityView<'a> {
     #[serde(flatten)]
     pub activity: &'a EmailActivity,
+    /// `received_at` as RFC 3339.
     pub received: String,
+    /// `sent_at` as RFC 3339.
     pub sent: Option<String>,
     /// Every mailbox the email was delivered to (its own first).
     pub mailboxes: Vec<&'a str>,
@@ -417,6 +588,31 @@ impl<'a> From<&'a EmailActivity> for ActivityView<'a> {
     }
 }
 
+/// `GET /api/v1/activities`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct ActivityList<'a> {
+    /// Activities in the store (of `mailbox`, when given).
+    total: u64,
+    /// Activities in this answer.
+    count: usize,
+    /// `before` of the following page; `null` on the last.
+    next_before: Option<u64>,
+    activities: Vec<ActivityView<'a>>,
+}
+
+/// `GET /api/v1/activities`: email activities, newest first.
+#[utoipa::path(
+    get,
+    path = "/activities",
+    tag = "activities",
+    operation_id = "list_activities",
+    params(ActivityParams),
+    responses(
+        (status = 200, description = "A page of activities, newest first", body = ActivityList),
+        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
+        (status = 500, description = "The store failed", body = doc::ErrorBody),
+    )
+)]
 async fn activities(State(s): State<AdminState>, Query(p): Query<ActivityParams>) -> Response {
     let limit = p.limit.unwrap_or(100).clamp(1, 10_000);
     let q = ActivityQuery {
@@ -433,47 +629,105 @@ async fn activities(State(s): State<AdminState>, Query(p): Query<ActivityParams>
     .await;
     match result {
         Ok(Ok((list, total))) => {
-            let views: Vec<ActivityView<'_>> = list.iter().map(ActivityView::from).collect();
-            let next = if list.len() == limit {
+            let activities: Vec<ActivityView<'_>> = list.iter().map(ActivityView::from).collect();
+            let next_before = if list.len() == limit {
                 list.last().map(|a| a.id)
             } else {
                 None
             };
-            Json(json!({"total": total, "count": views.len(), "next_before": next, "activities": views})).into_response()
+            Json(ActivityList {
+                total,
+                count: activities.len(),
+                next_before,
+                activities,
+            })
+            .into_response()
         }
         Ok(Err(e)) => store_error(e),
         Err(e) => store_error(e),
     }
 }
 
+/// `GET /api/v1/activities/{id}`: one activity.
+#[utoipa::path(
+    get,
+    path = "/activities/{id}",
+    tag = "activities",
+    operation_id = "get_activity",
+    params(("id" = u64, Path, description = "Activity id")),
+    responses(
+        (status = 200, description = "The activity", body = ActivityView),
+        (status = 400, description = "The id is not a whole number", body = String, content_type = "text/plain"),
+        (status = 404, description = "No such activity", body = doc::ErrorBody),
+        (status = 500, description = "The store failed", body = doc::ErrorBody),
+    )
+)]
 async fn activity(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
     match s.store.activity(id) {
         Ok(Some(a)) => Json(ActivityView::from(&a)).into_response(),
-        Ok(None) => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": format!("no activity {id}")})),
-        )
-            .into_response(),
+        Ok(None) => {
+            ApiError::new(StatusCode::NOT_FOUND, format!("no activity {id}")).into_response()
+        }
         Err(e) => store_error(e),
     }
 }
 
 /// `limit` parameter for list endpoints.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LimitParams {
+    /// At most this many (default 100, 1 to 10,000).
     pub limit: Option<usize>,
 }
 
+/// `GET /api/v1/alerts`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct AlertList {
+    alerts: Vec<crate::model::Alert>,
+}
+
+/// `GET /api/v1/alerts`: Error / Warning / Information alerts.
+#[utoipa::path(
+    get,
+    path = "/alerts",
+    tag = "alerts",
+    operation_id = "list_alerts",
+    params(LimitParams),
+    responses(
+        (status = 200, description = "Alerts, aggregated with counts", body = AlertList),
+        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
+        (status = 500, description = "The store failed", body = doc::ErrorBody),
+    )
+)]
 async fn alerts(State(s): State<AdminState>, Query(p): Query<LimitParams>) -> Response {
     match s.store.alerts(p.limit.unwrap_or(100).clamp(1, 10_000)) {
-        Ok(list) => Json(json!({"alerts": list})).into_response(),
+        Ok(alerts) => Json(AlertList { alerts }).into_response(),
         Err(e) => store_error(e),
     }
 }
 
+/// `GET /api/v1/quarantine`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct QuarantineList {
+    quarantine: Vec<crate::model::QuarantineEntry>,
+}
+
+/// `GET /api/v1/quarantine`: messages that could not be processed.
+#[utoipa::path(
+    get,
+    path = "/quarantine",
+    tag = "alerts",
+    operation_id = "list_quarantine",
+    params(LimitParams),
+    responses(
+        (status = 200, description = "Quarantined messages with their reasons", body = QuarantineList),
+        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
+        (status = 500, description = "The store failed", body = doc::ErrorBody),
+    )
+)]
 async fn quarantine(State(s): State<AdminState>, Query(p): Query<LimitParams>) -> Response {
     match s.store.quarantined(p.limit.unwrap_or(100).clamp(1, 10_000)) {
-        Ok(list) => Json(json!({"quarantine": list})).into_response(),
+        Ok(quarantine) => Json(QuarantineList { quarantine }).into_response(),
         Err(e) => store_error(e),
     }
 }
@@ -507,6 +761,612 @@ mod tests {
             p.insert("limit".to_string(), bad.to_string());
             assert!(limit_param(&p, 100, 1000).is_err(), "{bad}");
         }
+    }
+
+    const TOKEN: &str = "0123456789abcdef";
+
+    fn state(dir: &std::path::Path) -> AdminState {
+        let text = format!(
+            r#"
+            [daemon]
+            state_dir = "{}"
+            [admin]
+            token = "{TOKEN}"
+            [[profiles]]
+            name = "local"
+            type = "maildir"
+            [[mailboxes]]
+            name = "support"
+            profile = "local"
+            email = "support@example.test"
+            path = "fixtures/demo-maildir"
+            "#,
+            dir.display()
+        );
+        let config = crate::config::from_toml_str(&text, Vec::new(), dir).unwrap();
+        let store = crate::store::SledStore::open(&dir.join("store")).unwrap();
+        AdminState {
+            config: Arc::new(config),
+            store: Arc::new(store),
+            runtime: Arc::new(crate::scheduler::Runtime::default()),
+            prometheus: None,
+            shutdown: CancellationToken::new(),
+            send_wakeup: None,
+        }
+    }
+
+    /// Serves `router` on a free loopback port; answers its base URL.
+    async fn serve(router: Router) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router).await.unwrap();
+        });
+        (format!("http://127.0.0.1:{port}"), server)
+    }
+
+    /// The paths the router serves, read from its `Debug` output (axum has
+    /// no other way to list them): its path router's, not the fallback
+    /// router's.
+    fn served_paths(router: &Router) -> std::collections::BTreeSet<String> {
+        let text = format!("{router:?}");
+        let start = text.find("path_router:").unwrap();
+        let end = text.find("fallback_router:").unwrap();
+        let text = &text[start..end];
+        let re = regex::Regex::new(r#"RouteId\(\d+\): "([^"]*)""#).unwrap();
+        re.captures_iter(text)
+            .map(|c| c[1].to_string())
+            .filter(|p| !p.contains("__private__axum"))
+            .collect()
+    }
+
+    const METHODS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
+
+    #[tokio::test]
+    async fn every_route_the_router_serves_is_in_the_document_and_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = router(state(dir.path()));
+        let served = served_paths(&router);
+        assert!(
+            served.contains("/healthz") && served.contains("/api/v1/records/{kind}/{id}"),
+            "could not read the routes from the router: {served:?}"
+        );
+        let doc = openapi().unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        let documented: std::collections::BTreeSet<String> = paths.keys().cloned().collect();
+        assert_eq!(
+            served, documented,
+            "the router serves a path the document lacks, or the other way round"
+        );
+
+        // Method by method: axum answers 405 for a method a path does not
+        // have (after the bearer check, so the token is sent).
+        let (base, server) = serve(router).await;
+        let client = reqwest::Client::new();
+        let placeholder = regex::Regex::new(r"\{[^}]+\}").unwrap();
+        for path in &served {
+            let url = placeholder.replace_all(path, "x");
+            for method in METHODS {
+                let resp = client
+                    .request(
+                        method.to_uppercase().parse().unwrap(),
+                        format!("{base}{url}"),
+                    )
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .unwrap();
+                let is_served = resp.status() != reqwest::StatusCode::METHOD_NOT_ALLOWED;
+                let is_documented = paths[path].get(method).is_some();
+                assert_eq!(
+                    is_served,
+                    is_documented,
+                    "{} {path}: served {is_served}, documented {is_documented} ({})",
+                    method.to_uppercase(),
+                    resp.status()
+                );
+            }
+        }
+        server.abort();
+    }
+
+    /// Every `$ref` in `v`.
+    fn refs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("$ref", serde_json::Value::String(r)) => out.push(r),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(list) => list.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[tokio::test]
+    async fn the_served_document_is_openapi_3_1_with_bearer_on_every_api_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, server) = serve(router(state(dir.path()))).await;
+        let url = format!("{base}/api/v1/openapi.json");
+        let anonymous = reqwest::get(&url).await.unwrap();
+        assert_eq!(
+            anonymous.status().as_u16(),
+            401,
+            "the document needs the token"
+        );
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let doc: serde_json::Value = resp.json().await.unwrap();
+        server.abort();
+
+        let version = doc["openapi"].as_str().unwrap();
+        assert!(version.starts_with("3.1."), "openapi {version}");
+        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.len() > 20, "{} refs", all.len());
+        for r in all {
+            let pointer = r
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("{r} is not local"));
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        assert!(schemas.contains_key("UnixTime") && schemas.contains_key("ActivityId"));
+        for name in schemas.keys() {
+            assert!(
+                name.chars().next().is_some_and(|c| c.is_ascii_uppercase()),
+                "schema {name:?} is not named after an API type"
+            );
+        }
+        let scheme = &doc["components"]["securitySchemes"][doc::BEARER];
+        assert_eq!(scheme["type"], "http", "{scheme}");
+        assert_eq!(scheme["scheme"], "bearer", "{scheme}");
+        assert!(doc["components"]["schemas"]["ErrorBody"]["properties"]["error"].is_object());
+
+        let mut operation_ids = std::collections::BTreeSet::new();
+        let placeholder = regex::Regex::new(r"\{([^}]+)\}").unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            let public = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+            assert!(public || path.starts_with("/api/v1/"), "{path}");
+            for (method, op) in item.as_object().unwrap() {
+                let at = format!("{method} {path}");
+                assert!(
+                    operation_ids.insert(op["operationId"].as_str().unwrap().to_string()),
+                    "{at}: operationId repeated"
+                );
+                let security = op.get("security");
+                if public {
+                    assert!(security.is_none(), "{at} is open today: {security:?}");
+                } else {
+                    assert_eq!(
+                        security,
+                        Some(&serde_json::json!([{doc::BEARER: []}])),
+                        "{at}"
+                    );
+                    assert!(op["responses"].get("401").is_some(), "{at}: no 401");
+                }
+                let responses = op["responses"].as_object().unwrap();
+                assert!(
+                    responses.keys().any(|s| s.starts_with('2')),
+                    "{at}: no success response"
+                );
+                // Every path placeholder is a documented path parameter.
+                let params: Vec<&str> = op
+                    .get("parameters")
+                    .and_then(|p| p.as_array())
+                    .map(|p| {
+                        p.iter()
+                            .filter(|p| p["in"] == "path")
+                            .filter_map(|p| p["name"].as_str())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for name in placeholder.captures_iter(path) {
+                    assert!(
+                        params.contains(&&name[1]),
+                        "{at}: {{{}}} undocumented",
+                        &name[1]
+                    );
+                }
+            }
+        }
+
+        // Each component schema is valid JSON Schema 2020-12 (OpenAPI 3.1's
+        // dialect), its refs resolved within the document.
+        for name in doc["components"]["schemas"].as_object().unwrap().keys() {
+            let mut root = doc.clone();
+            root["$ref"] = serde_json::json!(format!("#/components/schemas/{name}"));
+            jsonschema::draft202012::new(&root)
+                .unwrap_or_else(|e| panic!("schema {name} is not valid JSON Schema: {e}"));
+        }
+    }
+
+    /// Checks `body` against what the document says `method template`
+    /// answers with `status`.
+    fn conforms(
+        doc: &serde_json::Value,
+        method: &str,
+        template: &str,
+        status: u16,
+        body: &serde_json::Value,
+    ) {
+        let at = format!("{method} {template} → {status}");
+        let mut response = &doc["paths"][template][method]["responses"][status.to_string()];
+        if let Some(r) = response["$ref"].as_str() {
+            response = doc.pointer(&r[1..]).unwrap();
+        }
+        let schema = &response["content"]["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{at} is not documented as JSON: {response}"
+        );
+        let mut root = schema.clone();
+        root["components"] = doc["components"].clone();
+        let validator = jsonschema::draft202012::new(&root).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{at}: {errors:#?}\n{body:#}");
+    }
+
+    #[tokio::test]
+    async fn what_the_api_answers_matches_the_documented_schemas() {
+        use crate::model::{
+            AlertLevel, AutomaticClass, MailboxState, Party, PartyRole, SendStatus, TestResult,
+            TestStatus,
+        };
+        use crate::outgoing::control::test_support::queue_row;
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let store = state.store.clone();
+        let sent = queue_row(store.as_ref(), "support", SendStatus::Sent);
+        let mut a = store.activity(sent).unwrap().unwrap();
+        a.automatic = Some(AutomaticClass::AutoReply);
+        a.parties = vec![
+            Party {
+                role: PartyRole::From,
+                address: "support@example.test".into(),
+                record: Some("queue:support".parse().unwrap()),
+                note: None,
+            },
+            Party {
+                role: PartyRole::To,
+                address: "customer@example.com".into(),
+                record: None,
+                note: Some("no record has this address".into()),
+            },
+        ];
+        a.also_seen_as = vec![a.source.clone()];
+        store.update_activity(a, vec!["parties".into()], 2).unwrap();
+        let pending = queue_row(store.as_ref(), "support", SendStatus::PendingSend);
+        store
+            .raise_alert(AlertLevel::Error, Some("support"), None, "login failed", 3)
+            .unwrap();
+        {
+            let mut map = state.runtime.mailboxes.write().unwrap();
+            map.insert(
+                "support".into(),
+                crate::scheduler::LiveMailbox {
+                    name: "support".into(),
+                    profile: "local".into(),
+                    email: "support@example.test".into(),
+                    protocol: "maildir".into(),
+                    phase: crate::scheduler::Phase::Waiting,
+                    backlog: 2,
+                    state: MailboxState {
+                        name: "support".into(),
+                        enabled: true,
+                        incoming_test: TestResult {
+                            status: TestStatus::Success,
+                            completed_on: Some(1),
+                            detail: None,
+                        },
+                        last_sync_error: Some("timed out".into()),
+                        ..Default::default()
+                    },
+                    not_synced_since: Some(4),
+                    restarts: 0,
+                    not_processing_reason: None,
+                    cycle_started: None,
+                },
+            );
+        }
+        let doc = openapi().unwrap();
+        let (base, server) = serve(router(state)).await;
+        let client = reqwest::Client::new();
+        let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+            let mut req = client
+                .request(
+                    method.to_uppercase().parse().unwrap(),
+                    format!("{base}{path}"),
+                )
+                .bearer_auth(TOKEN);
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let text = resp.text().await.unwrap();
+                (
+                    status,
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .unwrap_or(serde_json::Value::Null),
+                )
+            }
+        };
+        let cases: Vec<(&str, String, &str, Option<serde_json::Value>, u16)> = vec![
+            ("get", "/readyz".into(), "/readyz", None, 503),
+            (
+                "get",
+                "/api/v1/mailboxes".into(),
+                "/api/v1/mailboxes",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/mailboxes/support".into(),
+                "/api/v1/mailboxes/{name}",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/mailboxes/nobody".into(),
+                "/api/v1/mailboxes/{name}",
+                None,
+                404,
+            ),
+            (
+                "post",
+                "/api/v1/mailboxes/support/enable".into(),
+                "/api/v1/mailboxes/{name}/enable",
+                None,
+                409,
+            ),
+            (
+                "get",
+                "/api/v1/profiles".into(),
+                "/api/v1/profiles",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/activities?limit=1".into(),
+                "/api/v1/activities",
+                None,
+                200,
+            ),
+            (
+                "get",
+                format!("/api/v1/activities/{sent}"),
+                "/api/v1/activities/{id}",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/activities/424242".into(),
+                "/api/v1/activities/{id}",
+                None,
+                404,
+            ),
+            ("get", "/api/v1/alerts".into(), "/api/v1/alerts", None, 200),
+            (
+                "get",
+                "/api/v1/quarantine".into(),
+                "/api/v1/quarantine",
+                None,
+                200,
+            ),
+            (
+                "put",
+                "/api/v1/records/contact/c1".into(),
+                "/api/v1/records/{kind}/{id}",
+                Some(serde_json::json!({"name": "Ann", "emails": ["ann@example.com"]})),
+                201,
+            ),
+            (
+                "put",
+                "/api/v1/records/user/u1".into(),
+                "/api/v1/records/{kind}/{id}",
+                Some(
+                    serde_json::json!({"name": "Una", "emails": ["una@example.com"], "owner": "team-1", "user_number": 7}),
+                ),
+                201,
+            ),
+            (
+                "put",
+                "/api/v1/records/contact/c1".into(),
+                "/api/v1/records/{kind}/{id}",
+                Some(serde_json::json!({"name": "Ann", "emails": ["ann@example.com"]})),
+                200,
+            ),
+            (
+                "put",
+                "/api/v1/records/contact/c2".into(),
+                "/api/v1/records/{kind}/{id}",
+                Some(serde_json::json!({"emails": ["not an address"]})),
+                422,
+            ),
+            (
+                "get",
+                "/api/v1/records?limit=1".into(),
+                "/api/v1/records",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/records?email=ANN@example.com".into(),
+                "/api/v1/records",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/records?after=nonsense".into(),
+                "/api/v1/records",
+                None,
+                400,
+            ),
+            (
+                "get",
+                "/api/v1/records/contact/c1".into(),
+                "/api/v1/records/{kind}/{id}",
+                None,
+                200,
+            ),
+            (
+                "post",
+                "/api/v1/records".into(),
+                "/api/v1/records",
+                Some(
+                    serde_json::json!([{"kind": "lead", "id": "l1"}, {"kind": "contact", "id": "c1", "deleted": true}]),
+                ),
+                200,
+            ),
+            (
+                "post",
+                "/api/v1/records".into(),
+                "/api/v1/records",
+                Some(serde_json::json!([{"kind": "Lead", "id": "l2"}])),
+                422,
+            ),
+            (
+                "delete",
+                "/api/v1/records/contact/c1".into(),
+                "/api/v1/records/{kind}/{id}",
+                None,
+                404,
+            ),
+            ("get", "/api/v1/events".into(), "/api/v1/events", None, 200),
+            (
+                "get",
+                "/api/v1/events?after=424242".into(),
+                "/api/v1/events",
+                None,
+                409,
+            ),
+            (
+                "get",
+                "/api/v1/events?cursor=1".into(),
+                "/api/v1/events",
+                None,
+                400,
+            ),
+            (
+                "get",
+                "/api/v1/events/1".into(),
+                "/api/v1/events/{seq}",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/events/424242".into(),
+                "/api/v1/events/{seq}",
+                None,
+                404,
+            ),
+            ("get", "/api/v1/outbox".into(), "/api/v1/outbox", None, 200),
+            (
+                "get",
+                "/api/v1/outbox/webhook/dead-letters".into(),
+                "/api/v1/outbox/{consumer}/dead-letters",
+                None,
+                404,
+            ),
+            (
+                "get",
+                "/api/v1/outgoing".into(),
+                "/api/v1/outgoing",
+                None,
+                200,
+            ),
+            (
+                "get",
+                format!("/api/v1/outgoing/{sent}"),
+                "/api/v1/outgoing/{id}",
+                None,
+                200,
+            ),
+            (
+                "get",
+                "/api/v1/outgoing/424242".into(),
+                "/api/v1/outgoing/{id}",
+                None,
+                404,
+            ),
+            (
+                "post",
+                format!("/api/v1/outgoing/{pending}/cancel"),
+                "/api/v1/outgoing/{id}/cancel",
+                None,
+                200,
+            ),
+            (
+                "post",
+                format!("/api/v1/outgoing/{pending}/cancel"),
+                "/api/v1/outgoing/{id}/cancel",
+                None,
+                409,
+            ),
+            (
+                "post",
+                format!("/api/v1/outgoing/{sent}/retry"),
+                "/api/v1/outgoing/{id}/retry",
+                None,
+                409,
+            ),
+            (
+                "post",
+                "/api/v1/outgoing".into(),
+                "/api/v1/outgoing",
+                Some(
+                    serde_json::json!({"mailbox": "nobody", "to": ["a@b.example"], "subject": "s"}),
+                ),
+                404,
+            ),
+            (
+                "post",
+                "/api/v1/outgoing".into(),
+                "/api/v1/outgoing",
+                Some(serde_json::json!({"mailbox": "support"})),
+                409,
+            ),
+        ];
+        for (method, path, template, body, expected) in cases {
+            let (status, answer) = call(method, &path, body).await;
+            assert_eq!(status, expected, "{method} {path}: {answer}");
+            if status != 204 {
+                conforms(&doc, method, template, status, &answer);
+            }
+        }
+        let (status, answer) = call("get", "/api/v1/outgoing", None).await;
+        assert_eq!(status, 200);
+        assert!(answer["items"][0].get("mime").is_none(), "{answer}");
+        let anonymous = reqwest::get(format!("{base}/api/v1/alerts")).await.unwrap();
+        assert_eq!(anonymous.status().as_u16(), 401);
+        let body: serde_json::Value = anonymous.json().await.unwrap();
+        conforms(&doc, "get", "/api/v1/alerts", 401, &body);
+        server.abort();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub type UnixTime = i64;
 
 /// Kind of email server profile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProfileType {
     ExchangeOnline,
@@ -86,7 +86,7 @@ pub enum ApprovalStatus {
 }
 
 /// Test & Enable status for one direction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TestStatus {
     #[default]
@@ -96,7 +96,7 @@ pub enum TestStatus {
 }
 
 /// Last Test & Enable result for one direction (incoming, outgoing, ACT).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TestResult {
     pub status: TestStatus,
     pub completed_on: Option<UnixTime>,
@@ -185,6 +185,22 @@ impl Serialize for RecordRef {
     }
 }
 
+/// In the API a record reference is its text, `kind:id`.
+impl utoipa::PartialSchema for RecordRef {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[a-z0-9_]+:"))
+            .description(Some(
+                "A CRM record, `kind:id` (kind lower case `[a-z0-9_]+`), e.g. `case:42`",
+            ))
+            .examples(["account:fabrikam"])
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for RecordRef {}
+
 impl<'de> Deserialize<'de> for RecordRef {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -193,7 +209,7 @@ impl<'de> Deserialize<'de> for RecordRef {
 }
 
 /// Direction of an email activity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     Incoming,
@@ -201,7 +217,7 @@ pub enum Direction {
 }
 
 /// How an activity was tied to its regarding record (Dynamics `correlationmethod`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CorrelationMethod {
     None,
@@ -252,7 +268,7 @@ impl fmt::Display for CorrelationMethod {
 ///
 /// `uid` is a string so that POP3 UIDLs and Maildir unique names fit as well as
 /// IMAP UIDs; `uidvalidity` is 0 for sources without one.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourceKey {
     pub mailbox: String,
     pub folder: String,
@@ -274,7 +290,7 @@ impl fmt::Display for SourceKey {
 pub type ActivityId = u64;
 
 /// A tracked email, as stored and shown to admins.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EmailActivity {
     pub id: ActivityId,
     pub mailbox: String,
@@ -321,7 +337,7 @@ pub struct EmailActivity {
 }
 
 /// Kind of automatically generated mail, as the filter classifies it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AutomaticClass {
     /// Out-of-office and other automatic responses (RFC 3834 `auto-replied`,
@@ -395,7 +411,7 @@ pub struct FollowUp {
 }
 
 /// A message that could not be turned into an activity; its bytes are kept.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QuarantineEntry {
     pub id: u64,
     pub source: SourceKey,
@@ -408,7 +424,19 @@ pub struct QuarantineEntry {
 }
 
 /// Alert severity, as in Dynamics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertLevel {
     Error,
@@ -417,7 +445,7 @@ pub enum AlertLevel {
 }
 
 /// A mailbox or profile alert; repeated alerts aggregate into one with a count.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Alert {
     pub id: u64,
     pub level: AlertLevel,
@@ -434,7 +462,7 @@ pub struct Alert {
 }
 
 /// Persistent per-mailbox state (what Dynamics keeps on the mailbox record).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MailboxState {
     pub name: String,
     /// False once a permanent error disabled the mailbox.
@@ -549,7 +577,7 @@ pub mod record_kind {
 
 /// One CRM record in the daemon's directory: a user, queue, contact, account,
 /// lead or any regarding-able record (`kind:id`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Record {
     /// Lower case, `[a-z0-9_]+` (see [`record_kind`]).
     pub kind: String,
@@ -587,7 +615,7 @@ impl Record {
 }
 
 /// How a message names a party.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PartyRole {
     From,
@@ -609,7 +637,7 @@ impl PartyRole {
 }
 
 /// One address of an activity, resolved to a record or not (and why).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Party {
     pub role: PartyRole,
     /// The address as used in the message, lower-cased.
@@ -624,7 +652,7 @@ pub struct Party {
 }
 
 /// What an outbox event reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A new activity.
@@ -639,7 +667,7 @@ pub enum EventKind {
 /// One event of the durable event log: written in the same atomic batch as
 /// the activity change it reports, numbered in commit order (`seq` is the
 /// pull feed's cursor and never reused).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OutboxEvent {
     /// 1, 2, 3, … in commit order, without gaps.
     pub seq: u64,
@@ -693,7 +721,7 @@ pub struct DeadLetter {
 
 /// Send status of an outgoing email, with the Dynamics email status codes
 /// it maps to (`statuscode` of the email activity).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SendStatus {
     /// Queued, not tried yet (or waiting for a retry).
@@ -768,7 +796,7 @@ impl fmt::Display for SendStatus {
 /// How far an outgoing email got: carried on its activity
 /// ([`EmailActivity::send`]), so every change reaches the CRM as an
 /// `activity.updated` event with `changes = ["send_status"]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SendState {
     pub status: SendStatus,
     /// Dynamics' name of `status` ("Pending Send", "Sent", …).
@@ -819,7 +847,7 @@ impl SendState {
 }
 
 /// Whether the Sent-folder copy of a sent email still has to be made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SentCopy {
     /// Not sent yet, or the profile files nothing (no Sent folder).

@@ -19,7 +19,9 @@ use tokio_rustls::TlsConnector;
 use crate::error::{Classify, Disposition};
 
 /// How the connection is secured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
     /// TLS from the first byte (IMAPS 993, POP3S 995, SMTPS 465).

@@ -91,7 +91,7 @@ impl Backoff {
 }
 
 /// What a mailbox task is doing now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Starting,
@@ -104,7 +104,7 @@ pub enum Phase {
 }
 
 /// Live view of one mailbox for the admin API and readiness.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LiveMailbox {
     pub name: String,
     pub profile: String,

@@ -17,9 +17,13 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
+use super::doc::ErrorBody;
 use super::{blocking, limit_param, query_params, AdminState, ApiError};
+use crate::model::OutboxEvent;
 
 /// Default and largest number of events per answer.
 const LIMIT_DEFAULT: usize = 100;
@@ -64,11 +68,38 @@ fn wait_param(text: Option<&String>) -> Result<Duration, ApiError> {
     }
 }
 
+/// A page of the feed.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct EventPage {
+    /// Events with `seq > after`, oldest first.
+    events: Vec<OutboxEvent>,
+    /// The `after` of the next request: the last event's seq, or `after`
+    /// again when there is none.
+    next_cursor: u64,
+}
+
 /// `GET /api/v1/events?after=CURSOR&limit=N&wait=30s`: events with
 /// `seq > after`, in order, at most `limit`; `next_cursor` is the last one's
 /// seq (or `after` when there is none). With `wait` and nothing new, the
 /// request is held until an event is committed, the wait is over or the
 /// daemon shuts down (then: no events, the same cursor).
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "events",
+    operation_id = "list_events",
+    params(
+        ("after" = Option<u64>, Query, description = "Cursor: 0 (the default) or the `next_cursor` of a previous answer"),
+        ("limit" = Option<usize>, Query, description = "At most this many events (default 100, 1 to 1000)"),
+        ("wait" = Option<String>, Query, description = "Long-poll: hold the request this long when nothing is new, a duration such as `30s` or `1m` (a bare number is seconds), at most 60s"),
+    ),
+    responses(
+        (status = 200, description = "The events after the cursor (none when the wait ran out)", body = EventPage),
+        (status = 400, description = "A malformed or unknown query parameter", body = ErrorBody),
+        (status = 409, description = "The cursor is past the newest event (`last_seq` says which that is)", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn events(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
@@ -95,8 +126,12 @@ pub async fn events(
             let mut list = blocking(move || store.events_after(after, limit)).await?;
             list.retain(|e| e.seq <= newest);
             if let Some(last) = list.last() {
-                let next = last.seq;
-                return Ok(Json(json!({"events": list, "next_cursor": next})).into_response());
+                let next_cursor = last.seq;
+                return Ok(Json(EventPage {
+                    events: list,
+                    next_cursor,
+                })
+                .into_response());
             }
         }
         if wait.is_zero() || tokio::time::Instant::now() >= deadline {
@@ -113,10 +148,27 @@ pub async fn events(
             _ = s.shutdown.cancelled() => break,
         }
     }
-    Ok(Json(json!({"events": [], "next_cursor": after})).into_response())
+    Ok(Json(EventPage {
+        events: Vec::new(),
+        next_cursor: after,
+    })
+    .into_response())
 }
 
 /// `GET /api/v1/events/{seq}`: one event.
+#[utoipa::path(
+    get,
+    path = "/events/{seq}",
+    tag = "events",
+    operation_id = "get_event",
+    params(("seq" = u64, Path, description = "The event's seq")),
+    responses(
+        (status = 200, description = "The event", body = OutboxEvent),
+        (status = 400, description = "The seq is not a whole number", body = ErrorBody),
+        (status = 404, description = "No such (durable) event", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn event(
     State(s): State<AdminState>,
     Path(seq): Path<String>,

@@ -5,10 +5,12 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use super::doc::ErrorBody;
 use super::{blocking, limit_param, query_params, AdminState, ApiError};
-use crate::model::{format_time, now, DeadLetter};
+use crate::model::{format_time, now, ActivityId, DeadLetter, UnixTime};
 
 /// The outbox consumers of this configuration: the `[crm]` adapter, if it
 /// has an outbox (builtin has none: its events are only in the pull feed).
@@ -22,8 +24,40 @@ fn consumers(s: &AdminState) -> Vec<String> {
         .collect()
 }
 
+/// One outbox consumer's state.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct ConsumerView {
+    consumer: String,
+    /// Undelivered events.
+    depth: u64,
+    /// When the oldest undelivered event was committed (RFC 3339).
+    oldest_queued_at: Option<String>,
+    /// Its age in seconds.
+    oldest_age_secs: Option<UnixTime>,
+    /// Events given up on.
+    dead_letters: u64,
+}
+
+/// `GET /api/v1/outbox`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct OutboxOverview {
+    consumers: Vec<ConsumerView>,
+    /// Set when there is no consumer (the builtin adapter has no outbox).
+    note: Option<&'static str>,
+}
+
 /// `GET /api/v1/outbox`: per consumer, how many events are undelivered, the
 /// age of the oldest, and how many were dead-lettered.
+#[utoipa::path(
+    get,
+    path = "/outbox",
+    tag = "outbox",
+    operation_id = "outbox_overview",
+    responses(
+        (status = 200, description = "Per consumer: depth, oldest event, dead letters", body = OutboxOverview),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn overview(State(s): State<AdminState>) -> Result<Response, ApiError> {
     let names = consumers(&s);
     let store = s.store.clone();
@@ -35,26 +69,40 @@ pub async fn overview(State(s): State<AdminState>) -> Result<Response, ApiError>
     })
     .await?;
     let at = now();
-    let list: Vec<_> = stats
+    let consumers: Vec<_> = stats
         .into_iter()
-        .map(|(consumer, st)| {
-            json!({
-                "consumer": consumer,
-                "depth": st.depth,
-                "oldest_queued_at": st.oldest_queued_at.map(format_time),
-                "oldest_age_secs": st.oldest_queued_at.map(|q| (at - q).max(0)),
-                "dead_letters": st.dead_letters,
-            })
+        .map(|(consumer, st)| ConsumerView {
+            consumer,
+            depth: st.depth,
+            oldest_queued_at: st.oldest_queued_at.map(format_time),
+            oldest_age_secs: st.oldest_queued_at.map(|q| (at - q).max(0)),
+            dead_letters: st.dead_letters,
         })
         .collect();
-    let note = list
+    let note = consumers
         .is_empty()
         .then_some("the builtin adapter has no outbox: events are read from /api/v1/events");
-    Ok(Json(json!({"consumers": list, "note": note})).into_response())
+    Ok(Json(OutboxOverview { consumers, note }).into_response())
 }
 
 /// `GET /api/v1/outbox/{consumer}/dead-letters?limit=`: dead letters of one
 /// consumer, oldest first.
+#[utoipa::path(
+    get,
+    path = "/outbox/{consumer}/dead-letters",
+    tag = "outbox",
+    operation_id = "list_dead_letters",
+    params(
+        ("consumer" = String, Path, description = "Outbox consumer (the `[crm]` adapter's name, e.g. `webhook`, `dataverse`)"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 100, 1 to 10,000)"),
+    ),
+    responses(
+        (status = 200, description = "Dead letters, oldest first", body = DeadLetterList),
+        (status = 400, description = "A malformed or unknown query parameter", body = ErrorBody),
+        (status = 404, description = "No such consumer", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn dead_letters(
     State(s): State<AdminState>,
     Path(consumer): Path<String>,
@@ -77,26 +125,54 @@ pub async fn dead_letters(
     let store = s.store.clone();
     let name = consumer.clone();
     let list = blocking(move || store.dead_letters(&name, limit)).await?;
-    let views: Vec<_> = list.iter().map(dead_letter_view).collect();
-    Ok(
-        Json(json!({"consumer": consumer, "count": views.len(), "dead_letters": views}))
-            .into_response(),
-    )
+    let dead_letters: Vec<_> = list.iter().map(DeadLetterView::from).collect();
+    Ok(Json(DeadLetterList {
+        consumer,
+        count: dead_letters.len(),
+        dead_letters,
+    })
+    .into_response())
 }
 
-/// A dead letter with its times also as RFC 3339.
-fn dead_letter_view(d: &DeadLetter) -> serde_json::Value {
-    json!({
-        "consumer": d.consumer,
-        "seq": d.state.seq,
-        "event_id": crate::model::OutboxEvent::id_for(d.state.seq),
-        "activity_id": d.state.activity_id,
-        "attempts": d.state.attempts,
-        "queued_at": format_time(d.state.queued_at),
-        "dead_at": format_time(d.dead_at),
-        "reason": d.reason,
-        "last_error": d.state.last_error,
-    })
+/// `GET /api/v1/outbox/{consumer}/dead-letters`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeadLetterList<'a> {
+    consumer: String,
+    count: usize,
+    dead_letters: Vec<DeadLetterView<'a>>,
+}
+
+/// A dead letter with its times as RFC 3339.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct DeadLetterView<'a> {
+    consumer: &'a str,
+    seq: u64,
+    /// The event's stable id (`evt_<seq>`).
+    event_id: String,
+    activity_id: ActivityId,
+    attempts: u32,
+    /// When the event was committed (RFC 3339).
+    queued_at: String,
+    /// When it was given up on (RFC 3339).
+    dead_at: String,
+    reason: &'a str,
+    last_error: Option<&'a str>,
+}
+
+impl<'a> From<&'a DeadLetter> for DeadLetterView<'a> {
+    fn from(d: &'a DeadLetter) -> Self {
+        DeadLetterView {
+            consumer: &d.consumer,
+            seq: d.state.seq,
+            event_id: crate::model::OutboxEvent::id_for(d.state.seq),
+            activity_id: d.state.activity_id,
+            attempts: d.state.attempts,
+            queued_at: format_time(d.state.queued_at),
+            dead_at: format_time(d.dead_at),
+            reason: &d.reason,
+            last_error: d.state.last_error.as_deref(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,10 +13,13 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
+use super::doc::ErrorBody;
 use super::{limit_param, query_params, ActivityView, AdminState, ApiError};
-use crate::model::{now, ActivityId, OutgoingEmail, SendStatus};
+use crate::model::{now, ActivityId, OutgoingEmail, SendStatus, SentCopy, UnixTime};
 use crate::outgoing::control::{self, ControlError};
 use crate::outgoing::queue::{queue, QueueError};
 use crate::outgoing::{OutgoingRequest, Queued};
@@ -87,15 +90,118 @@ where
 }
 
 /// A queue row as the API shows it: every field but the MIME (which can be
-/// tens of megabytes), with `mime_size` in bytes instead.
-fn row_view(row: &OutgoingEmail) -> serde_json::Value {
-    let mut v = serde_json::to_value(row).unwrap_or_else(|_| json!({}));
-    if let Some(o) = v.as_object_mut() {
-        o.remove("mime");
-        o.insert("id".into(), json!(row.activity_id));
-        o.insert("mime_size".into(), json!(row.mime.len()));
+/// tens of megabytes), with `mime_size` in bytes instead, and `id`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct OutgoingView<'a> {
+    /// The email's id: its activity's id.
+    id: ActivityId,
+    activity_id: ActivityId,
+    /// Configured mailbox that sends it.
+    mailbox: &'a str,
+    /// The Message-ID we generated (without angle brackets).
+    message_id: &'a str,
+    /// SMTP `MAIL FROM`.
+    envelope_from: &'a str,
+    /// To, cc and bcc.
+    recipients: &'a [String],
+    status: SendStatus,
+    /// Transactions started.
+    attempts: u32,
+    /// Not to be tried before this time (Unix seconds).
+    next_attempt_at: UnixTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_error: Option<&'a str>,
+    sent_copy: SentCopy,
+    /// Message-IDs the server stored the Sent copy under, when it rewrote ours.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    server_message_ids: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<&'a str>,
+    /// The activity this one answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_reply_to: Option<ActivityId>,
+    queued_at: UnixTime,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sent_at: Option<UnixTime>,
+    /// When an operator last asked for a retry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_from: Option<UnixTime>,
+    /// When a transport that confirms delivery later took the attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accepted_at: Option<UnixTime>,
+    /// The provider's id of the Sent copy, once found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_item_id: Option<&'a str>,
+    /// Size of the composed message in bytes.
+    mime_size: usize,
+}
+
+impl<'a> From<&'a OutgoingEmail> for OutgoingView<'a> {
+    fn from(row: &'a OutgoingEmail) -> Self {
+        // Every field named, so a new one cannot be left out of the API
+        // unnoticed.
+        let OutgoingEmail {
+            activity_id,
+            mailbox,
+            message_id,
+            envelope_from,
+            recipients,
+            mime,
+            status,
+            attempts,
+            next_attempt_at,
+            last_error,
+            sent_copy,
+            server_message_ids,
+            idempotency_key,
+            in_reply_to,
+            queued_at,
+            sent_at,
+            retry_from,
+            accepted_at,
+            server_item_id,
+        } = row;
+        OutgoingView {
+            id: *activity_id,
+            activity_id: *activity_id,
+            mailbox,
+            message_id,
+            envelope_from,
+            recipients,
+            status: *status,
+            attempts: *attempts,
+            next_attempt_at: *next_attempt_at,
+            last_error: last_error.as_deref(),
+            sent_copy: *sent_copy,
+            server_message_ids,
+            idempotency_key: idempotency_key.as_deref(),
+            in_reply_to: *in_reply_to,
+            queued_at: *queued_at,
+            sent_at: *sent_at,
+            retry_from: *retry_from,
+            accepted_at: *accepted_at,
+            server_item_id: server_item_id.as_deref(),
+            mime_size: mime.len(),
+        }
     }
-    v
+}
+
+/// `GET /api/v1/outgoing/{id}`'s answer: the row and its activity.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct OutgoingDetail<'a> {
+    #[serde(flatten)]
+    row: OutgoingView<'a>,
+    /// The email's activity (with `send`: status, Dynamics status, reason).
+    activity: Option<ActivityView<'a>>,
+}
+
+/// `GET /api/v1/outgoing`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct OutgoingList<'a> {
+    count: usize,
+    /// `before` of the following page; `null` on the last.
+    next_before: Option<ActivityId>,
+    items: Vec<OutgoingView<'a>>,
 }
 
 /// Wakes the senders after an email became due.
@@ -107,6 +213,22 @@ fn wake(s: &AdminState) {
 
 /// `POST /api/v1/outgoing`: 202 with the [`Queued`] email, 200 when the
 /// idempotency key names one queued before.
+#[utoipa::path(
+    post,
+    path = "/outgoing",
+    tag = "outgoing",
+    operation_id = "queue_outgoing",
+    request_body(content = OutgoingRequest, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued", body = Queued),
+        (status = 200, description = "The idempotency key names an email queued before (`existing: true`)", body = Queued),
+        (status = 400, description = "Not JSON of a request (`invalid_request`), or an invalid email (`invalid`, `problems` lists each)", body = ErrorBody),
+        (status = 404, description = "Unknown mailbox (`unknown_mailbox`)", body = ErrorBody),
+        (status = 409, description = "The mailbox may not send (`not_allowed`), or the email answers automatic mail (`answers_automatic`)", body = ErrorBody),
+        (status = 413, description = "A body larger than `[outgoing] max_message_bytes` allows", body = String, content_type = "text/plain"),
+        (status = 500, description = "The store failed (`store`)", body = ErrorBody),
+    )
+)]
 pub async fn queue_one(State(s): State<AdminState>, body: Bytes) -> Result<Response, ApiError> {
     let req: OutgoingRequest = serde_json::from_slice(&body).map_err(|e| {
         coded(
@@ -141,6 +263,23 @@ fn parse_id(text: &str) -> Result<ActivityId, ApiError> {
 
 /// `GET /api/v1/outgoing?mailbox=&status=&before=&limit=`: newest first,
 /// `next_before` for the following page.
+#[utoipa::path(
+    get,
+    path = "/outgoing",
+    tag = "outgoing",
+    operation_id = "list_outgoing",
+    params(
+        ("mailbox" = Option<String>, Query, description = "Only this mailbox's"),
+        ("status" = Option<SendStatus>, Query, description = "Only in this status"),
+        ("before" = Option<u64>, Query, description = "Only ids below this (the `next_before` of the previous page)"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 100, 1 to 1000)"),
+    ),
+    responses(
+        (status = 200, description = "Queued and sent email, newest first", body = OutgoingList),
+        (status = 400, description = "A malformed or unknown query parameter", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
@@ -171,11 +310,29 @@ pub async fn list(
     let next = (rows.len() == limit)
         .then(|| rows.last().map(|r| r.activity_id))
         .flatten();
-    let items: Vec<_> = rows.iter().map(row_view).collect();
-    Ok(Json(json!({"count": items.len(), "next_before": next, "items": items})).into_response())
+    let items: Vec<_> = rows.iter().map(OutgoingView::from).collect();
+    Ok(Json(OutgoingList {
+        count: items.len(),
+        next_before: next,
+        items,
+    })
+    .into_response())
 }
 
 /// `GET /api/v1/outgoing/{id}`: the row (without MIME) and its activity.
+#[utoipa::path(
+    get,
+    path = "/outgoing/{id}",
+    tag = "outgoing",
+    operation_id = "get_outgoing",
+    params(("id" = u64, Path, description = "The outgoing email's id")),
+    responses(
+        (status = 200, description = "The email and its activity", body = OutgoingDetail),
+        (status = 400, description = "The id is not a whole number (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "No such email (`not_found`)", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn get_one(
     State(s): State<AdminState>,
     Path(id): Path<String>,
@@ -193,17 +350,28 @@ pub async fn get_one(
     let Some(row) = row else {
         return Err(control_error(ControlError::NotFound(id)));
     };
-    let mut view = row_view(&row);
-    if let Some(o) = view.as_object_mut() {
-        o.insert(
-            "activity".into(),
-            json!(activity.as_ref().map(ActivityView::from)),
-        );
-    }
-    Ok(Json(view).into_response())
+    Ok(Json(OutgoingDetail {
+        row: OutgoingView::from(&row),
+        activity: activity.as_ref().map(ActivityView::from),
+    })
+    .into_response())
 }
 
 /// `POST /api/v1/outgoing/{id}/cancel`: only an email still `pending_send`.
+#[utoipa::path(
+    post,
+    path = "/outgoing/{id}/cancel",
+    tag = "outgoing",
+    operation_id = "cancel_outgoing",
+    params(("id" = u64, Path, description = "The outgoing email's id")),
+    responses(
+        (status = 200, description = "Canceled", body = OutgoingView),
+        (status = 400, description = "The id is not a whole number (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "No such email (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Not `pending_send` (`wrong_status`, with its `status`)", body = ErrorBody),
+        (status = 500, description = "The store failed (`store`)", body = ErrorBody),
+    )
+)]
 pub async fn cancel(
     State(s): State<AdminState>,
     Path(id): Path<String>,
@@ -213,11 +381,25 @@ pub async fn cancel(
     let row = blocking(move || control::cancel(store.as_ref(), id, now()))
         .await?
         .map_err(control_error)?;
-    Ok(Json(row_view(&row)).into_response())
+    Ok(Json(OutgoingView::from(&row)).into_response())
 }
 
 /// `POST /api/v1/outgoing/{id}/retry`: only a `failed` email, sent again
 /// at once.
+#[utoipa::path(
+    post,
+    path = "/outgoing/{id}/retry",
+    tag = "outgoing",
+    operation_id = "retry_outgoing",
+    params(("id" = u64, Path, description = "The outgoing email's id")),
+    responses(
+        (status = 200, description = "Pending again, to be sent at once", body = OutgoingView),
+        (status = 400, description = "The id is not a whole number (`invalid_request`)", body = ErrorBody),
+        (status = 404, description = "No such email (`not_found`)", body = ErrorBody),
+        (status = 409, description = "Not `failed` (`wrong_status`, with its `status`)", body = ErrorBody),
+        (status = 500, description = "The store failed (`store`)", body = ErrorBody),
+    )
+)]
 pub async fn retry(
     State(s): State<AdminState>,
     Path(id): Path<String>,
@@ -228,7 +410,7 @@ pub async fn retry(
         .await?
         .map_err(control_error)?;
     wake(&s);
-    Ok(Json(row_view(&row)).into_response())
+    Ok(Json(OutgoingView::from(&row)).into_response())
 }
 
 #[cfg(test)]

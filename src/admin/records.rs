@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::ToSchema;
 
+use super::doc::ErrorBody;
 use super::{blocking, limit_param, query_params, AdminState, ApiError};
 use crate::config::PartySettings;
 use crate::model::{now, record_kind, Record, UnixTime};
@@ -38,7 +40,7 @@ const PAGE_MAX: usize = 1000;
 /// `PUT` (and must agree when also given in the body); a bulk item must have
 /// them. `updated_at` is accepted so a record read from the API can be sent
 /// back unchanged, and ignored: the store sets it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecordInput {
     #[serde(default)]
@@ -55,6 +57,8 @@ pub struct RecordInput {
     pub email_enabled: Option<bool>,
     #[serde(default)]
     pub user_number: Option<u32>,
+    /// Ignored (the store sets it); accepted so a record read from the API
+    /// can be sent back as it is.
     #[serde(default)]
     pub updated_at: Option<serde_json::Value>,
     /// Bulk upserts only: `true` deletes `kind:id` (the other fields are
@@ -300,12 +304,14 @@ fn write_and_resolve(
 
 /// A record as the API shows it: the stored fields plus `ref` (`kind:id`)
 /// and `updated` (RFC 3339).
-#[derive(Debug, Serialize)]
-struct RecordView<'a> {
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct RecordView<'a> {
     #[serde(flatten)]
     record: &'a Record,
+    /// `kind:id`.
     #[serde(rename = "ref")]
     reference: String,
+    /// `updated_at` as RFC 3339.
     updated: String,
 }
 
@@ -323,9 +329,40 @@ fn views(list: &[Record]) -> Vec<RecordView<'_>> {
     list.iter().map(RecordView::from).collect()
 }
 
+/// `GET /api/v1/records`'s answer: a page of the directory, or every record
+/// with an address.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct RecordList<'a> {
+    count: usize,
+    /// A page (`?kind=&after=&limit=`): the `after` of the following page,
+    /// `null` on the last. Absent with `?email=`, which answers every
+    /// record with that address at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, required = false)]
+    next: Option<Option<String>>,
+    records: Vec<RecordView<'a>>,
+}
+
 /// `GET /api/v1/records?kind=&after=kind:id&limit=` (a page, by kind then
 /// id, with `next` for the following page) or `GET /api/v1/records?email=`
 /// (every record with that address, through the address index).
+#[utoipa::path(
+    get,
+    path = "/records",
+    tag = "records",
+    operation_id = "list_records",
+    params(
+        ("kind" = Option<String>, Query, description = "Only records of this kind (`[a-z0-9_]+`)"),
+        ("after" = Option<String>, Query, description = "`kind:id`: start after this record (the `next` of the previous page)"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 100, 1 to 1000)"),
+        ("email" = Option<String>, Query, description = "Every record with this address (case-insensitive); not with `after` or `limit`"),
+    ),
+    responses(
+        (status = 200, description = "A page of records, or the records with that address", body = RecordList),
+        (status = 400, description = "A malformed, unknown or conflicting query parameter", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(s): State<AdminState>,
     RawQuery(q): RawQuery,
@@ -347,7 +384,12 @@ pub async fn list(
         if let Some(k) = &kind {
             list.retain(|r| &r.kind == k);
         }
-        return Ok(Json(json!({"count": list.len(), "records": views(&list)})).into_response());
+        return Ok(Json(RecordList {
+            count: list.len(),
+            next: None,
+            records: views(&list),
+        })
+        .into_response());
     }
     let limit = limit_param(&params, PAGE_DEFAULT, PAGE_MAX)?;
     let after = match params.get("after") {
@@ -375,7 +417,12 @@ pub async fn list(
     let next = (list.len() == limit)
         .then(|| list.last().map(|r| format!("{}:{}", r.kind, r.id)))
         .flatten();
-    Ok(Json(json!({"count": list.len(), "next": next, "records": views(&list)})).into_response())
+    Ok(Json(RecordList {
+        count: list.len(),
+        next: Some(next),
+        records: views(&list),
+    })
+    .into_response())
 }
 
 fn no_record(kind: &str, id: &str) -> ApiError {
@@ -386,6 +433,21 @@ fn no_record(kind: &str, id: &str) -> ApiError {
 }
 
 /// `GET /api/v1/records/{kind}/{id}`.
+#[utoipa::path(
+    get,
+    path = "/records/{kind}/{id}",
+    tag = "records",
+    operation_id = "get_record",
+    params(
+        ("kind" = String, Path, description = "Record kind (`user`, `contact`, `case`, …)"),
+        ("id" = String, Path, description = "The CRM's id of the record"),
+    ),
+    responses(
+        (status = 200, description = "The record", body = RecordView),
+        (status = 404, description = "No such record", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn get_one(
     State(s): State<AdminState>,
     Path((kind, id)): Path<(String, String)>,
@@ -407,9 +469,46 @@ fn invalid_record(problems: Vec<String>) -> ApiError {
     )
 }
 
+/// What a `PUT` did.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum PutResult {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+/// `PUT /api/v1/records/{kind}/{id}`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct PutAnswer<'a> {
+    result: PutResult,
+    record: RecordView<'a>,
+    /// Activities whose parties the change resolved.
+    activities_updated: usize,
+}
+
 /// `PUT /api/v1/records/{kind}/{id}`: creates (201) or replaces (200) the
 /// record; fields left out take their defaults (no name, no addresses,
 /// email-enabled).
+#[utoipa::path(
+    put,
+    path = "/records/{kind}/{id}",
+    tag = "records",
+    operation_id = "put_record",
+    params(
+        ("kind" = String, Path, description = "Record kind (`user`, `contact`, `case`, …)"),
+        ("id" = String, Path, description = "The CRM's id of the record"),
+    ),
+    request_body(content = RecordInput, description = "The whole record; `kind` and `id`, when given, must match the path", content_type = "application/json"),
+    responses(
+        (status = 200, description = "Replaced (`updated`) or the same as stored (`unchanged`)", body = PutAnswer),
+        (status = 201, description = "Created", body = PutAnswer),
+        (status = 400, description = "The body is not JSON of a record", body = ErrorBody),
+        (status = 409, description = "Deleted by another request meanwhile", body = ErrorBody),
+        (status = 422, description = "The record breaks a rule (`problems` lists each)", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn put_one(
     State(s): State<AdminState>,
     Path((kind, id)): Path<(String, String)>,
@@ -435,25 +534,40 @@ pub async fn put_one(
             "the record was deleted by another request while this one wrote it",
         ));
     };
-    let (status, outcome) = if written.changes.inserted > 0 {
-        (StatusCode::CREATED, "created")
+    let (status, result) = if written.changes.inserted > 0 {
+        (StatusCode::CREATED, PutResult::Created)
     } else if written.changes.updated > 0 {
-        (StatusCode::OK, "updated")
+        (StatusCode::OK, PutResult::Updated)
     } else {
-        (StatusCode::OK, "unchanged")
+        (StatusCode::OK, PutResult::Unchanged)
     };
     Ok((
         status,
-        Json(json!({
-            "result": outcome,
-            "record": RecordView::from(&r),
-            "activities_updated": written.activities_updated,
-        })),
+        Json(PutAnswer {
+            result,
+            record: RecordView::from(&r),
+            activities_updated: written.activities_updated,
+        }),
     )
         .into_response())
 }
 
 /// `DELETE /api/v1/records/{kind}/{id}`: 204, or 404 when there is none.
+#[utoipa::path(
+    delete,
+    path = "/records/{kind}/{id}",
+    tag = "records",
+    operation_id = "delete_record",
+    params(
+        ("kind" = String, Path, description = "Record kind"),
+        ("id" = String, Path, description = "The CRM's id of the record"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such record", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn delete_one(
     State(s): State<AdminState>,
     Path((kind, id)): Path<(String, String)>,
@@ -476,8 +590,8 @@ pub async fn delete_one(
 }
 
 /// One bulk item that cannot be written, and why.
-#[derive(Debug, Serialize)]
-struct InvalidItem {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InvalidItem {
     /// 0-based position in the array (or among the non-blank lines).
     index: usize,
     /// 1-based line of a JSON-lines body.
@@ -587,6 +701,30 @@ fn invalid_items(total: usize, invalid: Vec<InvalidItem>) -> ApiError {
 /// `POST /api/v1/records`: upserts a JSON array (or JSON lines) of records
 /// in one batch. Every item is checked first: if any is invalid, nothing is
 /// written and the answer (422) lists each with its index and why.
+#[utoipa::path(
+    post,
+    path = "/records",
+    tag = "records",
+    operation_id = "bulk_upsert_records",
+    request_body(
+        description = "Up to 100,000 records: a JSON array, or one record per line. An item `{\"kind\", \"id\", \"deleted\": true}` deletes.",
+        content(
+            (Vec<RecordInput> = "application/json"),
+            (RecordInput = "application/x-ndjson"),
+        )
+    ),
+    responses(
+        (status = 200, description = "Written in one batch", body = BulkAnswer),
+        (status = 400, description = "The body cannot be read (not JSON, not an array, empty)", body = ErrorBody),
+        (status = 413, description = "More than 100,000 records (JSON), or a body over 64 MiB (plain text)", content(
+            (ErrorBody = "application/json"),
+            (String = "text/plain"),
+        )),
+        (status = 415, description = "A Content-Type other than JSON or JSON lines", body = ErrorBody),
+        (status = 422, description = "Some items are invalid (`invalid` lists each); nothing was written", body = ErrorBody),
+        (status = 500, description = "The store failed", body = ErrorBody),
+    )
+)]
 pub async fn bulk_upsert(
     State(s): State<AdminState>,
     headers: HeaderMap,
@@ -661,15 +799,28 @@ pub async fn bulk_upsert(
         write_and_resolve(store.as_ref(), &settings, records, &deletions, &before)
     })
     .await?;
-    Ok(Json(json!({
-        "count": total,
-        "inserted": w.changes.inserted,
-        "updated": w.changes.updated,
-        "unchanged": w.changes.unchanged,
-        "deleted": w.changes.deleted,
-        "activities_updated": w.activities_updated,
-    }))
+    Ok(Json(BulkAnswer {
+        count: total,
+        inserted: w.changes.inserted,
+        updated: w.changes.updated,
+        unchanged: w.changes.unchanged,
+        deleted: w.changes.deleted,
+        activities_updated: w.activities_updated,
+    })
     .into_response())
+}
+
+/// What a bulk upsert wrote.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct BulkAnswer {
+    /// Items in the request.
+    count: usize,
+    inserted: u64,
+    updated: u64,
+    unchanged: u64,
+    deleted: u64,
+    /// Activities whose parties the change resolved.
+    activities_updated: usize,
 }
 
 /// One checked bulk item.

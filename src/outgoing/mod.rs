@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::ActivityId;
 
 /// An attachment of a request, base64 in JSON.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttachmentRequest {
     pub filename: String,
     /// MIME type; guessed from the extension when absent.
@@ -42,7 +42,7 @@ pub struct AttachmentRequest {
 
 /// A request to send one email (`POST /api/v1/outgoing`, `crm-mailsync
 /// send FILE.json`, an email the CRM left in Pending Send).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutgoingRequest {
     /// Configured mailbox name that sends it.
@@ -82,7 +82,7 @@ pub struct OutgoingRequest {
 }
 
 /// An email queued (or found queued under its idempotency key).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Queued {
     pub id: ActivityId,
     pub message_id: String,
