@@ -36,6 +36,8 @@ use axum::Router;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 
+#[path = "entra.rs"]
+mod entra;
 #[path = "query.rs"]
 mod query;
 use query::parse_query;
@@ -623,13 +625,7 @@ async fn token_endpoint(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let mut inner = s.lock();
     let aad = |inner: &mut Inner, status: StatusCode, error: &str, code: u32, text: String| {
         inner.stats.token_refusals += 1;
-        let body = json!({
-            "error": error,
-            "error_description": format!("AADSTS{code}: {text}\r\nTrace ID: 0000aaaa-11bb-cccc-dd22-eeeeee333333\r\nCorrelation ID: aaaa0000-bb11-2222-33cc-444444dddddd\r\nTimestamp: {}", now_text()),
-            "error_codes": [code],
-            "timestamp": now_text(),
-        });
-        json_response(status, body, &[])
+        json_response(status, entra::refusal_body(error, code, &text), &[])
     };
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
         return aad(

@@ -76,17 +76,7 @@ async fn token_endpoint(
     let mut inner = s.lock();
     let aad = |inner: &mut Inner, status: StatusCode, err: &str, code: u32, text: String| {
         inner.stats.token_refusals += 1;
-        json_response(
-            status,
-            json!({
-                "error": err,
-                "error_description": format!("AADSTS{code}: {text} Trace ID: 0000aaaa-11bb-cccc-dd22-eeeeee333333 Correlation ID: aaaa0000-bb11-2222-33cc-444444dddddd Timestamp: {}", now_text()),
-                "error_codes": [code],
-                "timestamp": now_text(),
-                "trace_id": "0000aaaa-11bb-cccc-dd22-eeeeee333333",
-                "correlation_id": "aaaa0000-bb11-2222-33cc-444444dddddd",
-            }),
-        )
+        json_response(status, super::entra::refusal_body(err, code, &text))
     };
     if !tenant.eq_ignore_ascii_case(&s.tenant) {
         return aad(
@@ -523,12 +513,12 @@ fn route(
         }
         ("GET", ["mailFolders", f]) => {
             let mb = &inner.users[key];
-            let folder = resolve_ref(mb, f).ok_or_else(folder_not_found)?;
+            let folder = resolve_ref(mb, f).ok_or_else(not_found_item)?;
             Ok(json_response(StatusCode::OK, folder_json(mb, folder)))
         }
         ("GET", ["mailFolders", f, "childFolders"]) => {
             let id = resolve_ref(&inner.users[key], f)
-                .ok_or_else(folder_not_found)?
+                .ok_or_else(not_found_item)?
                 .id
                 .clone();
             let link = format!("mailFolders/{id}/childFolders");
@@ -536,7 +526,7 @@ fn route(
         }
         ("POST", ["mailFolders", f, "childFolders"]) => {
             let id = resolve_ref(&inner.users[key], f)
-                .ok_or_else(folder_not_found)?
+                .ok_or_else(not_found_item)?
                 .id
                 .clone();
             create_folder(inner, key, &id, body)
@@ -613,14 +603,6 @@ fn route(
             ),
         )),
     }
-}
-
-fn folder_not_found() -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "ErrorItemNotFound",
-        "The specified object was not found in the store.",
-    )
 }
 
 fn list_folders(
@@ -752,7 +734,7 @@ fn delta(
     headers: &HeaderMap,
 ) -> Answer {
     let folder = resolve_ref(&inner.users[key], f)
-        .ok_or_else(folder_not_found)?
+        .ok_or_else(not_found_item)?
         .id
         .clone();
     let token = param(q, "$skiptoken").or_else(|| param(q, "$deltatoken"));
@@ -836,7 +818,7 @@ fn delta(
 
 fn list_messages(inner: &mut Inner, key: &str, f: &str, q: &[(String, String)]) -> Answer {
     let mb = &inner.users[key];
-    let folder = resolve_ref(mb, f).ok_or_else(folder_not_found)?.id.clone();
+    let folder = resolve_ref(mb, f).ok_or_else(not_found_item)?.id.clone();
     let wanted_mid = match param(q, "$filter") {
         None => None,
         Some(filter) => {

@@ -51,6 +51,8 @@
 // Test support: not every test uses every helper.
 #![allow(dead_code)]
 
+#[path = "../entra.rs"]
+mod entra;
 mod handlers;
 #[path = "../query.rs"]
 mod query;
