@@ -187,12 +187,17 @@ pub(crate) fn file_message(
                     .collect::<String>()
             })
             .unwrap_or_else(|| ti.clone()),
+        // No index: the topic names the conversation (the hex of its
+        // first 22 bytes, not just their count).
         None => format!(
             "AAQkAD{}",
             h.thread_topic
                 .as_deref()
                 .unwrap_or(h.subject.trim_start_matches("Re: "))
-                .len()
+                .bytes()
+                .take(22)
+                .map(|b| format!("{b:02X}"))
+                .collect::<String>()
         ),
     };
     let msg = Msg {
