@@ -2,12 +2,12 @@
 //! the re-enable wake-ups.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::model::{MailboxState, UnixTime};
 
@@ -57,6 +57,70 @@ pub struct Runtime {
     pub outbox: Arc<crate::crm::worker::OutboxHealth>,
     /// Disabled mailboxes waiting to be re-enabled → their wake-up.
     reenable: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per profile: the mailboxes queued for one of its connection permits.
+    queues: Mutex<HashMap<String, Arc<ConnectionQueue>>>,
+}
+
+/// Who waits for a profile's connection permits, so a mailbox that holds
+/// one only to keep an idle connection open (IMAP IDLE) gives it up as soon
+/// as another mailbox needs it, and a busy one ends its turn.
+#[derive(Debug)]
+pub struct ConnectionQueue {
+    waiting: AtomicUsize,
+    wake: Notify,
+    /// Slots for mailboxes working through a backlog batch after batch
+    /// while others wait: half the profile's connections (at least one), so
+    /// the polls of every other mailbox always find room.
+    pub backlog: Arc<Semaphore>,
+}
+
+impl ConnectionQueue {
+    /// The queue of a profile with `limit` connections.
+    pub fn new(limit: usize) -> Self {
+        ConnectionQueue {
+            waiting: AtomicUsize::new(0),
+            wake: Notify::new(),
+            backlog: Arc::new(Semaphore::new((limit / 2).max(1))),
+        }
+    }
+
+    /// Mailboxes waiting for a permit now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Takes a permit of `connections`, counted as waiting meanwhile; `None`
+    /// only if the semaphore was closed.
+    pub async fn acquire(&self, connections: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = connections.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        /// Counts down however the wait ends (also when dropped).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        // One holder of an idle connection is enough to make room.
+        self.wake.notify_one();
+        connections.clone().acquire_owned().await.ok()
+    }
+
+    /// Resolves once some mailbox waits for a permit.
+    pub async fn contended(&self) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.waiting() > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Why [`Runtime::request_enable`] refused.
@@ -148,6 +212,14 @@ impl Runtime {
     pub(super) fn reenable_handle(&self, name: &str) -> Arc<Notify> {
         let mut map = self.reenable.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The connection queue of a profile with `limit` connections.
+    pub fn connection_queue(&self, profile: &str, limit: usize) -> Arc<ConnectionQueue> {
+        let mut map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(profile.to_string())
+            .or_insert_with(|| Arc::new(ConnectionQueue::new(limit)))
+            .clone()
     }
 
     pub(super) fn clear_reenable(&self, name: &str) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::Alerts;
@@ -21,8 +21,8 @@ use crate::pipeline::PipelineError;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
-use super::backoff::{idle_interval, Backoff};
-use super::runtime::{LiveMailbox, Phase, Runtime};
+use super::backoff::{first_wait, idle_interval, poll_jitter, woken_early, Backoff};
+use super::runtime::{ConnectionQueue, LiveMailbox, Phase, Runtime};
 
 /// Everything a mailbox task needs.
 #[derive(Clone)]
@@ -47,6 +47,25 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(3);
 pub(super) const STALL_ALERT: &str = "not synced since ";
 pub(super) const DISABLED_ALERT: &str = "mailbox disabled: ";
 pub(super) const TRANSIENT_ALERT: &str = "transient error, retrying with back-off: ";
+
+/// How stale the stored "last polled" stamps (`last_sync_at`,
+/// `last_success_at`, `no_email_cycles`) may get. A cycle that found nothing
+/// and changed nothing else writes nothing (at 10,000 idle mailboxes a durable
+/// write per poll was most of the daemon's CPU): the stamps stay live in the
+/// runtime view (admin API) and reach the store with the next write that
+/// happens anyway, or after this long. After a SIGKILL the stored stamps may
+/// be this much behind; nothing that matters is lost, since positions,
+/// activities and follow-ups commit atomically with their batch.
+pub(super) const STAMPS_PERSIST_EVERY: Duration = Duration::from_secs(300);
+
+/// True when `a` and `b` differ at most in the stamps of an idle poll.
+pub(super) fn only_stamps_differ(a: &MailboxState, b: &MailboxState) -> bool {
+    let mut a = a.clone();
+    a.last_sync_at = b.last_sync_at;
+    a.last_success_at = b.last_success_at;
+    a.no_email_cycles = b.no_email_cycles;
+    a == *b
+}
 
 /// A task that ran this long without a panic starts its restart back-off over.
 pub(super) const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
@@ -366,11 +385,17 @@ impl MailboxTask {
         state.enabled = true;
         state.disabled_reason = None;
 
-        // Test & Enable (incoming).
-        let test = {
-            let _permit = self.connections.acquire().await;
-            connector.test().await
-        };
+        // Test & Enable (incoming). Its permit is kept for the first cycle:
+        // the connection it opened stays open (IMAP), and a connection is
+        // never open without a permit.
+        let queue = self.runtime.connection_queue(
+            &self.profile.name,
+            usize::from(self.profile.max_concurrent_connections),
+        );
+        // Held while the mailbox works through a backlog in turns.
+        let mut backlog: Option<OwnedSemaphorePermit> = None;
+        let mut held = queue.acquire(&self.connections).await;
+        let test = connector.test().await;
         match &test {
             Ok(detail) => {
                 state.incoming_test = TestResult {
@@ -394,11 +419,16 @@ impl MailboxTask {
         }
         if let Err(e) = test {
             if e.disposition() == Disposition::Permanent {
+                self.release(connector, held.take()).await;
                 self.disable(&mut state, &e.to_string());
                 return Exit::Disabled;
             }
         }
         self.save_state(&state);
+        // What the store holds, to tell an idle cycle (nothing to write) from
+        // one that changed something.
+        let mut persisted = state.clone();
+        let mut persisted_at = tokio::time::Instant::now();
 
         // The stall clock: tokio's, so tests can run it on paused time.
         let mut healthy_at = tokio::time::Instant::now();
@@ -406,24 +436,32 @@ impl MailboxTask {
         // Alerts to resolve at the next success: whatever is open at start
         // (from before a restart or re-enable), then what failures raised.
         let mut alerts_open = true;
+        let mut first = true;
         loop {
             if self.cancel.is_cancelled() {
+                self.release(connector, held.take()).await;
                 return Exit::Stopped;
             }
-            self.set_phase(Phase::Syncing, &state);
-            let result = {
-                let _permit = self.connections.acquire().await;
-                self.cycle(connector, &mut state).await
+            // A permit kept from the test or an idle wait, else a place in
+            // the profile's FIFO queue. Phase "syncing" (and the stuck clock)
+            // from the moment it is held: a queued mailbox is waiting.
+            let permit = match held.take() {
+                Some(p) => Some(p),
+                None => queue.acquire(&self.connections).await,
             };
+            self.set_phase(Phase::Syncing, &state);
+            let result = self
+                .cycle_in_turn(connector, &mut state, &queue, &mut backlog)
+                .await;
             let now = model::now();
             state.last_sync_at = Some(now);
             self.note_token_expiry(connector, &mut state);
             match result {
-                Ok(found) => {
+                Ok(turn) => {
                     state.transient_failures = 0;
                     state.last_success_at = Some(now);
                     state.postponed_until = None;
-                    state.no_email_cycles = if found == 0 {
+                    state.no_email_cycles = if turn.found == 0 && !turn.yielded {
                         state.no_email_cycles.saturating_add(1)
                     } else {
                         0
@@ -435,23 +473,58 @@ impl MailboxTask {
                     if std::mem::take(&mut alerts_open) {
                         self.recovered(now);
                     }
-                    self.save_state(&state);
+                    // An idle cycle writes nothing: see STAMPS_PERSIST_EVERY.
+                    if !only_stamps_differ(&state, &persisted)
+                        || persisted.last_success_at.is_none()
+                        || persisted_at.elapsed() >= STAMPS_PERSIST_EVERY
+                    {
+                        self.save_state(&state);
+                        persisted = state.clone();
+                        persisted_at = tokio::time::Instant::now();
+                    }
                     self.set_phase(Phase::Waiting, &state);
-                    let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
-                    // A connection kept open between polls (reuse, IDLE) counts
-                    // against the profile's limit: keep it only with a permit.
-                    // The semaphore is FIFO, so mailboxes queued for a cycle get
-                    // their turn when an idling one comes back.
-                    let permit = self.connections.clone().try_acquire_owned().ok();
-                    let waited = connector
-                        .wait_for_changes(wait, permit.is_some(), &self.cancel)
-                        .await;
-                    drop(permit);
-                    if let Err(e) = waited {
-                        tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
+                    if turn.yielded {
+                        // More to fetch, but others are queued for the
+                        // profile's connections: close ours, give the permit
+                        // back and queue again behind them, first for a
+                        // backlog slot (FIFO among the busy mailboxes).
+                        self.release(connector, permit).await;
+                        drop(backlog.take());
+                        backlog = tokio::select! {
+                            p = queue.backlog.clone().acquire_owned() => p.ok(),
+                            _ = self.cancel.cancelled() => None,
+                        };
+                        continue;
+                    }
+                    backlog = None;
+                    let wait = if std::mem::take(&mut first) {
+                        first_wait(self.profile.poll_interval)
+                    } else {
+                        poll_jitter(idle_interval(
+                            self.profile.poll_interval,
+                            state.no_email_cycles,
+                            self.profile.idle_backoff_cap,
+                        ))
+                    };
+                    let waited_from = tokio::time::Instant::now();
+                    let (waited, kept) = self.wait(connector, permit, &queue, wait).await;
+                    held = kept;
+                    match waited {
+                        // Back before its time: the server pushed a change
+                        // (IDLE): the mailbox is active again, poll at the
+                        // base interval.
+                        Ok(()) if woken_early(waited_from.elapsed(), wait) => {
+                            state.no_email_cycles = 0;
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
+                        }
                     }
                 }
                 Err(e) => {
+                    self.release(connector, permit).await;
+                    backlog = None;
                     let disposition = e.disposition();
                     if let CycleError::Connector(c) = &e {
                         self.token_alert(c);
@@ -487,6 +560,8 @@ impl MailboxTask {
                             .update(&name, |m| m.not_synced_since = Some(since));
                     }
                     self.save_state(&state);
+                    persisted = state.clone();
+                    persisted_at = tokio::time::Instant::now();
                     self.set_phase(Phase::BackingOff, &state);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -495,6 +570,58 @@ impl MailboxTask {
                 }
             }
         }
+    }
+
+    /// Closes the connector's connection, then gives its permit back: in
+    /// that order, so the profile never has more connections open than
+    /// permits handed out.
+    pub(super) async fn release<C: Connector>(
+        &self,
+        connector: &mut C,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        if connector.holds_connection() {
+            // Without a permit, `wait_for_changes` closes any connection.
+            if let Err(e) = connector
+                .wait_for_changes(Duration::ZERO, false, &self.cancel)
+                .await
+            {
+                tracing::debug!(mailbox = %self.mailbox.name, error = %e, "closing the connection failed");
+            }
+        }
+        drop(permit);
+    }
+
+    /// The wait between polls. The connection (and its permit) is kept for
+    /// it (connection reuse, IMAP IDLE) only while no other mailbox of the
+    /// profile is queued for a permit; one that queues meanwhile makes this
+    /// mailbox close its connection and give the permit up, then wait out
+    /// the rest without one. Returns the permit still held, for the next
+    /// cycle.
+    async fn wait<C: Connector>(
+        &self,
+        connector: &mut C,
+        permit: Option<OwnedSemaphorePermit>,
+        queue: &ConnectionQueue,
+        wait: Duration,
+    ) -> (Result<(), ConnectorError>, Option<OwnedSemaphorePermit>) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let keep = permit.is_some() && connector.holds_connection() && queue.waiting() == 0;
+        if keep {
+            let interrupted = tokio::select! {
+                r = connector.wait_for_changes(wait, true, &self.cancel) => Some(r),
+                _ = queue.contended() => None,
+            };
+            if let Some(r) = interrupted {
+                return (r, permit);
+            }
+        }
+        self.release(connector, permit).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        (
+            connector.wait_for_changes(left, false, &self.cancel).await,
+            None,
+        )
     }
 
     /// After a successful sync that follows failures (or a start): the stall,

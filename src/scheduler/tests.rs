@@ -592,7 +592,7 @@ async fn items_processed_is_live_per_batch_and_counts_no_duplicates() {
         seen: Vec::new(),
     };
     let mut state = task.load_state();
-    assert_eq!(task.cycle(&mut probe, &mut state).await.unwrap(), 6);
+    assert_eq!(task.cycle(&mut probe, &mut state).await.unwrap().found, 6);
     // Three batches of two, each visible before the next fetch, and the
     // last (two copies) adds nothing.
     assert_eq!(probe.seen, vec![0, 2, 4]);
@@ -824,9 +824,23 @@ async fn owed_follow_ups_are_replayed_before_fetching_and_cleared() {
 }
 
 #[test]
-fn idle_mailboxes_back_off_up_to_four_times() {
+fn idle_mailboxes_back_off_step_by_step_up_to_the_profile_cap() {
     let base = Duration::from_secs(60);
-    assert_eq!(idle_interval(base, 0), base);
-    assert_eq!(idle_interval(base, 10), base * 2);
-    assert_eq!(idle_interval(base, 1000), base * 4);
+    assert_eq!(idle_interval(base, 0, 4), base);
+    assert_eq!(idle_interval(base, 9, 4), base);
+    assert_eq!(idle_interval(base, 10, 4), base * 2);
+    assert_eq!(idle_interval(base, 35, 4), base * 4);
+    assert_eq!(idle_interval(base, 1000, 4), base * 4);
+    assert_eq!(idle_interval(base, 1000, 1), base, "1: no back-off");
+    assert_eq!(idle_interval(base, 1000, 10), base * 10);
+    assert_eq!(idle_interval(base, u32::MAX, 60), base * 60);
+    // The default is four times, as before the setting existed.
+    assert_eq!(harness("").task.profile.idle_backoff_cap, 4);
+    assert_eq!(
+        harness("idle_backoff_cap = 12")
+            .task
+            .profile
+            .idle_backoff_cap,
+        12
+    );
 }
