@@ -511,4 +511,67 @@ mod tests {
             "{why}"
         );
     }
+
+    /// Sets a directory's modification time (as if last changed `ago`).
+    fn age(dir: &Path, ago: Duration) {
+        let f = std::fs::File::open(dir).unwrap();
+        f.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    /// An idle poll of a folder whose `new/` and `cur/` did not change since
+    /// a scan that found everything seen lists nothing and reports no
+    /// position (so the scheduler commits nothing); a delivery (which moves
+    /// the directory's mtime) is found at the next poll.
+    #[tokio::test]
+    async fn unchanged_folders_are_not_listed_again_and_new_mail_is_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("Maildir");
+        for sub in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let hour = Duration::from_secs(3600);
+        let store = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let mut c = MaildirConnector::new("m", &root, vec![], 10, false, None, store.clone());
+        age(&root.join("new"), hour);
+        age(&root.join("cur"), hour);
+        let first = c.fetch().await.unwrap();
+        assert!(first.messages.is_empty());
+        assert_eq!(
+            first.positions.len(),
+            1,
+            "the first scan reports its position"
+        );
+        store
+            .commit(crate::store::CommitBatch {
+                positions: first
+                    .positions
+                    .iter()
+                    .map(|(f, p)| ("m".to_string(), f.clone(), p.clone()))
+                    .collect(),
+                ..Default::default()
+            })
+            .unwrap();
+        // A file that appears without moving the directory's mtime (as on a
+        // file system that does not keep them) shows the listing is skipped.
+        let was = std::fs::metadata(root.join("new"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::write(root.join("new/1000.a.host"), "Subject: a\n\nx\n").unwrap();
+        let f = std::fs::File::open(root.join("new")).unwrap();
+        f.set_modified(was).unwrap();
+        let idle = c.fetch().await.unwrap();
+        assert!(
+            idle.messages.is_empty() && idle.positions.is_empty(),
+            "{:?}",
+            idle.positions
+        );
+        // A real delivery moves the mtime: both files are found.
+        std::fs::write(root.join("tmp/1001.b.host"), "Subject: b\n\ny\n").unwrap();
+        std::fs::rename(root.join("tmp/1001.b.host"), root.join("new/1001.b.host")).unwrap();
+        let got = c.fetch().await.unwrap();
+        let uids: Vec<&str> = got.messages.iter().map(|m| m.source.uid.as_str()).collect();
+        assert_eq!(uids, ["1000.a.host", "1001.b.host"]);
+        assert_eq!(got.positions[0].1.seen_count, 2);
+    }
 }

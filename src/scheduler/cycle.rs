@@ -18,10 +18,8 @@ use super::runtime::ConnectionQueue;
 use super::task::{CycleError, MailboxTask};
 
 impl MailboxTask {
-    /// One sync cycle: first the follow-ups still owed (by an earlier cycle, or
-    /// by a process that died between a commit and its follow-ups), then
-    /// batches until the source has nothing more, shutdown, or the end of
-    /// the mailbox's turn (see [`TURN_LIMIT`]).
+    /// One cycle outside any turn: tests drive single cycles with it.
+    #[cfg(test)]
     pub(super) async fn cycle<C: Connector>(
         &self,
         connector: &mut C,
@@ -35,9 +33,12 @@ impl MailboxTask {
             .await
     }
 
-    /// [`Self::cycle`] within the profile's connection queue; `backlog` is
-    /// the mailbox's backlog slot, if it holds one (taken here when it goes
-    /// on past a batch while others wait).
+    /// One sync cycle: first the follow-ups still owed (by an earlier cycle, or
+    /// by a process that died between a commit and its follow-ups), then
+    /// batches until the source has nothing more, shutdown, or the end of
+    /// the mailbox's turn (see [`TURN_LIMIT`]), within the profile's
+    /// connection queue; `backlog` is the mailbox's backlog slot, if it
+    /// holds one (taken here when it goes on past a batch while others wait).
     pub(super) async fn cycle_in_turn<C: Connector>(
         &self,
         connector: &mut C,

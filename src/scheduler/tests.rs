@@ -1,6 +1,6 @@
 use super::backoff::idle_interval;
 use super::cycle::MAX_FOLLOW_UP_FAILURES;
-use super::task::{DISABLED_ALERT, STALL_ALERT, TRANSIENT_ALERT};
+use super::task::{DISABLED_ALERT, STALL_ALERT, STAMPS_PERSIST_EVERY, TRANSIENT_ALERT};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -843,4 +843,34 @@ fn idle_mailboxes_back_off_step_by_step_up_to_the_profile_cap() {
             .idle_backoff_cap,
         12
     );
+}
+
+/// An idle poll writes nothing to the store: `last_sync_at`,
+/// `last_success_at` and `no_email_cycles` move in the runtime view at every
+/// poll and reach the store only every `STAMPS_PERSIST_EVERY` (or with the
+/// next write that happens anyway), not at every cycle.
+#[tokio::test(start_paused = true)]
+async fn idle_polls_write_the_stamps_only_every_few_minutes() {
+    let h = harness("");
+    let fake = Fake::new(Mode::Succeed);
+    let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+    sleep(1).await;
+    // The first success is written at once.
+    assert_eq!(h.state().no_email_cycles, 1);
+    assert!(h.state().last_success_at.is_some());
+    sleep(4 * 60).await;
+    let live = h.runtime.snapshot()[0].state.no_email_cycles;
+    assert!(live >= 3, "polled every minute: {live}");
+    assert_eq!(h.state().no_email_cycles, 1, "nothing written since");
+    sleep(STAMPS_PERSIST_EVERY.as_secs() + 120).await;
+    let stored = h.state().no_email_cycles;
+    assert!(
+        stored >= 5,
+        "persisted after {STAMPS_PERSIST_EVERY:?}: {stored}"
+    );
+    // A failure is written at once, whatever the stamps' schedule.
+    fake.set(Mode::Transient);
+    sleep(3 * 60).await;
+    assert!(h.state().transient_failures >= 1);
+    stop(&h, run).await;
 }
