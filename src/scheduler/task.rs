@@ -234,20 +234,27 @@ impl MailboxTask {
     /// ([`telemetry::TASK_RESTARTS`]) and the task restarted with back-off.
     /// `make` builds the connector (again at every restart and re-enable, so
     /// a changed password file is read).
-    pub async fn supervise<C, F>(self, make: F)
+    ///
+    /// The run is caught in place rather than spawned as a task of its own:
+    /// one task (and one copy of the task's settings) per mailbox, which is
+    /// what 10,000 mailboxes cost.
+    pub async fn supervise<C, F>(self, mut make: F)
     where
         C: Connector + 'static,
-        F: FnMut() -> Result<C, String> + Clone + Send + 'static,
+        F: FnMut() -> Result<C, String> + Send + 'static,
     {
+        use futures::FutureExt;
         let name = self.mailbox.name.clone();
         let mut restarts = 0u32;
         loop {
             let started = tokio::time::Instant::now();
-            let run = tokio::spawn(self.clone().run(make.clone()));
-            let payload = match run.await {
+            // Unwind safety: what a panic can leave half-done is shared
+            // state behind locks that recover from poisoning, or the store,
+            // whose batches apply all or nothing.
+            let run = std::panic::AssertUnwindSafe(self.run_with(&mut make));
+            let payload = match run.catch_unwind().await {
                 Ok(()) => return,
-                Err(e) if e.is_panic() => e.into_panic(),
-                Err(_) => return,
+                Err(payload) => payload,
             };
             if started.elapsed() >= RESTART_RESET_AFTER {
                 restarts = 0;
@@ -275,6 +282,14 @@ impl MailboxTask {
     /// Runs the mailbox until cancelled: enabled stretches, and between them
     /// (after a permanent error) waits to be re-enabled.
     pub async fn run<C, F>(self, mut make: F)
+    where
+        C: Connector,
+        F: FnMut() -> Result<C, String> + Send,
+    {
+        self.run_with(&mut make).await
+    }
+
+    async fn run_with<C, F>(&self, make: &mut F)
     where
         C: Connector,
         F: FnMut() -> Result<C, String> + Send,
