@@ -55,9 +55,12 @@ pub struct Alerts {
     store: Arc<dyn Store>,
     /// profile → mailboxes of that profile.
     profile_members: HashMap<String, Vec<String>>,
-    /// profile → mailbox → (last failure, its error).
-    failures: Mutex<HashMap<String, HashMap<String, (Instant, String)>>>,
+    /// profile → its failing mailboxes.
+    failures: Mutex<HashMap<String, Failing>>,
 }
+
+/// A profile's failing mailboxes: mailbox → (last failure, its error).
+type Failing = HashMap<String, (Instant, String)>;
 
 /// Window of the profile-wide failure rule.
 const PROFILE_WINDOW: Duration = Duration::from_secs(3600);
