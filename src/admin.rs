@@ -73,6 +73,7 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(alerts::list))
         .routes(routes!(alerts::acknowledge))
         .routes(routes!(alerts::quarantine))
+        .routes(routes!(alerts::retry))
         .routes(
             routes!(records::list, records::bulk_upsert)
                 .layer(DefaultBodyLimit::max(records::BULK_BODY_LIMIT)),

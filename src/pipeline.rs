@@ -185,6 +185,28 @@ pub fn process_seeded(
     messages: &[(&RawMessage, Option<&RecordRef>)],
     now: i64,
 ) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    process_inner(store, ctx, messages, now, None)
+}
+
+/// Processes a quarantined message again (an operator's retry): its source
+/// counts as seen only because it is in quarantine, so that one source is
+/// not skipped. Commit the batch with [`Store::commit_quarantine_retry`].
+pub fn process_quarantined(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    message: &RawMessage,
+    now: i64,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    process_inner(store, ctx, &[(message, None)], now, Some(&message.source))
+}
+
+fn process_inner(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    messages: &[(&RawMessage, Option<&RecordRef>)],
+    now: i64,
+    retried: Option<&SourceKey>,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
     let mut batch = CommitBatch::default();
     let mut results = Vec::with_capacity(messages.len());
     // Index entries of activities staged in this batch, so replies see parents.
@@ -204,7 +226,7 @@ pub fn process_seeded(
     // the same records).
     let mut created: Vec<Record> = Vec::new();
     for (m, seed) in messages {
-        if store.is_seen(&m.source)? {
+        if retried != Some(&m.source) && store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
         }

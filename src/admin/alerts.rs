@@ -139,3 +139,82 @@ pub(super) async fn quarantine(
         Err(e) => store_error(e),
     }
 }
+
+/// `POST /api/v1/quarantine/{id}/retry`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+struct RetryAnswer {
+    /// `recorded` (an activity now, the entry is gone) or `still_quarantined`.
+    status: &'static str,
+    /// The activity it became.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    activity_id: Option<u64>,
+    /// True when it was a copy of an activity already recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    /// Why it is still quarantined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/quarantine/{id}/retry`: processes a quarantined message's
+/// saved bytes again, with today's parser and settings (e.g. after raising
+/// `max_message_size`). Recorded: the entry goes in the same commit as the
+/// activity. Still unreadable: the entry stays unchanged (422).
+#[utoipa::path(
+    post,
+    path = "/quarantine/{id}/retry",
+    tag = "alerts",
+    operation_id = "retry_quarantined",
+    params(("id" = u64, Path, description = "Quarantine entry id")),
+    responses(
+        (status = 200, description = "Recorded as an activity; the entry is gone", body = RetryAnswer),
+        (status = 400, description = "The id is not a whole number", body = String, content_type = "text/plain"),
+        (status = 404, description = "No such quarantine entry", body = doc::ErrorBody),
+        (status = 409, description = "Nothing to retry here: never downloaded, its mailbox is gone, or its bytes are", body = doc::ErrorBody),
+        (status = 422, description = "Still not processable; the entry stays", body = RetryAnswer),
+        (status = 500, description = "The store failed", body = doc::ErrorBody),
+    )
+)]
+pub(super) async fn retry(
+    State(s): State<AdminState>,
+    Path(id): Path<u64>,
+) -> Result<Response, ApiError> {
+    use crate::quarantine::{RetryError, RetryOutcome};
+    let (store, config) = (s.store.clone(), s.config.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        crate::quarantine::retry(store.as_ref(), &config, id, crate::model::now())
+    })
+    .await
+    .map_err(|e| ApiError::store(format!("retry task failed: {e}")))?;
+    match done {
+        Ok(RetryOutcome::Recorded {
+            activity_id,
+            duplicate,
+        }) => Ok(Json(RetryAnswer {
+            status: "recorded",
+            activity_id: Some(activity_id),
+            duplicate: Some(duplicate),
+            reason: None,
+        })
+        .into_response()),
+        Ok(RetryOutcome::StillQuarantined { reason }) => Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(RetryAnswer {
+                status: "still_quarantined",
+                activity_id: None,
+                duplicate: None,
+                reason: Some(reason),
+            }),
+        )
+            .into_response()),
+        Err(e @ RetryError::NotFound(_)) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, e.to_string()))
+        }
+        Err(
+            e @ (RetryError::NotDownloaded { .. }
+            | RetryError::MailboxGone { .. }
+            | RetryError::Bytes { .. }),
+        ) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => Err(ApiError::store(e)),
+    }
+}

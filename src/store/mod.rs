@@ -340,6 +340,21 @@ pub trait Store: Send + Sync + 'static {
 
     fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError>;
 
+    /// One quarantine entry by id.
+    fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>, StoreError>;
+
+    /// Commits `batch` (the quarantined message `id` processed again) and,
+    /// in the same atomic batch, removes the quarantine entry when the
+    /// batch recorded its source as an activity (inserted or a duplicate of
+    /// one). When the message is still unprocessable (the batch quarantines
+    /// it again) the entry stays as it is. Returns the outcomes and whether
+    /// the entry was released.
+    fn commit_quarantine_retry(
+        &self,
+        id: u64,
+        batch: CommitBatch,
+    ) -> Result<(Vec<CommitOutcome>, bool), StoreError>;
+
     fn folder_positions(
         &self,
         mailbox: &str,

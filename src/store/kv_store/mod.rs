@@ -242,6 +242,18 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.alert_list(q)
     }
 
+    fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>, StoreError> {
+        self.get_json(&keys::id_key("q/", id))
+    }
+
+    fn commit_quarantine_retry(
+        &self,
+        id: u64,
+        batch: CommitBatch,
+    ) -> Result<(Vec<CommitOutcome>, bool), StoreError> {
+        self.release_quarantined(id, batch)
+    }
+
     fn alert(&self, id: u64) -> Result<Option<Alert>, StoreError> {
         self.get_json(&keys::id_key("l/", id))
     }
