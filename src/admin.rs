@@ -6,13 +6,15 @@
 //! Submodules: [`records`] (the record directory), [`feed`] (the event pull
 //! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters),
 //! [`outgoing`] (the queue of email to send), [`doc`] (the OpenAPI
-//! document of all of it, served at `/api/v1/openapi.json`).
+//! document of all of it, served at `/api/v1/openapi.json`), [`web`] (the
+//! admin page at `/`).
 
 mod doc;
 mod feed;
 mod outbox;
 mod outgoing;
 mod records;
+mod web;
 
 pub use records::{validate_record, RecordInput};
 
@@ -99,6 +101,8 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics_text))
+        .routes(routes!(web::page))
+        .routes(routes!(web::asset))
         .nest("/api/v1", api)
 }
 
@@ -938,7 +942,9 @@ mod tests {
         let mut operation_ids = std::collections::BTreeSet::new();
         let placeholder = regex::Regex::new(r"\{([^}]+)\}").unwrap();
         for (path, item) in doc["paths"].as_object().unwrap() {
-            let public = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+            // The web page and its assets hold no data (src/admin/web.rs).
+            let public = ["/healthz", "/readyz", "/metrics", "/", "/assets/{file}"]
+                .contains(&path.as_str());
             assert!(public || path.starts_with("/api/v1/"), "{path}");
             for (method, op) in item.as_object().unwrap() {
                 let at = format!("{method} {path}");
