@@ -1060,7 +1060,16 @@ mod tests {
         store.update_activity(a, vec!["parties".into()], 2).unwrap();
         let pending = queue_row(store.as_ref(), "support", SendStatus::PendingSend);
         store
-            .raise_alert(AlertLevel::Error, Some("support"), None, "login failed", 3)
+            .raise_alert(
+                crate::model::NewAlert {
+                    kind: "sync_failing",
+                    level: AlertLevel::Error,
+                    mailbox: Some("support"),
+                    profile: None,
+                    text: "login failed",
+                },
+                3,
+            )
             .unwrap();
         {
             let mut map = state.runtime.mailboxes.write().unwrap();

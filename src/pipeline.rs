@@ -85,7 +85,43 @@ pub enum ItemResult {
     },
     Quarantined {
         reason: String,
+        /// What kind of trouble: quarantine alerts aggregate per class.
+        class: QuarantineClass,
     },
+}
+
+/// Why a message was quarantined, coarsely: one alert per mailbox and class
+/// rather than one per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineClass {
+    /// Over `max_message_size`: left on the server undownloaded.
+    TooLarge,
+    /// The server would not deliver it.
+    Unfetchable,
+    /// Downloaded, but not an email we can read.
+    Unparseable,
+}
+
+impl QuarantineClass {
+    /// The class as the alert kind spells it (`quarantine:<class>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineClass::TooLarge => "too_large",
+            QuarantineClass::Unfetchable => "unfetchable",
+            QuarantineClass::Unparseable => "unparseable",
+        }
+    }
+
+    /// What the messages of this class have in common, for the alert.
+    pub fn describe(self) -> &'static str {
+        match self {
+            QuarantineClass::TooLarge => "exceed max_message_size and stay on the server",
+            QuarantineClass::Unfetchable => {
+                "the server would not deliver (they stay on the server)"
+            }
+            QuarantineClass::Unparseable => "are not readable as email (their bytes are kept)",
+        }
+    }
 }
 
 /// Failure of the pipeline itself (not of a message: those are quarantined).
@@ -176,11 +212,16 @@ pub fn process_seeded(
             (Some(size), _) => Some((
                 *size,
                 too_large_reason(*size, ctx.max_message_size, &m.source.folder),
+                QuarantineClass::TooLarge,
             )),
-            (None, Some(why)) => Some((0, unfetchable_reason(why, &m.source.folder))),
+            (None, Some(why)) => Some((
+                0,
+                unfetchable_reason(why, &m.source.folder),
+                QuarantineClass::Unfetchable,
+            )),
             (None, None) => None,
         };
-        if let Some((size, reason)) = not_downloaded {
+        if let Some((size, reason, class)) = not_downloaded {
             // Not downloaded: a record without bytes, so the operator sees it
             // once and the source is not fetched again.
             batch.items.push(PendingItem::Quarantine(QuarantineEntry {
@@ -191,7 +232,7 @@ pub fn process_seeded(
                 size,
                 at: now,
             }));
-            results.push((m.source.clone(), ItemResult::Quarantined { reason }));
+            results.push((m.source.clone(), ItemResult::Quarantined { reason, class }));
             continue;
         }
         let parsed = parse::parse_for(
@@ -216,7 +257,13 @@ pub fn process_seeded(
                     size: m.raw.len() as u64,
                     at: now,
                 }));
-                results.push((m.source.clone(), ItemResult::Quarantined { reason }));
+                results.push((
+                    m.source.clone(),
+                    ItemResult::Quarantined {
+                        reason,
+                        class: QuarantineClass::Unparseable,
+                    },
+                ));
                 continue;
             }
         };
