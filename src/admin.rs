@@ -943,8 +943,8 @@ mod tests {
         let placeholder = regex::Regex::new(r"\{([^}]+)\}").unwrap();
         for (path, item) in doc["paths"].as_object().unwrap() {
             // The web page and its assets hold no data (src/admin/web.rs).
-            let public = ["/healthz", "/readyz", "/metrics", "/", "/assets/{file}"]
-                .contains(&path.as_str());
+            let public =
+                ["/healthz", "/readyz", "/metrics", "/", "/assets/{file}"].contains(&path.as_str());
             assert!(public || path.starts_with("/api/v1/"), "{path}");
             for (method, op) in item.as_object().unwrap() {
                 let at = format!("{method} {path}");

@@ -72,7 +72,10 @@ fn demo_config(dir: &Path, port: u16) -> PathBuf {
             "token = \"demo-admin-token-change-me\"",
             format!("token = \"{TOKEN}\""),
         ),
-        ("poll_interval = \"10s\"", "poll_interval = \"1s\"".to_string()),
+        (
+            "poll_interval = \"10s\"",
+            "poll_interval = \"1s\"".to_string(),
+        ),
         (
             "path = \"fixtures/demo-maildir\"",
             format!("path = \"{}\"", maildir.display()),
@@ -209,7 +212,11 @@ async fn mailbox_cells(c: &Client, name: &str) -> Vec<String> {
 async fn screenshot(c: &Client, dir: &Path, name: &str) {
     let png = c.screenshot().await.unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "{name}: not a PNG");
-    assert!(png.len() > 10_000, "{name}: {} bytes, a blank page?", png.len());
+    assert!(
+        png.len() > 10_000,
+        "{name}: {} bytes, a blank page?",
+        png.len()
+    );
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
@@ -340,8 +347,7 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
         reasons,
         vec![
             "folder \"INBOX/Customers\" is tracked to account:fabrikam".to_string(),
-            "sender frank.lee@fabrikam.example: unresolved: no record has this address"
-                .to_string(),
+            "sender frank.lee@fabrikam.example: unresolved: no record has this address".to_string(),
         ]
     );
     let focused = c
@@ -364,6 +370,25 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
             || (said.starts_with("support: approve failed: ") && said.len() > 26),
         "{said}"
     );
+
+    // Acknowledge the quarantine warning: acknowledged and still open, or,
+    // on a daemon without the endpoint yet, its answer shown.
+    click(&c, "#alerts tbody tr[data-level=\"warning\"] button").await;
+    let said = eventually!(&c, "acknowledge's answer", {
+        let t = text(&c, "#status").await;
+        t.contains("acknowledge").then_some(t)
+    });
+    if said.ends_with(" acknowledged") {
+        let row = eventually!(&c, "the warning acknowledged", {
+            texts(&c, "#alerts tbody tr")
+                .await
+                .into_iter()
+                .find(|t| t.contains("quarantined") && t.contains("open, acknowledged"))
+        });
+        assert!(row.starts_with("warning"), "{row}");
+    } else {
+        assert!(said.contains("acknowledge failed: "), "{said}");
+    }
 
     // Break the mailbox: its tracked folder disappears → disabled, an Error
     // alert, the incoming result names the folder.
