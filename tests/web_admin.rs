@@ -371,6 +371,58 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
         "{said}"
     );
 
+    // Live updates, and data as text only: a new email whose subject and
+    // sender are HTML appears without a reload, shown literally, and no
+    // markup of it reaches the page.
+    let hostile = r#"<img src=x onerror="window.__xss=1"><b>Hi</b>"#;
+    let tmp = dir.path().join("maildir/tmp/1767700000.M100009P1.test");
+    std::fs::write(
+        &tmp,
+        format!(
+            "Message-ID: <hostile@attacker.example>\r\nDate: Tue, 06 Jan 2026 12:00:00 +0000\r\n\
+             From: \"<script>window.__xss=2</script>\" <evil@attacker.example>\r\n\
+             To: support@example.test\r\nSubject: {hostile}\r\n\r\nbody\r\n"
+        ),
+    )
+    .unwrap();
+    std::fs::rename(
+        &tmp,
+        dir.path().join("maildir/new/1767700000.M100009P1.test"),
+    )
+    .unwrap();
+    let newest = eventually!(&c, "the new email's activity", {
+        let s = texts(&c, "#activities tbody th").await;
+        (s.len() == 8).then(|| s[0].clone())
+    });
+    assert_eq!(newest, hostile);
+    let injected = c
+        .execute(
+            "return [window.__xss === undefined, document.querySelectorAll('main img, main b, main script').length];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        injected,
+        json!([true, 0]),
+        "markup from an email reached the page"
+    );
+    // The policy is in force: an inline script the page did not ship is
+    // refused by the browser.
+    let inline_ran = c
+        .execute(
+            "const s = document.createElement('script'); s.textContent = 'window.__inline = 1'; \
+             document.head.append(s); return window.__inline === 1;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        inline_ran,
+        json!(false),
+        "an inline script ran despite the CSP"
+    );
+
     // Acknowledge the quarantine warning: acknowledged and still open, or,
     // on a daemon without the endpoint yet, its answer shown.
     click(&c, "#alerts tbody tr[data-level=\"warning\"] button").await;
