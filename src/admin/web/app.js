@@ -221,6 +221,13 @@
         (job.succeeded ?? 0) + " succeeded, " + (job.failed ?? 0) + " failed";
       line.textContent = "Job " + id + " (" + (job.target || job.kind || "") + "): " + job.state + ", " + progress;
       if (job.state === "done") {
+        const outcomes = (job.results || []).map((r) => {
+          const st = (t) => (t && t.status ? t.status.replace("_", " ") : "not run");
+          return r.mailbox + ": incoming " + st(r.incoming) + ", outgoing " + st(r.outgoing) +
+            ", ACT " + st(r.act) + (r.enabled ? ", enabled" : ", not enabled") + (r.error ? " (" + r.error + ")" : "");
+        });
+        line.textContent = "Test & Enable " + (job.target || id) + " done: " +
+          (job.summary || progress) + (outcomes.length ? ". " + outcomes.join("; ") : "");
         refresh();
         return;
       }
