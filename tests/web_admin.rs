@@ -383,6 +383,26 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
         );
     }
 
+    // Retry the quarantined file: the same rule.
+    click(&c, "#quarantine tbody button").await;
+    let said = eventually!(&c, "retry's answer", {
+        let t = text(&c, "#status").await;
+        t.starts_with("Quarantined message ").then_some(t)
+    });
+    if documented.contains("/api/v1/quarantine/{id}/retry") {
+        assert!(!said.contains("does not offer"), "{said}");
+    } else {
+        let id = said
+            .split(' ')
+            .nth(2)
+            .unwrap_or_default()
+            .trim_end_matches(':');
+        assert_eq!(
+            said,
+            format!("Quarantined message {id}: retry failed: this daemon does not offer POST /api/v1/quarantine/{id}/retry (HTTP 404)")
+        );
+    }
+
     // Live updates, and data as text only: a new email whose subject and
     // sender are HTML appears without a reload, shown literally, and no
     // markup of it reaches the page.
