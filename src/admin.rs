@@ -6,7 +6,8 @@
 //! Submodules: [`records`] (the record directory), [`feed`] (the event pull
 //! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters),
 //! [`outgoing`] (the queue of email to send), [`doc`] (the OpenAPI
-//! document of all of it, served at `/api/v1/openapi.json`).
+//! document of all of it, served at `/api/v1/openapi.json`), [`web`] (the
+//! admin page at `/`).
 
 mod activities;
 mod alerts;
@@ -16,6 +17,7 @@ mod mailboxes;
 mod outbox;
 mod outgoing;
 mod records;
+mod web;
 
 pub use activities::ActivityView;
 pub use records::{validate_record, RecordInput};
@@ -105,6 +107,8 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics_text))
+        .routes(routes!(web::page))
+        .routes(routes!(web::asset))
         .nest("/api/v1", api)
 }
 
@@ -606,7 +610,9 @@ mod tests {
         let mut operation_ids = std::collections::BTreeSet::new();
         let placeholder = regex::Regex::new(r"\{([^}]+)\}").unwrap();
         for (path, item) in doc["paths"].as_object().unwrap() {
-            let public = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+            // The web page and its assets hold no data (src/admin/web.rs).
+            let public =
+                ["/healthz", "/readyz", "/metrics", "/", "/assets/{file}"].contains(&path.as_str());
             assert!(public || path.starts_with("/api/v1/"), "{path}");
             for (method, op) in item.as_object().unwrap() {
                 let at = format!("{method} {path}");
