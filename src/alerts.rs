@@ -131,7 +131,9 @@ impl Alerts {
             }
             (entry.len(), listed, error.to_string())
         };
-        if total > 0 && failing * 2 > total {
+        // A profile of one mailbox has no storm to replace: its mailbox
+        // alert says it all.
+        if total > 1 && failing * 2 > total {
             let text = format!(
                 "{failing} of {total} mailboxes of profile {profile:?} failed within the last hour ({names}); latest error: {latest}. A shared cause is likely: the server, the network or the profile's credentials"
             );
