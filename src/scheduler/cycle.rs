@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::alerts::kind;
 use crate::connector::{Ack, AckKind, Connector};
 use crate::error::Disposition;
 use crate::model::{self, AlertLevel, FollowUp, MailboxState, SourceKey};
@@ -97,8 +98,8 @@ impl MailboxTask {
         let mut found = 0u64;
         loop {
             let batch = connector.fetch().await?;
-            for (level, text) in &batch.notices {
-                self.alert(*level, text);
+            for n in &batch.notices {
+                self.alert(&format!("{}:{}", kind::CONNECTOR, n.what), n.level, &n.text);
             }
             let backlog = batch.backlog;
             self.runtime
@@ -181,13 +182,18 @@ impl MailboxTask {
             // Alerts for what the commit recorded, without waiting on the
             // server's follow-ups.
             for notice in pipeline::notices(&results) {
-                self.alert(AlertLevel::Warning, notice);
+                self.alert(kind::PIPELINE_NOTICE, AlertLevel::Warning, notice);
             }
             for (source, r) in &results {
-                if let ItemResult::Quarantined { reason } = r {
+                if let ItemResult::Quarantined { reason, class } = r {
+                    // One alert per mailbox and class, counting the messages.
                     self.alert(
+                        &format!("{}:{}", kind::QUARANTINE, class.as_str()),
                         AlertLevel::Warning,
-                        &format!("message {} quarantined: {reason}", source),
+                        &format!(
+                            "messages quarantined that {}; latest: message {source}: {reason} (GET /api/v1/quarantine lists them; retry with POST /api/v1/quarantine/{{id}}/retry)",
+                            class.describe()
+                        ),
                     );
                 }
             }
@@ -270,6 +276,7 @@ impl MailboxTask {
             f.last_error = Some(error.to_string());
             if f.failures >= MAX_FOLLOW_UP_FAILURES {
                 self.alert(
+                    kind::FOLLOW_UP,
                     AlertLevel::Warning,
                     &format!(
                         "gave up the follow-up ({}) on message {} after {} failed attempts: {error}",
@@ -286,6 +293,7 @@ impl MailboxTask {
         }
         for (why, n) in dropped {
             self.alert(
+                &format!("{}:dropped", kind::FOLLOW_UP),
                 AlertLevel::Information,
                 &format!("{n} follow-up(s) on processed messages dropped: {why}"),
             );

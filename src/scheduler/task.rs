@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::alerts::Alerts;
+use crate::alerts::{kind, Alerts};
 use crate::config::{Config, Mailbox, Profile};
 use crate::connector::{Connector, ConnectorError};
 use crate::error::{Classify, Disposition};
@@ -43,7 +43,9 @@ pub struct MailboxTask {
 /// How often a disabled mailbox looks at its secret files by default.
 pub const WATCH_EVERY: Duration = Duration::from_secs(3);
 
-/// Alert texts that a successful sync clears (see [`MailboxTask::recovered`]).
+/// Alert texts: a failing sync is one alert of kind
+/// [`kind::SYNC_FAILING`] per mailbox, a Warning that becomes this Error
+/// once the mailbox has not synced for `stall_alert_after`.
 pub(super) const STALL_ALERT: &str = "not synced since ";
 pub(super) const DISABLED_ALERT: &str = "mailbox disabled: ";
 pub(super) const TRANSIENT_ALERT: &str = "transient error, retrying with back-off: ";
@@ -200,8 +202,9 @@ impl MailboxTask {
         metrics::gauge!(telemetry::MAILBOX_UP, "mailbox" => self.mailbox.name.clone()).set(up);
     }
 
-    pub(super) fn alert(&self, level: AlertLevel, text: &str) {
+    pub(super) fn alert(&self, kind: &str, level: AlertLevel, text: &str) {
         self.alerts.raise(
+            kind,
             level,
             Some(&self.mailbox.name),
             Some(&self.profile.name),
@@ -264,6 +267,7 @@ impl MailboxTask {
             metrics::counter!(telemetry::TASK_RESTARTS, "mailbox" => name.clone()).increment(1);
             let delay = self.backoff.delay(restarts);
             self.alert(
+                kind::TASK_PANIC,
                 AlertLevel::Error,
                 &format!("mailbox task panicked and is restarted with back-off: {message}"),
             );
@@ -347,17 +351,14 @@ impl MailboxTask {
             let why = not_approved_reason(&self.mailbox.email, self.mailbox.approval);
             // One Information alert (as Dynamics raises it), aggregated:
             // raised again at each start, it only counts up.
-            self.alert(AlertLevel::Information, &why);
+            self.alert(kind::NOT_APPROVED, AlertLevel::Information, &why);
             not_processing(why);
             self.set_phase(Phase::NotApproved, &state);
             return false;
         }
         // Approved now: an alert from a run when it was not is over.
-        self.alerts.resolve(
-            &self.mailbox.name,
-            &not_approved_prefix(&self.mailbox.email),
-            model::now(),
-        );
+        self.alerts
+            .resolve(&self.mailbox.name, kind::NOT_APPROVED, model::now());
         true
     }
 
@@ -484,7 +485,8 @@ impl MailboxTask {
                     metrics::gauge!(telemetry::LAST_SUCCESS, "mailbox" => name.clone())
                         .set(now as f64);
                     healthy_at = tokio::time::Instant::now();
-                    self.alerts.mailbox_recovered(&self.profile.name, &name);
+                    self.alerts
+                        .mailbox_recovered(&self.profile.name, &name, now);
                     if std::mem::take(&mut alerts_open) {
                         self.recovered(now);
                     }
@@ -547,7 +549,8 @@ impl MailboxTask {
                     metrics::counter!(telemetry::SYNC_ERRORS, "mailbox" => name.clone(), "disposition" => disposition.to_string()).increment(1);
                     state.last_sync_error = Some(e.to_string());
                     state.last_sync_error_at = Some(now);
-                    self.alerts.mailbox_failed(&self.profile.name, &name, now);
+                    self.alerts
+                        .mailbox_failed(&self.profile.name, &name, &e.to_string(), now);
                     state.transient_failures = state.transient_failures.saturating_add(1);
                     if disposition == Disposition::Permanent {
                         self.disable(&mut state, &e.to_string());
@@ -564,15 +567,27 @@ impl MailboxTask {
                         .delay(state.transient_failures)
                         .max(server_wait.unwrap_or_default());
                     state.postponed_until = Some(now + delay.as_secs() as i64);
-                    self.alert(AlertLevel::Warning, &format!("{TRANSIENT_ALERT}{e}"));
+                    // One alert per mailbox for the whole outage: a Warning
+                    // while it retries, the same alert an Error once the
+                    // mailbox has not synced for stall_alert_after.
                     if healthy_at.elapsed() >= self.profile.stall_alert_after {
                         let since = state.last_success_at.unwrap_or(started_wall);
                         self.alert(
+                            kind::SYNC_FAILING,
                             AlertLevel::Error,
-                            &format!("{STALL_ALERT}{}: {e}", model::format_time(since)),
+                            &format!(
+                                "{STALL_ALERT}{}: {e} (retrying with back-off; it recovers by itself once the cause is gone)",
+                                model::format_time(since)
+                            ),
                         );
                         self.runtime
                             .update(&name, |m| m.not_synced_since = Some(since));
+                    } else {
+                        self.alert(
+                            kind::SYNC_FAILING,
+                            AlertLevel::Warning,
+                            &format!("{TRANSIENT_ALERT}{e}"),
+                        );
                     }
                     self.save_state(&state);
                     persisted = state.clone();
@@ -644,8 +659,12 @@ impl MailboxTask {
     pub(super) fn recovered(&self, now: UnixTime) {
         let name = &self.mailbox.name;
         self.runtime.update(name, |m| m.not_synced_since = None);
-        for prefix in [STALL_ALERT, DISABLED_ALERT, TRANSIENT_ALERT] {
-            self.alerts.resolve(name, prefix, now);
+        for kind in [
+            kind::SYNC_FAILING,
+            kind::DISABLED,
+            kind::CREDENTIAL_REJECTED,
+        ] {
+            self.alerts.resolve(name, kind, now);
         }
     }
 
@@ -656,11 +675,20 @@ impl MailboxTask {
     pub(super) fn note_token_expiry<C: Connector>(&self, connector: &C, state: &mut MailboxState) {
         let expiry = connector.token_expires_at();
         state.token_expires_at = expiry;
-        let Some(at) = expiry else { return };
-        let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
         let now = model::now();
-        if now >= warn_from && now < at {
+        let Some(at) = expiry else {
+            self.alerts
+                .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+            return;
+        };
+        let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
+        if now < warn_from {
+            // Renewed (or never close): a warning about the old one is over.
+            self.alerts
+                .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+        } else if now < at {
             self.alert(
+                kind::CREDENTIAL_EXPIRING,
                 AlertLevel::Warning,
                 &format!(
                     "{} expires at {}: renew it before then, or the mailbox stops syncing",
@@ -678,7 +706,7 @@ impl MailboxTask {
         if matches!(e, ConnectorError::TokenRejected { .. })
             || matches!(e, ConnectorError::Graph(g) if g.is_auth_failure())
         {
-            self.alert(AlertLevel::Error, &e.to_string());
+            self.alert(kind::CREDENTIAL_REJECTED, AlertLevel::Error, &e.to_string());
         }
     }
 
@@ -687,7 +715,11 @@ impl MailboxTask {
         state.disabled_reason = Some(why.to_string());
         state.last_sync_error = Some(why.to_string());
         state.last_sync_error_at = Some(model::now());
+        // The disable alert says what is wrong now; the retry alert is over.
+        self.alerts
+            .resolve(&self.mailbox.name, kind::SYNC_FAILING, model::now());
         self.alert(
+            kind::DISABLED,
             AlertLevel::Error,
             &format!("{DISABLED_ALERT}{why} (re-enabled when its password, token or client secret file changes, or by POST /api/v1/mailboxes/{}/enable)", self.mailbox.name),
         );

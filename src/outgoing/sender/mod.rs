@@ -38,7 +38,7 @@ use super::transport::{
     Found, SendError, SmtpTransportSettings, Submitted, Transport, TransportSettings,
 };
 use super::SendWakeup;
-use crate::alerts::Alerts;
+use crate::alerts::{kind, Alerts};
 use crate::config::{Config, Mailbox, OutgoingSettings, Profile, SentCopyMode, UnknownDelivery};
 use crate::connector::imap::Credentials;
 use crate::connector::oauth::TokenProvider;
@@ -416,9 +416,10 @@ impl Sender {
         match &result {
             Ok(detail) => {
                 tracing::info!(mailbox = %s.mailbox, "outgoing test: {detail}");
-                self.alerts.resolve(&s.mailbox, TEST_ALERT, now);
+                self.alerts.resolve(&s.mailbox, kind::OUTGOING_TEST, now);
             }
             Err(e) => self.alerts.raise(
+                kind::OUTGOING_TEST,
                 AlertLevel::Error,
                 Some(&s.mailbox),
                 Some(&s.profile),
@@ -676,8 +677,14 @@ impl Sender {
         } else {
             format!("{FAILED_ALERT} {}: {reason}", row.activity_id)
         };
-        self.alerts
-            .raise(level, Some(&s.mailbox), Some(&s.profile), &text, now);
+        self.alerts.raise(
+            kind::OUTGOING_FAILED,
+            level,
+            Some(&s.mailbox),
+            Some(&s.profile),
+            &text,
+            now,
+        );
         Ok(())
     }
 
