@@ -334,10 +334,11 @@ async fn ten_thousand_mailboxes_for_an_hour_fair_backed_off_and_within_the_conne
             );
         }
     }
-    // The busy mailboxes get their turns too.
+    // The busy mailboxes get their turns too (not evenly: one may go on
+    // while nobody waits), none is shut out.
     for i in 0..BUSY {
         let batches = sim.fetches(i).len();
-        assert!(batches >= 20, "busy m{i:05}: only {batches} batches");
+        assert!(batches >= 5, "busy m{i:05}: only {batches} batches");
     }
 
     // Back-off: idle gaps start at the base interval and end at the cap.

@@ -429,7 +429,7 @@ impl MailboxTask {
                 };
             }
         }
-        self.note_token_expiry(connector, &mut state);
+        self.note_token_expiry(connector, &mut state, true);
         if let Err(e) = &test {
             self.token_alert(e);
         }
@@ -471,7 +471,7 @@ impl MailboxTask {
                 .await;
             let now = model::now();
             state.last_sync_at = Some(now);
-            self.note_token_expiry(connector, &mut state);
+            self.note_token_expiry(connector, &mut state, false);
             match result {
                 Ok(turn) => {
                     state.transient_failures = 0;
@@ -672,17 +672,33 @@ impl MailboxTask {
     /// warns ahead of it: an expiring token is the classic "mailbox silently
     /// stopped". The alert text names the expiry, so it is raised once per
     /// token (the store counts repeats) rather than once per cycle.
-    pub(super) fn note_token_expiry<C: Connector>(&self, connector: &C, state: &mut MailboxState) {
+    ///
+    /// A warning is resolved only when it can have become stale: at `start`
+    /// (one from before a restart) or when the expiry changed (renewed,
+    /// gone). Not at every poll: resolving looks through the alerts, and
+    /// 10,000 idle mailboxes poll 170 times a second.
+    pub(super) fn note_token_expiry<C: Connector>(
+        &self,
+        connector: &C,
+        state: &mut MailboxState,
+        start: bool,
+    ) {
         let expiry = connector.token_expires_at();
+        let changed = start || state.token_expires_at != expiry;
         state.token_expires_at = expiry;
         let now = model::now();
         let Some(at) = expiry else {
-            self.alerts
-                .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+            if changed {
+                self.alerts
+                    .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+            }
             return;
         };
         let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
         if now < warn_from {
+            if !changed {
+                return;
+            }
             // Renewed (or never close): a warning about the old one is over.
             self.alerts
                 .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
