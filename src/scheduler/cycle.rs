@@ -208,13 +208,14 @@ impl MailboxTask {
                     yielded: false,
                 });
             }
-            // Fairness: while others are queued for a connection, a mailbox
-            // goes on past a batch only with a backlog slot (half the
-            // profile's connections) and for at most TURN_LIMIT; then it
-            // gives its connection back and queues again behind them (FIFO).
-            if queue.waiting() > 0 {
+            // Fairness: while others wait (for a connection or a backlog
+            // slot), a mailbox goes on past a batch only with a backlog slot
+            // (half the profile's connections) and for at most TURN_LIMIT;
+            // then it gives its connection back and queues again behind
+            // them (FIFO).
+            if queue.contended() {
                 if slot.is_none() {
-                    *slot = queue.backlog.clone().try_acquire_owned().ok();
+                    *slot = queue.try_backlog_slot();
                 }
                 if slot.is_some() && turn_started.elapsed() < TURN_LIMIT {
                     continue;

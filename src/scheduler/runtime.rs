@@ -71,7 +71,25 @@ pub struct ConnectionQueue {
     /// Slots for mailboxes working through a backlog batch after batch
     /// while others wait: half the profile's connections (at least one), so
     /// the polls of every other mailbox always find room.
-    pub backlog: Arc<Semaphore>,
+    backlog: Arc<Semaphore>,
+    /// Mailboxes with a backlog waiting for a slot.
+    backlog_waiting: AtomicUsize,
+}
+
+/// Counts down however a wait ends (also when dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl ConnectionQueue {
@@ -81,7 +99,25 @@ impl ConnectionQueue {
             waiting: AtomicUsize::new(0),
             wake: Notify::new(),
             backlog: Arc::new(Semaphore::new((limit / 2).max(1))),
+            backlog_waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// True while another mailbox waits, for a connection or for a backlog
+    /// slot: a mailbox with more to fetch then ends its turn.
+    pub fn contended(&self) -> bool {
+        self.waiting() > 0 || self.backlog_waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// A backlog slot, if one is free now.
+    pub fn try_backlog_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.backlog.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a backlog slot (FIFO), counted as waiting meanwhile.
+    pub async fn backlog_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let _waiting = Waiting::new(&self.backlog_waiting);
+        self.backlog.clone().acquire_owned().await.ok()
     }
 
     /// Mailboxes waiting for a permit now.
@@ -95,22 +131,14 @@ impl ConnectionQueue {
         if let Ok(p) = connections.clone().try_acquire_owned() {
             return Some(p);
         }
-        /// Counts down however the wait ends (also when dropped).
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiting);
+        let _waiting = Waiting::new(&self.waiting);
         // One holder of an idle connection is enough to make room.
         self.wake.notify_one();
         connections.clone().acquire_owned().await.ok()
     }
 
     /// Resolves once some mailbox waits for a permit.
-    pub async fn contended(&self) {
+    pub async fn someone_waits(&self) {
         loop {
             let notified = self.wake.notified();
             tokio::pin!(notified);

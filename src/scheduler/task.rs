@@ -508,7 +508,7 @@ impl MailboxTask {
                         self.release(connector, permit).await;
                         drop(backlog.take());
                         backlog = tokio::select! {
-                            p = queue.backlog.clone().acquire_owned() => p.ok(),
+                            p = queue.backlog_slot() => p,
                             _ = self.cancel.cancelled() => None,
                         };
                         continue;
@@ -640,7 +640,7 @@ impl MailboxTask {
         if keep {
             let interrupted = tokio::select! {
                 r = connector.wait_for_changes(wait, true, &self.cancel) => Some(r),
-                _ = queue.contended() => None,
+                _ = queue.someone_waits() => None,
             };
             if let Some(r) = interrupted {
                 return (r, permit);
