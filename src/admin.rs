@@ -69,6 +69,9 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(mailboxes::list))
         .routes(routes!(mailboxes::get_one))
         .routes(routes!(mailboxes::enable))
+        .routes(routes!(mailboxes::disable))
+        .routes(routes!(mailboxes::approve))
+        .routes(routes!(mailboxes::reject))
         .routes(routes!(mailboxes::profiles))
         .routes(routes!(activities::list))
         .routes(routes!(activities::get_one))
@@ -750,6 +753,8 @@ mod tests {
                     protocol: "maildir".into(),
                     phase: crate::scheduler::Phase::Waiting,
                     backlog: 2,
+                    approval: crate::model::ApprovalStatus::Approved,
+                    disabled_by_operator_at: Some(4),
                     state: MailboxState {
                         name: "support".into(),
                         enabled: true,

@@ -58,8 +58,8 @@ use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
-    FollowUp, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record,
-    SendStatus, SourceKey, UnixTime,
+    FollowUp, MailboxControl, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry,
+    Record, SendStatus, SourceKey, UnixTime,
 };
 use serde::Deserialize;
 
@@ -364,6 +364,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Follow-ups still owed on a mailbox's messages (in source key order).
     fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError>;
+
+    /// What operators set on the mailbox at run time (default: nothing).
+    fn mailbox_control(&self, mailbox: &str) -> Result<MailboxControl, StoreError>;
+
+    /// Stores what operators set on the mailbox, durably.
+    fn put_mailbox_control(
+        &self,
+        mailbox: &str,
+        control: &MailboxControl,
+    ) -> Result<(), StoreError>;
 
     /// Writes mailbox state outside a commit (errors, back-off), durably.
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError>;

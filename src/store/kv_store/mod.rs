@@ -47,8 +47,8 @@ use super::{
 use crate::correlate::{Indexes, LookupKeys, TrackedEmail};
 use crate::model::{
     ActivityId, Alert, DeadLetter, DeliveryState, EmailActivity, FolderPosition, FollowUp,
-    MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
-    SourceKey, UnixTime,
+    MailboxControl, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record,
+    SendStatus, SourceKey, UnixTime,
 };
 
 /// What only the writer touches.
@@ -228,6 +228,26 @@ impl<B: KvBackend> Store for KvStore<B> {
 
     fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError> {
         self.follow_ups_of(mailbox)
+    }
+
+    fn mailbox_control(&self, mailbox: &str) -> Result<MailboxControl, StoreError> {
+        Ok(self
+            .get_json(&keys::key("mc/", &[mailbox.as_bytes()]))?
+            .unwrap_or_default())
+    }
+
+    fn put_mailbox_control(
+        &self,
+        mailbox: &str,
+        control: &MailboxControl,
+    ) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        b.put(
+            keys::key("mc/", &[mailbox.as_bytes()]),
+            keys::encode(control)?,
+        );
+        self.write_durably(b)
     }
 
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError> {
