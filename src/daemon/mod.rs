@@ -223,6 +223,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         runtime.clone(),
         config.daemon.stuck_after,
     );
+    crate::alerts::spawn_monitor(
+        &tracker,
+        cancel.clone(),
+        runtime.clone(),
+        crate::alerts::Monitor::new(config.clone(), alerts.clone()),
+    );
     tracing::info!(
         mailboxes = config.mailboxes.len(),
         version = env!("CARGO_PKG_VERSION"),

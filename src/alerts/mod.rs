@@ -3,6 +3,10 @@
 //! [`kind`], so a flapping mailbox produces one alert with a count, not
 //! thousands, and the code that sees the condition clear resolves exactly it.
 
+mod monitor;
+
+pub use monitor::{spawn_monitor, Monitor};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +47,14 @@ pub mod kind {
     pub const OUTGOING_TEST: &str = "outgoing_test";
     /// An outgoing email failed for good.
     pub const OUTGOING_FAILED: &str = "outgoing_failed";
+    /// A sync cycle has run longer than `stuck_after` (a hung connection).
+    pub const STUCK: &str = "stuck";
+    /// No successful sync for longer than `stall_alert_after` plus the
+    /// longest idle wait, without a failure to say why (a task that went
+    /// quiet). Failures raise [`SYNC_FAILING`] instead.
+    pub const STALLED: &str = "stalled";
+    /// The backlog kept growing for a while.
+    pub const BACKLOG: &str = "backlog";
     /// The CRM link cannot deliver or sync.
     pub const CRM: &str = "crm";
     /// Daemon-level conditions (a reload refused, …).
