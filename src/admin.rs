@@ -10,6 +10,7 @@
 
 mod doc;
 mod feed;
+mod jobs;
 mod outbox;
 mod outgoing;
 mod records;
@@ -63,6 +64,9 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(mailboxes))
         .routes(routes!(mailbox))
         .routes(routes!(enable_mailbox))
+        .routes(routes!(jobs::test_mailbox))
+        .routes(routes!(jobs::test_profile))
+        .routes(routes!(jobs::get_job))
         .routes(routes!(profiles))
         .routes(routes!(activities))
         .routes(routes!(activity))
@@ -443,6 +447,16 @@ fn live_mailboxes(s: &AdminState) -> Vec<crate::scheduler::LiveMailbox> {
     for m in &mut list {
         if let Ok(Some(stored)) = s.store.mailbox_state(&m.name) {
             m.state.outgoing_test = stored.outgoing_test;
+            // On-demand Test & Enable stores its results itself: the later
+            // of the task's and the store's is the one to show.
+            for (live, kept) in [
+                (&mut m.state.incoming_test, stored.incoming_test),
+                (&mut m.state.act_test, stored.act_test),
+            ] {
+                if kept.completed_on > live.completed_on {
+                    *live = kept;
+                }
+            }
         }
     }
     list

@@ -100,6 +100,29 @@ enum Command {
         /// FILE.json (an outgoing request) or FILE.eml (a message).
         file: PathBuf,
     },
+    /// Test & Enable of one mailbox: incoming (connect, TLS, log in, open
+    /// the inbox), outgoing where it sends (log in, send a test message to
+    /// itself) and ACT where configured; prints each direction's status
+    /// and cause. On success the mailbox is enabled. Runs against the
+    /// store, or through the running daemon's admin API while the daemon
+    /// holds it. Exit status: 0 passed and enabled, 2 a test failed or the
+    /// mailbox could not be enabled, 64 configuration problem or unknown
+    /// mailbox, 69 the daemon holds the store and its API is unreachable.
+    TestEnable {
+        /// Configuration file (TOML), to find the mailbox, the store and the admin API.
+        #[arg(
+            long,
+            short,
+            env = "CRM_MAILSYNC_CONFIG",
+            default_value = "config/demo.toml"
+        )]
+        config: PathBuf,
+        /// The job as JSON (as GET /api/v1/jobs/{id} shows it) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The mailbox's name as configured.
+        mailbox: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,6 +284,18 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             send::run(&cfg, mailbox, regarding, &file)
+        }
+        Command::TestEnable {
+            config,
+            json,
+            mailbox,
+        } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            telemetry::init_logging(cfg.daemon.log_format, "warn");
+            ExitCode::from(crm_mailsync::testenable::cli::run(cfg, &mailbox, json))
         }
     }
 }
