@@ -100,14 +100,16 @@ enum Command {
         /// FILE.json (an outgoing request) or FILE.eml (a message).
         file: PathBuf,
     },
-    /// Test & Enable of one mailbox: incoming (connect, TLS, log in, open
+    /// Test & Enable of one mailbox (or with --profile of every mailbox of
+    /// a profile): incoming (connect, TLS, log in, open
     /// the inbox), outgoing where it sends (log in, send a test message to
     /// itself) and ACT where configured; prints each direction's status
     /// and cause. On success the mailbox is enabled. Runs against the
     /// store, or through the running daemon's admin API while the daemon
-    /// holds it. Exit status: 0 passed and enabled, 2 a test failed or the
+    /// holds it. Exit status: 0 passed and enabled, 1 a test failed or a
     /// mailbox could not be enabled, 64 configuration problem or unknown
-    /// mailbox, 69 the daemon holds the store and its API is unreachable.
+    /// mailbox or profile, 69 the daemon holds the store and its API is
+    /// unreachable, 70 anything else.
     TestEnable {
         /// Configuration file (TOML), to find the mailbox, the store and the admin API.
         #[arg(
@@ -120,8 +122,13 @@ enum Command {
         /// The job as JSON (as GET /api/v1/jobs/{id} shows it) instead of text.
         #[arg(long)]
         json: bool,
+        /// Test every mailbox of this profile instead, as many at once as
+        /// its max_concurrent_connections allows; prints each and a summary.
+        #[arg(long, conflicts_with = "mailbox")]
+        profile: Option<String>,
         /// The mailbox's name as configured.
-        mailbox: String,
+        #[arg(required_unless_present = "profile")]
+        mailbox: Option<String>,
     },
 }
 
@@ -288,14 +295,24 @@ fn main() -> ExitCode {
         Command::TestEnable {
             config,
             json,
+            profile,
             mailbox,
         } => {
+            use crm_mailsync::testenable::cli::{self, Target};
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            let target = match (profile, mailbox) {
+                (Some(p), _) => Target::Profile(p),
+                (None, Some(m)) => Target::Mailbox(m),
+                (None, None) => {
+                    eprintln!("crm-mailsync test-enable: name a MAILBOX or --profile NAME");
+                    return ExitCode::from(2);
+                }
+            };
             telemetry::init_logging(cfg.daemon.log_format, "warn");
-            ExitCode::from(crm_mailsync::testenable::cli::run(cfg, &mailbox, json))
+            ExitCode::from(cli::run(cfg, &target, json))
         }
     }
 }

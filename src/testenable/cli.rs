@@ -1,13 +1,15 @@
-//! `crm-mailsync test-enable --config FILE MAILBOX`: Test & Enable of one
-//! mailbox from the command line, in this process against the store, or
-//! through the running daemon's admin API when the daemon holds the store.
+//! `crm-mailsync test-enable --config FILE MAILBOX` (or `--profile NAME`):
+//! Test & Enable of one mailbox (or of every mailbox of a profile) from the
+//! command line, in this process against the store, or through the running
+//! daemon's admin API when the daemon holds the store.
 //!
 //! Exit status: [`EXIT_OK`] every direction that ran passed and the mailbox
-//! is enabled; [`EXIT_FAILED`] a direction failed or the mailbox could not
-//! be enabled (the output says what and what to do); 64 a configuration
-//! problem or an unknown mailbox (or the daemon refused the token);
+//! (every mailbox) is enabled; [`EXIT_FAILED`] a direction failed or a
+//! mailbox could not be enabled (the output says what and what to do); 64
+//! a configuration problem or an unknown mailbox or profile (or the daemon
+//! refused the token);
 //! [`EXIT_UNAVAILABLE`] the store is held by a daemon whose API cannot be
-//! reached; 1 anything else.
+//! reached; [`EXIT_OTHER`] anything else (2 is clap's: bad arguments).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +23,10 @@ use crate::store::{SledStore, StoreError};
 /// Every direction that ran passed and the mailbox is enabled.
 pub const EXIT_OK: u8 = 0;
 /// A test ran and failed, or the mailbox could not be enabled.
-pub const EXIT_FAILED: u8 = 2;
+pub const EXIT_FAILED: u8 = 1;
+/// Anything else went wrong (the store cannot be opened, the daemon's
+/// answer makes no sense) (EX_SOFTWARE).
+pub const EXIT_OTHER: u8 = 70;
 /// The daemon holds the store and its API cannot be reached (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
@@ -41,20 +46,34 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
     }
 }
 
+/// What to test.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Mailbox(String),
+    /// Every mailbox of the profile.
+    Profile(String),
+}
+
+impl Target {
+    fn words(&self) -> String {
+        match self {
+            Target::Mailbox(m) => format!("mailbox {m}"),
+            Target::Profile(p) => format!("profile {p}"),
+        }
+    }
+}
+
 /// Runs the test; prints the result (JSON with `json`), returns the exit status.
-pub fn run(cfg: Config, mailbox: &str, json: bool) -> u8 {
-    match run_inner(cfg, mailbox) {
+pub fn run(cfg: Config, target: &Target, json: bool) -> u8 {
+    match run_inner(cfg, target) {
         Ok((job, how)) => {
             if json {
                 println!("{job}");
             } else {
-                print!("{}", render(&job, mailbox, &how));
+                print!("{}", render(&job, target, &how));
             }
-            let ok = job["results"]
-                .as_array()
-                .and_then(|r| r.first())
-                .is_some_and(|r| job["succeeded"].as_u64() == Some(1) && r["enabled"] == true);
-            if ok {
+            let all = job["total"].as_u64();
+            if all.is_some() && job["succeeded"].as_u64() == all {
                 EXIT_OK
             } else {
                 EXIT_FAILED
@@ -67,14 +86,25 @@ pub fn run(cfg: Config, mailbox: &str, json: bool) -> u8 {
     }
 }
 
-fn run_inner(cfg: Config, mailbox: &str) -> Result<(Value, String), Failure> {
-    if !cfg.mailboxes.iter().any(|m| m.name == mailbox) {
-        let known: Vec<&str> = cfg.mailboxes.iter().map(|m| m.name.as_str()).collect();
+fn run_inner(cfg: Config, target: &Target) -> Result<(Value, String), Failure> {
+    let known = match target {
+        Target::Mailbox(m) => cfg.mailboxes.iter().any(|x| &x.name == m),
+        Target::Profile(p) => cfg.profiles.iter().any(|x| &x.name == p),
+    };
+    if !known {
+        let names: Vec<&str> = match target {
+            Target::Mailbox(_) => cfg.mailboxes.iter().map(|m| m.name.as_str()).collect(),
+            Target::Profile(_) => cfg.profiles.iter().map(|p| p.name.as_str()).collect(),
+        };
         return Err(fail(
             EXIT_CONFIG as u8,
             format!(
-                "no mailbox {mailbox:?} in the configuration (it has: {})",
-                known.join(", ")
+                "no {} in the configuration (it has: {})",
+                match target {
+                    Target::Mailbox(m) => format!("mailbox {m:?}"),
+                    Target::Profile(p) => format!("profile {p:?}"),
+                },
+                names.join(", ")
             ),
         ));
     }
@@ -82,36 +112,41 @@ fn run_inner(cfg: Config, mailbox: &str) -> Result<(Value, String), Failure> {
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| fail(1, format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| fail(EXIT_OTHER, format!("cannot start the async runtime: {e}")))?;
     let path = cfg.store_path();
     match SledStore::open_with_cache_mb(&path, cfg.daemon.store_cache_mb) {
         Ok(store) => {
             let te = TestEnable::standalone(Arc::new(cfg), Arc::new(store));
             let job = rt
-                .block_on(te.test_now(mailbox))
+                .block_on(async {
+                    match target {
+                        Target::Mailbox(m) => te.test_now(m).await,
+                        Target::Profile(p) => te.test_profile_now(p).await,
+                    }
+                })
                 .map_err(|e| fail(EXIT_CONFIG as u8, e.to_string()))?;
-            let job = serde_json::to_value(&job).map_err(|e| fail(1, e.to_string()))?;
+            let job = serde_json::to_value(&job).map_err(|e| fail(EXIT_OTHER, e.to_string()))?;
             Ok((
                 job,
                 format!("in this process, against the store at {}", path.display()),
             ))
         }
         Err(StoreError::Locked(_)) => {
-            let (job, url) = rt.block_on(through_api(&cfg, mailbox))?;
+            let (job, url) = rt.block_on(through_api(&cfg, target))?;
             Ok((
                 job,
                 format!("by the running daemon, through its admin API at {url}"),
             ))
         }
         Err(e) => Err(fail(
-            1,
+            EXIT_OTHER,
             format!("cannot open the store at {}: {e}", path.display()),
         )),
     }
 }
 
 /// Starts the job on the daemon and polls it until done.
-async fn through_api(cfg: &Config, mailbox: &str) -> Result<(Value, String), Failure> {
+async fn through_api(cfg: &Config, target: &Target) -> Result<(Value, String), Failure> {
     let unavailable = |why: String| {
         fail(
             EXIT_UNAVAILABLE,
@@ -135,15 +170,18 @@ async fn through_api(cfg: &Config, mailbox: &str) -> Result<(Value, String), Fai
         });
     }
     let base = format!("http://{addr}");
-    let mut start = reqwest::Url::parse(&base).map_err(|e| fail(1, e.to_string()))?;
+    let mut start = reqwest::Url::parse(&base).map_err(|e| fail(EXIT_OTHER, e.to_string()))?;
     start
         .path_segments_mut()
-        .map_err(|()| fail(1, "cannot build the API address"))?
-        .extend(["api", "v1", "mailboxes", mailbox, "test"]);
+        .map_err(|()| fail(EXIT_OTHER, "cannot build the API address"))?
+        .extend(match target {
+            Target::Mailbox(m) => ["api", "v1", "mailboxes", m.as_str(), "test"],
+            Target::Profile(p) => ["api", "v1", "profiles", p.as_str(), "test"],
+        });
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(|e| fail(1, format!("cannot build an HTTP client: {e}")))?;
+        .map_err(|e| fail(EXIT_OTHER, format!("cannot build an HTTP client: {e}")))?;
     let call = |req: reqwest::RequestBuilder| async {
         let resp =
             req.bearer_auth(token.expose()).send().await.map_err(|e| {
@@ -162,7 +200,11 @@ async fn through_api(cfg: &Config, mailbox: &str) -> Result<(Value, String), Fai
             )),
             _ => {
                 let error = body["error"].as_str().unwrap_or(text.trim()).to_string();
-                let code = if status == 404 { EXIT_CONFIG as u8 } else { 1 };
+                let code = if status == 404 {
+                    EXIT_CONFIG as u8
+                } else {
+                    EXIT_OTHER
+                };
                 Err(fail(code, format!("the daemon answered {status}: {error}")))
             }
         }
@@ -170,11 +212,16 @@ async fn through_api(cfg: &Config, mailbox: &str) -> Result<(Value, String), Fai
     let started = call(client.post(start.clone())).await?;
     let id = started["job"]
         .as_str()
-        .ok_or_else(|| fail(1, format!("the daemon's answer names no job: {started}")))?
+        .ok_or_else(|| {
+            fail(
+                EXIT_OTHER,
+                format!("the daemon's answer names no job: {started}"),
+            )
+        })?
         .to_string();
-    let mut poll = reqwest::Url::parse(&base).map_err(|e| fail(1, e.to_string()))?;
+    let mut poll = reqwest::Url::parse(&base).map_err(|e| fail(EXIT_OTHER, e.to_string()))?;
     poll.path_segments_mut()
-        .map_err(|()| fail(1, "cannot build the API address"))?
+        .map_err(|()| fail(EXIT_OTHER, "cannot build the API address"))?
         .extend(["api", "v1", "jobs", &id]);
     let deadline = Instant::now() + API_WAIT;
     loop {
@@ -184,7 +231,7 @@ async fn through_api(cfg: &Config, mailbox: &str) -> Result<(Value, String), Fai
         }
         if Instant::now() > deadline {
             return Err(fail(
-                1,
+                EXIT_OTHER,
                 format!("job {id} still running after {API_WAIT:?}; see GET /api/v1/jobs/{id}"),
             ));
         }
@@ -192,26 +239,33 @@ async fn through_api(cfg: &Config, mailbox: &str) -> Result<(Value, String), Fai
     }
 }
 
-/// The job as text: one line per direction, with its cause.
-fn render(job: &Value, mailbox: &str, how: &str) -> String {
-    let Some(r) = job["results"].as_array().and_then(|r| r.first()) else {
-        return format!("mailbox {mailbox}: not tested ({how})\n");
-    };
-    let mut out = format!("Test & Enable of mailbox {mailbox} ({how}):\n");
-    for (label, key) in [
-        ("incoming", "incoming"),
-        ("outgoing", "outgoing"),
-        ("act", "act"),
-    ] {
-        let t = &r[key];
-        let status = t["status"].as_str().unwrap_or("?");
-        let detail = t["detail"].as_str().unwrap_or("");
-        out.push_str(&format!("  {label:<9} {status:<8} {detail}\n"));
+/// The job as text: per mailbox, one line per direction with its cause;
+/// for a profile, the summary last.
+fn render(job: &Value, target: &Target, how: &str) -> String {
+    let mut out = format!("Test & Enable of {} ({how}):\n", target.words());
+    let results = job["results"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for r in results {
+        if matches!(target, Target::Profile(_)) {
+            out.push_str(&format!(
+                "mailbox {}:\n",
+                r["mailbox"].as_str().unwrap_or("?")
+            ));
+        }
+        for key in ["incoming", "outgoing", "act"] {
+            let t = &r[key];
+            let status = t["status"].as_str().unwrap_or("?");
+            let detail = t["detail"].as_str().unwrap_or("");
+            out.push_str(&format!("  {key:<9} {status:<8} {detail}\n"));
+        }
+        let enabled = if r["enabled"] == true { "yes" } else { "no" };
+        out.push_str(&format!("  {:<9} {enabled}\n", "enabled"));
+        if let Some(e) = r["error"].as_str() {
+            out.push_str(&format!("  {:<9} {e}\n", "what to do"));
+        }
     }
-    let enabled = if r["enabled"] == true { "yes" } else { "no" };
-    out.push_str(&format!("  {:<9} {enabled}\n", "enabled"));
-    if let Some(e) = r["error"].as_str() {
-        out.push_str(&format!("  {:<9} {e}\n", "what to do"));
+    if matches!(target, Target::Profile(_)) || results.is_empty() {
+        let summary = job["summary"].as_str().unwrap_or("not tested");
+        out.push_str(&format!("{summary}\n"));
     }
     out
 }
@@ -233,7 +287,7 @@ mod tests {
                 "error": "Test & Enable: outgoing failed: …"
             }]
         });
-        let text = render(&job, "m", "here");
+        let text = render(&job, &Target::Mailbox("m".into()), "here");
         assert!(
             text.contains("  incoming  success  IMAP logged in\n"),
             "{text}"

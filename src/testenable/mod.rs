@@ -16,7 +16,10 @@
 //! mailbox a permanent error disabled is woken to run again, a running one
 //! keeps running, and without a daemon (the CLI) the stored state says
 //! enabled. A failure raises an Error alert saying what failed and what to
-//! do; the next passing test of that direction resolves it.
+//! do (the next passing test of that direction resolves it) and enables
+//! nothing; a mailbox that is running is left running (its own next login
+//! meets the cause, and disables it if it is permanent), and without a
+//! daemon the stored state says not enabled, with the cause.
 //!
 //! Every connection is made under a permit of the profile's connection
 //! semaphore, the one its mailbox tasks use, and closed before the permit
@@ -162,6 +165,37 @@ impl TestEnable {
         Ok(job.snapshot())
     }
 
+    /// Runs Test & Enable of every mailbox of a profile here and now (the
+    /// CLI), as many at once as its connection limit allows.
+    pub async fn test_profile_now(&self, name: &str) -> Result<Job, StartError> {
+        let (mailboxes, workers) = self.profile_members(name)?;
+        let job = self.jobs.start(JobKind::ProfileTest, name, mailboxes.len());
+        self.run(&job, mailboxes, workers).await;
+        job.finish();
+        Ok(job.snapshot())
+    }
+
+    /// A profile's mailboxes and how many may be tested at once.
+    fn profile_members(&self, name: &str) -> Result<(Vec<Mailbox>, usize), StartError> {
+        let profile = self
+            .config
+            .profiles
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| StartError::UnknownProfile(name.to_string()))?;
+        let mailboxes = self
+            .config
+            .mailboxes
+            .iter()
+            .filter(|m| m.profile == name)
+            .cloned()
+            .collect();
+        Ok((
+            mailboxes,
+            usize::from(profile.max_concurrent_connections).max(1),
+        ))
+    }
+
     fn mailbox(&self, name: &str) -> Result<Mailbox, StartError> {
         self.config
             .mailboxes
@@ -174,21 +208,8 @@ impl TestEnable {
     /// Starts Test & Enable of every mailbox of a profile, as many at once
     /// as the profile's connection limit allows.
     pub fn start_profile(self: &Arc<Self>, name: &str) -> Result<Arc<JobHandle>, StartError> {
-        let profile = self
-            .config
-            .profiles
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| StartError::UnknownProfile(name.to_string()))?;
-        let mailboxes: Vec<Mailbox> = self
-            .config
-            .mailboxes
-            .iter()
-            .filter(|m| m.profile == name)
-            .cloned()
-            .collect();
+        let (mailboxes, workers) = self.profile_members(name)?;
         let job = self.jobs.start(JobKind::ProfileTest, name, mailboxes.len());
-        let workers = usize::from(profile.max_concurrent_connections).max(1);
         self.spawn(job.clone(), mailboxes, workers);
         Ok(job)
     }
@@ -294,7 +315,7 @@ impl TestEnable {
         let (enabled, why_not) = if all_passed {
             self.enable(mailbox)
         } else {
-            (self.is_enabled(mailbox), None)
+            (self.after_failure(mailbox, &problems), None)
         };
         if let Some(why) = &why_not {
             self.alert(profile, name, &format!("{ENABLE_ALERT}: {why}"));
@@ -375,8 +396,13 @@ impl TestEnable {
         }
     }
 
-    /// Whether the mailbox is enabled now (without changing anything).
-    fn is_enabled(&self, mailbox: &Mailbox) -> bool {
+    /// Whether the mailbox is enabled after a failed test. The daemon's
+    /// tasks are left as they are (a running mailbox keeps running: its own
+    /// next login tells whether the cause reaches it, and disables it for a
+    /// permanent one), so this is whether it runs. Without a daemon the
+    /// stored state records it as not enabled, with the cause, until a
+    /// test passes (the daemon's start runs its own test anyway).
+    fn after_failure(&self, mailbox: &Mailbox, problems: &[String]) -> bool {
         if !mailbox.enabled {
             return false;
         }
@@ -386,18 +412,30 @@ impl TestEnable {
                 .iter()
                 .find(|m| m.name == mailbox.name)
                 .is_some_and(|m| {
-                    m.state.enabled && !matches!(m.phase, Phase::Disabled | Phase::NotApproved)
+                    m.state.enabled
+                        && !matches!(
+                            m.phase,
+                            Phase::Disabled | Phase::NotApproved | Phase::Stopped
+                        )
                 }),
-            Enabler::Store => self.stored_enabled(&mailbox.name),
-        }
-    }
-
-    fn stored_enabled(&self, name: &str) -> bool {
-        match self.store.mailbox_state(name) {
-            Ok(Some(s)) => s.enabled,
-            // Never disabled: a mailbox starts enabled.
-            Ok(None) => true,
-            Err(_) => false,
+            Enabler::Store => {
+                let mut state = match self.store.mailbox_state(&mailbox.name) {
+                    Ok(s) => s.unwrap_or_else(|| model::MailboxState {
+                        name: mailbox.name.clone(),
+                        ..Default::default()
+                    }),
+                    Err(e) => {
+                        tracing::error!(mailbox = %mailbox.name, error = %e, "cannot read the mailbox state");
+                        return false;
+                    }
+                };
+                state.enabled = false;
+                state.disabled_reason = Some(problems.join("; "));
+                if let Err(e) = self.store.put_mailbox_state(&state) {
+                    tracing::error!(mailbox = %mailbox.name, error = %e, "cannot record the mailbox as not enabled");
+                }
+                false
+            }
         }
     }
 
