@@ -6,37 +6,43 @@
 //! Submodules: [`records`] (the record directory), [`feed`] (the event pull
 //! feed with long-poll), [`outbox`] (per-consumer outbox and dead letters),
 //! [`outgoing`] (the queue of email to send), [`doc`] (the OpenAPI
-//! document of all of it, served at `/api/v1/openapi.json`).
+//! document of all of it, served at `/api/v1/openapi.json`), [`web`] (the
+//! admin page at `/`).
 
+mod activities;
+mod alerts;
 mod doc;
 mod feed;
 mod jobs;
+mod mailboxes;
 mod outbox;
 mod outgoing;
 mod records;
+mod web;
 
+pub use activities::ActivityView;
 pub use records::{validate_record, RecordInput};
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 use crate::config::{Config, Secret};
-use crate::model::{format_time, EmailActivity};
-use crate::scheduler::{EnableError, Runtime};
-use crate::store::{ActivityQuery, Store};
+use crate::model::format_time;
+use crate::scheduler::Runtime;
+use crate::store::Store;
 
 /// Shared state of the admin API.
 #[derive(Clone)]
@@ -61,17 +67,19 @@ pub struct AdminState {
 /// is accepted).
 fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<AdminState> {
     let api = OpenApiRouter::new()
-        .routes(routes!(mailboxes))
-        .routes(routes!(mailbox))
-        .routes(routes!(enable_mailbox))
+        .routes(routes!(mailboxes::list))
+        .routes(routes!(mailboxes::get_one))
+        .routes(routes!(mailboxes::enable))
         .routes(routes!(jobs::test_mailbox))
         .routes(routes!(jobs::test_profile))
         .routes(routes!(jobs::get_job))
-        .routes(routes!(profiles))
-        .routes(routes!(activities))
-        .routes(routes!(activity))
-        .routes(routes!(alerts))
-        .routes(routes!(quarantine))
+        .routes(routes!(mailboxes::profiles))
+        .routes(routes!(activities::list))
+        .routes(routes!(activities::get_one))
+        .routes(routes!(alerts::list))
+        .routes(routes!(alerts::acknowledge))
+        .routes(routes!(alerts::quarantine))
+        .routes(routes!(alerts::retry))
         .routes(
             routes!(records::list, records::bulk_upsert)
                 .layer(DefaultBodyLimit::max(records::BULK_BODY_LIMIT)),
@@ -103,6 +111,8 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics_text))
+        .routes(routes!(web::page))
+        .routes(routes!(web::asset))
         .nest("/api/v1", api)
 }
 
@@ -398,354 +408,6 @@ fn limit_param(
     }
 }
 
-/// `GET /api/v1/mailboxes`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-struct MailboxList {
-    mailboxes: Vec<crate::scheduler::LiveMailbox>,
-}
-
-/// `GET /api/v1/mailboxes`: every configured mailbox's live state.
-#[utoipa::path(
-    get,
-    path = "/mailboxes",
-    tag = "mailboxes",
-    operation_id = "list_mailboxes",
-    responses((status = 200, description = "Every mailbox: phase, backlog, Test & Enable results, counters, last error", body = MailboxList))
-)]
-async fn mailboxes(State(s): State<AdminState>) -> Response {
-    Json(MailboxList {
-        mailboxes: live_mailboxes(&s),
-    })
-    .into_response()
-}
-
-/// `GET /api/v1/mailboxes/{name}`: one mailbox.
-#[utoipa::path(
-    get,
-    path = "/mailboxes/{name}",
-    tag = "mailboxes",
-    operation_id = "get_mailbox",
-    params(("name" = String, Path, description = "Mailbox name as configured")),
-    responses(
-        (status = 200, description = "The mailbox", body = crate::scheduler::LiveMailbox),
-        (status = 404, description = "No such mailbox", body = doc::ErrorBody),
-    )
-)]
-async fn mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    match live_mailboxes(&s).into_iter().find(|m| m.name == name) {
-        Some(m) => Json(m).into_response(),
-        None => {
-            ApiError::new(StatusCode::NOT_FOUND, format!("no mailbox {name:?}")).into_response()
-        }
-    }
-}
-
-/// The mailbox tasks' live view, with the outgoing Test & Enable result the
-/// senders record in the store (the mailbox task does not know it).
-fn live_mailboxes(s: &AdminState) -> Vec<crate::scheduler::LiveMailbox> {
-    let mut list = s.runtime.snapshot();
-    for m in &mut list {
-        if let Ok(Some(stored)) = s.store.mailbox_state(&m.name) {
-            m.state.outgoing_test = stored.outgoing_test;
-            // On-demand Test & Enable stores its results itself: the later
-            // of the task's and the store's is the one to show.
-            for (live, kept) in [
-                (&mut m.state.incoming_test, stored.incoming_test),
-                (&mut m.state.act_test, stored.act_test),
-            ] {
-                if kept.completed_on > live.completed_on {
-                    *live = kept;
-                }
-            }
-        }
-    }
-    list
-}
-
-/// What `POST /api/v1/mailboxes/{name}/enable` started.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-enum EnableStatus {
-    Enabling,
-}
-
-/// `POST /api/v1/mailboxes/{name}/enable`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-struct EnableAccepted {
-    status: EnableStatus,
-    mailbox: String,
-}
-
-/// `POST /api/v1/mailboxes/{name}/enable`: re-runs Test & Enable on a
-/// mailbox a permanent error disabled.
-#[utoipa::path(
-    post,
-    path = "/mailboxes/{name}/enable",
-    tag = "mailboxes",
-    operation_id = "enable_mailbox",
-    params(("name" = String, Path, description = "Mailbox name as configured")),
-    responses(
-        (status = 202, description = "Test & Enable runs again", body = EnableAccepted),
-        (status = 404, description = "No such mailbox", body = doc::ErrorBody),
-        (status = 409, description = "The mailbox is not disabled, or is disabled in the configuration", body = doc::ErrorBody),
-    )
-)]
-async fn enable_mailbox(State(s): State<AdminState>, Path(name): Path<String>) -> Response {
-    match s.runtime.request_enable(&name) {
-        Ok(()) => (
-            StatusCode::ACCEPTED,
-            Json(EnableAccepted {
-                status: EnableStatus::Enabling,
-                mailbox: name,
-            }),
-        )
-            .into_response(),
-        Err(e) => {
-            let status = match e {
-                EnableError::Unknown(_) => StatusCode::NOT_FOUND,
-                EnableError::DisabledByConfig(_) | EnableError::NotDisabled { .. } => {
-                    StatusCode::CONFLICT
-                }
-            };
-            ApiError::new(status, e.to_string()).into_response()
-        }
-    }
-}
-
-/// A server profile as the API shows it.
-#[derive(Debug, Serialize, ToSchema)]
-struct ProfileView {
-    name: String,
-    #[serde(rename = "type")]
-    kind: crate::model::ProfileType,
-    host: Option<String>,
-    port: Option<u16>,
-    tls: crate::net::TlsMode,
-    poll_interval_secs: u64,
-    max_concurrent_connections: u16,
-    /// The mailboxes that use this profile.
-    mailboxes: Vec<String>,
-}
-
-/// `GET /api/v1/profiles`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-struct ProfileList {
-    profiles: Vec<ProfileView>,
-}
-
-/// `GET /api/v1/profiles`: server profiles and their mailboxes.
-#[utoipa::path(
-    get,
-    path = "/profiles",
-    tag = "profiles",
-    operation_id = "list_profiles",
-    responses((status = 200, description = "Every server profile", body = ProfileList))
-)]
-async fn profiles(State(s): State<AdminState>) -> Response {
-    let profiles = s
-        .config
-        .profiles
-        .iter()
-        .map(|p| ProfileView {
-            name: p.name.clone(),
-            kind: p.kind,
-            host: p.host.clone(),
-            port: p.port,
-            tls: p.tls,
-            poll_interval_secs: p.poll_interval.as_secs(),
-            max_concurrent_connections: p.max_concurrent_connections,
-            mailboxes: s
-                .config
-                .mailboxes
-                .iter()
-                .filter(|m| m.profile == p.name)
-                .map(|m| m.name.clone())
-                .collect(),
-        })
-        .collect();
-    Json(ProfileList { profiles }).into_response()
-}
-
-/// `GET /api/v1/activities` parameters.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ActivityParams {
-    /// Only this mailbox's activities.
-    pub mailbox: Option<String>,
-    /// At most this many (default 100, 1 to 10,000).
-    pub limit: Option<usize>,
-    /// Only activities with a smaller id (`next_before` of the previous page).
-    pub before: Option<u64>,
-}
-
-/// An activity as the API shows it: times as RFC 3339, regarding as `kind:id`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ActivityView<'a> {
-    #[serde(flatten)]
-    pub activity: &'a EmailActivity,
-    /// `received_at` as RFC 3339.
-    pub received: String,
-    /// `sent_at` as RFC 3339.
-    pub sent: Option<String>,
-    /// Every mailbox the email was delivered to (its own first).
-    pub mailboxes: Vec<&'a str>,
-}
-
-impl<'a> From<&'a EmailActivity> for ActivityView<'a> {
-    fn from(a: &'a EmailActivity) -> Self {
-        ActivityView {
-            activity: a,
-            received: format_time(a.received_at),
-            sent: a.sent_at.map(format_time),
-            mailboxes: a.mailboxes(),
-        }
-    }
-}
-
-/// `GET /api/v1/activities`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-struct ActivityList<'a> {
-    /// Activities in the store (of `mailbox`, when given).
-    total: u64,
-    /// Activities in this answer.
-    count: usize,
-    /// `before` of the following page; `null` on the last.
-    next_before: Option<u64>,
-    activities: Vec<ActivityView<'a>>,
-}
-
-/// `GET /api/v1/activities`: email activities, newest first.
-#[utoipa::path(
-    get,
-    path = "/activities",
-    tag = "activities",
-    operation_id = "list_activities",
-    params(ActivityParams),
-    responses(
-        (status = 200, description = "A page of activities, newest first", body = ActivityList),
-        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
-        (status = 500, description = "The store failed", body = doc::ErrorBody),
-    )
-)]
-async fn activities(State(s): State<AdminState>, Query(p): Query<ActivityParams>) -> Response {
-    let limit = p.limit.unwrap_or(100).clamp(1, 10_000);
-    let q = ActivityQuery {
-        mailbox: p.mailbox.clone(),
-        before: p.before,
-        limit,
-    };
-    let store = s.store.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let list = store.activities(&q)?;
-        let total = store.count_activities(q.mailbox.as_deref())?;
-        Ok::<_, crate::store::StoreError>((list, total))
-    })
-    .await;
-    match result {
-        Ok(Ok((list, total))) => {
-            let activities: Vec<ActivityView<'_>> = list.iter().map(ActivityView::from).collect();
-            let next_before = if list.len() == limit {
-                list.last().map(|a| a.id)
-            } else {
-                None
-            };
-            Json(ActivityList {
-                total,
-                count: activities.len(),
-                next_before,
-                activities,
-            })
-            .into_response()
-        }
-        Ok(Err(e)) => store_error(e),
-        Err(e) => store_error(e),
-    }
-}
-
-/// `GET /api/v1/activities/{id}`: one activity.
-#[utoipa::path(
-    get,
-    path = "/activities/{id}",
-    tag = "activities",
-    operation_id = "get_activity",
-    params(("id" = u64, Path, description = "Activity id")),
-    responses(
-        (status = 200, description = "The activity", body = ActivityView),
-        (status = 400, description = "The id is not a whole number", body = String, content_type = "text/plain"),
-        (status = 404, description = "No such activity", body = doc::ErrorBody),
-        (status = 500, description = "The store failed", body = doc::ErrorBody),
-    )
-)]
-async fn activity(State(s): State<AdminState>, Path(id): Path<u64>) -> Response {
-    match s.store.activity(id) {
-        Ok(Some(a)) => Json(ActivityView::from(&a)).into_response(),
-        Ok(None) => {
-            ApiError::new(StatusCode::NOT_FOUND, format!("no activity {id}")).into_response()
-        }
-        Err(e) => store_error(e),
-    }
-}
-
-/// `limit` parameter for list endpoints.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct LimitParams {
-    /// At most this many (default 100, 1 to 10,000).
-    pub limit: Option<usize>,
-}
-
-/// `GET /api/v1/alerts`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-struct AlertList {
-    alerts: Vec<crate::model::Alert>,
-}
-
-/// `GET /api/v1/alerts`: Error / Warning / Information alerts.
-#[utoipa::path(
-    get,
-    path = "/alerts",
-    tag = "alerts",
-    operation_id = "list_alerts",
-    params(LimitParams),
-    responses(
-        (status = 200, description = "Alerts, aggregated with counts", body = AlertList),
-        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
-        (status = 500, description = "The store failed", body = doc::ErrorBody),
-    )
-)]
-async fn alerts(State(s): State<AdminState>, Query(p): Query<LimitParams>) -> Response {
-    match s.store.alerts(p.limit.unwrap_or(100).clamp(1, 10_000)) {
-        Ok(alerts) => Json(AlertList { alerts }).into_response(),
-        Err(e) => store_error(e),
-    }
-}
-
-/// `GET /api/v1/quarantine`'s answer.
-#[derive(Debug, Serialize, ToSchema)]
-struct QuarantineList {
-    quarantine: Vec<crate::model::QuarantineEntry>,
-}
-
-/// `GET /api/v1/quarantine`: messages that could not be processed.
-#[utoipa::path(
-    get,
-    path = "/quarantine",
-    tag = "alerts",
-    operation_id = "list_quarantine",
-    params(LimitParams),
-    responses(
-        (status = 200, description = "Quarantined messages with their reasons", body = QuarantineList),
-        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
-        (status = 500, description = "The store failed", body = doc::ErrorBody),
-    )
-)]
-async fn quarantine(State(s): State<AdminState>, Query(p): Query<LimitParams>) -> Response {
-    match s.store.quarantined(p.limit.unwrap_or(100).clamp(1, 10_000)) {
-        Ok(quarantine) => Json(QuarantineList { quarantine }).into_response(),
-        Err(e) => store_error(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,7 +614,9 @@ mod tests {
         let mut operation_ids = std::collections::BTreeSet::new();
         let placeholder = regex::Regex::new(r"\{([^}]+)\}").unwrap();
         for (path, item) in doc["paths"].as_object().unwrap() {
-            let public = ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+            // The web page and its assets hold no data (src/admin/web.rs).
+            let public =
+                ["/healthz", "/readyz", "/metrics", "/", "/assets/{file}"].contains(&path.as_str());
             assert!(public || path.starts_with("/api/v1/"), "{path}");
             for (method, op) in item.as_object().unwrap() {
                 let at = format!("{method} {path}");
@@ -1068,7 +732,16 @@ mod tests {
         store.update_activity(a, vec!["parties".into()], 2).unwrap();
         let pending = queue_row(store.as_ref(), "support", SendStatus::PendingSend);
         store
-            .raise_alert(AlertLevel::Error, Some("support"), None, "login failed", 3)
+            .raise_alert(
+                crate::model::NewAlert {
+                    kind: "sync_failing",
+                    level: AlertLevel::Error,
+                    mailbox: Some("support"),
+                    profile: None,
+                    text: "login failed",
+                },
+                3,
+            )
             .unwrap();
         {
             let mut map = state.runtime.mailboxes.write().unwrap();

@@ -1,23 +1,74 @@
 //! Alerts: what the operator sees on the mailbox and the profile (Dynamics levels
-//! Error / Warning / Information), aggregated so a flapping mailbox produces one
-//! alert with a count, not thousands.
+//! Error / Warning / Information). Each alert is keyed by its subject and
+//! [`kind`], so a flapping mailbox produces one alert with a count, not
+//! thousands, and the code that sees the condition clear resolves exactly it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::model::{AlertLevel, UnixTime};
+use crate::model::{AlertLevel, NewAlert, UnixTime};
 use crate::store::Store;
 
+/// The kinds of alert: with the subject, an alert's key. Stable strings:
+/// the API filters and the web page show them.
+pub mod kind {
+    /// Sync cycles fail (Warning while retrying; Error once the mailbox has
+    /// not synced for `stall_alert_after`). Resolved by the next success.
+    pub const SYNC_FAILING: &str = "sync_failing";
+    /// A permanent error disabled the mailbox. Resolved when it is enabled.
+    pub const DISABLED: &str = "disabled";
+    /// The server or Entra refused the OAuth token or client secret.
+    pub const CREDENTIAL_REJECTED: &str = "credential_rejected";
+    /// The token or client secret expires soon. Resolved once renewed.
+    pub const CREDENTIAL_EXPIRING: &str = "credential_expiring";
+    /// The mailbox task panicked and was restarted.
+    pub const TASK_PANIC: &str = "task_panic";
+    /// The mailbox's email address is not approved.
+    pub const NOT_APPROVED: &str = "not_approved";
+    /// Messages quarantined; one alert per reason class
+    /// (`quarantine:unparseable`, `quarantine:too_large`, `quarantine:unfetchable`).
+    pub const QUARANTINE: &str = "quarantine";
+    /// What the connector reports about the mailbox (missing tracked
+    /// folder, resync after a lost sync state): `connector:<what>`.
+    pub const CONNECTOR: &str = "connector";
+    /// The pipeline's notices (mail loops held back).
+    pub const PIPELINE_NOTICE: &str = "pipeline_notice";
+    /// Follow-ups (flag, move, delete) the server keeps refusing.
+    pub const FOLLOW_UP: &str = "follow_up";
+    /// More than half a profile's mailboxes failed within an hour: one
+    /// profile alert instead of a storm. Resolved when half or fewer fail.
+    pub const PROFILE_FAILING: &str = "profile_failing";
+    /// Outgoing Test & Enable failed (the sender's start-up test, or an
+    /// on-demand one). Resolved by the next passing outgoing test.
+    pub const OUTGOING_TEST: &str = "outgoing_test";
+    /// An on-demand incoming Test & Enable failed. Resolved by the next
+    /// passing incoming test, or the mailbox's next successful sync.
+    pub const INCOMING_TEST: &str = "incoming_test";
+    /// An on-demand Test & Enable passed but the mailbox could not be
+    /// enabled (disabled in the configuration, not approved). Resolved by
+    /// the next test that enables it.
+    pub const NOT_ENABLED: &str = "not_enabled";
+    /// An outgoing email failed for good.
+    pub const OUTGOING_FAILED: &str = "outgoing_failed";
+    /// The CRM link cannot deliver or sync.
+    pub const CRM: &str = "crm";
+    /// Daemon-level conditions (a reload refused, …).
+    pub const DAEMON: &str = "daemon";
+}
+
 /// Raises alerts and applies the profile-wide rule: when more than half of a
-/// profile's mailboxes fail within an hour, the profile owner gets an alert.
+/// profile's mailboxes fail within an hour, the profile gets one Error alert.
 pub struct Alerts {
     store: Arc<dyn Store>,
     /// profile → mailboxes of that profile.
     profile_members: HashMap<String, Vec<String>>,
-    /// profile → mailbox → last failure.
-    failures: Mutex<HashMap<String, HashMap<String, Instant>>>,
+    /// profile → its failing mailboxes.
+    failures: Mutex<HashMap<String, Failing>>,
 }
+
+/// A profile's failing mailboxes: mailbox → (last failure, its error).
+type Failing = HashMap<String, (Instant, String)>;
 
 /// Window of the profile-wide failure rule.
 const PROFILE_WINDOW: Duration = Duration::from_secs(3600);
@@ -32,10 +83,17 @@ impl Alerts {
         }
     }
 
-    /// Records an alert and logs it at the matching level. Failing to store an
-    /// alert must not take the mailbox down, so that only logs.
+    /// The store the alerts are kept in.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Records an alert (updating the open one of the same subject and kind)
+    /// and logs it at the matching level. Failing to store an alert must not
+    /// take the mailbox down, so that only logs.
     pub fn raise(
         &self,
+        kind: &str,
         level: AlertLevel,
         mailbox: Option<&str>,
         profile: Option<&str>,
@@ -43,49 +101,91 @@ impl Alerts {
         now: UnixTime,
     ) {
         match level {
-            AlertLevel::Error => tracing::error!(mailbox, profile, alert = text, "alert"),
-            AlertLevel::Warning => tracing::warn!(mailbox, profile, alert = text, "alert"),
-            AlertLevel::Information => tracing::info!(mailbox, profile, alert = text, "alert"),
+            AlertLevel::Error => tracing::error!(mailbox, profile, kind, alert = text, "alert"),
+            AlertLevel::Warning => tracing::warn!(mailbox, profile, kind, alert = text, "alert"),
+            AlertLevel::Information => {
+                tracing::info!(mailbox, profile, kind, alert = text, "alert")
+            }
         }
-        if let Err(e) = self.store.raise_alert(level, mailbox, profile, text, now) {
+        let new = NewAlert {
+            kind,
+            level,
+            mailbox,
+            profile,
+            text,
+        };
+        if let Err(e) = self.store.raise_alert(new, now) {
             tracing::error!(error = %e, "cannot store alert");
         }
     }
 
-    /// Notes a failed cycle of `mailbox`; raises the profile alert when the
-    /// share of failing mailboxes within the window passes one half.
-    pub fn mailbox_failed(&self, profile: &str, mailbox: &str, now: UnixTime) {
+    /// Notes a failed cycle of `mailbox` (with its error); raises the
+    /// profile alert when the share of failing mailboxes within the window
+    /// passes one half.
+    pub fn mailbox_failed(&self, profile: &str, mailbox: &str, error: &str, now: UnixTime) {
         let total = self.profile_members.get(profile).map_or(0, Vec::len);
-        let failing = {
+        let (failing, names, latest) = {
             let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             let entry = map.entry(profile.to_string()).or_default();
-            entry.insert(mailbox.to_string(), Instant::now());
-            entry.retain(|_, t| t.elapsed() <= PROFILE_WINDOW);
-            entry.len()
+            entry.insert(mailbox.to_string(), (Instant::now(), error.to_string()));
+            entry.retain(|_, (t, _)| t.elapsed() <= PROFILE_WINDOW);
+            let mut names: Vec<&str> = entry.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            let shown: Vec<String> = names.iter().take(5).map(|n| format!("{n:?}")).collect();
+            let more = names.len().saturating_sub(shown.len());
+            let mut listed = shown.join(", ");
+            if more > 0 {
+                listed.push_str(&format!(" and {more} more"));
+            }
+            (entry.len(), listed, error.to_string())
         };
         if total > 0 && failing * 2 > total {
             let text = format!(
-                "{failing} of {total} mailboxes of profile {profile:?} failed within the last hour"
+                "{failing} of {total} mailboxes of profile {profile:?} failed within the last hour ({names}); latest error: {latest}. A shared cause is likely: the server, the network or the profile's credentials"
             );
-            self.raise(AlertLevel::Warning, None, Some(profile), &text, now);
+            self.raise(
+                kind::PROFILE_FAILING,
+                AlertLevel::Error,
+                None,
+                Some(profile),
+                &text,
+                now,
+            );
         }
     }
 
-    /// Resolves the open alerts of `mailbox` whose text starts with `prefix`
-    /// (the condition cleared); failing to store that only logs.
-    pub fn resolve(&self, mailbox: &str, prefix: &str, now: UnixTime) {
-        match self.store.resolve_alerts(mailbox, prefix, now) {
+    /// Resolves the open alerts of `subject` (a mailbox, or a profile for a
+    /// profile alert) of `kind` (or its family, see
+    /// [`crate::store::kind_covers`]): the condition cleared. Failing to
+    /// store that only logs.
+    pub fn resolve(&self, subject: &str, kind: &str, now: UnixTime) {
+        match self.store.resolve_alerts(subject, kind, now) {
             Ok(0) => {}
-            Ok(n) => tracing::info!(mailbox, resolved = n, alert = prefix, "alert resolved"),
+            Ok(n) => tracing::info!(subject, resolved = n, kind, "alert resolved"),
             Err(e) => tracing::error!(error = %e, "cannot resolve alerts"),
         }
     }
 
-    /// Forgets a mailbox's failure after a successful cycle.
-    pub fn mailbox_recovered(&self, profile: &str, mailbox: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = map.get_mut(profile) {
-            entry.remove(mailbox);
+    /// Forgets a mailbox's failure after a successful cycle, and resolves the
+    /// profile alert once half or fewer of the profile's mailboxes fail.
+    pub fn mailbox_recovered(&self, profile: &str, mailbox: &str, now: UnixTime) {
+        let total = self.profile_members.get(profile).map_or(0, Vec::len);
+        let failing = {
+            let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get_mut(profile) {
+                Some(entry) => {
+                    if entry.remove(mailbox).is_none() {
+                        // Was not failing: nothing changed for the profile.
+                        return;
+                    }
+                    entry.retain(|_, (t, _)| t.elapsed() <= PROFILE_WINDOW);
+                    entry.len()
+                }
+                None => return,
+            }
+        };
+        if failing * 2 <= total {
+            self.resolve(profile, kind::PROFILE_FAILING, now);
         }
     }
 }
@@ -104,22 +204,59 @@ mod tests {
             vec!["a".into(), "b".into(), "c".into(), "d".into()],
         )]);
         let alerts = Alerts::new(store.clone(), members);
-        alerts.mailbox_failed("p", "a", 1);
-        alerts.mailbox_failed("p", "b", 2);
+        alerts.mailbox_failed("p", "a", "refused", 1);
+        alerts.mailbox_failed("p", "b", "refused", 2);
         assert!(
             store.alerts(10).unwrap().is_empty(),
             "2 of 4 is not more than half"
         );
-        alerts.mailbox_recovered("p", "a");
-        alerts.mailbox_failed("p", "c", 3);
+        alerts.mailbox_recovered("p", "a", 3);
+        alerts.mailbox_failed("p", "c", "refused", 3);
         assert!(
             store.alerts(10).unwrap().is_empty(),
             "a recovered: still 2 of 4"
         );
-        alerts.mailbox_failed("p", "a", 4);
+        alerts.mailbox_failed("p", "a", "refused", 4);
+        alerts.mailbox_failed("p", "b", "connection refused", 5);
         let all = store.alerts(10).unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].profile.as_deref(), Some("p"));
-        assert!(all[0].text.starts_with("3 of 4"), "{}", all[0].text);
+        assert_eq!(all.len(), 1, "one profile alert, updated: {all:?}");
+        let a = &all[0];
+        assert_eq!(a.profile.as_deref(), Some("p"));
+        assert_eq!(a.mailbox, None);
+        assert_eq!(
+            (a.level, a.kind.as_str(), a.count),
+            (AlertLevel::Error, kind::PROFILE_FAILING, 2)
+        );
+        assert!(a.text.starts_with("3 of 4"), "{}", a.text);
+        assert!(a.text.contains("\"a\", \"b\", \"c\""), "{}", a.text);
+        assert!(
+            a.text.contains("latest error: connection refused"),
+            "{}",
+            a.text
+        );
+
+        alerts.mailbox_recovered("p", "a", 6);
+        assert_eq!(
+            store.alerts(10).unwrap()[0].resolved_at,
+            Some(6),
+            "b and c still fail: 2 of 4 is half, so the profile alert is over"
+        );
+    }
+
+    #[test]
+    fn profile_alert_resolves_when_half_or_fewer_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let members = HashMap::from([("p".to_string(), vec!["a".into(), "b".into(), "c".into()])]);
+        let alerts = Alerts::new(store.clone(), members);
+        for m in ["a", "b", "c"] {
+            alerts.mailbox_failed("p", m, "down", 1);
+        }
+        assert!(store.alerts(10).unwrap()[0].is_open());
+        alerts.mailbox_recovered("p", "a", 2);
+        assert!(store.alerts(10).unwrap()[0].is_open(), "2 of 3 still fail");
+        alerts.mailbox_recovered("p", "b", 3);
+        let a = &store.alerts(10).unwrap()[0];
+        assert_eq!(a.resolved_at, Some(3), "1 of 3 fails: resolved");
     }
 }

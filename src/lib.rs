@@ -27,6 +27,7 @@ pub mod outgoing;
 pub mod parse;
 pub mod pipeline;
 pub mod private_fs;
+pub mod quarantine;
 pub mod replay;
 pub mod scheduler;
 pub mod store;

@@ -453,13 +453,34 @@ pub enum AlertLevel {
     Information,
 }
 
-/// A mailbox or profile alert; repeated alerts aggregate into one with a count.
+impl AlertLevel {
+    /// The level's name as the API spells it (`error`, `warning`, `information`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertLevel::Error => "error",
+            AlertLevel::Warning => "warning",
+            AlertLevel::Information => "information",
+        }
+    }
+}
+
+/// A mailbox or profile alert. An alert is keyed by its subject (the
+/// mailbox, or the profile for a profile alert) and its `kind`: while open,
+/// the same condition raised again updates it (count, last seen, the latest
+/// text and level) instead of adding another, so a mailbox failing every
+/// minute for a day has one alert with a count, not 1,440.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Alert {
     pub id: u64,
     pub level: AlertLevel,
+    /// What condition this is (`sync_failing`, `disabled`, `quarantine:unparseable`,
+    /// `profile_failing`, …): with the subject, the alert's key. Alerts
+    /// stored before kinds existed load with an empty kind.
+    #[serde(default)]
+    pub kind: String,
     pub mailbox: Option<String>,
     pub profile: Option<String>,
+    /// The latest text raised for this condition.
     pub text: String,
     pub first_seen: UnixTime,
     pub last_seen: UnixTime,
@@ -468,6 +489,36 @@ pub struct Alert {
     /// while open. Alerts stored before this field existed load as open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_at: Option<UnixTime>,
+    /// When an operator acknowledged it (`POST /api/v1/alerts/{id}/acknowledge`);
+    /// an acknowledged alert stays open until its condition clears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged_at: Option<UnixTime>,
+}
+
+impl Alert {
+    /// Open (not resolved).
+    pub fn is_open(&self) -> bool {
+        self.resolved_at.is_none()
+    }
+
+    /// The mailbox the alert is about, else its profile (a profile alert).
+    pub fn subject(&self) -> &str {
+        self.mailbox
+            .as_deref()
+            .or(self.profile.as_deref())
+            .unwrap_or("")
+    }
+}
+
+/// An alert to raise: the key (`kind` + subject) and what it says.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAlert<'a> {
+    pub kind: &'a str,
+    pub level: AlertLevel,
+    /// The mailbox it is about; `None` for a profile (or daemon) alert.
+    pub mailbox: Option<&'a str>,
+    pub profile: Option<&'a str>,
+    pub text: &'a str,
 }
 
 /// Persistent per-mailbox state (what Dynamics keeps on the mailbox record).

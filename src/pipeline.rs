@@ -85,7 +85,43 @@ pub enum ItemResult {
     },
     Quarantined {
         reason: String,
+        /// What kind of trouble: quarantine alerts aggregate per class.
+        class: QuarantineClass,
     },
+}
+
+/// Why a message was quarantined, coarsely: one alert per mailbox and class
+/// rather than one per message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuarantineClass {
+    /// Over `max_message_size`: left on the server undownloaded.
+    TooLarge,
+    /// The server would not deliver it.
+    Unfetchable,
+    /// Downloaded, but not an email we can read.
+    Unparseable,
+}
+
+impl QuarantineClass {
+    /// The class as the alert kind spells it (`quarantine:<class>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuarantineClass::TooLarge => "too_large",
+            QuarantineClass::Unfetchable => "unfetchable",
+            QuarantineClass::Unparseable => "unparseable",
+        }
+    }
+
+    /// What the messages of this class have in common, for the alert.
+    pub fn describe(self) -> &'static str {
+        match self {
+            QuarantineClass::TooLarge => "exceed max_message_size and stay on the server",
+            QuarantineClass::Unfetchable => {
+                "the server would not deliver (they stay on the server)"
+            }
+            QuarantineClass::Unparseable => "are not readable as email (their bytes are kept)",
+        }
+    }
 }
 
 /// Failure of the pipeline itself (not of a message: those are quarantined).
@@ -149,6 +185,28 @@ pub fn process_seeded(
     messages: &[(&RawMessage, Option<&RecordRef>)],
     now: i64,
 ) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    process_inner(store, ctx, messages, now, None)
+}
+
+/// Processes a quarantined message again (an operator's retry): its source
+/// counts as seen only because it is in quarantine, so that one source is
+/// not skipped. Commit the batch with [`Store::commit_quarantine_retry`].
+pub fn process_quarantined(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    message: &RawMessage,
+    now: i64,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
+    process_inner(store, ctx, &[(message, None)], now, Some(&message.source))
+}
+
+fn process_inner(
+    store: &dyn Store,
+    ctx: &PipelineContext,
+    messages: &[(&RawMessage, Option<&RecordRef>)],
+    now: i64,
+    retried: Option<&SourceKey>,
+) -> Result<(CommitBatch, Vec<(SourceKey, ItemResult)>), PipelineError> {
     let mut batch = CommitBatch::default();
     let mut results = Vec::with_capacity(messages.len());
     // Index entries of activities staged in this batch, so replies see parents.
@@ -168,7 +226,7 @@ pub fn process_seeded(
     // the same records).
     let mut created: Vec<Record> = Vec::new();
     for (m, seed) in messages {
-        if store.is_seen(&m.source)? {
+        if retried != Some(&m.source) && store.is_seen(&m.source)? {
             results.push((m.source.clone(), ItemResult::AlreadySeen));
             continue;
         }
@@ -176,11 +234,16 @@ pub fn process_seeded(
             (Some(size), _) => Some((
                 *size,
                 too_large_reason(*size, ctx.max_message_size, &m.source.folder),
+                QuarantineClass::TooLarge,
             )),
-            (None, Some(why)) => Some((0, unfetchable_reason(why, &m.source.folder))),
+            (None, Some(why)) => Some((
+                0,
+                unfetchable_reason(why, &m.source.folder),
+                QuarantineClass::Unfetchable,
+            )),
             (None, None) => None,
         };
-        if let Some((size, reason)) = not_downloaded {
+        if let Some((size, reason, class)) = not_downloaded {
             // Not downloaded: a record without bytes, so the operator sees it
             // once and the source is not fetched again.
             batch.items.push(PendingItem::Quarantine(QuarantineEntry {
@@ -191,7 +254,7 @@ pub fn process_seeded(
                 size,
                 at: now,
             }));
-            results.push((m.source.clone(), ItemResult::Quarantined { reason }));
+            results.push((m.source.clone(), ItemResult::Quarantined { reason, class }));
             continue;
         }
         let parsed = parse::parse_for(
@@ -216,7 +279,13 @@ pub fn process_seeded(
                     size: m.raw.len() as u64,
                     at: now,
                 }));
-                results.push((m.source.clone(), ItemResult::Quarantined { reason }));
+                results.push((
+                    m.source.clone(),
+                    ItemResult::Quarantined {
+                        reason,
+                        class: QuarantineClass::Unparseable,
+                    },
+                ));
                 continue;
             }
         };

@@ -435,7 +435,7 @@ pub fn run<I: ReplayInput>(
                     no_reply,
                     parties,
                 },
-                ItemResult::Quarantined { reason } => ReplayRecord {
+                ItemResult::Quarantined { reason, .. } => ReplayRecord {
                     file: m.file.clone(),
                     message_id: None,
                     regarding: None,

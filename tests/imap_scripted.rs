@@ -274,7 +274,7 @@ struct Cycle {
     recorded: Vec<String>,
     /// (folder/uid, reason) of quarantined messages.
     quarantined: Vec<(String, String)>,
-    notices: Vec<(AlertLevel, String)>,
+    notices: Vec<crm_mailsync::connector::Notice>,
 }
 
 impl Rig {
@@ -300,7 +300,7 @@ impl Rig {
                 let at = format!("{}/{}", source.folder, source.uid);
                 match r {
                     ItemResult::Correlated { .. } => out.recorded.push(at),
-                    ItemResult::Quarantined { reason } => out.quarantined.push((at, reason)),
+                    ItemResult::Quarantined { reason, .. } => out.quarantined.push((at, reason)),
                     ItemResult::AlreadySeen => {}
                 }
             }
@@ -471,8 +471,8 @@ async fn dot_separator_server_maps_configured_slash_names_and_a_missing_folder_o
     let warnings: Vec<&String> = c
         .notices
         .iter()
-        .filter(|(l, _)| *l == AlertLevel::Warning)
-        .map(|(_, t)| t)
+        .filter(|n| n.level == AlertLevel::Warning)
+        .map(|n| &n.text)
         .collect();
     assert_eq!(warnings.len(), 1, "{c:?}");
     let w = warnings[0];

@@ -94,7 +94,30 @@ pub struct FetchBatch {
     /// Messages known to be waiting after this batch.
     pub backlog: u64,
     /// Things the operator should know (e.g. a UIDVALIDITY change).
-    pub notices: Vec<(AlertLevel, String)>,
+    pub notices: Vec<Notice>,
+}
+
+/// Something a connector tells the operator, raised as a mailbox alert of
+/// kind `connector:<what>` (the connector names the condition; what to do
+/// about it is the pipeline's business).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notice {
+    pub level: AlertLevel,
+    /// The condition, e.g. `uidvalidity_changed:INBOX`: with the mailbox, the
+    /// alert's key, so a repeat updates the same alert.
+    pub what: String,
+    pub text: String,
+}
+
+impl Notice {
+    /// A notice of `level` about the condition `what`.
+    pub fn new(level: AlertLevel, what: impl Into<String>, text: impl Into<String>) -> Self {
+        Notice {
+            level,
+            what: what.into(),
+            text: text.into(),
+        }
+    }
 }
 
 pub use crate::model::AckKind;

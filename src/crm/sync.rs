@@ -22,7 +22,11 @@ use tokio_util::sync::CancellationToken;
 use super::worker::alert_scope;
 use super::{CrmAdapter, CrmError};
 use crate::config::CrmSettings;
-use crate::model::{AlertLevel, UnixTime};
+use crate::model::{AlertLevel, NewAlert, UnixTime};
+
+/// Alert kind of a record pull that failed for good (resolved by the next
+/// successful pull).
+const RECORD_PULL_KIND: &str = "crm:record_pull";
 use crate::scheduler::Backoff;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
@@ -81,10 +85,9 @@ impl<A: CrmAdapter + 'static> RecordSync<A> {
                     }
                     let store = self.store.clone();
                     let scope = alert_scope(name);
-                    let prefix = failed_prefix(name);
                     let now = crate::model::now();
                     let _ = tokio::task::spawn_blocking(move || {
-                        store.resolve_alerts(&scope, &prefix, now)
+                        store.resolve_alerts(&scope, RECORD_PULL_KIND, now)
                     })
                     .await;
                     self.settings.record_sync_interval
@@ -112,7 +115,16 @@ impl<A: CrmAdapter + 'static> RecordSync<A> {
                     let scope = alert_scope(name);
                     let now = crate::model::now();
                     let _ = tokio::task::spawn_blocking(move || {
-                        store.raise_alert(AlertLevel::Error, Some(&scope), None, &text, now)
+                        store.raise_alert(
+                            NewAlert {
+                                kind: RECORD_PULL_KIND,
+                                level: AlertLevel::Error,
+                                mailbox: Some(&scope),
+                                profile: None,
+                                text: &text,
+                            },
+                            now,
+                        )
                     })
                     .await;
                     self.settings.record_sync_interval

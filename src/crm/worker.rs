@@ -42,7 +42,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CrmAdapter, CrmError};
 use crate::config::DeliverySettings;
-use crate::model::{format_time, ActivityId, AlertLevel, DeadLetter, DeliveryState, UnixTime};
+use crate::model::{
+    format_time, ActivityId, AlertLevel, DeadLetter, DeliveryState, NewAlert, UnixTime,
+};
+
+/// Alert kind of a paused CRM adapter (resolved by the next delivery).
+const PAUSED_KIND: &str = "crm:delivery_paused";
+/// Alert kind of events given up as dead letters (one alert per adapter).
+const DEAD_LETTER_KIND: &str = "crm:dead_letter";
 use crate::store::{DeliveryOutcome, Store, StoreError};
 use crate::telemetry;
 
@@ -418,8 +425,7 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                     self.health.update(consumer, |h| h.paused = None);
                     let store = self.store.clone();
                     let scope = alert_scope(consumer);
-                    let prefix = self.paused_prefix();
-                    blocking(move || store.resolve_alerts(&scope, &prefix, now_unix)).await?;
+                    blocking(move || store.resolve_alerts(&scope, PAUSED_KIND, now_unix)).await?;
                 }
                 Ok(Attempt::Done)
             }
@@ -478,10 +484,13 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                             let scope = alert_scope(consumer);
                             blocking(move || {
                                 store.raise_alert(
-                                    AlertLevel::Error,
-                                    Some(&scope),
-                                    None,
-                                    &text,
+                                    NewAlert {
+                                        kind: PAUSED_KIND,
+                                        level: AlertLevel::Error,
+                                        mailbox: Some(&scope),
+                                        profile: None,
+                                        text: &text,
+                                    },
                                     now_unix,
                                 )
                             })
@@ -530,7 +539,16 @@ impl<A: CrmAdapter + 'static> OutboxWorker<A> {
                     reason,
                 }),
             )?;
-            store.raise_alert(AlertLevel::Error, Some(&scope), None, &alert, now)?;
+            store.raise_alert(
+                NewAlert {
+                    kind: DEAD_LETTER_KIND,
+                    level: AlertLevel::Error,
+                    mailbox: Some(&scope),
+                    profile: None,
+                    text: &alert,
+                },
+                now,
+            )?;
             Ok(())
         })
         .await
@@ -840,10 +858,13 @@ mod tests {
         let f = fixture(1);
         f.store
             .raise_alert(
-                AlertLevel::Error,
-                Some("crm:fake"),
-                None,
-                "CRM fake: delivery paused (probing every 10h): 410 Gone",
+                NewAlert {
+                    kind: PAUSED_KIND,
+                    level: AlertLevel::Error,
+                    mailbox: Some("crm:fake"),
+                    profile: None,
+                    text: "CRM fake: delivery paused (probing every 10h): 410 Gone",
+                },
                 1,
             )
             .unwrap();

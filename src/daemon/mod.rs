@@ -270,6 +270,7 @@ fn start_senders(
                 match built {
                     Ok(sender) => sender.run().await,
                     Err(why) => alerts.raise(
+                        crate::alerts::kind::OUTGOING_TEST,
                         crate::model::AlertLevel::Error,
                         Some(&name),
                         Some(&profile_name),

@@ -58,9 +58,10 @@ use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
-    FollowUp, MailboxState, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
-    SourceKey, UnixTime,
+    FollowUp, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record,
+    SendStatus, SourceKey, UnixTime,
 };
+use serde::Deserialize;
 
 pub use kv::{KvBackend, MemBackend};
 pub use kv_store::KvStore;
@@ -201,6 +202,56 @@ pub struct ActivityQuery {
     pub limit: usize,
 }
 
+/// Open or resolved, for [`AlertQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    Open,
+    Resolved,
+}
+
+/// Query for listing alerts; `None` fields do not filter.
+#[derive(Debug, Clone, Default)]
+pub struct AlertQuery {
+    pub level: Option<AlertLevel>,
+    /// Alerts about this mailbox (a profile alert matches its profile's name).
+    pub mailbox: Option<String>,
+    pub state: Option<AlertState>,
+    pub limit: usize,
+}
+
+impl AlertQuery {
+    /// The latest `limit` alerts, unfiltered.
+    pub fn latest(limit: usize) -> Self {
+        AlertQuery {
+            limit,
+            ..Default::default()
+        }
+    }
+
+    /// True when `a` passes the filters.
+    pub fn matches(&self, a: &Alert) -> bool {
+        self.level.is_none_or(|l| a.level == l)
+            && self.mailbox.as_deref().is_none_or(|m| {
+                a.mailbox.as_deref() == Some(m)
+                    || (a.mailbox.is_none() && a.profile.as_deref() == Some(m))
+            })
+            && self.state.is_none_or(|st| match st {
+                AlertState::Open => a.is_open(),
+                AlertState::Resolved => !a.is_open(),
+            })
+    }
+}
+
+/// True when an alert of `kind` is covered by `pattern`: the same kind, or
+/// `pattern` is its family (`quarantine` covers `quarantine:unparseable`).
+pub fn kind_covers(pattern: &str, kind: &str) -> bool {
+    kind == pattern
+        || kind
+            .strip_prefix(pattern)
+            .is_some_and(|rest| rest.starts_with(':'))
+}
+
 /// What a record upsert changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecordChanges {
@@ -289,6 +340,21 @@ pub trait Store: Send + Sync + 'static {
 
     fn quarantined(&self, limit: usize) -> Result<Vec<QuarantineEntry>, StoreError>;
 
+    /// One quarantine entry by id.
+    fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>, StoreError>;
+
+    /// Commits `batch` (the quarantined message `id` processed again) and,
+    /// in the same atomic batch, removes the quarantine entry when the
+    /// batch recorded its source as an activity (inserted or a duplicate of
+    /// one). When the message is still unprocessable (the batch quarantines
+    /// it again) the entry stays as it is. Returns the outcomes and whether
+    /// the entry was released.
+    fn commit_quarantine_retry(
+        &self,
+        id: u64,
+        batch: CommitBatch,
+    ) -> Result<(Vec<CommitOutcome>, bool), StoreError>;
+
     fn folder_positions(
         &self,
         mailbox: &str,
@@ -302,24 +368,32 @@ pub trait Store: Send + Sync + 'static {
     /// Writes mailbox state outside a commit (errors, back-off), durably.
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError>;
 
-    /// Raises an alert; an identical open alert (level, mailbox, profile, text) is
-    /// aggregated: its count and last-seen time go up.
-    fn raise_alert(
-        &self,
-        level: AlertLevel,
-        mailbox: Option<&str>,
-        profile: Option<&str>,
-        text: &str,
-        at: UnixTime,
-    ) -> Result<Alert, StoreError>;
+    /// Raises an alert. The open alert with the same subject (mailbox, or
+    /// profile for a profile alert) and kind is updated instead: count and
+    /// last seen go up, level and text become the new ones (a failure that
+    /// escalates from Warning to Error stays one alert).
+    fn raise_alert(&self, alert: NewAlert<'_>, at: UnixTime) -> Result<Alert, StoreError>;
 
-    /// Alerts, most recent first.
-    fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError>;
+    /// Alerts passing `q`'s filters, most recently seen first.
+    fn query_alerts(&self, q: &AlertQuery) -> Result<Vec<Alert>, StoreError>;
 
-    /// Marks the open alerts of `mailbox` whose text starts with `prefix` as
-    /// resolved at `at`; raising the same text again opens a new alert.
+    /// The latest `limit` alerts, most recently seen first.
+    fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        self.query_alerts(&AlertQuery::latest(limit))
+    }
+
+    /// One alert by id.
+    fn alert(&self, id: u64) -> Result<Option<Alert>, StoreError>;
+
+    /// Marks the open alerts of `subject` (a mailbox, or a profile for
+    /// profile alerts) whose kind `kind` covers ([`kind_covers`]) as
+    /// resolved at `at`; raising the same kind again opens a new alert.
     /// Returns how many were resolved.
-    fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError>;
+    fn resolve_alerts(&self, subject: &str, kind: &str, at: UnixTime) -> Result<u64, StoreError>;
+
+    /// Marks alert `id` acknowledged at `at` (kept if already); `None` when
+    /// there is no such alert.
+    fn acknowledge_alert(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError>;
 
     // --- Record directory -------------------------------------------------
 

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::alerts::Alerts;
+use crate::alerts::{kind, Alerts};
 use crate::config::{Config, Mailbox, Profile};
 use crate::connector::ConnectorError;
 use crate::daemon::{Builders, ProbeError};
@@ -49,13 +49,14 @@ use crate::net::NetError;
 use crate::scheduler::{EnableError, Phase, Runtime};
 use crate::store::Store;
 
-/// Start of the Error alert of a failed incoming test (resolved by the next
-/// passing one).
+/// Start of the Error alert of a failed incoming test (kind
+/// [`kind::INCOMING_TEST`], resolved by the next passing one).
 pub const INCOMING_ALERT: &str = "Test & Enable: incoming failed";
-/// Start of the Error alert of a failed outgoing test.
+/// Start of the Error alert of a failed outgoing test (kind
+/// [`kind::OUTGOING_TEST`], shared with the sender's start-up test).
 pub const OUTGOING_ALERT: &str = "Test & Enable: outgoing failed";
 /// Start of the Error alert of a mailbox whose tests passed but that could
-/// not be enabled.
+/// not be enabled (kind [`kind::NOT_ENABLED`]).
 pub const ENABLE_ALERT: &str = "Test & Enable: not enabled";
 
 /// Why a test could not be started.
@@ -268,7 +269,7 @@ impl TestEnable {
             match tested {
                 Ok(detail) => {
                     tracing::info!(mailbox = %name, "Test & Enable: incoming: {detail}");
-                    self.alerts.resolve(name, INCOMING_ALERT, model::now());
+                    self.alerts.resolve(name, kind::INCOMING_TEST, model::now());
                     passed(detail)
                 }
                 Err(e) => {
@@ -276,7 +277,7 @@ impl TestEnable {
                         "{INCOMING_ALERT}: {e}: {}",
                         incoming_advice(profile, mailbox, &e)
                     );
-                    self.alert(profile, name, &text);
+                    self.alert(kind::INCOMING_TEST, profile, name, &text);
                     problems.push(text);
                     failed(e.to_string())
                 }
@@ -290,16 +291,13 @@ impl TestEnable {
             match self.outgoing_test(profile, mailbox, job).await {
                 Ok(detail) => {
                     tracing::info!(mailbox = %name, "Test & Enable: outgoing: {detail}");
-                    let now = model::now();
-                    self.alerts.resolve(name, OUTGOING_ALERT, now);
-                    // The sender's own start-up test alert: the same cause.
-                    self.alerts
-                        .resolve(name, crate::outgoing::sender::TEST_ALERT, now);
+                    // Also the sender's own start-up test alert: the same kind.
+                    self.alerts.resolve(name, kind::OUTGOING_TEST, model::now());
                     passed(detail)
                 }
                 Err((detail, advice)) => {
                     let text = format!("{OUTGOING_ALERT}: {detail}: {advice}");
-                    self.alert(profile, name, &text);
+                    self.alert(kind::OUTGOING_TEST, profile, name, &text);
                     problems.push(text);
                     failed(detail)
                 }
@@ -318,10 +316,11 @@ impl TestEnable {
             (self.after_failure(mailbox, &problems), None)
         };
         if let Some(why) = &why_not {
-            self.alert(profile, name, &format!("{ENABLE_ALERT}: {why}"));
-            problems.push(why.clone());
+            let text = format!("{ENABLE_ALERT}: {why}");
+            self.alert(kind::NOT_ENABLED, profile, name, &text);
+            problems.push(text);
         } else if all_passed {
-            self.alerts.resolve(name, ENABLE_ALERT, model::now());
+            self.alerts.resolve(name, kind::NOT_ENABLED, model::now());
         }
         MailboxTestOutcome {
             mailbox: name.clone(),
@@ -380,8 +379,9 @@ impl TestEnable {
         })
     }
 
-    fn alert(&self, profile: &Profile, mailbox: &str, text: &str) {
+    fn alert(&self, kind: &str, profile: &Profile, mailbox: &str, text: &str) {
         self.alerts.raise(
+            kind,
             AlertLevel::Error,
             Some(mailbox),
             Some(&profile.name),

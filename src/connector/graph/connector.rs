@@ -15,7 +15,7 @@ use super::delta::{folder_hash, initial_link, parse_page, Item, Next, Round};
 use super::error::{GraphError, Target};
 use super::{folders, GraphSettings};
 use crate::connector::{
-    Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage,
+    Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, Notice, RawMessage,
 };
 use crate::error::{Classify, Disposition};
 use crate::model::{AlertLevel, FolderPosition, SourceKey, UnixTime};
@@ -160,8 +160,9 @@ impl GraphConnector {
                 && f.round.is_none()
                 && prev.is_some_and(|p| p.uidvalidity != f.uidvalidity && p.delta_link.is_some())
             {
-                batch.notices.push((
+                batch.notices.push(Notice::new(
                     AlertLevel::Information,
+                    format!("folder_recreated:{}", f.path),
                     format!(
                         "folder {} of mailbox {} has a new id (deleted and recreated?): syncing it from the start; known messages are not recorded twice",
                         f.path, self.settings.mailbox
@@ -247,8 +248,9 @@ impl GraphConnector {
                         tracing::info!(connector = "graph", mailbox = %self.settings.mailbox, folder = %f.path, error = %e, "delta state no longer valid; full resync");
                         // One text per mailbox (not per folder): the
                         // store aggregates the folders into one alert.
-                        batch.notices.push((
+                        batch.notices.push(Notice::new(
                             AlertLevel::Information,
+                            "sync_state_dropped",
                             format!(
                                 "mailbox {}: Microsoft Graph dropped the sync state of its folders ({}); they are synced again from the start, known messages are not recorded twice",
                                 self.settings.mailbox,

@@ -494,11 +494,11 @@ async fn gone_delta_link_resyncs_with_one_notice() {
     assert!(ids.is_empty());
     let notices: Vec<_> = batches.iter().flat_map(|b| b.notices.iter()).collect();
     assert_eq!(notices.len(), 1, "{notices:?}");
-    assert_eq!(notices[0].0, AlertLevel::Information);
+    assert_eq!(notices[0].level, AlertLevel::Information);
     assert!(
-        notices[0].1.contains("SyncStateNotFound"),
+        notices[0].text.contains("SyncStateNotFound"),
         "{}",
-        notices[0].1
+        notices[0].text
     );
     assert!(e.link("Inbox").unwrap().ends_with("$deltatoken=5"));
     assert_eq!(e.mock.lock().unwrap().value_gets.len(), downloads);

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Credentials, FolderNames, IdleOutcome, ImapClient, ImapDate, ImapError};
 use crate::connector::oauth::{self, TokenProvider};
 use crate::connector::{
-    Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage,
+    Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, Notice, RawMessage,
 };
 use crate::error::{Classify, Disposition};
 use crate::model::{now, AlertLevel, FolderPosition, RetryMessage, SourceKey, UnixTime};
@@ -252,9 +252,12 @@ impl ImapConnector {
         self.warned_missing.retain(|f| missing.contains(f));
         for f in missing {
             if self.warned_missing.insert(f.clone()) {
-                batch
-                    .notices
-                    .push((AlertLevel::Warning, self.missing_folder_text(&f)));
+                let text = self.missing_folder_text(&f);
+                batch.notices.push(Notice::new(
+                    AlertLevel::Warning,
+                    format!("missing_folder:{f}"),
+                    text,
+                ));
             }
         }
     }
@@ -394,8 +397,9 @@ impl ImapConnector {
             if let Some(p) = prev.as_ref().filter(|_| !same_validity) {
                 if self.announced.get(&folder) != Some(&state.uidvalidity) {
                     self.announced.insert(folder.clone(), state.uidvalidity);
-                    batch.notices.push((
+                    batch.notices.push(Notice::new(
                         AlertLevel::Information,
+                        format!("uidvalidity_changed:{folder}"),
                         format!(
                             "UIDVALIDITY of folder {folder:?} changed ({} → {}): re-scanning it; messages already recorded are recognised by Message-ID and not duplicated",
                             p.uidvalidity, state.uidvalidity

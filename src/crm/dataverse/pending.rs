@@ -372,7 +372,14 @@ pub async fn poll_pending_send(
         };
         tracing::warn!(adapter = "dataverse", crm_email = %e.activity_id, "{why}");
         if let Some(alerts) = alerts {
-            alerts.raise(AlertLevel::Warning, mailbox.as_deref(), None, &why, now);
+            alerts.raise(
+                "crm:pending_send_refused",
+                AlertLevel::Warning,
+                mailbox.as_deref(),
+                None,
+                &why,
+                now,
+            );
         }
     }
     Ok(report)

@@ -38,7 +38,7 @@ use super::transport::{
     Found, SendError, SmtpTransportSettings, Submitted, Transport, TransportSettings,
 };
 use super::SendWakeup;
-use crate::alerts::Alerts;
+use crate::alerts::{kind, Alerts};
 use crate::config::{Config, Mailbox, OutgoingSettings, Profile, SentCopyMode, UnknownDelivery};
 use crate::connector::imap::Credentials;
 use crate::connector::oauth::TokenProvider;
@@ -60,7 +60,7 @@ const FAILED_ALERT: &str = "outgoing email";
 const TEST_MESSAGE_EVERY: i64 = 86_400;
 
 /// Prefix of the outgoing Test & Enable alert, resolved when a test passes.
-pub const TEST_ALERT: &str = "outgoing test failed";
+const TEST_ALERT: &str = "outgoing test failed";
 
 /// Everything a sender needs, built from the config.
 #[derive(Debug, Clone)]
@@ -380,9 +380,10 @@ impl Sender {
         match &result {
             Ok(detail) => {
                 tracing::info!(mailbox = %s.mailbox, "outgoing test: {detail}");
-                self.alerts.resolve(&s.mailbox, TEST_ALERT, now);
+                self.alerts.resolve(&s.mailbox, kind::OUTGOING_TEST, now);
             }
             Err(e) => self.alerts.raise(
+                kind::OUTGOING_TEST,
                 AlertLevel::Error,
                 Some(&s.mailbox),
                 Some(&s.profile),
@@ -687,8 +688,14 @@ impl Sender {
         } else {
             format!("{FAILED_ALERT} {}: {reason}", row.activity_id)
         };
-        self.alerts
-            .raise(level, Some(&s.mailbox), Some(&s.profile), &text, now);
+        self.alerts.raise(
+            kind::OUTGOING_FAILED,
+            level,
+            Some(&s.mailbox),
+            Some(&s.profile),
+            &text,
+            now,
+        );
         Ok(())
     }
 

@@ -5,10 +5,12 @@
 use super::{activity, batch, inserted, store, Fixture};
 use crate::correlate::{Indexes, MAX_SHINGLE_POSTINGS};
 use crate::model::{
-    AlertLevel, CorrelationMethod, FolderPosition, FollowUp, MailboxState, QuarantineEntry,
+    AlertLevel, CorrelationMethod, FolderPosition, FollowUp, MailboxState, NewAlert,
+    QuarantineEntry,
 };
 use crate::store::{
-    ActivityQuery, AutomaticMark, CommitBatch, CommitOutcome, PendingItem, Store, Tally,
+    ActivityQuery, AlertQuery, AlertState, AutomaticMark, CommitBatch, CommitOutcome, PendingItem,
+    Store, Tally,
 };
 
 pub fn dedupes_by_source_then_message_id_and_hash<F: Fixture>(fx: &F) {
@@ -535,47 +537,219 @@ pub fn automatic_marks_count_by_pair_and_time_and_survive_a_reopen<F: Fixture>(f
     assert_eq!(s.automatic_since("other", "a@x b@x", 0, 10).unwrap(), 0);
 }
 
+fn mailbox_alert<'a>(
+    kind: &'a str,
+    level: AlertLevel,
+    mailbox: &'a str,
+    text: &'a str,
+) -> NewAlert<'a> {
+    NewAlert {
+        kind,
+        level,
+        mailbox: Some(mailbox),
+        profile: Some("p"),
+        text,
+    }
+}
+
 pub fn alerts_aggregate<F: Fixture>(fx: &F) {
     let s = store(fx);
-    s.raise_alert(AlertLevel::Error, Some("m"), None, "auth failed", 10)
-        .unwrap();
+    s.raise_alert(
+        mailbox_alert("auth", AlertLevel::Error, "m", "auth failed: x"),
+        10,
+    )
+    .unwrap();
     let a = s
-        .raise_alert(AlertLevel::Error, Some("m"), None, "auth failed", 20)
+        .raise_alert(
+            mailbox_alert("auth", AlertLevel::Error, "m", "auth failed: y"),
+            20,
+        )
         .unwrap();
     assert_eq!((a.count, a.first_seen, a.last_seen), (2, 10, 20));
-    s.raise_alert(AlertLevel::Warning, Some("m"), None, "slow", 30)
+    assert_eq!(a.text, "auth failed: y", "the latest text");
+    s.raise_alert(mailbox_alert("slow", AlertLevel::Warning, "m", "slow"), 30)
         .unwrap();
+    s.raise_alert(
+        mailbox_alert("auth", AlertLevel::Error, "other", "auth failed: y"),
+        31,
+    )
+    .unwrap();
     let all = s.alerts(10).unwrap();
-    assert_eq!(all.len(), 2);
-    assert_eq!(all[0].text, "slow");
+    assert_eq!(all.len(), 3, "one per (mailbox, kind): {all:?}");
+    assert_eq!(all[0].mailbox.as_deref(), Some("other"));
+    assert_eq!(all[1].text, "slow");
+}
+
+pub fn an_alert_escalates_in_place_and_loses_its_acknowledgement<F: Fixture>(fx: &F) {
+    let s = store(fx);
+    let w = s
+        .raise_alert(
+            mailbox_alert("sync_failing", AlertLevel::Warning, "m", "retrying"),
+            10,
+        )
+        .unwrap();
+    let acked = s.acknowledge_alert(w.id, 11).unwrap().unwrap();
+    assert_eq!(acked.acknowledged_at, Some(11));
+    assert_eq!(
+        s.acknowledge_alert(w.id, 12)
+            .unwrap()
+            .unwrap()
+            .acknowledged_at,
+        Some(11),
+        "kept"
+    );
+    let again = s
+        .raise_alert(
+            mailbox_alert("sync_failing", AlertLevel::Warning, "m", "retrying"),
+            13,
+        )
+        .unwrap();
+    assert_eq!(
+        again.acknowledged_at,
+        Some(11),
+        "same level: still acknowledged"
+    );
+    let e = s
+        .raise_alert(
+            mailbox_alert("sync_failing", AlertLevel::Error, "m", "not synced since"),
+            20,
+        )
+        .unwrap();
+    assert_eq!((e.id, e.level, e.count), (w.id, AlertLevel::Error, 3));
+    assert_eq!(e.acknowledged_at, None, "an escalation needs a new look");
+    assert_eq!(s.alert(w.id).unwrap(), Some(e));
+    assert_eq!(s.acknowledge_alert(999_999, 1).unwrap(), None);
+    assert_eq!(s.alert(999_999).unwrap(), None);
 }
 
 pub fn resolved_alert_stays_listed_and_a_repeat_opens_a_new_one<F: Fixture>(fx: &F) {
     let s = store(fx);
     let first = s
-        .raise_alert(AlertLevel::Error, Some("m"), None, "not synced since x", 10)
+        .raise_alert(
+            mailbox_alert("quarantine:too_large", AlertLevel::Warning, "m", "x"),
+            10,
+        )
         .unwrap();
     s.raise_alert(
-        AlertLevel::Error,
-        Some("other"),
-        None,
-        "not synced since x",
+        mailbox_alert("quarantine:unparseable", AlertLevel::Warning, "m", "y"),
         10,
     )
     .unwrap();
-    assert_eq!(s.resolve_alerts("m", "not synced since", 20).unwrap(), 1);
-    assert_eq!(s.resolve_alerts("m", "not synced since", 21).unwrap(), 0);
+    s.raise_alert(
+        mailbox_alert("quarantined", AlertLevel::Warning, "m", "not of the family"),
+        10,
+    )
+    .unwrap();
+    s.raise_alert(
+        mailbox_alert("quarantine:too_large", AlertLevel::Warning, "other", "x"),
+        10,
+    )
+    .unwrap();
+    assert_eq!(
+        s.resolve_alerts("m", "quarantine:too_large", 20).unwrap(),
+        1
+    );
+    assert_eq!(
+        s.resolve_alerts("m", "quarantine:too_large", 21).unwrap(),
+        0
+    );
+    assert_eq!(
+        s.resolve_alerts("m", "quarantine", 22).unwrap(),
+        1,
+        "the family: unparseable"
+    );
     let again = s
-        .raise_alert(AlertLevel::Error, Some("m"), None, "not synced since x", 30)
+        .raise_alert(
+            mailbox_alert("quarantine:too_large", AlertLevel::Warning, "m", "x"),
+            30,
+        )
         .unwrap();
     assert_ne!(again.id, first.id);
     let all = s.alerts(10).unwrap();
     let old = all.iter().find(|a| a.id == first.id).unwrap();
     assert_eq!((old.resolved_at, old.count), (Some(20), 1));
-    assert!(all
+    let open: Vec<_> = all
         .iter()
-        .filter(|a| a.id != first.id)
-        .all(|a| a.resolved_at.is_none()));
+        .filter(|a| a.is_open())
+        .map(|a| (a.subject(), a.kind.as_str()))
+        .collect();
+    assert_eq!(
+        open,
+        vec![
+            ("m", "quarantine:too_large"),
+            ("other", "quarantine:too_large"),
+            ("m", "quarantined")
+        ]
+    );
+}
+
+pub fn profile_alerts_are_their_own_subject_and_queries_filter<F: Fixture>(fx: &F) {
+    let s = store(fx);
+    let profile = NewAlert {
+        kind: "profile_failing",
+        level: AlertLevel::Error,
+        mailbox: None,
+        profile: Some("p"),
+        text: "3 of 4 failed",
+    };
+    let p = s.raise_alert(profile, 10).unwrap();
+    assert_eq!(s.raise_alert(profile, 11).unwrap().id, p.id);
+    s.raise_alert(
+        mailbox_alert(
+            "profile_failing",
+            AlertLevel::Error,
+            "m",
+            "not a profile alert",
+        ),
+        12,
+    )
+    .unwrap();
+    s.raise_alert(
+        mailbox_alert("sync_failing", AlertLevel::Warning, "m", "retrying"),
+        13,
+    )
+    .unwrap();
+    s.raise_alert(
+        mailbox_alert("not_approved", AlertLevel::Information, "n", "pending"),
+        14,
+    )
+    .unwrap();
+    assert_eq!(s.resolve_alerts("n", "not_approved", 15).unwrap(), 1);
+    let q = |level, mailbox: Option<&str>, state| AlertQuery {
+        level,
+        mailbox: mailbox.map(str::to_string),
+        state,
+        limit: 100,
+    };
+    let ids = |q: AlertQuery| -> Vec<(String, String)> {
+        s.query_alerts(&q)
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.subject().to_string(), a.kind))
+            .collect()
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        ids(q(Some(AlertLevel::Error), None, None)),
+        vec![pair("m", "profile_failing"), pair("p", "profile_failing")]
+    );
+    assert_eq!(
+        ids(q(None, Some("m"), Some(AlertState::Open))),
+        vec![pair("m", "sync_failing"), pair("m", "profile_failing")]
+    );
+    assert_eq!(
+        ids(q(None, Some("p"), None)),
+        vec![pair("p", "profile_failing")]
+    );
+    assert_eq!(
+        ids(q(None, None, Some(AlertState::Resolved))),
+        vec![pair("n", "not_approved")]
+    );
+    assert_eq!(ids(q(Some(AlertLevel::Warning), Some("n"), None)), vec![]);
+    assert_eq!(s.query_alerts(&AlertQuery::latest(2)).unwrap().len(), 2);
+    // The profile alert resolves by its profile's name.
+    assert_eq!(s.resolve_alerts("p", "profile_failing", 20).unwrap(), 1);
+    assert!(s.alert(p.id).unwrap().unwrap().resolved_at.is_some());
 }
 
 /// A quarantined source is seen; quarantining it again (a replay) keeps its

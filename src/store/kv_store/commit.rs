@@ -215,6 +215,37 @@ impl<B: KvBackend> KvStore<B> {
         Ok(Ok(outcomes))
     }
 
+    /// See [`Store::commit_quarantine_retry`].
+    pub(super) fn release_quarantined(
+        &self,
+        id: u64,
+        batch: CommitBatch,
+    ) -> Result<(Vec<CommitOutcome>, bool), StoreError> {
+        let released = std::cell::Cell::new(false);
+        let outcomes = self.commit_batch_with(
+            batch,
+            || Ok(None),
+            |b, outcomes| {
+                let recorded = outcomes
+                    .iter()
+                    .any(|o| matches!(o, CommitOutcome::Inserted(_) | CommitOutcome::Duplicate(_)));
+                if !recorded {
+                    return Ok(());
+                }
+                let k = id_key("q/", id);
+                let Some(q) = self.get_json::<crate::model::QuarantineEntry>(&k)? else {
+                    return Ok(());
+                };
+                b.delete(k);
+                b.delete(key("qs/", &[&source_bytes(&q.source)]));
+                released.set(true);
+                Ok(())
+            },
+        )?;
+        // `precheck` above never stops a commit.
+        Ok((outcomes.unwrap_or_default(), released.get()))
+    }
+
     pub(super) fn source_seen(&self, source: &crate::model::SourceKey) -> Result<bool, StoreError> {
         let sb = source_bytes(source);
         Ok(self.kv.contains(&key("s/", &[&sb]))? || self.kv.contains(&key("qs/", &[&sb]))?)

@@ -5,7 +5,7 @@
 //! `a/<id>` activity JSON · `am/<mailbox>\0<id>` per-mailbox listing ·
 //! `s/<source>` source → id · `m/<message-id>` → id · `h/<hash>` → id ·
 //! `q/<id>` quarantine JSON · `qs/<source>` → id · `p/<mailbox>\0<folder>` position ·
-//! `b/<mailbox>` mailbox state · `l/<id>` alert · `lk/<identity>` → alert id ·
+//! `b/<mailbox>` mailbox state · `l/<id>` alert · `lj/<scope>/<subject>/<kind>` → open alert id ·
 //! `r/<id>` regarding record (JSON, small, so lookups need not load activities) ·
 //! `t/<token digits>` → id · `x/<thread-index root>` → id ·
 //! `sb/<bucket><id>` smart-matching candidate JSON (newest last in a bucket) ·
@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::model::{AlertLevel, EmailActivity, Record, SourceKey, UnixTime};
+use crate::model::{EmailActivity, Record, SourceKey, UnixTime};
 use crate::store::StoreError;
 
 pub(super) fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
@@ -145,21 +145,17 @@ pub(super) fn unresolved_addresses(a: &EmailActivity) -> BTreeSet<String> {
         .collect()
 }
 
-/// Key under which an open alert is found for aggregation.
-pub(super) fn alert_identity(
-    level: AlertLevel,
-    mailbox: Option<&str>,
-    profile: Option<&str>,
-    text: &str,
-) -> Vec<u8> {
-    let level_s = format!("{level:?}");
+/// Key under which the open alert of a subject and kind is found, to be
+/// updated rather than repeated. (`lk/` held the text-keyed identities of
+/// alerts before kinds; those are no longer read.)
+pub(super) fn alert_identity(mailbox: Option<&str>, profile: Option<&str>, kind: &str) -> Vec<u8> {
+    let (scope, subject) = match (mailbox, profile) {
+        (Some(m), _) => ("m", m),
+        (None, Some(p)) => ("p", p),
+        (None, None) => ("d", ""),
+    };
     key(
-        "lk/",
-        &[
-            level_s.as_bytes(),
-            mailbox.unwrap_or("").as_bytes(),
-            profile.unwrap_or("").as_bytes(),
-            text.as_bytes(),
-        ],
+        "lj/",
+        &[scope.as_bytes(), subject.as_bytes(), kind.as_bytes()],
     )
 }

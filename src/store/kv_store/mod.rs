@@ -20,6 +20,7 @@
 //! its body's shingle sample) was about three quarters of a correlation
 //! against the sled store.
 
+mod alerts;
 mod commit;
 pub mod keys;
 mod lookup;
@@ -40,13 +41,13 @@ use self::lookup::{CandidateCache, RegardingCache};
 use super::kv::{KvBackend, WriteBatch};
 use super::sled_backend::SledBackend;
 use super::{
-    ActivityQuery, CommitBatch, CommitOutcome, DeliveryOutcome, OutboxStats, QueueOutcome,
-    RecordChanges, Store, StoreError,
+    ActivityQuery, AlertQuery, CommitBatch, CommitOutcome, DeliveryOutcome, OutboxStats,
+    QueueOutcome, RecordChanges, Store, StoreError,
 };
 use crate::correlate::{Indexes, LookupKeys, TrackedEmail};
 use crate::model::{
-    ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
-    FollowUp, MailboxState, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
+    ActivityId, Alert, DeadLetter, DeliveryState, EmailActivity, FolderPosition, FollowUp,
+    MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
     SourceKey, UnixTime,
 };
 
@@ -244,23 +245,36 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.write_mailbox_state(state)
     }
 
-    fn raise_alert(
+    fn raise_alert(&self, alert: NewAlert<'_>, at: UnixTime) -> Result<Alert, StoreError> {
+        self.raise(alert, at)
+    }
+
+    fn query_alerts(&self, q: &AlertQuery) -> Result<Vec<Alert>, StoreError> {
+        self.alert_list(q)
+    }
+
+    fn quarantine_entry(&self, id: u64) -> Result<Option<QuarantineEntry>, StoreError> {
+        self.get_json(&keys::id_key("q/", id))
+    }
+
+    fn commit_quarantine_retry(
         &self,
-        level: AlertLevel,
-        mailbox: Option<&str>,
-        profile: Option<&str>,
-        text: &str,
-        at: UnixTime,
-    ) -> Result<Alert, StoreError> {
-        self.raise(level, mailbox, profile, text, at)
+        id: u64,
+        batch: CommitBatch,
+    ) -> Result<(Vec<CommitOutcome>, bool), StoreError> {
+        self.release_quarantined(id, batch)
     }
 
-    fn alerts(&self, limit: usize) -> Result<Vec<Alert>, StoreError> {
-        self.alert_list(limit)
+    fn alert(&self, id: u64) -> Result<Option<Alert>, StoreError> {
+        self.get_json(&keys::id_key("l/", id))
     }
 
-    fn resolve_alerts(&self, mailbox: &str, prefix: &str, at: UnixTime) -> Result<u64, StoreError> {
-        self.resolve(mailbox, prefix, at)
+    fn resolve_alerts(&self, subject: &str, kind: &str, at: UnixTime) -> Result<u64, StoreError> {
+        self.resolve(subject, kind, at)
+    }
+
+    fn acknowledge_alert(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError> {
+        self.acknowledge(id, at)
     }
 
     fn upsert_records(

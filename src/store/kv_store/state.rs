@@ -1,14 +1,11 @@
 //! Activity listings, quarantine, folder positions, mailbox state,
-//! follow-ups and alerts.
+//! follow-ups (alerts: `alerts`).
 
 use std::collections::HashMap;
 
-use super::keys::{alert_identity, decode, encode, id_key, key, list_key, list_prefix, read_id};
+use super::keys::{decode, encode, id_key, key, list_key, list_prefix, read_id};
 use super::KvStore;
-use crate::model::{
-    Alert, AlertLevel, EmailActivity, FolderPosition, FollowUp, MailboxState, QuarantineEntry,
-    UnixTime,
-};
+use crate::model::{EmailActivity, FolderPosition, FollowUp, MailboxState, QuarantineEntry};
 use crate::store::kv::{KeyRange, KvBackend, ScanOrder, WriteBatch};
 use crate::store::{ActivityQuery, StoreError};
 
@@ -134,96 +131,5 @@ impl<B: KvBackend> KvStore<B> {
         let mut b = WriteBatch::default();
         b.put(test_key(direction, mailbox), encode(result)?);
         self.write_durably(b)
-    }
-
-    pub(super) fn raise(
-        &self,
-        level: AlertLevel,
-        mailbox: Option<&str>,
-        profile: Option<&str>,
-        text: &str,
-        at: UnixTime,
-    ) -> Result<Alert, StoreError> {
-        let _writer = self.lock();
-        let ident = alert_identity(level, mailbox, profile, text);
-        let alert = match self.get_id(&ident)? {
-            Some(id) => match self.get_json::<Alert>(&id_key("l/", id))? {
-                Some(mut a) => {
-                    a.count += 1;
-                    a.last_seen = at;
-                    a
-                }
-                None => {
-                    return Err(StoreError::Corrupt(format!(
-                        "alert {id} is indexed but missing"
-                    )))
-                }
-            },
-            None => Alert {
-                id: self.next_id()?,
-                level,
-                mailbox: mailbox.map(str::to_string),
-                profile: profile.map(str::to_string),
-                text: text.to_string(),
-                first_seen: at,
-                last_seen: at,
-                count: 1,
-                resolved_at: None,
-            },
-        };
-        let mut b = WriteBatch::default();
-        b.put(ident, alert.id.to_be_bytes());
-        b.put(id_key("l/", alert.id), encode(&alert)?);
-        self.write_durably(b)?;
-        Ok(alert)
-    }
-
-    pub(super) fn alert_list(&self, limit: usize) -> Result<Vec<Alert>, StoreError> {
-        let mut all = self
-            .kv
-            .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
-            .iter()
-            .map(|(k, v)| decode::<Alert>(k, v))
-            .collect::<Result<Vec<_>, _>>()?;
-        all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(b.id.cmp(&a.id)));
-        all.truncate(limit.max(1));
-        Ok(all)
-    }
-
-    pub(super) fn resolve(
-        &self,
-        mailbox: &str,
-        prefix: &str,
-        at: UnixTime,
-    ) -> Result<u64, StoreError> {
-        let _writer = self.lock();
-        let mut b = WriteBatch::default();
-        let mut resolved = 0u64;
-        for (k, v) in self
-            .kv
-            .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
-        {
-            let mut a = decode::<Alert>(&k, &v)?;
-            if a.resolved_at.is_some()
-                || a.mailbox.as_deref() != Some(mailbox)
-                || !a.text.starts_with(prefix)
-            {
-                continue;
-            }
-            a.resolved_at = Some(at);
-            // Unlinked from its identity: the next identical alert is a new one.
-            b.delete(alert_identity(
-                a.level,
-                a.mailbox.as_deref(),
-                a.profile.as_deref(),
-                &a.text,
-            ));
-            b.put(k, encode(&a)?);
-            resolved += 1;
-        }
-        if resolved > 0 {
-            self.write_durably(b)?;
-        }
-        Ok(resolved)
     }
 }

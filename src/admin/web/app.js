@@ -1,0 +1,480 @@
+// crm-mailsync web admin page. Plain script, no framework, no build step.
+//
+// Security model:
+// - The admin token lives in this tab's sessionStorage only and is sent as
+//   `Authorization: Bearer …` on each /api/v1 call: never in a URL, never in
+//   localStorage, never in a cookie. A browser attaches none of it to a
+//   request another site forges, so the page is CSRF-safe by construction.
+// - Everything the API answers is written into the page as text
+//   (textContent / createTextNode), never as HTML: email subjects, addresses
+//   and reasons are attacker-controlled.
+// - The page's Content-Security-Policy allows this file and app.css only.
+"use strict";
+
+(function () {
+  const TOKEN_KEY = "crm-mailsync.admin-token";
+  const POLL_MS = 2500;
+
+  const $ = (id) => document.getElementById(id);
+  let timer = null;
+  let refreshing = false;
+  let openActivity = null;
+
+  // ---- API -------------------------------------------------------------
+
+  /** An API failure with the message the daemon gave. */
+  class ApiFailure extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  function token() {
+    return sessionStorage.getItem(TOKEN_KEY);
+  }
+
+  /** Calls /api/v1`path`; answers the parsed JSON or throws ApiFailure. */
+  async function api(method, path, given) {
+    const bearer = given || token();
+    let response;
+    try {
+      response = await fetch("/api/v1" + path, {
+        method: method,
+        headers: { Authorization: "Bearer " + bearer, Accept: "application/json" },
+        cache: "no-store",
+        credentials: "omit",
+      });
+    } catch (e) {
+      throw new ApiFailure(0, "the daemon does not answer (" + e.message + ")");
+    }
+    const text = await response.text();
+    let body = null;
+    try {
+      body = text ? JSON.parse(text) : null;
+    } catch (e) {
+      body = null;
+    }
+    if (!response.ok) {
+      let message;
+      if (body && typeof body.error === "string") {
+        message = body.error;
+      } else if (response.status === 404 || response.status === 405) {
+        message = "this daemon does not offer " + method + " /api/v1" + path + " (HTTP " + response.status + ")";
+      } else {
+        message = "HTTP " + response.status + (text ? ": " + text.trim().slice(0, 200) : "");
+      }
+      throw new ApiFailure(response.status, message);
+    }
+    return body;
+  }
+
+  // ---- small DOM helpers (text only) ------------------------------------
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") node.className = v;
+      else if (k === "text") node.textContent = v;
+      else if (k === "dataset") Object.assign(node.dataset, v);
+      else node.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return node;
+  }
+
+  function cell(...children) {
+    return el("td", null, ...children);
+  }
+
+  /** Unix seconds as a UTC time; "—" for none. */
+  function when(seconds) {
+    if (seconds === null || seconds === undefined) return "—";
+    const d = new Date(seconds * 1000);
+    if (isNaN(d.getTime())) return String(seconds);
+    return d.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+  }
+
+  function timeEl(seconds) {
+    if (seconds === null || seconds === undefined) return document.createTextNode("—");
+    const d = new Date(seconds * 1000);
+    return el("time", { datetime: isNaN(d.getTime()) ? null : d.toISOString(), text: when(seconds) });
+  }
+
+  function say(message, isError) {
+    const s = $("status");
+    s.textContent = message;
+    s.classList.toggle("error", !!isError);
+  }
+
+  /** Rebuilds a table body, keeping keyboard focus on the same button. */
+  function fill(tableId, rows, emptyId) {
+    const body = $(tableId).tBodies[0];
+    const focused = document.activeElement && body.contains(document.activeElement)
+      ? document.activeElement.dataset.key
+      : null;
+    body.replaceChildren(...rows);
+    $(emptyId).hidden = rows.length > 0;
+    if (focused) {
+      const again = body.querySelector('[data-key="' + CSS.escape(focused) + '"]');
+      if (again) again.focus();
+    }
+  }
+
+  function button(label, key, onClick, description) {
+    const b = el("button", { type: "button", text: label, dataset: { key: key }, "aria-label": description || null });
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  // ---- mailboxes --------------------------------------------------------
+
+  function testCell(result) {
+    const r = result || { status: "not_run" };
+    const status = r.status || "not_run";
+    return cell(
+      el("span", { class: "badge st-" + status, text: status.replace("_", " ") }),
+      r.completed_on ? el("br") : null,
+      r.completed_on ? timeEl(r.completed_on) : null,
+      r.detail ? el("div", { class: "cause", text: r.detail }) : null
+    );
+  }
+
+  function approvalOf(m) {
+    return m.approval || (m.state && m.state.approval) || "—";
+  }
+
+  function mailboxRow(m) {
+    const st = m.state || {};
+    const name = m.name;
+    const enabled = st.enabled
+      ? cell(el("span", { class: "badge st-success", text: "enabled" }))
+      : cell(
+          el("span", { class: "badge st-failure", text: "disabled" }),
+          st.disabled_reason ? el("div", { class: "cause", text: st.disabled_reason }) : null
+        );
+    const phase = cell(
+      el("span", { class: "phase ph-" + m.phase, text: String(m.phase).replace("_", " ") }),
+      m.not_processing_reason ? el("div", { class: "cause", text: m.not_processing_reason }) : null,
+      m.not_synced_since ? el("div", { class: "cause", text: "not synced since " + when(m.not_synced_since) }) : null,
+      st.last_sync_error && m.phase === "backing_off" ? el("div", { class: "cause", text: st.last_sync_error }) : null
+    );
+    const act = (verb, label) =>
+      button(label, "mb:" + name + ":" + verb, () => mailboxAction(name, verb), label + " mailbox " + name);
+    const actions = cell(
+      el("div", { class: "actions" },
+        act("test", "Test"),
+        st.enabled ? act("disable", "Disable") : act("enable", "Enable"),
+        act("approve", "Approve"),
+        act("reject", "Reject"))
+    );
+    const row = el("tr", { dataset: { mailbox: name } },
+      el("th", { scope: "row" }, el("span", { class: "name", text: name }), el("div", { class: "email", text: m.email || "" })),
+      phase,
+      cell(timeEl(st.last_success_at)),
+      cell(el("span", { class: "num", text: String(m.backlog ?? 0) })),
+      testCell(st.incoming_test),
+      testCell(st.outgoing_test),
+      testCell(st.act_test),
+      cell(approvalOf(m)),
+      enabled,
+      actions
+    );
+    return row;
+  }
+
+  async function mailboxAction(name, verb) {
+    const path = "/mailboxes/" + encodeURIComponent(name) + "/" + verb;
+    say(name + ": " + verb + "…");
+    try {
+      const answer = await api("POST", path);
+      if (verb === "test" && answer && answer.job) {
+        say(name + ": Test & Enable started (job " + answer.job + ")");
+        followJob(answer.job);
+      } else {
+        const what = answer && answer.status ? " (" + answer.status + ")" : "";
+        say(name + ": " + verb + " accepted" + what);
+      }
+    } catch (e) {
+      if (e.status === 401) return signedOut("The daemon no longer accepts the token: " + e.message);
+      say(name + ": " + verb + " failed: " + e.message, true);
+    }
+    refresh();
+  }
+
+  /** Follows a Test & Enable job until it is done, showing its progress. */
+  async function followJob(id) {
+    const line = $("job");
+    for (let i = 0; i < 600; i++) {
+      let job;
+      try {
+        job = await api("GET", "/jobs/" + encodeURIComponent(id));
+      } catch (e) {
+        line.textContent = "Job " + id + ": " + e.message;
+        return;
+      }
+      const progress = (job.completed ?? 0) + " of " + (job.total ?? "?") + " done, " +
+        (job.succeeded ?? 0) + " succeeded, " + (job.failed ?? 0) + " failed";
+      line.textContent = "Job " + id + " (" + (job.target || job.kind || "") + "): " + job.state + ", " + progress;
+      if (job.state === "done") {
+        const outcomes = (job.results || []).map((r) => {
+          const st = (t) => (t && t.status ? t.status.replace("_", " ") : "not run");
+          return r.mailbox + ": incoming " + st(r.incoming) + ", outgoing " + st(r.outgoing) +
+            ", ACT " + st(r.act) + (r.enabled ? ", enabled" : ", not enabled") + (r.error ? " (" + r.error + ")" : "");
+        });
+        line.textContent = "Test & Enable " + (job.target || id) + " done: " +
+          (job.summary || progress) + (outcomes.length ? ". " + outcomes.join("; ") : "");
+        refresh();
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
+  // ---- alerts -----------------------------------------------------------
+
+  function alertRow(a) {
+    const where = a.mailbox || (a.profile ? "profile " + a.profile : "—");
+    const state = a.resolved_at
+      ? cell("resolved ", timeEl(a.resolved_at))
+      : cell(a.acknowledged_at ? "open, acknowledged " : "open", a.acknowledged_at ? timeEl(a.acknowledged_at) : null);
+    const actions = a.resolved_at || a.acknowledged_at
+      ? cell()
+      : cell(button("Acknowledge", "al:" + a.id, () => acknowledge(a.id), "Acknowledge alert " + a.id));
+    return el("tr", { dataset: { alert: a.id, level: a.level } },
+      cell(el("span", { class: "badge lv-" + a.level, text: a.level })),
+      cell(where),
+      cell(el("span", { class: "alert-text", text: a.text }), a.kind ? el("div", { class: "cause", text: a.kind }) : null),
+      cell(el("span", { class: "num", text: String(a.count) })),
+      cell(timeEl(a.first_seen)),
+      cell(timeEl(a.last_seen)),
+      state,
+      actions
+    );
+  }
+
+  async function acknowledge(id) {
+    try {
+      await api("POST", "/alerts/" + encodeURIComponent(id) + "/acknowledge");
+      say("Alert " + id + " acknowledged");
+    } catch (e) {
+      if (e.status === 401) return signedOut("The daemon no longer accepts the token: " + e.message);
+      say("Alert " + id + ": acknowledge failed: " + e.message, true);
+    }
+    refresh();
+  }
+
+  function alertQuery() {
+    const state = $("alert-state").value;
+    const level = $("alert-level").value;
+    const q = new URLSearchParams();
+    if (state !== "all") q.set("state", state);
+    if (level) q.set("level", level);
+    q.set("limit", "200");
+    return q.toString();
+  }
+
+  /** Filters client-side too, so the view is right against a daemon whose
+   * /alerts does not filter yet. */
+  function alertShown(a) {
+    const state = $("alert-state").value;
+    const level = $("alert-level").value;
+    if (state === "open" && a.resolved_at) return false;
+    if (state === "resolved" && !a.resolved_at) return false;
+    return !level || a.level === level;
+  }
+
+  // ---- activities -------------------------------------------------------
+
+  function regardingText(r) {
+    if (!r) return "—";
+    if (typeof r === "string") return r;
+    if (r.kind && r.id) return r.kind + ":" + r.id;
+    return JSON.stringify(r);
+  }
+
+  function score(s) {
+    return typeof s === "number" ? s.toFixed(2) : "—";
+  }
+
+  function activityRow(a) {
+    const subject = button(a.subject || "(no subject)", "ac:" + a.id, () => showReasons(a.id),
+      "Why is “" + (a.subject || "(no subject)") + "” on its record?");
+    subject.classList.add("link");
+    return el("tr", { dataset: { activity: a.id } },
+      cell(a.received_at !== undefined ? timeEl(a.received_at) : a.received || "—"),
+      cell(a.mailbox),
+      el("th", { scope: "row" }, subject),
+      cell((a.from || []).join(", ")),
+      cell(regardingText(a.regarding)),
+      cell(a.method || "—"),
+      cell(el("span", { class: "num", text: score(a.score) }))
+    );
+  }
+
+  async function showReasons(id) {
+    let a;
+    try {
+      a = await api("GET", "/activities/" + encodeURIComponent(id));
+    } catch (e) {
+      if (e.status === 401) return signedOut("The daemon no longer accepts the token: " + e.message);
+      say("Activity " + id + ": " + e.message, true);
+      return;
+    }
+    openActivity = id;
+    $("r-subject").textContent = a.subject || "(no subject)";
+    $("r-from").textContent = (a.from || []).join(", ") || "—";
+    $("r-regarding").textContent = regardingText(a.regarding);
+    $("r-method").textContent = a.method || "—";
+    $("r-score").textContent = score(a.score);
+    $("r-automatic").textContent = a.automatic ? a.automatic + (a.no_reply ? " (never answered)" : "") : "no";
+    const reasons = (a.reasons || []).map((r) => el("li", { text: r }));
+    $("r-reasons").replaceChildren(...(reasons.length ? reasons : [el("li", { text: "No reasons were recorded." })]));
+    const parties = (a.parties || []).map((p) =>
+      el("li", { text: p.role + ": " + p.address + " → " + (p.record ? regardingText(p.record) : "no record") + (p.note ? " (" + p.note + ")" : "") }));
+    $("r-parties").replaceChildren(...(parties.length ? parties : [el("li", { text: "—" })]));
+    const panel = $("reasons");
+    panel.hidden = false;
+    panel.focus();
+  }
+
+  // ---- quarantine -------------------------------------------------------
+
+  function quarantineRow(q) {
+    const s = q.source || {};
+    return el("tr", { dataset: { quarantine: q.id } },
+      cell(timeEl(q.at)),
+      cell(s.mailbox || "—"),
+      cell(el("span", { class: "mono", text: (s.folder || "") + " " + (s.uid || "") })),
+      cell(q.reason),
+      cell(el("span", { class: "num", text: String(q.size ?? "") })),
+      cell(button("Retry", "qu:" + q.id, () => retry(q.id), "Retry quarantined message " + q.id))
+    );
+  }
+
+  async function retry(id) {
+    try {
+      await api("POST", "/quarantine/" + encodeURIComponent(id) + "/retry");
+      say("Quarantined message " + id + " queued for retry");
+    } catch (e) {
+      if (e.status === 401) return signedOut("The daemon no longer accepts the token: " + e.message);
+      say("Quarantined message " + id + ": retry failed: " + e.message, true);
+    }
+    refresh();
+  }
+
+  // ---- refresh loop -----------------------------------------------------
+
+  async function refresh() {
+    if (refreshing || !token()) return;
+    refreshing = true;
+    try {
+      const [mb, al, ac, qu] = await Promise.all([
+        api("GET", "/mailboxes"),
+        api("GET", "/alerts?" + alertQuery()),
+        api("GET", "/activities?limit=50"),
+        api("GET", "/quarantine?limit=100"),
+      ]);
+      fill("mailboxes", (mb.mailboxes || []).map(mailboxRow), "mailboxes-empty");
+      fill("alerts", (al.alerts || []).filter(alertShown).map(alertRow), "alerts-empty");
+      fill("activities", (ac.activities || []).map(activityRow), "activities-empty");
+      $("activities-total").textContent = ac.total !== undefined
+        ? "Showing " + (ac.count ?? 0) + " of " + ac.total + " activities."
+        : "";
+      fill("quarantine", (qu.quarantine || []).map(quarantineRow), "quarantine-empty");
+      $("updated").textContent = new Date().toISOString().slice(11, 19) + " UTC";
+      $("updated").dataset.at = String(Date.now());
+    } catch (e) {
+      if (e.status === 401) {
+        signedOut("The daemon no longer accepts the token: " + e.message);
+      } else {
+        say("Could not refresh: " + e.message, true);
+      }
+    } finally {
+      refreshing = false;
+    }
+  }
+
+  function schedule() {
+    clearInterval(timer);
+    timer = null;
+    // Poll only while the tab is visible and live updates are on.
+    if (token() && $("live").checked && !document.hidden) {
+      timer = setInterval(refresh, POLL_MS);
+    }
+  }
+
+  // ---- sign in / out ----------------------------------------------------
+
+  function showApp() {
+    $("signin-view").hidden = true;
+    $("app-view").hidden = false;
+    $("who").hidden = false;
+    refresh();
+    schedule();
+  }
+
+  function signedOut(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    clearInterval(timer);
+    timer = null;
+    $("app-view").hidden = true;
+    $("who").hidden = true;
+    $("signin-view").hidden = false;
+    $("signin-error").textContent = message || "";
+    $("token").value = "";
+    $("token").focus();
+  }
+
+  async function signIn(event) {
+    event.preventDefault();
+    const given = $("token").value.trim();
+    $("signin-error").textContent = "";
+    if (!given) {
+      $("signin-error").textContent = "Enter the admin token.";
+      return;
+    }
+    $("signin-button").disabled = true;
+    try {
+      // The mailbox list proves the token before the page keeps it.
+      await api("GET", "/mailboxes", given);
+      sessionStorage.setItem(TOKEN_KEY, given);
+      $("token").value = "";
+      showApp();
+      say("Signed in.");
+    } catch (e) {
+      $("signin-error").textContent = e.status === 401
+        ? "The daemon refused this token: " + e.message + "."
+        : "Could not sign in: " + e.message;
+    } finally {
+      $("signin-button").disabled = false;
+    }
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("signin").addEventListener("submit", signIn);
+    $("signout").addEventListener("click", () => signedOut("Signed out."));
+    $("live").addEventListener("change", schedule);
+    $("alert-state").addEventListener("change", refresh);
+    $("alert-level").addEventListener("change", refresh);
+    $("reasons-close").addEventListener("click", () => {
+      $("reasons").hidden = true;
+      const back = openActivity !== null && document.querySelector('[data-key="ac:' + openActivity + '"]');
+      openActivity = null;
+      if (back) back.focus();
+    });
+    document.addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && !$("reasons").hidden) $("reasons-close").click();
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) refresh();
+      schedule();
+    });
+    if (token()) showApp();
+    else $("token").focus();
+  });
+})();

@@ -1,0 +1,619 @@
+//! One mailbox's task: Test & Enable, the enabled loop (cycle, wait, back
+//! off), disabling and re-enabling, and panic supervision.
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::alerts::{kind, Alerts};
+use crate::config::{Config, Mailbox, Profile};
+use crate::connector::{Connector, ConnectorError};
+use crate::error::{Classify, Disposition};
+use crate::model::{
+    self, AlertLevel, ApprovalStatus, IncomingDelivery, MailboxState, TestResult, TestStatus,
+    UnixTime,
+};
+use crate::pipeline::PipelineError;
+use crate::store::{Store, StoreError};
+use crate::telemetry;
+
+use super::backoff::{idle_interval, Backoff};
+use super::runtime::{LiveMailbox, Phase, Runtime};
+
+/// Everything a mailbox task needs.
+#[derive(Clone)]
+pub struct MailboxTask {
+    pub config: Arc<Config>,
+    pub mailbox: Mailbox,
+    pub profile: Profile,
+    pub store: Arc<dyn Store>,
+    pub runtime: Arc<Runtime>,
+    pub alerts: Arc<Alerts>,
+    pub connections: Arc<Semaphore>,
+    pub cancel: CancellationToken,
+    pub backoff: Backoff,
+    /// How often a disabled mailbox checks its password/token file.
+    pub watch_every: Duration,
+}
+
+/// How often a disabled mailbox looks at its secret files by default.
+pub const WATCH_EVERY: Duration = Duration::from_secs(3);
+
+/// Alert texts: a failing sync is one alert of kind
+/// [`kind::SYNC_FAILING`] per mailbox, a Warning that becomes this Error
+/// once the mailbox has not synced for `stall_alert_after`.
+pub(super) const STALL_ALERT: &str = "not synced since ";
+pub(super) const DISABLED_ALERT: &str = "mailbox disabled: ";
+pub(super) const TRANSIENT_ALERT: &str = "transient error, retrying with back-off: ";
+
+/// A task that ran this long without a panic starts its restart back-off over.
+pub(super) const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
+
+/// Why a cycle failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum CycleError {
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal task failure: {0}")]
+    Join(String),
+}
+
+impl Classify for CycleError {
+    fn disposition(&self) -> Disposition {
+        match self {
+            CycleError::Connector(e) => e.disposition(),
+            CycleError::Pipeline(e) => e.disposition(),
+            CycleError::Store(e) => e.disposition(),
+            CycleError::Join(_) => Disposition::Transient,
+        }
+    }
+}
+
+/// The start of the not-approved alert's text (what resolves it).
+pub(super) fn not_approved_prefix(email: &str) -> String {
+    format!("email address {email} is not approved")
+}
+
+/// Why a mailbox that is not approved processes no mail (its alert text).
+pub(super) fn not_approved_reason(email: &str, approval: ApprovalStatus) -> String {
+    let status = match approval {
+        ApprovalStatus::Empty => "empty",
+        ApprovalStatus::Approved => "approved",
+        ApprovalStatus::Pending => "pending",
+        ApprovalStatus::Rejected => "rejected",
+    };
+    format!(
+        "{} (approval = \"{status}\"): no mail is processed while process_only_approved = true (\"process emails only for approved users/queues\"); approve the address or turn the setting off",
+        not_approved_prefix(email)
+    )
+}
+
+/// How one enabled stretch of a mailbox ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exit {
+    /// A permanent error disabled it: wait to be re-enabled.
+    Disabled,
+    /// Shutdown, or nothing to run (disabled by config, not approved).
+    Stopped,
+}
+
+/// Content fingerprint of a watched file (`None`: missing or unreadable).
+pub(super) fn file_fingerprint(path: &std::path::Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    Some(h.finish())
+}
+
+/// The text of a panic payload.
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
+impl MailboxTask {
+    /// Registers the mailbox in the runtime view before its task starts.
+    pub fn register(&self, protocol: &str) {
+        let state = self.load_state();
+        let live = LiveMailbox {
+            name: self.mailbox.name.clone(),
+            profile: self.profile.name.clone(),
+            email: self.mailbox.email.clone(),
+            protocol: protocol.to_string(),
+            phase: Phase::Starting,
+            backlog: 0,
+            state,
+            not_synced_since: None,
+            restarts: 0,
+            not_processing_reason: None,
+            cycle_started: None,
+        };
+        let mut map = self
+            .runtime
+            .mailboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        map.insert(self.mailbox.name.clone(), live);
+    }
+
+    pub(super) fn load_state(&self) -> MailboxState {
+        match self.store.mailbox_state(&self.mailbox.name) {
+            Ok(Some(s)) => s,
+            Ok(None) => MailboxState {
+                name: self.mailbox.name.clone(),
+                enabled: true,
+                ..Default::default()
+            },
+            Err(e) => {
+                tracing::error!(mailbox = %self.mailbox.name, error = %e, "cannot read mailbox state; starting fresh");
+                MailboxState {
+                    name: self.mailbox.name.clone(),
+                    enabled: true,
+                    ..Default::default()
+                }
+            }
+        }
+    }
+
+    pub(super) fn set_phase(&self, phase: Phase, state: &MailboxState) {
+        let started = (phase == Phase::Syncing).then(Instant::now);
+        self.runtime.update(&self.mailbox.name, |m| {
+            m.phase = phase;
+            m.state = state.clone();
+            m.cycle_started = started;
+        });
+        let up = if matches!(phase, Phase::Disabled | Phase::NotApproved | Phase::Stopped) {
+            0.0
+        } else {
+            1.0
+        };
+        metrics::gauge!(telemetry::MAILBOX_UP, "mailbox" => self.mailbox.name.clone()).set(up);
+    }
+
+    pub(super) fn alert(&self, kind: &str, level: AlertLevel, text: &str) {
+        self.alerts.raise(
+            kind,
+            level,
+            Some(&self.mailbox.name),
+            Some(&self.profile.name),
+            text,
+            model::now(),
+        );
+    }
+
+    /// The files whose change re-enables a disabled mailbox: its own and its
+    /// profile's password and token files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        [
+            &self.mailbox.password_file,
+            &self.mailbox.token_file,
+            &self.profile.password_file,
+            &self.profile.token_file,
+            &self
+                .profile
+                .graph
+                .as_ref()
+                .and_then(|g| g.client_secret_file.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect()
+    }
+
+    /// Runs the task under supervision: a panic is caught, alerted, counted
+    /// ([`telemetry::TASK_RESTARTS`]) and the task restarted with back-off.
+    /// `make` builds the connector (again at every restart and re-enable, so
+    /// a changed password file is read).
+    pub async fn supervise<C, F>(self, make: F)
+    where
+        C: Connector + 'static,
+        F: FnMut() -> Result<C, String> + Clone + Send + 'static,
+    {
+        let name = self.mailbox.name.clone();
+        let mut restarts = 0u32;
+        loop {
+            let started = tokio::time::Instant::now();
+            let run = tokio::spawn(self.clone().run(make.clone()));
+            let payload = match run.await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => e.into_panic(),
+                Err(_) => return,
+            };
+            if started.elapsed() >= RESTART_RESET_AFTER {
+                restarts = 0;
+            }
+            restarts = restarts.saturating_add(1);
+            let message = panic_message(payload.as_ref());
+            metrics::counter!(telemetry::TASK_RESTARTS, "mailbox" => name.clone()).increment(1);
+            let delay = self.backoff.delay(restarts);
+            self.alert(
+                kind::TASK_PANIC,
+                AlertLevel::Error,
+                &format!("mailbox task panicked and is restarted with back-off: {message}"),
+            );
+            self.runtime.update(&name, |m| {
+                m.restarts += 1;
+                m.phase = Phase::BackingOff;
+                m.cycle_started = None;
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Runs the mailbox until cancelled: enabled stretches, and between them
+    /// (after a permanent error) waits to be re-enabled.
+    pub async fn run<C, F>(self, mut make: F)
+    where
+        C: Connector,
+        F: FnMut() -> Result<C, String> + Send,
+    {
+        if !self.runnable() {
+            return;
+        }
+        let watched = self.watched_files();
+        loop {
+            // Taken before the connector reads them: a change from here on,
+            // even one made while the mailbox was failing, re-enables it.
+            let baseline: Vec<Option<u64>> = watched.iter().map(|p| file_fingerprint(p)).collect();
+            let exit = match make() {
+                Ok(mut connector) => {
+                    let exit = self.run_enabled(&mut connector).await;
+                    connector.close().await;
+                    exit
+                }
+                Err(why) => {
+                    let mut state = self.load_state();
+                    self.disable(&mut state, &why);
+                    Exit::Disabled
+                }
+            };
+            if exit == Exit::Stopped || !self.wait_for_reenable(&watched, &baseline).await {
+                break;
+            }
+        }
+        let state = self.load_state();
+        // A mailbox disabled at shutdown stays shown as disabled.
+        if state.enabled {
+            self.set_phase(Phase::Stopped, &state);
+        }
+    }
+
+    /// False (with the phase set) for a mailbox the configuration keeps from
+    /// running: disabled, no incoming delivery, or not approved.
+    pub(super) fn runnable(&self) -> bool {
+        let state = self.load_state();
+        let not_processing = |why: String| {
+            self.runtime.update(&self.mailbox.name, |m| {
+                m.not_processing_reason = Some(why);
+            });
+        };
+        if !self.mailbox.enabled || self.mailbox.incoming == IncomingDelivery::None {
+            not_processing(if self.mailbox.enabled {
+                "incoming = \"none\" in the configuration: no mail is read".into()
+            } else {
+                "enabled = false in the configuration".into()
+            });
+            self.set_phase(Phase::Disabled, &state);
+            return false;
+        }
+        if self.config.process_only_approved && self.mailbox.approval != ApprovalStatus::Approved {
+            let why = not_approved_reason(&self.mailbox.email, self.mailbox.approval);
+            // One Information alert (as Dynamics raises it), aggregated:
+            // raised again at each start, it only counts up.
+            self.alert(kind::NOT_APPROVED, AlertLevel::Information, &why);
+            not_processing(why);
+            self.set_phase(Phase::NotApproved, &state);
+            return false;
+        }
+        // Approved now: an alert from a run when it was not is over.
+        self.alerts
+            .resolve(&self.mailbox.name, kind::NOT_APPROVED, model::now());
+        true
+    }
+
+    /// Waits until the mailbox is enabled through the API or a watched file's
+    /// content differs from `baseline`; false on shutdown.
+    pub(super) async fn wait_for_reenable(
+        &self,
+        watched: &[PathBuf],
+        baseline: &[Option<u64>],
+    ) -> bool {
+        let name = &self.mailbox.name;
+        let wake = self.runtime.reenable_handle(name);
+        let why = loop {
+            let now: Vec<Option<u64>> = watched.iter().map(|p| file_fingerprint(p)).collect();
+            if now != baseline {
+                break Some("its password or token file changed");
+            }
+            tokio::select! {
+                _ = wake.notified() => break Some("enabled through the admin API"),
+                _ = tokio::time::sleep(self.watch_every) => {}
+                _ = self.cancel.cancelled() => break None,
+            }
+        };
+        self.runtime.clear_reenable(name);
+        match why {
+            Some(why) => {
+                tracing::info!(mailbox = %name, "re-enabling the mailbox: {why}");
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Test & Enable, then sync cycles until a permanent error or shutdown.
+    pub(super) async fn run_enabled<C: Connector>(&self, connector: &mut C) -> Exit {
+        let name = self.mailbox.name.clone();
+        let mut state = self.load_state();
+        // A restart or re-enable is a fresh Test & Enable: an operator who
+        // fixed the cause should not have to re-enable by hand.
+        state.enabled = true;
+        state.disabled_reason = None;
+
+        // Test & Enable (incoming). The connection the test leaves open is
+        // reused by the first cycle: its permit goes with it, so no
+        // connection is ever open without one.
+        let mut held = self.connections.clone().acquire_owned().await.ok();
+        let test = connector.test().await;
+        match &test {
+            Ok(detail) => {
+                state.incoming_test = TestResult {
+                    status: TestStatus::Success,
+                    completed_on: Some(model::now()),
+                    detail: Some(detail.clone()),
+                };
+                tracing::info!(mailbox = %name, protocol = connector.protocol(), "{detail}");
+            }
+            Err(e) => {
+                state.incoming_test = TestResult {
+                    status: TestStatus::Failure,
+                    completed_on: Some(model::now()),
+                    detail: Some(e.to_string()),
+                };
+            }
+        }
+        self.note_token_expiry(connector, &mut state);
+        if let Err(e) = &test {
+            self.token_alert(e);
+        }
+        if let Err(e) = test {
+            if e.disposition() == Disposition::Permanent {
+                self.disable(&mut state, &e.to_string());
+                return Exit::Disabled;
+            }
+        }
+        self.save_state(&state);
+
+        // The stall clock: tokio's, so tests can run it on paused time.
+        let mut healthy_at = tokio::time::Instant::now();
+        let started_wall = model::now();
+        // Alerts to resolve at the next success: whatever is open at start
+        // (from before a restart or re-enable), then what failures raised.
+        let mut alerts_open = true;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Exit::Stopped;
+            }
+            self.set_phase(Phase::Syncing, &state);
+            let permit = match held.take() {
+                Some(p) => Some(p),
+                None => self.connections.clone().acquire_owned().await.ok(),
+            };
+            let result = self.cycle(connector, &mut state).await;
+            let now = model::now();
+            state.last_sync_at = Some(now);
+            self.note_token_expiry(connector, &mut state);
+            match result {
+                Ok(found) => {
+                    state.transient_failures = 0;
+                    state.last_success_at = Some(now);
+                    state.postponed_until = None;
+                    state.no_email_cycles = if found == 0 {
+                        state.no_email_cycles.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    metrics::gauge!(telemetry::LAST_SUCCESS, "mailbox" => name.clone())
+                        .set(now as f64);
+                    healthy_at = tokio::time::Instant::now();
+                    self.alerts
+                        .mailbox_recovered(&self.profile.name, &name, now);
+                    if std::mem::take(&mut alerts_open) {
+                        self.recovered(now);
+                    }
+                    self.save_state(&state);
+                    self.set_phase(Phase::Waiting, &state);
+                    let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
+                    // A connection kept open between polls (reuse, IDLE) counts
+                    // against the profile's limit: keep it only with a permit.
+                    // The semaphore is FIFO, so mailboxes queued for a cycle get
+                    // their turn when an idling one comes back. Kept only while
+                    // no one can be waiting (a free permit means an empty
+                    // queue); otherwise closed before the permit goes, and a
+                    // permit free after that may IDLE on a new connection.
+                    let permit = match permit {
+                        Some(p) if self.connections.available_permits() > 0 => Some(p),
+                        other => {
+                            connector.close().await;
+                            drop(other);
+                            if self.profile.idle {
+                                self.connections.clone().try_acquire_owned().ok()
+                            } else {
+                                None
+                            }
+                        }
+                    };
+                    let waited = connector
+                        .wait_for_changes(wait, permit.is_some(), &self.cancel)
+                        .await;
+                    // The connection kept through the wait goes into the
+                    // next cycle with its permit.
+                    held = permit;
+                    if let Err(e) = waited {
+                        tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
+                    }
+                }
+                Err(e) => {
+                    // Not open beyond the permit (a connector error has
+                    // dropped it already; a store or pipeline error has not).
+                    connector.close().await;
+                    drop(permit);
+                    let disposition = e.disposition();
+                    if let CycleError::Connector(c) = &e {
+                        self.token_alert(c);
+                    }
+                    metrics::counter!(telemetry::SYNC_ERRORS, "mailbox" => name.clone(), "disposition" => disposition.to_string()).increment(1);
+                    state.last_sync_error = Some(e.to_string());
+                    state.last_sync_error_at = Some(now);
+                    self.alerts
+                        .mailbox_failed(&self.profile.name, &name, &e.to_string(), now);
+                    state.transient_failures = state.transient_failures.saturating_add(1);
+                    if disposition == Disposition::Permanent {
+                        self.disable(&mut state, &e.to_string());
+                        return Exit::Disabled;
+                    }
+                    alerts_open = true;
+                    // The server's own Retry-After (Graph) when it asks for longer.
+                    let server_wait = match &e {
+                        CycleError::Connector(c) => c.retry_after(),
+                        _ => None,
+                    };
+                    let delay = self
+                        .backoff
+                        .delay(state.transient_failures)
+                        .max(server_wait.unwrap_or_default());
+                    state.postponed_until = Some(now + delay.as_secs() as i64);
+                    // One alert per mailbox for the whole outage: a Warning
+                    // while it retries, the same alert an Error once the
+                    // mailbox has not synced for stall_alert_after.
+                    if healthy_at.elapsed() >= self.profile.stall_alert_after {
+                        let since = state.last_success_at.unwrap_or(started_wall);
+                        self.alert(
+                            kind::SYNC_FAILING,
+                            AlertLevel::Error,
+                            &format!(
+                                "{STALL_ALERT}{}: {e} (retrying with back-off; it recovers by itself once the cause is gone)",
+                                model::format_time(since)
+                            ),
+                        );
+                        self.runtime
+                            .update(&name, |m| m.not_synced_since = Some(since));
+                    } else {
+                        self.alert(
+                            kind::SYNC_FAILING,
+                            AlertLevel::Warning,
+                            &format!("{TRANSIENT_ALERT}{e}"),
+                        );
+                    }
+                    self.save_state(&state);
+                    self.set_phase(Phase::BackingOff, &state);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.cancel.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a successful sync that follows failures (or a start): the stall,
+    /// disabled and retry alerts are resolved.
+    pub(super) fn recovered(&self, now: UnixTime) {
+        let name = &self.mailbox.name;
+        self.runtime.update(name, |m| m.not_synced_since = None);
+        for kind in [
+            kind::SYNC_FAILING,
+            kind::DISABLED,
+            kind::CREDENTIAL_REJECTED,
+            kind::INCOMING_TEST,
+        ] {
+            self.alerts.resolve(name, kind, now);
+        }
+    }
+
+    /// Records the OAuth token expiry the connector last logged in with, and
+    /// warns ahead of it: an expiring token is the classic "mailbox silently
+    /// stopped". The alert text names the expiry, so it is raised once per
+    /// token (the store counts repeats) rather than once per cycle.
+    pub(super) fn note_token_expiry<C: Connector>(&self, connector: &C, state: &mut MailboxState) {
+        let expiry = connector.token_expires_at();
+        state.token_expires_at = expiry;
+        let now = model::now();
+        let Some(at) = expiry else {
+            self.alerts
+                .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+            return;
+        };
+        let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
+        if now < warn_from {
+            // Renewed (or never close): a warning about the old one is over.
+            self.alerts
+                .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+        } else if now < at {
+            self.alert(
+                kind::CREDENTIAL_EXPIRING,
+                AlertLevel::Warning,
+                &format!(
+                    "{} expires at {}: renew it before then, or the mailbox stops syncing",
+                    connector.expiring_credential(),
+                    model::format_time(at)
+                ),
+            );
+        }
+    }
+
+    /// An Error alert for a rejected OAuth token, saying what to do; the
+    /// generic retry/disable alerts do not tell an expired token apart from a
+    /// wrong password.
+    pub(super) fn token_alert(&self, e: &ConnectorError) {
+        if matches!(e, ConnectorError::TokenRejected { .. })
+            || matches!(e, ConnectorError::Graph(g) if g.is_auth_failure())
+        {
+            self.alert(kind::CREDENTIAL_REJECTED, AlertLevel::Error, &e.to_string());
+        }
+    }
+
+    pub(super) fn disable(&self, state: &mut MailboxState, why: &str) {
+        state.enabled = false;
+        state.disabled_reason = Some(why.to_string());
+        state.last_sync_error = Some(why.to_string());
+        state.last_sync_error_at = Some(model::now());
+        // The disable alert says what is wrong now; the retry alert is over.
+        self.alerts
+            .resolve(&self.mailbox.name, kind::SYNC_FAILING, model::now());
+        self.alert(
+            kind::DISABLED,
+            AlertLevel::Error,
+            &format!("{DISABLED_ALERT}{why} (re-enabled when its password, token or client secret file changes, or by POST /api/v1/mailboxes/{}/enable)", self.mailbox.name),
+        );
+        // Disabled is not stalled: the disable alert says what is wrong.
+        self.runtime
+            .update(&self.mailbox.name, |m| m.not_synced_since = None);
+        self.runtime.reenable_handle(&self.mailbox.name);
+        self.save_state(state);
+        self.set_phase(Phase::Disabled, state);
+    }
+
+    pub(super) fn save_state(&self, state: &MailboxState) {
+        if let Err(e) = self.store.put_mailbox_state(state) {
+            tracing::error!(mailbox = %self.mailbox.name, error = %e, "cannot save mailbox state");
+        }
+    }
+}
