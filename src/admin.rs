@@ -13,6 +13,7 @@ mod activities;
 mod alerts;
 mod doc;
 mod feed;
+mod jobs;
 mod mailboxes;
 mod outbox;
 mod outgoing;
@@ -72,6 +73,9 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(mailboxes::disable))
         .routes(routes!(mailboxes::approve))
         .routes(routes!(mailboxes::reject))
+        .routes(routes!(jobs::test_mailbox))
+        .routes(routes!(jobs::test_profile))
+        .routes(routes!(jobs::get_job))
         .routes(routes!(mailboxes::profiles))
         .routes(routes!(activities::list))
         .routes(routes!(activities::get_one))

@@ -95,6 +95,15 @@ pub enum TestStatus {
     Failure,
 }
 
+/// A direction of Test & Enable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TestDirection {
+    Incoming,
+    Outgoing,
+    /// Appointments, contacts and tasks.
+    Act,
+}
+
 /// Last Test & Enable result for one direction (incoming, outgoing, ACT).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TestResult {

@@ -54,12 +54,22 @@ pub(super) async fn get_one(State(s): State<AdminState>, Path(name): Path<String
 }
 
 /// The mailbox tasks' live view, with the outgoing Test & Enable result the
-/// senders record in the store (the mailbox task does not know it).
+/// senders record in the store (the mailbox task does not know it), and the
+/// on-demand test's incoming and ACT results where they are later than the
+/// task's own.
 pub(super) fn live_mailboxes(s: &AdminState) -> Vec<crate::scheduler::LiveMailbox> {
     let mut list = s.runtime.snapshot();
     for m in &mut list {
         if let Ok(Some(stored)) = s.store.mailbox_state(&m.name) {
             m.state.outgoing_test = stored.outgoing_test;
+            for (live, kept) in [
+                (&mut m.state.incoming_test, stored.incoming_test),
+                (&mut m.state.act_test, stored.act_test),
+            ] {
+                if kept.completed_on > live.completed_on {
+                    *live = kept;
+                }
+            }
         }
     }
     list

@@ -43,8 +43,16 @@ pub mod kind {
     /// More than half a profile's mailboxes failed within an hour: one
     /// profile alert instead of a storm. Resolved when half or fewer fail.
     pub const PROFILE_FAILING: &str = "profile_failing";
-    /// Outgoing Test & Enable failed.
+    /// Outgoing Test & Enable failed (the sender's start-up test, or an
+    /// on-demand one). Resolved by the next passing outgoing test.
     pub const OUTGOING_TEST: &str = "outgoing_test";
+    /// An on-demand incoming Test & Enable failed. Resolved by the next
+    /// passing incoming test, or the mailbox's next successful sync.
+    pub const INCOMING_TEST: &str = "incoming_test";
+    /// An on-demand Test & Enable passed but the mailbox could not be
+    /// enabled (disabled in the configuration, not approved). Resolved by
+    /// the next test that enables it.
+    pub const NOT_ENABLED: &str = "not_enabled";
     /// An outgoing email failed for good.
     pub const OUTGOING_FAILED: &str = "outgoing_failed";
     /// A sync cycle has run longer than `stuck_after` (a hung connection).

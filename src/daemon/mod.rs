@@ -80,6 +80,33 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     start_crm_link(&config, &store, &runtime, &tracker, &cancel)?;
     start_pending_send(&config, &store, &alerts, &wakeup, &tracker, &cancel)?;
 
+    let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
+    for p in &config.profiles {
+        if let Some(n) = p.max_transient_failures {
+            tracing::warn!(
+                profile = %p.name,
+                max_transient_failures = n,
+                "max_transient_failures is deprecated and ignored: transient errors are retried forever with back-off up to retry_backoff_max, and stall_alert_after raises an Error alert; remove the key"
+            );
+        }
+        semaphores.insert(
+            p.name.clone(),
+            Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
+        );
+    }
+    let graph_clients = graph::graph_mailboxes(&config);
+    // Test & Enable on demand: the mailbox tasks' semaphores and Graph
+    // clients, so its connections count against the same limits.
+    let test_enable = Arc::new(crate::testenable::TestEnable::for_daemon(
+        config.clone(),
+        store.clone(),
+        alerts.clone(),
+        semaphores.clone(),
+        Builders::with_graph(store.clone(), graph_clients.clone()),
+        runtime.clone(),
+        cancel.clone(),
+    ));
+
     if config.admin.enabled {
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
@@ -99,7 +126,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             prometheus,
             shutdown: cancel.clone(),
             send_wakeup: Some(wakeup.clone()),
-        });
+        })
+        .layer(axum::Extension(test_enable.clone()));
         let stop = cancel.clone();
         tracker.spawn(async move {
             let served = axum::serve(listener, app)
@@ -111,21 +139,6 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         });
     }
 
-    let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
-    for p in &config.profiles {
-        if let Some(n) = p.max_transient_failures {
-            tracing::warn!(
-                profile = %p.name,
-                max_transient_failures = n,
-                "max_transient_failures is deprecated and ignored: transient errors are retried forever with back-off up to retry_backoff_max, and stall_alert_after raises an Error alert; remove the key"
-            );
-        }
-        semaphores.insert(
-            p.name.clone(),
-            Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
-        );
-    }
-    let graph_clients = graph::graph_mailboxes(&config);
     for mailbox in &config.mailboxes {
         let Some(profile) = config.profile_of(mailbox).cloned() else {
             continue;
@@ -149,54 +162,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         let mailbox = mailbox.clone();
         match profile.kind {
             ProfileType::Maildir => {
-                let make = move || {
-                    let mut folders: Vec<String> = mailbox
-                        .tracked_folders
-                        .iter()
-                        .map(|r| r.folder.clone())
-                        .collect();
-                    folders.extend(mailbox.extra_folders.iter().cloned());
-                    let root = mailbox.path.clone().unwrap_or_default();
-                    Ok(MaildirConnector::new(
-                        &mailbox.name,
-                        &root,
-                        folders,
-                        profile.batch_size,
-                        mailbox.delete_after_processing,
-                        profile.move_failed_to.clone(),
-                        store.clone(),
-                    ))
-                };
+                let make = move || Ok(maildir_connector(&profile, &mailbox, &store));
                 start_mailbox(&tracker, task, "maildir", make);
             }
             ProfileType::ImapSmtp => {
-                let make = move || {
-                    let (profile, mailbox) = with_current_secrets(&profile, &mailbox)?;
-                    imap_settings(&profile, &mailbox)
-                        .map(|settings| ImapConnector::new(settings, store.clone()))
-                };
+                let make = move || imap_connector(&profile, &mailbox, &store);
                 start_mailbox(&tracker, task, "imap", make);
             }
             ProfileType::Pop3Smtp => {
-                let make = move || {
-                    let (profile, mailbox) = with_current_secrets(&profile, &mailbox)?;
-                    pop3_settings(&profile, &mailbox)
-                        .map(|settings| Pop3Connector::new(settings, store.clone()))
-                };
+                let make = move || pop3_connector(&profile, &mailbox, &store);
                 start_mailbox(&tracker, task, "pop3", make);
             }
             ProfileType::ExchangeOnline => {
                 let client = graph_clients.get(&mailbox.name).cloned();
-                let make = move || {
-                    let client = client
-                        .clone()
-                        .unwrap_or_else(|| Err("no Graph client was built".to_string()))?;
-                    Ok(GraphConnector::new(
-                        client,
-                        graph::graph_settings(&profile, &mailbox),
-                        store.clone(),
-                    ))
-                };
+                let make = move || graph_connector(client.clone(), &profile, &mailbox, &store);
                 start_mailbox(&tracker, task, "graph", make);
             }
             other => {
@@ -262,8 +241,6 @@ fn start_senders(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    use crate::outgoing::sender::{Sender, SenderSettings};
-    use crate::outgoing::transport::{GraphTransportSettings, TransportSettings};
     for mailbox in &config.mailboxes {
         if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
             continue;
@@ -284,28 +261,15 @@ fn start_senders(
             "smtp"
         };
         let make = move || {
-            let built = with_current_secrets(&profile, &mailbox).and_then(|(p, m)| {
-                let settings = match (&p.graph, &graph_client) {
-                    (Some(g), Some(client)) => {
-                        let mut t = GraphTransportSettings::new(client.clone()?);
-                        t.unknown_delivery = g.unknown_delivery;
-                        t.retry_for = g.send_retry_for;
-                        t.confirm_for = g.confirm_sent_within;
-                        SenderSettings::with_transport(&config, &p, &m, TransportSettings::Graph(t))
-                    }
-                    _ => {
-                        let credentials = imap_settings(&p, &m)?.credentials;
-                        SenderSettings::new(&config, &p, &m, credentials, token_provider(&p, &m))?
-                    }
-                };
-                Sender::new(
-                    settings,
-                    store.clone(),
-                    alerts.clone(),
-                    wakeup.clone(),
-                    stop.clone(),
-                )
-            });
+            let built = build_sender(
+                &config,
+                &profile,
+                &mailbox,
+                graph_client.clone(),
+                (store.clone(), alerts.clone()),
+                wakeup.clone(),
+                stop.clone(),
+            );
             let (alerts, name, profile_name) =
                 (alerts.clone(), mailbox.name.clone(), profile.name.clone());
             async move {
@@ -324,6 +288,189 @@ fn start_senders(
         };
         tracker.spawn(supervise("sender", protocol, cancel.clone(), make));
     }
+}
+
+/// The sender of `mailbox` with its current secrets (SMTP, or Graph where
+/// the profile is Exchange Online), as the daemon and Test & Enable build it.
+fn build_sender(
+    config: &Config,
+    profile: &Profile,
+    mailbox: &Mailbox,
+    graph_client: Option<Result<Arc<crate::connector::graph::GraphMailbox>, String>>,
+    (store, alerts): (Arc<dyn Store>, Arc<Alerts>),
+    wakeup: crate::outgoing::SendWakeup,
+    stop: CancellationToken,
+) -> Result<crate::outgoing::sender::Sender, String> {
+    use crate::outgoing::sender::{Sender, SenderSettings};
+    use crate::outgoing::transport::{GraphTransportSettings, TransportSettings};
+    let (p, m) = with_current_secrets(profile, mailbox)?;
+    let settings = match (&p.graph, graph_client) {
+        (Some(g), Some(client)) => {
+            let mut t = GraphTransportSettings::new(client?);
+            t.unknown_delivery = g.unknown_delivery;
+            t.retry_for = g.send_retry_for;
+            t.confirm_for = g.confirm_sent_within;
+            SenderSettings::with_transport(config, &p, &m, TransportSettings::Graph(t))
+        }
+        _ => {
+            let credentials = imap_settings(&p, &m)?.credentials;
+            SenderSettings::new(config, &p, &m, credentials, token_provider(&p, &m))?
+        }
+    };
+    Sender::new(settings, store, alerts, wakeup, stop)
+}
+
+/// A Maildir connector for `mailbox`.
+fn maildir_connector(
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> MaildirConnector {
+    let mut folders: Vec<String> = mailbox
+        .tracked_folders
+        .iter()
+        .map(|r| r.folder.clone())
+        .collect();
+    folders.extend(mailbox.extra_folders.iter().cloned());
+    let root = mailbox.path.clone().unwrap_or_default();
+    MaildirConnector::new(
+        &mailbox.name,
+        &root,
+        folders,
+        profile.batch_size,
+        mailbox.delete_after_processing,
+        profile.move_failed_to.clone(),
+        store.clone(),
+    )
+}
+
+/// An IMAP connector for `mailbox`, its password file read now.
+fn imap_connector(
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> Result<ImapConnector, String> {
+    let (profile, mailbox) = with_current_secrets(profile, mailbox)?;
+    imap_settings(&profile, &mailbox).map(|settings| ImapConnector::new(settings, store.clone()))
+}
+
+/// A POP3 connector for `mailbox`, its password file read now.
+fn pop3_connector(
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> Result<Pop3Connector, String> {
+    let (profile, mailbox) = with_current_secrets(profile, mailbox)?;
+    pop3_settings(&profile, &mailbox).map(|settings| Pop3Connector::new(settings, store.clone()))
+}
+
+/// A Microsoft Graph connector for `mailbox` over its (shared) Graph client.
+fn graph_connector(
+    client: Option<Result<Arc<crate::connector::graph::GraphMailbox>, String>>,
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> Result<GraphConnector, String> {
+    let client = client.unwrap_or_else(|| Err("no Graph client was built".to_string()))?;
+    Ok(GraphConnector::new(
+        client,
+        graph::graph_settings(profile, mailbox),
+        store.clone(),
+    ))
+}
+
+/// Why an incoming test with a freshly built connector failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The connector could not be built (a password file unreadable, no
+    /// connector for the profile type).
+    #[error("{0}")]
+    Build(String),
+    /// The server (or the Maildir) said no.
+    #[error(transparent)]
+    Connector(#[from] crate::connector::ConnectorError),
+}
+
+/// Builds connectors and senders for Test & Enable exactly as the mailbox
+/// tasks and senders are built, with the secrets read again at each build.
+pub struct Builders {
+    store: Arc<dyn Store>,
+    graph_clients: graph::GraphMailboxes,
+}
+
+impl Builders {
+    /// Builders for `config`'s mailboxes (Graph clients built here share
+    /// nothing with the daemon's; the daemon passes its own through
+    /// [`Builders::with_graph`]).
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+        Builders {
+            graph_clients: graph::graph_mailboxes(config),
+            store,
+        }
+    }
+
+    fn with_graph(store: Arc<dyn Store>, graph_clients: graph::GraphMailboxes) -> Self {
+        Builders {
+            store,
+            graph_clients,
+        }
+    }
+
+    /// The incoming Test & Enable of `mailbox` on a fresh connector:
+    /// connect, TLS, authenticate, open the inbox (or UIDL, or the Graph
+    /// inbox), then log out. Returns the connector's success line.
+    pub async fn incoming_test(
+        &self,
+        profile: &Profile,
+        mailbox: &Mailbox,
+    ) -> Result<String, ProbeError> {
+        let store = &self.store;
+        match profile.kind {
+            ProfileType::Maildir => probe(maildir_connector(profile, mailbox, store)).await,
+            ProfileType::ImapSmtp => {
+                probe(imap_connector(profile, mailbox, store).map_err(ProbeError::Build)?).await
+            }
+            ProfileType::Pop3Smtp => {
+                probe(pop3_connector(profile, mailbox, store).map_err(ProbeError::Build)?).await
+            }
+            ProfileType::ExchangeOnline => {
+                let client = self.graph_clients.get(&mailbox.name).cloned();
+                probe(graph_connector(client, profile, mailbox, store).map_err(ProbeError::Build)?)
+                    .await
+            }
+            other => Err(ProbeError::Build(format!(
+                "no connector for profile type {other:?} in this build"
+            ))),
+        }
+    }
+
+    /// A sender for the outgoing Test & Enable of `mailbox` (its secrets
+    /// read now); it sends nothing but what it is asked to.
+    pub fn sender(
+        &self,
+        config: &Config,
+        profile: &Profile,
+        mailbox: &Mailbox,
+        alerts: Arc<Alerts>,
+    ) -> Result<crate::outgoing::sender::Sender, String> {
+        build_sender(
+            config,
+            profile,
+            mailbox,
+            self.graph_clients.get(&mailbox.name).cloned(),
+            (self.store.clone(), alerts),
+            Arc::new(tokio::sync::Notify::new()),
+            CancellationToken::new(),
+        )
+    }
+}
+
+/// Runs a connector's test and closes it: the connection is over when this
+/// returns, so it is never open beyond the caller's connection permit.
+async fn probe<C: crate::connector::Connector>(mut connector: C) -> Result<String, ProbeError> {
+    let tested = connector.test().await;
+    connector.close().await;
+    Ok(tested?)
 }
 
 /// Registers the configured CRM adapter as the outbox consumer and starts

@@ -441,11 +441,11 @@ impl MailboxTask {
         state.enabled = true;
         state.disabled_reason = None;
 
-        // Test & Enable (incoming).
-        let test = {
-            let _permit = self.connections.acquire().await;
-            connector.test().await
-        };
+        // Test & Enable (incoming). The connection the test leaves open is
+        // reused by the first cycle: its permit goes with it, so no
+        // connection is ever open without one.
+        let mut held = self.connections.clone().acquire_owned().await.ok();
+        let test = connector.test().await;
         match &test {
             Ok(detail) => {
                 state.incoming_test = TestResult {
@@ -486,10 +486,11 @@ impl MailboxTask {
                 return Exit::Stopped;
             }
             self.set_phase(Phase::Syncing, &state);
-            let result = {
-                let _permit = self.connections.acquire().await;
-                self.cycle(connector, &mut state).await
+            let permit = match held.take() {
+                Some(p) => Some(p),
+                None => self.connections.clone().acquire_owned().await.ok(),
             };
+            let result = self.cycle(connector, &mut state).await;
             let now = model::now();
             state.last_sync_at = Some(now);
             self.note_token_expiry(connector, &mut state);
@@ -517,17 +518,37 @@ impl MailboxTask {
                     // A connection kept open between polls (reuse, IDLE) counts
                     // against the profile's limit: keep it only with a permit.
                     // The semaphore is FIFO, so mailboxes queued for a cycle get
-                    // their turn when an idling one comes back.
-                    let permit = self.connections.clone().try_acquire_owned().ok();
+                    // their turn when an idling one comes back. Kept only while
+                    // no one can be waiting (a free permit means an empty
+                    // queue); otherwise closed before the permit goes, and a
+                    // permit free after that may IDLE on a new connection.
+                    let permit = match permit {
+                        Some(p) if self.connections.available_permits() > 0 => Some(p),
+                        other => {
+                            connector.close().await;
+                            drop(other);
+                            if self.profile.idle {
+                                self.connections.clone().try_acquire_owned().ok()
+                            } else {
+                                None
+                            }
+                        }
+                    };
                     let waited = connector
                         .wait_for_changes(wait, permit.is_some(), &self.cancel)
                         .await;
-                    drop(permit);
+                    // The connection kept through the wait goes into the
+                    // next cycle with its permit.
+                    held = permit;
                     if let Err(e) = waited {
                         tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
                     }
                 }
                 Err(e) => {
+                    // Not open beyond the permit (a connector error has
+                    // dropped it already; a store or pipeline error has not).
+                    connector.close().await;
+                    drop(permit);
                     let disposition = e.disposition();
                     if let CycleError::Connector(c) = &e {
                         self.token_alert(c);
@@ -595,6 +616,7 @@ impl MailboxTask {
             kind::SYNC_FAILING,
             kind::DISABLED,
             kind::CREDENTIAL_REJECTED,
+            kind::INCOMING_TEST,
         ] {
             self.alerts.resolve(name, kind, now);
         }

@@ -553,6 +553,16 @@ pub trait Store: Send + Sync + 'static {
         mailbox: &str,
         result: &crate::model::TestResult,
     ) -> Result<(), StoreError>;
+
+    /// Records a Test & Enable result of `mailbox` for one direction (an
+    /// on-demand test); [`Store::mailbox_state`] returns it, or the result
+    /// the mailbox task wrote into the state when that one is later.
+    fn set_test_result(
+        &self,
+        mailbox: &str,
+        direction: crate::model::TestDirection,
+        result: &crate::model::TestResult,
+    ) -> Result<(), StoreError>;
 }
 
 /// What [`Store::queue_outgoing`] did.

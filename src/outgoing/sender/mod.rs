@@ -360,43 +360,7 @@ impl Sender {
             .filter(|t| t.status == TestStatus::Success)
             .and_then(|t| t.completed_on)
             .filter(|at| model::now() - at < TEST_MESSAGE_EVERY);
-        let result: Result<String, SendError> = async {
-            let connected = self.transport.test_connection().await?;
-            if let Some(at) = recent_test {
-                return Ok(format!(
-                    "{connected} (test message not repeated: the last test passed at {})",
-                    chrono::DateTime::from_timestamp(at, 0)
-                        .map(|d| d.to_rfc3339())
-                        .unwrap_or_default()
-                ));
-            }
-            if !s.test_message {
-                return Ok(connected);
-            }
-            let now = model::now();
-            let draft = Draft {
-                from: s.address.clone(),
-                to: vec![s.address.clone()],
-                subject: "crm-mailsync outgoing test".into(),
-                text: Some(format!(
-                    "Test message of mailbox {:?}: the CRM's email is sent through {}.\r\nNo action needed.",
-                    s.mailbox,
-                    self.transport.describe()
-                )),
-                message_id: compose::new_message_id(&s.address),
-                automated: true,
-                date: now,
-                ..Draft::default()
-            };
-            let c = compose::compose(&draft, &s.policy)
-                .map_err(|e| SendError::Compose(e.join("; ")))?;
-            let how = self
-                .transport
-                .send_test(&c.envelope_from, &c.recipients, c.mime.as_bytes())
-                .await?;
-            Ok(format!("sent a test message to {} {how}", s.address))
-        }
-        .await;
+        let result = self.probe(recent_test).await;
         let now = model::now();
         let test = match &result {
             Ok(detail) => TestResult {
@@ -428,6 +392,53 @@ impl Sender {
             ),
         }
         result
+    }
+
+    /// The outgoing test itself, recording nothing: connect, authenticate
+    /// and send a test message from the mailbox to itself, unless a test
+    /// passed at `passed_at` (then the message is not repeated). On-demand
+    /// Test & Enable passes `None`: the operator asked for the message.
+    pub async fn probe(&self, passed_at: Option<model::UnixTime>) -> Result<String, SendError> {
+        let s = &self.settings;
+        let connected = self.transport.test_connection().await?;
+        if let Some(at) = passed_at {
+            return Ok(format!(
+                "{connected} (test message not repeated: the last test passed at {})",
+                chrono::DateTime::from_timestamp(at, 0)
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_default()
+            ));
+        }
+        if !s.test_message {
+            return Ok(connected);
+        }
+        let now = model::now();
+        let draft = Draft {
+            from: s.address.clone(),
+            to: vec![s.address.clone()],
+            subject: "crm-mailsync outgoing test".into(),
+            text: Some(format!(
+                "Test message of mailbox {:?}: the CRM's email is sent through {}.\r\nNo action needed.",
+                s.mailbox,
+                self.transport.describe()
+            )),
+            message_id: compose::new_message_id(&s.address),
+            automated: true,
+            date: now,
+            ..Draft::default()
+        };
+        let c =
+            compose::compose(&draft, &s.policy).map_err(|e| SendError::Compose(e.join("; ")))?;
+        let how = self
+            .transport
+            .send_test(&c.envelope_from, &c.recipients, c.mime.as_bytes())
+            .await?;
+        Ok(format!("sent a test message to {} {how}", s.address))
+    }
+
+    /// Closes the connections the sender keeps (the Sent folder's).
+    pub async fn close(&self) {
+        self.transport.close().await;
     }
 
     /// One pass over the mailbox's queue; returns when the earliest
