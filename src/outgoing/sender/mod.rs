@@ -269,11 +269,27 @@ impl Sender {
         }
         tracing::info!(mailbox = %me.settings.mailbox, "outgoing: sending queued email");
         let worker = me.clone().start_copy_worker();
+        let mut held = false;
         loop {
             if me.cancel.is_cancelled() {
                 break;
             }
-            let next = me.clone().scan().await;
+            // An operator's disable or reject holds the queue (nothing is
+            // lost: the email waits, queued) until they change it back.
+            let next = match me.held_by_operator() {
+                Some(why) => {
+                    if !std::mem::replace(&mut held, true) {
+                        tracing::info!(mailbox = %me.settings.mailbox, "outgoing: holding queued email: {why}");
+                    }
+                    None
+                }
+                None => {
+                    if std::mem::take(&mut held) {
+                        tracing::info!(mailbox = %me.settings.mailbox, "outgoing: sending queued email again");
+                    }
+                    me.clone().scan().await
+                }
+            };
             let wait = next.unwrap_or(SCAN_EVERY).min(SCAN_EVERY);
             tokio::select! {
                 _ = me.cancel.cancelled() => break,
@@ -285,6 +301,31 @@ impl Sender {
             let _ = w.await;
         }
         me.transport.close().await;
+    }
+
+    /// Why an operator's setting holds this mailbox's outgoing email (it is
+    /// disabled, or its address rejected or set pending), if it does.
+    fn held_by_operator(&self) -> Option<String> {
+        let control = match self.store.mailbox_control(&self.settings.mailbox) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(mailbox = %self.settings.mailbox, error = %e, "outgoing: cannot read the mailbox's settings; sending as configured");
+                return None;
+            }
+        };
+        if let Some(at) = control.disabled_at {
+            return Some(format!(
+                "the mailbox was disabled by an operator at {}",
+                crate::model::format_time(at)
+            ));
+        }
+        match control.approval {
+            Some(a) if a != crate::model::ApprovalStatus::Approved => Some(format!(
+                "its email address is {} by an operator",
+                format!("{a:?}").to_ascii_lowercase()
+            )),
+            _ => None,
+        }
     }
 
     /// Starts the task that makes the Sent copies handed to it, in order;
