@@ -499,7 +499,14 @@ fn start_crm_link(
                 kind: "webhook",
                 message: e.to_string(),
             })?;
-            start_adapter(Arc::new(adapter), config, store, runtime, tracker, cancel);
+            let adapter = Arc::new(adapter);
+            // New Error alerts go out as `alert.raised` events too.
+            tracker.spawn(crate::crm::alert_events::run(
+                adapter.clone(),
+                store.clone(),
+                cancel.clone(),
+            ));
+            start_adapter(adapter, config, store, runtime, tracker, cancel);
         }
         CrmKind::Dataverse(settings) => {
             let adapter = crate::crm::dataverse::DataverseAdapter::new(settings).map_err(|e| {

@@ -365,6 +365,13 @@ pub trait Store: Send + Sync + 'static {
     /// Follow-ups still owed on a mailbox's messages (in source key order).
     fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError>;
 
+    /// A named cursor (e.g. the last alert a consumer was told of); `None`
+    /// when never set.
+    fn named_cursor(&self, name: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Stores a named cursor, durably.
+    fn put_named_cursor(&self, name: &str, value: u64) -> Result<(), StoreError>;
+
     /// What operators set on the mailbox at run time (default: nothing).
     fn mailbox_control(&self, mailbox: &str) -> Result<MailboxControl, StoreError>;
 

@@ -241,6 +241,17 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.follow_ups_of(mailbox)
     }
 
+    fn named_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.get_id(&keys::key("nc/", &[name.as_bytes()]))
+    }
+
+    fn put_named_cursor(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        b.put(keys::key("nc/", &[name.as_bytes()]), value.to_be_bytes());
+        self.write_durably(b)
+    }
+
     fn mailbox_control(&self, mailbox: &str) -> Result<MailboxControl, StoreError> {
         Ok(self
             .get_json(&keys::key("mc/", &[mailbox.as_bytes()]))?
