@@ -18,6 +18,7 @@ mod mailboxes;
 mod outbox;
 mod outgoing;
 mod records;
+mod reload;
 mod web;
 
 pub use activities::ActivityView;
@@ -103,6 +104,7 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(outgoing::get_one))
         .routes(routes!(outgoing::cancel))
         .routes(routes!(outgoing::retry))
+        .routes(routes!(reload::reload))
         .routes(routes!(doc::document));
     // The bearer check wraps exactly these routes, which the document marks
     // as needing the token.

@@ -110,6 +110,21 @@ enum Command {
     /// mailbox could not be enabled, 64 configuration problem or unknown
     /// mailbox or profile, 69 the daemon holds the store and its API is
     /// unreachable, 70 anything else.
+    /// Tell the running daemon to read its configuration file again (as
+    /// SIGHUP or POST /api/v1/reload do). The file is checked here first:
+    /// every error is printed and the exit status is 64, nothing changes.
+    /// Exit 0 reloaded, 69 the daemon's admin API cannot be reached, 70
+    /// anything else.
+    Reload {
+        /// Configuration file (TOML): the one the daemon runs on.
+        #[arg(
+            long,
+            short,
+            env = "CRM_MAILSYNC_CONFIG",
+            default_value = "config/demo.toml"
+        )]
+        config: PathBuf,
+    },
     TestEnable {
         /// Configuration file (TOML), to find the mailbox, the store and the admin API.
         #[arg(
@@ -220,7 +235,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(daemon::run(cfg)) {
+            match rt.block_on(daemon::run_from(cfg, Some(config.clone()))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "daemon failed");
@@ -291,6 +306,32 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             send::run(&cfg, mailbox, regarding, &file)
+        }
+        Command::Reload { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::from(70);
+                }
+            };
+            match rt.block_on(daemon::reload::request(&cfg)) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err((code, message)) => {
+                    eprintln!("crm-mailsync reload: {message}");
+                    ExitCode::from(code)
+                }
+            }
         }
         Command::TestEnable {
             config,

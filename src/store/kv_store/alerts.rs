@@ -80,7 +80,7 @@ impl<B: KvBackend> KvStore<B> {
         // Only open alerts have a key under `lj/`: the subject's keys are
         // exactly its open alerts, found without reading the others (this
         // runs at every recovery of every mailbox).
-        for scope in ["m", "p"] {
+        for scope in ["m", "p", "d"] {
             let prefix = key("lj/", &[scope.as_bytes(), subject.as_bytes(), b""]);
             for (k, v) in self
                 .kv
