@@ -13,10 +13,12 @@ mod activities;
 mod alerts;
 mod doc;
 mod feed;
+mod jobs;
 mod mailboxes;
 mod outbox;
 mod outgoing;
 mod records;
+mod reload;
 mod web;
 
 pub use activities::ActivityView;
@@ -69,6 +71,12 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(mailboxes::list))
         .routes(routes!(mailboxes::get_one))
         .routes(routes!(mailboxes::enable))
+        .routes(routes!(mailboxes::disable))
+        .routes(routes!(mailboxes::approve))
+        .routes(routes!(mailboxes::reject))
+        .routes(routes!(jobs::test_mailbox))
+        .routes(routes!(jobs::test_profile))
+        .routes(routes!(jobs::get_job))
         .routes(routes!(mailboxes::profiles))
         .routes(routes!(activities::list))
         .routes(routes!(activities::get_one))
@@ -96,6 +104,7 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(outgoing::get_one))
         .routes(routes!(outgoing::cancel))
         .routes(routes!(outgoing::retry))
+        .routes(routes!(reload::reload))
         .routes(routes!(doc::document));
     // The bearer check wraps exactly these routes, which the document marks
     // as needing the token.
@@ -750,6 +759,8 @@ mod tests {
                     protocol: "maildir".into(),
                     phase: crate::scheduler::Phase::Waiting,
                     backlog: 2,
+                    approval: crate::model::ApprovalStatus::Approved,
+                    disabled_by_operator_at: Some(4),
                     state: MailboxState {
                         name: "support".into(),
                         enabled: true,

@@ -20,6 +20,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod filter;
+pub mod jobs;
 pub mod model;
 pub mod net;
 pub mod outgoing;
@@ -31,3 +32,4 @@ pub mod replay;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;
+pub mod testenable;

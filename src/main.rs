@@ -100,6 +100,51 @@ enum Command {
         /// FILE.json (an outgoing request) or FILE.eml (a message).
         file: PathBuf,
     },
+    /// Test & Enable of one mailbox (or with --profile of every mailbox of
+    /// a profile): incoming (connect, TLS, log in, open
+    /// the inbox), outgoing where it sends (log in, send a test message to
+    /// itself) and ACT where configured; prints each direction's status
+    /// and cause. On success the mailbox is enabled. Runs against the
+    /// store, or through the running daemon's admin API while the daemon
+    /// holds it. Exit status: 0 passed and enabled, 1 a test failed or a
+    /// mailbox could not be enabled, 64 configuration problem or unknown
+    /// mailbox or profile, 69 the daemon holds the store and its API is
+    /// unreachable, 70 anything else.
+    /// Tell the running daemon to read its configuration file again (as
+    /// SIGHUP or POST /api/v1/reload do). The file is checked here first:
+    /// every error is printed and the exit status is 64, nothing changes.
+    /// Exit 0 reloaded, 69 the daemon's admin API cannot be reached, 70
+    /// anything else.
+    Reload {
+        /// Configuration file (TOML): the one the daemon runs on.
+        #[arg(
+            long,
+            short,
+            env = "CRM_MAILSYNC_CONFIG",
+            default_value = "config/demo.toml"
+        )]
+        config: PathBuf,
+    },
+    TestEnable {
+        /// Configuration file (TOML), to find the mailbox, the store and the admin API.
+        #[arg(
+            long,
+            short,
+            env = "CRM_MAILSYNC_CONFIG",
+            default_value = "config/demo.toml"
+        )]
+        config: PathBuf,
+        /// The job as JSON (as GET /api/v1/jobs/{id} shows it) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Test every mailbox of this profile instead, as many at once as
+        /// its max_concurrent_connections allows; prints each and a summary.
+        #[arg(long, conflicts_with = "mailbox")]
+        profile: Option<String>,
+        /// The mailbox's name as configured.
+        #[arg(required_unless_present = "profile")]
+        mailbox: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,7 +235,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(daemon::run(cfg)) {
+            match rt.block_on(daemon::run_from(cfg, Some(config.clone()))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "daemon failed");
@@ -261,6 +306,54 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             send::run(&cfg, mailbox, regarding, &file)
+        }
+        Command::Reload { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::from(70);
+                }
+            };
+            match rt.block_on(daemon::reload::request(&cfg)) {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err((code, message)) => {
+                    eprintln!("crm-mailsync reload: {message}");
+                    ExitCode::from(code)
+                }
+            }
+        }
+        Command::TestEnable {
+            config,
+            json,
+            profile,
+            mailbox,
+        } => {
+            use crm_mailsync::testenable::cli::{self, Target};
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let target = match (profile, mailbox) {
+                (Some(p), _) => Target::Profile(p),
+                (None, Some(m)) => Target::Mailbox(m),
+                (None, None) => {
+                    eprintln!("crm-mailsync test-enable: name a MAILBOX or --profile NAME");
+                    return ExitCode::from(2);
+                }
+            };
+            telemetry::init_logging(cfg.daemon.log_format, "warn");
+            ExitCode::from(cli::run(cfg, &target, json))
         }
     }
 }

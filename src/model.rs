@@ -76,7 +76,7 @@ pub enum Delivery {
 }
 
 /// Email address approval status; by default only approved mailboxes process mail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ApprovalStatus {
     Empty,
@@ -93,6 +93,15 @@ pub enum TestStatus {
     NotRun,
     Success,
     Failure,
+}
+
+/// A direction of Test & Enable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TestDirection {
+    Incoming,
+    Outgoing,
+    /// Appointments, contacts and tasks.
+    Act,
 }
 
 /// Last Test & Enable result for one direction (incoming, outgoing, ACT).
@@ -510,6 +519,19 @@ pub struct NewAlert<'a> {
     pub mailbox: Option<&'a str>,
     pub profile: Option<&'a str>,
     pub text: &'a str,
+}
+
+/// What an operator set on a mailbox at run time (Approve / Reject Email,
+/// Enable / Disable, as on Dynamics' mailbox record), kept in the store
+/// apart from the configuration: it survives restarts, and its approval
+/// wins over the configuration's `approval`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MailboxControl {
+    /// Approval set through the API; `None`: the configuration's.
+    pub approval: Option<ApprovalStatus>,
+    pub approval_changed_at: Option<UnixTime>,
+    /// Set while an operator has the mailbox disabled.
+    pub disabled_at: Option<UnixTime>,
 }
 
 /// Persistent per-mailbox state (what Dynamics keeps on the mailbox record).

@@ -51,6 +51,8 @@ struct Seen {
     tests: u64,
     /// `cursor` of every records GET (signature checked), in order.
     record_cursors: Vec<Option<String>>,
+    /// `alert.raised` bodies (signature checked), in arrival order.
+    alerts: Vec<serde_json::Value>,
 }
 
 struct Hook {
@@ -96,6 +98,13 @@ impl Hook {
         let v: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("{id}: body is not JSON: {e}"))?;
         if v["type"] == "webhook.test" {
+            return Ok((id, 0, 0));
+        }
+        if v["type"] == "alert.raised" {
+            let data = &v["data"];
+            if id != format!("alert_{}", data["id"]) || data["level"] != "error" {
+                return Err(format!("{id}: alert envelope and headers disagree: {v}"));
+            }
             return Ok((id, 0, 0));
         }
         if let Err(e) = self.schema.validate(&v) {
@@ -163,6 +172,10 @@ async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes)
     };
     if id.starts_with("test_") {
         seen.tests += 1;
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    if id.starts_with("alert_") {
+        seen.alerts.push(serde_json::from_slice(&body).unwrap());
         return StatusCode::NO_CONTENT.into_response();
     }
     match hook.mode.load(Ordering::SeqCst) {
@@ -502,6 +515,51 @@ fn every_event_is_delivered_once_signed_and_in_order_per_activity() {
     assert_eq!((pending, dead), (0, 0));
     let duplicates = assert_exactly_once(&r.hook, &events);
     assert_eq!(duplicates, 0, "no crash, no retry: nothing twice");
+}
+
+/// A mailbox disabled by a permanent error (its tracked folder is gone)
+/// raises an Error alert that reaches the webhook as a signed
+/// `alert.raised` event, once: not again while it counts up, nor after a
+/// restart.
+#[test]
+fn a_new_error_alert_goes_out_once_as_a_signed_alert_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    generate_messages(&maildir, 3);
+    let r = Receiver::start();
+    let cfg = config(dir.path(), &maildir, None, &r.url(), "", "");
+    // A tracked folder that does not exist disables the mailbox.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "path = ",
+        "tracked_folders = [{ folder = \"INBOX/Gone\", regarding = \"account:x\" }]\npath = ",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let alerts = |r: &Receiver| r.hook.seen.lock().unwrap().alerts.clone();
+    let child = start_daemon(&cfg, None);
+    let sent = wait_for(Duration::from_secs(30), "the alert event", || {
+        let a = alerts(&r);
+        (!a.is_empty()).then_some(a)
+    });
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let data = &sent[0]["data"];
+    assert_eq!(data["kind"], "disabled", "{data}");
+    assert_eq!(data["mailbox"], "support");
+    assert!(
+        data["text"].as_str().unwrap().contains("INBOX/Gone"),
+        "{data}"
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    stop(child);
+    let child = start_daemon(&cfg, None);
+    std::thread::sleep(Duration::from_secs(8));
+    stop(child);
+    let after = alerts(&r);
+    assert_eq!(
+        after.len(),
+        1,
+        "sent once, not again after a restart: {after:?}"
+    );
+    assert!(r.hook.seen.lock().unwrap().problems.is_empty());
 }
 
 /// The receiver answers 503 with Retry-After for a while, then is gone

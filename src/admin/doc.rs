@@ -78,6 +78,7 @@ pub struct ErrorBody {
         (name = "events", description = "The durable event log as a pull feed"),
         (name = "outbox", description = "Per-consumer outbox and dead letters"),
         (name = "outgoing", description = "Email queued for the daemon to send"),
+        (name = "daemon", description = "The daemon itself: reloading its configuration"),
         (name = "meta", description = "This document"),
         (name = "web", description = "The web admin page and its assets (no token: they hold no data; the page sends the token on each /api/v1 call)"),
     )

@@ -7,6 +7,7 @@
 //! classifies each failure ([`CrmError`], transient or permanent) and
 //! reports the CRM's id for what it created.
 
+pub mod alert_events;
 pub mod dataverse;
 pub mod import;
 pub mod parties;

@@ -271,6 +271,25 @@ impl WebhookAdapter {
         })
     }
 
+    /// POSTs an Error alert as event `alert.raised` (`webhook-id`
+    /// `alert_<id>`, the same on every retry: the receiver's dedupe key).
+    pub async fn notify_alert(&self, alert: &crate::model::Alert) -> Result<u16, CrmError> {
+        #[derive(serde::Serialize)]
+        struct Envelope<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            timestamp: String,
+            data: &'a crate::model::Alert,
+        }
+        let body = serde_json::to_vec(&Envelope {
+            kind: "alert.raised",
+            timestamp: format_time(alert.first_seen),
+            data: alert,
+        })
+        .map_err(|e| CrmError::permanent(format!("cannot encode alert {}: {e}", alert.id)))?;
+        self.post(&format!("alert_{}", alert.id), body).await
+    }
+
     /// POSTs a signed body; `Ok(status)` on 2xx.
     async fn post(&self, id: &str, body: Vec<u8>) -> Result<u16, CrmError> {
         let what = format!("webhook {}", shown(&self.url));

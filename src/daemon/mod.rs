@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod graph;
+pub mod reload;
 
 use crate::admin::{self, AdminState};
 use crate::alerts::Alerts;
@@ -49,7 +50,14 @@ pub enum DaemonError {
 /// Runs until a shutdown signal; returns after in-flight work drained (or the
 /// grace period ran out).
 pub async fn run(config: Config) -> Result<(), DaemonError> {
-    let config = Arc::new(config);
+    run_from(config, None).await
+}
+
+/// Runs the daemon on `config`, read from `path`: on SIGHUP, `crm-mailsync
+/// reload` or `POST /api/v1/reload` the file is read again and, when valid,
+/// the daemon's tasks drain and start again from it (see [`reload`]).
+pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Result<(), DaemonError> {
+    let mut config = Arc::new(config);
     let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache_mb(
         &config.store_path(),
         config.daemon.store_cache_mb,
@@ -62,187 +70,322 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             .map(|m| m.name.clone())
             .collect::<Vec<_>>(),
     );
-    let runtime = Arc::new(Runtime::default());
-    let mut members: HashMap<String, Vec<String>> = HashMap::new();
-    for m in &config.mailboxes {
-        members
-            .entry(m.profile.clone())
-            .or_default()
-            .push(m.name.clone());
-    }
-    let alerts = Arc::new(Alerts::new(store.clone(), members));
-    // Wakes the senders when the admin API queues an email.
-    let wakeup: crate::outgoing::SendWakeup = Arc::new(tokio::sync::Notify::new());
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    // Before any mailbox commits: every event from now on gets a pending
-    // delivery for the configured adapter.
-    start_crm_link(&config, &store, &runtime, &tracker, &cancel)?;
-    start_pending_send(&config, &store, &alerts, &wakeup, &tracker, &cancel)?;
-
-    if config.admin.enabled {
-        let listener = tokio::net::TcpListener::bind(config.admin.listen)
-            .await
-            .map_err(|source| DaemonError::Listen {
-                addr: config.admin.listen.to_string(),
-                source,
-            })?;
-        let addr = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        tracing::info!(%addr, "admin API listening");
-        let app = admin::router(AdminState {
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel(4);
+    let reloads = reload::ReloadHandle(reload_tx);
+    let mut hangup = hangup_signal();
+    loop {
+        let run = Inner {
             config: config.clone(),
             store: store.clone(),
-            runtime: runtime.clone(),
-            prometheus,
-            shutdown: cancel.clone(),
-            send_wakeup: Some(wakeup.clone()),
-        });
-        let stop = cancel.clone();
-        tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "admin API stopped");
+            prometheus: prometheus.clone(),
+            reloads: reloads.clone(),
+        };
+        match run.run(&mut reload_rx, path.as_ref(), &mut hangup).await? {
+            Next::Shutdown => return Ok(()),
+            Next::Reload(new, report) => {
+                telemetry::describe(&report.added);
+                tracing::info!(
+                    added = ?report.added,
+                    removed = ?report.removed,
+                    changed = ?report.changed,
+                    "configuration reloaded"
+                );
+                config = Arc::new(*new);
             }
-        });
+        }
     }
+}
 
-    let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
-    for p in &config.profiles {
-        if let Some(n) = p.max_transient_failures {
-            tracing::warn!(
-                profile = %p.name,
-                max_transient_failures = n,
-                "max_transient_failures is deprecated and ignored: transient errors are retried forever with back-off up to retry_backoff_max, and stall_alert_after raises an Error alert; remove the key"
+/// What a run of the daemon's tasks ended with.
+enum Next {
+    Shutdown,
+    Reload(Box<Config>, reload::ReloadReport),
+}
+
+/// One run of every task on one configuration.
+struct Inner {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    reloads: reload::ReloadHandle,
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+#[cfg(unix)]
+fn hangup_signal() -> Hangup {
+    use tokio::signal::unix::{signal, SignalKind};
+    signal(SignalKind::hangup())
+        .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP; reload through the API"))
+        .ok()
+}
+
+#[cfg(not(unix))]
+fn hangup_signal() -> Hangup {
+    None
+}
+
+/// The next SIGHUP (never, without one).
+async fn next_hangup(h: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(s) = h.as_mut() {
+        if s.recv().await.is_some() {
+            return;
+        }
+    }
+    let _ = h;
+    std::future::pending::<()>().await
+}
+
+impl Inner {
+    async fn run(
+        self,
+        reload_rx: &mut tokio::sync::mpsc::Receiver<reload::ReloadRequest>,
+        path: Option<&std::path::PathBuf>,
+        hangup: &mut Hangup,
+    ) -> Result<Next, DaemonError> {
+        let Inner {
+            config,
+            store,
+            prometheus,
+            reloads,
+        } = self;
+        let runtime = Arc::new(Runtime::default());
+        let mut members: HashMap<String, Vec<String>> = HashMap::new();
+        for m in &config.mailboxes {
+            members
+                .entry(m.profile.clone())
+                .or_default()
+                .push(m.name.clone());
+        }
+        let alerts = Arc::new(Alerts::new(store.clone(), members));
+        // Wakes the senders when the admin API queues an email.
+        let wakeup: crate::outgoing::SendWakeup = Arc::new(tokio::sync::Notify::new());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        // Before any mailbox commits: every event from now on gets a pending
+        // delivery for the configured adapter.
+        start_crm_link(&config, &store, &runtime, &tracker, &cancel)?;
+        start_pending_send(&config, &store, &alerts, &wakeup, &tracker, &cancel)?;
+
+        let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
+        for p in &config.profiles {
+            if let Some(n) = p.max_transient_failures {
+                tracing::warn!(
+                    profile = %p.name,
+                    max_transient_failures = n,
+                    "max_transient_failures is deprecated and ignored: transient errors are retried forever with back-off up to retry_backoff_max, and stall_alert_after raises an Error alert; remove the key"
+                );
+            }
+            semaphores.insert(
+                p.name.clone(),
+                Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
             );
         }
-        semaphores.insert(
-            p.name.clone(),
-            Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
-        );
-    }
-    let graph_clients = graph::graph_mailboxes(&config);
-    for mailbox in &config.mailboxes {
-        let Some(profile) = config.profile_of(mailbox).cloned() else {
-            continue;
-        };
-        let Some(connections) = semaphores.get(&profile.name).cloned() else {
-            continue;
-        };
-        let task = MailboxTask {
-            config: config.clone(),
-            mailbox: mailbox.clone(),
-            profile: profile.clone(),
-            store: store.clone(),
-            runtime: runtime.clone(),
-            alerts: alerts.clone(),
-            connections,
-            cancel: cancel.clone(),
-            backoff: Backoff::for_profile(&profile),
-            watch_every: WATCH_EVERY,
-        };
-        let store = store.clone();
-        let mailbox = mailbox.clone();
-        match profile.kind {
-            ProfileType::Maildir => {
-                let make = move || {
-                    let mut folders: Vec<String> = mailbox
-                        .tracked_folders
-                        .iter()
-                        .map(|r| r.folder.clone())
-                        .collect();
-                    folders.extend(mailbox.extra_folders.iter().cloned());
-                    let root = mailbox.path.clone().unwrap_or_default();
-                    Ok(MaildirConnector::new(
-                        &mailbox.name,
-                        &root,
-                        folders,
-                        profile.batch_size,
-                        mailbox.delete_after_processing,
-                        profile.move_failed_to.clone(),
-                        store.clone(),
-                    ))
-                };
-                start_mailbox(&tracker, task, "maildir", make);
-            }
-            ProfileType::ImapSmtp => {
-                let make = move || {
-                    let (profile, mailbox) = with_current_secrets(&profile, &mailbox)?;
-                    imap_settings(&profile, &mailbox)
-                        .map(|settings| ImapConnector::new(settings, store.clone()))
-                };
-                start_mailbox(&tracker, task, "imap", make);
-            }
-            ProfileType::Pop3Smtp => {
-                let make = move || {
-                    let (profile, mailbox) = with_current_secrets(&profile, &mailbox)?;
-                    pop3_settings(&profile, &mailbox)
-                        .map(|settings| Pop3Connector::new(settings, store.clone()))
-                };
-                start_mailbox(&tracker, task, "pop3", make);
-            }
-            ProfileType::ExchangeOnline => {
-                let client = graph_clients.get(&mailbox.name).cloned();
-                let make = move || {
-                    let client = client
-                        .clone()
-                        .unwrap_or_else(|| Err("no Graph client was built".to_string()))?;
-                    Ok(GraphConnector::new(
-                        client,
-                        graph::graph_settings(&profile, &mailbox),
-                        store.clone(),
-                    ))
-                };
-                start_mailbox(&tracker, task, "graph", make);
-            }
-            other => {
-                let why = format!("no connector for profile type {other:?} in this build");
-                let make = move || Err::<MaildirConnector, _>(why.clone());
-                start_mailbox(&tracker, task, "unavailable", make);
+        let graph_clients = graph::graph_mailboxes(&config);
+        // Test & Enable on demand: the mailbox tasks' semaphores and Graph
+        // clients, so its connections count against the same limits.
+        let test_enable = Arc::new(crate::testenable::TestEnable::for_daemon(
+            config.clone(),
+            store.clone(),
+            alerts.clone(),
+            semaphores.clone(),
+            Builders::with_graph(store.clone(), graph_clients.clone()),
+            runtime.clone(),
+            cancel.clone(),
+        ));
+
+        if config.admin.enabled {
+            let listener = tokio::net::TcpListener::bind(config.admin.listen)
+                .await
+                .map_err(|source| DaemonError::Listen {
+                    addr: config.admin.listen.to_string(),
+                    source,
+                })?;
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(%addr, "admin API listening");
+            let app = admin::router(AdminState {
+                config: config.clone(),
+                store: store.clone(),
+                runtime: runtime.clone(),
+                prometheus,
+                shutdown: cancel.clone(),
+                send_wakeup: Some(wakeup.clone()),
+            })
+            .layer(axum::Extension(test_enable.clone()))
+            .layer(axum::Extension(reloads.clone()));
+            let stop = cancel.clone();
+            tracker.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
+        }
+
+        for mailbox in &config.mailboxes {
+            let Some(profile) = config.profile_of(mailbox).cloned() else {
+                continue;
+            };
+            let Some(connections) = semaphores.get(&profile.name).cloned() else {
+                continue;
+            };
+            let task = MailboxTask {
+                config: config.clone(),
+                mailbox: mailbox.clone(),
+                profile: profile.clone(),
+                store: store.clone(),
+                runtime: runtime.clone(),
+                alerts: alerts.clone(),
+                connections,
+                cancel: cancel.clone(),
+                backoff: Backoff::for_profile(&profile),
+                watch_every: WATCH_EVERY,
+            };
+            let store = store.clone();
+            let mailbox = mailbox.clone();
+            match profile.kind {
+                ProfileType::Maildir => {
+                    let make = move || Ok(maildir_connector(&profile, &mailbox, &store));
+                    start_mailbox(&tracker, task, "maildir", make);
+                }
+                ProfileType::ImapSmtp => {
+                    let make = move || imap_connector(&profile, &mailbox, &store);
+                    start_mailbox(&tracker, task, "imap", make);
+                }
+                ProfileType::Pop3Smtp => {
+                    let make = move || pop3_connector(&profile, &mailbox, &store);
+                    start_mailbox(&tracker, task, "pop3", make);
+                }
+                ProfileType::ExchangeOnline => {
+                    let client = graph_clients.get(&mailbox.name).cloned();
+                    let make = move || graph_connector(client.clone(), &profile, &mailbox, &store);
+                    start_mailbox(&tracker, task, "graph", make);
+                }
+                other => {
+                    let why = format!("no connector for profile type {other:?} in this build");
+                    let make = move || Err::<MaildirConnector, _>(why.clone());
+                    start_mailbox(&tracker, task, "unavailable", make);
+                }
             }
         }
-    }
-    start_senders(
-        &config,
-        &store,
-        &alerts,
-        &wakeup,
-        &graph_clients,
-        &tracker,
-        &cancel,
-    );
-    runtime.scheduler_running.store(true, Ordering::SeqCst);
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    spawn_watchdog(
-        &tracker,
-        cancel.clone(),
-        runtime.clone(),
-        config.daemon.stuck_after,
-    );
-    tracing::info!(
-        mailboxes = config.mailboxes.len(),
-        version = env!("CARGO_PKG_VERSION"),
-        "crm-mailsync running"
-    );
+        start_senders(
+            &config,
+            &store,
+            &alerts,
+            &wakeup,
+            &graph_clients,
+            &tracker,
+            &cancel,
+        );
+        runtime.scheduler_running.store(true, Ordering::SeqCst);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        spawn_watchdog(
+            &tracker,
+            cancel.clone(),
+            runtime.clone(),
+            config.daemon.stuck_after,
+        );
+        crate::alerts::spawn_monitor(
+            &tracker,
+            cancel.clone(),
+            runtime.clone(),
+            crate::alerts::Monitor::new(config.clone(), alerts.clone()),
+        );
+        tracing::info!(
+            mailboxes = config.mailboxes.len(),
+            version = env!("CARGO_PKG_VERSION"),
+            "crm-mailsync running"
+        );
 
-    wait_for_shutdown_signal().await;
-    tracing::info!("shutting down: draining in-flight work");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    runtime.scheduler_running.store(false, Ordering::SeqCst);
-    cancel.cancel();
-    tracker.close();
-    if tokio::time::timeout(config.daemon.shutdown_grace, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(grace = ?config.daemon.shutdown_grace, "grace period over; stopping with work in flight (it is re-done on restart)");
+        let next = wait_for_next(&config, path, reload_rx, hangup, &alerts).await;
+        match &next {
+            Next::Shutdown => tracing::info!("shutting down: draining in-flight work"),
+            Next::Reload(..) => {
+                tracing::info!("reloading the configuration: draining in-flight work")
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        runtime.scheduler_running.store(false, Ordering::SeqCst);
+        cancel.cancel();
+        tracker.close();
+        if tokio::time::timeout(config.daemon.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?config.daemon.shutdown_grace, "grace period over; stopping with work in flight (it is re-done on restart)");
+        }
+        if matches!(next, Next::Shutdown) {
+            tracing::info!("stopped");
+        }
+        Ok(next)
     }
-    tracing::info!("stopped");
-    Ok(())
+}
+
+/// Waits for a shutdown signal or a reload (SIGHUP, the API). A reload of a
+/// file that is invalid is refused (every error to the caller, an Error
+/// alert) and the daemon runs on as it is.
+async fn wait_for_next(
+    config: &Config,
+    path: Option<&std::path::PathBuf>,
+    reload_rx: &mut tokio::sync::mpsc::Receiver<reload::ReloadRequest>,
+    hangup: &mut Hangup,
+    alerts: &Alerts,
+) -> Next {
+    use crate::alerts::kind;
+    loop {
+        let answer = tokio::select! {
+            _ = wait_for_shutdown_signal() => return Next::Shutdown,
+            _ = next_hangup(hangup) => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                None
+            }
+            request = reload_rx.recv() => match request {
+                Some(tx) => Some(tx),
+                None => return Next::Shutdown,
+            },
+        };
+        let loaded = reload::load(path, config);
+        let now = crate::model::now();
+        match &loaded {
+            Ok(_) => alerts.resolve("", kind::DAEMON, now),
+            Err(reload::ReloadRefused::Invalid { file, errors }) => {
+                let listed: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                alerts.raise(
+                    kind::DAEMON,
+                    crate::model::AlertLevel::Error,
+                    None,
+                    None,
+                    &format!(
+                        "the configuration file {file} was not reloaded ({} error(s); the daemon runs on the previous one): {}",
+                        errors.len(),
+                        listed.join("; ")
+                    ),
+                    now,
+                );
+            }
+            Err(reload::ReloadRefused::NoFile) => {
+                tracing::warn!(
+                    "reload asked, but the daemon was not started from a configuration file"
+                );
+            }
+        }
+        let reply = loaded.clone().map(|(_, report)| report);
+        if let Some(tx) = answer {
+            let _ = tx.send(reply);
+        }
+        if let Ok((new, report)) = loaded {
+            return Next::Reload(Box::new(new), report);
+        }
+    }
 }
 
 /// Starts one supervised sender per mailbox that may send (outgoing =
@@ -256,8 +399,6 @@ fn start_senders(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    use crate::outgoing::sender::{Sender, SenderSettings};
-    use crate::outgoing::transport::{GraphTransportSettings, TransportSettings};
     for mailbox in &config.mailboxes {
         if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
             continue;
@@ -278,28 +419,15 @@ fn start_senders(
             "smtp"
         };
         let make = move || {
-            let built = with_current_secrets(&profile, &mailbox).and_then(|(p, m)| {
-                let settings = match (&p.graph, &graph_client) {
-                    (Some(g), Some(client)) => {
-                        let mut t = GraphTransportSettings::new(client.clone()?);
-                        t.unknown_delivery = g.unknown_delivery;
-                        t.retry_for = g.send_retry_for;
-                        t.confirm_for = g.confirm_sent_within;
-                        SenderSettings::with_transport(&config, &p, &m, TransportSettings::Graph(t))
-                    }
-                    _ => {
-                        let credentials = imap_settings(&p, &m)?.credentials;
-                        SenderSettings::new(&config, &p, &m, credentials, token_provider(&p, &m))?
-                    }
-                };
-                Sender::new(
-                    settings,
-                    store.clone(),
-                    alerts.clone(),
-                    wakeup.clone(),
-                    stop.clone(),
-                )
-            });
+            let built = build_sender(
+                &config,
+                &profile,
+                &mailbox,
+                graph_client.clone(),
+                (store.clone(), alerts.clone()),
+                wakeup.clone(),
+                stop.clone(),
+            );
             let (alerts, name, profile_name) =
                 (alerts.clone(), mailbox.name.clone(), profile.name.clone());
             async move {
@@ -318,6 +446,189 @@ fn start_senders(
         };
         tracker.spawn(supervise("sender", protocol, cancel.clone(), make));
     }
+}
+
+/// The sender of `mailbox` with its current secrets (SMTP, or Graph where
+/// the profile is Exchange Online), as the daemon and Test & Enable build it.
+fn build_sender(
+    config: &Config,
+    profile: &Profile,
+    mailbox: &Mailbox,
+    graph_client: Option<Result<Arc<crate::connector::graph::GraphMailbox>, String>>,
+    (store, alerts): (Arc<dyn Store>, Arc<Alerts>),
+    wakeup: crate::outgoing::SendWakeup,
+    stop: CancellationToken,
+) -> Result<crate::outgoing::sender::Sender, String> {
+    use crate::outgoing::sender::{Sender, SenderSettings};
+    use crate::outgoing::transport::{GraphTransportSettings, TransportSettings};
+    let (p, m) = with_current_secrets(profile, mailbox)?;
+    let settings = match (&p.graph, graph_client) {
+        (Some(g), Some(client)) => {
+            let mut t = GraphTransportSettings::new(client?);
+            t.unknown_delivery = g.unknown_delivery;
+            t.retry_for = g.send_retry_for;
+            t.confirm_for = g.confirm_sent_within;
+            SenderSettings::with_transport(config, &p, &m, TransportSettings::Graph(t))
+        }
+        _ => {
+            let credentials = imap_settings(&p, &m)?.credentials;
+            SenderSettings::new(config, &p, &m, credentials, token_provider(&p, &m))?
+        }
+    };
+    Sender::new(settings, store, alerts, wakeup, stop)
+}
+
+/// A Maildir connector for `mailbox`.
+fn maildir_connector(
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> MaildirConnector {
+    let mut folders: Vec<String> = mailbox
+        .tracked_folders
+        .iter()
+        .map(|r| r.folder.clone())
+        .collect();
+    folders.extend(mailbox.extra_folders.iter().cloned());
+    let root = mailbox.path.clone().unwrap_or_default();
+    MaildirConnector::new(
+        &mailbox.name,
+        &root,
+        folders,
+        profile.batch_size,
+        mailbox.delete_after_processing,
+        profile.move_failed_to.clone(),
+        store.clone(),
+    )
+}
+
+/// An IMAP connector for `mailbox`, its password file read now.
+fn imap_connector(
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> Result<ImapConnector, String> {
+    let (profile, mailbox) = with_current_secrets(profile, mailbox)?;
+    imap_settings(&profile, &mailbox).map(|settings| ImapConnector::new(settings, store.clone()))
+}
+
+/// A POP3 connector for `mailbox`, its password file read now.
+fn pop3_connector(
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> Result<Pop3Connector, String> {
+    let (profile, mailbox) = with_current_secrets(profile, mailbox)?;
+    pop3_settings(&profile, &mailbox).map(|settings| Pop3Connector::new(settings, store.clone()))
+}
+
+/// A Microsoft Graph connector for `mailbox` over its (shared) Graph client.
+fn graph_connector(
+    client: Option<Result<Arc<crate::connector::graph::GraphMailbox>, String>>,
+    profile: &Profile,
+    mailbox: &Mailbox,
+    store: &Arc<dyn Store>,
+) -> Result<GraphConnector, String> {
+    let client = client.unwrap_or_else(|| Err("no Graph client was built".to_string()))?;
+    Ok(GraphConnector::new(
+        client,
+        graph::graph_settings(profile, mailbox),
+        store.clone(),
+    ))
+}
+
+/// Why an incoming test with a freshly built connector failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The connector could not be built (a password file unreadable, no
+    /// connector for the profile type).
+    #[error("{0}")]
+    Build(String),
+    /// The server (or the Maildir) said no.
+    #[error(transparent)]
+    Connector(#[from] crate::connector::ConnectorError),
+}
+
+/// Builds connectors and senders for Test & Enable exactly as the mailbox
+/// tasks and senders are built, with the secrets read again at each build.
+pub struct Builders {
+    store: Arc<dyn Store>,
+    graph_clients: graph::GraphMailboxes,
+}
+
+impl Builders {
+    /// Builders for `config`'s mailboxes (Graph clients built here share
+    /// nothing with the daemon's; the daemon passes its own through
+    /// [`Builders::with_graph`]).
+    pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
+        Builders {
+            graph_clients: graph::graph_mailboxes(config),
+            store,
+        }
+    }
+
+    fn with_graph(store: Arc<dyn Store>, graph_clients: graph::GraphMailboxes) -> Self {
+        Builders {
+            store,
+            graph_clients,
+        }
+    }
+
+    /// The incoming Test & Enable of `mailbox` on a fresh connector:
+    /// connect, TLS, authenticate, open the inbox (or UIDL, or the Graph
+    /// inbox), then log out. Returns the connector's success line.
+    pub async fn incoming_test(
+        &self,
+        profile: &Profile,
+        mailbox: &Mailbox,
+    ) -> Result<String, ProbeError> {
+        let store = &self.store;
+        match profile.kind {
+            ProfileType::Maildir => probe(maildir_connector(profile, mailbox, store)).await,
+            ProfileType::ImapSmtp => {
+                probe(imap_connector(profile, mailbox, store).map_err(ProbeError::Build)?).await
+            }
+            ProfileType::Pop3Smtp => {
+                probe(pop3_connector(profile, mailbox, store).map_err(ProbeError::Build)?).await
+            }
+            ProfileType::ExchangeOnline => {
+                let client = self.graph_clients.get(&mailbox.name).cloned();
+                probe(graph_connector(client, profile, mailbox, store).map_err(ProbeError::Build)?)
+                    .await
+            }
+            other => Err(ProbeError::Build(format!(
+                "no connector for profile type {other:?} in this build"
+            ))),
+        }
+    }
+
+    /// A sender for the outgoing Test & Enable of `mailbox` (its secrets
+    /// read now); it sends nothing but what it is asked to.
+    pub fn sender(
+        &self,
+        config: &Config,
+        profile: &Profile,
+        mailbox: &Mailbox,
+        alerts: Arc<Alerts>,
+    ) -> Result<crate::outgoing::sender::Sender, String> {
+        build_sender(
+            config,
+            profile,
+            mailbox,
+            self.graph_clients.get(&mailbox.name).cloned(),
+            (self.store.clone(), alerts),
+            Arc::new(tokio::sync::Notify::new()),
+            CancellationToken::new(),
+        )
+    }
+}
+
+/// Runs a connector's test and closes it: the connection is over when this
+/// returns, so it is never open beyond the caller's connection permit.
+async fn probe<C: crate::connector::Connector>(mut connector: C) -> Result<String, ProbeError> {
+    let tested = connector.test().await;
+    connector.close().await;
+    Ok(tested?)
 }
 
 /// Registers the configured CRM adapter as the outbox consumer and starts
@@ -346,7 +657,14 @@ fn start_crm_link(
                 kind: "webhook",
                 message: e.to_string(),
             })?;
-            start_adapter(Arc::new(adapter), config, store, runtime, tracker, cancel);
+            let adapter = Arc::new(adapter);
+            // New Error alerts go out as `alert.raised` events too.
+            tracker.spawn(crate::crm::alert_events::run(
+                adapter.clone(),
+                store.clone(),
+                cancel.clone(),
+            ));
+            start_adapter(adapter, config, store, runtime, tracker, cancel);
         }
         CrmKind::Dataverse(settings) => {
             let adapter = crate::crm::dataverse::DataverseAdapter::new(settings).map_err(|e| {

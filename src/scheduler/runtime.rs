@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-use crate::model::{MailboxState, UnixTime};
+use crate::model::{ApprovalStatus, MailboxState, UnixTime};
 
 /// What a mailbox task is doing now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -34,6 +35,12 @@ pub struct LiveMailbox {
     pub phase: Phase,
     pub backlog: u64,
     pub state: MailboxState,
+    /// The approval in force: an operator's (`POST …/approve`, `…/reject`)
+    /// over the configuration's.
+    pub approval: ApprovalStatus,
+    /// Set while an operator has the mailbox disabled (`POST …/disable`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled_by_operator_at: Option<UnixTime>,
     /// Set while the mailbox has gone longer than `stall_alert_after` without
     /// a successful sync: the last success (or the task start if none).
     pub not_synced_since: Option<UnixTime>,
@@ -59,6 +66,9 @@ pub struct Runtime {
     reenable: Mutex<HashMap<String, Arc<Notify>>>,
     /// Per profile: the mailboxes queued for one of its connection permits.
     queues: Mutex<HashMap<String, Arc<ConnectionQueue>>>,
+    /// Running mailboxes → the cancel token of their current enabled
+    /// stretch: an operator's disable or reject ends it.
+    stretches: Mutex<HashMap<String, CancellationToken>>,
 }
 
 /// Who waits for a profile's connection permits, so a mailbox that holds
@@ -233,6 +243,41 @@ impl Runtime {
                 phase,
             }),
         }
+    }
+
+    /// Ends the mailbox's current enabled stretch (if running) and wakes it
+    /// if it waits: its task looks at what operators set again (disabled,
+    /// approval) and holds or runs accordingly.
+    pub fn control_changed(&self, name: &str) {
+        if let Some(t) = self
+            .stretches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            t.cancel();
+        }
+        // Only a task that waits (or is deciding whether to) has a handle;
+        // a stored permit is not lost if it has not begun waiting yet.
+        let waiting = self
+            .reenable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        if let Some(wake) = waiting {
+            wake.notify_one();
+        }
+    }
+
+    pub(super) fn begin_stretch(&self, name: &str, token: CancellationToken) {
+        let mut map = self.stretches.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(name.to_string(), token);
+    }
+
+    pub(super) fn end_stretch(&self, name: &str) {
+        let mut map = self.stretches.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(name);
     }
 
     /// The wake-up of a disabled mailbox, registered from the moment it is

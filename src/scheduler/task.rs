@@ -117,6 +117,17 @@ pub(super) fn not_approved_reason(email: &str, approval: ApprovalStatus) -> Stri
 
 /// How one enabled stretch of a mailbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    /// The configuration keeps the mailbox from running.
+    Off,
+    /// An operator's setting holds it (disabled, not approved).
+    Hold,
+    /// It may run.
+    Go,
+}
+
+/// How an enabled stretch of a mailbox task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Exit {
     /// A permanent error disabled it: wait to be re-enabled.
     Disabled,
@@ -155,6 +166,8 @@ impl MailboxTask {
             phase: Phase::Starting,
             backlog: 0,
             state,
+            approval: self.mailbox.approval,
+            disabled_by_operator_at: None,
             not_synced_since: None,
             restarts: 0,
             not_processing_reason: None,
@@ -298,17 +311,40 @@ impl MailboxTask {
         C: Connector,
         F: FnMut() -> Result<C, String> + Send,
     {
-        if !self.runnable() {
-            return;
-        }
         let watched = self.watched_files();
+        let name = self.mailbox.name.clone();
         loop {
+            // This stretch's own token: an operator's disable or reject ends
+            // it (and every wait in it) without stopping the daemon. Both it
+            // and the wake-up exist before the gate reads the operators'
+            // settings, so a change made meanwhile is acted on, not lost.
+            let stretch = self.cancel.child_token();
+            self.runtime.begin_stretch(&name, stretch.clone());
+            self.runtime.reenable_handle(&name);
+            match self.gate() {
+                Gate::Off => {
+                    self.runtime.end_stretch(&name);
+                    self.runtime.clear_reenable(&name);
+                    return;
+                }
+                Gate::Hold => {
+                    if !self.wait_for_control_change().await {
+                        break;
+                    }
+                    continue;
+                }
+                Gate::Go => self.runtime.clear_reenable(&name),
+            }
             // Taken before the connector reads them: a change from here on,
             // even one made while the mailbox was failing, re-enables it.
             let baseline: Vec<Option<u64>> = watched.iter().map(|p| file_fingerprint(p)).collect();
+            let task = MailboxTask {
+                cancel: stretch.clone(),
+                ..self.clone()
+            };
             let exit = match make() {
                 Ok(mut connector) => {
-                    let exit = self.run_enabled(&mut connector).await;
+                    let exit = task.run_enabled(&mut connector).await;
                     connector.close().await;
                     exit
                 }
@@ -318,6 +354,14 @@ impl MailboxTask {
                     Exit::Disabled
                 }
             };
+            self.runtime.end_stretch(&name);
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            if stretch.is_cancelled() {
+                // An operator changed the mailbox: the gate decides.
+                continue;
+            }
             if exit == Exit::Stopped || !self.wait_for_reenable(&watched, &baseline).await {
                 break;
             }
@@ -329,37 +373,67 @@ impl MailboxTask {
         }
     }
 
-    /// False (with the phase set) for a mailbox the configuration keeps from
-    /// running: disabled, no incoming delivery, or not approved.
-    pub(super) fn runnable(&self) -> bool {
+    /// Whether the mailbox may run now (with the phase set): `Off` for
+    /// good when the configuration keeps it from running (disabled, no
+    /// incoming delivery), `Hold` while an operator has it disabled or its
+    /// address is not approved (until they change that), else `Go`.
+    pub(super) fn gate(&self) -> Gate {
         let state = self.load_state();
-        let not_processing = |why: String| {
-            self.runtime.update(&self.mailbox.name, |m| {
-                m.not_processing_reason = Some(why);
+        let name = &self.mailbox.name;
+        let not_processing = |why: Option<String>| {
+            self.runtime.update(name, |m| {
+                m.not_processing_reason = why;
             });
         };
+        let control = self.store.mailbox_control(name).unwrap_or_else(|e| {
+            tracing::error!(mailbox = %name, error = %e, "cannot read what operators set on the mailbox; using the configuration");
+            Default::default()
+        });
+        let approval = control.approval.unwrap_or(self.mailbox.approval);
+        self.runtime.update(name, |m| {
+            m.approval = approval;
+            m.disabled_by_operator_at = control.disabled_at;
+        });
         if !self.mailbox.enabled || self.mailbox.incoming == IncomingDelivery::None {
-            not_processing(if self.mailbox.enabled {
+            not_processing(Some(if self.mailbox.enabled {
                 "incoming = \"none\" in the configuration: no mail is read".into()
             } else {
                 "enabled = false in the configuration".into()
-            });
+            }));
             self.set_phase(Phase::Disabled, &state);
-            return false;
+            return Gate::Off;
         }
-        if self.config.process_only_approved && self.mailbox.approval != ApprovalStatus::Approved {
-            let why = not_approved_reason(&self.mailbox.email, self.mailbox.approval);
+        if let Some(at) = control.disabled_at {
+            not_processing(Some(format!(
+                "disabled by an operator at {} (POST /api/v1/mailboxes/{name}/enable enables it)",
+                model::format_time(at)
+            )));
+            self.set_phase(Phase::Disabled, &state);
+            return Gate::Hold;
+        }
+        if self.config.process_only_approved && approval != ApprovalStatus::Approved {
+            let why = not_approved_reason(&self.mailbox.email, approval);
             // One Information alert (as Dynamics raises it), aggregated:
             // raised again at each start, it only counts up.
             self.alert(kind::NOT_APPROVED, AlertLevel::Information, &why);
-            not_processing(why);
+            not_processing(Some(why));
             self.set_phase(Phase::NotApproved, &state);
-            return false;
+            return Gate::Hold;
         }
+        not_processing(None);
         // Approved now: an alert from a run when it was not is over.
-        self.alerts
-            .resolve(&self.mailbox.name, kind::NOT_APPROVED, model::now());
-        true
+        self.alerts.resolve(name, kind::NOT_APPROVED, model::now());
+        Gate::Go
+    }
+
+    /// Waits for an operator's change (enable, approve, …); false on
+    /// shutdown.
+    async fn wait_for_control_change(&self) -> bool {
+        let wake = self.runtime.reenable_handle(&self.mailbox.name);
+        tokio::select! {
+            _ = wake.notified() => true,
+            _ = self.cancel.cancelled() => false,
+        }
     }
 
     /// Waits until the mailbox is enabled through the API or a watched file's
@@ -377,7 +451,7 @@ impl MailboxTask {
                 break Some("its password or token file changed");
             }
             tokio::select! {
-                _ = wake.notified() => break Some("enabled through the admin API"),
+                _ = wake.notified() => break Some("woken through the admin API"),
                 _ = tokio::time::sleep(self.watch_every) => {}
                 _ = self.cancel.cancelled() => break None,
             }
@@ -663,6 +737,7 @@ impl MailboxTask {
             kind::SYNC_FAILING,
             kind::DISABLED,
             kind::CREDENTIAL_REJECTED,
+            kind::INCOMING_TEST,
         ] {
             self.alerts.resolve(name, kind, now);
         }

@@ -58,8 +58,8 @@ use crate::correlate::{IndexEntry, Indexes, LookupKeys, TrackedEmail};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     ActivityId, Alert, AlertLevel, DeadLetter, DeliveryState, EmailActivity, FolderPosition,
-    FollowUp, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record,
-    SendStatus, SourceKey, UnixTime,
+    FollowUp, MailboxControl, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry,
+    Record, SendStatus, SourceKey, UnixTime,
 };
 use serde::Deserialize;
 
@@ -365,6 +365,23 @@ pub trait Store: Send + Sync + 'static {
     /// Follow-ups still owed on a mailbox's messages (in source key order).
     fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError>;
 
+    /// A named cursor (e.g. the last alert a consumer was told of); `None`
+    /// when never set.
+    fn named_cursor(&self, name: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Stores a named cursor, durably.
+    fn put_named_cursor(&self, name: &str, value: u64) -> Result<(), StoreError>;
+
+    /// What operators set on the mailbox at run time (default: nothing).
+    fn mailbox_control(&self, mailbox: &str) -> Result<MailboxControl, StoreError>;
+
+    /// Stores what operators set on the mailbox, durably.
+    fn put_mailbox_control(
+        &self,
+        mailbox: &str,
+        control: &MailboxControl,
+    ) -> Result<(), StoreError>;
+
     /// Writes mailbox state outside a commit (errors, back-off), durably.
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError>;
 
@@ -541,6 +558,16 @@ pub trait Store: Send + Sync + 'static {
     fn set_outgoing_test(
         &self,
         mailbox: &str,
+        result: &crate::model::TestResult,
+    ) -> Result<(), StoreError>;
+
+    /// Records a Test & Enable result of `mailbox` for one direction (an
+    /// on-demand test); [`Store::mailbox_state`] returns it, or the result
+    /// the mailbox task wrote into the state when that one is later.
+    fn set_test_result(
+        &self,
+        mailbox: &str,
+        direction: crate::model::TestDirection,
         result: &crate::model::TestResult,
     ) -> Result<(), StoreError>;
 }

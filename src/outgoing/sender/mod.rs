@@ -269,11 +269,27 @@ impl Sender {
         }
         tracing::info!(mailbox = %me.settings.mailbox, "outgoing: sending queued email");
         let worker = me.clone().start_copy_worker();
+        let mut held = false;
         loop {
             if me.cancel.is_cancelled() {
                 break;
             }
-            let next = me.clone().scan().await;
+            // An operator's disable or reject holds the queue (nothing is
+            // lost: the email waits, queued) until they change it back.
+            let next = match me.held_by_operator() {
+                Some(why) => {
+                    if !std::mem::replace(&mut held, true) {
+                        tracing::info!(mailbox = %me.settings.mailbox, "outgoing: holding queued email: {why}");
+                    }
+                    None
+                }
+                None => {
+                    if std::mem::take(&mut held) {
+                        tracing::info!(mailbox = %me.settings.mailbox, "outgoing: sending queued email again");
+                    }
+                    me.clone().scan().await
+                }
+            };
             let wait = next.unwrap_or(SCAN_EVERY).min(SCAN_EVERY);
             tokio::select! {
                 _ = me.cancel.cancelled() => break,
@@ -285,6 +301,31 @@ impl Sender {
             let _ = w.await;
         }
         me.transport.close().await;
+    }
+
+    /// Why an operator's setting holds this mailbox's outgoing email (it is
+    /// disabled, or its address rejected or set pending), if it does.
+    fn held_by_operator(&self) -> Option<String> {
+        let control = match self.store.mailbox_control(&self.settings.mailbox) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(mailbox = %self.settings.mailbox, error = %e, "outgoing: cannot read the mailbox's settings; sending as configured");
+                return None;
+            }
+        };
+        if let Some(at) = control.disabled_at {
+            return Some(format!(
+                "the mailbox was disabled by an operator at {}",
+                crate::model::format_time(at)
+            ));
+        }
+        match control.approval {
+            Some(a) if a != crate::model::ApprovalStatus::Approved => Some(format!(
+                "its email address is {} by an operator",
+                format!("{a:?}").to_ascii_lowercase()
+            )),
+            _ => None,
+        }
     }
 
     /// Starts the task that makes the Sent copies handed to it, in order;
@@ -360,43 +401,7 @@ impl Sender {
             .filter(|t| t.status == TestStatus::Success)
             .and_then(|t| t.completed_on)
             .filter(|at| model::now() - at < TEST_MESSAGE_EVERY);
-        let result: Result<String, SendError> = async {
-            let connected = self.transport.test_connection().await?;
-            if let Some(at) = recent_test {
-                return Ok(format!(
-                    "{connected} (test message not repeated: the last test passed at {})",
-                    chrono::DateTime::from_timestamp(at, 0)
-                        .map(|d| d.to_rfc3339())
-                        .unwrap_or_default()
-                ));
-            }
-            if !s.test_message {
-                return Ok(connected);
-            }
-            let now = model::now();
-            let draft = Draft {
-                from: s.address.clone(),
-                to: vec![s.address.clone()],
-                subject: "crm-mailsync outgoing test".into(),
-                text: Some(format!(
-                    "Test message of mailbox {:?}: the CRM's email is sent through {}.\r\nNo action needed.",
-                    s.mailbox,
-                    self.transport.describe()
-                )),
-                message_id: compose::new_message_id(&s.address),
-                automated: true,
-                date: now,
-                ..Draft::default()
-            };
-            let c = compose::compose(&draft, &s.policy)
-                .map_err(|e| SendError::Compose(e.join("; ")))?;
-            let how = self
-                .transport
-                .send_test(&c.envelope_from, &c.recipients, c.mime.as_bytes())
-                .await?;
-            Ok(format!("sent a test message to {} {how}", s.address))
-        }
-        .await;
+        let result = self.probe(recent_test).await;
         let now = model::now();
         let test = match &result {
             Ok(detail) => TestResult {
@@ -428,6 +433,53 @@ impl Sender {
             ),
         }
         result
+    }
+
+    /// The outgoing test itself, recording nothing: connect, authenticate
+    /// and send a test message from the mailbox to itself, unless a test
+    /// passed at `passed_at` (then the message is not repeated). On-demand
+    /// Test & Enable passes `None`: the operator asked for the message.
+    pub async fn probe(&self, passed_at: Option<model::UnixTime>) -> Result<String, SendError> {
+        let s = &self.settings;
+        let connected = self.transport.test_connection().await?;
+        if let Some(at) = passed_at {
+            return Ok(format!(
+                "{connected} (test message not repeated: the last test passed at {})",
+                chrono::DateTime::from_timestamp(at, 0)
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_default()
+            ));
+        }
+        if !s.test_message {
+            return Ok(connected);
+        }
+        let now = model::now();
+        let draft = Draft {
+            from: s.address.clone(),
+            to: vec![s.address.clone()],
+            subject: "crm-mailsync outgoing test".into(),
+            text: Some(format!(
+                "Test message of mailbox {:?}: the CRM's email is sent through {}.\r\nNo action needed.",
+                s.mailbox,
+                self.transport.describe()
+            )),
+            message_id: compose::new_message_id(&s.address),
+            automated: true,
+            date: now,
+            ..Draft::default()
+        };
+        let c =
+            compose::compose(&draft, &s.policy).map_err(|e| SendError::Compose(e.join("; ")))?;
+        let how = self
+            .transport
+            .send_test(&c.envelope_from, &c.recipients, c.mime.as_bytes())
+            .await?;
+        Ok(format!("sent a test message to {} {how}", s.address))
+    }
+
+    /// Closes the connections the sender keeps (the Sent folder's).
+    pub async fn close(&self) {
+        self.transport.close().await;
     }
 
     /// One pass over the mailbox's queue; returns when the earliest

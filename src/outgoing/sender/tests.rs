@@ -7,6 +7,23 @@ use crate::store::SledStore;
 use std::collections::HashMap;
 
 fn sender(store: Arc<dyn Store>, port: u16, unknown: UnknownDelivery) -> Arc<Sender> {
+    let wakeup = Arc::new(tokio::sync::Notify::new());
+    Arc::new(sender_with(
+        store,
+        port,
+        unknown,
+        wakeup,
+        CancellationToken::new(),
+    ))
+}
+
+fn sender_with(
+    store: Arc<dyn Store>,
+    port: u16,
+    unknown: UnknownDelivery,
+    wakeup: SendWakeup,
+    cancel: CancellationToken,
+) -> Sender {
     let endpoint = Endpoint {
         host: "127.0.0.1".into(),
         port,
@@ -50,16 +67,70 @@ fn sender(store: Arc<dyn Store>, port: u16, unknown: UnknownDelivery) -> Arc<Sen
         test_message: false,
     };
     let alerts = Arc::new(Alerts::new(store.clone(), HashMap::new()));
-    Arc::new(
-        Sender::new(
-            settings,
-            store,
-            alerts,
-            Arc::new(tokio::sync::Notify::new()),
-            CancellationToken::new(),
+    Sender::new(settings, store, alerts, wakeup, cancel).unwrap()
+}
+
+#[tokio::test]
+async fn an_operators_disable_or_reject_holds_queued_email_until_it_is_lifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+    let cfg = q::config(dir.path());
+    let stub = SmtpStub::start(Script::default()).await;
+    let mut control = crate::model::MailboxControl {
+        disabled_at: Some(1),
+        ..Default::default()
+    };
+    store.put_mailbox_control("support", &control).unwrap();
+    let wakeup: SendWakeup = Arc::new(tokio::sync::Notify::new());
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(
+        sender_with(
+            store.clone(),
+            stub.port,
+            UnknownDelivery::Fail,
+            wakeup.clone(),
+            cancel.clone(),
         )
-        .unwrap(),
-    )
+        .run(),
+    );
+    let id = queue::queue(store.as_ref(), &cfg, &q::request(), model::now())
+        .unwrap()
+        .id;
+    let status = |store: &Arc<dyn Store>| store.outgoing(id).unwrap().unwrap().status;
+    for lifted in [
+        // Disabled, then rejected: held both times.
+        crate::model::MailboxControl {
+            approval: Some(crate::model::ApprovalStatus::Rejected),
+            ..Default::default()
+        },
+        crate::model::MailboxControl {
+            approval: Some(crate::model::ApprovalStatus::Approved),
+            ..Default::default()
+        },
+    ] {
+        wakeup.notify_one();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            status(&store),
+            SendStatus::PendingSend,
+            "held by {control:?}"
+        );
+        assert!(stub.messages().is_empty());
+        control = lifted;
+        store.put_mailbox_control("support", &control).unwrap();
+    }
+    wakeup.notify_one();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status(&store) != SendStatus::Sent {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not sent once approved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stub.messages().len(), 1, "sent once");
+    cancel.cancel();
+    run.await.unwrap();
 }
 
 /// A queued email, then left in `sending` as a crash mid-transaction does.

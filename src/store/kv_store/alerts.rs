@@ -1,7 +1,7 @@
 //! Alerts: one open alert per (subject, kind), updated while its condition
 //! lasts, resolved when it clears, acknowledged by an operator.
 
-use super::keys::{alert_identity, decode, encode, id_key};
+use super::keys::{alert_identity, decode, encode, id_key, key, read_id};
 use super::KvStore;
 use crate::model::{Alert, NewAlert, UnixTime};
 use crate::store::kv::{KeyRange, KvBackend, ScanOrder, WriteBatch};
@@ -77,23 +77,31 @@ impl<B: KvBackend> KvStore<B> {
         let _writer = self.lock();
         let mut b = WriteBatch::default();
         let mut resolved = 0u64;
-        for (k, v) in self
-            .kv
-            .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
-        {
-            let mut a = decode::<Alert>(&k, &v)?;
-            if !a.is_open() || a.subject() != subject || !kind_covers(kind, &a.kind) {
-                continue;
+        // Only open alerts have a key under `lj/`: the subject's keys are
+        // exactly its open alerts, found without reading the others (this
+        // runs at every recovery of every mailbox).
+        for scope in ["m", "p", "d"] {
+            let prefix = key("lj/", &[scope.as_bytes(), subject.as_bytes(), b""]);
+            for (k, v) in self
+                .kv
+                .scan(&KeyRange::prefix(&prefix), ScanOrder::Ascending, 0)?
+            {
+                let Ok(this_kind) = std::str::from_utf8(&k[prefix.len()..]) else {
+                    continue;
+                };
+                if !kind_covers(kind, this_kind) {
+                    continue;
+                }
+                let id = read_id(&v)?;
+                let row = id_key("l/", id);
+                b.delete(k);
+                let Some(mut a) = self.get_json::<Alert>(&row)? else {
+                    continue;
+                };
+                a.resolved_at = Some(at);
+                b.put(row, encode(&a)?);
+                resolved += 1;
             }
-            a.resolved_at = Some(at);
-            // Unlinked from its key: the condition coming back is a new alert.
-            b.delete(alert_identity(
-                a.mailbox.as_deref(),
-                a.profile.as_deref(),
-                &a.kind,
-            ));
-            b.put(k, encode(&a)?);
-            resolved += 1;
         }
         if resolved > 0 {
             self.write_durably(b)?;

@@ -47,8 +47,8 @@ use super::{
 use crate::correlate::{Indexes, LookupKeys, TrackedEmail};
 use crate::model::{
     ActivityId, Alert, DeadLetter, DeliveryState, EmailActivity, FolderPosition, FollowUp,
-    MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record, SendStatus,
-    SourceKey, UnixTime,
+    MailboxControl, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry, Record,
+    SendStatus, SourceKey, UnixTime,
 };
 
 /// What only the writer touches.
@@ -208,26 +208,68 @@ impl<B: KvBackend> Store for KvStore<B> {
     }
 
     fn mailbox_state(&self, mailbox: &str) -> Result<Option<MailboxState>, StoreError> {
+        use crate::model::TestDirection;
         let state: Option<MailboxState> = self.get_json(&keys::key("b/", &[mailbox.as_bytes()]))?;
-        let outgoing: Option<crate::model::TestResult> =
-            self.get_json(&keys::key("ot/", &[mailbox.as_bytes()]))?;
-        Ok(match (state, outgoing) {
-            (Some(mut s), Some(t)) => {
-                s.outgoing_test = t;
-                Some(s)
+        let get = |d| self.get_json::<crate::model::TestResult>(&state::test_key(d, mailbox));
+        let outgoing = get(TestDirection::Outgoing)?;
+        let incoming = get(TestDirection::Incoming)?;
+        let act = get(TestDirection::Act)?;
+        if state.is_none() && outgoing.is_none() && incoming.is_none() && act.is_none() {
+            return Ok(None);
+        }
+        let mut s = state.unwrap_or_else(|| MailboxState {
+            name: mailbox.to_owned(),
+            enabled: true,
+            ..MailboxState::default()
+        });
+        if let Some(t) = outgoing {
+            s.outgoing_test = t;
+        }
+        // The mailbox task records its own incoming test in the state; an
+        // on-demand test under its own key: the later one is the result.
+        for (kept, own) in [(incoming, &mut s.incoming_test), (act, &mut s.act_test)] {
+            if let Some(t) = kept {
+                if t.completed_on >= own.completed_on {
+                    *own = t;
+                }
             }
-            (None, Some(t)) => Some(MailboxState {
-                name: mailbox.to_owned(),
-                enabled: true,
-                outgoing_test: t,
-                ..MailboxState::default()
-            }),
-            (s, None) => s,
-        })
+        }
+        Ok(Some(s))
     }
 
     fn follow_ups(&self, mailbox: &str) -> Result<Vec<FollowUp>, StoreError> {
         self.follow_ups_of(mailbox)
+    }
+
+    fn named_cursor(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        self.get_id(&keys::key("nc/", &[name.as_bytes()]))
+    }
+
+    fn put_named_cursor(&self, name: &str, value: u64) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        b.put(keys::key("nc/", &[name.as_bytes()]), value.to_be_bytes());
+        self.write_durably(b)
+    }
+
+    fn mailbox_control(&self, mailbox: &str) -> Result<MailboxControl, StoreError> {
+        Ok(self
+            .get_json(&keys::key("mc/", &[mailbox.as_bytes()]))?
+            .unwrap_or_default())
+    }
+
+    fn put_mailbox_control(
+        &self,
+        mailbox: &str,
+        control: &MailboxControl,
+    ) -> Result<(), StoreError> {
+        let _writer = self.lock();
+        let mut b = WriteBatch::default();
+        b.put(
+            keys::key("mc/", &[mailbox.as_bytes()]),
+            keys::encode(control)?,
+        );
+        self.write_durably(b)
     }
 
     fn put_mailbox_state(&self, state: &MailboxState) -> Result<(), StoreError> {
@@ -412,5 +454,14 @@ impl<B: KvBackend> Store for KvStore<B> {
         result: &crate::model::TestResult,
     ) -> Result<(), StoreError> {
         self.write_outgoing_test(mailbox, result)
+    }
+
+    fn set_test_result(
+        &self,
+        mailbox: &str,
+        direction: crate::model::TestDirection,
+        result: &crate::model::TestResult,
+    ) -> Result<(), StoreError> {
+        self.write_test_result(mailbox, direction, result)
     }
 }

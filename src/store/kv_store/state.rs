@@ -9,6 +9,16 @@ use crate::model::{EmailActivity, FolderPosition, FollowUp, MailboxState, Quaran
 use crate::store::kv::{KeyRange, KvBackend, ScanOrder, WriteBatch};
 use crate::store::{ActivityQuery, StoreError};
 
+/// Where a direction's Test & Enable result is kept.
+pub(super) fn test_key(direction: crate::model::TestDirection, mailbox: &str) -> Vec<u8> {
+    let prefix = match direction {
+        crate::model::TestDirection::Incoming => "it/",
+        crate::model::TestDirection::Outgoing => "ot/",
+        crate::model::TestDirection::Act => "at/",
+    };
+    key(prefix, &[mailbox.as_bytes()])
+}
+
 impl<B: KvBackend> KvStore<B> {
     pub(super) fn list_activities(
         &self,
@@ -105,9 +115,21 @@ impl<B: KvBackend> KvStore<B> {
         mailbox: &str,
         result: &crate::model::TestResult,
     ) -> Result<(), StoreError> {
+        self.write_test_result(mailbox, crate::model::TestDirection::Outgoing, result)
+    }
+
+    /// A Test & Enable result under its own key (`it/`, `ot/`, `at/`), for
+    /// the same reason as the outgoing one: an on-demand test writes it
+    /// while the mailbox task rewrites the whole state.
+    pub(super) fn write_test_result(
+        &self,
+        mailbox: &str,
+        direction: crate::model::TestDirection,
+        result: &crate::model::TestResult,
+    ) -> Result<(), StoreError> {
         let _writer = self.lock();
         let mut b = WriteBatch::default();
-        b.put(key("ot/", &[mailbox.as_bytes()]), encode(result)?);
+        b.put(test_key(direction, mailbox), encode(result)?);
         self.write_durably(b)
     }
 }

@@ -3,6 +3,10 @@
 //! [`kind`], so a flapping mailbox produces one alert with a count, not
 //! thousands, and the code that sees the condition clear resolves exactly it.
 
+mod monitor;
+
+pub use monitor::{spawn_monitor, Monitor};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,10 +43,26 @@ pub mod kind {
     /// More than half a profile's mailboxes failed within an hour: one
     /// profile alert instead of a storm. Resolved when half or fewer fail.
     pub const PROFILE_FAILING: &str = "profile_failing";
-    /// Outgoing Test & Enable failed.
+    /// Outgoing Test & Enable failed (the sender's start-up test, or an
+    /// on-demand one). Resolved by the next passing outgoing test.
     pub const OUTGOING_TEST: &str = "outgoing_test";
+    /// An on-demand incoming Test & Enable failed. Resolved by the next
+    /// passing incoming test, or the mailbox's next successful sync.
+    pub const INCOMING_TEST: &str = "incoming_test";
+    /// An on-demand Test & Enable passed but the mailbox could not be
+    /// enabled (disabled in the configuration, not approved). Resolved by
+    /// the next test that enables it.
+    pub const NOT_ENABLED: &str = "not_enabled";
     /// An outgoing email failed for good.
     pub const OUTGOING_FAILED: &str = "outgoing_failed";
+    /// A sync cycle has run longer than `stuck_after` (a hung connection).
+    pub const STUCK: &str = "stuck";
+    /// No successful sync for longer than `stall_alert_after` plus the
+    /// longest idle wait, without a failure to say why (a task that went
+    /// quiet). Failures raise [`SYNC_FAILING`] instead.
+    pub const STALLED: &str = "stalled";
+    /// The backlog kept growing for a while.
+    pub const BACKLOG: &str = "backlog";
     /// The CRM link cannot deliver or sync.
     pub const CRM: &str = "crm";
     /// Daemon-level conditions (a reload refused, …).
