@@ -169,6 +169,11 @@ pub struct Profile {
     /// Warn this long before a known token expiry.
     pub token_expiry_warning: Duration,
     pub poll_interval: Duration,
+    /// Idle back-off cap: a mailbox that keeps finding nothing polls less
+    /// often, one more `poll_interval` every 10 empty polls, up to this many
+    /// times `poll_interval` (1 = never back off); new mail or a push
+    /// wake-up (IDLE) brings it back to `poll_interval`.
+    pub idle_backoff_cap: u32,
     pub max_concurrent_connections: u16,
     pub connect_timeout: Duration,
     pub io_timeout: Duration,

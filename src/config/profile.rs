@@ -76,6 +76,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         errs,
     );
     let poll_interval = t.duration("poll_interval", SECS(60), SECS(1), SECS(1440 * 60), errs);
+    let idle_backoff_cap = t.int("idle_backoff_cap", 4, 1, 60, errs) as u32;
     let max_conn = t.int("max_concurrent_connections", 10, 1, 300, errs) as u16;
     let connect_timeout = t.duration("connect_timeout", SECS(30), SECS(1), SECS(100), errs);
     let io_timeout = t.duration("io_timeout", SECS(120), SECS(1), SECS(3600), errs);
@@ -188,6 +189,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         token_expires_at,
         token_expiry_warning,
         poll_interval,
+        idle_backoff_cap,
         max_concurrent_connections: max_conn,
         connect_timeout,
         io_timeout,
@@ -205,4 +207,52 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         smtp,
         graph,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn profile_errors(extra: &str) -> Vec<(String, String)> {
+        let text = format!(
+            r#"
+            [admin]
+            token = "0123456789abcdef"
+            [[profiles]]
+            name = "local"
+            type = "maildir"
+            {extra}
+            [[mailboxes]]
+            name = "m"
+            profile = "local"
+            email = "m@example.test"
+            path = "fixtures/demo-maildir"
+            "#
+        );
+        match super::super::from_toml_str(&text, Vec::new(), Path::new(".")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|e| (e.path, e.message)).collect(),
+        }
+    }
+
+    /// `idle_backoff_cap` is range-checked with the other profile keys, and
+    /// its error is reported beside theirs, not instead of them.
+    #[test]
+    fn idle_backoff_cap_is_validated_with_the_other_profile_keys() {
+        assert!(profile_errors("idle_backoff_cap = 1").is_empty());
+        assert!(profile_errors("idle_backoff_cap = 60").is_empty());
+        for bad in ["0", "61", "\"often\""] {
+            let errs = profile_errors(&format!(
+                "idle_backoff_cap = {bad}\npoll_interval = \"soon\""
+            ));
+            let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+            assert_eq!(
+                paths,
+                ["profiles[0].poll_interval", "profiles[0].idle_backoff_cap"],
+                "{bad}: {errs:?}"
+            );
+        }
+        let errs = profile_errors("idle_backoff_cap = 0");
+        assert_eq!(errs[0].1, "0 is out of range 1..=60", "{errs:?}");
+    }
 }

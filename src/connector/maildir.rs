@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,31 @@ pub struct MaildirConnector {
     delete_after_processing: bool,
     move_failed_to: Option<String>,
     store: Arc<dyn Store>,
+    /// Per folder: the modification times of `new/` and `cur/` at a scan
+    /// that found nothing unseen, and when that scan was, so an idle poll
+    /// costs two `stat`s instead of listing both directories.
+    quiet: HashMap<String, QuietScan>,
+}
+
+/// A folder scan that found every message already seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct QuietScan {
+    new: Option<SystemTime>,
+    cur: Option<SystemTime>,
+    at: SystemTime,
+}
+
+/// A directory modified this close before a scan may change again within
+/// the same timestamp tick unseen: such a scan is not trusted as quiet.
+const MTIME_SETTLE: Duration = Duration::from_secs(2);
+
+/// A quiet folder is listed again at least this often whatever its mtimes
+/// say (file systems with coarse or unreliable mtimes, a clock step).
+const FULL_RESCAN_EVERY: Duration = Duration::from_secs(15 * 60);
+
+/// Modification time of a directory (`None`: missing or unreadable).
+fn mtime(dir: &Path) -> Option<SystemTime> {
+    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
 }
 
 /// One message file found in a folder.
@@ -61,7 +86,37 @@ impl MaildirConnector {
             delete_after_processing,
             move_failed_to,
             store,
+            quiet: HashMap::new(),
         }
+    }
+
+    /// The `new/` and `cur/` mtimes of a folder when they can be trusted to
+    /// show any change from now on; `None` when one was modified too
+    /// recently (within [`MTIME_SETTLE`]) to tell a later change apart.
+    fn settled_mtimes(&self, folder: &str, now: SystemTime) -> Option<QuietScan> {
+        let dir = self.folder_dir(folder);
+        let (new, cur) = (mtime(&dir.join("new")), mtime(&dir.join("cur")));
+        let settled = |t: Option<SystemTime>| {
+            t.is_none_or(|t| now.duration_since(t).is_ok_and(|age| age >= MTIME_SETTLE))
+        };
+        (settled(new) && settled(cur)).then_some(QuietScan { new, cur, at: now })
+    }
+
+    /// True when the folder was quiet at its last scan and neither `new/`
+    /// nor `cur/` changed since (a delivery, a flag change, a move or a
+    /// delete all change a directory's mtime).
+    fn still_quiet(&self, folder: &str, now: SystemTime) -> bool {
+        let Some(last) = self.quiet.get(folder) else {
+            return false;
+        };
+        if now
+            .duration_since(last.at)
+            .map_or(true, |age| age >= FULL_RESCAN_EVERY)
+        {
+            return false;
+        }
+        let dir = self.folder_dir(folder);
+        mtime(&dir.join("new")) == last.new && mtime(&dir.join("cur")) == last.cur
     }
 
     /// Directory of a folder; `INBOX/X` and `X` both map to Maildir++ `.INBOX.X` if
@@ -189,25 +244,48 @@ impl Connector for MaildirConnector {
         // names start with the delivery time), so a reply filed in one folder is
         // not processed before its parent filed in another.
         let mut unseen: Vec<(String, Entry)> = Vec::new();
+        let mut stored: Option<HashMap<String, FolderPosition>> = None;
         for folder in self.folders.clone() {
+            let now = SystemTime::now();
+            if self.still_quiet(&folder, now) {
+                continue;
+            }
+            // Taken before listing: a change made during the listing moves
+            // the mtime past what is recorded, so it is not missed.
+            let before = self.settled_mtimes(&folder, now);
             let entries = self.list(&folder)?;
             let total = entries.len() as u64;
+            let mut found = false;
             for e in entries {
                 if !self.store.is_seen(&self.source(&folder, &e.unique))? {
                     unseen.push((folder.clone(), e));
+                    found = true;
                 }
             }
-            batch.positions.push((
-                folder.clone(),
-                FolderPosition {
-                    uidvalidity: 0,
-                    next_uid: 0,
-                    highest_modseq: None,
-                    seen_count: total,
-                    retry: Vec::new(),
-                    delta_link: None,
-                },
-            ));
+            match before {
+                Some(scan) if !found => {
+                    self.quiet.insert(folder.clone(), scan);
+                }
+                _ => {
+                    self.quiet.remove(&folder);
+                }
+            }
+            let position = FolderPosition {
+                uidvalidity: 0,
+                next_uid: 0,
+                highest_modseq: None,
+                seen_count: total,
+                retry: Vec::new(),
+                delta_link: None,
+            };
+            // Only a changed position is committed: an idle poll writes nothing.
+            let stored = match &mut stored {
+                Some(s) => s,
+                None => stored.insert(self.store.folder_positions(&self.mailbox)?),
+            };
+            if stored.get(&folder) != Some(&position) {
+                batch.positions.push((folder.clone(), position));
+            }
         }
         unseen.sort_by(|a, b| a.1.unique.cmp(&b.1.unique).then_with(|| a.0.cmp(&b.0)));
         let waiting = unseen.len() as u64;
@@ -298,6 +376,10 @@ impl Connector for MaildirConnector {
             AckKind::Recorded => self.delete_after_processing,
             AckKind::Failed => self.move_failed_to.is_some(),
         }
+    }
+
+    fn holds_connection(&self) -> bool {
+        false
     }
 
     async fn wait_for_changes(
@@ -428,5 +510,68 @@ mod tests {
             why.contains("cannot read") && why.contains("1001.b.host"),
             "{why}"
         );
+    }
+
+    /// Sets a directory's modification time (as if last changed `ago`).
+    fn age(dir: &Path, ago: Duration) {
+        let f = std::fs::File::open(dir).unwrap();
+        f.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    /// An idle poll of a folder whose `new/` and `cur/` did not change since
+    /// a scan that found everything seen lists nothing and reports no
+    /// position (so the scheduler commits nothing); a delivery (which moves
+    /// the directory's mtime) is found at the next poll.
+    #[tokio::test]
+    async fn unchanged_folders_are_not_listed_again_and_new_mail_is_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("Maildir");
+        for sub in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        let hour = Duration::from_secs(3600);
+        let store = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+        let mut c = MaildirConnector::new("m", &root, vec![], 10, false, None, store.clone());
+        age(&root.join("new"), hour);
+        age(&root.join("cur"), hour);
+        let first = c.fetch().await.unwrap();
+        assert!(first.messages.is_empty());
+        assert_eq!(
+            first.positions.len(),
+            1,
+            "the first scan reports its position"
+        );
+        store
+            .commit(crate::store::CommitBatch {
+                positions: first
+                    .positions
+                    .iter()
+                    .map(|(f, p)| ("m".to_string(), f.clone(), p.clone()))
+                    .collect(),
+                ..Default::default()
+            })
+            .unwrap();
+        // A file that appears without moving the directory's mtime (as on a
+        // file system that does not keep them) shows the listing is skipped.
+        let was = std::fs::metadata(root.join("new"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::write(root.join("new/1000.a.host"), "Subject: a\n\nx\n").unwrap();
+        let f = std::fs::File::open(root.join("new")).unwrap();
+        f.set_modified(was).unwrap();
+        let idle = c.fetch().await.unwrap();
+        assert!(
+            idle.messages.is_empty() && idle.positions.is_empty(),
+            "{:?}",
+            idle.positions
+        );
+        // A real delivery moves the mtime: both files are found.
+        std::fs::write(root.join("tmp/1001.b.host"), "Subject: b\n\ny\n").unwrap();
+        std::fs::rename(root.join("tmp/1001.b.host"), root.join("new/1001.b.host")).unwrap();
+        let got = c.fetch().await.unwrap();
+        let uids: Vec<&str> = got.messages.iter().map(|m| m.source.uid.as_str()).collect();
+        assert_eq!(uids, ["1000.a.host", "1001.b.host"]);
+        assert_eq!(got.positions[0].1.seen_count, 2);
     }
 }

@@ -311,6 +311,13 @@ pub trait Connector: Send {
         true
     }
 
+    /// Whether this source holds a server connection between calls (IMAP,
+    /// POP3): only then is a connection permit worth keeping across the
+    /// wait between polls. A local source (Maildir) says no.
+    fn holds_connection(&self) -> bool {
+        true
+    }
+
     /// Waits until new mail may be there: push (IMAP IDLE) where possible, else
     /// `max`. Returns early when `cancel` fires. Without `keep_connection` the
     /// caller holds no connection permit for the wait: close any open

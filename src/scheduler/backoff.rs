@@ -51,8 +51,39 @@ impl Backoff {
     }
 }
 
-/// Poll interval, stretched for mailboxes that keep finding nothing (up to 4×).
-pub(super) fn idle_interval(base: Duration, empty_cycles: u32) -> Duration {
-    let factor = 1 + (empty_cycles / 10).min(3);
+/// Empty cycles in a row per step of the idle back-off: after 10 polls that
+/// found nothing the interval grows by one more `poll_interval`.
+pub const IDLE_STEP: u32 = 10;
+
+/// Spread of the poll wait (up to 10 % longer, never shorter: the poll
+/// interval is a minimum), so mailboxes started together drift apart
+/// instead of polling in lockstep for ever.
+pub const POLL_JITTER: f64 = 0.1;
+
+/// Poll interval, stretched for mailboxes that keep finding nothing: one more
+/// `base` every [`IDLE_STEP`] empty cycles, up to `cap` × `base` (the
+/// profile's `idle_backoff_cap`; 1 = no back-off). New mail or a push
+/// wake-up resets `empty_cycles`, so the mailbox snaps back to `base`.
+pub(super) fn idle_interval(base: Duration, empty_cycles: u32, cap: u32) -> Duration {
+    let factor = 1 + (empty_cycles / IDLE_STEP).min(cap.max(1) - 1);
     base * factor
+}
+
+/// The first wait after a (re)start: 1–2 × `base` at random, so mailboxes
+/// started together (a daemon start) spread over a whole interval instead
+/// of polling in one burst; never shorter than `base`.
+pub(super) fn first_wait(base: Duration) -> Duration {
+    base.mul_f64(1.0 + fastrand::f64())
+}
+
+/// `wait` made up to [`POLL_JITTER`] longer at random.
+pub(super) fn poll_jitter(wait: Duration) -> Duration {
+    wait.mul_f64(1.0 + fastrand::f64() * POLL_JITTER)
+}
+
+/// True when a wait of `wanted` that took `took` ended well before its time:
+/// the connector was woken by a push (IMAP IDLE), not by its timer.
+pub(super) fn woken_early(took: Duration, wanted: Duration) -> bool {
+    let margin = (wanted / 20).max(Duration::from_millis(500));
+    took + margin < wanted
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::alerts::kind;
 use crate::connector::{Ack, AckKind, Connector};
@@ -12,18 +13,40 @@ use crate::pipeline::{self, ItemResult, PipelineContext};
 use crate::store::{CommitBatch, CommitOutcome, Tally};
 use crate::telemetry;
 
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::runtime::ConnectionQueue;
 use super::task::{CycleError, MailboxTask};
 
 impl MailboxTask {
-    /// One sync cycle: first the follow-ups still owed (by an earlier cycle, or
-    /// by a process that died between a commit and its follow-ups), then
-    /// batches until the source has nothing more (or shutdown).
-    /// Returns how many new messages were recorded.
+    /// One cycle outside any turn: tests drive single cycles with it.
+    #[cfg(test)]
     pub(super) async fn cycle<C: Connector>(
         &self,
         connector: &mut C,
         state: &mut MailboxState,
-    ) -> Result<u64, CycleError> {
+    ) -> Result<Turn, CycleError> {
+        let queue = self.runtime.connection_queue(
+            &self.profile.name,
+            usize::from(self.profile.max_concurrent_connections),
+        );
+        self.cycle_in_turn(connector, state, &queue, &mut None)
+            .await
+    }
+
+    /// One sync cycle: first the follow-ups still owed (by an earlier cycle, or
+    /// by a process that died between a commit and its follow-ups), then
+    /// batches until the source has nothing more, shutdown, or the end of
+    /// the mailbox's turn (see [`TURN_LIMIT`]), within the profile's
+    /// connection queue; `backlog` is the mailbox's backlog slot, if it
+    /// holds one (taken here when it goes on past a batch while others wait).
+    pub(super) async fn cycle_in_turn<C: Connector>(
+        &self,
+        connector: &mut C,
+        state: &mut MailboxState,
+        queue: &ConnectionQueue,
+        backlog: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Turn, CycleError> {
         let mut changes = FollowUpChanges::default();
         let owed = self.store.follow_ups(&self.mailbox.name)?;
         if !owed.is_empty() {
@@ -36,7 +59,9 @@ impl MailboxTask {
                 .collect();
             self.follow_up(connector, acks, owed, &mut changes).await;
         }
-        let result = self.sync_batches(connector, state, &mut changes).await;
+        let result = self
+            .sync_batches(connector, state, &mut changes, queue, backlog)
+            .await;
         // What the last follow-ups did, unless a batch commit carried it already.
         if !changes.is_empty() {
             let commit = CommitBatch {
@@ -64,8 +89,12 @@ impl MailboxTask {
         connector: &mut C,
         state: &mut MailboxState,
         changes: &mut FollowUpChanges,
-    ) -> Result<u64, CycleError> {
-        let ctx = Arc::new(PipelineContext::for_mailbox(&self.config, &self.mailbox));
+        queue: &ConnectionQueue,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Turn, CycleError> {
+        let turn_started = tokio::time::Instant::now();
+        // Built at the first message: an idle cycle needs none.
+        let mut ctx: Option<Arc<PipelineContext>> = None;
         let mut found = 0u64;
         loop {
             let batch = connector.fetch().await?;
@@ -78,17 +107,29 @@ impl MailboxTask {
             metrics::gauge!(telemetry::BACKLOG, "mailbox" => self.mailbox.name.clone())
                 .set(backlog as f64);
             if batch.messages.is_empty() && batch.positions.is_empty() {
-                return Ok(found);
+                return Ok(Turn {
+                    found,
+                    yielded: false,
+                });
             }
             let more = batch.more;
             let messages = batch.messages;
-            let store = self.store.clone();
-            let ctx2 = ctx.clone();
-            let (mut commit, results) = tokio::task::spawn_blocking(move || {
-                pipeline::process(store.as_ref(), &ctx2, &messages, model::now())
-            })
-            .await
-            .map_err(|e| CycleError::Join(e.to_string()))??;
+            let (mut commit, results) = if messages.is_empty() {
+                // Positions only: nothing for the pipeline (no blocking hop).
+                (CommitBatch::default(), Vec::new())
+            } else {
+                let store = self.store.clone();
+                let ctx2 = ctx
+                    .get_or_insert_with(|| {
+                        Arc::new(PipelineContext::for_mailbox(&self.config, &self.mailbox))
+                    })
+                    .clone();
+                tokio::task::spawn_blocking(move || {
+                    pipeline::process(store.as_ref(), &ctx2, &messages, model::now())
+                })
+                .await
+                .map_err(|e| CycleError::Join(e.to_string()))??
+            };
             commit.positions = batch
                 .positions
                 .into_iter()
@@ -162,7 +203,27 @@ impl MailboxTask {
             }
             self.follow_up(connector, acks, owed, changes).await;
             if !more || self.cancel.is_cancelled() {
-                return Ok(found);
+                return Ok(Turn {
+                    found,
+                    yielded: false,
+                });
+            }
+            // Fairness: while others wait (for a connection or a backlog
+            // slot), a mailbox goes on past a batch only with a backlog slot
+            // (half the profile's connections) and for at most TURN_LIMIT;
+            // then it gives its connection back and queues again behind
+            // them (FIFO).
+            if queue.contended() {
+                if slot.is_none() {
+                    *slot = queue.try_backlog_slot();
+                }
+                if slot.is_some() && turn_started.elapsed() < TURN_LIMIT {
+                    continue;
+                }
+                return Ok(Turn {
+                    found,
+                    yielded: true,
+                });
             }
         }
     }
@@ -269,6 +330,19 @@ impl MailboxTask {
             }
         }
     }
+}
+
+/// How long one mailbox may keep a connection permit for batch after batch
+/// while others wait for one (see [`MailboxTask::sync_batches`]).
+pub const TURN_LIMIT: Duration = Duration::from_secs(30);
+
+/// How a cycle ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Turn {
+    /// New messages recorded.
+    pub found: u64,
+    /// The source has more, but the turn ended to let queued mailboxes in.
+    pub yielded: bool,
 }
 
 /// Permanent failures after which a follow-up is given up with a Warning

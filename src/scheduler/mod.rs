@@ -24,10 +24,12 @@
 mod backoff;
 mod cycle;
 mod runtime;
+#[cfg(test)]
+mod scale_tests;
 mod task;
 #[cfg(test)]
 mod tests;
 
 pub use backoff::Backoff;
-pub use runtime::{EnableError, LiveMailbox, Phase, Runtime};
+pub use runtime::{ConnectionQueue, EnableError, LiveMailbox, Phase, Runtime};
 pub use task::{MailboxTask, WATCH_EVERY};

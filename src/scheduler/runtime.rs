@@ -2,12 +2,12 @@
 //! the re-enable wake-ups.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{ApprovalStatus, MailboxState, UnixTime};
@@ -67,6 +67,98 @@ pub struct Runtime {
     /// Running mailboxes → the cancel token of their current enabled
     /// stretch: an operator's disable or reject ends it.
     stretches: Mutex<HashMap<String, CancellationToken>>,
+    /// Per profile: the mailboxes queued for one of its connection permits.
+    queues: Mutex<HashMap<String, Arc<ConnectionQueue>>>,
+}
+
+/// Who waits for a profile's connection permits, so a mailbox that holds
+/// one only to keep an idle connection open (IMAP IDLE) gives it up as soon
+/// as another mailbox needs it, and a busy one ends its turn.
+#[derive(Debug)]
+pub struct ConnectionQueue {
+    waiting: AtomicUsize,
+    wake: Notify,
+    /// Slots for mailboxes working through a backlog batch after batch
+    /// while others wait: half the profile's connections (at least one), so
+    /// the polls of every other mailbox always find room.
+    backlog: Arc<Semaphore>,
+    /// Mailboxes with a backlog waiting for a slot.
+    backlog_waiting: AtomicUsize,
+}
+
+/// Counts down however a wait ends (also when dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl ConnectionQueue {
+    /// The queue of a profile with `limit` connections.
+    pub fn new(limit: usize) -> Self {
+        ConnectionQueue {
+            waiting: AtomicUsize::new(0),
+            wake: Notify::new(),
+            backlog: Arc::new(Semaphore::new((limit / 2).max(1))),
+            backlog_waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// True while another mailbox waits, for a connection or for a backlog
+    /// slot: a mailbox with more to fetch then ends its turn.
+    pub fn contended(&self) -> bool {
+        self.waiting() > 0 || self.backlog_waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// A backlog slot, if one is free now.
+    pub fn try_backlog_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.backlog.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a backlog slot (FIFO), counted as waiting meanwhile.
+    pub async fn backlog_slot(&self) -> Option<OwnedSemaphorePermit> {
+        let _waiting = Waiting::new(&self.backlog_waiting);
+        self.backlog.clone().acquire_owned().await.ok()
+    }
+
+    /// Mailboxes waiting for a permit now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Takes a permit of `connections`, counted as waiting meanwhile; `None`
+    /// only if the semaphore was closed.
+    pub async fn acquire(&self, connections: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = connections.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let _waiting = Waiting::new(&self.waiting);
+        // One holder of an idle connection is enough to make room.
+        self.wake.notify_one();
+        connections.clone().acquire_owned().await.ok()
+    }
+
+    /// Resolves once some mailbox waits for a permit.
+    pub async fn someone_waits(&self) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.waiting() > 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Why [`Runtime::request_enable`] refused.
@@ -193,6 +285,14 @@ impl Runtime {
     pub(super) fn reenable_handle(&self, name: &str) -> Arc<Notify> {
         let mut map = self.reenable.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The connection queue of a profile with `limit` connections.
+    pub fn connection_queue(&self, profile: &str, limit: usize) -> Arc<ConnectionQueue> {
+        let mut map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(profile.to_string())
+            .or_insert_with(|| Arc::new(ConnectionQueue::new(limit)))
+            .clone()
     }
 
     pub(super) fn clear_reenable(&self, name: &str) {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{kind, Alerts};
@@ -21,8 +21,8 @@ use crate::pipeline::PipelineError;
 use crate::store::{Store, StoreError};
 use crate::telemetry;
 
-use super::backoff::{idle_interval, Backoff};
-use super::runtime::{LiveMailbox, Phase, Runtime};
+use super::backoff::{first_wait, idle_interval, poll_jitter, woken_early, Backoff};
+use super::runtime::{ConnectionQueue, LiveMailbox, Phase, Runtime};
 
 /// Everything a mailbox task needs.
 #[derive(Clone)]
@@ -49,6 +49,29 @@ pub const WATCH_EVERY: Duration = Duration::from_secs(3);
 pub(super) const STALL_ALERT: &str = "not synced since ";
 pub(super) const DISABLED_ALERT: &str = "mailbox disabled: ";
 pub(super) const TRANSIENT_ALERT: &str = "transient error, retrying with back-off: ";
+
+/// How stale the stored "last polled" stamps (`last_sync_at`,
+/// `last_success_at`, `no_email_cycles`) may get. A cycle that found nothing
+/// and changed nothing else writes nothing (at 10,000 idle mailboxes a durable
+/// write per poll was most of the daemon's CPU): the stamps stay live in the
+/// runtime view (admin API) and reach the store with the next write that
+/// happens anyway, or after this long. After a SIGKILL the stored stamps may
+/// be this much behind; nothing that matters is lost, since positions,
+/// activities and follow-ups commit atomically with their batch.
+pub(super) const STAMPS_PERSIST_EVERY: Duration = Duration::from_secs(300);
+
+/// True when `a` and `b` differ at most in the stamps of an idle poll.
+pub(super) fn only_stamps_differ(a: &MailboxState, b: &MailboxState) -> bool {
+    let mut a = a.clone();
+    a.last_sync_at = b.last_sync_at;
+    a.last_success_at = b.last_success_at;
+    a.no_email_cycles = b.no_email_cycles;
+    a == *b
+}
+
+/// How long a permit is kept after a connection was dropped without a
+/// LOGOUT, for its close to reach the server.
+const DROPPED_CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 /// A task that ran this long without a panic starts its restart back-off over.
 pub(super) const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
@@ -231,20 +254,27 @@ impl MailboxTask {
     /// ([`telemetry::TASK_RESTARTS`]) and the task restarted with back-off.
     /// `make` builds the connector (again at every restart and re-enable, so
     /// a changed password file is read).
-    pub async fn supervise<C, F>(self, make: F)
+    ///
+    /// The run is caught in place rather than spawned as a task of its own:
+    /// one task (and one copy of the task's settings) per mailbox, which is
+    /// what 10,000 mailboxes cost.
+    pub async fn supervise<C, F>(self, mut make: F)
     where
         C: Connector + 'static,
-        F: FnMut() -> Result<C, String> + Clone + Send + 'static,
+        F: FnMut() -> Result<C, String> + Send + 'static,
     {
+        use futures::FutureExt;
         let name = self.mailbox.name.clone();
         let mut restarts = 0u32;
         loop {
             let started = tokio::time::Instant::now();
-            let run = tokio::spawn(self.clone().run(make.clone()));
-            let payload = match run.await {
+            // Unwind safety: what a panic can leave half-done is shared
+            // state behind locks that recover from poisoning, or the store,
+            // whose batches apply all or nothing.
+            let run = std::panic::AssertUnwindSafe(self.run_with(&mut make));
+            let payload = match run.catch_unwind().await {
                 Ok(()) => return,
-                Err(e) if e.is_panic() => e.into_panic(),
-                Err(_) => return,
+                Err(payload) => payload,
             };
             if started.elapsed() >= RESTART_RESET_AFTER {
                 restarts = 0;
@@ -273,6 +303,14 @@ impl MailboxTask {
     /// Runs the mailbox until cancelled: enabled stretches, and between them
     /// (after a permanent error) waits to be re-enabled.
     pub async fn run<C, F>(self, mut make: F)
+    where
+        C: Connector,
+        F: FnMut() -> Result<C, String> + Send,
+    {
+        self.run_with(&mut make).await
+    }
+
+    async fn run_with<C, F>(&self, make: &mut F)
     where
         C: Connector,
         F: FnMut() -> Result<C, String> + Send,
@@ -441,10 +479,16 @@ impl MailboxTask {
         state.enabled = true;
         state.disabled_reason = None;
 
-        // Test & Enable (incoming). The connection the test leaves open is
-        // reused by the first cycle: its permit goes with it, so no
-        // connection is ever open without one.
-        let mut held = self.connections.clone().acquire_owned().await.ok();
+        // Test & Enable (incoming). Its permit is kept for the first cycle:
+        // the connection it opened stays open (IMAP), and a connection is
+        // never open without a permit.
+        let queue = self.runtime.connection_queue(
+            &self.profile.name,
+            usize::from(self.profile.max_concurrent_connections),
+        );
+        // Held while the mailbox works through a backlog in turns.
+        let mut backlog: Option<OwnedSemaphorePermit> = None;
+        let mut held = queue.acquire(&self.connections).await;
         let test = connector.test().await;
         match &test {
             Ok(detail) => {
@@ -463,17 +507,22 @@ impl MailboxTask {
                 };
             }
         }
-        self.note_token_expiry(connector, &mut state);
+        self.note_token_expiry(connector, &mut state, true);
         if let Err(e) = &test {
             self.token_alert(e);
         }
         if let Err(e) = test {
             if e.disposition() == Disposition::Permanent {
+                self.release(connector, held.take()).await;
                 self.disable(&mut state, &e.to_string());
                 return Exit::Disabled;
             }
         }
         self.save_state(&state);
+        // What the store holds, to tell an idle cycle (nothing to write) from
+        // one that changed something.
+        let mut persisted = state.clone();
+        let mut persisted_at = tokio::time::Instant::now();
 
         // The stall clock: tokio's, so tests can run it on paused time.
         let mut healthy_at = tokio::time::Instant::now();
@@ -481,25 +530,32 @@ impl MailboxTask {
         // Alerts to resolve at the next success: whatever is open at start
         // (from before a restart or re-enable), then what failures raised.
         let mut alerts_open = true;
+        let mut first = true;
         loop {
             if self.cancel.is_cancelled() {
+                self.release(connector, held.take()).await;
                 return Exit::Stopped;
             }
-            self.set_phase(Phase::Syncing, &state);
+            // A permit kept from the test or an idle wait, else a place in
+            // the profile's FIFO queue. Phase "syncing" (and the stuck clock)
+            // from the moment it is held: a queued mailbox is waiting.
             let permit = match held.take() {
                 Some(p) => Some(p),
-                None => self.connections.clone().acquire_owned().await.ok(),
+                None => queue.acquire(&self.connections).await,
             };
-            let result = self.cycle(connector, &mut state).await;
+            self.set_phase(Phase::Syncing, &state);
+            let result = self
+                .cycle_in_turn(connector, &mut state, &queue, &mut backlog)
+                .await;
             let now = model::now();
             state.last_sync_at = Some(now);
-            self.note_token_expiry(connector, &mut state);
+            self.note_token_expiry(connector, &mut state, false);
             match result {
-                Ok(found) => {
+                Ok(turn) => {
                     state.transient_failures = 0;
                     state.last_success_at = Some(now);
                     state.postponed_until = None;
-                    state.no_email_cycles = if found == 0 {
+                    state.no_email_cycles = if turn.found == 0 && !turn.yielded {
                         state.no_email_cycles.saturating_add(1)
                     } else {
                         0
@@ -512,43 +568,58 @@ impl MailboxTask {
                     if std::mem::take(&mut alerts_open) {
                         self.recovered(now);
                     }
-                    self.save_state(&state);
+                    // An idle cycle writes nothing: see STAMPS_PERSIST_EVERY.
+                    if !only_stamps_differ(&state, &persisted)
+                        || persisted.last_success_at.is_none()
+                        || persisted_at.elapsed() >= STAMPS_PERSIST_EVERY
+                    {
+                        self.save_state(&state);
+                        persisted = state.clone();
+                        persisted_at = tokio::time::Instant::now();
+                    }
                     self.set_phase(Phase::Waiting, &state);
-                    let wait = idle_interval(self.profile.poll_interval, state.no_email_cycles);
-                    // A connection kept open between polls (reuse, IDLE) counts
-                    // against the profile's limit: keep it only with a permit.
-                    // The semaphore is FIFO, so mailboxes queued for a cycle get
-                    // their turn when an idling one comes back. Kept only while
-                    // no one can be waiting (a free permit means an empty
-                    // queue); otherwise closed before the permit goes, and a
-                    // permit free after that may IDLE on a new connection.
-                    let permit = match permit {
-                        Some(p) if self.connections.available_permits() > 0 => Some(p),
-                        other => {
-                            connector.close().await;
-                            drop(other);
-                            if self.profile.idle {
-                                self.connections.clone().try_acquire_owned().ok()
-                            } else {
-                                None
-                            }
-                        }
+                    if turn.yielded {
+                        // More to fetch, but others are queued for the
+                        // profile's connections: close ours, give the permit
+                        // back and queue again behind them, first for a
+                        // backlog slot (FIFO among the busy mailboxes).
+                        self.release(connector, permit).await;
+                        drop(backlog.take());
+                        backlog = tokio::select! {
+                            p = queue.backlog_slot() => p,
+                            _ = self.cancel.cancelled() => None,
+                        };
+                        continue;
+                    }
+                    backlog = None;
+                    let wait = if std::mem::take(&mut first) {
+                        first_wait(self.profile.poll_interval)
+                    } else {
+                        poll_jitter(idle_interval(
+                            self.profile.poll_interval,
+                            state.no_email_cycles,
+                            self.profile.idle_backoff_cap,
+                        ))
                     };
-                    let waited = connector
-                        .wait_for_changes(wait, permit.is_some(), &self.cancel)
-                        .await;
-                    // The connection kept through the wait goes into the
-                    // next cycle with its permit.
-                    held = permit;
-                    if let Err(e) = waited {
-                        tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
+                    let waited_from = tokio::time::Instant::now();
+                    let (waited, kept) = self.wait(connector, permit, &queue, wait).await;
+                    held = kept;
+                    match waited {
+                        // Back before its time: the server pushed a change
+                        // (IDLE): the mailbox is active again, poll at the
+                        // base interval.
+                        Ok(()) if woken_early(waited_from.elapsed(), wait) => {
+                            state.no_email_cycles = 0;
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            tracing::warn!(mailbox = %name, error = %e, "waiting for changes failed; polling instead");
+                        }
                     }
                 }
                 Err(e) => {
-                    // Not open beyond the permit (a connector error has
-                    // dropped it already; a store or pipeline error has not).
-                    connector.close().await;
-                    drop(permit);
+                    self.release(connector, permit).await;
+                    backlog = None;
                     let disposition = e.disposition();
                     if let CycleError::Connector(c) = &e {
                         self.token_alert(c);
@@ -597,6 +668,8 @@ impl MailboxTask {
                         );
                     }
                     self.save_state(&state);
+                    persisted = state.clone();
+                    persisted_at = tokio::time::Instant::now();
                     self.set_phase(Phase::BackingOff, &state);
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -605,6 +678,61 @@ impl MailboxTask {
                 }
             }
         }
+    }
+
+    /// Closes the connector's connection, then gives its permit back: in
+    /// that order, so the profile never has more connections open than
+    /// permits handed out.
+    pub(super) async fn release<C: Connector>(
+        &self,
+        connector: &mut C,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        if connector.holds_connection() {
+            // Closed (logged out, the socket shut) before the permit goes:
+            // the next holder's connection must not overlap this one.
+            connector.close().await;
+        }
+        drop(permit);
+    }
+
+    /// The wait between polls. The connection (and its permit) is kept for
+    /// it (connection reuse, IMAP IDLE) only while no other mailbox of the
+    /// profile is queued for a permit; one that queues meanwhile makes this
+    /// mailbox close its connection and give the permit up, then wait out
+    /// the rest without one. Returns the permit still held, for the next
+    /// cycle.
+    async fn wait<C: Connector>(
+        &self,
+        connector: &mut C,
+        permit: Option<OwnedSemaphorePermit>,
+        queue: &ConnectionQueue,
+        wait: Duration,
+    ) -> (Result<(), ConnectorError>, Option<OwnedSemaphorePermit>) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let keep = permit.is_some() && connector.holds_connection() && queue.waiting() == 0;
+        if keep {
+            let interrupted = tokio::select! {
+                r = connector.wait_for_changes(wait, true, &self.cancel) => Some(r),
+                _ = queue.someone_waits() => None,
+            };
+            if let Some(r) = interrupted {
+                return (r, permit);
+            }
+            if !connector.holds_connection() {
+                // The interrupted wait dropped its connection (mid-IDLE:
+                // no LOGOUT). Its close reaches the server a moment later;
+                // the permit waits that moment, so the server never sees
+                // more than the limit at once.
+                tokio::time::sleep(DROPPED_CLOSE_GRACE).await;
+            }
+        }
+        self.release(connector, permit).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        (
+            connector.wait_for_changes(left, false, &self.cancel).await,
+            None,
+        )
     }
 
     /// After a successful sync that follows failures (or a start): the stall,
@@ -626,17 +754,33 @@ impl MailboxTask {
     /// warns ahead of it: an expiring token is the classic "mailbox silently
     /// stopped". The alert text names the expiry, so it is raised once per
     /// token (the store counts repeats) rather than once per cycle.
-    pub(super) fn note_token_expiry<C: Connector>(&self, connector: &C, state: &mut MailboxState) {
+    ///
+    /// A warning is resolved only when it can have become stale: at `start`
+    /// (one from before a restart) or when the expiry changed (renewed,
+    /// gone). Not at every poll: resolving looks through the alerts, and
+    /// 10,000 idle mailboxes poll 170 times a second.
+    pub(super) fn note_token_expiry<C: Connector>(
+        &self,
+        connector: &C,
+        state: &mut MailboxState,
+        start: bool,
+    ) {
         let expiry = connector.token_expires_at();
+        let changed = start || state.token_expires_at != expiry;
         state.token_expires_at = expiry;
         let now = model::now();
         let Some(at) = expiry else {
-            self.alerts
-                .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+            if changed {
+                self.alerts
+                    .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);
+            }
             return;
         };
         let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
         if now < warn_from {
+            if !changed {
+                return;
+            }
             // Renewed (or never close): a warning about the old one is over.
             self.alerts
                 .resolve(&self.mailbox.name, kind::CREDENTIAL_EXPIRING, now);

@@ -1,6 +1,6 @@
 use super::backoff::idle_interval;
 use super::cycle::MAX_FOLLOW_UP_FAILURES;
-use super::task::{DISABLED_ALERT, STALL_ALERT, TRANSIENT_ALERT};
+use super::task::{DISABLED_ALERT, STALL_ALERT, STAMPS_PERSIST_EVERY, TRANSIENT_ALERT};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -592,7 +592,7 @@ async fn items_processed_is_live_per_batch_and_counts_no_duplicates() {
         seen: Vec::new(),
     };
     let mut state = task.load_state();
-    assert_eq!(task.cycle(&mut probe, &mut state).await.unwrap(), 6);
+    assert_eq!(task.cycle(&mut probe, &mut state).await.unwrap().found, 6);
     // Three batches of two, each visible before the next fetch, and the
     // last (two copies) adds nothing.
     assert_eq!(probe.seen, vec![0, 2, 4]);
@@ -824,9 +824,53 @@ async fn owed_follow_ups_are_replayed_before_fetching_and_cleared() {
 }
 
 #[test]
-fn idle_mailboxes_back_off_up_to_four_times() {
+fn idle_mailboxes_back_off_step_by_step_up_to_the_profile_cap() {
     let base = Duration::from_secs(60);
-    assert_eq!(idle_interval(base, 0), base);
-    assert_eq!(idle_interval(base, 10), base * 2);
-    assert_eq!(idle_interval(base, 1000), base * 4);
+    assert_eq!(idle_interval(base, 0, 4), base);
+    assert_eq!(idle_interval(base, 9, 4), base);
+    assert_eq!(idle_interval(base, 10, 4), base * 2);
+    assert_eq!(idle_interval(base, 35, 4), base * 4);
+    assert_eq!(idle_interval(base, 1000, 4), base * 4);
+    assert_eq!(idle_interval(base, 1000, 1), base, "1: no back-off");
+    assert_eq!(idle_interval(base, 1000, 10), base * 10);
+    assert_eq!(idle_interval(base, u32::MAX, 60), base * 60);
+    // The default is four times, as before the setting existed.
+    assert_eq!(harness("").task.profile.idle_backoff_cap, 4);
+    assert_eq!(
+        harness("idle_backoff_cap = 12")
+            .task
+            .profile
+            .idle_backoff_cap,
+        12
+    );
+}
+
+/// An idle poll writes nothing to the store: `last_sync_at`,
+/// `last_success_at` and `no_email_cycles` move in the runtime view at every
+/// poll and reach the store only every `STAMPS_PERSIST_EVERY` (or with the
+/// next write that happens anyway), not at every cycle.
+#[tokio::test(start_paused = true)]
+async fn idle_polls_write_the_stamps_only_every_few_minutes() {
+    let h = harness("");
+    let fake = Fake::new(Mode::Succeed);
+    let run = tokio::spawn(h.task.clone().run(maker(&h, &fake)));
+    sleep(1).await;
+    // The first success is written at once.
+    assert_eq!(h.state().no_email_cycles, 1);
+    assert!(h.state().last_success_at.is_some());
+    sleep(4 * 60).await;
+    let live = h.runtime.snapshot()[0].state.no_email_cycles;
+    assert!(live >= 3, "polled every minute: {live}");
+    assert_eq!(h.state().no_email_cycles, 1, "nothing written since");
+    sleep(STAMPS_PERSIST_EVERY.as_secs() + 120).await;
+    let stored = h.state().no_email_cycles;
+    assert!(
+        stored >= 5,
+        "persisted after {STAMPS_PERSIST_EVERY:?}: {stored}"
+    );
+    // A failure is written at once, whatever the stamps' schedule.
+    fake.set(Mode::Transient);
+    sleep(3 * 60).await;
+    assert!(h.state().transient_failures >= 1);
+    stop(&h, run).await;
 }
