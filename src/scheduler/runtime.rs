@@ -64,11 +64,11 @@ pub struct Runtime {
     pub outbox: Arc<crate::crm::worker::OutboxHealth>,
     /// Disabled mailboxes waiting to be re-enabled → their wake-up.
     reenable: Mutex<HashMap<String, Arc<Notify>>>,
-    /// Per profile: the mailboxes queued for one of its connection permits.
-    queues: Mutex<HashMap<String, Arc<ConnectionQueue>>>,
     /// Running mailboxes → the cancel token of their current enabled
     /// stretch: an operator's disable or reject ends it.
     stretches: Mutex<HashMap<String, CancellationToken>>,
+    /// Per profile: the mailboxes queued for one of its connection permits.
+    queues: Mutex<HashMap<String, Arc<ConnectionQueue>>>,
 }
 
 /// Who waits for a profile's connection permits, so a mailbox that holds

@@ -69,6 +69,10 @@ pub(super) fn only_stamps_differ(a: &MailboxState, b: &MailboxState) -> bool {
     a == *b
 }
 
+/// How long a permit is kept after a connection was dropped without a
+/// LOGOUT, for its close to reach the server.
+const DROPPED_CLOSE_GRACE: Duration = Duration::from_millis(100);
+
 /// A task that ran this long without a panic starts its restart back-off over.
 pub(super) const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
 
@@ -685,13 +689,9 @@ impl MailboxTask {
         permit: Option<OwnedSemaphorePermit>,
     ) {
         if connector.holds_connection() {
-            // Without a permit, `wait_for_changes` closes any connection.
-            if let Err(e) = connector
-                .wait_for_changes(Duration::ZERO, false, &self.cancel)
-                .await
-            {
-                tracing::debug!(mailbox = %self.mailbox.name, error = %e, "closing the connection failed");
-            }
+            // Closed (logged out, the socket shut) before the permit goes:
+            // the next holder's connection must not overlap this one.
+            connector.close().await;
         }
         drop(permit);
     }
@@ -718,6 +718,13 @@ impl MailboxTask {
             };
             if let Some(r) = interrupted {
                 return (r, permit);
+            }
+            if !connector.holds_connection() {
+                // The interrupted wait dropped its connection (mid-IDLE:
+                // no LOGOUT). Its close reaches the server a moment later;
+                // the permit waits that moment, so the server never sees
+                // more than the limit at once.
+                tokio::time::sleep(DROPPED_CLOSE_GRACE).await;
             }
         }
         self.release(connector, permit).await;

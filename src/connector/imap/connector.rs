@@ -871,6 +871,10 @@ impl Connector for ImapConnector {
         self.test_inner().await.map_err(|e| self.fail(e))
     }
 
+    fn holds_connection(&self) -> bool {
+        self.client.is_some()
+    }
+
     async fn close(&mut self) {
         if let Some(c) = self.client.take() {
             let _ = tokio::time::timeout(Duration::from_secs(5), c.logout()).await;
