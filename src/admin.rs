@@ -127,6 +127,26 @@ pub fn openapi() -> Result<serde_json::Value, serde_json::Error> {
     doc::finish(&routes(0, None).into_openapi())
 }
 
+/// How a command-line tool reaches the admin API of the daemon running on
+/// `cfg`: its base URL (a wildcard listen address is reached on loopback)
+/// and the bearer token; why not (`[admin]` off, no token) otherwise.
+pub fn client_endpoint(cfg: &Config) -> Result<(String, &Secret), &'static str> {
+    if !cfg.admin.enabled {
+        return Err("its admin API is off ([admin] enabled = false)");
+    }
+    let Some(token) = cfg.admin.token.as_ref() else {
+        return Err("no [admin] token is configured");
+    };
+    let mut addr = cfg.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok((format!("http://{addr}"), token))
+}
+
 /// Builds the router.
 pub fn router(state: AdminState) -> Router {
     let token = state.config.admin.token.clone();

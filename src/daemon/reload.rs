@@ -118,24 +118,9 @@ pub fn load(path: Option<&PathBuf>, old: &Config) -> Result<(Config, ReloadRepor
 /// the answer as text, or (exit status, why not).
 pub async fn request(cfg: &Config) -> Result<String, (u8, String)> {
     let unreachable = |why: String| (69u8, why);
-    if !cfg.admin.enabled {
-        return Err(unreachable(
-            "the admin API is off ([admin] enabled = false): send the daemon SIGHUP instead".into(),
-        ));
-    }
-    let Some(token) = cfg.admin.token.as_ref() else {
-        return Err(unreachable(
-            "no [admin] token is configured: send the daemon SIGHUP instead".into(),
-        ));
-    };
-    let mut addr = cfg.admin.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let url = format!("http://{addr}/api/v1/reload");
+    let (base, token) = crate::admin::client_endpoint(cfg)
+        .map_err(|why| unreachable(format!("{why}: send the daemon SIGHUP instead")))?;
+    let url = format!("{base}/api/v1/reload");
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(120))
         .build()

@@ -153,23 +153,8 @@ async fn through_api(cfg: &Config, target: &Target) -> Result<(Value, String), F
             format!("the store is in use by the daemon and {why}"),
         )
     };
-    if !cfg.admin.enabled {
-        return Err(unavailable(
-            "its admin API is off ([admin] enabled = false)".into(),
-        ));
-    }
-    let Some(token) = cfg.admin.token.as_ref() else {
-        return Err(unavailable("no [admin] token is configured".into()));
-    };
-    let mut addr = cfg.admin.listen;
-    // A wildcard listen address is reached on loopback.
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let base = format!("http://{addr}");
+    let (base, token) =
+        crate::admin::client_endpoint(cfg).map_err(|why| unavailable(why.to_string()))?;
     let mut start = reqwest::Url::parse(&base).map_err(|e| fail(EXIT_OTHER, e.to_string()))?;
     start
         .path_segments_mut()
