@@ -181,11 +181,16 @@ pub(super) async fn retry(
 ) -> Result<Response, ApiError> {
     use crate::quarantine::{RetryError, RetryOutcome};
     let (store, config) = (s.store.clone(), s.config.clone());
-    let done = tokio::task::spawn_blocking(move || {
-        crate::quarantine::retry(store.as_ref(), &config, id, crate::model::now())
+    // The retry's own errors are answered below, each with its status.
+    let done = super::blocking(move || {
+        Ok(crate::quarantine::retry(
+            store.as_ref(),
+            &config,
+            id,
+            crate::model::now(),
+        ))
     })
-    .await
-    .map_err(|e| ApiError::store(format!("retry task failed: {e}")))?;
+    .await?;
     match done {
         Ok(RetryOutcome::Recorded {
             activity_id,

@@ -117,16 +117,16 @@ async fn change_control(
 ) -> Result<Response, ApiError> {
     let store = s.store.clone();
     let mailbox = name.to_string();
-    let control = tokio::task::spawn_blocking(move || {
-        let mut control = store.mailbox_control(&mailbox).map_err(ApiError::store)?;
-        change(&mut control)?;
-        store
-            .put_mailbox_control(&mailbox, &control)
-            .map_err(ApiError::store)?;
-        Ok::<_, ApiError>(control)
+    // Outer error: the store (a 500); inner: `change` refused (its answer).
+    let control = super::blocking(move || {
+        let mut control = store.mailbox_control(&mailbox)?;
+        if let Err(refused) = change(&mut control) {
+            return Ok(Err(refused));
+        }
+        store.put_mailbox_control(&mailbox, &control)?;
+        Ok(Ok(control))
     })
-    .await
-    .map_err(|e| ApiError::store(format!("store task failed: {e}")))??;
+    .await??;
     s.runtime.control_changed(name);
     Ok((
         StatusCode::ACCEPTED,

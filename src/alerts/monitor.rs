@@ -34,8 +34,9 @@ pub struct Monitor {
     /// backlog seen).
     growth: HashMap<String, (u64, Instant, u64)>,
     /// (mailbox, kind) of the open alerts this monitor owns: only these are
-    /// resolved (resolving is a store scan; 10,000 mailboxes must not cost
-    /// 30,000 of them every look). `None` until the first look read the
+    /// resolved (each resolve takes the store's writer lock and scans the
+    /// subject's keys; 10,000 mailboxes must not cost 30,000 of them every
+    /// look). `None` until the first look read the
     /// ones left open by an earlier run.
     open: Option<HashSet<(String, &'static str)>>,
 }

@@ -100,7 +100,7 @@ impl Classify for CycleError {
     }
 }
 
-/// The start of the not-approved alert's text (what resolves it).
+/// The start of the not-approved alert's text.
 pub(super) fn not_approved_prefix(email: &str) -> String {
     format!("email address {email} is not approved")
 }
