@@ -15,6 +15,7 @@ pub mod connector;
 pub mod correlate;
 pub mod crm;
 pub mod daemon;
+pub mod deployment;
 pub mod entra;
 pub mod error;
 #[cfg(feature = "fault-injection")]

@@ -144,6 +144,11 @@ enum Command {
         /// The mailbox's name as configured.
         #[arg(required_unless_present = "profile")]
         mailbox: Option<String>,
+        /// Take the mailbox over from another crm-mailsync deployment whose
+        /// marker it holds; that deployment disables its side at its next
+        /// check. Without it such a mailbox fails the test.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -338,6 +343,7 @@ fn main() -> ExitCode {
             json,
             profile,
             mailbox,
+            force,
         } => {
             use crm_mailsync::testenable::cli::{self, Target};
             let cfg = match load_config(&config) {
@@ -353,7 +359,7 @@ fn main() -> ExitCode {
                 }
             };
             telemetry::init_logging(cfg.daemon.log_format, "warn");
-            ExitCode::from(cli::run(cfg, &target, json))
+            ExitCode::from(cli::run(cfg, &target, json, force))
         }
     }
 }

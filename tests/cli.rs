@@ -2,13 +2,11 @@
 
 mod common;
 
-use std::process::Command;
-
 fn check_config(text: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(common::bin())
+    let out = common::daemon_command()
         .arg("check-config")
         .arg(&path)
         .output()
@@ -74,7 +72,7 @@ fn daemon_refuses_to_start_on_config_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[[mailboxes]]\nname = \"x\"\n").unwrap();
-    let out = Command::new(common::bin())
+    let out = common::daemon_command()
         .args(["run", "--config"])
         .arg(&path)
         .output()
@@ -88,7 +86,7 @@ fn daemon_refuses_to_start_on_config_errors() {
 #[test]
 fn bundled_configs_are_valid() {
     for file in ["config/demo.toml", "config/example.toml"] {
-        let out = Command::new(common::bin())
+        let out = common::daemon_command()
             .arg("check-config")
             .arg(file)
             .env("EXAMPLE_IMAP_PASSWORD", "x")
@@ -105,12 +103,9 @@ fn bundled_configs_are_valid() {
 
 #[test]
 fn version_and_help() {
-    let out = Command::new(common::bin())
-        .arg("--version")
-        .output()
-        .unwrap();
+    let out = common::daemon_command().arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("crm-mailsync "));
-    let out = Command::new(common::bin()).arg("--help").output().unwrap();
+    let out = common::daemon_command().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for cmd in ["run", "check-config", "activities"] {
         assert!(help.contains(cmd), "{help}");

@@ -450,7 +450,7 @@ fn start_daemon(cfg: &Path, env: Option<(&str, String)>) -> std::process::Child 
         .append(true)
         .open(cfg.with_file_name("daemon.log"))
         .unwrap();
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = daemon_command();
     cmd.args(["run", "--config"])
         .arg(cfg)
         .stdout(std::process::Stdio::null())

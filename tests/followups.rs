@@ -11,7 +11,6 @@ use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -326,7 +325,7 @@ fn sigkill_rounds(with_forward: bool) {
         files += 3;
 
         let kill_after = fastrand::u32(1..=if with_forward { 6 } else { 4 });
-        let mut child = Command::new(bin())
+        let mut child = daemon_command()
             .args(["run", "--config"])
             .arg(&cfg)
             .env(

@@ -133,7 +133,7 @@ token = "integration-test-token"
     let cfg_path = dir.path().join("config.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let log_path = dir.path().join("stderr.log");
-    let child = Command::new(bin())
+    let child = daemon_command()
         .args(["run", "--config"])
         .arg(&cfg_path)
         .env("RUST_LOG", "trace")

@@ -94,7 +94,7 @@ send_rate_per_minute = 100000
 fn spawn(config: &Path, log: &Path) -> Running {
     let log = File::options().create(true).append(true).open(log).unwrap();
     Running(Some(
-        Command::new(bin())
+        daemon_command()
             .args(["run", "--config"])
             .arg(config)
             .stdout(Stdio::null())

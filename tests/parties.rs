@@ -13,12 +13,12 @@ mod common;
 mod servers;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 
 fn import(config: &Path, file: &Path, extra: &[&str]) -> Output {
-    Command::new(bin())
+    daemon_command()
         .args(["records", "import", "--config"])
         .arg(config)
         .args(extra)

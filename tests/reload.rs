@@ -79,7 +79,7 @@ fn one_more(maildir: &Path, tag: &str) {
 }
 
 fn cli_reload(cfg: &Path) -> std::process::Output {
-    Command::new(bin())
+    daemon_command()
         .args(["reload", "--config"])
         .arg(cfg)
         .output()

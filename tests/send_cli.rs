@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 /// A config with the Maildir mailbox `support` (which may not send) and the
@@ -42,7 +41,7 @@ outgoing = "server_side_sync"
 
 /// Runs `send` with these arguments: (exit status, stdout, stderr).
 fn send(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(common::bin())
+    let out = common::daemon_command()
         .args(["send", "--config"])
         .arg(config)
         .args(args)

@@ -15,7 +15,6 @@ mod servers;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -585,7 +584,7 @@ fn a_profile_test_over_200_users_has_a_correct_summary_within_the_connection_lim
 }
 
 fn cli(cfg: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
+    let out = daemon_command()
         .arg("test-enable")
         .arg("--config")
         .arg(cfg)

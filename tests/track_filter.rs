@@ -9,7 +9,6 @@ mod common;
 mod servers;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -17,7 +16,7 @@ fn check_config(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(bin())
+    let out = daemon_command()
         .args(["check-config"])
         .arg(&path)
         .output()
@@ -75,7 +74,7 @@ fn queues_allow_only_all_and_responses() {
 
 /// Imports a records file through the binary.
 fn import(config: &Path, file: &Path) -> String {
-    let out = Command::new(bin())
+    let out = daemon_command()
         .args(["records", "import", "--config"])
         .arg(config)
         .arg(file)

@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::Path;
+use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::doc::ErrorBody;
 use super::ApiError;
@@ -27,6 +27,16 @@ pub(super) struct JobStarted {
     job: String,
     #[serde(flatten)]
     status: Job,
+}
+
+/// Options of a Test & Enable.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct TestParams {
+    /// Take the mailbox over from another crm-mailsync deployment whose
+    /// marker it holds (that deployment disables its side at its next
+    /// check). Without it such a mailbox fails the incoming test.
+    force: Option<bool>,
 }
 
 type Runner = Option<Extension<Arc<TestEnable>>>;
@@ -65,15 +75,20 @@ fn started(result: Result<Arc<crate::jobs::JobHandle>, StartError>) -> Result<Re
     path = "/mailboxes/{name}/test",
     tag = "mailboxes",
     operation_id = "test_mailbox",
-    params(("name" = String, Path, description = "Mailbox name as configured")),
+    params(("name" = String, Path, description = "Mailbox name as configured"), TestParams),
     responses(
         (status = 202, description = "The job started; follow it at GET /api/v1/jobs/{id}", body = JobStarted),
+        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
         (status = 404, description = "No such mailbox", body = ErrorBody),
         (status = 503, description = "No Test & Enable runner in this process", body = ErrorBody),
     )
 )]
-pub async fn test_mailbox(te: Runner, Path(name): Path<String>) -> Result<Response, ApiError> {
-    started(runner(te)?.start_mailbox(&name))
+pub async fn test_mailbox(
+    te: Runner,
+    Path(name): Path<String>,
+    Query(p): Query<TestParams>,
+) -> Result<Response, ApiError> {
+    started(runner(te)?.start_mailbox(&name, p.force.unwrap_or(false)))
 }
 
 /// `POST /api/v1/profiles/{name}/test`: Test & Enable of every mailbox of
@@ -84,15 +99,20 @@ pub async fn test_mailbox(te: Runner, Path(name): Path<String>) -> Result<Respon
     path = "/profiles/{name}/test",
     tag = "profiles",
     operation_id = "test_profile",
-    params(("name" = String, Path, description = "Profile name as configured")),
+    params(("name" = String, Path, description = "Profile name as configured"), TestParams),
     responses(
         (status = 202, description = "The job started; follow it at GET /api/v1/jobs/{id}", body = JobStarted),
+        (status = 400, description = "A malformed query parameter", body = String, content_type = "text/plain"),
         (status = 404, description = "No such profile", body = ErrorBody),
         (status = 503, description = "No Test & Enable runner in this process", body = ErrorBody),
     )
 )]
-pub async fn test_profile(te: Runner, Path(name): Path<String>) -> Result<Response, ApiError> {
-    started(runner(te)?.start_profile(&name))
+pub async fn test_profile(
+    te: Runner,
+    Path(name): Path<String>,
+    Query(p): Query<TestParams>,
+) -> Result<Response, ApiError> {
+    started(runner(te)?.start_profile(&name, p.force.unwrap_or(false)))
 }
 
 /// `GET /api/v1/jobs/{id}`: a job's progress (`completed` of `total`), its
@@ -155,7 +175,11 @@ mod tests {
         let config = Arc::new(crate::config::from_toml_str(&text, Vec::new(), dir).unwrap());
         let store: Arc<dyn crate::store::Store> =
             Arc::new(crate::store::SledStore::open(&dir.join("store")).unwrap());
-        let te = Arc::new(TestEnable::standalone(config.clone(), store.clone()));
+        let te = Arc::new(TestEnable::standalone(
+            config.clone(),
+            store.clone(),
+            crate::deployment::Deployment::for_tests(),
+        ));
         let r = router(AdminState {
             config,
             store,

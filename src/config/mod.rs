@@ -130,6 +130,12 @@ pub struct DaemonSettings {
     pub stuck_after: Duration,
     /// Page cache of the embedded store, in MiB (sled's own default is 1 GiB).
     pub store_cache_mb: u64,
+    /// This deployment's id in the markers of the mailboxes it syncs;
+    /// `None`: generated once and kept in the state directory.
+    pub deployment_id: Option<String>,
+    /// How often a running mailbox checks that its marker still names this
+    /// deployment (another one may have taken it over).
+    pub marker_check_every: Duration,
 }
 
 /// Admin HTTP API settings.
@@ -187,6 +193,10 @@ pub struct Profile {
     /// profiles default to `$CRMTracked`, `processed_keyword = ""` turns it off.
     pub processed_keyword: Option<String>,
     pub idle: bool,
+    /// Mailboxes of this profile hold this deployment's marker and refuse
+    /// another deployment's ([`crate::deployment`]). Off only for a mailbox
+    /// no other deployment can reach (the demo's read-only fixture).
+    pub deployment_marker: bool,
     /// Longest wait between retries after transient errors (the back-off cap).
     pub retry_backoff_max: Duration,
     /// A mailbox without a successful sync for this long gets an Error alert
@@ -409,6 +419,22 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
         65_536,
         &mut errs,
     ) as u64;
+    let deployment_id = d.string("deployment_id", &mut errs);
+    if let Some(id) = &deployment_id {
+        if !crate::deployment::valid_id(id) {
+            errs.push(
+                "daemon.deployment_id",
+                format!("{id:?} is not a deployment id: 8 to 64 letters, digits, '.', '_' or '-' (or leave it out to have one generated)"),
+            );
+        }
+    }
+    let marker_check_every = d.duration(
+        "marker_check_every",
+        SECS(600),
+        SECS(1),
+        SECS(86_400),
+        &mut errs,
+    );
     d.finish(&mut errs);
     let daemon = DaemonSettings {
         state_dir,
@@ -417,6 +443,8 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
         shutdown_grace,
         stuck_after,
         store_cache_mb,
+        deployment_id,
+        marker_check_every,
     };
 
     // [admin]

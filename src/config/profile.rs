@@ -113,6 +113,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         }
     }
     let idle = t.bool("idle", true, errs);
+    let deployment_marker = t.bool("deployment_marker", true, errs);
     let retry_backoff_max = t.duration("retry_backoff_max", SECS(900), SECS(1), SECS(86_400), errs);
     let stall_alert_after = t.duration(
         "stall_alert_after",
@@ -199,6 +200,7 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
         max_message_size,
         processed_keyword,
         idle,
+        deployment_marker,
         retry_backoff_max,
         stall_alert_after,
         max_transient_failures,

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::{Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, RawMessage};
+use crate::deployment::{Marker, MarkerSlot};
 use crate::error::Disposition;
 use crate::model::{FolderPosition, SourceKey};
 use crate::store::Store;
@@ -409,6 +410,43 @@ impl Connector for MaildirConnector {
     }
 
     async fn close(&mut self) {}
+
+    async fn read_marker(&mut self) -> Result<MarkerSlot, ConnectorError> {
+        let path = self.root.join(MARKER_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Marker::from_json(&text).map_or(MarkerSlot::Empty, MarkerSlot::Held)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(MarkerSlot::Empty),
+            Err(e) => Err(self.marker_error(&path, "read", &e)),
+        }
+    }
+
+    async fn write_marker(&mut self, marker: &Marker) -> Result<(), ConnectorError> {
+        // Written beside and renamed over, so a reader never sees half a marker.
+        let path = self.root.join(MARKER_FILE);
+        let tmp = self.root.join(format!("{MARKER_FILE}.tmp"));
+        let written = crate::private_fs::create_file(&tmp).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, format!("{}\n", marker.to_json()).as_bytes())?;
+            f.sync_all()
+        });
+        written
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| self.marker_error(&path, "write", &e))
+    }
+}
+
+/// The deployment marker of a Maildir: a file in its root, which Maildir
+/// readers ignore (only `new/`, `cur/`, `tmp/` and `.Folder` directories
+/// hold mail).
+pub const MARKER_FILE: &str = ".crm-mailsync-deployment";
+
+impl MaildirConnector {
+    fn marker_error(&self, path: &Path, action: &str, e: &std::io::Error) -> ConnectorError {
+        ConnectorError::Maildir {
+            path: path.display().to_string(),
+            detail: format!("cannot {action} the deployment marker: {e}"),
+            disposition: Disposition::Transient,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::deployment::{Marker, MarkerSlot};
 use crate::error::{Classify, Disposition};
 use crate::model::{AlertLevel, FolderPosition, SourceKey, UnixTime};
 use crate::net::NetError;
@@ -194,6 +195,13 @@ pub enum ConnectorError {
         detail: String,
         disposition: Disposition,
     },
+    /// The mailbox's deployment marker names another deployment.
+    #[error(transparent)]
+    OtherDeployment(Box<crate::deployment::OtherDeployment>),
+    /// A deployment marker written did not read back (a server that
+    /// accepted the write and lost it).
+    #[error("{0}")]
+    MarkerLost(String),
 }
 
 impl Classify for ConnectorError {
@@ -205,6 +213,10 @@ impl Classify for ConnectorError {
             ConnectorError::Pop3(e) => e.disposition(),
             ConnectorError::Graph(e) => e.disposition(),
             ConnectorError::Maildir { disposition, .. } => *disposition,
+            // Retrying cannot help: an operator decides which deployment
+            // syncs the mailbox.
+            ConnectorError::OtherDeployment(_) => Disposition::Permanent,
+            ConnectorError::MarkerLost(_) => Disposition::Transient,
             // A token source that can change (a file someone rotates) gets
             // retried with back-off, so the mailbox recovers by itself once a
             // fresh token is written; the stall alert says so if nobody
@@ -348,5 +360,30 @@ pub trait Connector: Send {
     /// Warning ahead of it.
     fn expiring_credential(&self) -> &'static str {
         "the OAuth access token"
+    }
+
+    /// The deployment marker the mailbox holds (see [`crate::deployment`]).
+    /// A protocol with nowhere to keep one says why.
+    fn read_marker(&mut self) -> impl Future<Output = Result<MarkerSlot, ConnectorError>> + Send {
+        let why = format!(
+            "{} has nowhere to keep a marker, so a second deployment reading this mailbox cannot be detected",
+            self.protocol()
+        );
+        async move { Ok(MarkerSlot::Unsupported(why)) }
+    }
+
+    /// Replaces the mailbox's deployment marker with `marker`. Only called
+    /// where [`Connector::read_marker`] is supported.
+    fn write_marker(
+        &mut self,
+        marker: &Marker,
+    ) -> impl Future<Output = Result<(), ConnectorError>> + Send {
+        let _ = marker;
+        let protocol = self.protocol();
+        async move {
+            Err(ConnectorError::MarkerLost(format!(
+                "{protocol} cannot keep a deployment marker"
+            )))
+        }
     }
 }

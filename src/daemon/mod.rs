@@ -27,6 +27,7 @@ use crate::crm::sync::RecordSync;
 use crate::crm::webhook::WebhookAdapter;
 use crate::crm::worker::OutboxWorker;
 use crate::crm::CrmAdapter;
+use crate::deployment::{Claiming, Deployment};
 use crate::model::{IncomingDelivery, ProfileType};
 use crate::net::Endpoint;
 use crate::scheduler::{Backoff, MailboxTask, Runtime, WATCH_EVERY};
@@ -45,6 +46,8 @@ pub enum DaemonError {
         addr: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Deployment(#[from] crate::deployment::DeploymentIdError),
 }
 
 /// Runs until a shutdown signal; returns after in-flight work drained (or the
@@ -62,6 +65,8 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
         &config.store_path(),
         config.daemon.store_cache_mb,
     )?);
+    let deployment = Arc::new(Deployment::load_or_create(&config)?);
+    tracing::info!(deployment = %deployment.id, "this deployment's id (in the marker of every mailbox it syncs)");
     let prometheus = telemetry::prometheus();
     telemetry::describe(
         &config
@@ -79,6 +84,7 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
             store: store.clone(),
             prometheus: prometheus.clone(),
             reloads: reloads.clone(),
+            deployment: deployment.clone(),
         };
         match run.run(&mut reload_rx, path.as_ref(), &mut hangup).await? {
             Next::Shutdown => return Ok(()),
@@ -108,6 +114,7 @@ struct Inner {
     store: Arc<dyn Store>,
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     reloads: reload::ReloadHandle,
+    deployment: Arc<Deployment>,
 }
 
 #[cfg(unix)]
@@ -152,6 +159,7 @@ impl Inner {
             store,
             prometheus,
             reloads,
+            deployment,
         } = self;
         let runtime = Arc::new(Runtime::default());
         let mut members: HashMap<String, Vec<String>> = HashMap::new();
@@ -191,6 +199,7 @@ impl Inner {
         let test_enable = Arc::new(crate::testenable::TestEnable::for_daemon(
             config.clone(),
             store.clone(),
+            deployment.clone(),
             alerts.clone(),
             semaphores.clone(),
             Builders::with_graph(store.clone(), graph_clients.clone()),
@@ -249,6 +258,7 @@ impl Inner {
                 cancel: cancel.clone(),
                 backoff: Backoff::for_profile(&profile),
                 watch_every: WATCH_EVERY,
+                deployment: deployment.clone(),
             };
             let store = store.clone();
             let mailbox = mailbox.clone();
@@ -581,20 +591,26 @@ impl Builders {
         &self,
         profile: &Profile,
         mailbox: &Mailbox,
+        claim: Claiming<'_>,
     ) -> Result<String, ProbeError> {
         let store = &self.store;
         match profile.kind {
-            ProfileType::Maildir => probe(maildir_connector(profile, mailbox, store)).await,
+            ProfileType::Maildir => probe(maildir_connector(profile, mailbox, store), claim).await,
             ProfileType::ImapSmtp => {
-                probe(imap_connector(profile, mailbox, store).map_err(ProbeError::Build)?).await
+                let connector =
+                    imap_connector(profile, mailbox, store).map_err(ProbeError::Build)?;
+                probe(connector, claim).await
             }
             ProfileType::Pop3Smtp => {
-                probe(pop3_connector(profile, mailbox, store).map_err(ProbeError::Build)?).await
+                let connector =
+                    pop3_connector(profile, mailbox, store).map_err(ProbeError::Build)?;
+                probe(connector, claim).await
             }
             ProfileType::ExchangeOnline => {
                 let client = self.graph_clients.get(&mailbox.name).cloned();
-                probe(graph_connector(client, profile, mailbox, store).map_err(ProbeError::Build)?)
-                    .await
+                let connector =
+                    graph_connector(client, profile, mailbox, store).map_err(ProbeError::Build)?;
+                probe(connector, claim).await
             }
             other => Err(ProbeError::Build(format!(
                 "no connector for profile type {other:?} in this build"
@@ -623,10 +639,19 @@ impl Builders {
     }
 }
 
-/// Runs a connector's test and closes it: the connection is over when this
-/// returns, so it is never open beyond the caller's connection permit.
-async fn probe<C: crate::connector::Connector>(mut connector: C) -> Result<String, ProbeError> {
-    let tested = connector.test().await;
+/// Runs a connector's test, claims the mailbox for the deployment, and
+/// closes the connector: the connection is over when this returns, so it is
+/// never open beyond the caller's connection permit.
+async fn probe<C: crate::connector::Connector>(
+    mut connector: C,
+    claim: Claiming<'_>,
+) -> Result<String, ProbeError> {
+    let tested = match connector.test().await {
+        Ok(detail) => crate::deployment::claim(&mut connector, claim)
+            .await
+            .map(|c| format!("{detail}; {}", c.describe(claim.deployment))),
+        Err(e) => Err(e),
+    };
     connector.close().await;
     Ok(tested?)
 }

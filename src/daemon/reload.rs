@@ -84,6 +84,9 @@ pub fn diff(old: &Config, new: &Config, file: &str) -> ReloadReport {
         r.needs_restart
             .push("daemon.state_dir (the store stays where it is)".into());
     }
+    if old.daemon.deployment_id != new.daemon.deployment_id {
+        r.needs_restart.push("daemon.deployment_id".into());
+    }
     if old.daemon.store_cache_mb != new.daemon.store_cache_mb {
         r.needs_restart.push("daemon.store_cache_mb".into());
     }

@@ -248,6 +248,7 @@ async fn ten_thousand_mailboxes_for_an_hour_fair_backed_off_and_within_the_conne
             cancel: cancel.clone(),
             backoff: Backoff::for_profile(&profile),
             watch_every: WATCH_EVERY,
+            deployment: crate::deployment::Deployment::for_tests(),
         };
         task.register("sim");
         let (sim, name) = (sim.clone(), name.clone());

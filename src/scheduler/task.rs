@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alerts::{kind, Alerts};
 use crate::config::{Config, Mailbox, Profile};
 use crate::connector::{Connector, ConnectorError};
+use crate::deployment::{self, Claim, Claiming, Deployment};
 use crate::error::{Classify, Disposition};
 use crate::model::{
     self, AlertLevel, ApprovalStatus, IncomingDelivery, MailboxState, TestResult, TestStatus,
@@ -38,6 +39,8 @@ pub struct MailboxTask {
     pub backoff: Backoff,
     /// How often a disabled mailbox checks its password/token file.
     pub watch_every: Duration,
+    /// This deployment, whose marker the mailbox must hold.
+    pub deployment: Arc<Deployment>,
 }
 
 /// How often a disabled mailbox looks at its secret files by default.
@@ -489,7 +492,24 @@ impl MailboxTask {
         // Held while the mailbox works through a backlog in turns.
         let mut backlog: Option<OwnedSemaphorePermit> = None;
         let mut held = queue.acquire(&self.connections).await;
-        let test = connector.test().await;
+        // One mailbox, one deployment: a passing test also claims it (or
+        // finds it ours); another deployment's marker disables it.
+        let test = match connector.test().await {
+            Ok(detail) => deployment::claim(connector, self.claiming())
+                .await
+                .map(|claim| {
+                    self.claimed(&claim);
+                    format!("{detail}; {}", claim.describe(&self.deployment))
+                }),
+            Err(e) => Err(e),
+        };
+        // When the marker is checked next: at once if the test failed.
+        let mut marker_due = tokio::time::Instant::now()
+            + if test.is_ok() {
+                self.config.daemon.marker_check_every
+            } else {
+                Duration::ZERO
+            };
         match &test {
             Ok(detail) => {
                 state.incoming_test = TestResult {
@@ -544,6 +564,26 @@ impl MailboxTask {
                 None => queue.acquire(&self.connections).await,
             };
             self.set_phase(Phase::Syncing, &state);
+            if tokio::time::Instant::now() >= marker_due {
+                match deployment::claim(connector, self.claiming()).await {
+                    Ok(claim) => {
+                        self.claimed(&claim);
+                        marker_due =
+                            tokio::time::Instant::now() + self.config.daemon.marker_check_every;
+                    }
+                    Err(e) if e.disposition() == Disposition::Permanent => {
+                        self.release(connector, permit).await;
+                        drop(backlog.take());
+                        self.disable(&mut state, &e.to_string());
+                        return Exit::Disabled;
+                    }
+                    // Checked again before the next cycle; the cycle itself
+                    // tells whether the server is reachable.
+                    Err(e) => {
+                        tracing::warn!(mailbox = %name, error = %e, "cannot check the deployment marker; trying again next cycle")
+                    }
+                }
+            }
             let result = self
                 .cycle_in_turn(connector, &mut state, &queue, &mut backlog)
                 .await;
@@ -827,6 +867,32 @@ impl MailboxTask {
         self.runtime.reenable_handle(&self.mailbox.name);
         self.save_state(state);
         self.set_phase(Phase::Disabled, state);
+    }
+
+    /// How the mailbox task claims its mailbox: never by force (that is
+    /// an operator's Test & Enable).
+    fn claiming(&self) -> Claiming<'_> {
+        Claiming {
+            mailbox: &self.mailbox.name,
+            deployment: &self.deployment,
+            force: false,
+            enabled: self.profile.deployment_marker,
+        }
+    }
+
+    /// Logs what claiming the mailbox for this deployment did.
+    fn claimed(&self, claim: &Claim) {
+        let name = &self.mailbox.name;
+        let me = &self.deployment.id;
+        match claim {
+            Claim::Claimed => {
+                tracing::info!(mailbox = %name, deployment = %me, "mailbox marked as synchronized by this deployment")
+            }
+            Claim::TakenOver(old) => {
+                tracing::warn!(mailbox = %name, deployment = %me, previous = %old.deployment, "mailbox taken over from another deployment")
+            }
+            Claim::Ours | Claim::Unsupported(_) => {}
+        }
     }
 
     pub(super) fn save_state(&self, state: &MailboxState) {

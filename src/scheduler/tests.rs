@@ -177,6 +177,7 @@ password_file = "{pw}"
         connections: Arc::new(Semaphore::new(1)),
         cancel: CancellationToken::new(),
         watch_every: WATCH_EVERY,
+        deployment: crate::deployment::Deployment::for_tests(),
     };
     task.register("fake");
     Harness {
@@ -508,6 +509,7 @@ fn task(dir: &std::path::Path, batch_size: usize) -> MailboxTask {
         cancel: CancellationToken::new(),
         backoff: Backoff::default(),
         watch_every: WATCH_EVERY,
+        deployment: crate::deployment::Deployment::for_tests(),
     };
     task.register("test");
     task

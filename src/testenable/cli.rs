@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::TestEnable;
 use crate::config::{Config, EXIT_CONFIG};
+use crate::deployment::Deployment;
 use crate::store::{SledStore, StoreError};
 
 /// Every direction that ran passed and the mailbox is enabled.
@@ -64,8 +65,9 @@ impl Target {
 }
 
 /// Runs the test; prints the result (JSON with `json`), returns the exit status.
-pub fn run(cfg: Config, target: &Target, json: bool) -> u8 {
-    match run_inner(cfg, target) {
+/// With `force` a mailbox another deployment syncs is taken over.
+pub fn run(cfg: Config, target: &Target, json: bool, force: bool) -> u8 {
+    match run_inner(cfg, target, force) {
         Ok((job, how)) => {
             if json {
                 println!("{job}");
@@ -86,7 +88,7 @@ pub fn run(cfg: Config, target: &Target, json: bool) -> u8 {
     }
 }
 
-fn run_inner(cfg: Config, target: &Target) -> Result<(Value, String), Failure> {
+fn run_inner(cfg: Config, target: &Target, force: bool) -> Result<(Value, String), Failure> {
     let known = match target {
         Target::Mailbox(m) => cfg.mailboxes.iter().any(|x| &x.name == m),
         Target::Profile(p) => cfg.profiles.iter().any(|x| &x.name == p),
@@ -116,12 +118,14 @@ fn run_inner(cfg: Config, target: &Target) -> Result<(Value, String), Failure> {
     let path = cfg.store_path();
     match SledStore::open_with_cache_mb(&path, cfg.daemon.store_cache_mb) {
         Ok(store) => {
-            let te = TestEnable::standalone(Arc::new(cfg), Arc::new(store));
+            let deployment =
+                Deployment::load_or_create(&cfg).map_err(|e| fail(EXIT_OTHER, e.to_string()))?;
+            let te = TestEnable::standalone(Arc::new(cfg), Arc::new(store), Arc::new(deployment));
             let job = rt
                 .block_on(async {
                     match target {
-                        Target::Mailbox(m) => te.test_now(m).await,
-                        Target::Profile(p) => te.test_profile_now(p).await,
+                        Target::Mailbox(m) => te.test_now(m, force).await,
+                        Target::Profile(p) => te.test_profile_now(p, force).await,
                     }
                 })
                 .map_err(|e| fail(EXIT_CONFIG as u8, e.to_string()))?;
@@ -132,7 +136,7 @@ fn run_inner(cfg: Config, target: &Target) -> Result<(Value, String), Failure> {
             ))
         }
         Err(StoreError::Locked(_)) => {
-            let (job, url) = rt.block_on(through_api(&cfg, target))?;
+            let (job, url) = rt.block_on(through_api(&cfg, target, force))?;
             Ok((
                 job,
                 format!("by the running daemon, through its admin API at {url}"),
@@ -146,7 +150,11 @@ fn run_inner(cfg: Config, target: &Target) -> Result<(Value, String), Failure> {
 }
 
 /// Starts the job on the daemon and polls it until done.
-async fn through_api(cfg: &Config, target: &Target) -> Result<(Value, String), Failure> {
+async fn through_api(
+    cfg: &Config,
+    target: &Target,
+    force: bool,
+) -> Result<(Value, String), Failure> {
     let unavailable = |why: String| {
         fail(
             EXIT_UNAVAILABLE,
@@ -163,6 +171,9 @@ async fn through_api(cfg: &Config, target: &Target) -> Result<(Value, String), F
             Target::Mailbox(m) => ["api", "v1", "mailboxes", m.as_str(), "test"],
             Target::Profile(p) => ["api", "v1", "profiles", p.as_str(), "test"],
         });
+    if force {
+        start.set_query(Some("force=true"));
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()

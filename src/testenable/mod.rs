@@ -39,6 +39,7 @@ use crate::alerts::{kind, Alerts};
 use crate::config::{Config, Mailbox, Profile};
 use crate::connector::ConnectorError;
 use crate::daemon::{Builders, ProbeError};
+use crate::deployment::{Claiming, Deployment};
 use crate::error::{Classify, Disposition};
 use crate::jobs::{Job, JobHandle, JobKind, Jobs, MailboxTestOutcome};
 use crate::model::{
@@ -81,6 +82,8 @@ enum Enabler {
 pub struct TestEnable {
     config: Arc<Config>,
     store: Arc<dyn Store>,
+    /// Whose marker a passing test leaves in the mailbox.
+    deployment: Arc<Deployment>,
     alerts: Arc<Alerts>,
     /// Each profile's connection semaphore (shared with its mailbox tasks).
     limits: HashMap<String, Arc<Semaphore>>,
@@ -92,9 +95,11 @@ pub struct TestEnable {
 
 impl TestEnable {
     /// The daemon's runner: its mailbox tasks' semaphores and runtime view.
+    #[allow(clippy::too_many_arguments)]
     pub fn for_daemon(
         config: Arc<Config>,
         store: Arc<dyn Store>,
+        deployment: Arc<Deployment>,
         alerts: Arc<Alerts>,
         limits: HashMap<String, Arc<Semaphore>>,
         builders: Builders,
@@ -104,6 +109,7 @@ impl TestEnable {
         TestEnable {
             config,
             store,
+            deployment,
             alerts,
             limits,
             builders,
@@ -115,7 +121,11 @@ impl TestEnable {
 
     /// A runner without a daemon (the CLI, with the store to itself): its
     /// own semaphores, each of the profile's size.
-    pub fn standalone(config: Arc<Config>, store: Arc<dyn Store>) -> Self {
+    pub fn standalone(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        deployment: Arc<Deployment>,
+    ) -> Self {
         let limits = config
             .profiles
             .iter()
@@ -136,6 +146,7 @@ impl TestEnable {
             builders: Builders::new(&config, store.clone()),
             config,
             store,
+            deployment,
             limits,
             enabler: Enabler::Store,
             jobs: Jobs::default(),
@@ -149,29 +160,34 @@ impl TestEnable {
     }
 
     /// Starts Test & Enable of one mailbox; returns the job as started.
-    pub fn start_mailbox(self: &Arc<Self>, name: &str) -> Result<Arc<JobHandle>, StartError> {
+    /// With `force` a mailbox another deployment syncs is taken over.
+    pub fn start_mailbox(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> Result<Arc<JobHandle>, StartError> {
         let mailbox = self.mailbox(name)?;
         let job = self.jobs.start(JobKind::MailboxTest, name, 1);
-        self.spawn(job.clone(), vec![mailbox], 1);
+        self.spawn(job.clone(), vec![mailbox], 1, force);
         Ok(job)
     }
 
     /// Runs Test & Enable of one mailbox here and now (the CLI); returns
     /// the finished job.
-    pub async fn test_now(&self, name: &str) -> Result<Job, StartError> {
+    pub async fn test_now(&self, name: &str, force: bool) -> Result<Job, StartError> {
         let mailbox = self.mailbox(name)?;
         let job = self.jobs.start(JobKind::MailboxTest, name, 1);
-        self.run(&job, vec![mailbox], 1).await;
+        self.run(&job, vec![mailbox], 1, force).await;
         job.finish();
         Ok(job.snapshot())
     }
 
     /// Runs Test & Enable of every mailbox of a profile here and now (the
     /// CLI), as many at once as its connection limit allows.
-    pub async fn test_profile_now(&self, name: &str) -> Result<Job, StartError> {
+    pub async fn test_profile_now(&self, name: &str, force: bool) -> Result<Job, StartError> {
         let (mailboxes, workers) = self.profile_members(name)?;
         let job = self.jobs.start(JobKind::ProfileTest, name, mailboxes.len());
-        self.run(&job, mailboxes, workers).await;
+        self.run(&job, mailboxes, workers, force).await;
         job.finish();
         Ok(job.snapshot())
     }
@@ -208,18 +224,28 @@ impl TestEnable {
 
     /// Starts Test & Enable of every mailbox of a profile, as many at once
     /// as the profile's connection limit allows.
-    pub fn start_profile(self: &Arc<Self>, name: &str) -> Result<Arc<JobHandle>, StartError> {
+    pub fn start_profile(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> Result<Arc<JobHandle>, StartError> {
         let (mailboxes, workers) = self.profile_members(name)?;
         let job = self.jobs.start(JobKind::ProfileTest, name, mailboxes.len());
-        self.spawn(job.clone(), mailboxes, workers);
+        self.spawn(job.clone(), mailboxes, workers, force);
         Ok(job)
     }
 
-    fn spawn(self: &Arc<Self>, job: Arc<JobHandle>, mailboxes: Vec<Mailbox>, workers: usize) {
+    fn spawn(
+        self: &Arc<Self>,
+        job: Arc<JobHandle>,
+        mailboxes: Vec<Mailbox>,
+        workers: usize,
+        force: bool,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             tokio::select! {
-                _ = me.run(&job, mailboxes, workers) => {}
+                _ = me.run(&job, mailboxes, workers, force) => {}
                 // The summary counts what was not tested.
                 _ = me.cancel.cancelled() => {}
             }
@@ -231,12 +257,12 @@ impl TestEnable {
     }
 
     /// Tests `mailboxes` with `workers` at a time and records each outcome.
-    pub async fn run(&self, job: &JobHandle, mailboxes: Vec<Mailbox>, workers: usize) {
+    pub async fn run(&self, job: &JobHandle, mailboxes: Vec<Mailbox>, workers: usize, force: bool) {
         let queue = std::sync::Mutex::new(mailboxes.into_iter());
         let next = || queue.lock().unwrap_or_else(|p| p.into_inner()).next();
         let worker = || async {
             while let Some(mailbox) = next() {
-                let outcome = self.test_mailbox(&mailbox, job).await;
+                let outcome = self.test_mailbox(&mailbox, job, force).await;
                 job.record(outcome);
             }
         };
@@ -244,8 +270,15 @@ impl TestEnable {
     }
 
     /// Test & Enable of one mailbox: every direction, stored, alerted, and
-    /// the mailbox enabled when all passed.
-    pub async fn test_mailbox(&self, mailbox: &Mailbox, job: &JobHandle) -> MailboxTestOutcome {
+    /// the mailbox enabled when all passed. The incoming test also claims
+    /// the mailbox for this deployment ([`crate::deployment`]); `force`
+    /// takes it over from another one.
+    pub async fn test_mailbox(
+        &self,
+        mailbox: &Mailbox,
+        job: &JobHandle,
+        force: bool,
+    ) -> MailboxTestOutcome {
         let name = &mailbox.name;
         let Some(profile) = self.config.profile_of(mailbox) else {
             return MailboxTestOutcome {
@@ -264,7 +297,13 @@ impl TestEnable {
         } else {
             let tested = {
                 let _permit = self.permit(profile, job).await;
-                self.builders.incoming_test(profile, mailbox).await
+                let claim = Claiming {
+                    mailbox: name,
+                    deployment: &self.deployment,
+                    force,
+                    enabled: profile.deployment_marker,
+                };
+                self.builders.incoming_test(profile, mailbox, claim).await
             };
             match tested {
                 Ok(detail) => {
@@ -624,6 +663,13 @@ fn incoming_advice(profile: &Profile, mailbox: &Mailbox, e: &ProbeError) -> Stri
         }
         ProbeError::Connector(c) => c,
     };
+    if let ConnectorError::OtherDeployment(_) = e {
+        // The refusal itself says what to do (stop the other, or force).
+        return format!(
+            "not enabled here; decide which deployment synchronizes mailbox {:?}",
+            mailbox.name
+        );
+    }
     let what = if e.is_auth_failure() {
         secret_source(profile, mailbox)
     } else if let Some(n) = net_error(e) {
@@ -784,8 +830,12 @@ password_file = "{pw}"
             ..Default::default()
         };
         store.put_mailbox_state(&off).unwrap();
-        let te = Arc::new(TestEnable::standalone(cfg, store.clone()));
-        let job = te.start_mailbox("m").unwrap();
+        let te = Arc::new(TestEnable::standalone(
+            cfg,
+            store.clone(),
+            Deployment::for_tests(),
+        ));
+        let job = te.start_mailbox("m", false).unwrap();
         while !job.is_done() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
@@ -807,11 +857,11 @@ password_file = "{pw}"
             "{alerts:?}"
         );
         assert!(matches!(
-            te.start_mailbox("nope").map(|_| ()),
+            te.start_mailbox("nope", false).map(|_| ()),
             Err(StartError::UnknownMailbox(_))
         ));
         assert!(matches!(
-            te.start_profile("nope").map(|_| ()),
+            te.start_profile("nope", false).map(|_| ()),
             Err(StartError::UnknownProfile(_))
         ));
     }

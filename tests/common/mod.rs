@@ -63,9 +63,26 @@ path = "{maildir}"
     path
 }
 
+/// The deployment id every test daemon runs as (through the environment,
+/// which overrides the file): test binaries share the Dovecot users, and a
+/// fresh state directory per test would otherwise be a new deployment that
+/// the marker an earlier test left refuses. tests/deployment_marker.rs sets
+/// its own ids.
+pub const TEST_DEPLOYMENT_ID: &str = "crm-mailsync-integration-tests";
+
+/// The environment variable that sets `[daemon] deployment_id`.
+pub const DEPLOYMENT_ID_ENV: &str = "CRM_MAILSYNC__DAEMON__DEPLOYMENT_ID";
+
+/// A `crm-mailsync` command as the tests run it (see [`TEST_DEPLOYMENT_ID`]).
+pub fn daemon_command() -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.env(DEPLOYMENT_ID_ENV, TEST_DEPLOYMENT_ID);
+    cmd
+}
+
 /// Starts `crm-mailsync run`.
 pub fn start(config: &Path) -> Child {
-    Command::new(bin())
+    daemon_command()
         .args(["run", "--config"])
         .arg(config)
         .stdout(Stdio::null())
@@ -227,7 +244,7 @@ pub fn generate_messages(root: &Path, n: usize) {
 
 /// Runs `crm-mailsync activities list --json` and returns the parsed lines.
 pub fn offline_activities(config: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(bin())
+    let out = daemon_command()
         .args(["activities", "list", "--json", "--config"])
         .arg(config)
         .output()

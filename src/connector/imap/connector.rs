@@ -22,6 +22,7 @@ use crate::connector::oauth::{self, TokenProvider};
 use crate::connector::{
     Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, Notice, RawMessage,
 };
+use crate::deployment::{Marker, MarkerSlot};
 use crate::error::{Classify, Disposition};
 use crate::model::{now, AlertLevel, FolderPosition, RetryMessage, SourceKey, UnixTime};
 use crate::net::Endpoint;
@@ -883,6 +884,28 @@ impl Connector for ImapConnector {
 
     fn token_expires_at(&self) -> Option<UnixTime> {
         self.token_expiry
+    }
+
+    async fn read_marker(&mut self) -> Result<MarkerSlot, ConnectorError> {
+        let mut client = self.take_client().await?;
+        match client.read_marker().await {
+            Ok(slot) => {
+                self.client = Some(client);
+                Ok(slot)
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    async fn write_marker(&mut self, marker: &Marker) -> Result<(), ConnectorError> {
+        let mut client = self.take_client().await?;
+        match client.write_marker(marker).await {
+            Ok(()) => {
+                self.client = Some(client);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
     }
 }
 

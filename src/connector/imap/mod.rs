@@ -21,6 +21,7 @@ mod append;
 mod codec;
 pub mod connector;
 mod error;
+pub mod marker;
 
 use std::collections::BTreeSet;
 use std::fmt;
