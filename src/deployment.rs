@@ -158,6 +158,44 @@ impl Marker {
             .filter(|m| valid_id(&m.deployment))
     }
 
+    /// The marker as an IMAP annotation value:
+    /// `deployment=ID; host=HOST; claimed_at=SECONDS`. No quotes or
+    /// backslashes, so it reads back the same whether the server returns it
+    /// as a quoted string (whose escapes the IMAP parser leaves in) or as a
+    /// literal.
+    pub fn to_annotation(&self) -> String {
+        let host: String = self
+            .host
+            .chars()
+            .map(|c| {
+                if c.is_control() || matches!(c, '"' | '\\' | ';' | '=') {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .take(200)
+            .collect();
+        format!(
+            "deployment={}; host={host}; claimed_at={}",
+            self.deployment, self.claimed_at
+        )
+    }
+
+    /// A marker from an annotation value; `None` when it is not one.
+    pub fn from_annotation(text: &str) -> Option<Marker> {
+        let mut fields = std::collections::HashMap::new();
+        for part in text.split(';') {
+            let (k, v) = part.split_once('=')?;
+            fields.insert(k.trim(), v.trim());
+        }
+        Marker::from_headers(
+            fields.get("deployment")?,
+            fields.get("host").copied(),
+            fields.get("claimed_at").copied(),
+        )
+    }
+
     /// The marker as the hidden message of an IMAP mailbox without
     /// METADATA. Headers carry it (one header search finds it); the body
     /// tells a person who opens the folder what it is.
@@ -363,6 +401,18 @@ mod tests {
         assert_eq!(Marker::from_json(&m.to_json()), Some(m.clone()));
         assert_eq!(Marker::from_json("{\"x\":1}"), None);
         assert_eq!(Marker::from_json("garbage"), None);
+        assert_eq!(Marker::from_annotation(&m.to_annotation()), Some(m.clone()));
+        let odd = Marker {
+            host: "a\"b\\c;d=e".into(),
+            ..m.clone()
+        };
+        let value = odd.to_annotation();
+        assert!(!value.contains(['"', '\\']), "{value}");
+        assert_eq!(
+            Marker::from_annotation(&value).map(|m| m.host),
+            Some("a_b_c_d_e".to_string())
+        );
+        assert_eq!(Marker::from_annotation("something else"), None);
         let msg = String::from_utf8(m.to_message()).unwrap();
         let value = |name: &str| {
             msg.lines()

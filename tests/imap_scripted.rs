@@ -1,11 +1,12 @@
 //! The IMAP connector against a small scripted IMAP server, for server
 //! behaviour the private Dovecot cannot show: a `.` hierarchy separator
 //! (Courier, Cyrus, older Dovecot setups), a tagged `NO` to one message of a
-//! FETCH, and a UID that SEARCH lists but FETCH leaves out.
+//! FETCH, a UID that SEARCH lists but FETCH leaves out, and server
+//! annotations (RFC 5464 METADATA), which holds the deployment marker.
 //!
 //! The server keeps a tiny folder model (UIDs and bytes per folder) and
 //! answers only what the connector sends: CAPABILITY, LOGIN, LIST, SELECT,
-//! UID SEARCH, UID FETCH, UID STORE, LOGOUT.
+//! UID SEARCH, UID FETCH, UID STORE, GETMETADATA, SETMETADATA, LOGOUT.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -32,8 +33,31 @@ struct Model {
     /// UIDs that `UID SEARCH UID 1:*` lists although they are gone (expunged
     /// between that SEARCH and the FETCH): `UID SEARCH UID n` does not.
     ghosts: HashSet<u32>,
+    /// Server annotations (entry → value); `Some` offers METADATA.
+    metadata: Option<BTreeMap<String, String>>,
     /// Every command line received, for assertions.
     seen: Vec<String>,
+}
+
+/// The first IMAP quoted string of `s` (backslash escapes undone) and
+/// what follows it.
+fn quoted(s: &str) -> Option<(String, &str)> {
+    let start = s.find('"')?;
+    let mut out = String::new();
+    let mut chars = s[start + 1..].char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?.1),
+            '"' => return Some((out, &s[start + 1 + i + 1..])),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// `s` as an IMAP quoted string.
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 type Shared = Arc<Mutex<Model>>;
@@ -108,8 +132,36 @@ fn answer(model: &Shared, selected: &mut Option<String>, line: &str) -> Vec<u8> 
         out.extend_from_slice(format!("{tag} OK {text}\r\n").as_bytes());
     };
     if upper.starts_with("CAPABILITY") {
-        out.extend_from_slice(b"* CAPABILITY IMAP4rev1 UIDPLUS\r\n");
+        let metadata = if m.metadata.is_some() {
+            " METADATA"
+        } else {
+            ""
+        };
+        out.extend_from_slice(format!("* CAPABILITY IMAP4rev1 UIDPLUS{metadata}\r\n").as_bytes());
         ok(&mut out, "done");
+    } else if upper.starts_with("GETMETADATA") && m.metadata.is_some() {
+        // GETMETADATA "" "entry": the server's own annotations.
+        let (mailbox, rest) = quoted(rest).unwrap();
+        assert_eq!(mailbox, "", "server annotations only");
+        let (entry, _) = quoted(rest).unwrap();
+        let value = m
+            .metadata
+            .as_ref()
+            .unwrap()
+            .get(&entry)
+            .map_or("NIL".to_string(), |v| quote(v));
+        out.extend_from_slice(
+            format!("* METADATA \"\" ({} {value})\r\n", quote(&entry)).as_bytes(),
+        );
+        ok(&mut out, "got");
+    } else if upper.starts_with("SETMETADATA") && m.metadata.is_some() {
+        // SETMETADATA "" ("entry" "value")
+        let (mailbox, rest) = quoted(rest).unwrap();
+        assert_eq!(mailbox, "", "server annotations only");
+        let (entry, rest) = quoted(rest).unwrap();
+        let (value, _) = quoted(rest).unwrap();
+        m.metadata.as_mut().unwrap().insert(entry, value);
+        ok(&mut out, "set");
     } else if upper.starts_with("LOGIN") {
         ok(&mut out, "logged in");
     } else if upper.starts_with("LIST") {
@@ -542,4 +594,99 @@ async fn dot_separator_server_maps_configured_slash_names_and_a_missing_folder_o
     let c = rig.cycle().await;
     assert_eq!(c.recorded, vec!["INBOX/2"], "{c:?}");
     assert!(c.notices.is_empty(), "{c:?}");
+}
+
+/// With METADATA (RFC 5464) the deployment marker is a server annotation:
+/// claimed when there is none, ours left alone without a write, another
+/// deployment's refused, taken over when forced; no folder is created.
+#[tokio::test]
+async fn the_deployment_marker_is_a_server_annotation_where_the_server_has_metadata() {
+    use crm_mailsync::connector::ConnectorError;
+    use crm_mailsync::deployment::{claim, Claim, Claiming, Deployment};
+    const ENTRY: &str = "/private/vendor/crm-mailsync/deployment";
+
+    let model = inbox_with(&[1]);
+    model.lock().unwrap().metadata = Some(BTreeMap::new());
+    let port = serve(model.clone()).await;
+    let mut rig = rig(port, "", "");
+    let a = Deployment {
+        id: "deployment-a-0001".into(),
+        host: "crm-a".into(),
+    };
+    let b = Deployment {
+        id: "deployment-b-0002".into(),
+        host: "crm-b".into(),
+    };
+    let claiming = |deployment: &'static Deployment, force| Claiming {
+        mailbox: "mb",
+        deployment,
+        force,
+        enabled: true,
+    };
+    let (a, b): (&'static Deployment, &'static Deployment) =
+        (Box::leak(Box::new(a)), Box::leak(Box::new(b)));
+    // The annotation as the server holds it, by field.
+    let held = |model: &Shared| -> BTreeMap<String, String> {
+        let m = model.lock().unwrap();
+        let value = m.metadata.as_ref().unwrap().get(ENTRY).unwrap().clone();
+        value
+            .split("; ")
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    };
+    let sets = |model: &Shared| {
+        model
+            .lock()
+            .unwrap()
+            .seen
+            .iter()
+            .filter(|l| l.contains("SETMETADATA"))
+            .count()
+    };
+
+    assert_eq!(
+        claim(&mut rig.connector, claiming(a, false)).await.unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(held(&model)["deployment"], "deployment-a-0001");
+    assert_eq!(held(&model)["host"], "crm-a");
+    assert_eq!(sets(&model), 1);
+
+    // Ours: read, not written again.
+    assert_eq!(
+        claim(&mut rig.connector, claiming(a, false)).await.unwrap(),
+        Claim::Ours
+    );
+    assert_eq!(sets(&model), 1);
+
+    // Another deployment is refused and writes nothing.
+    let refused = claim(&mut rig.connector, claiming(b, false))
+        .await
+        .unwrap_err();
+    let ConnectorError::OtherDeployment(other) = &refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(other.marker.deployment, "deployment-a-0001");
+    assert!(refused.to_string().contains("test?force=true"), "{refused}");
+    assert_eq!(sets(&model), 1);
+    assert_eq!(held(&model)["deployment"], "deployment-a-0001");
+
+    // Forced, it takes the mailbox over.
+    match claim(&mut rig.connector, claiming(b, true)).await.unwrap() {
+        Claim::TakenOver(old) => assert_eq!(old.deployment, "deployment-a-0001"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(held(&model)["deployment"], "deployment-b-0002");
+    let seen = model.lock().unwrap().seen.clone();
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("CREATE") || l.contains("APPEND")),
+        "no marker folder with METADATA: {seen:?}"
+    );
+    // The mailbox still syncs on the same connection.
+    assert_eq!(rig.cycle().await.recorded, vec!["INBOX/1".to_string()]);
 }

@@ -30,7 +30,7 @@ impl ImapClient {
             let value = self.get_server_metadata(METADATA_ENTRY).await?;
             return Ok(value
                 .as_deref()
-                .and_then(Marker::from_json)
+                .and_then(Marker::from_annotation)
                 .map_or(MarkerSlot::Empty, MarkerSlot::Held));
         }
         match self.examine(MARKER_FOLDER).await {
@@ -63,7 +63,7 @@ impl ImapClient {
     pub async fn write_marker(&mut self, marker: &Marker) -> Result<(), ImapError> {
         if self.has_server_metadata() {
             return self
-                .set_server_metadata(METADATA_ENTRY, &marker.to_json())
+                .set_server_metadata(METADATA_ENTRY, &marker.to_annotation())
                 .await;
         }
         self.create_hidden_folder(MARKER_FOLDER).await?;
