@@ -595,3 +595,43 @@ fn a_copy_the_server_filed_under_a_rewritten_message_id_is_indexed_and_replies_t
     assert_eq!(a["method"], "in_reply_to", "{a}");
     daemon.stop();
 }
+
+/// Regression: a mailbox whose address is pending in the configuration had
+/// no sender, so approving it at run time did not make it send until a
+/// restart. Now its queue opens at the approval and the email goes out.
+#[test]
+fn an_address_approved_at_run_time_sends_without_a_restart() {
+    let env = env();
+    let user = "user00175";
+    reset_user(user);
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let smtp = format!("smtp_port = {}\nsmtp_tls = \"starttls\"", smtp_port());
+    let cfg = config(&env, dir.path(), admin, user, &smtp);
+    let mut daemon = Running(Some(start(&cfg)));
+    wait_for(Duration::from_secs(30), "admin API", || {
+        get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
+    });
+    let email = json!({"mailbox": "unapproved", "regarding": "case:9", "to": ["c@customer.example"],
+                       "subject": "Sent once approved", "text": "x"});
+    let (status, refused) = request(admin, "POST", "/api/v1/outgoing", Some(&email));
+    assert!((400..500).contains(&status), "{status} {refused}");
+    assert!(refused.to_string().contains("not approved"), "{refused}");
+
+    let (status, body) = request(admin, "POST", "/api/v1/mailboxes/unapproved/approve", None);
+    assert_eq!(status, 202, "{body}");
+    let queued = queue(admin, email);
+    let id = queued["id"].as_u64().unwrap();
+    let row = wait_for(Duration::from_secs(60), "sent once approved", || {
+        let (_, row) = request(admin, "GET", &format!("/api/v1/outgoing/{id}"), None);
+        (row["status"] == "sent").then_some(row)
+    });
+    let mid = row["message_id"].as_str().unwrap().to_string();
+    let copies = by_message_id(&[sink_dir()]);
+    assert_eq!(
+        copies.get(&mid).map(Vec::len),
+        Some(1),
+        "the sink got it once: {mid}"
+    );
+    daemon.stop();
+}

@@ -413,7 +413,9 @@ fn start_senders(
         if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
             continue;
         }
-        if let Err(why) = crate::outgoing::queue::send_allowed(config, mailbox) {
+        // Approval is the sender's to wait for: an address approved at
+        // run time starts sending without a restart.
+        if let Err(why) = crate::outgoing::queue::sends(config, mailbox) {
             tracing::warn!(mailbox = %mailbox.name, "outgoing not started: {why}");
             continue;
         }

@@ -50,20 +50,44 @@ impl From<PipelineError> for QueueError {
     }
 }
 
-/// Whether `mailbox` may send at all, and if not, what to change.
-pub fn send_allowed(cfg: &Config, mailbox: &Mailbox) -> Result<(), String> {
+/// Whether `mailbox` may send at all, its email address approved as
+/// `approval` (see [`effective_approval`]), and if not, what to change.
+pub fn send_allowed(
+    cfg: &Config,
+    mailbox: &Mailbox,
+    approval: ApprovalStatus,
+) -> Result<(), String> {
+    if cfg.process_only_approved && approval != ApprovalStatus::Approved {
+        return Err(format!(
+            "the address {} of mailbox {:?} is not approved (approval: {}); approve it (POST /api/v1/mailboxes/{}/approve, or approval = \"approved\" in the configuration) before it sends",
+            mailbox.email,
+            mailbox.name,
+            format!("{approval:?}").to_ascii_lowercase(),
+            mailbox.name,
+        ));
+    }
+    sends(cfg, mailbox)
+}
+
+/// The approval of the mailbox's address that counts: an operator's
+/// (`POST /api/v1/mailboxes/{name}/approve|reject`) over the configuration's.
+pub fn effective_approval(
+    store: &dyn Store,
+    mailbox: &Mailbox,
+) -> Result<ApprovalStatus, StoreError> {
+    Ok(store
+        .mailbox_control(&mailbox.name)?
+        .approval
+        .unwrap_or(mailbox.approval))
+}
+
+/// Whether `mailbox` is set up to send (whatever its approval: a sender
+/// for an address not approved yet runs and holds its email until it is).
+pub fn sends(cfg: &Config, mailbox: &Mailbox) -> Result<(), String> {
     if mailbox.outgoing != Delivery::ServerSideSync {
         return Err(format!(
             "mailbox {:?} does not send email: its outgoing delivery is \"none\"; set outgoing = \"server_side_sync\" in its [[mailboxes]] entry",
             mailbox.name
-        ));
-    }
-    if cfg.process_only_approved && mailbox.approval != ApprovalStatus::Approved {
-        return Err(format!(
-            "the address {} of mailbox {:?} is not approved (approval = {:?}); approve it (approval = \"approved\") before it sends",
-            mailbox.email,
-            mailbox.name,
-            format!("{:?}", mailbox.approval).to_ascii_lowercase()
         ));
     }
     if !mailbox.enabled {
@@ -170,7 +194,8 @@ pub fn queue(
         .iter()
         .find(|m| m.name == req.mailbox)
         .ok_or_else(|| QueueError::UnknownMailbox(req.mailbox.clone()))?;
-    send_allowed(cfg, mailbox).map_err(QueueError::NotAllowed)?;
+    let approval = effective_approval(store, mailbox)?;
+    send_allowed(cfg, mailbox, approval).map_err(QueueError::NotAllowed)?;
 
     let mut problems = Vec::new();
     let parent = match req.in_reply_to {

@@ -396,8 +396,15 @@ impl TestEnable {
         mailbox: &Mailbox,
         job: &JobHandle,
     ) -> Result<String, (String, String)> {
-        if let Err(why) = crate::outgoing::queue::send_allowed(&self.config, mailbox) {
-            return Err((why, "fix the mailbox's configuration and test again".into()));
+        let approval = crate::outgoing::queue::effective_approval(self.store.as_ref(), mailbox)
+            .map_err(|e| {
+                (
+                    format!("cannot read the mailbox's settings: {e}"),
+                    "check the store, then test again".to_string(),
+                )
+            })?;
+        if let Err(why) = crate::outgoing::queue::send_allowed(&self.config, mailbox, approval) {
+            return Err((why, "fix that and test again".into()));
         }
         let sender = self
             .builders

@@ -163,6 +163,7 @@ fn graph_sender(store: Arc<dyn Store>, base: &str, confirm_for: Duration) -> Arc
         },
         policy: OutgoingSettings::default(),
         test_message: true,
+        configured_approval: None,
     };
     let alerts = Arc::new(Alerts::new(store.clone(), HashMap::new()));
     Arc::new(

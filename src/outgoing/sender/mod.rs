@@ -25,6 +25,7 @@
 //! steps 3–4 are one. A crash leaves nothing new: an accepted email keeps
 //! being confirmed, one not accepted yet is resolved as above.
 
+use crate::model::ApprovalStatus;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,6 +76,10 @@ pub struct SenderSettings {
     pub policy: OutgoingSettings,
     /// Send a message to the mailbox itself at start (Test & Enable).
     pub test_message: bool,
+    /// The configuration's approval of the address where only approved
+    /// mailboxes send (`process_only_approved`); `None`: approval does not
+    /// matter. An operator's approve or reject overrides it.
+    pub configured_approval: Option<ApprovalStatus>,
 }
 
 impl SenderSettings {
@@ -138,6 +143,7 @@ impl SenderSettings {
             },
             policy: cfg.outgoing.clone(),
             test_message: true,
+            configured_approval: cfg.process_only_approved.then_some(mailbox.approval),
         }
     }
 }
@@ -247,6 +253,9 @@ impl Sender {
     /// Test & Enable, then sends until the daemon stops.
     pub async fn run(self) {
         let me = Arc::new(self);
+        if !me.wait_until_released().await {
+            return;
+        }
         // Outgoing Test & Enable; a failing test is retried with back-off,
         // queued email waits (the alert says why).
         let mut attempt = 0u32;
@@ -303,8 +312,27 @@ impl Sender {
         me.transport.close().await;
     }
 
-    /// Why an operator's setting holds this mailbox's outgoing email (it is
-    /// disabled, or its address rejected or set pending), if it does.
+    /// Waits while the mailbox's email is held (not approved yet, disabled
+    /// by an operator): nothing is sent, not even the test message, until
+    /// it is lifted. False on shutdown.
+    async fn wait_until_released(&self) -> bool {
+        let mut said = false;
+        while let Some(why) = self.held_by_operator() {
+            if !std::mem::replace(&mut said, true) {
+                tracing::info!(mailbox = %self.settings.mailbox, "outgoing: waiting before the first send: {why}");
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => return false,
+                _ = self.wakeup.notified() => {}
+                _ = tokio::time::sleep(SCAN_EVERY) => {}
+            }
+        }
+        true
+    }
+
+    /// Why this mailbox's outgoing email is held (disabled by an operator,
+    /// its address rejected, or not approved yet where only approved
+    /// mailboxes send), if it is.
     fn held_by_operator(&self) -> Option<String> {
         let control = match self.store.mailbox_control(&self.settings.mailbox) {
             Ok(c) => c,
@@ -319,10 +347,15 @@ impl Sender {
                 crate::model::format_time(at)
             ));
         }
-        match control.approval {
-            Some(a) if a != crate::model::ApprovalStatus::Approved => Some(format!(
+        match (control.approval, self.settings.configured_approval) {
+            (Some(a), _) if a != ApprovalStatus::Approved => Some(format!(
                 "its email address is {} by an operator",
                 format!("{a:?}").to_ascii_lowercase()
+            )),
+            (None, Some(a)) if a != ApprovalStatus::Approved => Some(format!(
+                "its email address is not approved (approval = {:?} in the configuration) and only approved mailboxes send: approve it (POST /api/v1/mailboxes/{}/approve)",
+                format!("{a:?}").to_ascii_lowercase(),
+                self.settings.mailbox
             )),
             _ => None,
         }

@@ -24,6 +24,17 @@ fn sender_with(
     wakeup: SendWakeup,
     cancel: CancellationToken,
 ) -> Sender {
+    sender_adjusted(store, port, unknown, wakeup, cancel, |_| {})
+}
+
+fn sender_adjusted(
+    store: Arc<dyn Store>,
+    port: u16,
+    unknown: UnknownDelivery,
+    wakeup: SendWakeup,
+    cancel: CancellationToken,
+    adjust: impl FnOnce(&mut SenderSettings),
+) -> Sender {
     let endpoint = Endpoint {
         host: "127.0.0.1".into(),
         port,
@@ -33,7 +44,7 @@ fn sender_with(
         connect_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(5),
     };
-    let settings = SenderSettings {
+    let mut settings = SenderSettings {
         mailbox: "support".into(),
         profile: "mail".into(),
         address: "support@example.test".into(),
@@ -65,9 +76,75 @@ fn sender_with(
         },
         policy: OutgoingSettings::default(),
         test_message: false,
+        configured_approval: None,
     };
+    adjust(&mut settings);
     let alerts = Arc::new(Alerts::new(store.clone(), HashMap::new()));
     Sender::new(settings, store, alerts, wakeup, cancel).unwrap()
+}
+
+/// Regression: a mailbox whose address was pending in the configuration
+/// got no sender at all, so approving it at run time (POST
+/// /api/v1/mailboxes/{name}/approve) never made it send without a restart.
+/// Now its sender runs and holds everything, the start-up test message
+/// included, until the approval arrives.
+#[tokio::test]
+async fn an_address_pending_in_the_configuration_sends_once_approved_at_run_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("s")).unwrap());
+    let cfg = q::config(dir.path());
+    let stub = SmtpStub::start(Script::default()).await;
+    let wakeup: SendWakeup = Arc::new(tokio::sync::Notify::new());
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(
+        sender_adjusted(
+            store.clone(),
+            stub.port,
+            UnknownDelivery::Fail,
+            wakeup.clone(),
+            cancel.clone(),
+            |s| {
+                s.test_message = true;
+                s.configured_approval = Some(crate::model::ApprovalStatus::Pending);
+            },
+        )
+        .run(),
+    );
+    let id = queue::queue(store.as_ref(), &cfg, &q::request(), model::now())
+        .unwrap()
+        .id;
+    let status = |store: &Arc<dyn Store>| store.outgoing(id).unwrap().unwrap().status;
+    wakeup.notify_one();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(status(&store), SendStatus::PendingSend);
+    assert!(
+        stub.messages().is_empty(),
+        "nothing, not even the test message"
+    );
+
+    let approved = crate::model::MailboxControl {
+        approval: Some(crate::model::ApprovalStatus::Approved),
+        ..Default::default()
+    };
+    store.put_mailbox_control("support", &approved).unwrap();
+    wakeup.notify_one();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status(&store) != SendStatus::Sent {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not sent once approved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        wakeup.notify_one();
+    }
+    // The start-up test message, then the queued email.
+    assert_eq!(
+        stub.messages().len(),
+        2,
+        "test message and the email, once each"
+    );
+    cancel.cancel();
+    run.await.unwrap();
 }
 
 #[tokio::test]
