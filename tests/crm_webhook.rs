@@ -8,316 +8,20 @@
 mod common;
 #[cfg(feature = "real-servers")]
 mod servers;
+#[path = "support/webhook_receiver.rs"]
+mod webhook_receiver;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use common::*;
-use crm_mailsync::store::{SledStore, Store};
-
-/// Two secrets, as during a rotation: every request carries both signatures.
-const SECRETS: [&str; 2] = [
-    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    "whsec_dGVzdC1zZWNyZXQtcm90YXRlZC0wMDAwMDAwMDAw",
-];
-
-/// What the receiver does with a request.
-const ACCEPT: u8 = 0;
-/// 503 with `Retry-After: 1`.
-const UNAVAILABLE: u8 = 1;
-/// 410 Gone for every event.
-const GONE: u8 = 2;
-
-#[derive(Default)]
-struct Seen {
-    /// webhook-id → every body received under it (accepted ones).
-    bodies: HashMap<String, Vec<Vec<u8>>>,
-    /// (webhook-id, activity id, seq) in arrival order, accepted ones.
-    arrivals: Vec<(String, u64, u64)>,
-    /// Requests answered 503.
-    refused: u64,
-    /// What was wrong with a request (bad signature, schema violation…).
-    problems: Vec<String>,
-    /// `webhook.test` requests received (signature checked).
-    tests: u64,
-    /// `cursor` of every records GET (signature checked), in order.
-    record_cursors: Vec<Option<String>>,
-    /// `alert.raised` bodies (signature checked), in arrival order.
-    alerts: Vec<serde_json::Value>,
-}
-
-struct Hook {
-    keys: Vec<ring::hmac::Key>,
-    schema: jsonschema::Validator,
-    mode: AtomicU8,
-    seen: Mutex<Seen>,
-    /// Events (by seq) refused with 400 and a reason.
-    refuse: Mutex<HashSet<u64>>,
-}
-
-impl Hook {
-    fn new() -> Arc<Self> {
-        let keys = SECRETS
-            .iter()
-            .map(|s| {
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(s.strip_prefix("whsec_").unwrap())
-                    .unwrap();
-                ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &raw)
-            })
-            .collect();
-        let schema: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/event.schema.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        Arc::new(Hook {
-            keys,
-            schema: jsonschema::validator_for(&schema).unwrap(),
-            mode: AtomicU8::new(ACCEPT),
-            seen: Mutex::new(Seen::default()),
-            refuse: Mutex::new(HashSet::new()),
-        })
-    }
-
-    /// Checks a request as a Standard Webhooks receiver must; the problems
-    /// found, if any.
-    fn check(&self, headers: &HeaderMap, body: &[u8]) -> Result<(String, u64, u64), String> {
-        let id = self.check_signature(headers, body)?;
-        let v: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| format!("{id}: body is not JSON: {e}"))?;
-        if v["type"] == "webhook.test" {
-            return Ok((id, 0, 0));
-        }
-        if v["type"] == "alert.raised" {
-            let data = &v["data"];
-            if id != format!("alert_{}", data["id"]) || data["level"] != "error" {
-                return Err(format!("{id}: alert envelope and headers disagree: {v}"));
-            }
-            return Ok((id, 0, 0));
-        }
-        if let Err(e) = self.schema.validate(&v) {
-            return Err(format!("{id}: schema: {e} at {}", e.instance_path()));
-        }
-        if v["data"]["id"] != id.as_str() || v["type"] != v["data"]["kind"] {
-            return Err(format!("{id}: envelope and headers disagree"));
-        }
-        Ok((
-            id,
-            v["data"]["activity_id"].as_u64().unwrap_or(0),
-            v["data"]["seq"].as_u64().unwrap_or(0),
-        ))
-    }
-
-    /// Checks the Standard Webhooks headers; the webhook-id.
-    fn check_signature(&self, headers: &HeaderMap, body: &[u8]) -> Result<String, String> {
-        let h = |n: &str| {
-            headers
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .ok_or(format!("no {n} header"))
-        };
-        let id = h("webhook-id")?;
-        let ts = h("webhook-timestamp")?;
-        let sigs = h("webhook-signature")?;
-        let t: i64 = ts.parse().map_err(|_| format!("bad timestamp {ts}"))?;
-        let now = chrono::Utc::now().timestamp();
-        if (now - t).abs() > 300 {
-            return Err(format!("timestamp {t} is {}s off", now - t));
-        }
-        let signed = [id.as_bytes(), b".", ts.as_bytes(), b".", body].concat();
-        let given: Vec<&str> = sigs.split(' ').collect();
-        for (i, k) in self.keys.iter().enumerate() {
-            let ok = given.iter().any(|g| {
-                g.strip_prefix("v1,")
-                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                    .is_some_and(|tag| ring::hmac::verify(k, &signed, &tag).is_ok())
-            });
-            if !ok {
-                return Err(format!(
-                    "{id}: no valid signature for secret {i} in {sigs:?}"
-                ));
-            }
-        }
-        Ok(id)
-    }
-}
-
-async fn receive(State(hook): State<Arc<Hook>>, headers: HeaderMap, body: Bytes) -> Response {
-    let checked =
-        if headers.get("content-type").and_then(|v| v.to_str().ok()) == Some("application/json") {
-            hook.check(&headers, &body)
-        } else {
-            Err("content-type is not application/json".into())
-        };
-    let mut seen = hook.seen.lock().unwrap();
-    let (id, activity, seq) = match checked {
-        Ok(x) => x,
-        Err(p) => {
-            seen.problems.push(p);
-            return StatusCode::BAD_REQUEST.into_response();
-        }
-    };
-    if id.starts_with("test_") {
-        seen.tests += 1;
-        return StatusCode::NO_CONTENT.into_response();
-    }
-    if id.starts_with("alert_") {
-        seen.alerts.push(serde_json::from_slice(&body).unwrap());
-        return StatusCode::NO_CONTENT.into_response();
-    }
-    match hook.mode.load(Ordering::SeqCst) {
-        UNAVAILABLE => {
-            seen.refused += 1;
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [("retry-after", "1")],
-                "busy",
-            )
-                .into_response();
-        }
-        GONE => {
-            seen.refused += 1;
-            return (StatusCode::GONE, "this hook was deleted").into_response();
-        }
-        _ => {}
-    }
-    if hook.refuse.lock().unwrap().contains(&seq) {
-        seen.refused += 1;
-        return (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("{{\"error\": \"event {id} rejected: subject is not allowed\"}}"),
-        )
-            .into_response();
-    }
-    seen.bodies
-        .entry(id.clone())
-        .or_default()
-        .push(body.to_vec());
-    seen.arrivals.push((id, activity, seq));
-    StatusCode::NO_CONTENT.into_response()
-}
-
-/// `GET /records`: two pages of JSON lines, then nothing new.
-async fn records(
-    State(hook): State<Arc<Hook>>,
-    headers: HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
-) -> Response {
-    let mut seen = hook.seen.lock().unwrap();
-    if let Err(p) = hook.check_signature(&headers, b"") {
-        seen.problems.push(p);
-        return StatusCode::UNAUTHORIZED.into_response();
-    }
-    let cursor = q.get("cursor").cloned();
-    seen.record_cursors.push(cursor.clone());
-    let (body, next, more) = match cursor.as_deref() {
-        None => (
-            "{\"kind\":\"contact\",\"id\":\"c1\",\"name\":\"Person 0\",\"emails\":[\"P0@customer.example\"]}\n\
-             {\"kind\":\"contact\",\"id\":\"c2\",\"name\":\"Gone soon\",\"emails\":[\"gone@customer.example\"]}\n",
-            "page-2",
-            true,
-        ),
-        Some("page-2") => (
-            "{\"kind\":\"account\",\"id\":\"a1\",\"name\":\"Customer\",\"emails\":[\"info@customer.example\"]}\n\
-             {\"kind\":\"contact\",\"id\":\"c2\",\"deleted\":true}\n",
-            "page-3",
-            false,
-        ),
-        Some(other) => ("", other, false),
-    };
-    let mut h = HeaderMap::new();
-    h.insert("x-next-cursor", next.parse().unwrap());
-    if more {
-        h.insert("x-more", "true".parse().unwrap());
-    }
-    (StatusCode::OK, h, body.to_string()).into_response()
-}
-
-/// The receiver's HTTP server, which can go away (connection refused) and
-/// come back on the same port.
-struct Receiver {
-    hook: Arc<Hook>,
-    port: u16,
-    rt: tokio::runtime::Runtime,
-    running: Option<(
-        tokio::sync::oneshot::Sender<()>,
-        tokio::task::JoinHandle<()>,
-    )>,
-}
-
-impl Receiver {
-    fn start() -> Self {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut r = Receiver {
-            hook: Hook::new(),
-            port: free_port(),
-            rt,
-            running: None,
-        };
-        r.up();
-        r
-    }
-
-    fn up(&mut self) {
-        assert!(self.running.is_none());
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let listener = std::net::TcpListener::bind(addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(receive))
-            .route("/records", axum::routing::get(records))
-            .with_state(self.hook.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = self.rt.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        self.running = Some((tx, handle));
-    }
-
-    /// Stops listening: the daemon's connections are refused until `up`.
-    fn down(&mut self) {
-        let (tx, handle) = self.running.take().unwrap();
-        let _ = tx.send(());
-        let abort = handle.abort_handle();
-        let finished = self
-            .rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(3), handle).await });
-        if finished.is_err() {
-            abort.abort();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    fn distinct(&self) -> usize {
-        self.hook.seen.lock().unwrap().bodies.len()
-    }
-}
+use crm_mailsync::crm::alert_events;
+use crm_mailsync::model::{AlertLevel, NewAlert};
+use crm_mailsync::store::{AlertEventKind, SledStore, Store};
+use webhook_receiver::*;
 
 /// A daemon config: mailbox `support` on `maildir` (and `sales` on
 /// `sales_maildir` if given), `[crm]` webhook to `url`.
@@ -560,6 +264,278 @@ fn a_new_error_alert_goes_out_once_as_a_signed_alert_event() {
         "sent once, not again after a restart: {after:?}"
     );
     assert!(r.hook.seen.lock().unwrap().problems.is_empty());
+}
+
+/// The daemon's alert sender run in this process over its own sled store,
+/// as the daemon runs it, so a test can raise alerts at chosen moments.
+struct AlertSender {
+    store: Arc<dyn Store>,
+    cancel: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl AlertSender {
+    fn start(r: &Receiver, store: &Arc<dyn Store>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crm_mailsync::config::WebhookSettings {
+            url: r.url(),
+            secrets: SECRETS
+                .iter()
+                .map(|s| crm_mailsync::config::Secret::new(s.to_string()))
+                .collect(),
+            secret_file: dir.path().join("unused"),
+            records_url: None,
+            allow_insecure: false,
+            ca_file: None,
+            timeout: Duration::from_secs(5),
+        };
+        let adapter = Arc::new(crm_mailsync::crm::webhook::WebhookAdapter::new(&settings).unwrap());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task =
+            r.rt.spawn(alert_events::run(adapter, store.clone(), cancel.clone()));
+        let sender = AlertSender {
+            store: store.clone(),
+            cancel,
+            task: Some(task),
+        };
+        wait_for(Duration::from_secs(10), "the sender's cursor", || {
+            sender.store.named_cursor(alert_events::CURSOR).unwrap()
+        });
+        sender
+    }
+
+    fn stop(mut self, r: &Receiver) {
+        self.cancel.cancel();
+        if let Some(t) = self.task.take() {
+            r.rt.block_on(t).unwrap();
+        }
+    }
+}
+
+fn open_store(dir: &Path) -> Arc<dyn Store> {
+    Arc::new(SledStore::open(&dir.join("store")).unwrap())
+}
+
+fn raise(s: &Arc<dyn Store>, kind: &str, level: AlertLevel, mailbox: &str, at: i64) -> u64 {
+    s.raise_alert(
+        NewAlert {
+            kind,
+            level,
+            mailbox: Some(mailbox),
+            profile: Some("local"),
+            text: &format!("{kind} at {at}"),
+        },
+        at,
+    )
+    .unwrap()
+    .id
+}
+
+/// `GET path` of the admin API as JSON; `None` while the daemon does not answer.
+fn try_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = get(port, path, Some(TOKEN))?;
+    (status == 200).then(|| serde_json::from_str(&body).unwrap())
+}
+
+/// The accepted alert events, (webhook-id, body), in arrival order.
+fn accepted_alerts(r: &Receiver) -> Vec<(String, serde_json::Value)> {
+    let seen = r.hook.seen.lock().unwrap();
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    seen.alert_ids
+        .iter()
+        .cloned()
+        .zip(seen.alerts.iter().cloned())
+        .collect()
+}
+
+/// Hole (a) of the polling sender: a `sync_failing` Warning that escalates
+/// in place to an Error keeps its id; it is still sent, once, under its own
+/// webhook-id, and its repeats at Error are not. (A marker alert raised
+/// after the repeats arrives after them in journal order, so nothing sent
+/// for the repeats can still be on its way.)
+#[test]
+fn an_escalation_from_warning_to_error_is_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::start();
+    let store = open_store(dir.path());
+    let sender = AlertSender::start(&r, &store);
+    let id = raise(&store, "sync_failing", AlertLevel::Warning, "support", 10);
+    raise(&store, "sync_failing", AlertLevel::Warning, "support", 11);
+    assert_eq!(
+        raise(&store, "sync_failing", AlertLevel::Error, "support", 20),
+        id,
+        "escalated in place"
+    );
+    for at in 21..25 {
+        raise(&store, "sync_failing", AlertLevel::Error, "support", at);
+    }
+    let marker = raise(&store, "disabled", AlertLevel::Error, "sales", 30);
+    let got = wait_for(Duration::from_secs(30), "the marker alert", || {
+        let a = accepted_alerts(&r);
+        (a.len() >= 2).then_some(a)
+    });
+    sender.stop(&r);
+    let ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec![
+            format!("alert_{id}_escalated_1").as_str(),
+            format!("alert_{marker}").as_str()
+        ]
+    );
+    let data = &got[0].1["data"];
+    assert_eq!(
+        (data["id"].as_u64(), data["level"].as_str()),
+        (Some(id), Some("error"))
+    );
+    assert_eq!(data["count"], 3, "the alert as the escalation left it");
+    assert_eq!(got[0].1["timestamp"], "1970-01-01T00:00:20Z");
+    assert!(
+        store.alert_events_after(0, 0).unwrap().is_empty(),
+        "sent entries are pruned"
+    );
+}
+
+/// Hole (b): an Error alert raised and resolved while the sender was not
+/// looking (here: not running at all) is sent, as it was while open.
+#[test]
+fn an_error_raised_and_resolved_within_one_look_is_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::start();
+    let store = open_store(dir.path());
+    AlertSender::start(&r, &store).stop(&r);
+    let id = raise(&store, "stuck", AlertLevel::Error, "support", 10);
+    assert_eq!(store.resolve_alerts("support", "stuck", 12).unwrap(), 1);
+    assert!(!store.alert(id).unwrap().unwrap().is_open());
+    let sender = AlertSender::start(&r, &store);
+    let got = wait_for(Duration::from_secs(30), "the alert event", || {
+        let a = accepted_alerts(&r);
+        (!a.is_empty()).then_some(a)
+    });
+    sender.stop(&r);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, format!("alert_{id}"));
+    let data = &got[0].1["data"];
+    assert_eq!(data["kind"], "stuck");
+    assert!(data.get("resolved_at").is_none(), "sent as raised: {data}");
+}
+
+/// A receiver that answers 503 to the first attempts gets each retry under
+/// the same webhook-id with the same body, and in the end exactly one
+/// accepted event per journal entry, in journal order.
+#[test]
+fn a_failing_receiver_gets_the_same_id_on_retry_and_one_event_per_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::start();
+    r.hook.alert_failures.store(2, Ordering::SeqCst);
+    let store = open_store(dir.path());
+    let sender = AlertSender::start(&r, &store);
+    let a = raise(&store, "disabled", AlertLevel::Error, "support", 10);
+    let b = raise(&store, "sync_failing", AlertLevel::Warning, "sales", 11);
+    raise(&store, "sync_failing", AlertLevel::Error, "sales", 12);
+    let c = raise(&store, "stuck", AlertLevel::Error, "support", 13);
+    let journal: Vec<String> = store
+        .alert_events_after(0, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.webhook_id())
+        .collect();
+    assert_eq!(
+        journal,
+        vec![
+            format!("alert_{a}"),
+            format!("alert_{b}_escalated_2"),
+            format!("alert_{c}")
+        ]
+    );
+    let got = wait_for(Duration::from_secs(60), "every alert event", || {
+        let g = accepted_alerts(&r);
+        (g.len() >= 3).then_some(g)
+    });
+    sender.stop(&r);
+    let ids: Vec<String> = got.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids, journal, "one accepted event per entry, in order");
+    let seen = r.hook.seen.lock().unwrap();
+    let first: Vec<&(String, Vec<u8>)> = seen
+        .alert_attempts
+        .iter()
+        .filter(|(id, _)| *id == journal[0])
+        .collect();
+    assert_eq!(first.len(), 3, "refused twice, then accepted");
+    assert!(
+        first.iter().all(|(_, body)| body == &first[0].1),
+        "every retry carries the same body"
+    );
+    assert_eq!(seen.alert_attempts.len(), 5);
+    drop(seen);
+    assert!(store.alert_events_after(0, 0).unwrap().is_empty());
+    assert_eq!(store.named_cursor(alert_events::CURSOR).unwrap(), Some(3));
+}
+
+/// The journal is durable: an Error raised while the receiver is away
+/// (connection refused) survives a restart of the daemon and is sent by
+/// the next one, once.
+#[test]
+fn an_alert_raised_before_a_restart_is_sent_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let maildir = dir.path().join("Maildir");
+    generate_messages(&maildir, 3);
+    let mut r = Receiver::start();
+    r.down();
+    let cfg = config(dir.path(), &maildir, None, &r.url(), "", "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "path = ",
+        "tracked_folders = [{ folder = \"INBOX/Gone\", regarding = \"account:x\" }]\npath = ",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let port = admin_port(&cfg);
+    let child = start_daemon(&cfg, None);
+    wait_for(Duration::from_secs(30), "the disabled alert", || {
+        let alerts = try_json(port, "/api/v1/alerts?level=error&state=open")?;
+        alerts["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "disabled")
+            .then_some(())
+    });
+    stop(child);
+    let id = {
+        let store = SledStore::open(&dir.path().join("state").join("store")).unwrap();
+        let journal = store.alert_events_after(0, 0).unwrap();
+        assert_eq!(journal.len(), 1, "{journal:?}");
+        assert_eq!(journal[0].kind, AlertEventKind::Raised);
+        assert_eq!(
+            store.named_cursor(alert_events::CURSOR).unwrap(),
+            Some(0),
+            "not sent"
+        );
+        journal[0].alert.id
+    };
+    r.up();
+    let child = start_daemon(&cfg, None);
+    let got = wait_for(Duration::from_secs(30), "the alert event", || {
+        let a = accepted_alerts(&r);
+        (!a.is_empty()).then_some(a)
+    });
+    // The restarted mailbox is disabled again: the same open alert counts
+    // up and nothing more is journaled; let it run a few polls.
+    wait_for(Duration::from_secs(30), "the alert counted again", || {
+        let alerts = try_json(port, "/api/v1/alerts?level=error&mailbox=support")?;
+        alerts["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["id"] == id && a["count"].as_u64() > Some(1))
+            .then_some(())
+    });
+    stop(child);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, format!("alert_{id}"));
+    assert_eq!(accepted_alerts(&r).len(), 1, "sent once");
+    let store = SledStore::open(&dir.path().join("state").join("store")).unwrap();
+    assert!(store.alert_events_after(0, 0).unwrap().is_empty());
+    assert_eq!(store.named_cursor(alert_events::CURSOR).unwrap(), Some(1));
 }
 
 /// The receiver answers 503 with Retry-After for a while, then is gone
