@@ -245,8 +245,8 @@ async fn test_all(c: &Client, port: u16) -> serde_json::Value {
     let profile = &profiles["profiles"][0];
     assert_eq!(profile["name"], "demo-maildir", "{profiles}");
     let limit = profile["max_concurrent_connections"].as_u64().unwrap();
-    let row = eventually!(&c, "the profile's row", {
-        let t = text(&c, "#profiles tr[data-profile=\"demo-maildir\"]").await;
+    let row = eventually!(c, "the profile's row", {
+        let t = text(c, "#profiles tr[data-profile=\"demo-maildir\"]").await;
         (!t.is_empty()).then_some(t)
     });
     assert!(row.contains("support") && row.contains("Test all"), "{row}");
@@ -258,8 +258,8 @@ async fn test_all(c: &Client, port: u16) -> serde_json::Value {
         .await
         .unwrap();
     assert_eq!(label, "Test & Enable every mailbox of profile demo-maildir");
-    click(&c, "[data-key=\"pr:demo-maildir:test\"]").await;
-    let id = eventually!(&c, "the Test all job done", {
+    click(c, "[data-key=\"pr:demo-maildir:test\"]").await;
+    let id = eventually!(c, "the Test all job done", {
         let v = c
             .execute(
                 "const p = document.querySelector(arguments[0]); \
@@ -281,11 +281,11 @@ async fn test_all(c: &Client, port: u16) -> serde_json::Value {
     );
     let n = |k: &str| n(&job, k);
     assert_eq!(
-        text(&c, &format!("{panel} .summary")).await,
+        text(c, &format!("{panel} .summary")).await,
         job["summary"].as_str().unwrap()
     );
     assert_eq!(
-        text(&c, &format!("{panel} .progress-line")).await,
+        text(c, &format!("{panel} .progress-line")).await,
         format!(
             "Finished. {} of {} mailbox(es) tested: {} passed, {} failed; at most {} of {limit} connection(s) at once",
             n("completed"),
@@ -357,8 +357,8 @@ async fn test_all(c: &Client, port: u16) -> serde_json::Value {
     assert_eq!(shown, json!(expected));
     assert_eq!(expected.len() as u64, n("total"));
     // The button is back once the job is over.
-    eventually!(&c, "Test all ready again", {
-        let t = text(&c, "[data-key=\"pr:demo-maildir:test\"]").await;
+    eventually!(c, "Test all ready again", {
+        let t = text(c, "[data-key=\"pr:demo-maildir:test\"]").await;
         (t == "Test all").then_some(())
     });
     job

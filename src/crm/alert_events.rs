@@ -86,7 +86,10 @@ pub fn run(
         loop {
             changes.borrow_and_update();
             let wait = match look(&adapter, &store, head).await {
-                Ok(true) => continue,
+                Ok(true) => {
+                    failures = 0;
+                    continue;
+                }
                 Ok(false) => {
                     failures = 0;
                     None

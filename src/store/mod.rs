@@ -310,6 +310,7 @@ pub struct AlertEvent {
     /// 1, 2, 3, … in write order, without gaps, never reused (not even
     /// after every entry was pruned).
     pub seq: u64,
+    /// A raise or an escalation.
     pub kind: AlertEventKind,
     /// When it became an Error (the raise's time).
     pub at: UnixTime,
