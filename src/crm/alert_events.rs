@@ -170,7 +170,10 @@ async fn look(
             );
         } else {
             match adapter.notify_alert_event(&event).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    #[cfg(feature = "fault-injection")]
+                    crate::fault::alert_event_sent_before_recording();
+                }
                 Err(e @ CrmError::Permanent { .. }) => {
                     // The receiver refuses this one for good: never block
                     // the ones after it.
