@@ -45,6 +45,27 @@ pub fn delivered_before_recording() {
     }
 }
 
+/// `CRM_MAILSYNC_FAULT_KILL_AFTER_ALERT_EVENT=N`: the process SIGKILLs
+/// itself right after the webhook accepted its N-th alert event, before the
+/// alert cursor records it: the event must be sent again (same webhook-id,
+/// same body) on restart.
+pub const KILL_AFTER_ALERT_EVENT: &str = "CRM_MAILSYNC_FAULT_KILL_AFTER_ALERT_EVENT";
+
+static ALERT_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Called between the webhook's 2xx for an alert event and the cursor write.
+pub fn alert_event_sent_before_recording() {
+    let Some(n) = std::env::var(KILL_AFTER_ALERT_EVENT)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    if ALERT_EVENTS.fetch_add(1, Ordering::SeqCst) + 1 == n {
+        kill_self();
+    }
+}
+
 /// SIGKILL, as an operator's `kill -9` or the OOM killer would: no
 /// destructors, no flush, and no other thread runs on after it (a `kill`
 /// subprocess would leave the other mailboxes a few milliseconds).

@@ -6,8 +6,10 @@
 //! from the tables, opens an activity's reasons, breaks the mailbox (its
 //! tracked folder disappears: disabled, an Error alert) and mends it with the
 //! page's Enable button, and sees the Test & Enable result update and the
-//! alert resolve. Screenshots of the main screens go to a temporary folder,
-//! or to `docs/screenshots/` with `UPDATE_SCREENSHOTS=1`.
+//! alert resolve, and runs Test all of the demo's profile (its summary and
+//! per-mailbox results as the job API has them). Screenshots of the main
+//! screens go to a temporary folder, or to `docs/screenshots/` with
+//! `UPDATE_SCREENSHOTS=1`.
 //!
 //! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (`apt-get install
 //! chromium chromium-driver`; `.ci/run` installs them): without them the test
@@ -218,6 +220,148 @@ async fn screenshot(c: &Client, dir: &Path, name: &str) {
         png.len()
     );
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+}
+
+/// A number of a job's JSON.
+fn n(job: &serde_json::Value, key: &str) -> u64 {
+    job[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {job}"))
+}
+
+/// Presses Test all of the demo's profile and waits for the job to be
+/// done; checks that the page's progress line, bar, summary and result
+/// rows say what `GET /api/v1/jobs/{id}` says, and answers that job.
+async fn test_all(c: &Client, port: u16) -> serde_json::Value {
+    let panel = "#profile-jobs [data-profile-job=\"demo-maildir\"]";
+    let before = c
+        .execute(
+            "const p = document.querySelector(arguments[0]); return p ? p.dataset.job : null;",
+            vec![json!(panel)],
+        )
+        .await
+        .unwrap();
+    let profiles = common::get_json(port, "/api/v1/profiles");
+    let profile = &profiles["profiles"][0];
+    assert_eq!(profile["name"], "demo-maildir", "{profiles}");
+    let limit = profile["max_concurrent_connections"].as_u64().unwrap();
+    let row = eventually!(c, "the profile's row", {
+        let t = text(c, "#profiles tr[data-profile=\"demo-maildir\"]").await;
+        (!t.is_empty()).then_some(t)
+    });
+    assert!(row.contains("support") && row.contains("Test all"), "{row}");
+    let label = c
+        .execute(
+            "return document.querySelector('[data-key=\"pr:demo-maildir:test\"]').getAttribute('aria-label');",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(label, "Test & Enable every mailbox of profile demo-maildir");
+    click(c, "[data-key=\"pr:demo-maildir:test\"]").await;
+    let id = eventually!(c, "the Test all job done", {
+        let v = c
+            .execute(
+                "const p = document.querySelector(arguments[0]); \
+                 return p && p.dataset.state === 'done' ? p.dataset.job : null;",
+                vec![json!(panel)],
+            )
+            .await
+            .unwrap();
+        // Done, and not the job a click before this one left in the panel.
+        v.as_str()
+            .filter(|id| json!(id) != before)
+            .map(str::to_string)
+    });
+    let job = common::get_json(port, &format!("/api/v1/jobs/{id}"));
+    assert_eq!(
+        (&job["state"], &job["kind"]),
+        (&json!("done"), &json!("profile_test")),
+        "{job}"
+    );
+    let n = |k: &str| n(&job, k);
+    assert_eq!(
+        text(c, &format!("{panel} .summary")).await,
+        job["summary"].as_str().unwrap()
+    );
+    assert_eq!(
+        text(c, &format!("{panel} .progress-line")).await,
+        format!(
+            "Finished. {} of {} mailbox(es) tested: {} passed, {} failed; at most {} of {limit} connection(s) at once",
+            n("completed"),
+            n("total"),
+            n("succeeded"),
+            n("failed"),
+            n("peak_connections")
+        )
+    );
+    let live = c
+        .execute(
+            "const p = document.querySelector(arguments[0]); \
+             const l = p.querySelector('.progress-line'); const b = p.querySelector('progress'); \
+             return [l.getAttribute('role'), l.getAttribute('aria-live'), b.value, b.max, b.getAttribute('aria-label')];",
+            vec![json!(panel)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        live,
+        json!([
+            "status",
+            "polite",
+            n("completed"),
+            n("total"),
+            "Mailboxes of profile demo-maildir tested"
+        ])
+    );
+    // Each mailbox's row: passed or failed, each direction, the cause.
+    let shown = c
+        .execute(
+            "return Array.from(document.querySelectorAll(arguments[0] + ' tbody tr')) \
+             .map(r => Array.from(r.cells).map(c => c.innerText.trim()));",
+            vec![json!(panel)],
+        )
+        .await
+        .unwrap();
+    let direction = |t: &serde_json::Value| t["status"].as_str().unwrap().replace('_', " ");
+    let expected: Vec<serde_json::Value> = job["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let dirs = [&r["incoming"], &r["outgoing"], &r["act"]];
+            let passed = dirs.iter().all(|t| t["status"] != "failure") && r["enabled"] == true;
+            // As the page words it: the daemon's error, else the
+            // failing direction's detail.
+            let failing = ["incoming", "outgoing", "ACT"]
+                .iter()
+                .zip(dirs)
+                .find(|(_, t)| t["status"] == "failure")
+                .map(|(l, t)| format!("{l}: {}", t["detail"].as_str().unwrap_or("failed")));
+            let cause = match (r["error"].as_str(), failing) {
+                (Some(e), _) => e.to_string(),
+                (None, Some(f)) => f,
+                (None, None) if passed => "—".to_string(),
+                (None, None) => "not enabled".to_string(),
+            };
+            json!([
+                r["mailbox"],
+                if passed { "passed" } else { "failed" },
+                direction(dirs[0]),
+                direction(dirs[1]),
+                direction(dirs[2]),
+                cause
+            ])
+        })
+        .collect();
+    assert_eq!(shown, json!(expected));
+    assert_eq!(expected.len() as u64, n("total"));
+    // The button is back once the job is over.
+    eventually!(c, "Test all ready again", {
+        let t = text(c, "[data-key=\"pr:demo-maildir:test\"]").await;
+        (t == "Test all").then_some(())
+    });
+    job
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,6 +641,33 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
     assert!(disabled_alert.starts_with("error"), "{disabled_alert}");
     assert!(disabled_alert.contains("open"), "{disabled_alert}");
 
+    // Test all of the demo's profile while it is broken: the job's
+    // progress, then its summary and the mailbox failed with the cause, as
+    // GET /api/v1/jobs/{id} has them.
+    if documented.contains("/api/v1/profiles/{name}/test") {
+        let job = test_all(&c, port).await;
+        assert_eq!((n(&job, "succeeded"), n(&job, "failed")), (0, 1), "{job}");
+        let cause = text(
+            &c,
+            "#profile-jobs [data-profile-job=\"demo-maildir\"] tbody tr[data-mailbox=\"support\"] td:last-child",
+        )
+        .await;
+        assert!(
+            cause.contains("folder \"INBOX/Customers\" does not exist"),
+            "{cause}"
+        );
+        c.execute(
+            "document.getElementById('profiles-title').scrollIntoView();",
+            vec![],
+        )
+        .await
+        .unwrap();
+        screenshot(&c, &shots, "profile-test").await;
+    } else {
+        let t = text(&c, "#profiles").await;
+        assert!(!t.is_empty(), "the profiles table shows without the route");
+    }
+
     // Mend it and press Enable: Test & Enable runs again and succeeds, the
     // mailbox syncs, the alert resolves.
     std::fs::rename(&away, &folder).unwrap();
@@ -563,6 +734,18 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
             said,
             "support: test failed: this daemon does not offer POST /api/v1/mailboxes/support/test (HTTP 404)"
         );
+    }
+    // Test all again, the mailbox mended: it passes.
+    if documented.contains("/api/v1/profiles/{name}/test") {
+        let job = test_all(&c, port).await;
+        assert_eq!(job["results"][0]["mailbox"], "support");
+        assert_eq!((n(&job, "succeeded"), n(&job, "failed")), (1, 0), "{job}");
+        let shown = text(
+            &c,
+            "#profile-jobs [data-profile-job=\"demo-maildir\"] tbody",
+        )
+        .await;
+        assert!(shown.starts_with("support\tpassed\tsuccess"), "{shown:?}");
     }
     c.execute(
         "document.getElementById('alerts-title').scrollIntoView();",

@@ -1,13 +1,30 @@
-//! New Error alerts go out as webhook events (`alert.raised`), so the CRM
-//! (or whatever the operators' webhook feeds: a pager, a chat) hears of a
+//! Error alerts go out as webhook events (`alert.raised`), so the CRM (or
+//! whatever the operators' webhook feeds: a pager, a chat) hears of a
 //! disabled mailbox or an outage without anyone watching the admin page.
 //!
-//! At least once and idempotent: alerts are sent in id order and a durable
-//! cursor (the last alert id sent) moves only after the receiver's 2xx; the
-//! `webhook-id` is `alert_<id>` on every retry. While a profile alert is
-//! open, the Error alerts of that profile's mailboxes are not sent one by
-//! one: the profile alert, which names them, replaces the storm.
+//! The store writes an entry to its alert journal in the same batch as
+//! every write that makes an alert an Error, raised as one or escalated in
+//! place from a Warning ([`crate::store::AlertEvent`]). This sender reads
+//! the journal after its durable cursor, woken by each new entry, so an
+//! escalation (same alert id as the Warning) and an Error resolved a moment
+//! after it was raised are both sent.
+//!
+//! At least once and idempotent: entries go in journal order; the cursor
+//! moves (and the sent entries are pruned, in the same batch) only after
+//! the receiver's 2xx; the `webhook-id` is the entry's own
+//! ([`crate::store::AlertEvent::webhook_id`]), the same on every retry, and
+//! the body is the alert as the journal holds it, so a retry is byte for
+//! byte the same event.
+//!
+//! Storm rule, decided when the entry is written: a mailbox's Error entry
+//! is not sent one by one when its profile's alert (`profile_failing`) was
+//! open at that moment; the profile alert, sent when it was raised, names
+//! the mailboxes. Deciding at write time rather than at send time makes
+//! the outcome the same however late the sender runs (after a receiver
+//! outage the profile alert may be resolved already, and its storm should
+//! still not arrive one by one).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,160 +32,265 @@ use tokio_util::sync::CancellationToken;
 
 use super::webhook::WebhookAdapter;
 use super::CrmError;
-use crate::alerts::kind;
-use crate::model::{Alert, AlertLevel};
-use crate::store::{AlertQuery, AlertState, Store};
+use crate::store::{AlertEvent, Store, StoreError};
 
-/// Cursor name in the store.
-const CURSOR: &str = "alerts:webhook";
-/// How often new alerts are looked for.
+/// Cursor name in the store: the last journal seq sent.
+pub const CURSOR: &str = "alert-events:webhook";
+/// The cursor of the earlier sender (the last alert id sent): when it
+/// exists, the webhook was configured before the journal, so every entry
+/// the journal holds is new to the receiver.
+const OLD_CURSOR: &str = "alerts:webhook";
+/// Look again after this long even without a new entry (a safety net: the
+/// store's watch wakes the sender at once).
 const LOOK_EVERY: Duration = Duration::from_secs(5);
+/// First wait after a failed send; it doubles with every failure after.
+const FIRST_WAIT: Duration = Duration::from_secs(1);
 /// Longest wait after failed sends.
 const LONGEST_WAIT: Duration = Duration::from_secs(300);
+/// Entries read per look.
+const PAGE: usize = 100;
 
-/// The open Error alerts after `after` to send, in id order, and the new
-/// cursor once they are sent: alerts left out because a profile alert
-/// covers them advance it too.
-pub fn due(open_errors: &[Alert], after: u64) -> (Vec<Alert>, u64) {
-    let storming: Vec<&str> = open_errors
-        .iter()
-        .filter(|a| a.kind == kind::PROFILE_FAILING)
-        .filter_map(|a| a.profile.as_deref())
-        .collect();
-    let mut new: Vec<&Alert> = open_errors.iter().filter(|a| a.id > after).collect();
-    new.sort_by_key(|a| a.id);
-    let cursor = new.last().map_or(after, |a| a.id);
-    let send = new
-        .into_iter()
-        .filter(|a| {
-            a.mailbox.is_none() || !a.profile.as_deref().is_some_and(|p| storming.contains(&p))
-        })
-        .cloned()
-        .collect();
-    (send, cursor)
+/// Whether the storm rule holds `event` back: a mailbox alert that became
+/// an Error while its profile's alert was open.
+pub fn covered_by_profile_alert(event: &AlertEvent) -> bool {
+    event.alert.mailbox.is_some() && event.profile_alert.is_some()
 }
 
-/// Sends new Error alerts to the webhook until `cancel`.
-pub async fn run(adapter: Arc<WebhookAdapter>, store: Arc<dyn Store>, cancel: CancellationToken) {
-    // Alerts from before this feature (or before the webhook was configured)
-    // are not sent: the cursor starts at the newest alert there is.
-    let mut failures = 0u32;
-    loop {
-        let wait = match look(&adapter, &store).await {
-            Ok(()) => {
-                failures = 0;
-                LOOK_EVERY
+/// Where a sender starts without a cursor of its own: after `head` (the
+/// newest entry when it was started) for a webhook configured just now,
+/// since alerts from before it are not sent; from the start of the journal
+/// when the earlier, alert-id based sender ran (the journal then holds only
+/// what was written since the upgrade).
+pub fn first_cursor(head: u64, had_old_cursor: bool) -> u64 {
+    if had_old_cursor {
+        0
+    } else {
+        head
+    }
+}
+
+/// Sends the alert journal to the webhook until `cancel`.
+///
+/// Not an `async fn`: the newest journal seq is taken when this is called
+/// (the daemon calls it before any mailbox starts), so on the very first
+/// run an Error raised while the task is being scheduled is still sent.
+pub fn run(
+    adapter: Arc<WebhookAdapter>,
+    store: Arc<dyn Store>,
+    cancel: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let head = store.last_alert_event_seq();
+    let mut changes = store.watch_alert_events();
+    async move {
+        let mut failures = 0u32;
+        loop {
+            changes.borrow_and_update();
+            let wait = match look(&adapter, &store, head).await {
+                Ok(true) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(false) => {
+                    failures = 0;
+                    None
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = FIRST_WAIT * 2u32.saturating_pow((failures - 1).min(9));
+                    let wait = backoff
+                        .min(LONGEST_WAIT)
+                        .max(e.retry_after().unwrap_or_default());
+                    tracing::warn!(adapter = "webhook", error = %e, retry_in = ?wait, "cannot send alert events; retried");
+                    Some(wait)
+                }
+            };
+            match wait {
+                None => tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(LOOK_EVERY) => {}
+                    _ = cancel.cancelled() => return,
+                },
+                Some(wait) => tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = cancel.cancelled() => return,
+                },
             }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let backoff = LOOK_EVERY * 2u32.saturating_pow(failures.min(6));
-                let wait = backoff
-                    .min(LONGEST_WAIT)
-                    .max(e.retry_after().unwrap_or_default());
-                tracing::warn!(adapter = "webhook", error = %e, retry_in = ?wait, "cannot send alert events; retried");
-                wait
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = cancel.cancelled() => return,
         }
     }
 }
 
-async fn look(adapter: &WebhookAdapter, store: &Arc<dyn Store>) -> Result<(), CrmError> {
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, CrmError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CrmError::transient(format!("{what} failed: {e}")))?
+        .map_err(|e| CrmError::transient(format!("{what}: {e}")))
+}
+
+/// One page of the journal after the cursor, sent in order. `Ok(true)`
+/// when a full page went out (there may be more).
+async fn look(
+    adapter: &WebhookAdapter,
+    store: &Arc<dyn Store>,
+    head: u64,
+) -> Result<bool, CrmError> {
     let s = store.clone();
-    let (send, mut cursor, to) = tokio::task::spawn_blocking(move || {
-        let open = s.query_alerts(&AlertQuery {
-            level: Some(AlertLevel::Error),
-            state: Some(AlertState::Open),
-            limit: usize::MAX,
-            ..Default::default()
-        })?;
-        let after = match s.named_cursor(CURSOR)? {
+    let (cursor, events) = blocking("reading the alert journal", move || {
+        let cursor = match s.named_cursor(CURSOR)? {
             Some(c) => c,
             None => {
-                // First run: start after what is there now.
-                let newest = s.alerts(1)?.first().map_or(0, |a| a.id);
-                let newest = newest.max(open.iter().map(|a| a.id).max().unwrap_or(0));
-                s.put_named_cursor(CURSOR, newest)?;
-                newest
+                let c = first_cursor(head, s.named_cursor(OLD_CURSOR)?.is_some());
+                s.put_named_cursor(CURSOR, c)?;
+                c
             }
         };
-        let (send, to) = due(&open, after);
-        Ok::<_, crate::store::StoreError>((send, after, to))
+        Ok((cursor, s.alert_events_after(cursor, PAGE)?))
     })
-    .await
-    .map_err(|e| CrmError::transient(format!("alert look-up failed: {e}")))?
-    .map_err(|e| CrmError::transient(format!("cannot read alerts: {e}")))?;
-    for alert in &send {
-        match adapter.notify_alert(alert).await {
-            Ok(_) => {}
-            Err(e @ CrmError::Permanent { .. }) => {
-                // The receiver refuses this one for good: never block the
-                // ones after it.
-                tracing::error!(adapter = "webhook", alert = alert.id, error = %e, "alert event refused; skipped");
-            }
-            Err(e) => return Err(e),
+    .await?;
+    if let Some(first) = events.first() {
+        let lost = first.seq.saturating_sub(cursor.saturating_add(1));
+        if lost > 0 {
+            // Dropped at the journal's cap while the receiver was away.
+            tracing::warn!(
+                adapter = "webhook",
+                lost,
+                "alert events dropped unsent: the journal's cap was reached"
+            );
         }
-        cursor = alert.id;
-        save(store, cursor).await?;
     }
-    if to > cursor {
-        save(store, to).await?;
+    let full = events.len() == PAGE;
+    for event in events {
+        if covered_by_profile_alert(&event) {
+            tracing::debug!(
+                adapter = "webhook",
+                seq = event.seq,
+                "alert event covered by the profile alert"
+            );
+        } else {
+            match adapter.notify_alert_event(&event).await {
+                Ok(_) => {
+                    #[cfg(feature = "fault-injection")]
+                    crate::fault::alert_event_sent_before_recording();
+                }
+                Err(e @ CrmError::Permanent { .. }) => {
+                    // The receiver refuses this one for good: never block
+                    // the ones after it.
+                    tracing::error!(adapter = "webhook", alert = event.alert.id, seq = event.seq, error = %e, "alert event refused; skipped");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (s, seq) = (store.clone(), event.seq);
+        blocking("storing the alert cursor", move || {
+            s.alert_events_sent(CURSOR, seq)
+        })
+        .await?;
     }
-    Ok(())
-}
-
-async fn save(store: &Arc<dyn Store>, cursor: u64) -> Result<(), CrmError> {
-    let s = store.clone();
-    tokio::task::spawn_blocking(move || s.put_named_cursor(CURSOR, cursor))
-        .await
-        .map_err(|e| CrmError::transient(format!("cursor write failed: {e}")))?
-        .map_err(|e| CrmError::transient(format!("cannot store the alert cursor: {e}")))
+    Ok(full)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Alert, AlertLevel};
+    use crate::store::AlertEventKind;
 
-    fn alert(id: u64, kind: &str, mailbox: Option<&str>, profile: &str) -> Alert {
-        Alert {
-            id,
-            level: AlertLevel::Error,
-            kind: kind.into(),
-            mailbox: mailbox.map(str::to_string),
-            profile: Some(profile.into()),
-            text: String::new(),
-            first_seen: 1,
-            last_seen: 1,
-            count: 1,
-            resolved_at: None,
-            acknowledged_at: None,
+    fn event(seq: u64, mailbox: Option<&str>, profile_alert: Option<u64>) -> AlertEvent {
+        AlertEvent {
+            seq,
+            kind: AlertEventKind::Raised,
+            at: 1,
+            alert: Alert {
+                id: seq + 100,
+                level: AlertLevel::Error,
+                kind: if mailbox.is_some() {
+                    "sync_failing"
+                } else {
+                    "profile_failing"
+                }
+                .into(),
+                mailbox: mailbox.map(str::to_string),
+                profile: Some("p".into()),
+                text: String::new(),
+                first_seen: 1,
+                last_seen: 1,
+                count: 1,
+                resolved_at: None,
+                acknowledged_at: None,
+            },
+            profile_alert,
         }
     }
 
     #[test]
-    fn new_errors_go_in_id_order_and_a_profile_alert_replaces_its_mailboxes() {
-        let open = vec![
-            alert(9, "sync_failing", Some("b"), "p"),
-            alert(3, "disabled", Some("old"), "q"),
-            alert(7, "sync_failing", Some("a"), "p"),
-            alert(10, "profile_failing", None, "p"),
-            alert(8, "disabled", Some("c"), "q"),
-        ];
-        let (send, cursor) = due(&open, 5);
-        let ids: Vec<u64> = send.iter().map(|a| a.id).collect();
-        assert_eq!(
-            ids,
-            vec![8, 10],
-            "a and b are covered by p's profile alert; 3 was sent"
+    fn a_mailbox_error_while_its_profile_alert_was_open_is_not_sent_alone() {
+        assert!(covered_by_profile_alert(&event(2, Some("a"), Some(1))));
+        assert!(
+            !covered_by_profile_alert(&event(3, Some("a"), None)),
+            "no profile alert open: sent"
         );
-        assert_eq!(cursor, 10);
-        let (send, cursor) = due(&open, 10);
-        assert!(send.is_empty());
-        assert_eq!(cursor, 10);
-        let no_storm = vec![alert(7, "sync_failing", Some("a"), "p")];
-        assert_eq!(due(&no_storm, 0).0.len(), 1);
+        assert!(
+            !covered_by_profile_alert(&event(1, None, None)),
+            "the profile alert itself is sent"
+        );
+        // A profile alert entry never carries one, but if it did it would
+        // still go: only mailbox alerts are covered.
+        assert!(!covered_by_profile_alert(&event(4, None, Some(1))));
+    }
+
+    #[test]
+    fn a_new_webhook_starts_after_the_journal_an_upgraded_one_at_its_start() {
+        assert_eq!(first_cursor(7, false), 7, "alerts from before it: not sent");
+        assert_eq!(first_cursor(7, true), 0, "the earlier sender ran: all new");
+        assert_eq!(first_cursor(0, false), 0);
+    }
+
+    /// The storm rule as the store records it and the sender reads it: an
+    /// Error before the profile alert goes, the profile alert goes, the
+    /// Errors and escalations while it is open do not, and those after it
+    /// resolved go again.
+    #[test]
+    fn the_storm_rule_over_a_real_journal() {
+        use crate::model::NewAlert;
+        use crate::store::{MemBackend, Store};
+        let s = crate::store::KvStore::new(MemBackend::new()).unwrap();
+        let raise = |kind, level, mailbox: Option<&str>, at| {
+            s.raise_alert(
+                NewAlert {
+                    kind,
+                    level,
+                    mailbox,
+                    profile: Some("p"),
+                    text: "x",
+                },
+                at,
+            )
+            .unwrap()
+        };
+        raise("disabled", AlertLevel::Error, Some("a"), 1);
+        raise("sync_failing", AlertLevel::Warning, Some("b"), 2);
+        raise("profile_failing", AlertLevel::Error, None, 3);
+        raise("sync_failing", AlertLevel::Error, Some("b"), 4);
+        raise("disabled", AlertLevel::Error, Some("c"), 5);
+        s.resolve_alerts("p", "profile_failing", 6).unwrap();
+        raise("disabled", AlertLevel::Error, Some("d"), 7);
+        let sent: Vec<(Option<String>, AlertEventKind)> = s
+            .alert_events_after(0, 0)
+            .unwrap()
+            .into_iter()
+            .filter(|e| !covered_by_profile_alert(e))
+            .map(|e| (e.alert.mailbox, e.kind))
+            .collect();
+        assert_eq!(
+            sent,
+            vec![
+                (Some("a".into()), AlertEventKind::Raised),
+                (None, AlertEventKind::Raised),
+                (Some("d".into()), AlertEventKind::Raised),
+            ],
+            "b's escalation and c are covered by the profile alert"
+        );
     }
 }

@@ -271,9 +271,16 @@ impl WebhookAdapter {
         })
     }
 
-    /// POSTs an Error alert as event `alert.raised` (`webhook-id`
-    /// `alert_<id>`, the same on every retry: the receiver's dedupe key).
-    pub async fn notify_alert(&self, alert: &crate::model::Alert) -> Result<u16, CrmError> {
+    /// POSTs an alert journal entry as event `alert.raised`: `data` is the
+    /// alert as the entry holds it (an Error), `timestamp` when it became
+    /// one, `webhook-id` [`AlertEvent::webhook_id`] (the same on every
+    /// retry: the receiver's dedupe key; an escalation has its own).
+    ///
+    /// [`AlertEvent::webhook_id`]: crate::store::AlertEvent::webhook_id
+    pub async fn notify_alert_event(
+        &self,
+        event: &crate::store::AlertEvent,
+    ) -> Result<u16, CrmError> {
         #[derive(serde::Serialize)]
         struct Envelope<'a> {
             #[serde(rename = "type")]
@@ -283,11 +290,13 @@ impl WebhookAdapter {
         }
         let body = serde_json::to_vec(&Envelope {
             kind: "alert.raised",
-            timestamp: format_time(alert.first_seen),
-            data: alert,
+            timestamp: format_time(event.at),
+            data: &event.alert,
         })
-        .map_err(|e| CrmError::permanent(format!("cannot encode alert {}: {e}", alert.id)))?;
-        self.post(&format!("alert_{}", alert.id), body).await
+        .map_err(|e| {
+            CrmError::permanent(format!("cannot encode alert event {}: {e}", event.seq))
+        })?;
+        self.post(&event.webhook_id(), body).await
     }
 
     /// POSTs a signed body; `Ok(status)` on 2xx.

@@ -34,6 +34,14 @@
 //!   queues twice; every later status change ([`Store::update_outgoing`])
 //!   writes the queue row, the activity and its `activity.updated` event
 //!   together.
+//! * A write that makes an alert an Error (raised as one, or a Warning
+//!   escalated in place) appends an [`AlertEvent`] to the alert journal in
+//!   the same atomic batch, numbered by its own gapless sequence, so the
+//!   webhook hears of every Error alert however briefly it was open
+//!   ([`Store::alert_events_after`]). Entries a consumer has sent are pruned
+//!   with its cursor ([`Store::alert_events_sent`]); the journal never keeps
+//!   more than [`ALERT_JOURNAL_CAP`] entries (the oldest go first), so it
+//!   stays bounded without a consumer.
 //! * The record directory keeps an address index (`address → records`)
 //!   written in the same batch as the records, so a lookup is one prefix
 //!   read, never a scan.
@@ -61,7 +69,7 @@ use crate::model::{
     FollowUp, MailboxControl, MailboxState, NewAlert, OutboxEvent, OutgoingEmail, QuarantineEntry,
     Record, SendStatus, SourceKey, UnixTime,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use kv::{KvBackend, MemBackend};
 pub use kv_store::KvStore;
@@ -278,6 +286,57 @@ pub enum DeliveryOutcome {
     DeadLetter(DeadLetter),
 }
 
+/// The most alert journal entries kept: appending past it drops the
+/// oldest in the same batch. Without a consumer (no webhook) the journal
+/// stays this size at most; with one, what it sent is pruned at once and
+/// only an outage of the receiver spanning this many new Error alerts
+/// (counted by escalation, not by repeats) would drop unsent ones.
+pub const ALERT_JOURNAL_CAP: u64 = 10_000;
+
+/// Why an alert journal entry was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertEventKind {
+    /// A new alert, raised as an Error.
+    Raised,
+    /// An open alert raised again at Error after a milder level (a
+    /// `sync_failing` Warning past `stall_alert_after`): same alert id.
+    Escalated,
+}
+
+/// One entry of the alert journal: an alert became an Error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    /// 1, 2, 3, … in write order, without gaps, never reused (not even
+    /// after every entry was pruned).
+    pub seq: u64,
+    /// A raise or an escalation.
+    pub kind: AlertEventKind,
+    /// When it became an Error (the raise's time).
+    pub at: UnixTime,
+    /// The alert as that write left it.
+    pub alert: Alert,
+    /// For a mailbox alert: the id of its profile's open `profile_failing`
+    /// alert at that moment, if any (what the webhook's storm rule reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_alert: Option<u64>,
+}
+
+impl AlertEvent {
+    /// The webhook-id of this entry, the same on every retry and unique per
+    /// entry: `alert_<id>` for a raise (one per alert), and
+    /// `alert_<id>_escalated_<seq>` for an escalation, a separate event of
+    /// the same alert.
+    pub fn webhook_id(&self) -> String {
+        match self.kind {
+            AlertEventKind::Raised => format!("alert_{}", self.alert.id),
+            AlertEventKind::Escalated => {
+                format!("alert_{}_escalated_{}", self.alert.id, self.seq)
+            }
+        }
+    }
+}
+
 /// How much is waiting for one consumer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxStats {
@@ -411,6 +470,26 @@ pub trait Store: Send + Sync + 'static {
     /// Marks alert `id` acknowledged at `at` (kept if already); `None` when
     /// there is no such alert.
     fn acknowledge_alert(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError>;
+
+    // --- Alert journal ----------------------------------------------------
+
+    /// Alert journal entries with `seq > after`, in order, at most `limit`
+    /// (0: all); only entries made durable, and only those not pruned yet.
+    fn alert_events_after(&self, after: u64, limit: usize) -> Result<Vec<AlertEvent>, StoreError>;
+
+    /// The newest durable alert journal seq (0: none yet); kept across
+    /// pruning and restarts.
+    fn last_alert_event_seq(&self) -> u64;
+
+    /// Sees the newest durable alert journal seq after every write that
+    /// appended one (the webhook sender's wake-up).
+    fn watch_alert_events(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// A consumer sent (or skipped for good) every entry up to `upto`:
+    /// stores `upto` as the named cursor `cursor` and prunes those entries,
+    /// in one batch. The journal has one consumer (the webhook sender); a
+    /// second would have to prune below the lower of the two cursors.
+    fn alert_events_sent(&self, cursor: &str, upto: u64) -> Result<(), StoreError>;
 
     // --- Record directory -------------------------------------------------
 

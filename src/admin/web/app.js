@@ -235,6 +235,163 @@
     }
   }
 
+  // ---- profiles ---------------------------------------------------------
+
+  /** profile name → id of the Test all job the page follows for it. */
+  const profileJobs = new Map();
+  /** profile name → its max_concurrent_connections, as last listed. */
+  const profileLimits = new Map();
+  let lastProfiles = [];
+  const JOB_POLL_MS = 1000;
+
+  function profileRow(p) {
+    const name = p.name;
+    const mailboxes = p.mailboxes || [];
+    const running = profileJobs.has(name);
+    const server = p.host ? p.host + (p.port ? ":" + p.port : "") + (p.tls ? " (" + p.tls + ")" : "") : "—";
+    const test = button(running ? "Testing…" : "Test all", "pr:" + name + ":test", () => testProfile(name),
+      "Test & Enable every mailbox of profile " + name);
+    test.disabled = running || mailboxes.length === 0;
+    return el("tr", { dataset: { profile: name } },
+      el("th", { scope: "row", text: name }),
+      cell(p.type || "—"),
+      cell(server),
+      cell(mailboxes.length ? mailboxes.join(", ") : "—"),
+      cell(el("span", { class: "num", text: String(p.max_concurrent_connections ?? "—") })),
+      cell(el("div", { class: "actions" }, test))
+    );
+  }
+
+  function showProfiles(list) {
+    lastProfiles = list;
+    for (const p of list) profileLimits.set(p.name, p.max_concurrent_connections);
+    fill("profiles", list.map(profileRow), "profiles-empty");
+  }
+
+  /** As the daemon counts it: every direction that ran passed and the
+   * mailbox is enabled. */
+  function mailboxPassed(r) {
+    const ok = (t) => !t || t.status !== "failure";
+    return ok(r.incoming) && ok(r.outgoing) && ok(r.act) && !!r.enabled;
+  }
+
+  /** Why a mailbox failed: the daemon's own words (what failed and what to
+   * do), else the failing direction's detail. */
+  function causeOf(r) {
+    if (r.error) return r.error;
+    for (const [label, t] of [["incoming", r.incoming], ["outgoing", r.outgoing], ["ACT", r.act]]) {
+      if (t && t.status === "failure") return label + ": " + (t.detail || "failed");
+    }
+    return mailboxPassed(r) ? "—" : "not enabled";
+  }
+
+  function directionText(t) {
+    return t && t.status ? t.status.replace("_", " ") : "not run";
+  }
+
+  function resultRow(r) {
+    const passed = mailboxPassed(r);
+    return el("tr", { dataset: { mailbox: r.mailbox, result: passed ? "passed" : "failed" } },
+      el("th", { scope: "row", text: r.mailbox }),
+      cell(el("span", { class: "badge " + (passed ? "st-success" : "st-failure"), text: passed ? "passed" : "failed" })),
+      cell(directionText(r.incoming)),
+      cell(directionText(r.outgoing)),
+      cell(directionText(r.act)),
+      cell(el("span", { class: "cause", text: causeOf(r) }))
+    );
+  }
+
+  /** The panel of profile `name`'s Test all, made once and reused. */
+  function jobPanel(name) {
+    const box = $("profile-jobs");
+    const found = Array.from(box.children).find((c) => c.dataset.profileJob === name);
+    if (found) return found;
+    const titleId = "pj-title-" + box.children.length;
+    const panel = el("section", { class: "profile-job", dataset: { profileJob: name }, "aria-labelledby": titleId },
+      el("h3", { id: titleId, text: "Test all of profile " + name }),
+      el("p", { class: "progress-line", role: "status", "aria-live": "polite" }),
+      el("progress", { max: "1", value: "0", "aria-label": "Mailboxes of profile " + name + " tested" }),
+      el("p", { class: "summary", hidden: true }),
+      el("div", { class: "scroll" },
+        el("table", { class: "results" },
+          el("caption", { class: "sr-only", text: "Test & Enable results of profile " + name }),
+          el("thead", null, el("tr", null,
+            el("th", { scope: "col", text: "Mailbox" }),
+            el("th", { scope: "col", text: "Result" }),
+            el("th", { scope: "col", text: "Incoming" }),
+            el("th", { scope: "col", text: "Outgoing" }),
+            el("th", { scope: "col", text: "ACT" }),
+            el("th", { scope: "col", text: "Cause" }))),
+          el("tbody"))));
+    box.prepend(panel);
+    return panel;
+  }
+
+  /** Shows a job's progress, results and (once done) summary in its panel. */
+  function showProfileJob(name, job) {
+    const panel = jobPanel(name);
+    panel.dataset.job = job.id;
+    panel.dataset.state = job.state;
+    const total = job.total ?? 0;
+    const done = job.completed ?? 0;
+    const limit = profileLimits.get(name);
+    const peak = job.peak_connections !== undefined
+      ? "; at most " + job.peak_connections + (limit !== undefined ? " of " + limit : "") + " connection(s) at once"
+      : "";
+    const counts = done + " of " + total + " mailbox(es) tested: " + (job.succeeded ?? 0) + " passed, " +
+      (job.failed ?? 0) + " failed" + peak;
+    panel.querySelector(".progress-line").textContent =
+      (job.state === "done" ? "Finished. " : "Running (job " + job.id + "): ") + counts;
+    const bar = panel.querySelector("progress");
+    bar.max = Math.max(total, 1);
+    bar.value = Math.min(done, Math.max(total, 1));
+    const summary = panel.querySelector(".summary");
+    summary.hidden = job.state !== "done";
+    summary.textContent = job.state === "done" ? (job.summary || counts) : "";
+    panel.querySelector("tbody").replaceChildren(...(job.results || []).map(resultRow));
+    panel.classList.toggle("done-ok", job.state === "done" && !job.failed);
+    panel.classList.toggle("done-bad", job.state === "done" && !!job.failed);
+  }
+
+  async function testProfile(name) {
+    if (profileJobs.has(name)) return;
+    say("Profile " + name + ": Test all…");
+    let job;
+    try {
+      job = await api("POST", "/profiles/" + encodeURIComponent(name) + "/test");
+    } catch (e) {
+      if (e.status === 401) return signedOut("The daemon no longer accepts the token: " + e.message);
+      say("Profile " + name + ": Test all failed: " + e.message, true);
+      return;
+    }
+    const id = job.job || job.id;
+    say("Profile " + name + ": Test all started (job " + id + ")");
+    profileJobs.set(name, id);
+    showProfiles(lastProfiles);
+    try {
+      // Up to an hour: a big profile behind a low connection limit.
+      for (let i = 0; i < 3600 && token(); i++) {
+        showProfileJob(name, job);
+        if (job.state === "done") {
+          say("Profile " + name + ": Test all done");
+          break;
+        }
+        await new Promise((r) => setTimeout(r, JOB_POLL_MS));
+        try {
+          job = await api("GET", "/jobs/" + encodeURIComponent(id));
+        } catch (e) {
+          if (e.status === 401) return signedOut("The daemon no longer accepts the token: " + e.message);
+          jobPanel(name).querySelector(".progress-line").textContent = "Job " + id + ": " + e.message;
+          break;
+        }
+      }
+    } finally {
+      profileJobs.delete(name);
+      showProfiles(lastProfiles);
+    }
+    refresh();
+  }
+
   // ---- alerts -----------------------------------------------------------
 
   function alertRow(a) {
@@ -373,13 +530,15 @@
     if (refreshing || !token()) return;
     refreshing = true;
     try {
-      const [mb, al, ac, qu] = await Promise.all([
+      const [mb, pr, al, ac, qu] = await Promise.all([
         api("GET", "/mailboxes"),
+        api("GET", "/profiles"),
         api("GET", "/alerts?" + alertQuery()),
         api("GET", "/activities?limit=50"),
         api("GET", "/quarantine?limit=100"),
       ]);
       fill("mailboxes", (mb.mailboxes || []).map(mailboxRow), "mailboxes-empty");
+      showProfiles(pr.profiles || []);
       fill("alerts", (al.alerts || []).filter(alertShown).map(alertRow), "alerts-empty");
       fill("activities", (ac.activities || []).map(activityRow), "activities-empty");
       $("activities-total").textContent = ac.total !== undefined

@@ -18,11 +18,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod alerts;
 mod backend;
 mod events;
 mod ingest;
 mod records;
 
+pub use alerts::*;
 pub use backend::*;
 pub use events::*;
 pub use ingest::*;
@@ -142,6 +144,9 @@ macro_rules! store_conformance_suite {
             an_alert_escalates_in_place_and_loses_its_acknowledgement,
             resolved_alert_stays_listed_and_a_repeat_opens_a_new_one,
             profile_alerts_are_their_own_subject_and_queries_filter,
+            an_alert_that_becomes_an_error_is_journaled_with_its_write,
+            sent_alert_events_are_pruned_and_seqs_survive_a_reopen,
+            the_alert_journal_keeps_at_most_its_cap,
             one_created_event_per_new_activity_in_commit_order,
             duplicates_and_re_points_append_updated_events_with_changes,
             seqs_stay_gapless_across_writers_and_a_reopen,

@@ -31,7 +31,7 @@ mod state;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::de::DeserializeOwned;
@@ -41,8 +41,8 @@ use self::lookup::{CandidateCache, RegardingCache};
 use super::kv::{KvBackend, WriteBatch};
 use super::sled_backend::SledBackend;
 use super::{
-    ActivityQuery, AlertQuery, CommitBatch, CommitOutcome, DeliveryOutcome, OutboxStats,
-    QueueOutcome, RecordChanges, Store, StoreError,
+    ActivityQuery, AlertEvent, AlertQuery, CommitBatch, CommitOutcome, DeliveryOutcome,
+    OutboxStats, QueueOutcome, RecordChanges, Store, StoreError,
 };
 use crate::correlate::{Indexes, LookupKeys, TrackedEmail};
 use crate::model::{
@@ -56,6 +56,8 @@ struct Writer {
     /// The newest event's seq: the next event is `last_seq + 1`. Advanced
     /// only once its batch is applied, so a failed write leaves no gap.
     last_seq: u64,
+    /// The newest alert journal seq, advanced the same way.
+    last_alert_seq: u64,
 }
 
 /// [`Store`] over a [`KvBackend`].
@@ -70,6 +72,11 @@ pub struct KvStore<B: KvBackend> {
     events_tx: tokio::sync::watch::Sender<u64>,
     /// Off only in the commit-path bench (`benches/store.rs`).
     event_log: AtomicBool,
+    /// The newest durable alert journal seq, sent after every write that
+    /// appended an entry.
+    alert_events_tx: tokio::sync::watch::Sender<u64>,
+    /// How many alert journal entries are kept at most.
+    alert_journal_cap: AtomicU64,
 }
 
 impl KvStore<SledBackend> {
@@ -91,14 +98,20 @@ impl<B: KvBackend> KvStore<B> {
     /// The store over `kv` (which may hold an existing store).
     pub fn new(kv: B) -> Result<Self, StoreError> {
         let last_seq = outbox::stored_last_seq(&kv)?;
+        let last_alert_seq = alerts::stored_last_alert_seq(&kv)?;
         Ok(KvStore {
             kv,
-            writer: Mutex::new(Writer { last_seq }),
+            writer: Mutex::new(Writer {
+                last_seq,
+                last_alert_seq,
+            }),
             regarding_cache: Mutex::new(RegardingCache::default()),
             candidate_cache: Mutex::new(CandidateCache::default()),
             consumers: Mutex::new(Vec::new()),
             events_tx: tokio::sync::watch::Sender::new(last_seq),
             event_log: AtomicBool::new(true),
+            alert_events_tx: tokio::sync::watch::Sender::new(last_alert_seq),
+            alert_journal_cap: AtomicU64::new(super::ALERT_JOURNAL_CAP),
         })
     }
 
@@ -113,6 +126,13 @@ impl<B: KvBackend> KvStore<B> {
     #[doc(hidden)]
     pub fn set_event_log_for_bench(&self, on: bool) {
         self.event_log.store(on, Ordering::Relaxed);
+    }
+
+    /// Keeps at most `cap` alert journal entries from the next append on
+    /// (default [`super::ALERT_JOURNAL_CAP`]): for tests of the bound.
+    #[doc(hidden)]
+    pub fn set_alert_journal_cap(&self, cap: u64) {
+        self.alert_journal_cap.store(cap.max(1), Ordering::Relaxed);
     }
 
     fn event_log_on(&self) -> bool {
@@ -306,6 +326,22 @@ impl<B: KvBackend> Store for KvStore<B> {
 
     fn acknowledge_alert(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError> {
         self.acknowledge(id, at)
+    }
+
+    fn alert_events_after(&self, after: u64, limit: usize) -> Result<Vec<AlertEvent>, StoreError> {
+        self.alert_journal_after(after, limit)
+    }
+
+    fn last_alert_event_seq(&self) -> u64 {
+        *self.alert_events_tx.borrow()
+    }
+
+    fn watch_alert_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.alert_events_tx.subscribe()
+    }
+
+    fn alert_events_sent(&self, cursor: &str, upto: u64) -> Result<(), StoreError> {
+        self.alert_journal_sent(cursor, upto)
     }
 
     fn upsert_records(
