@@ -26,6 +26,7 @@ mod connector;
 mod delta;
 pub mod error;
 mod folders;
+pub mod marker;
 
 pub use client::{GraphApp, GraphMailbox, MAX_IN_FLIGHT};
 pub use connector::GraphConnector;
