@@ -431,11 +431,42 @@ async fn folders_keep_single_value_extended_properties_as_the_docs_show() {
         (400, Some("ErrorInvalidProperty")),
         "{body}"
     );
+    // The overview's three formats are ids; near misses are not.
+    for (id, want) in [
+        (
+            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name TestProperty",
+            200,
+        ),
+        (
+            "Integer {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Id 0x8012",
+            200,
+        ),
+        ("String 0x4001001E", 200),
+        (
+            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name Test Property",
+            200,
+        ),
+        ("Text {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name X", 400),
+        ("String 8ECCC264-6880-4EBE-992F-8888D2EEAA1D Name X", 400),
+        ("String {8ECCC264-6880-4EBE-992F} Name X", 400),
+        (
+            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Id twelve",
+            400,
+        ),
+        ("String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name", 400),
+    ] {
+        let (code, body) = patch(
+            "drafts",
+            json!({"singleValueExtendedProperties": [{"id": id, "value": "v"}]}),
+        )
+        .await;
+        assert_eq!(code, want, "{id}: {body}");
+    }
     // The request log saw each of them, decoded.
     let log = si.requests();
     let patches: Vec<_> = log.iter().filter(|r| r.method == "PATCH").collect();
-    assert_eq!(patches.len(), 4);
-    assert!(patches.iter().all(|r| r.path == "mailFolders/inbox"));
+    assert_eq!(patches.len(), 4 + 9);
+    assert!(patches[..4].iter().all(|r| r.path == "mailFolders/inbox"));
     assert_eq!(
         patches.iter().filter(|r| r.status == 200).count() as u64,
         si.stats().folder_patches

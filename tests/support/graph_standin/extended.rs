@@ -235,35 +235,3 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_follow_the_three_documented_formats() {
-        let named = "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name TestProperty";
-        assert_eq!(
-            property_key(named).as_deref(),
-            Some("String {8eccc264-6880-4ebe-992f-8888d2eeaa1d} Name TestProperty")
-        );
-        assert!(property_key("Integer {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Id 0x8012").is_some());
-        assert!(property_key("String 0x4001001E").is_some());
-        // Names keep their case; the rest does not matter.
-        assert_ne!(
-            property_key(named),
-            property_key("String {8eccc264-6880-4ebe-992f-8888d2eeaa1d} Name testproperty")
-        );
-        for bad in [
-            "Test",
-            "String",
-            "Text {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name X",
-            "String 8ECCC264-6880-4EBE-992F-8888D2EEAA1D Name X",
-            "String {8ECCC264-6880-4EBE-992F} Name X",
-            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Id twelve",
-            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name",
-        ] {
-            assert_eq!(property_key(bad), None, "{bad}");
-        }
-    }
-}
