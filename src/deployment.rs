@@ -6,7 +6,8 @@
 //! in the CRM) and fight over follow-ups (one moves what the other still
 //! reads). So every deployment has an id, and a mailbox it syncs holds a
 //! marker naming it: IMAP METADATA where the server has it, else a message
-//! in a dedicated unsubscribed folder; a file in a Maildir. Connectors only
+//! in a dedicated unsubscribed folder; a file in a Maildir; an extended
+//! property of the root folder in Exchange Online. Connectors only
 //! read and write the marker ([`crate::connector::Connector::read_marker`]);
 //! the rules are here: an empty slot is claimed, our own marker is fine, a
 //! foreign one refuses the mailbox unless the operator forces a take-over
@@ -145,7 +146,8 @@ pub struct Marker {
 }
 
 impl Marker {
-    /// The marker as one line of JSON (METADATA value, Maildir file).
+    /// The marker as one line of JSON (METADATA value, Maildir file, Graph
+    /// extended property).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }

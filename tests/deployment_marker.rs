@@ -3,191 +3,33 @@
 //! mailbox), the second refuses it (disabled, an Error alert naming the
 //! other deployment, nothing ingested) until an operator forces a take-over
 //! with Test & Enable; then the first finds the new marker at its next
-//! check and disables its side. On the real Dovecot (a hidden folder: it
-//! has no METADATA) and on a Maildir (a file).
+//! check and disables its side (the story is tests/common/deployment_story.rs,
+//! which tests/graph.rs tells for Exchange Online). On the real Dovecot (a
+//! hidden folder: it has no METADATA) and on a Maildir (a file).
 //!
 //! User: user00200 (the profile test of tests/test_enable.rs also logs in
 //! as it; the guard below removes the markers this test leaves).
 
 mod common;
+#[path = "common/deployment_story.rs"]
+mod deployment_story;
 mod servers;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::*;
+use deployment_story::*;
 use serde_json::Value;
-
-const A: &str = "deployment-a-0001";
-const B: &str = "deployment-b-0002";
-
-/// A daemon of deployment `id` (the environment overrides the id every
-/// test daemon otherwise shares).
-fn start_as(config: &Path, id: &str, admin: u16) -> Running {
-    let child = daemon_command()
-        .env(DEPLOYMENT_ID_ENV, id)
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let running = Running(Some(child));
-    wait_for(Duration::from_secs(30), "admin API", || {
-        get(admin, "/healthz", None).filter(|(s, _)| *s == 200)
-    });
-    running
-}
-
-fn mailbox(admin: u16) -> Value {
-    get_json(admin, "/api/v1/mailboxes/mb")
-}
-
-/// The mailbox's phase; empty until its task shows in the runtime view
-/// (the admin API answers before every task has started).
-fn phase(admin: u16) -> String {
-    match get(admin, "/api/v1/mailboxes/mb", Some(TOKEN)) {
-        Some((200, body)) => serde_json::from_str::<Value>(&body).unwrap()["phase"]
-            .as_str()
-            .unwrap_or("")
-            .to_string(),
-        _ => String::new(),
-    }
-}
-
-/// Open Error alerts of the mailbox whose text mentions `needle`.
-fn alerts_naming(admin: u16, needle: &str) -> Vec<Value> {
-    get_json(admin, "/api/v1/alerts?mailbox=mb&state=open&level=error")["alerts"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| a["text"].as_str().is_some_and(|t| t.contains(needle)))
-        .collect()
-}
-
-/// Starts a Test & Enable job and waits for it.
-fn test_job(admin: u16, query: &str) -> Value {
-    let (status, started) = request(
-        admin,
-        "POST",
-        &format!("/api/v1/mailboxes/mb/test{query}"),
-        None,
-    );
-    assert_eq!(status, 202, "{started}");
-    let id = started["job"].as_str().unwrap().to_string();
-    wait_for(Duration::from_secs(60), "the test job", || {
-        let job = get_json(admin, &format!("/api/v1/jobs/{id}"));
-        (job["state"] == "done").then_some(job)
-    })
-}
-
-/// The one result of a mailbox test job.
-fn result(job: &Value) -> Value {
-    job["results"][0].clone()
-}
-
-/// Both deployments refuse and take over the same way; what differs is
-/// where the marker is and how the test looks at it.
-trait Mailbox {
-    /// The deployment id the mailbox's marker names now (and that there is
-    /// exactly one marker).
-    fn marker(&self) -> Option<String>;
-    /// Puts one new message into the mailbox.
-    fn deliver(&self, tag: &str);
-}
-
-/// The whole story, for either kind of mailbox.
-fn one_mailbox_one_deployment(mb: &dyn Mailbox, config_a: &Path, config_b: &Path) {
-    let (admin_a, admin_b) = (admin_port(config_a), admin_port(config_b));
-    mb.deliver("first");
-    mb.deliver("second");
-
-    // A claims the mailbox and syncs it.
-    let mut a = start_as(config_a, A, admin_a);
-    wait_for(Duration::from_secs(60), "A: 2 activities", || {
-        (activity_total(admin_a) == Some(2)).then_some(())
-    });
-    assert_eq!(mb.marker().as_deref(), Some(A));
-    let detail = mailbox(admin_a)["state"]["incoming_test"]["detail"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    assert!(
-        detail.contains(&format!("marked as synchronized by deployment {A}")),
-        "{detail}"
-    );
-
-    // B refuses it at its start: disabled, an Error alert naming A and what
-    // to do, nothing ingested.
-    let mut b = start_as(config_b, B, admin_b);
-    wait_for(Duration::from_secs(60), "B disabled", || {
-        (phase(admin_b) == "disabled").then_some(())
-    });
-    let refusal = alerts_naming(admin_b, A);
-    assert_eq!(refusal.len(), 1, "{refusal:?}");
-    let text = refusal[0]["text"].as_str().unwrap();
-    assert!(text.contains("another crm-mailsync deployment"), "{text}");
-    assert!(text.contains("test?force=true"), "{text}");
-    assert_eq!(activity_total(admin_b), Some(0));
-    assert_eq!(
-        mb.marker().as_deref(),
-        Some(A),
-        "B must not touch A's marker"
-    );
-
-    // Test & Enable without force: the incoming test fails, naming A.
-    let job = test_job(admin_b, "");
-    let r = result(&job);
-    assert_eq!(r["incoming"]["status"], "failure", "{job}");
-    assert!(
-        r["incoming"]["detail"].as_str().unwrap().contains(A),
-        "{job}"
-    );
-    assert_eq!(r["enabled"], false, "{job}");
-    assert_eq!(phase(admin_b), "disabled");
-    assert_eq!(activity_total(admin_b), Some(0));
-    assert_eq!(mb.marker().as_deref(), Some(A));
-
-    // Forced: B takes the mailbox over and runs.
-    let job = test_job(admin_b, "?force=true");
-    let r = result(&job);
-    assert_eq!(r["incoming"]["status"], "success", "{job}");
-    let detail = r["incoming"]["detail"].as_str().unwrap();
-    assert!(
-        detail.contains(&format!("taken over from deployment {A}")),
-        "{detail}"
-    );
-    assert_eq!(r["enabled"], true, "{job}");
-    assert_eq!(mb.marker().as_deref(), Some(B));
-    wait_for(Duration::from_secs(60), "B: 2 activities", || {
-        (activity_total(admin_b) == Some(2)).then_some(())
-    });
-
-    // A finds B's marker at its next check and disables its side.
-    wait_for(Duration::from_secs(60), "A disabled", || {
-        (phase(admin_a) == "disabled").then_some(())
-    });
-    let taken = alerts_naming(admin_a, B);
-    assert_eq!(taken.len(), 1, "{taken:?}");
-
-    // New mail now reaches B only.
-    mb.deliver("third");
-    wait_for(Duration::from_secs(60), "B: 3 activities", || {
-        (activity_total(admin_b) == Some(3)).then_some(())
-    });
-    assert_eq!(activity_total(admin_a), Some(2));
-    assert_eq!(phase(admin_a), "disabled");
-    assert_eq!(mb.marker().as_deref(), Some(B));
-    b.stop();
-    a.stop();
-}
 
 // --- Maildir -------------------------------------------------------------
 
 struct Maildir(PathBuf);
 
-impl Mailbox for Maildir {
+impl MarkedMailbox for Maildir {
+    fn name(&self) -> &str {
+        "mb"
+    }
+
     fn marker(&self) -> Option<String> {
         let path = self.0.join(".crm-mailsync-deployment");
         let text = std::fs::read_to_string(&path).ok()?;
@@ -283,7 +125,11 @@ mod imap {
 
     struct Dovecot(Env);
 
-    impl Mailbox for Dovecot {
+    impl MarkedMailbox for Dovecot {
+        fn name(&self) -> &str {
+            "mb"
+        }
+
         fn marker(&self) -> Option<String> {
             let root = self.0.dir.join("mail").join(USER).join("Maildir");
             let folder = root.join(".CRM-Mailsync");

@@ -5,6 +5,8 @@
 //! ImmutableId on every request, Retry-After).
 
 mod common;
+#[path = "common/deployment_story.rs"]
+mod deployment_story;
 #[path = "support/graph_standin/mod.rs"]
 mod graph_standin;
 
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use graph_standin::GraphStandIn;
+use graph_standin::{GraphStandIn, LoggedRequest};
 use serde_json::{json, Value};
 
 const CLIENT: &str = "6731de76-14a6-49ae-97bc-6eba6914391e";
@@ -736,5 +738,172 @@ async fn the_per_mailbox_request_limit_is_kept_without_a_single_429() {
         took > Duration::from_secs(5),
         "paced, not at once: {took:?}"
     );
+    assert_graph_rules(&si);
+}
+
+// --- One mailbox, one deployment ------------------------------------------
+
+/// The marker's extended property on the mailbox's root folder, spelled out
+/// as the connector names it: a change would orphan every marker written.
+const MARKER_PROPERTY: &str =
+    "String {1ba39feb-a463-46db-8af2-08f0abec1c92} Name CrmMailsyncDeployment";
+
+/// The deployment the mailbox's marker names.
+fn marker_of(si: &GraphStandIn) -> Option<String> {
+    let value = si.extended_property(MAILBOX, "msgfolderroot", MARKER_PROPERTY)?;
+    let v: Value = serde_json::from_str(&value).unwrap();
+    v["deployment"].as_str().map(String::from)
+}
+
+/// The config checks the marker every second.
+fn check_marker_every_second(cfg: &Path) {
+    let text = std::fs::read_to_string(cfg).unwrap().replacen(
+        "shutdown_grace = \"10s\"",
+        "shutdown_grace = \"10s\"\nmarker_check_every = \"1s\"",
+        1,
+    );
+    std::fs::write(cfg, text).unwrap();
+}
+
+/// A request of the marker: the root folder read with the property
+/// expanded, or written.
+fn is_marker(r: &LoggedRequest) -> bool {
+    r.path == "mailFolders/msgfolderroot"
+        && (r.method == "PATCH"
+            || r.param("$expand")
+                .is_some_and(|e| e.contains(MARKER_PROPERTY)))
+}
+
+struct Exchange<'a>(&'a GraphStandIn);
+
+impl deployment_story::MarkedMailbox for Exchange<'_> {
+    fn name(&self) -> &str {
+        "crm"
+    }
+
+    fn marker(&self) -> Option<String> {
+        marker_of(self.0)
+    }
+
+    fn deliver(&self, tag: &str) {
+        self.0.deliver(MAILBOX, "Inbox", &eml(tag, 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_online_mailbox_syncs_with_one_deployment_and_a_forced_take_over_disables_the_other(
+) {
+    let si = standin().await;
+    let (a, b) = (setup(&si, "", ""), setup(&si, "", ""));
+    check_marker_every_second(&a.cfg);
+    check_marker_every_second(&b.cfg);
+    // The story blocks (admin API calls, waits); the stand-in answers on
+    // the runtime's other thread.
+    tokio::task::block_in_place(|| {
+        deployment_story::one_mailbox_one_deployment(&Exchange(&si), &a.cfg, &b.cfg)
+    });
+    // Written twice in all: A's claim and B's forced take-over (a refused
+    // B and a disabled A write nothing).
+    let patches: Vec<LoggedRequest> = si
+        .requests()
+        .into_iter()
+        .filter(|r| is_marker(r) && r.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 2, "{patches:?}");
+    assert_eq!(si.stats().folder_patches, 2);
+    assert_eq!(si.stats().without_immutable_ids, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_marker_is_written_once_and_each_check_costs_one_get() {
+    let si = standin().await;
+    for i in 0..3 {
+        si.deliver(MAILBOX, "Inbox", &eml("marker", i));
+    }
+    let s = setup(&si, "", "");
+    check_marker_every_second(&s.cfg);
+    let mut daemon = Running(Some(start(&s.cfg)));
+    wait_until(Duration::from_secs(60), "3 activities", || {
+        (activity_total(s.admin)? == 3).then_some(())
+    })
+    .await;
+    assert_eq!(marker_of(&si).as_deref(), Some(TEST_DEPLOYMENT_ID));
+    let mb = get_json(s.admin, "/api/v1/mailboxes/crm");
+    let detail = mb["state"]["incoming_test"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "marked as synchronized by deployment {TEST_DEPLOYMENT_ID}"
+        )),
+        "{detail}"
+    );
+    // The claim's three requests, then at least five checks.
+    let log = wait_until(Duration::from_secs(60), "five checks", || {
+        let log = si.requests();
+        (log.iter().filter(|r| is_marker(r)).count() >= 3 + 5).then_some(log)
+    })
+    .await;
+    daemon.stop();
+    let marker: Vec<(usize, &LoggedRequest)> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| is_marker(r))
+        .collect();
+    // Claimed: read (no marker), written, read back.
+    let claim: Vec<(&str, u16)> = marker[..3]
+        .iter()
+        .map(|(_, r)| (r.method.as_str(), r.status))
+        .collect();
+    assert_eq!(claim, [("GET", 200), ("PATCH", 200), ("GET", 200)]);
+    // Every check after it: one GET, nothing written.
+    let checks = &marker[3..];
+    for (_, r) in checks {
+        assert_eq!((r.method.as_str(), r.status), ("GET", 200), "{r:?}");
+    }
+    assert_eq!(si.stats().folder_patches, 1);
+    // At most one check per sync cycle (a cycle reads the folders' delta
+    // links), and no more often than every second: a slow run checks less
+    // often, never more.
+    for pair in checks.windows(2) {
+        let (from, to) = (pair[0].0, pair[1].0);
+        let cycles = log[from..to]
+            .iter()
+            .filter(|r| r.path.ends_with("/messages/delta"))
+            .count();
+        assert!(cycles >= 1, "two checks without a cycle between them");
+    }
+    let span = checks.last().unwrap().1.at - marker[2].1.at;
+    assert!(
+        checks.len() as f64 <= span.as_secs_f64() + 1.0,
+        "{} checks in {span:?}",
+        checks.len()
+    );
+    let (first, last) = (checks[0].0, checks.last().unwrap().0);
+    let between = &log[first..last];
+    eprintln!(
+        "marker: {} checks in {span:?}, each 1 GET; {} requests from the first check to the last ({} delta)",
+        checks.len(),
+        between.len(),
+        between.iter().filter(|r| r.path.ends_with("/messages/delta")).count()
+    );
+
+    // A restart finds its own marker: one GET, nothing written.
+    let before = si.requests().len();
+    let mut daemon = Running(Some(start(&s.cfg)));
+    let log = wait_until(
+        Duration::from_secs(60),
+        "two reads after the restart",
+        || {
+            let log = si.requests();
+            (log[before..].iter().filter(|r| is_marker(r)).count() >= 2).then_some(log)
+        },
+    )
+    .await;
+    daemon.stop();
+    assert!(log[before..]
+        .iter()
+        .filter(|r| is_marker(r))
+        .all(|r| r.method == "GET" && r.status == 200));
+    assert_eq!(si.stats().folder_patches, 1);
+    assert_eq!(marker_of(&si).as_deref(), Some(TEST_DEPLOYMENT_ID));
     assert_graph_rules(&si);
 }

@@ -305,3 +305,189 @@ async fn tokens_scopes_users_and_limits_answer_as_graph_does() {
     assert_eq!(si.stats().early_retries, 1);
     assert_eq!(si.stats().without_immutable_ids, 1);
 }
+
+/// The docs' example property ("Create single-value extended property",
+/// request 2; "Get singleValueLegacyExtendedProperty", request 1).
+const COLOR: &str = "String {66f5a359-4659-4830-9070-00047ec6ac6e} Name Color";
+
+#[tokio::test]
+async fn folders_keep_single_value_extended_properties_as_the_docs_show() {
+    let si = standin().await;
+    let c = Client::new(&si).await;
+    // The docs' GET, URL-encoded as there: no such property yet, so the
+    // folder comes without the collection.
+    let expand_color = "$expand=singleValueExtendedProperties($filter=id%20eq%20'String%20{66f5a359-4659-4830-9070-00047ec6ac6e}%20Name%20Color')";
+    let (code, inbox) = c.get(&format!("mailFolders/inbox?{expand_color}")).await;
+    assert_eq!(code, 200, "{inbox}");
+    assert_eq!(inbox["displayName"], "Inbox");
+    assert!(
+        inbox.get("singleValueExtendedProperties").is_none(),
+        "{inbox}"
+    );
+    // The docs' PATCH body: 200 with the folder, not the property.
+    let patch = |folder: &str, body: Value| {
+        c.send(
+            c.http
+                .patch(c.url(&format!("mailFolders/{folder}")))
+                .json(&body),
+        )
+    };
+    let (code, patched) = patch(
+        "inbox",
+        json!({"singleValueExtendedProperties": [{"id": COLOR, "value": "Green"}]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{patched}");
+    assert_eq!(patched["displayName"], "Inbox");
+    assert!(patched.get("singleValueExtendedProperties").is_none());
+    let (code, inbox) = c.get(&format!("mailFolders/inbox?{expand_color}")).await;
+    assert_eq!(code, 200, "{inbox}");
+    assert_eq!(
+        inbox["singleValueExtendedProperties"],
+        json!([{"id": COLOR, "value": "Green"}]),
+        "{inbox}"
+    );
+    assert!(inbox["singleValueExtendedProperties@odata.context"]
+        .as_str()
+        .unwrap()
+        .ends_with("/singleValueExtendedProperties"));
+    // Per folder: the root (by its well-known name) has none; `$select`
+    // leaves the id.
+    let (code, root) = c
+        .get(&format!(
+            "mailFolders/msgfolderroot?$select=id&{expand_color}"
+        ))
+        .await;
+    assert_eq!(code, 200, "{root}");
+    assert!(
+        root.get("singleValueExtendedProperties").is_none(),
+        "{root}"
+    );
+    assert!(
+        root["id"].is_string() && root.get("displayName").is_none(),
+        "{root}"
+    );
+    // PATCH merges: a second property joins, the first is replaced.
+    let size = "Integer {66f5a359-4659-4830-9070-00047ec6ac6e} Id 0x8012";
+    let (code, _) = patch(
+        "inbox",
+        json!({"singleValueExtendedProperties": [{"id": size, "value": "12"}]}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, _) = patch(
+        "inbox",
+        json!({"singleValueExtendedProperties": [{"id": COLOR, "value": "Light green"}]}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let expand = |id: &str| {
+        format!(
+            "mailFolders/inbox?$expand={}",
+            urlencode(&format!(
+                "singleValueExtendedProperties($filter=id eq '{id}')"
+            ))
+        )
+    };
+    let (_, v) = c.get(&expand(size)).await;
+    assert_eq!(v["singleValueExtendedProperties"][0]["value"], "12", "{v}");
+    let (_, v) = c.get(&expand(COLOR)).await;
+    assert_eq!(
+        v["singleValueExtendedProperties"][0]["value"], "Light green",
+        "{v}"
+    );
+    // The GUID's case does not matter, the name's does.
+    let (_, v) = c
+        .get(&expand(
+            &COLOR.to_uppercase().replace("NAME COLOR", "Name Color"),
+        ))
+        .await;
+    assert_eq!(
+        v["singleValueExtendedProperties"][0]["value"], "Light green",
+        "{v}"
+    );
+    let (_, v) = c.get(&expand(&COLOR.replace("Color", "color"))).await;
+    assert!(v.get("singleValueExtendedProperties").is_none(), "{v}");
+    assert_eq!(
+        si.extended_property(USER, "inbox", COLOR).as_deref(),
+        Some("Light green")
+    );
+    assert_eq!(si.extended_property(USER, "msgfolderroot", COLOR), None);
+    // An id in none of the three formats: 400 ErrorInvalidProperty, on
+    // PATCH and on GET alike.
+    let (code, body) = patch(
+        "inbox",
+        json!({"singleValueExtendedProperties": [{"id": "Color", "value": "Red"}]}),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("ErrorInvalidProperty")),
+        "{body}"
+    );
+    let (code, body) = c.get(&expand("Color")).await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("ErrorInvalidProperty")),
+        "{body}"
+    );
+    // The overview's three formats are ids; near misses are not.
+    for (id, want) in [
+        (
+            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name TestProperty",
+            200,
+        ),
+        (
+            "Integer {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Id 0x8012",
+            200,
+        ),
+        ("String 0x4001001E", 200),
+        (
+            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name Test Property",
+            200,
+        ),
+        ("Text {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name X", 400),
+        ("String 8ECCC264-6880-4EBE-992F-8888D2EEAA1D Name X", 400),
+        ("String {8ECCC264-6880-4EBE-992F} Name X", 400),
+        (
+            "String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Id twelve",
+            400,
+        ),
+        ("String {8ECCC264-6880-4EBE-992F-8888D2EEAA1D} Name", 400),
+    ] {
+        let (code, body) = patch(
+            "drafts",
+            json!({"singleValueExtendedProperties": [{"id": id, "value": "v"}]}),
+        )
+        .await;
+        assert_eq!(code, want, "{id}: {body}");
+    }
+    // The request log saw each of them, decoded.
+    let log = si.requests();
+    let patches: Vec<_> = log.iter().filter(|r| r.method == "PATCH").collect();
+    assert_eq!(patches.len(), 4 + 9);
+    assert!(patches[..4].iter().all(|r| r.path == "mailFolders/inbox"));
+    assert_eq!(
+        patches.iter().filter(|r| r.status == 200).count() as u64,
+        si.stats().folder_patches
+    );
+    let first = &log[0];
+    assert_eq!((first.method.as_str(), first.status), ("GET", 200));
+    assert_eq!(
+        first.param("$expand"),
+        Some(format!("singleValueExtendedProperties($filter=id eq '{COLOR}')").as_str())
+    );
+}
+
+/// Percent-encodes a query value.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

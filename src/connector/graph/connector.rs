@@ -17,6 +17,7 @@ use super::{folders, GraphSettings};
 use crate::connector::{
     Ack, AckKind, AckReport, Connector, ConnectorError, FetchBatch, Notice, RawMessage,
 };
+use crate::deployment::{Marker, MarkerSlot};
 use crate::error::{Classify, Disposition};
 use crate::model::{AlertLevel, FolderPosition, SourceKey, UnixTime};
 use crate::store::Store;
@@ -431,5 +432,13 @@ impl Connector for GraphConnector {
 
     fn expiring_credential(&self) -> &'static str {
         "the Entra app's client secret"
+    }
+
+    async fn read_marker(&mut self) -> Result<MarkerSlot, ConnectorError> {
+        Ok(super::marker::read(&self.mailbox).await?)
+    }
+
+    async fn write_marker(&mut self, marker: &Marker) -> Result<(), ConnectorError> {
+        Ok(super::marker::write(&self.mailbox, marker).await?)
     }
 }

@@ -19,6 +19,9 @@
 //! requests per 10 minutes per app and mailbox, the app's own budget
 //! ([`GraphApp::new`]); throttled answers wait for `Retry-After` inside the
 //! call a few times, then fail as transient with it.
+//!
+//! The deployment marker ([`crate::deployment`]) is an extended property of
+//! the mailbox's root folder ([`marker`]).
 
 mod ack;
 pub mod client;
@@ -26,6 +29,7 @@ mod connector;
 mod delta;
 pub mod error;
 mod folders;
+pub mod marker;
 
 pub use client::{GraphApp, GraphMailbox, MAX_IN_FLIGHT};
 pub use connector::GraphConnector;

@@ -45,6 +45,10 @@ struct Mock {
     value_gets: Vec<String>,
     /// Listed, but `$value` answers 404.
     vanished: Vec<String>,
+    /// Extended properties of `msgfolderroot`: id → value.
+    root_props: std::collections::HashMap<String, String>,
+    /// PATCHes of `msgfolderroot` answer 403 (an app with Mail.Read only).
+    read_only: bool,
 }
 
 type Shared = Arc<Mutex<Mock>>;
@@ -143,6 +147,35 @@ async fn handle(State(s): State<Shared>, req: axum::extract::Request) -> Respons
             .map(String::from)
     };
     match (method.clone(), parts.as_slice()) {
+        (Method::GET, ["mailFolders", "msgfolderroot"]) => {
+            let mut v = json!({"id": "root-id"});
+            // Only the expanded property, and only when the folder has it.
+            if query.contains("singleValueExtendedProperties") {
+                let props: Vec<Value> = m
+                    .root_props
+                    .iter()
+                    .filter(|(id, _)| query.contains(&super::client::query_encode(id)))
+                    .map(|(id, value)| json!({"id": id, "value": value}))
+                    .collect();
+                if !props.is_empty() {
+                    v["singleValueExtendedProperties"] = json!(props);
+                }
+            }
+            axum::Json(v).into_response()
+        }
+        (Method::PATCH, ["mailFolders", "msgfolderroot"]) => {
+            if m.read_only {
+                return err(StatusCode::FORBIDDEN, "ErrorAccessDenied");
+            }
+            let v: Value = serde_json::from_slice(&body).unwrap();
+            for p in v["singleValueExtendedProperties"].as_array().unwrap() {
+                m.root_props.insert(
+                    p["id"].as_str().unwrap().to_string(),
+                    p["value"].as_str().unwrap().to_string(),
+                );
+            }
+            axum::Json(json!({"id": "root-id"})).into_response()
+        }
         (Method::GET, ["mailFolders", "inbox"]) => {
             let n = m.messages.iter().filter(|x| x.folder == "inbox-id").count();
             axum::Json(json!({"id": "inbox-id", "displayName": "Inbox", "totalItemCount": n}))
@@ -708,4 +741,76 @@ async fn oversized_and_vanished_messages() {
         .unwrap()
         .value_gets
         .contains(&"late".to_string()));
+}
+
+/// The marker's requests since `from` in the mock's log: (method, path).
+fn marker_requests(e: &Env, from: usize) -> Vec<(String, String)> {
+    e.mock.lock().unwrap().requests[from..]
+        .iter()
+        .filter(|(_, p, _)| p.contains("/mailFolders/msgfolderroot"))
+        .map(|(m, p, _)| (m.clone(), p.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_deployment_marker_is_an_extended_property_of_the_root_folder() {
+    use crate::deployment::{claim, Claim, Claiming, Deployment};
+    let e = env(1, 0).await;
+    let mut c = e.connector();
+    let me = Deployment {
+        id: "deployment-a-0001".into(),
+        host: "crm1".into(),
+    };
+    fn claiming(d: &Deployment) -> Claiming<'_> {
+        Claiming {
+            mailbox: "m",
+            deployment: d,
+            force: false,
+            enabled: true,
+        }
+    }
+    // Empty: read, written, read back (three requests).
+    let from = e.mock.lock().unwrap().requests.len();
+    assert_eq!(claim(&mut c, claiming(&me)).await.unwrap(), Claim::Claimed);
+    let log = marker_requests(&e, from);
+    let methods: Vec<&str> = log.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(methods, ["GET", "PATCH", "GET"], "{log:?}");
+    assert!(
+        log[0]
+            .1
+            .contains("$select=id&$expand=singleValueExtendedProperties"),
+        "{log:?}"
+    );
+    let stored = e.mock.lock().unwrap().root_props[marker::MARKER_PROPERTY].clone();
+    assert_eq!(
+        crate::deployment::Marker::from_json(&stored).map(|m| m.deployment),
+        Some(me.id.clone())
+    );
+    // Ours: one GET, nothing written.
+    let from = e.mock.lock().unwrap().requests.len();
+    assert_eq!(claim(&mut c, claiming(&me)).await.unwrap(), Claim::Ours);
+    let log = marker_requests(&e, from);
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].0, "GET");
+    // Another deployment is refused, naming this one, and writes nothing.
+    let other = Deployment {
+        id: "deployment-b-0002".into(),
+        host: "crm2".into(),
+    };
+    let refused = claim(&mut c, claiming(&other)).await.unwrap_err();
+    assert_eq!(refused.disposition(), crate::error::Disposition::Permanent);
+    assert!(
+        refused.to_string().contains("deployment-a-0001"),
+        "{refused}"
+    );
+    // An app that may read but not write: the error names the permission.
+    e.mock.lock().unwrap().root_props.clear();
+    e.mock.lock().unwrap().read_only = true;
+    let denied = claim(&mut c, claiming(&other)).await.unwrap_err();
+    assert_eq!(denied.disposition(), crate::error::Disposition::Permanent);
+    let text = denied.to_string();
+    assert!(
+        text.contains("deployment marker") && text.contains("Mail.ReadWrite"),
+        "{text}"
+    );
 }

@@ -1,5 +1,6 @@
-//! The stand-in's HTTP side: the token endpoint and the Graph routes (see
-//! the module docs of [`super`]).
+//! The stand-in's HTTP side: the Graph routes (see the module docs of
+//! [`super`]; the token endpoint is in `token.rs`, folders' extended
+//! properties in `extended.rs`), and the request log.
 // Handlers answer errors as ready responses (axum style).
 #![allow(clippy::result_large_err)]
 
@@ -17,16 +18,20 @@ use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
+use super::extended;
 use super::query::parse_query;
 use super::wire::{self, delta_page, folder_json, message_json, resolve_ref};
-use super::{DeltaState, FolderRec, Inner, Shared, GRAPH_SCOPE};
+use super::{DeltaState, FolderRec, Inner, LoggedRequest, Shared};
 
 /// Graph's per-mailbox limit of concurrent requests.
 const MAX_CONCURRENT: usize = 4;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/{tenant}/oauth2/v2.0/token", post(token_endpoint))
+        .route(
+            "/{tenant}/oauth2/v2.0/token",
+            post(super::token::token_endpoint),
+        )
         .route("/v1.0/users/{user}/{*rest}", any(graph))
         .with_state(shared)
 }
@@ -35,7 +40,7 @@ fn now_text() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn json_response(status: StatusCode, v: Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, v: Value) -> Response {
     (
         status,
         [("content-type", "application/json")],
@@ -58,166 +63,8 @@ pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     json_response(status, body)
 }
 
-fn b64url(bytes: &[u8]) -> String {
+pub(crate) fn b64url(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-}
-
-// ---------------------------------------------------------------------------
-// Token endpoint
-
-async fn token_endpoint(
-    State(s): State<Arc<Shared>>,
-    Path(tenant): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form: HashMap<String, String> = parse_query(Some(&String::from_utf8_lossy(&body)))
-        .into_iter()
-        .collect();
-    let mut inner = s.lock();
-    let aad = |inner: &mut Inner, status: StatusCode, err: &str, code: u32, text: String| {
-        inner.stats.token_refusals += 1;
-        json_response(status, super::entra::refusal_body(err, code, &text))
-    };
-    if !tenant.eq_ignore_ascii_case(&s.tenant) {
-        return aad(
-            &mut inner,
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            90002,
-            format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."),
-        );
-    }
-    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
-        return aad(
-            &mut inner,
-            StatusCode::BAD_REQUEST,
-            "unsupported_grant_type",
-            70003,
-            "The app requested an unsupported grant type.".into(),
-        );
-    }
-    let client_id = form.get("client_id").cloned().unwrap_or_default();
-    let Some(client) = inner.clients.get(&client_id).cloned() else {
-        return aad(
-            &mut inner,
-            StatusCode::BAD_REQUEST,
-            "unauthorized_client",
-            700016,
-            format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'."),
-        );
-    };
-    if form.get("scope").map(String::as_str) != Some(GRAPH_SCOPE) {
-        return aad(
-            &mut inner,
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            1002012,
-            format!("The provided value for scope {} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).", form.get("scope").cloned().unwrap_or_default()),
-        );
-    }
-    if let Some(assertion) = form.get("client_assertion") {
-        if form.get("client_assertion_type").map(String::as_str)
-            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
-        {
-            return aad(
-                &mut inner,
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                50027,
-                "JWT token is invalid or malformed: unknown client_assertion_type.".into(),
-            );
-        }
-        if let Err(text) = check_assertion(assertion, &client, &client_id, &s.token_url()) {
-            return aad(
-                &mut inner,
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                700027,
-                text,
-            );
-        }
-    } else {
-        if client.secret.is_none() || form.get("client_secret") != client.secret.as_ref() {
-            return aad(&mut inner, StatusCode::UNAUTHORIZED, "invalid_client", 7000215, format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."));
-        }
-        if client.secret_expired {
-            return aad(&mut inner, StatusCode::UNAUTHORIZED, "invalid_client", 7000222, format!("The provided client secret keys for app '{client_id}' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds."));
-        }
-    }
-    inner.token_counter += 1;
-    let token = format!(
-        "eyJ0eXAiOiJKV1QiLCJub25jZSI6Imdyc.graph-standin-{}.{:016x}",
-        inner.token_counter,
-        inner.token_counter.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    );
-    let lifetime = inner.token_lifetime;
-    inner
-        .tokens
-        .insert(token.clone(), Instant::now() + lifetime);
-    inner.stats.tokens_issued += 1;
-    json_response(
-        StatusCode::OK,
-        json!({"token_type": "Bearer", "expires_in": lifetime.as_secs(), "ext_expires_in": lifetime.as_secs(), "access_token": token}),
-    )
-}
-
-/// Checks an RS256 client assertion as Entra does: the certificate it
-/// names, the audience, the issuer and subject, the time window, the
-/// signature.
-fn check_assertion(
-    jwt: &str,
-    client: &super::Client,
-    client_id: &str,
-    token_url: &str,
-) -> Result<(), String> {
-    let Some((cert, public)) = &client.certificate else {
-        return Err(format!(
-            "The app '{client_id}' has no certificate credentials."
-        ));
-    };
-    let parts: Vec<&str> = jwt.split('.').collect();
-    if parts.len() != 3 {
-        return Err("JWT token is invalid or malformed.".into());
-    }
-    let dec = |p: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(p)
-            .map_err(|_| "JWT token is invalid or malformed.".to_string())
-    };
-    let header: Value = serde_json::from_slice(&dec(parts[0])?).map_err(|e| e.to_string())?;
-    let claims: Value = serde_json::from_slice(&dec(parts[1])?).map_err(|e| e.to_string())?;
-    if header["alg"] != "RS256" {
-        return Err("The client assertion must be signed with RS256.".into());
-    }
-    let s256 = b64url(ring::digest::digest(&ring::digest::SHA256, cert).as_ref());
-    let sha1 = b64url(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, cert).as_ref());
-    if header["x5t#S256"].as_str() != Some(s256.as_str())
-        && header["x5t"].as_str() != Some(sha1.as_str())
-    {
-        return Err(format!("Client assertion contains an invalid signature. [Reason - The key was not found., Thumbprint of key used by client: '{}']", header["x5t#S256"]));
-    }
-    if claims["aud"].as_str() != Some(token_url) {
-        return Err(format!(
-            "The audience claim value is invalid '{}'.",
-            claims["aud"]
-        ));
-    }
-    if claims["iss"].as_str() != Some(client_id) || claims["sub"].as_str() != Some(client_id) {
-        return Err("The issuer and subject of the client assertion must be the client id.".into());
-    }
-    let now = Utc::now().timestamp();
-    let exp = claims["exp"].as_i64().unwrap_or(0);
-    let nbf = claims["nbf"].as_i64().unwrap_or(i64::MAX);
-    if exp < now || nbf > now + 300 {
-        return Err("The provided client assertion is expired or not yet valid.".into());
-    }
-    let sig = dec(parts[2])?;
-    let key = ring::signature::UnparsedPublicKey::new(
-        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-        public.as_slice(),
-    );
-    key.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
-        .map_err(|_| "Client assertion contains an invalid signature.".to_string())
 }
 
 // ---------------------------------------------------------------------------
@@ -445,31 +292,56 @@ async fn graph(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let q = parse_query(raw.as_deref());
+    let rest = normalize(&rest);
+    let (key, r) = answer(&s, &user, &rest, &q, method.clone(), uri, headers, body).await;
+    s.lock().log.push(LoggedRequest {
+        method: method.to_string(),
+        user: key,
+        path: rest,
+        query: q,
+        status: r.status().as_u16(),
+        at: Instant::now(),
+    });
+    r
+}
+
+/// The answer to one Graph request, and the mailbox it was for.
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    s: &Arc<Shared>,
+    user: &str,
+    rest: &str,
+    q: &[(String, String)],
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (String, Response) {
     // Held until the answer is ready (the guard locks the state when it
     // drops, so it lives outside every lock).
-    let (_in_flight, refusal) = enter(&s, &user);
+    let (_in_flight, refusal) = enter(s, user);
     if let Some((code, message)) = refusal {
-        return with_retry_after(error(StatusCode::TOO_MANY_REQUESTS, code, message), "1");
+        let r = with_retry_after(error(StatusCode::TOO_MANY_REQUESTS, code, message), "1");
+        return (user.to_ascii_lowercase(), r);
     }
-    let (key, delay) = match admit(&s, &user, &method, &uri, &headers) {
+    let (key, delay) = match admit(s, user, &method, &uri, &headers) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err(r) => return (user.to_ascii_lowercase(), r),
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let q = parse_query(raw.as_deref());
-    let rest = normalize(&rest);
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     let mut inner = s.lock();
     wire::file_due_sent(inner.users.get_mut(&key).unwrap());
-    let r = route(&s, &mut inner, &key, &method, &segs, &q, &headers, &body);
-    r.unwrap_or_else(|e| e)
+    let r = route(s, &mut inner, &key, &method, &segs, q, &headers, &body);
+    (key, r.unwrap_or_else(|e| e))
 }
 
 type Answer = Result<Response, Response>;
 
-fn not_found_item() -> Response {
+pub(crate) fn not_found_item() -> Response {
     error(
         StatusCode::NOT_FOUND,
         "ErrorItemNotFound",
@@ -477,7 +349,7 @@ fn not_found_item() -> Response {
     )
 }
 
-fn bad_request(code: &str, message: &str) -> Response {
+pub(crate) fn bad_request(code: &str, message: &str) -> Response {
     error(StatusCode::BAD_REQUEST, code, message)
 }
 
@@ -511,11 +383,8 @@ fn route(
             let root = inner.users[key].folders[0].id.clone();
             create_folder(inner, key, &root, body)
         }
-        ("GET", ["mailFolders", f]) => {
-            let mb = &inner.users[key];
-            let folder = resolve_ref(mb, f).ok_or_else(not_found_item)?;
-            Ok(json_response(StatusCode::OK, folder_json(mb, folder)))
-        }
+        ("GET", ["mailFolders", f]) => extended::get_folder(&s.graph(), inner, key, f, q),
+        ("PATCH", ["mailFolders", f]) => extended::patch_folder(inner, key, f, body),
         ("GET", ["mailFolders", f, "childFolders"]) => {
             let id = resolve_ref(&inner.users[key], f)
                 .ok_or_else(not_found_item)?
@@ -675,6 +544,7 @@ fn create_folder(inner: &mut Inner, key: &str, parent: &str, body: &Bytes) -> An
         name,
         parent: Some(parent.to_string()),
         well_known: None,
+        props: HashMap::new(),
     });
     let f = mb.folders.last().unwrap();
     Ok(json_response(StatusCode::CREATED, folder_json(mb, f)))

@@ -53,9 +53,11 @@
 
 #[path = "../entra.rs"]
 mod entra;
+mod extended;
 mod handlers;
 #[path = "../query.rs"]
 mod query;
+mod token;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -112,6 +114,33 @@ pub struct Stats {
     /// `GET …/messages/{id}` (not `$value`).
     pub message_reads: u64,
     pub moves: u64,
+    /// Accepted `PATCH …/mailFolders/{id}` (extended properties, renames).
+    pub folder_patches: u64,
+}
+
+/// One Graph request as the stand-in saw it (the request log).
+#[derive(Debug, Clone)]
+pub struct LoggedRequest {
+    pub method: String,
+    /// The mailbox (lower-case email) or the `/users/{id}` segment as sent.
+    pub user: String,
+    /// After `/users/{id}/`, `mailFolders('x')` written `mailFolders/x`.
+    pub path: String,
+    /// Decoded query pairs, in order.
+    pub query: Vec<(String, String)>,
+    pub status: u16,
+    /// When it was answered (the test's clock).
+    pub at: Instant,
+}
+
+impl LoggedRequest {
+    /// The decoded value of a query parameter.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// One message as the tests see it.
@@ -133,6 +162,9 @@ pub(crate) struct FolderRec {
     /// `None` only for the root (`msgfolderroot`).
     pub parent: Option<String>,
     pub well_known: Option<&'static str>,
+    /// Single-value extended properties: the id's canonical form → (the id
+    /// as written, value).
+    pub props: HashMap<String, (String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,6 +270,8 @@ pub(crate) struct Inner {
     /// Per mailbox: when its requests of the last 10 minutes came.
     pub recent: HashMap<String, std::collections::VecDeque<Instant>>,
     pub stats: Stats,
+    /// Every Graph request, in the order answered.
+    pub log: Vec<LoggedRequest>,
 }
 
 impl Inner {
@@ -440,6 +474,7 @@ impl GraphStandIn {
             name: "Top of Information Store".into(),
             parent: None,
             well_known: Some("msgfolderroot"),
+            props: HashMap::new(),
         }];
         for (wk, name) in WELL_KNOWN {
             folders.push(FolderRec {
@@ -447,6 +482,7 @@ impl GraphStandIn {
                 name: name.to_string(),
                 parent: Some(root_id.clone()),
                 well_known: Some(wk),
+                props: HashMap::new(),
             });
         }
         inner.aliases.insert(user_id.clone(), key.clone());
@@ -490,6 +526,7 @@ impl GraphStandIn {
                         name: seg.to_string(),
                         parent: Some(parent.clone().unwrap_or(root)),
                         well_known: None,
+                        props: HashMap::new(),
                     });
                     id
                 }
@@ -627,5 +664,23 @@ impl GraphStandIn {
 
     pub fn reset_stats(&self) {
         self.lock().stats = Stats::default();
+    }
+
+    /// The Graph requests answered so far, oldest first.
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        self.lock().log.clone()
+    }
+
+    /// The value of a folder's single-value extended property (`folder`: a
+    /// well-known name such as `msgfolderroot`, or a display path).
+    pub fn extended_property(&self, email: &str, folder: &str, id: &str) -> Option<String> {
+        let inner = self.lock();
+        let mb = &inner.users[&email.to_ascii_lowercase()];
+        let f = wire::resolve_ref(mb, folder).or_else(|| {
+            let id = wire::resolve_path(mb, folder)?;
+            mb.folders.iter().find(|f| f.id == id)
+        })?;
+        let key = extended::property_key(id)?;
+        f.props.get(&key).map(|(_, v)| v.clone())
     }
 }
