@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::connector::{Connector, ConnectorError};
+use crate::error::{Classify, Disposition};
 use crate::model::{self, UnixTime};
 
 /// File in the state directory holding a generated deployment id.
@@ -353,7 +354,18 @@ pub async fn claim<C: Connector>(
         MarkerSlot::Held(m) => Some(m),
         MarkerSlot::Empty => None,
     };
-    connector.write_marker(&me.marker()).await?;
+    if let Err(e) = connector.write_marker(&me.marker()).await {
+        // A server that will not keep a marker (no folder may be created,
+        // a quota, a property it refuses) must not stop the mailbox: the
+        // marker protects against a second deployment, syncing is the job.
+        // Tried again at the next check.
+        if e.disposition() == Disposition::Permanent {
+            return Ok(Claim::Unsupported(format!(
+                "the server refused to keep the marker ({e})"
+            )));
+        }
+        return Err(e);
+    }
     match connector.read_marker().await? {
         MarkerSlot::Held(m) if m.deployment == me.id => {}
         MarkerSlot::Held(m) => return Err(refused(m)),
@@ -372,6 +384,156 @@ pub async fn claim<C: Connector>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connector::{Ack, AckReport, FetchBatch};
+    use std::time::Duration;
+
+    /// A mailbox's marker slot and how its writes go.
+    struct Slot {
+        held: Option<Marker>,
+        writes: usize,
+        /// The next write fails with this disposition.
+        fail_write: Option<Disposition>,
+        /// Another deployment writes right after ours (a race lost).
+        overtaken_by: Option<Marker>,
+    }
+
+    impl Slot {
+        fn holding(held: Option<Marker>) -> Self {
+            Slot {
+                held,
+                writes: 0,
+                fail_write: None,
+                overtaken_by: None,
+            }
+        }
+    }
+
+    impl Connector for Slot {
+        fn protocol(&self) -> &'static str {
+            "slot"
+        }
+        async fn fetch(&mut self) -> Result<FetchBatch, ConnectorError> {
+            Ok(FetchBatch::default())
+        }
+        async fn acknowledge(&mut self, _: Vec<Ack>) -> Result<AckReport, ConnectorError> {
+            Ok(AckReport::default())
+        }
+        async fn wait_for_changes(
+            &mut self,
+            _: Duration,
+            _: bool,
+            _: &tokio_util::sync::CancellationToken,
+        ) -> Result<(), ConnectorError> {
+            Ok(())
+        }
+        async fn test(&mut self) -> Result<String, ConnectorError> {
+            Ok("ok".into())
+        }
+        async fn close(&mut self) {}
+        async fn read_marker(&mut self) -> Result<MarkerSlot, ConnectorError> {
+            Ok(self
+                .held
+                .clone()
+                .map_or(MarkerSlot::Empty, MarkerSlot::Held))
+        }
+        async fn write_marker(&mut self, marker: &Marker) -> Result<(), ConnectorError> {
+            if let Some(disposition) = self.fail_write.take() {
+                return Err(ConnectorError::Maildir {
+                    path: "slot".into(),
+                    detail: "refused".into(),
+                    disposition,
+                });
+            }
+            self.writes += 1;
+            self.held = Some(self.overtaken_by.take().unwrap_or_else(|| marker.clone()));
+            Ok(())
+        }
+    }
+
+    fn deployment(id: &str) -> Deployment {
+        Deployment {
+            id: id.into(),
+            host: "h".into(),
+        }
+    }
+
+    fn claiming(me: &Deployment, force: bool) -> Claiming<'_> {
+        Claiming {
+            mailbox: "mb",
+            deployment: me,
+            force,
+            enabled: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_follow_the_one_deployment_rules() {
+        let (a, b) = (deployment("deployment-a"), deployment("deployment-b"));
+        let mut slot = Slot::holding(None);
+        assert_eq!(
+            claim(&mut slot, claiming(&a, false)).await.unwrap(),
+            Claim::Claimed
+        );
+        assert_eq!(slot.writes, 1);
+        // Ours: nothing written.
+        assert_eq!(
+            claim(&mut slot, claiming(&a, false)).await.unwrap(),
+            Claim::Ours
+        );
+        assert_eq!(slot.writes, 1);
+        // Another's: refused, untouched.
+        let e = claim(&mut slot, claiming(&b, false)).await.unwrap_err();
+        assert!(
+            matches!(&e, ConnectorError::OtherDeployment(o) if o.marker.deployment == "deployment-a"),
+            "{e:?}"
+        );
+        assert_eq!(e.disposition(), Disposition::Permanent);
+        assert_eq!(slot.writes, 1);
+        // Forced: taken over.
+        match claim(&mut slot, claiming(&b, true)).await.unwrap() {
+            Claim::TakenOver(old) => assert_eq!(old.deployment, "deployment-a"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(slot.held.as_ref().unwrap().deployment, "deployment-b");
+        // Off for the profile: nothing read or written.
+        let off = Claiming {
+            enabled: false,
+            ..claiming(&a, true)
+        };
+        assert!(matches!(
+            claim(&mut slot, off).await.unwrap(),
+            Claim::Unsupported(_)
+        ));
+        assert_eq!(slot.held.as_ref().unwrap().deployment, "deployment-b");
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_a_refusing_server_and_a_passing_failure_differ() {
+        let (a, b) = (deployment("deployment-a"), deployment("deployment-b"));
+        // Both claimed an empty slot; the other's write landed last.
+        let mut slot = Slot::holding(None);
+        slot.overtaken_by = Some(b.marker());
+        let e = claim(&mut slot, claiming(&a, false)).await.unwrap_err();
+        assert!(
+            matches!(&e, ConnectorError::OtherDeployment(o) if o.marker.deployment == "deployment-b"),
+            "{e:?}"
+        );
+        // A server that will not keep a marker: the mailbox syncs without.
+        let mut slot = Slot::holding(None);
+        slot.fail_write = Some(Disposition::Permanent);
+        match claim(&mut slot, claiming(&a, false)).await.unwrap() {
+            Claim::Unsupported(why) => assert!(why.contains("refused to keep the marker"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // A passing failure is an error: tried again at the next check.
+        slot.fail_write = Some(Disposition::Transient);
+        let e = claim(&mut slot, claiming(&a, false)).await.unwrap_err();
+        assert_eq!(e.disposition(), Disposition::Transient);
+        assert_eq!(
+            claim(&mut slot, claiming(&a, false)).await.unwrap(),
+            Claim::Claimed
+        );
+    }
 
     #[test]
     fn ids_are_generated_once_and_kept() {
