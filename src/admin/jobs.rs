@@ -157,7 +157,7 @@ mod tests {
             Arc::new(crate::store::SledStore::open(&dir.join("store")).unwrap());
         let te = Arc::new(TestEnable::standalone(config.clone(), store.clone()));
         let r = router(AdminState {
-            config,
+            config: config.into(),
             store,
             runtime: Arc::new(crate::scheduler::Runtime::default()),
             prometheus: None,

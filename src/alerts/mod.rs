@@ -8,7 +8,7 @@ mod monitor;
 pub use monitor::{spawn_monitor, Monitor};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::model::{AlertLevel, NewAlert, UnixTime};
@@ -73,8 +73,8 @@ pub mod kind {
 /// profile's mailboxes fail within an hour, the profile gets one Error alert.
 pub struct Alerts {
     store: Arc<dyn Store>,
-    /// profile → mailboxes of that profile.
-    profile_members: HashMap<String, Vec<String>>,
+    /// profile → mailboxes of that profile (a reload replaces it).
+    profile_members: RwLock<HashMap<String, Vec<String>>>,
     /// profile → its failing mailboxes.
     failures: Mutex<HashMap<String, Failing>>,
 }
@@ -90,9 +90,36 @@ impl Alerts {
     pub fn new(store: Arc<dyn Store>, members: HashMap<String, Vec<String>>) -> Self {
         Alerts {
             store,
-            profile_members: members,
+            profile_members: RwLock::new(members),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Replaces each profile's mailboxes (a reload added or removed some):
+    /// the profile rule counts the new members, and a mailbox no longer in
+    /// its profile stops counting as failing there.
+    pub fn set_members(&self, members: HashMap<String, Vec<String>>) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.retain(|profile, failing| {
+            let Some(names) = members.get(profile) else {
+                return false;
+            };
+            failing.retain(|m, _| names.contains(m));
+            true
+        });
+        *self
+            .profile_members
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = members;
+    }
+
+    /// How many mailboxes `profile` has.
+    fn members_of(&self, profile: &str) -> usize {
+        self.profile_members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(profile)
+            .map_or(0, Vec::len)
     }
 
     /// The store the alerts are kept in.
@@ -135,7 +162,7 @@ impl Alerts {
     /// profile alert when the share of failing mailboxes within the window
     /// passes one half.
     pub fn mailbox_failed(&self, profile: &str, mailbox: &str, error: &str, now: UnixTime) {
-        let total = self.profile_members.get(profile).map_or(0, Vec::len);
+        let total = self.members_of(profile);
         let (failing, names, latest) = {
             let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             let entry = map.entry(profile.to_string()).or_default();
@@ -183,7 +210,7 @@ impl Alerts {
     /// Forgets a mailbox's failure after a successful cycle, and resolves the
     /// profile alert once half or fewer of the profile's mailboxes fail.
     pub fn mailbox_recovered(&self, profile: &str, mailbox: &str, now: UnixTime) {
-        let total = self.profile_members.get(profile).map_or(0, Vec::len);
+        let total = self.members_of(profile);
         let failing = {
             let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             match map.get_mut(profile) {

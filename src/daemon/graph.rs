@@ -18,9 +18,24 @@ const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 /// (the mailbox task reports it and waits to be re-enabled).
 pub(super) type GraphMailboxes = HashMap<String, Result<Arc<GraphMailbox>, String>>;
 
+/// The Entra apps of the `exchange_online` profiles, by profile name.
+pub(super) type GraphApps = HashMap<String, Result<Arc<GraphApp>, String>>;
+
 /// Builds the clients of every mailbox on an `exchange_online` profile.
-pub(super) fn graph_mailboxes(config: &Config) -> GraphMailboxes {
-    let mut apps: HashMap<&str, Result<Arc<GraphApp>, String>> = HashMap::new();
+pub(super) fn graph_mailboxes(config: &Config) -> (GraphMailboxes, GraphApps) {
+    graph_mailboxes_keeping(config, &GraphMailboxes::new(), &GraphApps::new())
+}
+
+/// As [`graph_mailboxes`] after a reload: `keep_mailboxes` are the clients
+/// of mailboxes left running (they stay theirs) and `keep_apps` the apps of
+/// profiles that did not change (their token cache and request budget stay
+/// shared with the new mailboxes of the profile).
+pub(super) fn graph_mailboxes_keeping(
+    config: &Config,
+    keep_mailboxes: &GraphMailboxes,
+    keep_apps: &GraphApps,
+) -> (GraphMailboxes, GraphApps) {
+    let mut apps = GraphApps::new();
     let mut out = GraphMailboxes::new();
     for mailbox in &config.mailboxes {
         let Some(profile) = config.profile_of(mailbox) else {
@@ -30,13 +45,19 @@ pub(super) fn graph_mailboxes(config: &Config) -> GraphMailboxes {
             continue;
         };
         let app = apps
-            .entry(profile.name.as_str())
-            .or_insert_with(|| graph_app(profile, graph).map(Arc::new))
+            .entry(profile.name.clone())
+            .or_insert_with(|| match keep_apps.get(&profile.name) {
+                Some(app) => app.clone(),
+                None => graph_app(profile, graph).map(Arc::new),
+            })
             .clone();
-        let client = app.map(|app| GraphMailbox::new(app, &graph_settings(profile, mailbox)));
+        let client = match keep_mailboxes.get(&mailbox.name) {
+            Some(client) => client.clone(),
+            None => app.map(|app| GraphMailbox::new(app, &graph_settings(profile, mailbox))),
+        };
         out.insert(mailbox.name.clone(), client);
     }
-    out
+    (out, apps)
 }
 
 /// The Entra app of a profile: HTTPS with certificate verification (system
