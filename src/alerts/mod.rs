@@ -97,20 +97,30 @@ impl Alerts {
 
     /// Replaces each profile's mailboxes (a reload added or removed some):
     /// the profile rule counts the new members, and a mailbox no longer in
-    /// its profile stops counting as failing there.
-    pub fn set_members(&self, members: HashMap<String, Vec<String>>) {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        failures.retain(|profile, failing| {
-            let Some(names) = members.get(profile) else {
-                return false;
-            };
-            failing.retain(|m, _| names.contains(m));
-            true
-        });
-        *self
-            .profile_members
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = members;
+    /// its profile stops counting as failing there (its profile alert is
+    /// resolved if half or fewer of the members fail now).
+    pub fn set_members(&self, members: HashMap<String, Vec<String>>, now: UnixTime) {
+        let mut fewer_failing: Vec<String> = Vec::new();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            failures.retain(|profile, failing| {
+                let before = failing.len();
+                let names = members.get(profile);
+                failing.retain(|m, _| names.is_some_and(|n| n.contains(m)));
+                let total = names.map_or(0, Vec::len);
+                if failing.len() < before && failing.len() * 2 <= total {
+                    fewer_failing.push(profile.clone());
+                }
+                names.is_some()
+            });
+            *self
+                .profile_members
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = members;
+        }
+        for profile in fewer_failing {
+            self.resolve(&profile, kind::PROFILE_FAILING, now);
+        }
     }
 
     /// How many mailboxes `profile` has.
@@ -299,5 +309,35 @@ mod tests {
         alerts.mailbox_recovered("p", "b", 3);
         let a = &store.alerts(10).unwrap()[0];
         assert_eq!(a.resolved_at, Some(3), "1 of 3 fails: resolved");
+    }
+
+    #[test]
+    fn a_reload_changes_who_counts_for_the_profile_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let four = |names: &[&str]| {
+            HashMap::from([(
+                "p".to_string(),
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )])
+        };
+        let alerts = Alerts::new(store.clone(), four(&["a", "b", "c", "d"]));
+        alerts.mailbox_failed("p", "a", "down", 1);
+        alerts.mailbox_failed("p", "b", "down", 1);
+        assert!(store.alerts(10).unwrap().is_empty(), "2 of 4");
+        // c and d removed: the two failing ones are all the profile has.
+        alerts.set_members(four(&["a", "b"]), 2);
+        alerts.mailbox_failed("p", "b", "down", 2);
+        let all = store.alerts(10).unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].text.starts_with("2 of 2"), "{}", all[0].text);
+        // a replaced by e: a's failure no longer counts, and 1 of 2 is
+        // not more than half.
+        alerts.set_members(four(&["b", "e"]), 3);
+        assert_eq!(
+            store.alerts(10).unwrap()[0].resolved_at,
+            Some(3),
+            "1 of 2 fails"
+        );
     }
 }

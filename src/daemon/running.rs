@@ -326,7 +326,7 @@ impl Generation {
             graph::graph_mailboxes_keeping(&new, &keep_clients, &keep_apps);
 
         // What the long-lived parts read.
-        self.alerts.set_members(members(&new));
+        self.alerts.set_members(members(&new), crate::model::now());
         self.test_enable.reconfigure(
             new.clone(),
             self.semaphores.clone(),
