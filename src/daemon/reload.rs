@@ -155,6 +155,17 @@ pub fn diff(old: &Config, new: &Config, file: &str) -> ReloadReport {
     r
 }
 
+/// `new` with the settings only a restart of the process applies (the
+/// `needs_restart` ones) as they run: every task, restarted or not, keeps
+/// the store's directory and its quarantine next to it.
+fn keep_process_settings(old: &Config, mut new: Config) -> Config {
+    new.daemon.state_dir = old.daemon.state_dir.clone();
+    new.daemon.store_cache_mb = old.daemon.store_cache_mb;
+    new.daemon.log_level = old.daemon.log_level.clone();
+    new.daemon.log_format = old.daemon.log_format;
+    new
+}
+
 /// The profiles whose settings are the same in `old` and `new` (their
 /// connection semaphore, queue and Graph app are kept by a reload).
 pub fn unchanged_profiles(old: &Config, new: &Config) -> Vec<String> {
@@ -169,8 +180,8 @@ pub fn unchanged_profiles(old: &Config, new: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Reads and validates the file again: the new configuration and what it
-/// changes, or why not.
+/// Reads and validates the file again: the configuration to apply and
+/// what it changes, or why not.
 pub fn load(path: Option<&PathBuf>, old: &Config) -> Result<(Config, ReloadReport), ReloadRefused> {
     let Some(path) = path else {
         return Err(ReloadRefused::NoFile);
@@ -179,7 +190,7 @@ pub fn load(path: Option<&PathBuf>, old: &Config) -> Result<(Config, ReloadRepor
     match config::load(path) {
         Ok(new) => {
             let report = diff(old, &new, &file);
-            Ok((new, report))
+            Ok((keep_process_settings(old, new), report))
         }
         Err(errs) => Err(ReloadRefused::Invalid {
             file,
@@ -452,6 +463,30 @@ mod tests {
         assert!(!r.is_full(), "{r:?}");
         assert!(r.restarted.is_empty());
         assert_eq!(r.needs_restart, vec!["daemon.log_level / log_format"]);
+    }
+
+    #[test]
+    fn what_only_a_restart_applies_is_kept_as_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = cfg(dir.path(), &[("a", "/m/a")], "1s");
+        let path = dir.path().join("new.toml");
+        let moved = dir.path().join("elsewhere");
+        std::fs::write(
+            &path,
+            format!(
+                "[daemon]\nstate_dir = \"{}\"\nlog_level = \"debug\"\nstuck_after = \"7m\"\n[admin]\nenabled = false\n[[profiles]]\nname = \"local\"\ntype = \"maildir\"\npoll_interval = \"1s\"\n[[mailboxes]]\nname = \"a\"\nprofile = \"local\"\nemail = \"a@example.test\"\napproval = \"approved\"\npath = \"/m/a\"\n",
+                moved.display()
+            ),
+        )
+        .unwrap();
+        let (new, report) = load(Some(&path), &old).unwrap();
+        assert_eq!(report.needs_restart.len(), 2, "{report:?}");
+        assert_eq!(new.daemon.state_dir, old.daemon.state_dir);
+        assert_eq!(new.quarantine_dir(), old.quarantine_dir());
+        assert_eq!(new.daemon.log_level, old.daemon.log_level);
+        // What a reload applies is applied.
+        assert_eq!(new.daemon.stuck_after, std::time::Duration::from_secs(420));
+        assert_eq!(report.left_running, vec!["a"]);
     }
 
     #[test]
