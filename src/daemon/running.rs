@@ -199,7 +199,7 @@ impl Generation {
             pending_send,
         };
         for mailbox in &config.mailboxes {
-            generation.start_mailbox(mailbox);
+            generation.start_mailbox(mailbox, None);
         }
         runtime.scheduler_running.store(true, Ordering::SeqCst);
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -267,13 +267,13 @@ impl Generation {
         let old = std::mem::replace(&mut self.config, new.clone());
         let grace = new.daemon.shutdown_grace;
 
-        let stopping: Vec<(String, Part)> = report
+        let mut stopping: HashMap<String, Part> = report
             .removed
             .iter()
             .chain(&report.restarted)
             .filter_map(|name| self.mailboxes.remove(name).map(|p| (name.clone(), p)))
             .collect();
-        for (_, part) in &stopping {
+        for part in stopping.values() {
             part.stop();
         }
         // The Pending Send loop looks senders up among the mailboxes.
@@ -287,9 +287,9 @@ impl Generation {
         if let Some(p) = &pending_send {
             p.stop();
         }
-        let parts = stopping.iter().map(|(_, p)| p).chain(pending_send.as_ref());
+        let parts = stopping.values().chain(pending_send.as_ref());
         if !drained(parts, grace).await {
-            tracing::warn!(?grace, "reload: grace period over; the stopped mailboxes' work in flight is re-done by their next run");
+            tracing::warn!(?grace, "reload: grace period over with work in flight; a restarted mailbox starts once its old task has ended");
         }
         for name in &report.removed {
             self.runtime.remove(name);
@@ -338,7 +338,15 @@ impl Generation {
             let starts =
                 report.added.contains(&mailbox.name) || report.restarted.contains(&mailbox.name);
             if starts {
-                self.start_mailbox(mailbox);
+                // Never two tasks on one mailbox: the new one waits for the
+                // old one (at once, unless it outlasted the grace period).
+                // Registered at once (listed with its new task when the
+                // reload answers) whenever the old one is over already.
+                let old = stopping
+                    .remove(&mailbox.name)
+                    .map(|p| p.tracker)
+                    .filter(|t| !t.is_empty());
+                self.start_mailbox(mailbox, old);
             }
         }
         if mailboxes_changed {
@@ -353,8 +361,9 @@ impl Generation {
     }
 
     /// Registers `mailbox` and starts its task and (where it sends) its
-    /// sender, under a part of their own.
-    fn start_mailbox(&mut self, mailbox: &Mailbox) {
+    /// sender, under a part of their own; once the tasks of `after` (the
+    /// mailbox's previous run, stopped) have ended.
+    fn start_mailbox(&mut self, mailbox: &Mailbox, after: Option<TaskTracker>) {
         let config = self.config.clone();
         let Some(profile) = config.profile_of(mailbox).cloned() else {
             return;
@@ -383,64 +392,78 @@ impl Generation {
             match profile.kind {
                 ProfileType::Maildir => {
                     let make = move || Ok(maildir_connector(&profile, &mailbox, &store));
-                    start_task(tracker, task, "maildir", make);
+                    start_task(tracker, task, "maildir", make, after.clone());
                 }
                 ProfileType::ImapSmtp => {
                     let make = move || imap_connector(&profile, &mailbox, &store);
-                    start_task(tracker, task, "imap", make);
+                    start_task(tracker, task, "imap", make, after.clone());
                 }
                 ProfileType::Pop3Smtp => {
                     let make = move || pop3_connector(&profile, &mailbox, &store);
-                    start_task(tracker, task, "pop3", make);
+                    start_task(tracker, task, "pop3", make, after.clone());
                 }
                 ProfileType::ExchangeOnline => {
                     let client = graph_client.clone();
                     let make = move || graph_connector(client.clone(), &profile, &mailbox, &store);
-                    start_task(tracker, task, "graph", make);
+                    start_task(tracker, task, "graph", make, after.clone());
                 }
                 other => {
                     let why = format!("no connector for profile type {other:?} in this build");
                     let make = move || Err::<MaildirConnector, _>(why.clone());
-                    start_task(tracker, task, "unavailable", make);
+                    start_task(tracker, task, "unavailable", make, after.clone());
                 }
             }
         }
         start_sender(
             &config,
             mailbox,
-            &self.store,
-            &self.alerts,
-            &self.wakeup,
+            (&self.store, &self.alerts, &self.wakeup),
             graph_client,
             &part,
+            after,
         );
         self.mailboxes.insert(mailbox.name.clone(), part);
     }
 }
 
-/// Registers a mailbox and starts its supervised task; `make` builds its
-/// connector (a failure disables the mailbox with the reason until it is
-/// re-enabled).
-fn start_task<C, F>(tracker: &TaskTracker, task: MailboxTask, protocol: &'static str, make: F)
-where
+/// Registers a mailbox and starts its supervised task (once the tasks of
+/// `after` have ended); `make` builds its connector (a failure disables the
+/// mailbox with the reason until it is re-enabled).
+fn start_task<C, F>(
+    tracker: &TaskTracker,
+    task: MailboxTask,
+    protocol: &'static str,
+    make: F,
+    after: Option<TaskTracker>,
+) where
     C: crate::connector::Connector + 'static,
     F: FnMut() -> Result<C, String> + Clone + Send + 'static,
 {
-    task.register(protocol);
-    tracker.spawn(task.supervise(make));
+    match after {
+        None => {
+            task.register(protocol);
+            tracker.spawn(task.supervise(make));
+        }
+        Some(old) => {
+            tracker.spawn(async move {
+                old.wait().await;
+                task.register(protocol);
+                task.supervise(make).await
+            });
+        }
+    }
 }
 
-/// Starts the supervised sender of `mailbox` if it may send (outgoing =
-/// server-side sync, approved, an SMTP or Graph profile); otherwise logs
-/// why not.
+/// Starts the supervised sender of `mailbox` (once the tasks of `after`
+/// have ended) if it may send (outgoing = server-side sync, approved, an
+/// SMTP or Graph profile); otherwise logs why not.
 fn start_sender(
     config: &Arc<Config>,
     mailbox: &Mailbox,
-    store: &Arc<dyn Store>,
-    alerts: &Arc<Alerts>,
-    wakeup: &crate::outgoing::SendWakeup,
+    (store, alerts, wakeup): (&Arc<dyn Store>, &Arc<Alerts>, &crate::outgoing::SendWakeup),
     graph_client: Option<Result<Arc<crate::connector::graph::GraphMailbox>, String>>,
     part: &Part,
+    after: Option<TaskTracker>,
 ) {
     if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
         return;
@@ -485,8 +508,13 @@ fn start_sender(
             }
         }
     };
-    part.tracker
-        .spawn(supervise("sender", protocol, part.cancel.clone(), make));
+    let supervised = supervise("sender", protocol, part.cancel.clone(), make);
+    part.tracker.spawn(async move {
+        if let Some(old) = after {
+            old.wait().await;
+        }
+        supervised.await
+    });
 }
 
 /// Registers the configured CRM adapter as the outbox consumer and starts
