@@ -165,6 +165,43 @@ fn graph_folder_path(folder: &str) -> String {
 mod tests {
     use super::*;
 
+    fn config(mailboxes: &[&str], page_size: u32) -> Config {
+        let mut text = format!(
+            "[admin]\ntoken = \"0123456789abcdef\"\n[[profiles]]\nname = \"m365\"\ntype = \"exchange_online\"\ntenant_id = \"contoso.onmicrosoft.com\"\nclient_id = \"11111111-2222-3333-4444-555555555555\"\nclient_secret = \"s3cret\"\npage_size = {page_size}\n"
+        );
+        for m in mailboxes {
+            text.push_str(&format!(
+                "[[mailboxes]]\nname = \"{m}\"\nprofile = \"m365\"\nemail = \"{m}@contoso.test\"\n"
+            ));
+        }
+        crate::config::from_toml_str(&text, Vec::new(), std::path::Path::new(".")).unwrap()
+    }
+
+    fn same<T>(a: &Result<Arc<T>, String>, b: &Result<Arc<T>, String>) -> bool {
+        matches!((a, b), (Ok(a), Ok(b)) if Arc::ptr_eq(a, b))
+    }
+
+    #[test]
+    fn a_reload_keeps_the_clients_left_running_and_the_apps_of_unchanged_profiles() {
+        let (clients, apps) = graph_mailboxes(&config(&["a", "b"], 100));
+        assert_eq!(apps.len(), 1);
+        // b left running, c added, the profile unchanged: b keeps its
+        // client, and c's is built on the profile's app, kept (one token
+        // cache and request budget for both).
+        let keep: GraphMailboxes = [("b".to_string(), clients["b"].clone())].into();
+        let (after, after_apps) = graph_mailboxes_keeping(&config(&["b", "c"], 100), &keep, &apps);
+        assert!(same(&after["b"], &clients["b"]));
+        assert!(after["c"].is_ok());
+        assert!(same(&after_apps["m365"], &apps["m365"]));
+        // The profile changed: nothing is kept, a new app.
+        let (_, changed_apps) = graph_mailboxes_keeping(
+            &config(&["b"], 50),
+            &GraphMailboxes::new(),
+            &GraphApps::new(),
+        );
+        assert!(!same(&changed_apps["m365"], &apps["m365"]));
+    }
+
     #[test]
     fn imap_style_inbox_names_become_graph_display_paths() {
         assert_eq!(
