@@ -40,7 +40,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, Secret, SharedConfig};
 use crate::model::format_time;
 use crate::scheduler::Runtime;
 use crate::store::Store;
@@ -48,7 +48,8 @@ use crate::store::Store;
 /// Shared state of the admin API.
 #[derive(Clone)]
 pub struct AdminState {
-    pub config: Arc<Config>,
+    /// The configuration in force (a reload swaps it).
+    pub config: SharedConfig,
     pub store: Arc<dyn Store>,
     pub runtime: Arc<Runtime>,
     pub prometheus: Option<PrometheusHandle>,
@@ -149,8 +150,11 @@ pub fn client_endpoint(cfg: &Config) -> Result<(String, &Secret), &'static str> 
 
 /// Builds the router.
 pub fn router(state: AdminState) -> Router {
-    let token = state.config.admin.token.clone();
-    let (router, doc) = routes(outgoing::body_limit(&state.config), token).split_for_parts();
+    // Fixed for the router's life: a reload that changes [admin] or
+    // [outgoing] restarts the admin API (see `daemon::reload`).
+    let config = state.config.current();
+    let token = config.admin.token.clone();
+    let (router, doc) = routes(outgoing::body_limit(&config), token).split_for_parts();
     router
         .layer(Extension(doc::Rendered::new(&doc)))
         .with_state(state)
@@ -242,10 +246,11 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     if let Err(e) = s.store.count_activities(Some("\u{0}readiness-probe")) {
         problems.push(format!("store is not readable: {e}"));
     }
-    for m in s.runtime.stuck(s.config.daemon.stuck_after) {
+    let stuck_after = s.config.current().daemon.stuck_after;
+    for m in s.runtime.stuck(stuck_after) {
         problems.push(format!(
             "mailbox {m:?} has been syncing for more than {}",
-            humantime::format_duration(s.config.daemon.stuck_after)
+            humantime::format_duration(stuck_after)
         ));
     }
     for (m, since, error) in s.runtime.stalled() {
@@ -487,7 +492,7 @@ mod tests {
         let config = crate::config::from_toml_str(&text, Vec::new(), dir).unwrap();
         let store = crate::store::SledStore::open(&dir.join("store")).unwrap();
         AdminState {
-            config: Arc::new(config),
+            config: config.into(),
             store: Arc::new(store),
             runtime: Arc::new(crate::scheduler::Runtime::default()),
             prometheus: None,
@@ -777,6 +782,8 @@ mod tests {
                     profile: "local".into(),
                     email: "support@example.test".into(),
                     protocol: "maildir".into(),
+                    started_at: 1,
+                    task_id: 1,
                     phase: crate::scheduler::Phase::Waiting,
                     backlog: 2,
                     approval: crate::model::ApprovalStatus::Approved,

@@ -180,7 +180,7 @@ pub(super) async fn retry(
     Path(id): Path<u64>,
 ) -> Result<Response, ApiError> {
     use crate::quarantine::{RetryError, RetryOutcome};
-    let (store, config) = (s.store.clone(), s.config.clone());
+    let (store, config) = (s.store.clone(), s.config.current());
     // The retry's own errors are answered below, each with its status.
     let done = super::blocking(move || {
         Ok(crate::quarantine::retry(

@@ -181,7 +181,7 @@ mod tests {
             crate::deployment::Deployment::for_tests(),
         ));
         let r = router(AdminState {
-            config,
+            config: config.into(),
             store,
             runtime: Arc::new(crate::scheduler::Runtime::default()),
             prometheus: None,

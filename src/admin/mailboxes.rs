@@ -99,11 +99,13 @@ struct ActionAccepted {
 }
 
 /// The configured mailbox `name`, or a 404.
-fn configured<'a>(s: &'a AdminState, name: &str) -> Result<&'a crate::config::Mailbox, ApiError> {
+fn configured(s: &AdminState, name: &str) -> Result<crate::config::Mailbox, ApiError> {
     s.config
+        .current()
         .mailboxes
         .iter()
         .find(|m| m.name == name)
+        .cloned()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no mailbox {name:?}")))
 }
 
@@ -327,8 +329,8 @@ struct ProfileList {
     responses((status = 200, description = "Every server profile", body = ProfileList))
 )]
 pub(super) async fn profiles(State(s): State<AdminState>) -> Response {
-    let profiles = s
-        .config
+    let config = s.config.current();
+    let profiles = config
         .profiles
         .iter()
         .map(|p| ProfileView {
@@ -339,8 +341,7 @@ pub(super) async fn profiles(State(s): State<AdminState>) -> Response {
             tls: p.tls,
             poll_interval_secs: p.poll_interval.as_secs(),
             max_concurrent_connections: p.max_concurrent_connections,
-            mailboxes: s
-                .config
+            mailboxes: config
                 .mailboxes
                 .iter()
                 .filter(|m| m.profile == p.name)

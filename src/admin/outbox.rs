@@ -16,6 +16,7 @@ use crate::model::{format_time, now, ActivityId, DeadLetter, UnixTime};
 /// has an outbox (builtin has none: its events are only in the pull feed).
 fn consumers(s: &AdminState) -> Vec<String> {
     s.config
+        .current()
         .crm
         .kind
         .consumer()
@@ -304,7 +305,7 @@ mod tests {
             .unwrap();
 
         let state = AdminState {
-            config: Arc::new(webhook_config(dir.path())),
+            config: webhook_config(dir.path()).into(),
             store: store.clone(),
             runtime: Arc::new(Runtime::default()),
             prometheus: None,

@@ -237,7 +237,7 @@ pub async fn queue_one(State(s): State<AdminState>, body: Bytes) -> Result<Respo
             format!("the body is not valid JSON for an outgoing email: {e}"),
         )
     })?;
-    let (store, cfg) = (s.store.clone(), s.config.clone());
+    let (store, cfg) = (s.store.clone(), s.config.current());
     let queued: Queued = blocking(move || queue(store.as_ref(), &cfg, &req, now()))
         .await?
         .map_err(queue_error)?;
@@ -479,7 +479,7 @@ mod tests {
         let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
         let wakeup: crate::outgoing::SendWakeup = Arc::new(tokio::sync::Notify::new());
         let state = AdminState {
-            config: Arc::new(config(dir.path())),
+            config: config(dir.path()).into(),
             store: store.clone(),
             runtime: Arc::new(Runtime::default()),
             prometheus: None,

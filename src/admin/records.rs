@@ -519,7 +519,7 @@ pub async fn put_one(
     })?;
     let record = validate_record(Some((&kind, &id)), input).map_err(invalid_record)?;
     let store = s.store.clone();
-    let settings = s.config.crm.parties.clone();
+    let settings = s.config.current().crm.parties.clone();
     let (written, stored) = blocking(move || {
         let before: Vec<Record> = store.record(&kind, &id)?.into_iter().collect();
         let written = write_and_resolve(store.as_ref(), &settings, vec![record], &[], &before)?;
@@ -573,7 +573,7 @@ pub async fn delete_one(
     Path((kind, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let store = s.store.clone();
-    let settings = s.config.crm.parties.clone();
+    let settings = s.config.current().crm.parties.clone();
     let (k, i) = (kind.clone(), id.clone());
     let deleted = blocking(move || {
         let Some(before) = store.record(&k, &i)? else {
@@ -784,7 +784,7 @@ pub async fn bulk_upsert(
     }
     let (records, deletions) = last_op_per_record(ops);
     let store: Arc<dyn Store> = s.store.clone();
-    let settings = s.config.crm.parties.clone();
+    let settings = s.config.current().crm.parties.clone();
     let w = blocking(move || {
         let mut before = Vec::new();
         let keys = records

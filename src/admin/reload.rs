@@ -8,10 +8,13 @@ use serde_json::json;
 use super::{doc, ApiError};
 use crate::daemon::reload::{ReloadHandle, ReloadRefused, ReloadReport};
 
-/// `POST /api/v1/reload`: reads the configuration file again. Valid: the
-/// daemon's tasks drain and start again from it (new mailboxes start,
-/// removed ones stop, changed ones run with their new settings) and the
-/// answer says what changed. Invalid: 422 with every error, nothing changes.
+/// `POST /api/v1/reload`: reads the configuration file again. Valid: new
+/// mailboxes start, removed ones stop, changed ones restart with their new
+/// settings and the others keep running (every task restarts only where
+/// `[admin]`, `[crm]` or `[outgoing]` changed, named in `full_restart`);
+/// answered once applied (on the full path: before the drain), with what
+/// changed and what was restarted.
+/// Invalid: 422 with every error, nothing changes.
 #[utoipa::path(
     post,
     path = "/reload",

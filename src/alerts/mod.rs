@@ -8,7 +8,7 @@ mod monitor;
 pub use monitor::{spawn_monitor, Monitor};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::model::{AlertLevel, NewAlert, UnixTime};
@@ -73,8 +73,8 @@ pub mod kind {
 /// profile's mailboxes fail within an hour, the profile gets one Error alert.
 pub struct Alerts {
     store: Arc<dyn Store>,
-    /// profile → mailboxes of that profile.
-    profile_members: HashMap<String, Vec<String>>,
+    /// profile → mailboxes of that profile (a reload replaces it).
+    profile_members: RwLock<HashMap<String, Vec<String>>>,
     /// profile → its failing mailboxes.
     failures: Mutex<HashMap<String, Failing>>,
 }
@@ -90,9 +90,46 @@ impl Alerts {
     pub fn new(store: Arc<dyn Store>, members: HashMap<String, Vec<String>>) -> Self {
         Alerts {
             store,
-            profile_members: members,
+            profile_members: RwLock::new(members),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Replaces each profile's mailboxes (a reload added or removed some):
+    /// the profile rule counts the new members, and a mailbox no longer in
+    /// its profile stops counting as failing there (its profile alert is
+    /// resolved if half or fewer of the members fail now).
+    pub fn set_members(&self, members: HashMap<String, Vec<String>>, now: UnixTime) {
+        let mut fewer_failing: Vec<String> = Vec::new();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            failures.retain(|profile, failing| {
+                let before = failing.len();
+                let names = members.get(profile);
+                failing.retain(|m, _| names.is_some_and(|n| n.contains(m)));
+                let total = names.map_or(0, Vec::len);
+                if failing.len() < before && failing.len() * 2 <= total {
+                    fewer_failing.push(profile.clone());
+                }
+                names.is_some()
+            });
+            *self
+                .profile_members
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = members;
+        }
+        for profile in fewer_failing {
+            self.resolve(&profile, kind::PROFILE_FAILING, now);
+        }
+    }
+
+    /// How many mailboxes `profile` has.
+    fn members_of(&self, profile: &str) -> usize {
+        self.profile_members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(profile)
+            .map_or(0, Vec::len)
     }
 
     /// The store the alerts are kept in.
@@ -135,7 +172,7 @@ impl Alerts {
     /// profile alert when the share of failing mailboxes within the window
     /// passes one half.
     pub fn mailbox_failed(&self, profile: &str, mailbox: &str, error: &str, now: UnixTime) {
-        let total = self.profile_members.get(profile).map_or(0, Vec::len);
+        let total = self.members_of(profile);
         let (failing, names, latest) = {
             let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             let entry = map.entry(profile.to_string()).or_default();
@@ -183,7 +220,7 @@ impl Alerts {
     /// Forgets a mailbox's failure after a successful cycle, and resolves the
     /// profile alert once half or fewer of the profile's mailboxes fail.
     pub fn mailbox_recovered(&self, profile: &str, mailbox: &str, now: UnixTime) {
-        let total = self.profile_members.get(profile).map_or(0, Vec::len);
+        let total = self.members_of(profile);
         let failing = {
             let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             match map.get_mut(profile) {
@@ -272,5 +309,35 @@ mod tests {
         alerts.mailbox_recovered("p", "b", 3);
         let a = &store.alerts(10).unwrap()[0];
         assert_eq!(a.resolved_at, Some(3), "1 of 3 fails: resolved");
+    }
+
+    #[test]
+    fn a_reload_changes_who_counts_for_the_profile_alert() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let four = |names: &[&str]| {
+            HashMap::from([(
+                "p".to_string(),
+                names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            )])
+        };
+        let alerts = Alerts::new(store.clone(), four(&["a", "b", "c", "d"]));
+        alerts.mailbox_failed("p", "a", "down", 1);
+        alerts.mailbox_failed("p", "b", "down", 1);
+        assert!(store.alerts(10).unwrap().is_empty(), "2 of 4");
+        // c and d removed: the two failing ones are all the profile has.
+        alerts.set_members(four(&["a", "b"]), 2);
+        alerts.mailbox_failed("p", "b", "down", 2);
+        let all = store.alerts(10).unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].text.starts_with("2 of 2"), "{}", all[0].text);
+        // a replaced by e: a's failure no longer counts, and 1 of 2 is
+        // not more than half.
+        alerts.set_members(four(&["b", "e"]), 3);
+        assert_eq!(
+            store.alerts(10).unwrap()[0].resolved_at,
+            Some(3),
+            "1 of 2 fails"
+        );
     }
 }

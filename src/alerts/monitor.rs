@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{kind, Alerts};
-use crate::config::Config;
+use crate::config::SharedConfig;
 use crate::model::{format_time, AlertLevel, UnixTime};
 use crate::scheduler::{LiveMailbox, Phase, Runtime};
 
@@ -28,7 +28,8 @@ const IDLE_FACTOR: u32 = 4;
 
 /// What the monitor remembers between looks.
 pub struct Monitor {
-    config: Arc<Config>,
+    /// Read at each look: a reload's new settings apply from the next one.
+    config: SharedConfig,
     alerts: Arc<Alerts>,
     /// mailbox → (backlog at the start of its growth, when it started, last
     /// backlog seen).
@@ -42,9 +43,9 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn new(config: Arc<Config>, alerts: Arc<Alerts>) -> Self {
+    pub fn new(config: impl Into<SharedConfig>, alerts: Arc<Alerts>) -> Self {
         Monitor {
-            config,
+            config: config.into(),
             alerts,
             growth: HashMap::new(),
             open: None,
@@ -81,7 +82,7 @@ impl Monitor {
 
     /// One look at every mailbox, at wall time `now` and monotonic `at`.
     pub fn check(&mut self, mailboxes: &[LiveMailbox], now: UnixTime, at: Instant) {
-        let config = self.config.clone();
+        let config = self.config.current();
         let stuck_after = config.daemon.stuck_after;
         for m in mailboxes {
             let name = m.name.as_str();
@@ -235,6 +236,8 @@ path = "{state}/m"
             profile: "local".into(),
             email: "m@example.test".into(),
             protocol: "maildir".into(),
+            started_at: 0,
+            task_id: 1,
             phase,
             backlog,
             state: MailboxState {

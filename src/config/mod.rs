@@ -29,6 +29,7 @@ mod outgoing;
 mod profile;
 mod raw;
 mod secret;
+mod shared;
 mod smtp;
 
 use correlation::*;
@@ -44,7 +45,8 @@ pub use crm::{
 };
 pub use graph::{GraphCredential, GraphProfile, DEFAULT_CATEGORY, GRAPH_URL, LOGIN_URL};
 pub use outgoing::{OutgoingSettings, DEFAULT_BLOCKED_EXTENSIONS};
-pub use secret::read_secret_file;
+pub use secret::{fingerprint, read_secret_file, Secret};
+pub use shared::SharedConfig;
 pub use smtp::{SentCopyMode, SmtpSettings, UnknownDelivery};
 
 /// Exit status for configuration errors (sysexits EX_USAGE... EX_CONFIG is 78; the
@@ -86,27 +88,6 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
-
-/// A secret value (password, token). Never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
-    }
-    /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

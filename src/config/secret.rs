@@ -3,6 +3,55 @@
 
 use super::*;
 
+use std::cell::Cell;
+
+/// A secret value (password, token). Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+thread_local! {
+    /// Set while [`fingerprint`] formats: secrets show as a hash then.
+    static FINGERPRINTING: Cell<bool> = const { Cell::new(false) };
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if FINGERPRINTING.with(Cell::get) {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.0.hash(&mut h);
+            return write!(f, "Secret(#{:016x})", h.finish());
+        }
+        f.write_str("Secret(***)")
+    }
+}
+
+/// `value`'s `Debug` text with every [`Secret`] in it shown as a hash of
+/// its value instead of `***`: two fingerprints differ when a secret does,
+/// so a reload sees a changed password. Only for comparing, never for
+/// printing (a hash of a weak password can be guessed).
+pub fn fingerprint(value: &dyn fmt::Debug) -> String {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            FINGERPRINTING.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(FINGERPRINTING.with(|c| c.replace(true)));
+    format!("{value:?}")
+}
+
 /// Reads a secret given inline (`key`), from a file (`key_file`) or from an
 /// environment variable (`key_env`); at most one of the three.
 pub(super) fn secret(

@@ -18,9 +18,24 @@ const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
 /// (the mailbox task reports it and waits to be re-enabled).
 pub(super) type GraphMailboxes = HashMap<String, Result<Arc<GraphMailbox>, String>>;
 
+/// The Entra apps of the `exchange_online` profiles, by profile name.
+pub(super) type GraphApps = HashMap<String, Result<Arc<GraphApp>, String>>;
+
 /// Builds the clients of every mailbox on an `exchange_online` profile.
-pub(super) fn graph_mailboxes(config: &Config) -> GraphMailboxes {
-    let mut apps: HashMap<&str, Result<Arc<GraphApp>, String>> = HashMap::new();
+pub(super) fn graph_mailboxes(config: &Config) -> (GraphMailboxes, GraphApps) {
+    graph_mailboxes_keeping(config, &GraphMailboxes::new(), &GraphApps::new())
+}
+
+/// As [`graph_mailboxes`] after a reload: `keep_mailboxes` are the clients
+/// of mailboxes left running (they stay theirs) and `keep_apps` the apps of
+/// profiles that did not change (their token cache and request budget stay
+/// shared with the new mailboxes of the profile).
+pub(super) fn graph_mailboxes_keeping(
+    config: &Config,
+    keep_mailboxes: &GraphMailboxes,
+    keep_apps: &GraphApps,
+) -> (GraphMailboxes, GraphApps) {
+    let mut apps = GraphApps::new();
     let mut out = GraphMailboxes::new();
     for mailbox in &config.mailboxes {
         let Some(profile) = config.profile_of(mailbox) else {
@@ -30,13 +45,19 @@ pub(super) fn graph_mailboxes(config: &Config) -> GraphMailboxes {
             continue;
         };
         let app = apps
-            .entry(profile.name.as_str())
-            .or_insert_with(|| graph_app(profile, graph).map(Arc::new))
+            .entry(profile.name.clone())
+            .or_insert_with(|| match keep_apps.get(&profile.name) {
+                Some(app) => app.clone(),
+                None => graph_app(profile, graph).map(Arc::new),
+            })
             .clone();
-        let client = app.map(|app| GraphMailbox::new(app, &graph_settings(profile, mailbox)));
+        let client = match keep_mailboxes.get(&mailbox.name) {
+            Some(client) => client.clone(),
+            None => app.map(|app| GraphMailbox::new(app, &graph_settings(profile, mailbox))),
+        };
         out.insert(mailbox.name.clone(), client);
     }
-    out
+    (out, apps)
 }
 
 /// The Entra app of a profile: HTTPS with certificate verification (system
@@ -143,6 +164,43 @@ fn graph_folder_path(folder: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(mailboxes: &[&str], page_size: u32) -> Config {
+        let mut text = format!(
+            "[admin]\ntoken = \"0123456789abcdef\"\n[[profiles]]\nname = \"m365\"\ntype = \"exchange_online\"\ntenant_id = \"contoso.onmicrosoft.com\"\nclient_id = \"11111111-2222-3333-4444-555555555555\"\nclient_secret = \"s3cret\"\npage_size = {page_size}\n"
+        );
+        for m in mailboxes {
+            text.push_str(&format!(
+                "[[mailboxes]]\nname = \"{m}\"\nprofile = \"m365\"\nemail = \"{m}@contoso.test\"\n"
+            ));
+        }
+        crate::config::from_toml_str(&text, Vec::new(), std::path::Path::new(".")).unwrap()
+    }
+
+    fn same<T>(a: &Result<Arc<T>, String>, b: &Result<Arc<T>, String>) -> bool {
+        matches!((a, b), (Ok(a), Ok(b)) if Arc::ptr_eq(a, b))
+    }
+
+    #[test]
+    fn a_reload_keeps_the_clients_left_running_and_the_apps_of_unchanged_profiles() {
+        let (clients, apps) = graph_mailboxes(&config(&["a", "b"], 100));
+        assert_eq!(apps.len(), 1);
+        // b left running, c added, the profile unchanged: b keeps its
+        // client, and c's is built on the profile's app, kept (one token
+        // cache and request budget for both).
+        let keep: GraphMailboxes = [("b".to_string(), clients["b"].clone())].into();
+        let (after, after_apps) = graph_mailboxes_keeping(&config(&["b", "c"], 100), &keep, &apps);
+        assert!(same(&after["b"], &clients["b"]));
+        assert!(after["c"].is_ok());
+        assert!(same(&after_apps["m365"], &apps["m365"]));
+        // The profile changed: nothing is kept, a new app.
+        let (_, changed_apps) = graph_mailboxes_keeping(
+            &config(&["b"], 50),
+            &GraphMailboxes::new(),
+            &GraphApps::new(),
+        );
+        assert!(!same(&changed_apps["m365"], &apps["m365"]));
+    }
 
     #[test]
     fn imap_style_inbox_names_become_graph_display_paths() {

@@ -1,36 +1,26 @@
 //! The long-running service: opens the store, starts the admin API and one task
-//! per mailbox, tells systemd it is ready, and drains in-flight work on
-//! SIGTERM/SIGINT.
+//! per mailbox, tells systemd it is ready, applies configuration reloads, and
+//! drains in-flight work on SIGTERM/SIGINT.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 mod graph;
 pub mod reload;
+mod running;
 
-use crate::admin::{self, AdminState};
 use crate::alerts::Alerts;
-use crate::config::{read_secret_file, AuthKind, Config, CrmKind, Mailbox, Profile};
+use crate::config::{read_secret_file, AuthKind, Config, Mailbox, Profile};
 use crate::connector::graph::GraphConnector;
 use crate::connector::imap::{Credentials, ImapConnector, ImapSettings};
 use crate::connector::maildir::MaildirConnector;
 use crate::connector::oauth::{StaticToken, TokenFile, TokenProvider};
 use crate::connector::pop3::Credentials as Pop3Credentials;
 use crate::connector::pop3_sync::{Pop3Connector, Pop3Settings};
-use crate::crm::sync::RecordSync;
-use crate::crm::webhook::WebhookAdapter;
-use crate::crm::worker::OutboxWorker;
-use crate::crm::CrmAdapter;
 use crate::deployment::{Claiming, Deployment};
 use crate::model::{IncomingDelivery, ProfileType};
 use crate::net::Endpoint;
-use crate::scheduler::{Backoff, MailboxTask, Runtime, WATCH_EVERY};
 use crate::store::{SledStore, Store};
 use crate::telemetry;
 
@@ -58,7 +48,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
 /// Runs the daemon on `config`, read from `path`: on SIGHUP, `crm-mailsync
 /// reload` or `POST /api/v1/reload` the file is read again and, when valid,
-/// the daemon's tasks drain and start again from it (see [`reload`]).
+/// applied: only the mailboxes it adds, removes or changes are touched, or
+/// every task drains and starts again where a section changed that only
+/// that applies (see [`reload`]).
 pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Result<(), DaemonError> {
     let mut config = Arc::new(config);
     let store: Arc<dyn Store> = Arc::new(SledStore::open_with_cache_mb(
@@ -79,42 +71,71 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
     let reloads = reload::ReloadHandle(reload_tx);
     let mut hangup = hangup_signal();
     loop {
-        let run = Inner {
-            config: config.clone(),
-            store: store.clone(),
-            prometheus: prometheus.clone(),
-            reloads: reloads.clone(),
-            deployment: deployment.clone(),
-        };
-        match run.run(&mut reload_rx, path.as_ref(), &mut hangup).await? {
-            Next::Shutdown => return Ok(()),
-            Next::Reload(new, report) => {
-                telemetry::describe(&report.added);
-                tracing::info!(
-                    added = ?report.added,
-                    removed = ?report.removed,
-                    changed = ?report.changed,
-                    "configuration reloaded"
-                );
+        let mut generation = running::Generation::start(
+            config.clone(),
+            store.clone(),
+            deployment.clone(),
+            prometheus.clone(),
+            reloads.clone(),
+        )
+        .await?;
+        loop {
+            let next = wait_for_next(
+                generation.config(),
+                path.as_ref(),
+                &mut reload_rx,
+                &mut hangup,
+                generation.alerts(),
+            )
+            .await;
+            let (new, report, answer) = match next {
+                Next::Shutdown => {
+                    tracing::info!("shutting down: draining in-flight work");
+                    generation.stop().await;
+                    tracing::info!("stopped");
+                    return Ok(());
+                }
+                Next::Reload(new, report, answer) => (new, report, answer),
+            };
+            telemetry::describe(&report.added);
+            tracing::info!(
+                added = ?report.added,
+                removed = ?report.removed,
+                restarted = ?report.restarted,
+                left_running = report.left_running.len(),
+                full_restart = ?report.full_restart,
+                "configuration reloaded"
+            );
+            if report.is_full() {
+                // Answered first: the admin API that carries the answer
+                // drains with everything else.
+                if let Some(tx) = answer {
+                    let _ = tx.send(Ok(*report));
+                }
+                tracing::info!("reloading the configuration: draining every task");
+                generation.stop().await;
                 config = Arc::new(*new);
+                break;
+            }
+            // Answered once applied: a caller then sees the new mailboxes.
+            generation.apply(*new, &report).await;
+            if let Some(tx) = answer {
+                let _ = tx.send(Ok(*report));
             }
         }
     }
 }
 
-/// What a run of the daemon's tasks ended with.
+/// What the daemon waits for next.
 enum Next {
     Shutdown,
-    Reload(Box<Config>, reload::ReloadReport),
-}
-
-/// One run of every task on one configuration.
-struct Inner {
-    config: Arc<Config>,
-    store: Arc<dyn Store>,
-    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    reloads: reload::ReloadHandle,
-    deployment: Arc<Deployment>,
+    /// A valid new configuration, what it changes, and where the answer
+    /// goes (none for SIGHUP).
+    Reload(
+        Box<Config>,
+        Box<reload::ReloadReport>,
+        Option<reload::ReloadRequest>,
+    ),
 }
 
 #[cfg(unix)]
@@ -145,199 +166,6 @@ async fn next_hangup(h: &mut Hangup) {
     }
     let _ = h;
     std::future::pending::<()>().await
-}
-
-impl Inner {
-    async fn run(
-        self,
-        reload_rx: &mut tokio::sync::mpsc::Receiver<reload::ReloadRequest>,
-        path: Option<&std::path::PathBuf>,
-        hangup: &mut Hangup,
-    ) -> Result<Next, DaemonError> {
-        let Inner {
-            config,
-            store,
-            prometheus,
-            reloads,
-            deployment,
-        } = self;
-        let runtime = Arc::new(Runtime::default());
-        let mut members: HashMap<String, Vec<String>> = HashMap::new();
-        for m in &config.mailboxes {
-            members
-                .entry(m.profile.clone())
-                .or_default()
-                .push(m.name.clone());
-        }
-        let alerts = Arc::new(Alerts::new(store.clone(), members));
-        // Wakes the senders when the admin API queues an email.
-        let wakeup: crate::outgoing::SendWakeup = Arc::new(tokio::sync::Notify::new());
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        // Before any mailbox commits: every event from now on gets a pending
-        // delivery for the configured adapter.
-        start_crm_link(&config, &store, &runtime, &tracker, &cancel)?;
-        start_pending_send(&config, &store, &alerts, &wakeup, &tracker, &cancel)?;
-
-        let mut semaphores: HashMap<String, Arc<Semaphore>> = HashMap::new();
-        for p in &config.profiles {
-            if let Some(n) = p.max_transient_failures {
-                tracing::warn!(
-                    profile = %p.name,
-                    max_transient_failures = n,
-                    "max_transient_failures is deprecated and ignored: transient errors are retried forever with back-off up to retry_backoff_max, and stall_alert_after raises an Error alert; remove the key"
-                );
-            }
-            semaphores.insert(
-                p.name.clone(),
-                Arc::new(Semaphore::new(usize::from(p.max_concurrent_connections))),
-            );
-        }
-        let graph_clients = graph::graph_mailboxes(&config);
-        // Test & Enable on demand: the mailbox tasks' semaphores and Graph
-        // clients, so its connections count against the same limits.
-        let test_enable = Arc::new(crate::testenable::TestEnable::for_daemon(
-            config.clone(),
-            store.clone(),
-            deployment.clone(),
-            alerts.clone(),
-            semaphores.clone(),
-            Builders::with_graph(store.clone(), graph_clients.clone()),
-            runtime.clone(),
-            cancel.clone(),
-        ));
-
-        if config.admin.enabled {
-            let listener = tokio::net::TcpListener::bind(config.admin.listen)
-                .await
-                .map_err(|source| DaemonError::Listen {
-                    addr: config.admin.listen.to_string(),
-                    source,
-                })?;
-            let addr = listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            tracing::info!(%addr, "admin API listening");
-            let app = admin::router(AdminState {
-                config: config.clone(),
-                store: store.clone(),
-                runtime: runtime.clone(),
-                prometheus,
-                shutdown: cancel.clone(),
-                send_wakeup: Some(wakeup.clone()),
-            })
-            .layer(axum::Extension(test_enable.clone()))
-            .layer(axum::Extension(reloads.clone()));
-            let stop = cancel.clone();
-            tracker.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin API stopped");
-                }
-            });
-        }
-
-        for mailbox in &config.mailboxes {
-            let Some(profile) = config.profile_of(mailbox).cloned() else {
-                continue;
-            };
-            let Some(connections) = semaphores.get(&profile.name).cloned() else {
-                continue;
-            };
-            let task = MailboxTask {
-                config: config.clone(),
-                mailbox: mailbox.clone(),
-                profile: profile.clone(),
-                store: store.clone(),
-                runtime: runtime.clone(),
-                alerts: alerts.clone(),
-                connections,
-                cancel: cancel.clone(),
-                backoff: Backoff::for_profile(&profile),
-                watch_every: WATCH_EVERY,
-                deployment: deployment.clone(),
-            };
-            let store = store.clone();
-            let mailbox = mailbox.clone();
-            match profile.kind {
-                ProfileType::Maildir => {
-                    let make = move || Ok(maildir_connector(&profile, &mailbox, &store));
-                    start_mailbox(&tracker, task, "maildir", make);
-                }
-                ProfileType::ImapSmtp => {
-                    let make = move || imap_connector(&profile, &mailbox, &store);
-                    start_mailbox(&tracker, task, "imap", make);
-                }
-                ProfileType::Pop3Smtp => {
-                    let make = move || pop3_connector(&profile, &mailbox, &store);
-                    start_mailbox(&tracker, task, "pop3", make);
-                }
-                ProfileType::ExchangeOnline => {
-                    let client = graph_clients.get(&mailbox.name).cloned();
-                    let make = move || graph_connector(client.clone(), &profile, &mailbox, &store);
-                    start_mailbox(&tracker, task, "graph", make);
-                }
-                other => {
-                    let why = format!("no connector for profile type {other:?} in this build");
-                    let make = move || Err::<MaildirConnector, _>(why.clone());
-                    start_mailbox(&tracker, task, "unavailable", make);
-                }
-            }
-        }
-        start_senders(
-            &config,
-            &store,
-            &alerts,
-            &wakeup,
-            &graph_clients,
-            &tracker,
-            &cancel,
-        );
-        runtime.scheduler_running.store(true, Ordering::SeqCst);
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        spawn_watchdog(
-            &tracker,
-            cancel.clone(),
-            runtime.clone(),
-            config.daemon.stuck_after,
-        );
-        crate::alerts::spawn_monitor(
-            &tracker,
-            cancel.clone(),
-            runtime.clone(),
-            crate::alerts::Monitor::new(config.clone(), alerts.clone()),
-        );
-        tracing::info!(
-            mailboxes = config.mailboxes.len(),
-            version = env!("CARGO_PKG_VERSION"),
-            "crm-mailsync running"
-        );
-
-        let next = wait_for_next(&config, path, reload_rx, hangup, &alerts).await;
-        match &next {
-            Next::Shutdown => tracing::info!("shutting down: draining in-flight work"),
-            Next::Reload(..) => {
-                tracing::info!("reloading the configuration: draining in-flight work")
-            }
-        }
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        runtime.scheduler_running.store(false, Ordering::SeqCst);
-        cancel.cancel();
-        tracker.close();
-        if tokio::time::timeout(config.daemon.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(grace = ?config.daemon.shutdown_grace, "grace period over; stopping with work in flight (it is re-done on restart)");
-        }
-        if matches!(next, Next::Shutdown) {
-            tracing::info!("stopped");
-        }
-        Ok(next)
-    }
 }
 
 /// Waits for a shutdown signal or a reload (SIGHUP, the API). A reload of a
@@ -388,75 +216,14 @@ async fn wait_for_next(
                 );
             }
         }
-        let reply = loaded.clone().map(|(_, report)| report);
-        if let Some(tx) = answer {
-            let _ = tx.send(reply);
-        }
-        if let Ok((new, report)) = loaded {
-            return Next::Reload(Box::new(new), report);
-        }
-    }
-}
-
-/// Starts one supervised sender per mailbox that may send (outgoing =
-/// server-side sync, approved, an SMTP profile); the others are logged once.
-fn start_senders(
-    config: &Arc<Config>,
-    store: &Arc<dyn Store>,
-    alerts: &Arc<Alerts>,
-    wakeup: &crate::outgoing::SendWakeup,
-    graph_clients: &graph::GraphMailboxes,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) {
-    for mailbox in &config.mailboxes {
-        if mailbox.outgoing != crate::model::Delivery::ServerSideSync {
-            continue;
-        }
-        // Approval is the sender's to wait for: an address approved at
-        // run time starts sending without a restart.
-        if let Err(why) = crate::outgoing::queue::sends(config, mailbox) {
-            tracing::warn!(mailbox = %mailbox.name, "outgoing not started: {why}");
-            continue;
-        }
-        let Some(profile) = config.profile_of(mailbox).cloned() else {
-            continue;
-        };
-        let (config, store, alerts) = (config.clone(), store.clone(), alerts.clone());
-        let (wakeup, stop, mailbox) = (wakeup.clone(), cancel.clone(), mailbox.clone());
-        let graph_client = graph_clients.get(&mailbox.name).cloned();
-        let protocol = if profile.graph.is_some() {
-            "graph"
-        } else {
-            "smtp"
-        };
-        let make = move || {
-            let built = build_sender(
-                &config,
-                &profile,
-                &mailbox,
-                graph_client.clone(),
-                (store.clone(), alerts.clone()),
-                wakeup.clone(),
-                stop.clone(),
-            );
-            let (alerts, name, profile_name) =
-                (alerts.clone(), mailbox.name.clone(), profile.name.clone());
-            async move {
-                match built {
-                    Ok(sender) => sender.run().await,
-                    Err(why) => alerts.raise(
-                        crate::alerts::kind::OUTGOING_TEST,
-                        crate::model::AlertLevel::Error,
-                        Some(&name),
-                        Some(&profile_name),
-                        &format!("outgoing test failed: {why}"),
-                        crate::model::now(),
-                    ),
+        match loaded {
+            Ok((new, report)) => return Next::Reload(Box::new(new), Box::new(report), answer),
+            Err(refused) => {
+                if let Some(tx) = answer {
+                    let _ = tx.send(Err(refused));
                 }
             }
-        };
-        tracker.spawn(supervise("sender", protocol, cancel.clone(), make));
+        }
     }
 }
 
@@ -574,7 +341,7 @@ impl Builders {
     /// [`Builders::with_graph`]).
     pub fn new(config: &Config, store: Arc<dyn Store>) -> Self {
         Builders {
-            graph_clients: graph::graph_mailboxes(config),
+            graph_clients: graph::graph_mailboxes(config).0,
             store,
         }
     }
@@ -656,165 +423,6 @@ async fn probe<C: crate::connector::Connector>(
     };
     connector.close().await;
     Ok(tested?)
-}
-
-/// Registers the configured CRM adapter as the outbox consumer and starts
-/// its outbox worker and record pull loop (builtin: neither, the events stay
-/// in the store and the pull feed).
-fn start_crm_link(
-    config: &Arc<Config>,
-    store: &Arc<dyn Store>,
-    runtime: &Arc<Runtime>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) -> Result<(), DaemonError> {
-    store.set_outbox_consumers(
-        config
-            .crm
-            .kind
-            .consumer()
-            .map(str::to_string)
-            .into_iter()
-            .collect(),
-    );
-    match &config.crm.kind {
-        CrmKind::Builtin => {}
-        CrmKind::Webhook(settings) => {
-            let adapter = WebhookAdapter::new(settings).map_err(|e| DaemonError::Crm {
-                kind: "webhook",
-                message: e.to_string(),
-            })?;
-            let adapter = Arc::new(adapter);
-            // New Error alerts go out as `alert.raised` events too.
-            tracker.spawn(crate::crm::alert_events::run(
-                adapter.clone(),
-                store.clone(),
-                cancel.clone(),
-            ));
-            start_adapter(adapter, config, store, runtime, tracker, cancel);
-        }
-        CrmKind::Dataverse(settings) => {
-            let adapter = crate::crm::dataverse::DataverseAdapter::new(settings).map_err(|e| {
-                DaemonError::Crm {
-                    kind: "dataverse",
-                    message: e.to_string(),
-                }
-            })?;
-            start_adapter(Arc::new(adapter), config, store, runtime, tracker, cancel);
-        }
-    }
-    Ok(())
-}
-
-/// With the Dataverse adapter and a mailbox that sends: the loop that queues
-/// the emails the CRM left in Pending Send
-/// ([`crate::crm::dataverse::pending`]).
-fn start_pending_send(
-    config: &Arc<Config>,
-    store: &Arc<dyn Store>,
-    alerts: &Arc<Alerts>,
-    wakeup: &crate::outgoing::SendWakeup,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) -> Result<(), DaemonError> {
-    let CrmKind::Dataverse(settings) = &config.crm.kind else {
-        return Ok(());
-    };
-    if !config
-        .mailboxes
-        .iter()
-        .any(|m| m.outgoing == crate::model::Delivery::ServerSideSync)
-    {
-        return Ok(());
-    }
-    let adapter = Arc::new(
-        crate::crm::dataverse::DataverseAdapter::new(settings).map_err(|e| DaemonError::Crm {
-            kind: "dataverse",
-            message: e.to_string(),
-        })?,
-    );
-    let (config, store, alerts) = (config.clone(), store.clone(), alerts.clone());
-    let (wakeup, stop) = (wakeup.clone(), cancel.clone());
-    let make = move || {
-        crate::crm::dataverse::pending::run_pending_send(
-            adapter.clone(),
-            store.clone(),
-            config.clone(),
-            alerts.clone(),
-            wakeup.clone(),
-            stop.clone(),
-        )
-    };
-    tracker.spawn(supervise("pending send", "dataverse", cancel.clone(), make));
-    Ok(())
-}
-
-/// Starts the supervised outbox worker and record pull loop of an adapter.
-fn start_adapter<A: CrmAdapter + 'static>(
-    adapter: Arc<A>,
-    config: &Arc<Config>,
-    store: &Arc<dyn Store>,
-    runtime: &Arc<Runtime>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) {
-    let name = adapter.name();
-    metrics::counter!(telemetry::CRM_DELIVERIES, "adapter" => name, "result" => "delivered")
-        .increment(0);
-    tracing::info!(adapter = name, "CRM link: delivering the outbox");
-    let worker = {
-        let (adapter, store, config) = (adapter.clone(), store.clone(), config.clone());
-        let (health, cancel) = (runtime.outbox.clone(), cancel.clone());
-        move || {
-            OutboxWorker::new(
-                adapter.clone(),
-                store.clone(),
-                &config.crm.delivery,
-                health.clone(),
-                cancel.clone(),
-            )
-            .run()
-        }
-    };
-    tracker.spawn(supervise("outbox worker", name, cancel.clone(), worker));
-    let sync = {
-        let (store, config, cancel) = (store.clone(), config.clone(), cancel.clone());
-        move || {
-            RecordSync::new(
-                adapter.clone(),
-                store.clone(),
-                config.crm.clone(),
-                cancel.clone(),
-            )
-            .run()
-        }
-    };
-    tracker.spawn(supervise("record sync", name, cancel.clone(), sync));
-}
-
-/// Runs the task `make` builds until it returns or the daemon stops; a
-/// panicking task is logged and started again a second later.
-async fn supervise<F, Fut>(
-    what: &'static str,
-    adapter: &'static str,
-    cancel: CancellationToken,
-    make: F,
-) where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        match tokio::spawn(make()).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::error!(adapter, task = what, error = %e, "CRM task failed; restarting it");
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
 }
 
 /// Where and how to connect for a server profile.
@@ -945,18 +553,6 @@ pub fn pop3_settings(profile: &Profile, mailbox: &Mailbox) -> Result<Pop3Setting
     })
 }
 
-/// Registers a mailbox and starts its supervised task; `make` builds its
-/// connector (a failure disables the mailbox with the reason until it is
-/// re-enabled).
-fn start_mailbox<C, F>(tracker: &TaskTracker, task: MailboxTask, protocol: &'static str, make: F)
-where
-    C: crate::connector::Connector + 'static,
-    F: FnMut() -> Result<C, String> + Clone + Send + 'static,
-{
-    task.register(protocol);
-    tracker.spawn(task.supervise(make));
-}
-
 /// The profile and mailbox with their `password_file`s read again, so a
 /// re-enabled mailbox logs in with the password written since startup.
 pub fn with_current_secrets(
@@ -977,37 +573,6 @@ pub fn with_current_secrets(
         }
     }
     Ok((profile, mailbox))
-}
-
-/// Pings the systemd watchdog while no mailbox is stuck, so a wedged daemon is
-/// restarted instead of silently not syncing.
-fn spawn_watchdog(
-    tracker: &TaskTracker,
-    cancel: CancellationToken,
-    runtime: Arc<Runtime>,
-    stuck_after: Duration,
-) {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
-        return;
-    };
-    if interval.is_zero() {
-        return;
-    }
-    let every = interval / 2;
-    tracker.spawn(async move {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = cancel.cancelled() => return,
-            }
-            let stuck = runtime.stuck(stuck_after);
-            if stuck.is_empty() {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            } else {
-                tracing::error!(?stuck, "mailboxes stuck; withholding watchdog ping");
-            }
-        }
-    });
 }
 
 async fn wait_for_shutdown_signal() {

@@ -2,7 +2,7 @@
 //! the re-enable wake-ups.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,13 @@ pub struct LiveMailbox {
     pub profile: String,
     pub email: String,
     pub protocol: String,
+    /// When the task serving the mailbox now was started: at daemon start,
+    /// or by the reload that added or changed the mailbox.
+    pub started_at: UnixTime,
+    /// Which start of a mailbox task in this process serves it (unique in
+    /// the process): a reload that restarts the mailbox gives it a new one, one
+    /// that leaves it running does not.
+    pub task_id: u64,
     pub phase: Phase,
     pub backlog: u64,
     pub state: MailboxState,
@@ -70,6 +77,10 @@ pub struct Runtime {
     /// Per profile: the mailboxes queued for one of its connection permits.
     queues: Mutex<HashMap<String, Arc<ConnectionQueue>>>,
 }
+
+/// The last [`LiveMailbox::task_id`] handed out in this process (across
+/// full restarts of the daemon's tasks, which start a new [`Runtime`]).
+static LAST_TASK_ID: AtomicU64 = AtomicU64::new(0);
 
 /// Who waits for a profile's connection permits, so a mailbox that holds
 /// one only to keep an idle connection open (IMAP IDLE) gives it up as soon
@@ -293,6 +304,30 @@ impl Runtime {
         map.entry(profile.to_string())
             .or_insert_with(|| Arc::new(ConnectionQueue::new(limit)))
             .clone()
+    }
+
+    /// A new [`LiveMailbox::task_id`].
+    pub(super) fn next_task_id(&self) -> u64 {
+        LAST_TASK_ID.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Forgets a mailbox a reload removed (its task has ended): it is no
+    /// longer listed, nor held for re-enabling.
+    pub fn remove(&self, name: &str) {
+        self.mailboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.clear_reenable(name);
+        self.end_stretch(name);
+    }
+
+    /// Forgets a profile's connection queue, once none of its mailbox tasks
+    /// runs any more: a reload that changed the profile (its connection
+    /// limit) starts them again on a new one.
+    pub fn forget_profile(&self, profile: &str) {
+        let mut map = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(profile);
     }
 
     pub(super) fn clear_reenable(&self, name: &str) {

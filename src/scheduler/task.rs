@@ -170,6 +170,8 @@ impl MailboxTask {
             profile: self.profile.name.clone(),
             email: self.mailbox.email.clone(),
             protocol: protocol.to_string(),
+            started_at: model::now(),
+            task_id: self.runtime.next_task_id(),
             phase: Phase::Starting,
             backlog: 0,
             state,

@@ -30,7 +30,7 @@
 pub mod cli;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -80,17 +80,24 @@ enum Enabler {
 
 /// Runs Test & Enable jobs.
 pub struct TestEnable {
-    config: Arc<Config>,
+    /// What a reload replaces ([`TestEnable::reconfigure`]); a test uses
+    /// the settings in force when it started.
+    settings: RwLock<Arc<Settings>>,
     store: Arc<dyn Store>,
     /// Whose marker a passing test leaves in the mailbox.
     deployment: Arc<Deployment>,
     alerts: Arc<Alerts>,
-    /// Each profile's connection semaphore (shared with its mailbox tasks).
-    limits: HashMap<String, Arc<Semaphore>>,
-    builders: Builders,
     enabler: Enabler,
     jobs: Jobs,
     cancel: CancellationToken,
+}
+
+/// The configuration a test runs on.
+struct Settings {
+    config: Arc<Config>,
+    /// Each profile's connection semaphore (shared with its mailbox tasks).
+    limits: HashMap<String, Arc<Semaphore>>,
+    builders: Builders,
 }
 
 impl TestEnable {
@@ -107,12 +114,14 @@ impl TestEnable {
         cancel: CancellationToken,
     ) -> Self {
         TestEnable {
-            config,
+            settings: RwLock::new(Arc::new(Settings {
+                config,
+                limits,
+                builders,
+            })),
             store,
             deployment,
             alerts,
-            limits,
-            builders,
             enabler: Enabler::Runtime(runtime),
             jobs: Jobs::default(),
             cancel,
@@ -143,15 +152,40 @@ impl TestEnable {
         }
         TestEnable {
             alerts: Arc::new(Alerts::new(store.clone(), members)),
-            builders: Builders::new(&config, store.clone()),
-            config,
+            settings: RwLock::new(Arc::new(Settings {
+                builders: Builders::new(&config, store.clone()),
+                config,
+                limits,
+            })),
             store,
             deployment,
-            limits,
             enabler: Enabler::Store,
             jobs: Jobs::default(),
             cancel: CancellationToken::new(),
         }
+    }
+
+    /// Runs the tests started from now on with a reloaded configuration,
+    /// its profiles' semaphores and connector builders; jobs started before
+    /// finish on the old ones and stay queryable.
+    pub fn reconfigure(
+        &self,
+        config: Arc<Config>,
+        limits: HashMap<String, Arc<Semaphore>>,
+        builders: Builders,
+    ) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Settings {
+            config,
+            limits,
+            builders,
+        });
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The job with this id, as it is now.
@@ -194,13 +228,14 @@ impl TestEnable {
 
     /// A profile's mailboxes and how many may be tested at once.
     fn profile_members(&self, name: &str) -> Result<(Vec<Mailbox>, usize), StartError> {
-        let profile = self
+        let settings = self.settings();
+        let profile = settings
             .config
             .profiles
             .iter()
             .find(|p| p.name == name)
             .ok_or_else(|| StartError::UnknownProfile(name.to_string()))?;
-        let mailboxes = self
+        let mailboxes = settings
             .config
             .mailboxes
             .iter()
@@ -214,7 +249,8 @@ impl TestEnable {
     }
 
     fn mailbox(&self, name: &str) -> Result<Mailbox, StartError> {
-        self.config
+        self.settings()
+            .config
             .mailboxes
             .iter()
             .find(|m| m.name == name)
@@ -280,7 +316,8 @@ impl TestEnable {
         force: bool,
     ) -> MailboxTestOutcome {
         let name = &mailbox.name;
-        let Some(profile) = self.config.profile_of(mailbox) else {
+        let settings = self.settings();
+        let Some(profile) = settings.config.profile_of(mailbox) else {
             return MailboxTestOutcome {
                 mailbox: name.clone(),
                 incoming: TestResult::default(),
@@ -303,7 +340,10 @@ impl TestEnable {
                     force,
                     enabled: profile.deployment_marker,
                 };
-                self.builders.incoming_test(profile, mailbox, claim).await
+                settings
+                    .builders
+                    .incoming_test(profile, mailbox, claim)
+                    .await
             };
             match tested {
                 Ok(detail) => {
@@ -380,7 +420,8 @@ impl TestEnable {
         crate::jobs::Held<'a>,
         Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
-        let permit = match self.limits.get(&profile.name) {
+        let limit = self.settings().limits.get(&profile.name).cloned();
+        let permit = match limit {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
@@ -396,6 +437,7 @@ impl TestEnable {
         mailbox: &Mailbox,
         job: &JobHandle,
     ) -> Result<String, (String, String)> {
+        let settings = self.settings();
         let approval = crate::outgoing::queue::effective_approval(self.store.as_ref(), mailbox)
             .map_err(|e| {
                 (
@@ -403,12 +445,13 @@ impl TestEnable {
                     "check the store, then test again".to_string(),
                 )
             })?;
-        if let Err(why) = crate::outgoing::queue::send_allowed(&self.config, mailbox, approval) {
+        if let Err(why) = crate::outgoing::queue::send_allowed(&settings.config, mailbox, approval)
+        {
             return Err((why, "fix that and test again".into()));
         }
-        let sender = self
+        let sender = settings
             .builders
-            .sender(&self.config, profile, mailbox, self.alerts.clone())
+            .sender(&settings.config, profile, mailbox, self.alerts.clone())
             .map_err(|e| {
                 (
                     e,
@@ -507,7 +550,7 @@ impl TestEnable {
             }
         };
         let approval = control.approval.unwrap_or(mailbox.approval);
-        if self.config.process_only_approved && approval != ApprovalStatus::Approved {
+        if self.settings().config.process_only_approved && approval != ApprovalStatus::Approved {
             return (
                 false,
                 Some(format!(
