@@ -123,6 +123,35 @@ impl Alerts {
         }
     }
 
+    /// Resolves the open alerts of a mailbox that a reload removed: nobody
+    /// can act on them any more, and nothing would ever resolve them.
+    pub fn mailbox_removed(&self, mailbox: &str, now: UnixTime) {
+        let query = crate::store::AlertQuery {
+            mailbox: Some(mailbox.to_string()),
+            state: Some(crate::store::AlertState::Open),
+            limit: 10_000,
+            ..Default::default()
+        };
+        let open = match self.store.query_alerts(&query) {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::error!(mailbox, error = %e, "cannot read the removed mailbox's alerts");
+                return;
+            }
+        };
+        let mut kinds: Vec<String> = open
+            .into_iter()
+            // The query also matches a profile's alert of the same name.
+            .filter(|a| a.mailbox.as_deref() == Some(mailbox))
+            .map(|a| a.kind)
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        for kind in kinds {
+            self.resolve(mailbox, &kind, now);
+        }
+    }
+
     /// How many mailboxes `profile` has.
     fn members_of(&self, profile: &str) -> usize {
         self.profile_members
@@ -309,6 +338,41 @@ mod tests {
         alerts.mailbox_recovered("p", "b", 3);
         let a = &store.alerts(10).unwrap()[0];
         assert_eq!(a.resolved_at, Some(3), "1 of 3 fails: resolved");
+    }
+
+    #[test]
+    fn a_removed_mailbox_leaves_no_open_alert_and_others_keep_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        // A profile named like the mailbox: its alert is not the mailbox's.
+        let members = HashMap::from([("gone".to_string(), vec!["other".into()])]);
+        let alerts = Alerts::new(store.clone(), members);
+        for (mailbox, kind) in [
+            ("gone", kind::DISABLED),
+            ("gone", "quarantine:unparseable"),
+            ("other", kind::DISABLED),
+        ] {
+            alerts.raise(kind, AlertLevel::Error, Some(mailbox), Some("gone"), "x", 1);
+        }
+        alerts.raise(
+            kind::PROFILE_FAILING,
+            AlertLevel::Error,
+            None,
+            Some("gone"),
+            "y",
+            1,
+        );
+        alerts.mailbox_removed("gone", 2);
+        let open: Vec<(Option<String>, String)> = store
+            .alerts(10)
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.is_open())
+            .map(|a| (a.mailbox, a.kind))
+            .collect();
+        assert_eq!(open.len(), 2, "{open:?}");
+        assert!(open.contains(&(Some("other".into()), kind::DISABLED.into())));
+        assert!(open.contains(&(None, kind::PROFILE_FAILING.into())));
     }
 
     #[test]

@@ -299,6 +299,7 @@ impl Generation {
         }
         for name in &report.removed {
             self.runtime.remove(name);
+            self.alerts.mailbox_removed(name, crate::model::now());
         }
 
         // A profile that changed restarted all its mailboxes (its
