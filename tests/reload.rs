@@ -341,6 +341,14 @@ fn a_crm_change_restarts_every_task() {
     let mut daemon = Running(Some(start(&cfg)));
     wait_total(port, 1);
     let before = task_of(port, "a");
+    // A Test & Enable job, done before the reload: it outlives it too.
+    let (status, started) = request(port, "POST", "/api/v1/mailboxes/a/test", None);
+    assert_eq!(status, 202, "{started}");
+    let job_id = started["job"].as_str().unwrap().to_string();
+    let job = wait_for(Duration::from_secs(30), "the job to finish", || {
+        let job = get_json(port, &format!("/api/v1/jobs/{job_id}"));
+        (job["state"] == "done").then_some(job)
+    });
     write_config(
         dir.path(),
         port,
@@ -363,6 +371,11 @@ fn a_crm_change_restarts_every_task() {
         let m: Value = serde_json::from_str(&body).ok()?;
         (status == 200 && m["task_id"].as_u64()? != before.0).then_some(())
     });
+    assert_eq!(
+        get_json(port, &format!("/api/v1/jobs/{job_id}")),
+        job,
+        "the job survives a full reload"
+    );
     one_more(&a, "a-2");
     wait_total(port, 2);
     daemon.stop();

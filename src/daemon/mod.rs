@@ -59,6 +59,8 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
     )?);
     let deployment = Arc::new(Deployment::load_or_create(&config)?);
     tracing::info!(deployment = %deployment.id, "this deployment's id (in the marker of every mailbox it syncs)");
+    // Test & Enable jobs stay queryable across reloads, full ones included.
+    let jobs = Arc::new(crate::jobs::Jobs::default());
     let prometheus = telemetry::prometheus();
     telemetry::describe(
         &config
@@ -75,6 +77,7 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
             config.clone(),
             store.clone(),
             deployment.clone(),
+            jobs.clone(),
             prometheus.clone(),
             reloads.clone(),
         )

@@ -111,6 +111,7 @@ impl Generation {
         config: Arc<Config>,
         store: Arc<dyn Store>,
         deployment: Arc<Deployment>,
+        jobs: Arc<crate::jobs::Jobs>,
         prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
         reloads: reload::ReloadHandle,
     ) -> Result<Self, DaemonError> {
@@ -151,6 +152,7 @@ impl Generation {
             semaphores.clone(),
             Builders::with_graph(store.clone(), graph_mailboxes.clone()),
             runtime.clone(),
+            jobs,
             cancel.clone(),
         ));
 

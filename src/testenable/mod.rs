@@ -88,7 +88,8 @@ pub struct TestEnable {
     deployment: Arc<Deployment>,
     alerts: Arc<Alerts>,
     enabler: Enabler,
-    jobs: Jobs,
+    /// The daemon's job registry (kept across full reloads).
+    jobs: Arc<Jobs>,
     cancel: CancellationToken,
 }
 
@@ -101,7 +102,8 @@ struct Settings {
 }
 
 impl TestEnable {
-    /// The daemon's runner: its mailbox tasks' semaphores and runtime view.
+    /// The daemon's runner: its mailbox tasks' semaphores and runtime view,
+    /// and the daemon's job registry, so jobs outlive a full reload.
     #[allow(clippy::too_many_arguments)]
     pub fn for_daemon(
         config: Arc<Config>,
@@ -111,6 +113,7 @@ impl TestEnable {
         limits: HashMap<String, Arc<Semaphore>>,
         builders: Builders,
         runtime: Arc<Runtime>,
+        jobs: Arc<Jobs>,
         cancel: CancellationToken,
     ) -> Self {
         TestEnable {
@@ -123,7 +126,7 @@ impl TestEnable {
             deployment,
             alerts,
             enabler: Enabler::Runtime(runtime),
-            jobs: Jobs::default(),
+            jobs,
             cancel,
         }
     }
@@ -160,7 +163,7 @@ impl TestEnable {
             store,
             deployment,
             enabler: Enabler::Store,
-            jobs: Jobs::default(),
+            jobs: Arc::new(Jobs::default()),
             cancel: CancellationToken::new(),
         }
     }
