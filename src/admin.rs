@@ -11,6 +11,7 @@
 
 mod activities;
 mod alerts;
+mod deployment;
 mod doc;
 mod feed;
 mod jobs;
@@ -106,6 +107,7 @@ fn routes(outgoing_body_limit: usize, token: Option<Secret>) -> OpenApiRouter<Ad
         .routes(routes!(outgoing::cancel))
         .routes(routes!(outgoing::retry))
         .routes(routes!(reload::reload))
+        .routes(routes!(deployment::get))
         .routes(routes!(doc::document));
     // The bearer check wraps exactly these routes, which the document marks
     // as needing the token.

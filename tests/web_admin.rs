@@ -433,6 +433,22 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
         (cells.len() == 10 && cells[1] == "waiting" && !cells[2].contains('—')).then_some(cells)
     });
     assert_eq!(cells[0], "support\nsupport@example.test", "{cells:?}");
+    // Which deployment this is, as the API says.
+    let me = common::get_json(port, "/api/v1/deployment");
+    assert_eq!(me["id"], common::TEST_DEPLOYMENT_ID, "{me}");
+    let shown = eventually!(&c, "the deployment in the header", {
+        let t = text(&c, "#deployment").await;
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(
+        shown,
+        format!(
+            "Deployment {} on {} (v{}) ·",
+            me["id"].as_str().unwrap(),
+            me["host"].as_str().unwrap(),
+            me["version"].as_str().unwrap()
+        )
+    );
     assert_eq!(cells[3], "0", "backlog: {cells:?}");
     assert!(
         cells[4].starts_with("success") && cells[4].contains("readable: 2 folder(s), 8 message(s)"),

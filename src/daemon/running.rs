@@ -177,6 +177,7 @@ impl Generation {
                 send_wakeup: Some(wakeup.clone()),
             })
             .layer(axum::Extension(test_enable.clone()))
+            .layer(axum::Extension(deployment.clone()))
             .layer(axum::Extension(reloads));
             let stop = cancel.clone();
             tracker.spawn(async move {

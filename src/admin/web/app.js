@@ -569,10 +569,22 @@
 
   // ---- sign in / out ----------------------------------------------------
 
+  /** Which deployment this is: the id another deployment's refusal of a
+   * mailbox names (one mailbox, one deployment). */
+  async function showDeployment() {
+    try {
+      const d = await api("GET", "/deployment");
+      $("deployment").textContent = "Deployment " + d.id + " on " + d.host + " (v" + d.version + ") · ";
+    } catch (e) {
+      $("deployment").textContent = "";
+    }
+  }
+
   function showApp() {
     $("signin-view").hidden = true;
     $("app-view").hidden = false;
     $("who").hidden = false;
+    showDeployment();
     refresh();
     schedule();
   }
