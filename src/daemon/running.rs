@@ -156,6 +156,9 @@ impl Generation {
             cancel.clone(),
         ));
 
+        // Bound now (a taken port fails the start), served once every
+        // mailbox is registered: a configured mailbox is never a 404.
+        let mut admin_api = None;
         if config.admin.enabled {
             let listener = tokio::net::TcpListener::bind(config.admin.listen)
                 .await
@@ -163,11 +166,6 @@ impl Generation {
                     addr: config.admin.listen.to_string(),
                     source,
                 })?;
-            let addr = listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            tracing::info!(%addr, "admin API listening");
             let app = admin::router(AdminState {
                 config: shared.clone(),
                 store: store.clone(),
@@ -179,15 +177,7 @@ impl Generation {
             .layer(axum::Extension(test_enable.clone()))
             .layer(axum::Extension(deployment.clone()))
             .layer(axum::Extension(reloads));
-            let stop = cancel.clone();
-            tracker.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "admin API stopped");
-                }
-            });
+            admin_api = Some((listener, app));
         }
 
         let mut generation = Generation {
@@ -209,6 +199,22 @@ impl Generation {
         };
         for mailbox in &config.mailboxes {
             generation.start_mailbox(mailbox, None);
+        }
+        if let Some((listener, app)) = admin_api {
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(%addr, "admin API listening");
+            let stop = cancel.clone();
+            generation.tracker.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "admin API stopped");
+                }
+            });
         }
         runtime.scheduler_running.store(true, Ordering::SeqCst);
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
