@@ -381,6 +381,19 @@ pub async fn claim<C: Connector>(
     })
 }
 
+/// The incoming test, then the claim (only after a passing test): the
+/// test's line with what the claim did, and the claim. The one way both the
+/// mailbox task's start and an on-demand Test & Enable run it.
+pub async fn test_and_claim<C: Connector>(
+    connector: &mut C,
+    claiming: Claiming<'_>,
+) -> Result<(String, Claim), ConnectorError> {
+    let detail = connector.test().await?;
+    let claim = claim(connector, claiming).await?;
+    let line = format!("{detail}; {}", claim.describe(claiming.deployment));
+    Ok((line, claim))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

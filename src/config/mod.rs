@@ -307,6 +307,18 @@ impl Config {
         self.profiles.iter().find(|p| p.name == mailbox.profile)
     }
 
+    /// Each profile's mailboxes, by name (what the profile alert counts).
+    pub fn profile_members(&self) -> HashMap<String, Vec<String>> {
+        let mut members: HashMap<String, Vec<String>> = HashMap::new();
+        for m in &self.mailboxes {
+            members
+                .entry(m.profile.clone())
+                .or_default()
+                .push(m.name.clone());
+        }
+        members
+    }
+
     /// Path of the embedded store.
     pub fn store_path(&self) -> PathBuf {
         self.daemon.state_dir.join("store")

@@ -418,12 +418,9 @@ async fn probe<C: crate::connector::Connector>(
     mut connector: C,
     claim: Claiming<'_>,
 ) -> Result<String, ProbeError> {
-    let tested = match connector.test().await {
-        Ok(detail) => crate::deployment::claim(&mut connector, claim)
-            .await
-            .map(|c| format!("{detail}; {}", c.describe(claim.deployment))),
-        Err(e) => Err(e),
-    };
+    let tested = crate::deployment::test_and_claim(&mut connector, claim)
+        .await
+        .map(|(line, _)| line);
     connector.close().await;
     Ok(tested?)
 }

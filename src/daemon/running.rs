@@ -66,18 +66,6 @@ async fn drained<'a>(parts: impl IntoIterator<Item = &'a Part>, grace: Duration)
     tokio::time::timeout(grace, all).await.is_ok()
 }
 
-/// Each profile's mailboxes.
-fn members(config: &Config) -> HashMap<String, Vec<String>> {
-    let mut members: HashMap<String, Vec<String>> = HashMap::new();
-    for m in &config.mailboxes {
-        members
-            .entry(m.profile.clone())
-            .or_default()
-            .push(m.name.clone());
-    }
-    members
-}
-
 /// One start of every task on one configuration; a reload that only
 /// touches mailboxes is applied to it in place ([`Generation::apply`]).
 pub(super) struct Generation {
@@ -116,7 +104,7 @@ impl Generation {
         reloads: reload::ReloadHandle,
     ) -> Result<Self, DaemonError> {
         let runtime = Arc::new(Runtime::default());
-        let alerts = Arc::new(Alerts::new(store.clone(), members(&config)));
+        let alerts = Arc::new(Alerts::new(store.clone(), config.profile_members()));
         // Wakes the senders when the admin API queues an email.
         let wakeup: crate::outgoing::SendWakeup = Arc::new(tokio::sync::Notify::new());
         let cancel = CancellationToken::new();
@@ -342,7 +330,8 @@ impl Generation {
             graph::graph_mailboxes_keeping(&new, &keep_clients, &keep_apps);
 
         // What the long-lived parts read.
-        self.alerts.set_members(members(&new), crate::model::now());
+        self.alerts
+            .set_members(new.profile_members(), crate::model::now());
         self.test_enable.reconfigure(
             new.clone(),
             self.semaphores.clone(),

@@ -496,15 +496,12 @@ impl MailboxTask {
         let mut held = queue.acquire(&self.connections).await;
         // One mailbox, one deployment: a passing test also claims it (or
         // finds it ours); another deployment's marker disables it.
-        let test = match connector.test().await {
-            Ok(detail) => deployment::claim(connector, self.claiming())
-                .await
-                .map(|claim| {
-                    self.claimed(&claim);
-                    format!("{detail}; {}", claim.describe(&self.deployment))
-                }),
-            Err(e) => Err(e),
-        };
+        let test = deployment::test_and_claim(connector, self.claiming())
+            .await
+            .map(|(line, claim)| {
+                self.claimed(&claim);
+                line
+            });
         // When the marker is checked next: at once if the test failed.
         let mut marker_due = tokio::time::Instant::now()
             + if test.is_ok() {

@@ -146,15 +146,8 @@ impl TestEnable {
                 (p.name.clone(), Arc::new(Semaphore::new(n)))
             })
             .collect();
-        let mut members: HashMap<String, Vec<String>> = HashMap::new();
-        for m in &config.mailboxes {
-            members
-                .entry(m.profile.clone())
-                .or_default()
-                .push(m.name.clone());
-        }
         TestEnable {
-            alerts: Arc::new(Alerts::new(store.clone(), members)),
+            alerts: Arc::new(Alerts::new(store.clone(), config.profile_members())),
             settings: RwLock::new(Arc::new(Settings {
                 builders: Builders::new(&config, store.clone()),
                 config,
