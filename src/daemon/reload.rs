@@ -114,9 +114,11 @@ pub fn diff(old: &Config, new: &Config, file: &str) -> ReloadReport {
         full_restart: full_restart_reasons(old, new),
         ..Default::default()
     };
-    // Read by every mailbox task: a change restarts them all.
+    // Read by every mailbox task when it starts: a change restarts them all
+    // (a task left running would keep the old marker check cadence).
     let every_mailbox = old.correlation != new.correlation
-        || old.process_only_approved != new.process_only_approved;
+        || old.process_only_approved != new.process_only_approved
+        || old.daemon.marker_check_every != new.daemon.marker_check_every;
     for m in &new.mailboxes {
         match old.mailboxes.iter().find(|o| o.name == m.name) {
             None => r.added.push(m.name.clone()),
@@ -435,6 +437,13 @@ mod tests {
         // Approval rule: every mailbox restarts, nothing else.
         let open = parsed(dir.path(), "process_only_approved = false", "5s", &boxes);
         let r = diff(&old, &open, "f");
+        assert!(!r.is_full());
+        assert_eq!(r.restarted, vec!["a", "s"]);
+        assert!(r.left_running.is_empty());
+        // The marker check cadence: read by each task when it starts.
+        let mut cadence = old.clone();
+        cadence.daemon.marker_check_every = std::time::Duration::from_secs(60);
+        let r = diff(&old, &cadence, "f");
         assert!(!r.is_full());
         assert_eq!(r.restarted, vec!["a", "s"]);
         assert!(r.left_running.is_empty());
