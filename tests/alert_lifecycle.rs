@@ -2,6 +2,8 @@
 //! longer than the stall threshold, then comes back. Operators must see one
 //! Error alert per mailbox plus one profile alert (not a storm of one alert
 //! per failed poll), and everything must recover and resolve by itself.
+//! The CRM's webhook hears of the outage once: the profile alert, not one
+//! event per mailbox (the storm rule).
 //!
 //! This file holds one test on purpose: it stops and restarts the shared
 //! test servers, which no other test may see (cargo runs test binaries one
@@ -10,6 +12,8 @@
 
 mod common;
 mod servers;
+#[path = "support/webhook_receiver.rs"]
+mod webhook_receiver;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,6 +21,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 use servers::*;
+use webhook_receiver::{Receiver, SECRETS};
 
 const USERS: [&str; 4] = ["user00140", "user00141", "user00142", "user00143"];
 
@@ -48,7 +53,10 @@ fn config(
     dir: &std::path::Path,
     port: u16,
     maildir: &std::path::Path,
+    webhook: &str,
 ) -> std::path::PathBuf {
+    let secret_file = dir.join("webhook.secret");
+    std::fs::write(&secret_file, format!("{}\n{}\n", SECRETS[0], SECRETS[1])).unwrap();
     let mut cfg = format!(
         r#"
 [daemon]
@@ -60,6 +68,15 @@ shutdown_grace = "10s"
 [admin]
 listen = "127.0.0.1:{port}"
 token = "{TOKEN}"
+
+[crm]
+type = "webhook"
+url = "{webhook}"
+secret_file = "{secret}"
+timeout = "5s"
+# The mailboxes notice the outage seconds apart, and their stall threshold
+# here is only 4 s: the first Errors come before the profile alert.
+alert_group_wait = "15s"
 
 [[profiles]]
 name = "dovecot"
@@ -94,6 +111,7 @@ path = "{maildir}"
         ca = env.ca.display(),
         sn = env.server_name,
         maildir = maildir.display(),
+        secret = secret_file.display(),
     );
     for user in USERS {
         cfg.push_str(&format!(
@@ -161,7 +179,9 @@ fn dovecot_down_past_the_threshold_gives_one_error_per_mailbox_and_one_profile_a
     let maildir = dir.path().join("local");
     make_maildir(&maildir);
     let port = free_port();
-    let cfg = config(&env, dir.path(), port, &maildir);
+    let receiver = Receiver::start();
+    let cfg = config(&env, dir.path(), port, &maildir, &receiver.url());
+    let sent_alerts = || receiver.hook.seen.lock().unwrap().alerts.clone();
     let mut daemon = Running(Some(start(&cfg)));
 
     let synced = |n: usize| {
@@ -239,6 +259,28 @@ fn dovecot_down_past_the_threshold_gives_one_error_per_mailbox_and_one_profile_a
         alerts(port, "&mailbox=local").is_empty(),
         "the Maildir mailbox of another profile is not touched"
     );
+    // The webhook hears of it once, from the profile alert (raised at the
+    // first failures, before any mailbox stalled): the mailboxes' Error
+    // alerts are covered by it.
+    let events = wait_for(
+        Duration::from_secs(20),
+        "the profile alert's webhook event",
+        || {
+            let a = sent_alerts();
+            (!a.is_empty()).then_some(a)
+        },
+    );
+    let data = &events[0]["data"];
+    assert_eq!(data["kind"], "profile_failing", "{events:#?}");
+    assert_eq!(data["profile"], "dovecot", "{data}");
+    assert_eq!(data["mailbox"], Value::Null, "{data}");
+    assert!(
+        data["text"]
+            .as_str()
+            .unwrap()
+            .contains("of 4 mailboxes of profile \"dovecot\" failed"),
+        "{data}"
+    );
     let (status, _) = get(port, "/readyz", None).unwrap();
     assert_eq!(
         status, 503,
@@ -276,4 +318,12 @@ fn dovecot_down_past_the_threshold_gives_one_error_per_mailbox_and_one_profile_a
         assert_ne!(m["phase"], "backing_off", "{m}");
     }
     daemon.stop();
+    // Stopped: whatever the sender had to send is sent.
+    let events = sent_alerts();
+    assert_eq!(
+        events.len(),
+        1,
+        "one webhook event for the whole outage, none per mailbox: {events:#?}"
+    );
+    assert!(receiver.hook.seen.lock().unwrap().problems.is_empty());
 }

@@ -58,6 +58,7 @@ type = "webhook"
 url = "{url}"
 secret_file = "{secret}"
 timeout = "5s"
+alert_group_wait = "1s"
 {crm}
 
 [crm.delivery]
@@ -522,6 +523,7 @@ fn test_event_is_signed_and_a_closed_port_is_transient() {
         allow_insecure: false,
         ca_file: None,
         timeout: Duration::from_secs(5),
+        alert_group_wait: Duration::ZERO,
     };
     let adapter = crm_mailsync::crm::webhook::WebhookAdapter::new(&settings).unwrap();
     let ok = r.rt.block_on(adapter.test()).unwrap();

@@ -40,7 +40,14 @@ pub struct WebhookSettings {
     pub allow_insecure: bool,
     pub ca_file: Option<PathBuf>,
     pub timeout: Duration,
+    /// How long a mailbox's Error alert waits before it goes out as an
+    /// event: a profile alert raised meanwhile covers it (the storm rule
+    /// for outages the mailboxes notice one after the other).
+    pub alert_group_wait: Duration,
 }
+
+/// Default [`WebhookSettings::alert_group_wait`].
+pub const DEFAULT_ALERT_GROUP_WAIT: Duration = Duration::from_secs(60);
 
 /// `[crm] type = "dataverse"` (Dynamics 365 Web API v9.2).
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +188,13 @@ pub(super) fn crm_settings(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors)
                 .then(|| url_setting(&mut t, "records_url", allow_insecure, errs))
                 .flatten();
             let secret_file = t.required_string("secret_file", errs);
+            let alert_group_wait = t.duration(
+                "alert_group_wait",
+                DEFAULT_ALERT_GROUP_WAIT,
+                Duration::ZERO,
+                Duration::from_secs(3600),
+                errs,
+            );
             let mut secrets = Vec::new();
             let mut secret_path_buf = PathBuf::new();
             if let Some(f) = &secret_file {
@@ -225,6 +239,7 @@ pub(super) fn crm_settings(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors)
                     allow_insecure,
                     ca_file: ca_file.clone(),
                     timeout,
+                    alert_group_wait,
                 }),
                 None => {
                     if t.raw("url").is_none() {

@@ -23,6 +23,14 @@
 //! the outcome the same however late the sender runs (after a receiver
 //! outage the profile alert may be resolved already, and its storm should
 //! still not arrive one by one).
+//!
+//! Group wait: the mailboxes of a profile notice an outage one after the
+//! other (each at its next poll), so the first ones can become Errors
+//! before more than half fail and the profile alert exists. A mailbox's
+//! Error entry therefore waits `alert_group_wait` (default 60 s) after it
+//! was written, and is not sent when its profile's alert was raised within
+//! that time (the next entries of the journal say so). Decided from the
+//! journal alone, so again the same however late the sender runs.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,7 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::webhook::WebhookAdapter;
 use super::CrmError;
-use crate::store::{AlertEvent, Store, StoreError};
+use crate::alerts::kind::PROFILE_FAILING;
+use crate::model;
+use crate::store::{AlertEvent, AlertEventKind, Store, StoreError};
 
 /// Cursor name in the store: the last journal seq sent.
 pub const CURSOR: &str = "alert-events:webhook";
@@ -56,6 +66,37 @@ pub fn covered_by_profile_alert(event: &AlertEvent) -> bool {
     event.alert.mailbox.is_some() && event.profile_alert.is_some()
 }
 
+/// What the group wait makes of a mailbox `event` given `later` entries
+/// of the journal (those after it, in order): `Some(true)` when its
+/// profile's alert was raised within `wait` after it (not sent),
+/// `Some(false)` when the entries pass that time without one (sent),
+/// `None` when `later` ends before that time (read on, or wait).
+pub fn covered_within(event: &AlertEvent, later: &[AlertEvent], wait: Duration) -> Option<bool> {
+    let (Some(_), Some(profile)) = (&event.alert.mailbox, &event.alert.profile) else {
+        return Some(false);
+    };
+    let deadline = event.at.saturating_add(wait_secs(wait));
+    for e in later {
+        if e.at > deadline {
+            return Some(false);
+        }
+        let a = &e.alert;
+        if e.kind == AlertEventKind::Raised
+            && a.mailbox.is_none()
+            && a.kind == PROFILE_FAILING
+            && a.profile.as_ref() == Some(profile)
+        {
+            return Some(true);
+        }
+    }
+    None
+}
+
+/// Whole seconds of `wait`, rounded up (journal times are seconds).
+fn wait_secs(wait: Duration) -> i64 {
+    i64::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).unwrap_or(i64::MAX)
+}
+
 /// Where a sender starts without a cursor of its own: after `head` (the
 /// newest entry when it was started) for a webhook configured just now,
 /// since alerts from before it are not sent; from the start of the journal
@@ -77,6 +118,7 @@ pub fn first_cursor(head: u64, had_old_cursor: bool) -> u64 {
 pub fn run(
     adapter: Arc<WebhookAdapter>,
     store: Arc<dyn Store>,
+    group_wait: Duration,
     cancel: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     let head = store.last_alert_event_seq();
@@ -85,14 +127,20 @@ pub fn run(
         let mut failures = 0u32;
         loop {
             changes.borrow_and_update();
-            let wait = match look(&adapter, &store, head).await {
-                Ok(true) => {
+            let wait = match look(&adapter, &store, head, group_wait).await {
+                Ok(Looked::More) => {
                     failures = 0;
                     continue;
                 }
-                Ok(false) => {
+                Ok(Looked::Done) => {
                     failures = 0;
                     None
+                }
+                // The entry at the cursor is in its group wait: entries
+                // written meanwhile are behind it and change nothing.
+                Ok(Looked::Hold(wait)) => {
+                    failures = 0;
+                    Some(wait)
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -129,13 +177,61 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| CrmError::transient(format!("{what}: {e}")))
 }
 
-/// One page of the journal after the cursor, sent in order. `Ok(true)`
-/// when a full page went out (there may be more).
+/// How far a look at the journal got.
+enum Looked {
+    /// A full page went out: there may be more.
+    More,
+    /// Everything after the cursor went out.
+    Done,
+    /// The next entry waits this long for its group wait to end.
+    Hold(Duration),
+}
+
+/// Whether `event` waits for (or is covered by) its profile's alert under
+/// the group wait: `Ok(None)` to send it now, `Ok(Some(None))` covered,
+/// `Ok(Some(Some(d)))` to look again in `d`.
+async fn group_wait_of(
+    store: &Arc<dyn Store>,
+    event: &AlertEvent,
+    wait: Duration,
+) -> Result<Option<Option<Duration>>, CrmError> {
+    if wait.is_zero() || event.alert.mailbox.is_none() {
+        return Ok(None);
+    }
+    let mut after = event.seq;
+    loop {
+        let s = store.clone();
+        let later = blocking("reading the alert journal", move || {
+            s.alert_events_after(after, PAGE)
+        })
+        .await?;
+        match covered_within(event, &later, wait) {
+            Some(true) => return Ok(Some(None)),
+            Some(false) => return Ok(None),
+            None if later.len() == PAGE => {
+                after = later.last().map_or(after, |e| e.seq);
+            }
+            None => {
+                let left = event.at.saturating_add(wait_secs(wait)) - model::now();
+                if left < 0 {
+                    // Its time is over and no profile alert came.
+                    return Ok(None);
+                }
+                // +1: journal times are whole seconds.
+                let left = u64::try_from(left).unwrap_or(0).saturating_add(1);
+                return Ok(Some(Some(Duration::from_secs(left))));
+            }
+        }
+    }
+}
+
+/// One page of the journal after the cursor, sent in order.
 async fn look(
     adapter: &WebhookAdapter,
     store: &Arc<dyn Store>,
     head: u64,
-) -> Result<bool, CrmError> {
+    group_wait: Duration,
+) -> Result<Looked, CrmError> {
     let s = store.clone();
     let (cursor, events) = blocking("reading the alert journal", move || {
         let cursor = match s.named_cursor(CURSOR)? {
@@ -162,7 +258,15 @@ async fn look(
     }
     let full = events.len() == PAGE;
     for event in events {
-        if covered_by_profile_alert(&event) {
+        let grouped = if covered_by_profile_alert(&event) {
+            Some(None)
+        } else {
+            group_wait_of(store, &event, group_wait).await?
+        };
+        if let Some(Some(wait)) = grouped {
+            return Ok(Looked::Hold(wait));
+        }
+        if grouped.is_some() {
             tracing::debug!(
                 adapter = "webhook",
                 seq = event.seq,
@@ -188,7 +292,7 @@ async fn look(
         })
         .await?;
     }
-    Ok(full)
+    Ok(if full { Looked::More } else { Looked::Done })
 }
 
 #[cfg(test)]
@@ -238,6 +342,53 @@ mod tests {
         // A profile alert entry never carries one, but if it did it would
         // still go: only mailbox alerts are covered.
         assert!(!covered_by_profile_alert(&event(4, None, Some(1))));
+    }
+
+    /// `event` at time `at` of profile `profile`.
+    fn at(mut e: AlertEvent, at: i64, profile: &str) -> AlertEvent {
+        e.at = at;
+        e.alert.profile = Some(profile.into());
+        e
+    }
+
+    #[test]
+    fn a_mailbox_error_is_covered_by_its_profile_alert_raised_within_the_group_wait() {
+        let wait = Duration::from_secs(60);
+        let error = at(event(1, Some("a"), None), 100, "p");
+        let profile_alert = |seq, t, p| at(event(seq, None, None), t, p);
+        // Raised 59 s later: covered.
+        let later = [
+            at(event(2, Some("b"), None), 120, "p"),
+            profile_alert(3, 159, "p"),
+        ];
+        assert_eq!(covered_within(&error, &later, wait), Some(true));
+        // At the limit still; a second after it, not.
+        assert_eq!(
+            covered_within(&error, &[profile_alert(2, 160, "p")], wait),
+            Some(true)
+        );
+        assert_eq!(
+            covered_within(&error, &[profile_alert(2, 161, "p")], wait),
+            Some(false)
+        );
+        // Another profile's alert does not cover it.
+        assert_eq!(
+            covered_within(&error, &[profile_alert(2, 110, "q")], wait),
+            None,
+            "undecided until the wait is over"
+        );
+        // An escalation of the profile alert is not a raise: the alert was
+        // open (and the write-time rule applies) or it is not this one.
+        let mut escalated = profile_alert(2, 110, "p");
+        escalated.kind = AlertEventKind::Escalated;
+        assert_eq!(covered_within(&error, &[escalated], wait), None);
+        // Nothing after it yet: undecided.
+        assert_eq!(covered_within(&error, &[], wait), None);
+        // A profile alert itself is never held.
+        assert_eq!(
+            covered_within(&profile_alert(1, 100, "p"), &[], wait),
+            Some(false)
+        );
     }
 
     #[test]

@@ -600,6 +600,7 @@ mod tests {
             allow_insecure: false,
             ca_file: None,
             timeout: Duration::from_secs(5),
+            alert_group_wait: Duration::ZERO,
         };
         let a = WebhookAdapter::new(&settings).unwrap();
         let debug = format!("{a:?}");

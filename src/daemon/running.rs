@@ -557,6 +557,7 @@ fn start_crm_link(
             tracker.spawn(crate::crm::alert_events::run(
                 adapter.clone(),
                 store.clone(),
+                settings.alert_group_wait,
                 cancel.clone(),
             ));
             start_adapter(adapter, config, store, runtime, tracker, cancel);

@@ -69,6 +69,10 @@ struct AlertSender {
 
 impl AlertSender {
     fn start(r: &Receiver, store: &Arc<dyn Store>) -> Self {
+        Self::with_group_wait(r, store, Duration::ZERO)
+    }
+
+    fn with_group_wait(r: &Receiver, store: &Arc<dyn Store>, group_wait: Duration) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let settings = crm_mailsync::config::WebhookSettings {
             url: r.url(),
@@ -81,11 +85,16 @@ impl AlertSender {
             allow_insecure: false,
             ca_file: None,
             timeout: Duration::from_secs(5),
+            alert_group_wait: group_wait,
         };
         let adapter = Arc::new(crm_mailsync::crm::webhook::WebhookAdapter::new(&settings).unwrap());
         let cancel = tokio_util::sync::CancellationToken::new();
-        let task =
-            r.rt.spawn(alert_events::run(adapter, store.clone(), cancel.clone()));
+        let task = r.rt.spawn(alert_events::run(
+            adapter,
+            store.clone(),
+            group_wait,
+            cancel.clone(),
+        ));
         let sender = AlertSender {
             store: store.clone(),
             cancel,
@@ -186,6 +195,60 @@ fn an_escalation_from_warning_to_error_is_delivered_once() {
     assert!(
         store.alert_events_after(0, 0).unwrap().is_empty(),
         "sent entries are pruned"
+    );
+}
+
+/// The group wait: the first mailboxes of a profile to notice an outage
+/// become Errors before the profile alert exists; raised within the group
+/// wait after them, it covers them. A mailbox Error of another profile
+/// waits as long and is then sent.
+#[test]
+fn a_profile_alert_raised_within_the_group_wait_covers_the_mailbox_errors_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Receiver::start();
+    let store = open_store(dir.path());
+    let sender = AlertSender::with_group_wait(&r, &store, Duration::from_secs(3));
+    let now = crm_mailsync::model::now();
+    let raise_in = |mailbox: Option<&str>, kind: &str, profile: &str, at: i64| {
+        store
+            .raise_alert(
+                NewAlert {
+                    kind,
+                    level: AlertLevel::Error,
+                    mailbox,
+                    profile: Some(profile),
+                    text: "x",
+                },
+                at,
+            )
+            .unwrap()
+            .id
+    };
+    raise_in(Some("support"), "sync_failing", "local", now);
+    let elsewhere = raise_in(Some("other"), "disabled", "elsewhere", now);
+    let profile = raise_in(None, "profile_failing", "local", now + 2);
+    // Raised while the profile alert is open: the write-time rule.
+    raise_in(Some("sales"), "sync_failing", "local", now + 2);
+    let got = wait_for(Duration::from_secs(30), "the events", || {
+        let a = accepted_alerts(&r);
+        (a.len() >= 2).then_some(a)
+    });
+    // A marker after them all, so nothing else is still on its way.
+    let marker = raise_in(None, "marker", "elsewhere", now + 10);
+    let got_all = wait_for(Duration::from_secs(30), "the marker", || {
+        let a = accepted_alerts(&r);
+        (a.len() > got.len()).then_some(a)
+    });
+    sender.stop(&r);
+    let ids: Vec<String> = got_all.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids,
+        vec![
+            format!("alert_{elsewhere}"),
+            format!("alert_{profile}"),
+            format!("alert_{marker}")
+        ],
+        "support's Error is covered by the profile alert 2 s after it"
     );
 }
 
