@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use super::{kind, Alerts};
 use crate::config::SharedConfig;
 use crate::model::{format_time, AlertLevel, UnixTime};
-use crate::scheduler::{LiveMailbox, Phase, Runtime};
+use crate::scheduler::{longest_poll_wait, LiveMailbox, Phase, Runtime};
 
 /// How often the monitor looks.
 const CHECK_EVERY: Duration = Duration::from_secs(10);
@@ -22,9 +22,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(10);
 /// raises a Warning.
 const BACKLOG_ALERT_AT: u64 = 1_000;
 const BACKLOG_WINDOW: Duration = Duration::from_secs(600);
-/// The longest idle wait is this many poll intervals (see the scheduler's
-/// idle back-off); a quiet mailbox is only stalled past that.
-const IDLE_FACTOR: u32 = 4;
 
 /// What the monitor remembers between looks.
 pub struct Monitor {
@@ -102,8 +99,12 @@ impl Monitor {
             // Quiet: running, no failure recorded since the last success,
             // yet no success for too long.
             let running = matches!(m.phase, Phase::Syncing | Phase::Waiting);
-            let quiet_for =
-                profile.map(|p| p.stall_alert_after + p.poll_interval * IDLE_FACTOR + stuck_after);
+            // Past the longest idle wait of its profile's back-off only.
+            let quiet_for = profile.map(|p| {
+                p.stall_alert_after
+                    + longest_poll_wait(p.poll_interval, p.idle_backoff_cap)
+                    + stuck_after
+            });
             let last_ok = m.state.last_success_at;
             match (running, quiet_for, last_ok) {
                 (true, Some(limit), Some(ok)) if now - ok > limit.as_secs() as i64 => {
@@ -203,6 +204,11 @@ mod tests {
     use crate::store::{SledStore, Store};
 
     fn setup(dir: &std::path::Path) -> (Monitor, Arc<dyn Store>) {
+        setup_with(dir, "")
+    }
+
+    /// `profile` holds more keys of the mailbox's profile.
+    fn setup_with(dir: &std::path::Path, profile: &str) -> (Monitor, Arc<dyn Store>) {
         let text = format!(
             r#"
 [daemon]
@@ -215,6 +221,7 @@ name = "local"
 type = "maildir"
 poll_interval = "1s"
 stall_alert_after = "1s"
+{profile}
 [[mailboxes]]
 name = "m"
 profile = "local"
@@ -302,7 +309,8 @@ path = "{state}/m"
         let (mut monitor, store) = setup(dir.path());
         let at = Instant::now();
         let now = 2_000_000;
-        // Limit: stall_alert_after 1 s + 4 × poll 1 s + stuck_after 10 s = 15 s.
+        // Limit: stall_alert_after 1 s + 4 × poll 1 s × 1.1 (jitter) +
+        // stuck_after 10 s = 15.4 s.
         monitor.check(&[live(Phase::Waiting, Some(now - 15), 0)], now, at);
         monitor.check(&[live(Phase::BackingOff, Some(now - 100), 0)], now, at);
         monitor.check(&[live(Phase::Disabled, Some(now - 100), 0)], now, at);
@@ -317,6 +325,22 @@ path = "{state}/m"
         );
         monitor.check(&[live(Phase::Waiting, Some(now + 5), 0)], now + 5, at);
         assert_eq!(of_kind(&store, kind::STALLED)[0].resolved_at, Some(now + 5));
+    }
+
+    /// Regression: the quiet limit assumed an idle back-off of 4 poll
+    /// intervals whatever the profile's `idle_backoff_cap`, so with a larger
+    /// cap every idle mailbox was reported stalled between two polls.
+    #[test]
+    fn an_idle_mailbox_within_its_profiles_idle_backoff_cap_is_not_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut monitor, store) = setup_with(dir.path(), "idle_backoff_cap = 60");
+        let at = Instant::now();
+        let now = 2_500_000;
+        // Limit: 1 s + 60 × 1 s × 1.1 + 10 s = 77 s.
+        monitor.check(&[live(Phase::Waiting, Some(now - 77), 0)], now, at);
+        assert!(of_kind(&store, kind::STALLED).is_empty());
+        monitor.check(&[live(Phase::Waiting, Some(now - 78), 0)], now, at);
+        assert_eq!(of_kind(&store, kind::STALLED).len(), 1);
     }
 
     #[test]

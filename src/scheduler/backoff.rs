@@ -76,6 +76,13 @@ pub(super) fn first_wait(base: Duration) -> Duration {
     base.mul_f64(1.0 + fastrand::f64())
 }
 
+/// The longest a healthy mailbox waits between two polls: the idle
+/// back-off's cap (or the first wait after a start, up to 2 × `base`),
+/// with its jitter. A mailbox quiet for longer is not just idle.
+pub fn longest_poll_wait(base: Duration, cap: u32) -> Duration {
+    (base * cap.max(2)).mul_f64(1.0 + POLL_JITTER)
+}
+
 /// `wait` made up to [`POLL_JITTER`] longer at random.
 pub(super) fn poll_jitter(wait: Duration) -> Duration {
     wait.mul_f64(1.0 + fastrand::f64() * POLL_JITTER)

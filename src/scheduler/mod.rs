@@ -30,6 +30,6 @@ mod task;
 #[cfg(test)]
 mod tests;
 
-pub use backoff::Backoff;
+pub use backoff::{longest_poll_wait, Backoff};
 pub use runtime::{ConnectionQueue, EnableError, LiveMailbox, Phase, Runtime};
 pub use task::{MailboxTask, WATCH_EVERY};
