@@ -77,6 +77,9 @@ pub struct Alerts {
     profile_members: RwLock<HashMap<String, Vec<String>>>,
     /// profile → its failing mailboxes.
     failures: Mutex<HashMap<String, Failing>>,
+    /// mailbox → alert kinds its next successful sync resolves (raised by
+    /// someone else than its task, e.g. a failed on-demand test).
+    at_next_success: Mutex<HashMap<String, Vec<&'static str>>>,
 }
 
 /// A profile's failing mailboxes: mailbox → (last failure, its error).
@@ -92,6 +95,35 @@ impl Alerts {
             store,
             profile_members: RwLock::new(members),
             failures: Mutex::new(HashMap::new()),
+            at_next_success: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Has the next successful sync of `mailbox` resolve its alert of
+    /// `kind`: for alerts its task did not raise (a Test & Enable that
+    /// failed while the mailbox kept running), which its task would
+    /// otherwise not know to resolve.
+    pub fn resolve_at_next_success(&self, mailbox: &str, kind: &'static str) {
+        let mut map = self
+            .at_next_success
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let kinds = map.entry(mailbox.to_string()).or_default();
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+
+    /// A sync of `mailbox` succeeded: resolves what
+    /// [`Alerts::resolve_at_next_success`] was asked to.
+    pub fn mailbox_synced(&self, mailbox: &str, now: UnixTime) {
+        let kinds = self
+            .at_next_success
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(mailbox);
+        for kind in kinds.unwrap_or_default() {
+            self.resolve(mailbox, kind, now);
         }
     }
 
@@ -321,6 +353,43 @@ mod tests {
             Some(6),
             "b and c still fail: 2 of 4 is half, so the profile alert is over"
         );
+    }
+
+    /// Regression: a Test & Enable that failed while the mailbox kept
+    /// running left its Error open until someone tested again, though the
+    /// mailbox synced fine after it.
+    #[test]
+    fn an_incoming_test_alert_of_a_running_mailbox_resolves_at_its_next_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let alerts = Alerts::new(store.clone(), HashMap::new());
+        for m in ["a", "b"] {
+            alerts.raise(
+                kind::INCOMING_TEST,
+                AlertLevel::Error,
+                Some(m),
+                Some("p"),
+                "incoming test failed",
+                1,
+            );
+            alerts.resolve_at_next_success(m, kind::INCOMING_TEST);
+        }
+        alerts.resolve_at_next_success("a", kind::INCOMING_TEST);
+        alerts.mailbox_synced("a", 5);
+        let resolved = |m: &str| {
+            store
+                .alerts(10)
+                .unwrap()
+                .into_iter()
+                .find(|x| x.mailbox.as_deref() == Some(m))
+                .unwrap()
+                .resolved_at
+        };
+        assert_eq!(resolved("a"), Some(5));
+        assert_eq!(resolved("b"), None, "b has not synced yet");
+        // Once: a new failed test after it is again for the next sync.
+        alerts.mailbox_synced("b", 6);
+        assert_eq!(resolved("b"), Some(6));
     }
 
     #[test]

@@ -607,6 +607,7 @@ impl MailboxTask {
                     if std::mem::take(&mut alerts_open) {
                         self.recovered(now);
                     }
+                    self.alerts.mailbox_synced(&name, now);
                     // An idle cycle writes nothing: see STAMPS_PERSIST_EVERY.
                     if !only_stamps_differ(&state, &persisted)
                         || persisted.last_success_at.is_none()

@@ -51,7 +51,8 @@ use crate::scheduler::{EnableError, Phase, Runtime};
 use crate::store::Store;
 
 /// Start of the Error alert of a failed incoming test (kind
-/// [`kind::INCOMING_TEST`], resolved by the next passing one).
+/// [`kind::INCOMING_TEST`], resolved by the next passing one or the
+/// mailbox's next successful sync).
 pub const INCOMING_ALERT: &str = "Test & Enable: incoming failed";
 /// Start of the Error alert of a failed outgoing test (kind
 /// [`kind::OUTGOING_TEST`], shared with the sender's start-up test).
@@ -353,6 +354,10 @@ impl TestEnable {
                         incoming_advice(profile, mailbox, &e)
                     );
                     self.alert(kind::INCOMING_TEST, profile, name, &text);
+                    // A mailbox that keeps running (the test failed on a
+                    // blip) shows the cause cleared by syncing again.
+                    self.alerts
+                        .resolve_at_next_success(name, kind::INCOMING_TEST);
                     problems.push(text);
                     failed(e.to_string())
                 }
