@@ -430,6 +430,22 @@ pub struct QuarantineEntry {
     pub saved_as: String,
     pub size: u64,
     pub at: UnixTime,
+    /// `unparseable`, `too_large` or `unfetchable` (the alert kind's
+    /// `quarantine:<class>`); absent in entries from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+}
+
+impl QuarantineEntry {
+    /// Its class; for an entry from before the class was kept, inferred:
+    /// only unparseable messages have their bytes saved.
+    pub fn class(&self) -> &str {
+        match &self.class {
+            Some(c) => c,
+            None if self.saved_as.is_empty() => "too_large",
+            None => "unparseable",
+        }
+    }
 }
 
 /// Alert severity, as in Dynamics.

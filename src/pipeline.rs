@@ -253,6 +253,7 @@ fn process_inner(
                 saved_as: String::new(),
                 size,
                 at: now,
+                class: Some(class.as_str().to_string()),
             }));
             results.push((m.source.clone(), ItemResult::Quarantined { reason, class }));
             continue;
@@ -278,6 +279,7 @@ fn process_inner(
                     saved_as: saved.display().to_string(),
                     size: m.raw.len() as u64,
                     at: now,
+                    class: Some(QuarantineClass::Unparseable.as_str().to_string()),
                 }));
                 results.push((
                     m.source.clone(),

@@ -128,19 +128,23 @@ fn describe(r: &ItemResult) -> &'static str {
 }
 
 /// Once an entry is gone: its saved bytes go too (the activity has what it
-/// needs), and the mailbox's quarantine alerts resolve when it has no entry
-/// left. Neither may fail the retry, which is committed.
+/// needs), and the mailbox's alert of the entry's class resolves when it
+/// has no entry of that class left (the alerts are per mailbox and class).
+/// Neither may fail the retry, which is committed.
 fn after_release(store: &dyn Store, entry: &QuarantineEntry, now: UnixTime) {
     if let Err(e) = std::fs::remove_file(&entry.saved_as) {
         tracing::warn!(path = %entry.saved_as, error = %e, "cannot delete the saved bytes of a released quarantine entry");
     }
     let mailbox = &entry.source.mailbox;
-    let left = store
-        .quarantined(usize::MAX)
-        .map(|all| all.iter().any(|q| &q.source.mailbox == mailbox));
+    let class = entry.class();
+    let left = store.quarantined(usize::MAX).map(|all| {
+        all.iter()
+            .any(|q| &q.source.mailbox == mailbox && q.class() == class)
+    });
     if let Ok(false) = left {
-        if let Err(e) = store.resolve_alerts(mailbox, crate::alerts::kind::QUARANTINE, now) {
-            tracing::warn!(%mailbox, error = %e, "cannot resolve the quarantine alerts");
+        let kind = format!("{}:{class}", crate::alerts::kind::QUARANTINE);
+        if let Err(e) = store.resolve_alerts(mailbox, &kind, now) {
+            tracing::warn!(%mailbox, error = %e, "cannot resolve the quarantine alert");
         }
     }
 }
@@ -294,5 +298,78 @@ path = "{maildir}"
         assert!(e.to_string().contains("never downloaded"), "{e}");
         assert_eq!(store.quarantined(10).unwrap(), q, "both entries unchanged");
         assert_eq!(store.count_activities(None).unwrap(), 0);
+    }
+
+    /// Regression: a released entry resolved the mailbox's quarantine
+    /// alerts only once no entry of any class was left, so the class whose
+    /// messages were all retried kept its alert open.
+    #[test]
+    fn a_retry_resolves_the_alert_of_its_class_once_that_class_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        let small = config(dir.path(), 1024);
+        ingest(&store, &small, &message("1", &big()));
+        let mut undownloaded = message("2", b"");
+        undownloaded.too_large = Some(50_000_000);
+        ingest(&store, &small, &undownloaded);
+        let q = store.quarantined(10).unwrap();
+        let classes: Vec<&str> = q.iter().map(|e| e.class()).collect();
+        assert_eq!(classes.len(), 2);
+        assert!(classes.contains(&"unparseable") && classes.contains(&"too_large"));
+        for kind in ["quarantine:unparseable", "quarantine:too_large"] {
+            store
+                .raise_alert(
+                    crate::model::NewAlert {
+                        kind,
+                        level: crate::model::AlertLevel::Warning,
+                        mailbox: Some("support"),
+                        profile: Some("local"),
+                        text: "messages quarantined",
+                    },
+                    5,
+                )
+                .unwrap();
+        }
+        let saved = q.iter().find(|e| e.source.uid == "1").unwrap();
+        let large = config(dir.path(), 1 << 20);
+        assert!(matches!(
+            retry(&store, &large, saved.id, 7).unwrap(),
+            RetryOutcome::Recorded { .. }
+        ));
+        let open: Vec<String> = store
+            .alerts(10)
+            .unwrap()
+            .into_iter()
+            .filter(|a| a.resolved_at.is_none())
+            .map(|a| a.kind)
+            .collect();
+        assert_eq!(
+            open,
+            vec!["quarantine:too_large"],
+            "the emptied class is resolved, the other stays"
+        );
+    }
+
+    #[test]
+    fn an_entry_from_before_the_class_was_kept_gets_one_from_its_bytes() {
+        let mut e = QuarantineEntry {
+            id: 1,
+            source: message("1", b"").source,
+            reason: "x".into(),
+            saved_as: String::new(),
+            size: 1,
+            at: 1,
+            class: None,
+        };
+        assert_eq!(e.class(), "too_large");
+        e.saved_as = "/q/1.eml".into();
+        assert_eq!(e.class(), "unparseable");
+        e.class = Some("unfetchable".into());
+        assert_eq!(e.class(), "unfetchable");
+        // As stored before: no `class` key.
+        let mut stored = serde_json::to_value(&e).unwrap();
+        stored.as_object_mut().unwrap().remove("class");
+        let old: QuarantineEntry = serde_json::from_value(stored).unwrap();
+        assert_eq!(old.class, None);
     }
 }

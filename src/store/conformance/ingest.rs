@@ -376,6 +376,7 @@ pub fn items_processed_counts_only_inserted_activities<F: Fixture>(fx: &F) {
         saved_as: String::new(),
         size: 1,
         at: 0,
+        class: None,
     }));
     b.mailbox_state = Some(state(2, 0));
     let outcomes = s.commit(b).unwrap();
@@ -544,6 +545,7 @@ pub fn quarantine_is_keyed_by_source_and_listed_newest_first<F: Fixture>(fx: &F)
         saved_as: String::new(),
         size: 1,
         at: 0,
+        class: Some("too_large".into()),
     };
     let b = CommitBatch {
         items: vec![
