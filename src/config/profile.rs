@@ -115,13 +115,29 @@ pub(super) fn profile(mut t: Table<'_>, base_dir: &Path, errs: &mut Errors) -> O
     let idle = t.bool("idle", true, errs);
     let deployment_marker = t.bool("deployment_marker", true, errs);
     let retry_backoff_max = t.duration("retry_backoff_max", SECS(900), SECS(1), SECS(86_400), errs);
-    let stall_alert_after = t.duration(
-        "stall_alert_after",
-        SECS(3600),
-        SECS(1),
-        SECS(30 * 86_400),
-        errs,
-    );
+    // A duration, or "<N>x": N poll intervals.
+    let stall_alert_after = match t.raw("stall_alert_after").and_then(Value::as_str) {
+        Some(s) if s.trim().ends_with(['x', 'X']) => {
+            let n = s.trim()[..s.trim().len() - 1].trim();
+            match n.parse::<u32>() {
+                Ok(n @ 1..=10_000) => poll_interval * n,
+                _ => {
+                    errs.push(
+                        t.key("stall_alert_after"),
+                        format!("{s:?}: a multiple of poll_interval is 1x..=10000x, e.g. \"20x\""),
+                    );
+                    SECS(3600)
+                }
+            }
+        }
+        _ => t.duration(
+            "stall_alert_after",
+            SECS(3600),
+            SECS(1),
+            SECS(30 * 86_400),
+            errs,
+        ),
+    };
     // Deprecated: still range-checked so a typo is reported, then ignored.
     let max_transient_failures = t
         .raw("max_transient_failures")
@@ -256,5 +272,32 @@ mod tests {
         }
         let errs = profile_errors("idle_backoff_cap = 0");
         assert_eq!(errs[0].1, "0 is out of range 1..=60", "{errs:?}");
+    }
+
+    fn profile(extra: &str) -> crate::config::Profile {
+        let text = format!(
+            "[admin]\ntoken = \"0123456789abcdef\"\n[[profiles]]\nname = \"local\"\ntype = \"maildir\"\n{extra}\n[[mailboxes]]\nname = \"m\"\nprofile = \"local\"\nemail = \"m@example.test\"\npath = \"fixtures/demo-maildir\"\n"
+        );
+        let cfg = super::super::from_toml_str(&text, Vec::new(), Path::new(".")).unwrap();
+        cfg.profiles[0].clone()
+    }
+
+    /// The stall threshold as the issue puts it, N poll intervals, or as a
+    /// duration; the default an hour.
+    #[test]
+    fn stall_alert_after_is_a_duration_or_a_multiple_of_the_poll_interval() {
+        let p = profile("poll_interval = \"30s\"\nstall_alert_after = \"20x\"");
+        assert_eq!(p.stall_alert_after, std::time::Duration::from_secs(600));
+        let p = profile("poll_interval = \"30s\"\nstall_alert_after = \"45m\"");
+        assert_eq!(p.stall_alert_after, std::time::Duration::from_secs(2700));
+        assert_eq!(
+            profile("").stall_alert_after,
+            std::time::Duration::from_secs(3600)
+        );
+        for bad in ["\"0x\"", "\"manyx\"", "\"10001x\"", "\"soon\""] {
+            let errs = profile_errors(&format!("stall_alert_after = {bad}"));
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert_eq!(errs[0].0, "profiles[0].stall_alert_after", "{bad}");
+        }
     }
 }
