@@ -100,16 +100,6 @@ enum Command {
         /// FILE.json (an outgoing request) or FILE.eml (a message).
         file: PathBuf,
     },
-    /// Test & Enable of one mailbox (or with --profile of every mailbox of
-    /// a profile): incoming (connect, TLS, log in, open
-    /// the inbox), outgoing where it sends (log in, send a test message to
-    /// itself) and ACT where configured; prints each direction's status
-    /// and cause. On success the mailbox is enabled. Runs against the
-    /// store, or through the running daemon's admin API while the daemon
-    /// holds it. Exit status: 0 passed and enabled, 1 a test failed or a
-    /// mailbox could not be enabled, 64 configuration problem or unknown
-    /// mailbox or profile, 69 the daemon holds the store and its API is
-    /// unreachable, 70 anything else.
     /// Tell the running daemon to read its configuration file again (as
     /// SIGHUP or POST /api/v1/reload do). The file is checked here first:
     /// every error is printed and the exit status is 64, nothing changes.
@@ -125,6 +115,16 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Test & Enable of one mailbox (or with --profile of every mailbox of
+    /// a profile): incoming (connect, TLS, log in, open
+    /// the inbox), outgoing where it sends (log in, send a test message to
+    /// itself) and ACT where configured; prints each direction's status
+    /// and cause. On success the mailbox is enabled. Runs against the
+    /// store, or through the running daemon's admin API while the daemon
+    /// holds it. Exit status: 0 passed and enabled, 1 a test failed or a
+    /// mailbox could not be enabled, 64 configuration problem or unknown
+    /// mailbox or profile, 69 the daemon holds the store and its API is
+    /// unreachable, 70 anything else.
     TestEnable {
         /// Configuration file (TOML), to find the mailbox, the store and the admin API.
         #[arg(

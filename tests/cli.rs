@@ -110,4 +110,34 @@ fn version_and_help() {
     for cmd in ["run", "check-config", "activities"] {
         assert!(help.contains(cmd), "{help}");
     }
+    // Regression: reload's help said what test-enable does, and
+    // test-enable had none. Every command says what it does, on its own line.
+    let line = |cmd: &str| {
+        help.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{cmd} ")))
+            .unwrap_or_else(|| panic!("no line for {cmd}: {help}"))
+            .to_string()
+    };
+    assert!(
+        line("reload").contains("read its configuration file again"),
+        "{help}"
+    );
+    assert!(!line("reload").contains("Test & Enable"), "{help}");
+    assert!(
+        line("test-enable").contains("Test & Enable of one mailbox"),
+        "{help}"
+    );
+    for l in help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+    {
+        if l.trim().is_empty() {
+            break;
+        }
+        assert!(
+            l.split_whitespace().count() > 1,
+            "a command without help: {l:?}"
+        );
+    }
 }
