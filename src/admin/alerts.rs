@@ -7,7 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::{blocking, doc, limit_param, query_params, store_error, AdminState, ApiError};
+use super::{blocking, doc, limit_param, query_params, AdminState, ApiError};
 use crate::model::{Alert, AlertLevel};
 use crate::store::{AlertQuery, AlertState};
 
@@ -133,11 +133,11 @@ struct QuarantineList {
 pub(super) async fn quarantine(
     State(s): State<AdminState>,
     Query(p): Query<LimitParams>,
-) -> Response {
-    match s.store.quarantined(p.limit.unwrap_or(100).clamp(1, 10_000)) {
-        Ok(quarantine) => Json(QuarantineList { quarantine }).into_response(),
-        Err(e) => store_error(e),
-    }
+) -> Result<Response, ApiError> {
+    let (store, limit) = (s.store.clone(), p.limit.unwrap_or(100).clamp(1, 10_000));
+    // Off the async threads, as every other store read of the API.
+    let quarantine = blocking(move || store.quarantined(limit)).await?;
+    Ok(Json(QuarantineList { quarantine }).into_response())
 }
 
 /// `POST /api/v1/quarantine/{id}/retry`'s answer.
