@@ -356,6 +356,13 @@ pub trait Connector: Send {
         None
     }
 
+    /// When the credential of [`Connector::token_expires_at`] was written
+    /// (a token file's modification time), if known: with the expiry it
+    /// tells a short-lived token its tool renews from one a person must.
+    fn token_issued_at(&self) -> Option<UnixTime> {
+        None
+    }
+
     /// What [`Connector::token_expires_at`] is the expiry of, for the
     /// Warning ahead of it.
     fn expiring_credential(&self) -> &'static str {

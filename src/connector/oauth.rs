@@ -23,6 +23,24 @@ pub struct AccessToken {
     pub token: Secret,
     /// Expiry (Unix seconds), if the issuer or the operator told us.
     pub expires_at: Option<UnixTime>,
+    /// When it was written (a token file's modification time), if known.
+    pub issued_at: Option<UnixTime>,
+}
+
+impl AccessToken {
+    /// True for a token that lives shorter than `window` from when it was
+    /// written: a short-lived access token (an hour, typically) that the
+    /// tool writing the file renews by itself. Warning `window` ahead of
+    /// its expiry would be a Warning at all times; a renewal that stops
+    /// shows as a rejected token naming the expiry instead.
+    pub fn renewed_by_its_tool(&self, window: std::time::Duration) -> bool {
+        match (self.issued_at, self.expires_at) {
+            (Some(issued), Some(expires)) => {
+                expires.saturating_sub(issued) < i64::try_from(window.as_secs()).unwrap_or(i64::MAX)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Why no token could be had. Transient: a token file being rewritten, or
@@ -66,7 +84,11 @@ impl StaticToken {
     /// A provider that always returns `token`.
     pub fn new(token: Secret, expires_at: Option<UnixTime>) -> Self {
         StaticToken {
-            token: AccessToken { token, expires_at },
+            token: AccessToken {
+                token,
+                expires_at,
+                issued_at: None,
+            },
         }
     }
 }
@@ -182,6 +204,7 @@ pub fn parse_token_file(text: &str, mtime: Option<UnixTime>) -> Result<AccessTok
         return Ok(AccessToken {
             token: Secret::new(line),
             expires_at: None,
+            issued_at: mtime,
         });
     }
     let v: serde_json::Value =
@@ -217,12 +240,41 @@ pub fn parse_token_file(text: &str, mtime: Option<UnixTime>) -> Result<AccessTok
     Ok(AccessToken {
         token: Secret::new(token),
         expires_at,
+        issued_at: mtime,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: an hourly access token that its tool rewrites was
+    /// "expiring within 7 days" at all times, a Warning that never went.
+    #[test]
+    fn an_hourly_token_from_a_file_is_renewed_by_its_tool_a_long_lived_one_is_not() {
+        let week = std::time::Duration::from_secs(7 * 86_400);
+        let hourly =
+            parse_token_file(r#"{"access_token":"t","expires_in":3600}"#, Some(1_000)).unwrap();
+        assert_eq!(
+            (hourly.issued_at, hourly.expires_at),
+            (Some(1_000), Some(4_600))
+        );
+        assert!(hourly.renewed_by_its_tool(week));
+        let quarterly =
+            parse_token_file(r#"{"access_token":"t","expires_in":7776000}"#, Some(1_000)).unwrap();
+        assert!(
+            !quarterly.renewed_by_its_tool(week),
+            "a person renews this one"
+        );
+        // Without a write time (a token in the configuration) it is a
+        // person's to renew: warned ahead as before.
+        let configured = AccessToken {
+            token: Secret::new("t"),
+            expires_at: Some(4_600),
+            issued_at: None,
+        };
+        assert!(!configured.renewed_by_its_tool(week));
+    }
 
     #[test]
     fn bare_token_is_the_first_line_trimmed() {
@@ -300,6 +352,7 @@ mod tests {
         let expired = AccessToken {
             token: Secret::new("t"),
             expires_at: Some(100),
+            issued_at: None,
         };
         let file = TokenFile::new("/run/tok", None);
         let e = label_auth_error(&file, &expired, auth(), 200);

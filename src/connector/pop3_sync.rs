@@ -63,6 +63,8 @@ pub struct Pop3Connector {
     session: Option<Session>,
     /// Expiry of the OAuth token used at the last login.
     token_expiry: Option<UnixTime>,
+    /// When that token was written.
+    token_issued: Option<UnixTime>,
 }
 
 impl Pop3Connector {
@@ -74,6 +76,7 @@ impl Pop3Connector {
             store,
             session: None,
             token_expiry: None,
+            token_issued: None,
         }
     }
 
@@ -96,6 +99,7 @@ impl Pop3Connector {
         };
         let token = provider.token().await?;
         self.token_expiry = token.expires_at;
+        self.token_issued = token.issued_at;
         let creds = Credentials::OAuth2 {
             user: user.clone(),
             token: token.token.expose().to_string(),
@@ -342,5 +346,9 @@ impl Connector for Pop3Connector {
 
     fn token_expires_at(&self) -> Option<UnixTime> {
         self.token_expiry
+    }
+
+    fn token_issued_at(&self) -> Option<UnixTime> {
+        self.token_issued
     }
 }

@@ -816,8 +816,17 @@ impl MailboxTask {
             }
             return;
         };
-        let warn_from = at.saturating_sub(self.profile.token_expiry_warning.as_secs() as i64);
-        if now < warn_from {
+        let window = self.profile.token_expiry_warning;
+        let warn_from = at.saturating_sub(window.as_secs() as i64);
+        // A token that lives shorter than the warning window (an hourly
+        // access token its tool rewrites) would always be "expiring".
+        let short_lived = crate::connector::oauth::AccessToken {
+            token: crate::config::Secret::new(""),
+            expires_at: Some(at),
+            issued_at: connector.token_issued_at(),
+        }
+        .renewed_by_its_tool(window);
+        if now < warn_from || short_lived {
             if !changed {
                 return;
             }

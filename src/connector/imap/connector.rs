@@ -106,6 +106,8 @@ pub struct ImapConnector {
     announced: HashMap<String, u32>,
     /// Expiry of the OAuth token used at the last login.
     token_expiry: Option<UnixTime>,
+    /// When that token was written.
+    token_issued: Option<UnixTime>,
     /// Configured folder names → the server's, from the last LIST.
     names: FolderNames,
     /// `names` was resolved on the current connection.
@@ -155,6 +157,7 @@ impl ImapConnector {
             fetched_next: HashMap::new(),
             announced: HashMap::new(),
             token_expiry: None,
+            token_issued: None,
             names: FolderNames::default(),
             names_resolved: false,
             missing: Vec::new(),
@@ -191,6 +194,7 @@ impl ImapConnector {
         };
         let token = provider.token().await?;
         self.token_expiry = token.expires_at;
+        self.token_issued = token.issued_at;
         let creds = Credentials::OAuth2 {
             user: user.clone(),
             token: token.token.expose().to_string(),
@@ -884,6 +888,10 @@ impl Connector for ImapConnector {
 
     fn token_expires_at(&self) -> Option<UnixTime> {
         self.token_expiry
+    }
+
+    fn token_issued_at(&self) -> Option<UnixTime> {
+        self.token_issued
     }
 
     async fn read_marker(&mut self) -> Result<MarkerSlot, ConnectorError> {
