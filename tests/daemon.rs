@@ -259,3 +259,82 @@ fn sigkill_during_sync_loses_nothing_and_duplicates_nothing() {
         "only {kills_mid_sync} of 20 kills landed mid-sync"
     );
 }
+
+/// Resolved alerts past `resolved_alert_retention` go when the daemon
+/// starts (time alone made them due, no resolve since); younger resolved
+/// ones and open ones stay, however old.
+#[test]
+fn resolved_alerts_past_their_retention_are_deleted_at_start_and_reload() {
+    use crm_mailsync::model::{AlertLevel, NewAlert};
+    use crm_mailsync::store::{SledStore, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let fixtures = std::fs::canonicalize("fixtures/demo-maildir").unwrap();
+    let cfg = maildir_config(dir.path(), &fixtures, port, 200, "");
+    let now = crm_mailsync::model::now();
+    let day = 86_400;
+    let (old, young, open) = {
+        let s = SledStore::open(&dir.path().join("state").join("store")).unwrap();
+        let raise = |mailbox: &str, at| {
+            s.raise_alert(
+                NewAlert {
+                    kind: "retention_test",
+                    level: AlertLevel::Warning,
+                    mailbox: Some(mailbox),
+                    profile: None,
+                    text: "t",
+                },
+                at,
+            )
+            .unwrap()
+            .id
+        };
+        let old = raise("gone-old", now - 50 * day);
+        s.resolve_alerts("gone-old", "retention_test", now - 40 * day)
+            .unwrap();
+        let young = raise("gone-young", now - 50 * day);
+        s.resolve_alerts("gone-young", "retention_test", now - 20 * day)
+            .unwrap();
+        let open = raise("still-open", now - 60 * day);
+        assert!(
+            s.alert(old).unwrap().is_some(),
+            "not pruned before the start"
+        );
+        (old, young, open)
+    };
+    let child = start(&cfg);
+    let listed = |gone: u64| {
+        let (status, body) = get(port, "/api/v1/alerts?limit=1000", Some(TOKEN))?;
+        let list: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let ids: HashSet<u64> = list["alerts"]
+            .as_array()?
+            .iter()
+            .filter_map(|a| a["id"].as_u64())
+            .collect();
+        (status == 200 && !ids.contains(&gone)).then_some(ids)
+    };
+    let ids = wait_for(
+        Duration::from_secs(30),
+        "the alert resolved 40 days ago deleted",
+        || listed(old),
+    );
+    assert!(ids.contains(&young), "resolved 20 days ago: kept");
+    assert!(ids.contains(&open), "open: kept");
+    // A shorter retention applies at the reload that brings it.
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[daemon]\n",
+        "[daemon]\nresolved_alert_retention = \"10d\"\n",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let (status, body) = request(port, "POST", "/api/v1/reload", None);
+    assert_eq!(status, 200, "{body}");
+    let ids = wait_for(
+        Duration::from_secs(30),
+        "the alert resolved 20 days ago deleted",
+        || listed(young),
+    );
+    assert!(ids.contains(&open), "open: kept");
+    stop(child);
+}

@@ -117,6 +117,20 @@ pub struct DaemonSettings {
     /// How often a running mailbox checks that its marker still names this
     /// deployment (another one may have taken it over).
     pub marker_check_every: Duration,
+    /// Resolved alerts older than this are deleted.
+    pub resolved_alert_retention: Duration,
+    /// At most this many resolved alerts are kept (the newest).
+    pub resolved_alerts_kept: u64,
+}
+
+impl DaemonSettings {
+    /// The store's retention of resolved alerts.
+    pub fn alert_retention(&self) -> crate::store::AlertRetention {
+        crate::store::AlertRetention {
+            max_age: self.resolved_alert_retention,
+            keep: self.resolved_alerts_kept,
+        }
+    }
 }
 
 /// Admin HTTP API settings.
@@ -428,6 +442,20 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
         SECS(86_400),
         &mut errs,
     );
+    let resolved_alert_retention = d.duration(
+        "resolved_alert_retention",
+        crate::store::DEFAULT_RESOLVED_ALERT_RETENTION,
+        SECS(3_600),
+        SECS(3_650 * 86_400),
+        &mut errs,
+    );
+    let resolved_alerts_kept = d.int(
+        "resolved_alerts_kept",
+        crate::store::DEFAULT_RESOLVED_ALERTS_KEPT as i64,
+        100,
+        10_000_000,
+        &mut errs,
+    ) as u64;
     d.finish(&mut errs);
     let daemon = DaemonSettings {
         state_dir,
@@ -438,6 +466,8 @@ fn validate(root: &Value, base_dir: &Path) -> Result<Config, ConfigErrors> {
         store_cache_mb,
         deployment_id,
         marker_check_every,
+        resolved_alert_retention,
+        resolved_alerts_kept,
     };
 
     // [admin]

@@ -474,3 +474,36 @@ fn plaintext_needs_explicit_opt_in_and_secrets_are_not_printed() {
     );
     assert!(!format!("{errs} {errs:?}").contains("hunter2"));
 }
+
+#[test]
+fn resolved_alert_retention_defaults_to_30_days_and_10000_and_both_are_validated() {
+    let d = parse(MINIMAL).unwrap().daemon;
+    assert_eq!(d.resolved_alert_retention, Duration::from_secs(30 * 86_400));
+    assert_eq!(d.resolved_alerts_kept, 10_000);
+    let text = format!(
+        "[daemon]\nresolved_alert_retention = \"7d\"\nresolved_alerts_kept = 500\n{MINIMAL}"
+    );
+    let r = parse(&text).unwrap().daemon.alert_retention();
+    assert_eq!((r.max_age, r.keep), (Duration::from_secs(7 * 86_400), 500));
+    // Both wrong, with a wrong key beside them: every error, each at its key.
+    let text = format!(
+        "[daemon]\nresolved_alert_retention = \"1m\"\nresolved_alerts_kept = 5\nshutdown_grace = \"soon\"\n{MINIMAL}"
+    );
+    let errs = parse(&text).unwrap_err().0;
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "daemon.shutdown_grace",
+            "daemon.resolved_alert_retention",
+            "daemon.resolved_alerts_kept"
+        ],
+        "{errs:?}"
+    );
+    for bad in ["\"forever\"", "\"4000d\"", "true"] {
+        let text = format!("[daemon]\nresolved_alert_retention = {bad}\n{MINIMAL}");
+        let errs = parse(&text).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+        assert_eq!(errs[0].path, "daemon.resolved_alert_retention");
+    }
+}

@@ -73,6 +73,7 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
     let reloads = reload::ReloadHandle(reload_tx);
     let mut hangup = hangup_signal();
     loop {
+        keep_alerts_within(&store, &config.daemon);
         let mut generation = running::Generation::start(
             config.clone(),
             store.clone(),
@@ -120,6 +121,7 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
                 config = Arc::new(*new);
                 break;
             }
+            keep_alerts_within(&store, &new.daemon);
             // Answered once applied: a caller then sees the new mailboxes.
             generation.apply(*new, &report).await;
             if let Some(tx) = answer {
@@ -127,6 +129,21 @@ pub async fn run_from(config: Config, path: Option<std::path::PathBuf>) -> Resul
             }
         }
     }
+}
+
+/// Sets the store's retention of resolved alerts from `daemon` and prunes,
+/// in the background, what it makes due (what time alone made due since the
+/// last resolve, or all past a lowered bound); resolves prune the rest.
+fn keep_alerts_within(store: &Arc<dyn Store>, daemon: &crate::config::DaemonSettings) {
+    store.set_alert_retention(daemon.alert_retention());
+    let store = store.clone();
+    tokio::task::spawn_blocking(
+        move || match store.prune_resolved_alerts(crate::model::now()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "resolved alerts past their retention deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot prune resolved alerts"),
+        },
+    );
 }
 
 /// What the daemon waits for next.

@@ -42,6 +42,13 @@
 //!   with its cursor ([`Store::alert_events_sent`]); the journal never keeps
 //!   more than [`ALERT_JOURNAL_CAP`] entries (the oldest go first), so it
 //!   stays bounded without a consumer.
+//! * Resolved alerts are kept for [`AlertRetention`] (30 days, the newest
+//!   10,000 at most, by default): a resolve deletes, in its own batch, the
+//!   resolved alerts then due (a bounded number, oldest resolved first), and
+//!   [`Store::prune_resolved_alerts`] the rest. Open alerts are never
+//!   pruned, and an index of them (written in the batch that opens or
+//!   resolves one) answers the open-alert query without reading the
+//!   resolved ones.
 //! * The record directory keeps an address index (`address → records`)
 //!   written in the same batch as the records, so a lookup is one prefix
 //!   read, never a scan.
@@ -293,6 +300,32 @@ pub enum DeliveryOutcome {
 /// (counted by escalation, not by repeats) would drop unsent ones.
 pub const ALERT_JOURNAL_CAP: u64 = 10_000;
 
+/// How long resolved alerts are kept, and how many at most: past either
+/// bound the oldest resolved go first (open alerts are never pruned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertRetention {
+    /// A resolved alert is deleted once resolved longer ago than this.
+    pub max_age: std::time::Duration,
+    /// At most this many resolved alerts are kept (the newest).
+    pub keep: u64,
+}
+
+/// The default [`AlertRetention::max_age`]: 30 days.
+pub const DEFAULT_RESOLVED_ALERT_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 86_400);
+
+/// The default [`AlertRetention::keep`].
+pub const DEFAULT_RESOLVED_ALERTS_KEPT: u64 = 10_000;
+
+impl Default for AlertRetention {
+    fn default() -> Self {
+        AlertRetention {
+            max_age: DEFAULT_RESOLVED_ALERT_RETENTION,
+            keep: DEFAULT_RESOLVED_ALERTS_KEPT,
+        }
+    }
+}
+
 /// Why an alert journal entry was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -470,6 +503,17 @@ pub trait Store: Send + Sync + 'static {
     /// Marks alert `id` acknowledged at `at` (kept if already); `None` when
     /// there is no such alert.
     fn acknowledge_alert(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError>;
+
+    /// Keeps resolved alerts within `retention` from the next resolve or
+    /// prune on (default [`AlertRetention::default`]).
+    fn set_alert_retention(&self, retention: AlertRetention);
+
+    /// Deletes every resolved alert past the retention at `now` (resolved
+    /// before `now` minus its age, or beyond the newest it keeps), oldest
+    /// resolved first, in atomic batches; open alerts stay. Returns how
+    /// many went. A resolve prunes what it makes due itself: this catches
+    /// up on what time alone made due, and after a lower retention.
+    fn prune_resolved_alerts(&self, now: UnixTime) -> Result<u64, StoreError>;
 
     // --- Alert journal ----------------------------------------------------
 

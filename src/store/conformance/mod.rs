@@ -18,12 +18,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod alert_retention;
 mod alerts;
 mod backend;
 mod events;
 mod ingest;
 mod records;
 
+pub use alert_retention::*;
 pub use alerts::*;
 pub use backend::*;
 pub use events::*;
@@ -147,6 +149,10 @@ macro_rules! store_conformance_suite {
             an_alert_that_becomes_an_error_is_journaled_with_its_write,
             sent_alert_events_are_pruned_and_seqs_survive_a_reopen,
             the_alert_journal_keeps_at_most_its_cap,
+            resolved_alerts_past_their_age_are_pruned_open_ones_never,
+            the_resolved_alert_cap_keeps_the_newest_resolved,
+            the_open_alert_index_follows_every_alert_write,
+            a_store_written_before_the_alert_indexes_gets_them_at_open,
             one_created_event_per_new_activity_in_commit_order,
             duplicates_and_re_points_append_updated_events_with_changes,
             seqs_stay_gapless_across_writers_and_a_reopen,

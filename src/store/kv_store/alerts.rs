@@ -10,12 +10,13 @@
 //! newest seq, so pruning every entry never lets a seq (and the cursor
 //! that passed it) be handed out again.
 
+use super::alert_index::OPEN;
 use super::keys::{alert_identity, decode, encode, id_key, key, read_id};
 use super::KvStore;
 use crate::alerts::kind::PROFILE_FAILING;
 use crate::model::{Alert, AlertLevel, NewAlert, UnixTime};
 use crate::store::kv::{KeyRange, KvBackend, ScanOrder, WriteBatch};
-use crate::store::{kind_covers, AlertEvent, AlertEventKind, AlertQuery, StoreError};
+use crate::store::{kind_covers, AlertEvent, AlertEventKind, AlertQuery, AlertState, StoreError};
 
 /// Key of the newest alert journal seq.
 const JOURNAL_HEAD: &[u8] = b"lh";
@@ -84,6 +85,9 @@ impl<B: KvBackend> KvStore<B> {
         let mut b = WriteBatch::default();
         b.put(ident, alert.id.to_be_bytes());
         b.put(id_key("l/", alert.id), encode(&alert)?);
+        // Written on every raise, not only the first: an alert an older
+        // binary opened joins the index at its next raise.
+        b.put(id_key(OPEN, alert.id), Vec::new());
         let last = writer.last_alert_seq;
         let journaled = match (alert.level, was) {
             (AlertLevel::Error, None) => Some(AlertEventKind::Raised),
@@ -183,13 +187,19 @@ impl<B: KvBackend> KvStore<B> {
 
     pub(super) fn alert_list(&self, q: &AlertQuery) -> Result<Vec<Alert>, StoreError> {
         let mut all = Vec::new();
-        for (k, v) in self
-            .kv
-            .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
-        {
-            let a = decode::<Alert>(&k, &v)?;
-            if q.matches(&a) {
-                all.push(a);
+        if q.state == Some(AlertState::Open) {
+            // The open index: never a read of the resolved alerts kept.
+            all = self.open_alerts()?;
+            all.retain(|a| q.matches(a));
+        } else {
+            for (k, v) in self
+                .kv
+                .scan(&KeyRange::prefix(b"l/"), ScanOrder::Ascending, 0)?
+            {
+                let a = decode::<Alert>(&k, &v)?;
+                if q.matches(&a) {
+                    all.push(a);
+                }
             }
         }
         all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then(b.id.cmp(&a.id)));
@@ -205,7 +215,7 @@ impl<B: KvBackend> KvStore<B> {
     ) -> Result<u64, StoreError> {
         let _writer = self.lock();
         let mut b = WriteBatch::default();
-        let mut resolved = 0u64;
+        let mut resolved = Vec::new();
         // Only open alerts have a key under `lj/`: the subject's keys are
         // exactly its open alerts, found without reading the others (this
         // runs at every recovery of every mailbox).
@@ -225,17 +235,20 @@ impl<B: KvBackend> KvStore<B> {
                 let row = id_key("l/", id);
                 b.delete(k);
                 let Some(mut a) = self.get_json::<Alert>(&row)? else {
+                    b.delete(id_key(OPEN, id));
                     continue;
                 };
                 a.resolved_at = Some(at);
                 b.put(row, encode(&a)?);
-                resolved += 1;
+                resolved.push(id);
             }
         }
-        if resolved > 0 {
+        if !resolved.is_empty() {
+            // The indexes and the prune this makes due, in the same batch.
+            self.stage_resolved(&mut b, &resolved, at)?;
             self.write_durably(b)?;
         }
-        Ok(resolved)
+        Ok(resolved.len() as u64)
     }
 
     pub(super) fn acknowledge(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError> {

@@ -6,6 +6,8 @@
 //! `s/<source>` source → id · `m/<message-id>` → id · `h/<hash>` → id ·
 //! `q/<id>` quarantine JSON · `qs/<source>` → id · `p/<mailbox>\0<folder>` position ·
 //! `b/<mailbox>` mailbox state · `l/<id>` alert · `lj/<scope>/<subject>/<kind>` → open alert id ·
+//! `lo/<id>` open alert (empty) · `lr/<resolved at><id>` resolved alert (empty) ·
+//! `lrn` → how many `lr/` holds ·
 //! `le/<seq>` alert journal entry (JSON) · `lh` → newest alert journal seq ·
 //! `nc/<name>` named cursor ·
 //! `r/<id>` regarding record (JSON, small, so lookups need not load activities) ·

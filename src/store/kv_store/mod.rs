@@ -20,6 +20,7 @@
 //! its body's shingle sample) was about three quarters of a correlation
 //! against the sled store.
 
+mod alert_index;
 mod alerts;
 mod commit;
 pub mod keys;
@@ -41,8 +42,8 @@ use self::lookup::{CandidateCache, RegardingCache};
 use super::kv::{KvBackend, WriteBatch};
 use super::sled_backend::SledBackend;
 use super::{
-    ActivityQuery, AlertEvent, AlertQuery, CommitBatch, CommitOutcome, DeliveryOutcome,
-    OutboxStats, QueueOutcome, RecordChanges, Store, StoreError,
+    ActivityQuery, AlertEvent, AlertQuery, AlertRetention, CommitBatch, CommitOutcome,
+    DeliveryOutcome, OutboxStats, QueueOutcome, RecordChanges, Store, StoreError,
 };
 use crate::correlate::{Indexes, LookupKeys, TrackedEmail};
 use crate::model::{
@@ -77,6 +78,10 @@ pub struct KvStore<B: KvBackend> {
     alert_events_tx: tokio::sync::watch::Sender<u64>,
     /// How many alert journal entries are kept at most.
     alert_journal_cap: AtomicU64,
+    /// [`AlertRetention::max_age`], in seconds.
+    resolved_alert_max_age: AtomicU64,
+    /// [`AlertRetention::keep`].
+    resolved_alerts_kept: AtomicU64,
 }
 
 impl KvStore<SledBackend> {
@@ -99,6 +104,8 @@ impl<B: KvBackend> KvStore<B> {
     pub fn new(kv: B) -> Result<Self, StoreError> {
         let last_seq = outbox::stored_last_seq(&kv)?;
         let last_alert_seq = alerts::stored_last_alert_seq(&kv)?;
+        alert_index::index_existing(&kv)?;
+        let retention = AlertRetention::default();
         Ok(KvStore {
             kv,
             writer: Mutex::new(Writer {
@@ -112,6 +119,8 @@ impl<B: KvBackend> KvStore<B> {
             event_log: AtomicBool::new(true),
             alert_events_tx: tokio::sync::watch::Sender::new(last_alert_seq),
             alert_journal_cap: AtomicU64::new(super::ALERT_JOURNAL_CAP),
+            resolved_alert_max_age: AtomicU64::new(retention.max_age.as_secs()),
+            resolved_alerts_kept: AtomicU64::new(retention.keep),
         })
     }
 
@@ -133,6 +142,16 @@ impl<B: KvBackend> KvStore<B> {
     #[doc(hidden)]
     pub fn set_alert_journal_cap(&self, cap: u64) {
         self.alert_journal_cap.store(cap.max(1), Ordering::Relaxed);
+    }
+
+    /// What [`Store::set_alert_retention`] set last.
+    fn alert_retention(&self) -> AlertRetention {
+        AlertRetention {
+            max_age: std::time::Duration::from_secs(
+                self.resolved_alert_max_age.load(Ordering::Relaxed),
+            ),
+            keep: self.resolved_alerts_kept.load(Ordering::Relaxed),
+        }
     }
 
     fn event_log_on(&self) -> bool {
@@ -326,6 +345,17 @@ impl<B: KvBackend> Store for KvStore<B> {
 
     fn acknowledge_alert(&self, id: u64, at: UnixTime) -> Result<Option<Alert>, StoreError> {
         self.acknowledge(id, at)
+    }
+
+    fn set_alert_retention(&self, retention: AlertRetention) {
+        self.resolved_alert_max_age
+            .store(retention.max_age.as_secs(), Ordering::Relaxed);
+        self.resolved_alerts_kept
+            .store(retention.keep, Ordering::Relaxed);
+    }
+
+    fn prune_resolved_alerts(&self, now: UnixTime) -> Result<u64, StoreError> {
+        self.prune_resolved(now)
     }
 
     fn alert_events_after(&self, after: u64, limit: usize) -> Result<Vec<AlertEvent>, StoreError> {
