@@ -3,10 +3,12 @@
 //! password, SMTP down), a profile-wide test over the 200 generated users
 //! within the profile's connection limit (counted by the job and, on the
 //! wire, by a proxy in front of Dovecot), and `crm-mailsync test-enable`
-//! against a stopped and a running daemon.
+//! against a stopped and a running daemon; a test while idling mailboxes
+//! hold every connection of the profile (they make room for it at once).
 //!
 //! Users: alice (API), bob (SMTP down), carol (CLI), user00001 … user00200
-//! (profile test; nothing of theirs is fetched or changed).
+//! (profile test; nothing of theirs is fetched or changed), user00121 and
+//! user00122 (a test against idling mailboxes).
 #![cfg(feature = "real-servers")]
 
 mod common;
@@ -579,6 +581,91 @@ fn a_profile_test_over_200_users_has_a_correct_summary_within_the_connection_lim
             .unwrap()
             >= job["started_at"].as_i64().unwrap()
     );
+    daemon.stop();
+    assert!(wire.lock().unwrap().peak <= LIMIT);
+}
+
+/// IMAP IDLE holds a connection, and its permit, for the whole wait
+/// between polls (here 10 minutes); a mailbox task gives it up only for
+/// someone queued in the profile's connection queue. Test & Enable queues
+/// there too: with both connections held by the two idling mailboxes, a
+/// mailbox test and a profile test finish in seconds, and never past the
+/// limit. (Two mailboxes for two connections: nobody queues before the
+/// test, so both are certain to idle on theirs.)
+#[test]
+fn a_test_while_idling_mailboxes_hold_every_connection_gets_one_at_once() {
+    const LIMIT: usize = 2;
+    let users = ["user00121", "user00122"];
+    for user in users {
+        reset_user(user);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let (proxy, wire) = counting_proxy(env().imap);
+    let pw = dir.path().join("user.pw");
+    write_password(&pw, PASSWORD);
+    let entries: String = users.iter().map(|u| mailbox(u, &pw, "")).collect();
+    // Nothing is fetched or flagged: the tasks log in, look, and idle.
+    let cfg = config(
+        dir.path(),
+        admin,
+        proxy,
+        &format!(
+            "poll_interval = \"10m\"\nidle = true\nmax_concurrent_connections = {LIMIT}\nprocess_email_from = \"2099-01-01\"\nprocessed_keyword = \"\""
+        ),
+        &entries,
+    );
+    let mut daemon = start_daemon(&cfg, admin);
+    // Settled: both tasks wait for their next poll in IDLE, on the two
+    // connections.
+    wait_for(
+        Duration::from_secs(60),
+        "both mailboxes waiting, two connections open",
+        || {
+            let list = get_json(admin, "/api/v1/mailboxes");
+            let waiting = list["mailboxes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| m["phase"] == "waiting")
+                .count();
+            let open = wire.lock().unwrap().open;
+            (waiting == users.len() && open == LIMIT).then_some(())
+        },
+    );
+
+    // Far below the 10 minutes of IDLE the holders would otherwise keep.
+    let job = run_job(
+        admin,
+        "/api/v1/mailboxes/user00122/test",
+        Duration::from_secs(30),
+    );
+    assert_eq!(job["succeeded"], 1, "{job}");
+    assert_eq!(job["results"][0]["incoming"]["status"], "success", "{job}");
+    assert_eq!(job["results"][0]["enabled"], true, "{job}");
+    assert_eq!(job["peak_connections"], 1, "{job}");
+
+    // The profile job tests two at once: the permit the test gave back and
+    // the one the other idling mailbox gives up.
+    let job = run_job(admin, "/api/v1/profiles/srv/test", Duration::from_secs(30));
+    assert_eq!(
+        (job["total"].as_u64(), job["succeeded"].as_u64()),
+        (Some(2), Some(2)),
+        "{job}"
+    );
+    let peak = job["peak_connections"].as_u64().unwrap() as usize;
+    assert!((1..=LIMIT).contains(&peak), "job peak {peak}");
+    let (on_wire, accepted) = {
+        let w = wire.lock().unwrap();
+        (w.peak, w.accepted)
+    };
+    eprintln!("idling holders: on the wire peak {on_wire} over {accepted} connections");
+    assert!(
+        on_wire <= LIMIT,
+        "{on_wire} connections at once on the wire"
+    );
+    // Two task starts and three tests connected.
+    assert!(accepted >= 5, "{accepted} connections");
     daemon.stop();
     assert!(wire.lock().unwrap().peak <= LIMIT);
 }

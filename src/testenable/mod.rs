@@ -24,8 +24,11 @@
 //! Every connection is made under a permit of the profile's connection
 //! semaphore, the one its mailbox tasks use, and closed before the permit
 //! is given back: a test never takes the profile past
-//! `max_concurrent_connections`. A profile job runs that many mailboxes at
-//! once and waits for permits like everyone else.
+//! `max_concurrent_connections`. It queues for the permit in the profile's
+//! [`ConnectionQueue`], as the mailbox tasks do, so one that holds a permit
+//! only to idle (IMAP IDLE) gives it up at once instead of at the end of
+//! its wait. A profile job runs that many mailboxes at once and waits for
+//! permits like everyone else.
 
 pub mod cli;
 
@@ -47,7 +50,7 @@ use crate::model::{
     TestStatus,
 };
 use crate::net::NetError;
-use crate::scheduler::{EnableError, Phase, Runtime};
+use crate::scheduler::{ConnectionQueue, EnableError, Phase, Runtime};
 use crate::store::Store;
 
 /// Start of the Error alert of a failed incoming test (kind
@@ -68,6 +71,11 @@ pub enum StartError {
     UnknownMailbox(String),
     #[error("no profile {0:?}")]
     UnknownProfile(String),
+}
+
+/// A connection queue of the runner's own (no daemon).
+fn own_queue(_profile: &str, limit: usize) -> Arc<ConnectionQueue> {
+    Arc::new(ConnectionQueue::new(limit))
 }
 
 /// Where enabling a mailbox goes.
@@ -97,26 +105,53 @@ pub struct TestEnable {
 /// The configuration a test runs on.
 struct Settings {
     config: Arc<Config>,
-    /// Each profile's connection semaphore (shared with its mailbox tasks).
-    limits: HashMap<String, Arc<Semaphore>>,
+    /// Each profile's connections (shared with its mailbox tasks).
+    limits: HashMap<String, Limit>,
     builders: Builders,
 }
 
+/// A profile's connection semaphore and the queue its mailbox tasks wait
+/// in for it: a test waits there too, so idle holders make room for it.
+struct Limit {
+    connections: Arc<Semaphore>,
+    queue: Arc<ConnectionQueue>,
+}
+
+/// Each profile's [`Limit`]: its semaphore from `semaphores` (a profile
+/// without one is not limited) and its queue from `queue_of`.
+fn limits(
+    config: &Config,
+    semaphores: &HashMap<String, Arc<Semaphore>>,
+    queue_of: impl Fn(&str, usize) -> Arc<ConnectionQueue>,
+) -> HashMap<String, Limit> {
+    config
+        .profiles
+        .iter()
+        .filter_map(|p| {
+            let connections = semaphores.get(&p.name)?.clone();
+            let queue = queue_of(&p.name, usize::from(p.max_concurrent_connections));
+            Some((p.name.clone(), Limit { connections, queue }))
+        })
+        .collect()
+}
+
 impl TestEnable {
-    /// The daemon's runner: its mailbox tasks' semaphores and runtime view,
-    /// and the daemon's job registry, so jobs outlive a full reload.
+    /// The daemon's runner: its mailbox tasks' semaphores, connection
+    /// queues and runtime view, and the daemon's job registry, so jobs
+    /// outlive a full reload.
     #[allow(clippy::too_many_arguments)]
     pub fn for_daemon(
         config: Arc<Config>,
         store: Arc<dyn Store>,
         deployment: Arc<Deployment>,
         alerts: Arc<Alerts>,
-        limits: HashMap<String, Arc<Semaphore>>,
+        semaphores: HashMap<String, Arc<Semaphore>>,
         builders: Builders,
         runtime: Arc<Runtime>,
         jobs: Arc<Jobs>,
         cancel: CancellationToken,
     ) -> Self {
+        let limits = limits(&config, &semaphores, |p, n| runtime.connection_queue(p, n));
         TestEnable {
             settings: RwLock::new(Arc::new(Settings {
                 config,
@@ -133,13 +168,14 @@ impl TestEnable {
     }
 
     /// A runner without a daemon (the CLI, with the store to itself): its
-    /// own semaphores, each of the profile's size.
+    /// own semaphores, each of the profile's size, and queues (nothing
+    /// else waits in them: first come, first served).
     pub fn standalone(
         config: Arc<Config>,
         store: Arc<dyn Store>,
         deployment: Arc<Deployment>,
     ) -> Self {
-        let limits = config
+        let semaphores = config
             .profiles
             .iter()
             .map(|p| {
@@ -147,6 +183,7 @@ impl TestEnable {
                 (p.name.clone(), Arc::new(Semaphore::new(n)))
             })
             .collect();
+        let limits = limits(&config, &semaphores, own_queue);
         TestEnable {
             alerts: Arc::new(Alerts::new(store.clone(), config.profile_members())),
             settings: RwLock::new(Arc::new(Settings {
@@ -163,14 +200,21 @@ impl TestEnable {
     }
 
     /// Runs the tests started from now on with a reloaded configuration,
-    /// its profiles' semaphores and connector builders; jobs started before
-    /// finish on the old ones and stay queryable.
+    /// its profiles' semaphores (and the daemon's connection queues for
+    /// them) and connector builders; jobs started before finish on the old
+    /// ones and stay queryable. Called after the daemon forgot the queues
+    /// of changed profiles and before their tasks start: the queue made
+    /// here is the one they get.
     pub fn reconfigure(
         &self,
         config: Arc<Config>,
-        limits: HashMap<String, Arc<Semaphore>>,
+        semaphores: HashMap<String, Arc<Semaphore>>,
         builders: Builders,
     ) {
+        let limits = match &self.enabler {
+            Enabler::Runtime(rt) => limits(&config, &semaphores, |p, n| rt.connection_queue(p, n)),
+            Enabler::Store => limits(&config, &semaphores, own_queue),
+        };
         *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Settings {
             config,
             limits,
@@ -330,7 +374,7 @@ impl TestEnable {
             not_run("incoming = \"none\": this mailbox reads no mail")
         } else {
             let tested = {
-                let _permit = self.permit(profile, job).await;
+                let _permit = self.permit(&settings, profile, job).await;
                 let claim = Claiming {
                     mailbox: name,
                     deployment: &self.deployment,
@@ -412,18 +456,20 @@ impl TestEnable {
         }
     }
 
-    /// A connection permit of the profile, counted as the job's.
+    /// A connection permit of the profile, counted as the job's: queued
+    /// for in the profile's connection queue, so a mailbox task idling on
+    /// a permit gives it up for the test.
     async fn permit<'a>(
         &self,
+        settings: &Settings,
         profile: &Profile,
         job: &'a JobHandle,
     ) -> (
         crate::jobs::Held<'a>,
         Option<tokio::sync::OwnedSemaphorePermit>,
     ) {
-        let limit = self.settings().limits.get(&profile.name).cloned();
-        let permit = match limit {
-            Some(s) => s.clone().acquire_owned().await.ok(),
+        let permit = match settings.limits.get(&profile.name) {
+            Some(l) => l.queue.acquire(&l.connections).await,
             None => None,
         };
         // Dropped first (tuple order): the job's count goes down before the
@@ -459,7 +505,7 @@ impl TestEnable {
                     "fix the configuration (or the file it names) and test again".to_string(),
                 )
             })?;
-        let _permit = self.permit(profile, job).await;
+        let _permit = self.permit(&settings, profile, job).await;
         let result = sender.probe(None).await;
         sender.close().await;
         drop(sender);

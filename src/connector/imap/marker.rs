@@ -59,7 +59,7 @@ impl ImapClient {
 
     /// Replaces the mailbox's marker with `marker`. In the folder, the new
     /// message is appended first and the older ones deleted after, so there
-    /// is a marker at every moment.
+    /// is a marker at every moment (see [`superseded`]).
     pub async fn write_marker(&mut self, marker: &Marker) -> Result<(), ImapError> {
         if self.has_server_metadata() {
             return self
@@ -74,7 +74,7 @@ impl ImapClient {
         let uids = self.uids_from(1).await?;
         // Without APPENDUID the newest is the one just appended.
         let keep = appended.or_else(|| uids.iter().max().copied());
-        let old: Vec<u32> = uids.into_iter().filter(|u| Some(*u) != keep).collect();
+        let old = superseded(uids, keep);
         if !old.is_empty() {
             self.delete(&old).await?;
         }
@@ -116,5 +116,32 @@ impl ImapClient {
             }) if code == "ALREADYEXISTS" => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The marker messages a write that appended `keep` deletes: only those
+/// older (lower UID). One appended after ours is a concurrent write (the
+/// mailbox task's start-up test and an on-demand one claim at once): it is
+/// the newest, so the marker that counts, and deleting it too would leave
+/// the folder empty when that write deletes ours.
+fn superseded(uids: Vec<u32>, keep: Option<u32>) -> Vec<u32> {
+    let Some(keep) = keep else {
+        return Vec::new();
+    };
+    uids.into_iter().filter(|u| *u < keep).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::superseded;
+
+    #[test]
+    fn a_write_deletes_the_older_markers_and_keeps_a_newer_concurrent_one() {
+        assert_eq!(superseded(vec![3, 5, 7], Some(7)), vec![3, 5]);
+        // Another write appended 8 after ours (7): both stay here; that
+        // write deletes ours, and 8 is the marker.
+        assert_eq!(superseded(vec![3, 7, 8], Some(7)), vec![3]);
+        assert_eq!(superseded(vec![7], Some(7)), Vec::<u32>::new());
+        assert!(superseded(Vec::new(), None).is_empty());
     }
 }
