@@ -34,9 +34,12 @@ impl AccessToken {
     /// its expiry would be a Warning at all times; a renewal that stops
     /// shows as a rejected token naming the expiry instead.
     pub fn renewed_by_its_tool(&self, window: std::time::Duration) -> bool {
+        // Longer than a day is not an access token a tool renews hourly.
+        const A_DAY: i64 = 86_400;
         match (self.issued_at, self.expires_at) {
             (Some(issued), Some(expires)) => {
-                expires.saturating_sub(issued) < i64::try_from(window.as_secs()).unwrap_or(i64::MAX)
+                let lifetime = expires.saturating_sub(issued);
+                lifetime <= A_DAY && lifetime < i64::try_from(window.as_secs()).unwrap_or(i64::MAX)
             }
             _ => false,
         }
@@ -266,6 +269,10 @@ mod tests {
             !quarterly.renewed_by_its_tool(week),
             "a person renews this one"
         );
+        // Three days: longer than an access token lives; warned ahead.
+        let days =
+            parse_token_file(r#"{"access_token":"t","expires_in":259200}"#, Some(1_000)).unwrap();
+        assert!(!days.renewed_by_its_tool(week));
         // Without a write time (a token in the configuration) it is a
         // person's to renew: warned ahead as before.
         let configured = AccessToken {
