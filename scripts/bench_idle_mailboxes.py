@@ -102,10 +102,17 @@ def run(a, n):
         cpu0, _ = proc_sample(p.pid)
         w0 = time.monotonic()
         peak = 0.0
+        minute = 0
         while time.monotonic() - w0 < a.minutes * 60:
             time.sleep(5)
-            _, rss = proc_sample(p.pid)
+            cpu, rss = proc_sample(p.pid)
             peak = max(peak, rss)
+            # One row a minute (to stderr), so growth shows from a plateau.
+            if (time.monotonic() - w0) // 60 > minute:
+                minute += 1
+                print(json.dumps({"mailboxes": n, "minute": minute, "rss_mb": round(rss, 1),
+                                  "cpu_seconds_so_far": round(cpu - cpu0, 2)}),
+                      file=sys.stderr, flush=True)
         cpu1, rss = proc_sample(p.pid)
         wall = time.monotonic() - w0
         p.terminate()
