@@ -28,21 +28,31 @@ pub struct AccessToken {
 }
 
 impl AccessToken {
-    /// True for a token that lives shorter than `window` from when it was
-    /// written: a short-lived access token (an hour, typically) that the
-    /// tool writing the file renews by itself. Warning `window` ahead of
-    /// its expiry would be a Warning at all times; a renewal that stops
-    /// shows as a rejected token naming the expiry instead.
+    /// See [`renewed_by_its_tool`].
     pub fn renewed_by_its_tool(&self, window: std::time::Duration) -> bool {
-        // Longer than a day is not an access token a tool renews hourly.
-        const A_DAY: i64 = 86_400;
-        match (self.issued_at, self.expires_at) {
-            (Some(issued), Some(expires)) => {
-                let lifetime = expires.saturating_sub(issued);
-                lifetime <= A_DAY && lifetime < i64::try_from(window.as_secs()).unwrap_or(i64::MAX)
-            }
-            _ => false,
+        renewed_by_its_tool(self.issued_at, self.expires_at, window)
+    }
+}
+
+/// True for a token written at `issued_at` and expiring at `expires_at`
+/// that lives shorter than `window` and a day at most: a short-lived access
+/// token (an hour, typically) that the tool writing the file renews by
+/// itself. Warning `window` ahead of its expiry would be a Warning at all
+/// times; a renewal that stops shows as a rejected token naming the expiry
+/// instead.
+pub fn renewed_by_its_tool(
+    issued_at: Option<UnixTime>,
+    expires_at: Option<UnixTime>,
+    window: std::time::Duration,
+) -> bool {
+    // Longer than a day is not an access token a tool renews hourly.
+    const A_DAY: i64 = 86_400;
+    match (issued_at, expires_at) {
+        (Some(issued), Some(expires)) => {
+            let lifetime = expires.saturating_sub(issued);
+            lifetime <= A_DAY && lifetime < i64::try_from(window.as_secs()).unwrap_or(i64::MAX)
         }
+        _ => false,
     }
 }
 

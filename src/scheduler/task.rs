@@ -820,12 +820,11 @@ impl MailboxTask {
         let warn_from = at.saturating_sub(window.as_secs() as i64);
         // A token that lives shorter than the warning window (an hourly
         // access token its tool rewrites) would always be "expiring".
-        let short_lived = crate::connector::oauth::AccessToken {
-            token: crate::config::Secret::new(""),
-            expires_at: Some(at),
-            issued_at: connector.token_issued_at(),
-        }
-        .renewed_by_its_tool(window);
+        let short_lived = crate::connector::oauth::renewed_by_its_tool(
+            connector.token_issued_at(),
+            Some(at),
+            window,
+        );
         if now < warn_from || short_lived {
             if !changed {
                 return;
