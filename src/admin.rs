@@ -797,6 +797,7 @@ mod tests {
                             status: TestStatus::Success,
                             completed_on: Some(1),
                             detail: None,
+                            held_by: None,
                         },
                         last_sync_error: Some("timed out".into()),
                         ..Default::default()

@@ -139,7 +139,7 @@ fn host_name() -> String {
 }
 
 /// The marker a mailbox holds: which deployment syncs it, since when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Marker {
     pub deployment: String,
     pub host: String,

@@ -287,6 +287,7 @@ mod tests {
                 status: incoming,
                 completed_on: Some(1),
                 detail: None,
+                held_by: None,
             },
             outgoing: TestResult::default(),
             act: TestResult::default(),

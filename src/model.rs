@@ -110,6 +110,23 @@ pub struct TestResult {
     pub status: TestStatus,
     pub completed_on: Option<UnixTime>,
     pub detail: Option<String>,
+    /// Set when the test failed because another deployment's marker holds
+    /// the mailbox: whose it is, which a forced test (the web page's Take
+    /// over) replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<crate::deployment::Marker>,
+}
+
+impl TestResult {
+    /// A failed test: the cause, and who holds the mailbox if that is why.
+    pub fn failure(at: UnixTime, e: &crate::connector::ConnectorError) -> TestResult {
+        TestResult {
+            status: TestStatus::Failure,
+            completed_on: Some(at),
+            detail: Some(e.to_string()),
+            held_by: e.other_deployment().cloned(),
+        }
+    }
 }
 
 /// A reference to a CRM record, written `kind:id` (e.g. `case:42`, `account:contoso`).

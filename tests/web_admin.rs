@@ -222,6 +222,18 @@ async fn screenshot(c: &Client, dir: &Path, name: &str) {
     std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
 }
 
+/// Where screenshots go: `docs/screenshots/` with `UPDATE_SCREENSHOTS=1`,
+/// else a folder under the test's `dir`.
+fn screenshots_dir(dir: &Path) -> PathBuf {
+    let d = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
+    } else {
+        dir.join("screenshots")
+    };
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// A number of a job's JSON.
 fn n(job: &serde_json::Value, key: &str) -> u64 {
     job[key]
@@ -384,15 +396,7 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
             .keys()
             .cloned()
             .collect();
-    let shots = if std::env::var_os("UPDATE_SCREENSHOTS").is_some() {
-        let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    } else {
-        let d = dir.path().join("screenshots");
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
+    let shots = screenshots_dir(dir.path());
 
     let (_driver, driver_port) = start_chromedriver();
     let profile = tempfile::tempdir().unwrap();
@@ -786,4 +790,138 @@ async fn the_admin_page_signs_in_shows_the_demo_and_enables_a_mended_mailbox_in_
         "web admin browser test took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The open confirmation dialog's text, waiting for it to open.
+async fn dialog_text(c: &Client) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.get_alert_text().await {
+            Ok(t) => return t,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no dialog opened: {e}"),
+        }
+    }
+}
+
+/// One mailbox, one deployment, from the page: the demo mailbox holds a
+/// marker of another deployment, so this daemon refuses it (disabled, the
+/// incoming result naming the other); the row's Take over asks first
+/// (declined: nothing happens), then runs a forced Test & Enable that claims
+/// the mailbox here, and it syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_another_deployment_holds_is_taken_over_with_the_pages_button_in_chromium() {
+    use crm_mailsync::connector::maildir::MARKER_FILE;
+    use crm_mailsync::deployment::Marker;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = demo_config(dir.path(), port);
+    let demo = std::fs::read_to_string(&config).unwrap();
+    assert!(demo.contains("deployment_marker = false"), "{demo}");
+    std::fs::write(
+        &config,
+        demo.replace("deployment_marker = false", "deployment_marker = true"),
+    )
+    .unwrap();
+    let marker_path = dir.path().join("maildir").join(MARKER_FILE);
+    let theirs = Marker {
+        deployment: "deployment-a".into(),
+        host: "other-host".into(),
+        claimed_at: 1_767_225_600,
+    };
+    std::fs::write(&marker_path, theirs.to_json()).unwrap();
+    let _daemon = Running(Some(start(&config)));
+    let base = format!("http://127.0.0.1:{port}");
+    common::wait_for(Duration::from_secs(30), "the daemon's admin API", || {
+        common::get(port, "/healthz", None).filter(|(s, _)| *s == 200)
+    });
+    let (_driver, driver_port) = start_chromedriver();
+    let profile = tempfile::tempdir().unwrap();
+    let c = browser(driver_port, profile.path()).await;
+    c.goto(&format!("{base}/")).await.unwrap();
+    let token = c.wait().for_element(Locator::Id("token")).await.unwrap();
+    token.send_keys(TOKEN).await.unwrap();
+    click(&c, "#signin-button").await;
+
+    // Refused: disabled, the incoming result names the other deployment,
+    // nothing read, and the row offers Take over.
+    let cells = eventually!(&c, "the mailbox refused for the other deployment", {
+        let cells = mailbox_cells(&c, "support").await;
+        (cells.len() == 10 && cells[8].starts_with("disabled")).then_some(cells)
+    });
+    assert!(
+        cells[4].starts_with("failure") && cells[4].contains("deployment-a"),
+        "incoming: {cells:?}"
+    );
+    assert!(cells[9].contains("Take over"), "actions: {cells:?}");
+    let state = &common::get_json(port, "/api/v1/mailboxes")["mailboxes"][0]["state"];
+    assert_eq!(
+        state["incoming_test"]["held_by"],
+        json!({"deployment": "deployment-a", "host": "other-host", "claimed_at": 1_767_225_600}),
+        "{state}"
+    );
+    assert_eq!(texts(&c, "#activities tbody th").await.len(), 0);
+    screenshot(&c, &screenshots_dir(dir.path()), "take-over").await;
+
+    // Take over asks, naming the other deployment; no: nothing changes.
+    click(&c, "[data-key=\"mb:support:take-over\"]").await;
+    let asked = dialog_text(&c).await;
+    assert!(
+        asked.starts_with(
+            "Mailbox support is synchronized by deployment deployment-a on other-host (since "
+        ) && asked.contains("Take it over here?"),
+        "{asked}"
+    );
+    c.dismiss_alert().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(text(&c, "#job").await, "", "a declined take-over ran a job");
+    assert_eq!(
+        Marker::from_json(&std::fs::read_to_string(&marker_path).unwrap()),
+        Some(theirs.clone())
+    );
+    assert!(mailbox_cells(&c, "support").await[8].starts_with("disabled"));
+
+    // Yes: a forced Test & Enable claims it here, it is enabled and syncs.
+    click(&c, "[data-key=\"mb:support:take-over\"]").await;
+    dialog_text(&c).await;
+    c.accept_alert().await.unwrap();
+    let done = eventually!(&c, "the take-over job done", {
+        let t = text(&c, "#job").await;
+        t.starts_with("Test & Enable support done: ").then_some(t)
+    });
+    assert!(
+        done.contains("support: incoming success") && done.contains(", enabled"),
+        "{done}"
+    );
+    let cells = eventually!(&c, "the mailbox enabled and synced", {
+        let cells = mailbox_cells(&c, "support").await;
+        (cells.len() == 10 && cells[8] == "enabled" && cells[1] == "waiting").then_some(cells)
+    });
+    // The job's incoming line says it took the mailbox over; the row then
+    // shows the mailbox's own start, which finds the marker its own.
+    let said = text(&c, "#status").await;
+    let job = said
+        .strip_prefix("support: Test & Enable started (job ")
+        .and_then(|t| t.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("status: {said}"));
+    let job = common::get_json(port, &format!("/api/v1/jobs/{job}"));
+    let detail = job["results"][0]["incoming"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        detail.contains("taken over from deployment deployment-a on other-host"),
+        "{job}"
+    );
+    assert!(cells[4].starts_with("success"), "incoming: {cells:?}");
+    assert!(!cells[9].contains("Take over"), "actions: {cells:?}");
+    let ours = Marker::from_json(&std::fs::read_to_string(&marker_path).unwrap()).unwrap();
+    assert_eq!(ours.deployment, common::TEST_DEPLOYMENT_ID);
+    eventually!(&c, "the demo's 7 activities", {
+        (texts(&c, "#activities tbody th").await.len() == 7).then_some(())
+    });
+    c.close().await.unwrap();
 }

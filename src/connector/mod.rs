@@ -235,6 +235,15 @@ impl Classify for ConnectorError {
 }
 
 impl ConnectorError {
+    /// The marker of the deployment that holds the mailbox, when that is
+    /// what this error is.
+    pub fn other_deployment(&self) -> Option<&crate::deployment::Marker> {
+        match self {
+            ConnectorError::OtherDeployment(o) => Some(&o.marker),
+            _ => None,
+        }
+    }
+
     /// True when the server rejected the login (password or token), as opposed to
     /// a network or server problem.
     pub fn is_auth_failure(&self) -> bool {

@@ -515,16 +515,11 @@ impl MailboxTask {
                     status: TestStatus::Success,
                     completed_on: Some(model::now()),
                     detail: Some(detail.clone()),
+                    held_by: None,
                 };
                 tracing::info!(mailbox = %name, protocol = connector.protocol(), "{detail}");
             }
-            Err(e) => {
-                state.incoming_test = TestResult {
-                    status: TestStatus::Failure,
-                    completed_on: Some(model::now()),
-                    detail: Some(e.to_string()),
-                };
-            }
+            Err(e) => state.incoming_test = TestResult::failure(model::now(), e),
         }
         self.note_token_expiry(connector, &mut state, true);
         if let Err(e) = &test {
@@ -573,6 +568,9 @@ impl MailboxTask {
                     Err(e) if e.disposition() == Disposition::Permanent => {
                         self.release(connector, permit).await;
                         drop(backlog.take());
+                        // The claim is the incoming test's: it no longer
+                        // passes (taken over by another deployment).
+                        state.incoming_test = TestResult::failure(model::now(), &e);
                         self.disable(&mut state, &e.to_string());
                         return Exit::Disabled;
                     }

@@ -403,7 +403,10 @@ impl TestEnable {
                     self.alerts
                         .resolve_at_next_success(name, kind::INCOMING_TEST);
                     problems.push(text);
-                    failed(e.to_string())
+                    match &e {
+                        ProbeError::Connector(c) => TestResult::failure(model::now(), c),
+                        ProbeError::Build(_) => failed(e.to_string()),
+                    }
                 }
             }
         };
@@ -666,6 +669,7 @@ fn passed(detail: String) -> TestResult {
         status: TestStatus::Success,
         completed_on: Some(model::now()),
         detail: Some(detail),
+        held_by: None,
     }
 }
 
@@ -674,6 +678,7 @@ fn failed(detail: String) -> TestResult {
         status: TestStatus::Failure,
         completed_on: Some(model::now()),
         detail: Some(detail),
+        held_by: None,
     }
 }
 
@@ -682,6 +687,7 @@ fn not_run(why: &str) -> TestResult {
         status: TestStatus::NotRun,
         completed_on: None,
         detail: Some(why.to_string()),
+        held_by: None,
     }
 }
 

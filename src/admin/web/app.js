@@ -170,7 +170,11 @@
         act("test", "Test"),
         st.enabled ? act("disable", "Disable") : act("enable", "Enable"),
         act("approve", "Approve"),
-        act("reject", "Reject"))
+        act("reject", "Reject"),
+        heldBy(st)
+          ? button("Take over", "mb:" + name + ":take-over", () => takeOver(name, heldBy(st)),
+            "Take mailbox " + name + " over from deployment " + heldBy(st).deployment)
+          : null)
     );
     const row = el("tr", { dataset: { mailbox: name } },
       el("th", { scope: "row" }, el("span", { class: "name", text: name }), el("div", { class: "email", text: m.email || "" })),
@@ -187,12 +191,32 @@
     return row;
   }
 
+  /** The other deployment whose marker failed the mailbox's incoming test. */
+  function heldBy(st) {
+    return (st.incoming_test && st.incoming_test.held_by) || null;
+  }
+
+  /**
+   * A forced Test & Enable, once the operator said yes: the mailbox is
+   * claimed for this deployment, and `held` (the other) disables its side.
+   */
+  function takeOver(name, held) {
+    const yes = window.confirm(
+      "Mailbox " + name + " is synchronized by deployment " + held.deployment + " on " + held.host +
+      " (since " + when(held.claimed_at) + "). Take it over here? That deployment disables its side " +
+      "at its next check: a mailbox is synchronized by one deployment only."
+    );
+    if (yes) mailboxAction(name, "take-over");
+  }
+
   async function mailboxAction(name, verb) {
-    const path = "/mailboxes/" + encodeURIComponent(name) + "/" + verb;
+    const path = verb === "take-over"
+      ? "/mailboxes/" + encodeURIComponent(name) + "/test?force=true"
+      : "/mailboxes/" + encodeURIComponent(name) + "/" + verb;
     say(name + ": " + verb + "…");
     try {
       const answer = await api("POST", path);
-      if (verb === "test" && answer && answer.job) {
+      if ((verb === "test" || verb === "take-over") && answer && answer.job) {
         say(name + ": Test & Enable started (job " + answer.job + ")");
         followJob(answer.job);
       } else {

@@ -441,11 +441,13 @@ impl Sender {
                 status: TestStatus::Success,
                 completed_on: Some(now),
                 detail: Some(detail.clone()),
+                held_by: None,
             },
             Err(e) => TestResult {
                 status: TestStatus::Failure,
                 completed_on: Some(now),
                 detail: Some(e.to_string()),
+                held_by: None,
             },
         };
         if let Err(e) = self.store.set_outgoing_test(&s.mailbox, &test) {
