@@ -377,9 +377,11 @@ impl Generation {
             return;
         };
         let part = Part::under(&self.cancel);
+        let profile = Arc::new(profile);
+        let shared_mailbox = Arc::new(mailbox.clone());
         let task = MailboxTask {
             config: config.clone(),
-            mailbox: mailbox.clone(),
+            mailbox: shared_mailbox.clone(),
             profile: profile.clone(),
             store: self.store.clone(),
             runtime: self.runtime.clone(),
@@ -394,7 +396,7 @@ impl Generation {
         let store = self.store.clone();
         let graph_client = self.graph_mailboxes.get(&mailbox.name).cloned();
         {
-            let (profile, mailbox) = (profile.clone(), mailbox.clone());
+            let (profile, mailbox) = (profile.clone(), shared_mailbox);
             match profile.kind {
                 ProfileType::Maildir => {
                     let make = move || Ok(maildir_connector(&profile, &mailbox, &store));

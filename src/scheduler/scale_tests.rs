@@ -233,14 +233,15 @@ async fn ten_thousand_mailboxes_for_an_hour_fair_backed_off_and_within_the_conne
         push: (0..MAILBOXES).map(|_| Notify::new()).collect(),
     });
     let mut handles = Vec::with_capacity(MAILBOXES);
+    let shared_profile = Arc::new(profile.clone());
     for (index, name) in names.iter().enumerate() {
         let mut mailbox = template.clone();
         mailbox.name = name.clone();
         mailbox.email = format!("{name}@us.example");
         let task = MailboxTask {
             config: config.clone(),
-            mailbox,
-            profile: profile.clone(),
+            mailbox: Arc::new(mailbox),
+            profile: shared_profile.clone(),
             store: store.clone(),
             runtime: runtime.clone(),
             alerts: alerts.clone(),

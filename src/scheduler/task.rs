@@ -29,8 +29,10 @@ use super::runtime::{ConnectionQueue, LiveMailbox, Phase, Runtime};
 #[derive(Clone)]
 pub struct MailboxTask {
     pub config: Arc<Config>,
-    pub mailbox: Mailbox,
-    pub profile: Profile,
+    /// Shared, as the profile: 10,000 mailbox tasks each hold a copy of
+    /// the task (and its connector maker one of both) for their whole life.
+    pub mailbox: Arc<Mailbox>,
+    pub profile: Arc<Profile>,
     pub store: Arc<dyn Store>,
     pub runtime: Arc<Runtime>,
     pub alerts: Arc<Alerts>,
@@ -496,7 +498,10 @@ impl MailboxTask {
         let mut held = queue.acquire(&self.connections).await;
         // One mailbox, one deployment: a passing test also claims it (or
         // finds it ours); another deployment's marker disables it.
-        let test = deployment::test_and_claim(connector, self.claiming())
+        // Boxed, as the cycle below: a task's future is as large as its
+        // largest inline step, and 10,000 idle mailboxes keep theirs for
+        // good; the test and a cycle need their memory only while they run.
+        let test = Box::pin(deployment::test_and_claim(connector, self.claiming()))
             .await
             .map(|(line, claim)| {
                 self.claimed(&claim);
@@ -559,7 +564,7 @@ impl MailboxTask {
             };
             self.set_phase(Phase::Syncing, &state);
             if tokio::time::Instant::now() >= marker_due {
-                match deployment::claim(connector, self.claiming()).await {
+                match Box::pin(deployment::claim(connector, self.claiming())).await {
                     Ok(claim) => {
                         self.claimed(&claim);
                         marker_due =
@@ -581,9 +586,8 @@ impl MailboxTask {
                     }
                 }
             }
-            let result = self
-                .cycle_in_turn(connector, &mut state, &queue, &mut backlog)
-                .await;
+            let result =
+                Box::pin(self.cycle_in_turn(connector, &mut state, &queue, &mut backlog)).await;
             let now = model::now();
             state.last_sync_at = Some(now);
             self.note_token_expiry(connector, &mut state, false);
