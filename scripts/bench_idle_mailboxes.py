@@ -9,6 +9,10 @@ besides the same figures for the daemon with a single mailbox in the same run
 
 usage: bench_idle_mailboxes.py --bin target/release/crm-mailsync
        [--mailboxes 10000] [--minutes 5] [--poll 60s] [--warmup 60]
+       [--baseline-minutes M] [--store-cache-mb MB]
+
+--store-cache-mb sets [daemon] store_cache_mb (left out: the daemon's default)
+for both runs, to see how much of the RSS is sled's page cache.
 """
 import argparse, json, os, shutil, socket, subprocess, sys, tempfile, time, urllib.request
 
@@ -23,13 +27,17 @@ def free_port():
     return port
 
 
-def write_config(root, n, poll, port):
+def write_config(root, n, poll, port, cache_mb):
     maildirs = os.path.join(root, "maildirs")
     lines = [
         "[daemon]",
         f'state_dir = "{root}/state"',
         'log_format = "json"',
         'log_level = "warn"',
+    ]
+    if cache_mb is not None:
+        lines.append(f"store_cache_mb = {cache_mb}")
+    lines += [
         "[admin]",
         f'listen = "127.0.0.1:{port}"',
         f'token = "{TOKEN}"',
@@ -74,11 +82,11 @@ def proc_sample(pid):
     return cpu, rss_kb / 1024
 
 
-def run(a, n):
+def run(a, n, minutes):
     root = tempfile.mkdtemp(prefix=f"idle-{n}-")
     try:
         port = free_port()
-        cfg = write_config(root, n, a.poll, port)
+        cfg = write_config(root, n, a.poll, port, a.store_cache_mb)
         t0 = time.monotonic()
         p = subprocess.Popen([a.bin, "run", "--config", cfg],
                              stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, "log"), "w"))
@@ -103,7 +111,7 @@ def run(a, n):
         w0 = time.monotonic()
         peak = 0.0
         minute = 0
-        while time.monotonic() - w0 < a.minutes * 60:
+        while time.monotonic() - w0 < minutes * 60:
             time.sleep(5)
             cpu, rss = proc_sample(p.pid)
             peak = max(peak, rss)
@@ -135,12 +143,17 @@ def main():
     ap.add_argument("--poll", default="60s", help="profile poll_interval (the default)")
     ap.add_argument("--warmup", type=float, default=60)
     ap.add_argument("--start-timeout", type=float, default=900)
+    ap.add_argument("--baseline-minutes", type=float,
+                    help="sampling window of the 1-mailbox baseline (default: --minutes)")
+    ap.add_argument("--store-cache-mb", type=int)
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
-    base = run(a, 1)
-    print(json.dumps({"baseline": base}), flush=True)
-    many = run(a, a.mailboxes)
-    print(json.dumps({"run": many}), flush=True)
+    base_minutes = a.minutes if a.baseline_minutes is None else a.baseline_minutes
+    base = run(a, 1, base_minutes)
+    print(json.dumps({"baseline": base, "minutes": base_minutes}), flush=True)
+    many = run(a, a.mailboxes, a.minutes)
+    print(json.dumps({"run": many, "minutes": a.minutes,
+                      "store_cache_mb": a.store_cache_mb or "default"}), flush=True)
     extra_rss = many["rss_mb_final"] - base["rss_mb_final"]
     print(json.dumps({
         "rss_ratio": round(many["rss_mb_final"] / base["rss_mb_final"], 2),
