@@ -210,13 +210,6 @@ fn load_config(path: &std::path::Path) -> Result<config::Config, ExitCode> {
     })
 }
 
-/// mimalloc rather than the system allocator: a long-running daemon with
-/// thousands of mailbox tasks and sled's background threads made glibc's
-/// per-thread arenas keep freed memory, so RSS crept up for hours with a
-/// flat live heap (see README, Benchmarks).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
