@@ -165,15 +165,16 @@
     );
     const act = (verb, label) =>
       button(label, "mb:" + name + ":" + verb, () => mailboxAction(name, verb), label + " mailbox " + name);
+    const held = heldBy(st);
     const actions = cell(
       el("div", { class: "actions" },
         act("test", "Test"),
         st.enabled ? act("disable", "Disable") : act("enable", "Enable"),
         act("approve", "Approve"),
         act("reject", "Reject"),
-        heldBy(st)
-          ? button("Take over", "mb:" + name + ":take-over", () => takeOver(name, heldBy(st)),
-            "Take mailbox " + name + " over from deployment " + heldBy(st).deployment)
+        held
+          ? button("Take over", "mb:" + name + ":take-over", () => takeOver(name, held),
+            "Take mailbox " + name + " over from deployment " + held.deployment)
           : null)
     );
     const row = el("tr", { dataset: { mailbox: name } },
