@@ -118,13 +118,32 @@ pub struct TestResult {
 }
 
 impl TestResult {
-    /// A failed test: the cause, and who holds the mailbox if that is why.
-    pub fn failure(at: UnixTime, e: &crate::connector::ConnectorError) -> TestResult {
+    /// A test that passed at `at`, with what it found.
+    pub fn passed(at: UnixTime, detail: String) -> TestResult {
+        TestResult {
+            status: TestStatus::Success,
+            completed_on: Some(at),
+            detail: Some(detail),
+            held_by: None,
+        }
+    }
+
+    /// A test that failed at `at`, with its cause.
+    pub fn failed(at: UnixTime, detail: String) -> TestResult {
         TestResult {
             status: TestStatus::Failure,
             completed_on: Some(at),
-            detail: Some(e.to_string()),
+            detail: Some(detail),
+            held_by: None,
+        }
+    }
+
+    /// A test the connector failed: the cause, and who holds the mailbox
+    /// if that is why.
+    pub fn failure(at: UnixTime, e: &crate::connector::ConnectorError) -> TestResult {
+        TestResult {
             held_by: e.other_deployment().cloned(),
+            ..TestResult::failed(at, e.to_string())
         }
     }
 }

@@ -15,8 +15,7 @@ use crate::connector::{Connector, ConnectorError};
 use crate::deployment::{self, Claim, Claiming, Deployment};
 use crate::error::{Classify, Disposition};
 use crate::model::{
-    self, AlertLevel, ApprovalStatus, IncomingDelivery, MailboxState, TestResult, TestStatus,
-    UnixTime,
+    self, AlertLevel, ApprovalStatus, IncomingDelivery, MailboxState, TestResult, UnixTime,
 };
 use crate::pipeline::PipelineError;
 use crate::store::{Store, StoreError};
@@ -516,12 +515,7 @@ impl MailboxTask {
             };
         match &test {
             Ok(detail) => {
-                state.incoming_test = TestResult {
-                    status: TestStatus::Success,
-                    completed_on: Some(model::now()),
-                    detail: Some(detail.clone()),
-                    held_by: None,
-                };
+                state.incoming_test = TestResult::passed(model::now(), detail.clone());
                 tracing::info!(mailbox = %name, protocol = connector.protocol(), "{detail}");
             }
             Err(e) => state.incoming_test = TestResult::failure(model::now(), e),

@@ -665,21 +665,11 @@ impl TestEnable {
 }
 
 fn passed(detail: String) -> TestResult {
-    TestResult {
-        status: TestStatus::Success,
-        completed_on: Some(model::now()),
-        detail: Some(detail),
-        held_by: None,
-    }
+    TestResult::passed(model::now(), detail)
 }
 
 fn failed(detail: String) -> TestResult {
-    TestResult {
-        status: TestStatus::Failure,
-        completed_on: Some(model::now()),
-        detail: Some(detail),
-        held_by: None,
-    }
+    TestResult::failed(model::now(), detail)
 }
 
 fn not_run(why: &str) -> TestResult {

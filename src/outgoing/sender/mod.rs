@@ -437,18 +437,8 @@ impl Sender {
         let result = self.probe(recent_test).await;
         let now = model::now();
         let test = match &result {
-            Ok(detail) => TestResult {
-                status: TestStatus::Success,
-                completed_on: Some(now),
-                detail: Some(detail.clone()),
-                held_by: None,
-            },
-            Err(e) => TestResult {
-                status: TestStatus::Failure,
-                completed_on: Some(now),
-                detail: Some(e.to_string()),
-                held_by: None,
-            },
+            Ok(detail) => TestResult::passed(now, detail.clone()),
+            Err(e) => TestResult::failed(now, e.to_string()),
         };
         if let Err(e) = self.store.set_outgoing_test(&s.mailbox, &test) {
             tracing::error!(mailbox = %s.mailbox, error = %e, "cannot record the outgoing test");
